@@ -1,0 +1,35 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let package = Package(
+    name: "adapter",
+    products: [
+        .library(name: "AdapterKit", targets: ["AdapterKit"]),
+        .executable(name: "adapter", targets: ["AdapterCLI"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+    ],
+    targets: [
+        // zlib: inflate and CRC-32 for PyTorch zip checkpoints (Debian: zlib1g-dev).
+        .systemLibrary(
+            name: "CZlib",
+            pkgConfig: "zlib",
+            providers: [.apt(["zlib1g-dev"])]
+        ),
+        .target(
+            name: "AdapterKit",
+            dependencies: ["CZlib"]
+        ),
+        .executableTarget(
+            name: "AdapterCLI",
+            dependencies: [
+                "AdapterKit",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        .testTarget(name: "AdapterKitTests", dependencies: ["AdapterKit"]),
+        .testTarget(name: "AdapterCLITests", dependencies: ["AdapterKit"]),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,68 @@
+import AdapterKit
+import ArgumentParser
+import Foundation
+
+/// The `adapter` command: parses arguments, calls AdapterKit, prints.
+///
+/// Exit statuses: 0 success, 1 invalid input or refused operation, 2 bad usage.
+@main
+struct Adapter: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "adapter",
+        abstract: "Inspect, merge and convert LoRA and MoSLoRA checkpoints.",
+        version: "0.1.0",
+        subcommands: [Inspect.self]
+    )
+
+    static func main() {
+        installSignalCleanup()
+        let command: ParsableCommand
+        do {
+            command = try parseAsRoot()
+        } catch {
+            let status = exitCode(for: error)
+            if status == .success {
+                print(fullMessage(for: error))
+                Foundation.exit(0)
+            }
+            writeError(fullMessage(for: error))
+            Foundation.exit(2)
+        }
+        do {
+            var command = command
+            try command.run()
+        } catch let code as ExitCode {
+            Foundation.exit(code.rawValue)
+        } catch {
+            TemporaryOutputRegistry.shared.removeAll()
+            writeError("adapter: error: \(oneLine(String(describing: error)))")
+            Foundation.exit(1)
+        }
+    }
+}
+
+/// Writes one line to standard error.
+func writeError(_ message: String) {
+    FileHandle.standardError.write(Data((message.hasSuffix("\n") ? message : message + "\n").utf8))
+}
+
+func oneLine(_ s: String) -> String {
+    s.split(whereSeparator: \.isNewline).joined(separator: " ")
+}
+
+/// Removes temporaries and exits on SIGINT / SIGTERM, so nothing half-written is left behind.
+func installSignalCleanup() {
+    for sig in [SIGINT, SIGTERM, SIGHUP] {
+        signal(sig, SIG_IGN)
+        let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+        source.setEventHandler {
+            TemporaryOutputRegistry.shared.removeAll()
+            writeError("adapter: interrupted; nothing was written")
+            Foundation.exit(128 + sig)
+        }
+        source.resume()
+        signalSources.append(source)
+    }
+}
+
+nonisolated(unsafe) var signalSources: [DispatchSourceSignal] = []

@@ -1,0 +1,216 @@
+/// An input the tool refuses, with the path it concerns and what is wrong, in one line.
+public struct InputError: Error, Sendable, CustomStringConvertible {
+    public let path: String
+    public let problem: String
+
+    public init(_ path: String, _ problem: String) {
+        self.path = path
+        self.problem = problem
+    }
+
+    public var description: String { "\(path): \(problem)" }
+}
+
+/// A model checkpoint: one safetensors file, or a folder holding `model.safetensors` or shards
+/// with `model.safetensors.index.json`. Only headers are read when it is opened.
+public final class Checkpoint: Sendable {
+    /// The path as given.
+    public let path: String
+    /// Whether `path` is a folder.
+    public let isFolder: Bool
+    /// The tensor files, in shard order.
+    public let files: [any TensorStore]
+    /// Names of the tensor files relative to the folder (the file name for a single file).
+    public let fileNames: [String]
+    /// The shard index file name, when the checkpoint is sharded.
+    public let indexFileName: String?
+    /// The `metadata` object of the index (without `total_size` checks applied twice).
+    public let indexMetadata: JSONObject?
+    /// For folders: every file and subfolder that is not a tensor file or the index, sorted.
+    public let otherEntries: [String]
+    /// Tensors in order: by file, then as each file lists them.
+    public let tensors: [(info: TensorInfo, file: Int)]
+    private let lookup: [String: Int]
+
+    /// Opens a file or folder and validates it (the index against the shards).
+    public init(path: String) throws {
+        self.path = path
+        switch FileSystem.kind(path) {
+        case .missing:
+            throw InputError(path, "no such file or folder")
+        case .other:
+            throw InputError(path, "not a regular file or folder")
+        case .file:
+            isFolder = false
+            files = [try openTensorFile(path)]
+            fileNames = [lastPathComponent(path)]
+            indexFileName = nil
+            indexMetadata = nil
+            otherEntries = []
+        case .directory:
+            isFolder = true
+            let entries = try FileSystem.contents(ofDirectory: path)
+            let layout = try Self.folderLayout(path, entries)
+            indexFileName = layout.index
+            fileNames = layout.shards
+            files = try layout.shards.map { try openTensorFile(joinPath(path, $0)) }
+            indexMetadata = layout.metadata
+            let used = Set(layout.shards + (layout.index.map { [$0] } ?? []))
+            otherEntries = entries.filter { !used.contains($0) }
+            if let indexName = layout.index {
+                try Self.validate(index: layout.weightMap, total: layout.totalSize, files: files, names: layout.shards,
+                                  indexPath: joinPath(path, indexName))
+            }
+        }
+        var all: [(info: TensorInfo, file: Int)] = []
+        var lookup: [String: Int] = [:]
+        for (i, f) in files.enumerated() {
+            for t in f.tensorInfos {
+                if lookup[t.name] != nil {
+                    throw InputError(f.path, "tensor \"\(t.name)\" is also in \(fileNames[all[lookup[t.name]!].file]); a tensor may be in one shard only")
+                }
+                lookup[t.name] = all.count
+                all.append((t, i))
+            }
+        }
+        tensors = all
+        self.lookup = lookup
+    }
+
+    /// The tensor named `name` and the index of its file.
+    public func tensor(_ name: String) -> (info: TensorInfo, file: Int)? {
+        lookup[name].map { tensors[$0] }
+    }
+
+    public var tensorNames: [String] { tensors.map(\.info.name) }
+
+    public var parameterCount: Int { tensors.reduce(0) { $0 + $1.info.elementCount } }
+    public var byteCount: Int { tensors.reduce(0) { $0 + $1.info.byteCount } }
+
+    // MARK: - Folder layout
+
+    struct FolderLayout {
+        var shards: [String]
+        var index: String?
+        var weightMap: [(tensor: String, file: String)]
+        var totalSize: Int?
+        var metadata: JSONObject?
+    }
+
+    private static func folderLayout(_ folder: String, _ entries: [String]) throws -> FolderLayout {
+        let indexes = entries.filter { $0.hasSuffix(".safetensors.index.json") }
+        let singles = entries.filter { $0.hasSuffix(".safetensors") }
+        let indexName: String?
+        if entries.contains("model.safetensors.index.json") {
+            indexName = "model.safetensors.index.json"
+        } else if entries.contains("model.safetensors") {
+            return FolderLayout(shards: ["model.safetensors"], index: nil, weightMap: [], totalSize: nil, metadata: nil)
+        } else if indexes.count == 1 {
+            indexName = indexes[0]
+        } else if indexes.isEmpty && singles.count == 1 {
+            return FolderLayout(shards: singles, index: nil, weightMap: [], totalSize: nil, metadata: nil)
+        } else if indexes.isEmpty && singles.isEmpty {
+            throw InputError(folder, "the folder holds no .safetensors file and no model.safetensors.index.json")
+        } else {
+            throw InputError(folder, "the folder holds several checkpoints (\((indexes.isEmpty ? singles : indexes).joined(separator: ", "))); name one file")
+        }
+        let indexPath = joinPath(folder, indexName!)
+        let (map, total, metadata) = try parseIndex(indexPath)
+        var shards: [String] = []
+        var seen = Set<String>()
+        for (_, file) in map where seen.insert(file).inserted {
+            try checkInside(folder: folder, file: file, indexPath: indexPath)
+            shards.append(file)
+        }
+        shards.sort { Array($0.utf8).lexicographicallyPrecedes(Array($1.utf8)) }
+        return FolderLayout(shards: shards, index: indexName, weightMap: map, totalSize: total, metadata: metadata)
+    }
+
+    /// Parses `model.safetensors.index.json`: `{"metadata": {"total_size": N}, "weight_map": {tensor: file}}`.
+    static func parseIndex(_ indexPath: String) throws -> (map: [(tensor: String, file: String)], total: Int?, metadata: JSONObject?) {
+        let root = try readJSONFile(indexPath)
+        guard let object = root.objectValue else { throw InputError(indexPath, "the index is not a JSON object") }
+        guard let weightMap = object["weight_map"]?.objectValue else {
+            throw InputError(indexPath, "the index has no \"weight_map\" object")
+        }
+        var map: [(tensor: String, file: String)] = []
+        for (tensor, value) in weightMap.members {
+            guard let file = value.stringValue else {
+                throw InputError(indexPath, "weight_map entry \"\(tensor)\" is not a file name")
+            }
+            map.append((tensor, file))
+        }
+        var total: Int?
+        var metadata: JSONObject?
+        if let m = object["metadata"], !m.isNull {
+            guard let mo = m.objectValue else { throw InputError(indexPath, "the index \"metadata\" is not an object") }
+            metadata = mo
+            if let t = mo["total_size"], !t.isNull {
+                guard let v = t.int, v >= 0 else { throw InputError(indexPath, "total_size is not a non-negative integer") }
+                total = v
+            }
+        }
+        return (map, total, metadata)
+    }
+
+    /// Refuses shard names that leave the folder: absolute paths, `..`, or links pointing outside.
+    static func checkInside(folder: String, file: String, indexPath: String) throws {
+        let parts = file.split(separator: "/", omittingEmptySubsequences: false)
+        guard !file.isEmpty, !file.hasPrefix("/"), !parts.contains(".."), !parts.contains(""), !file.contains("\0") else {
+            throw InputError(indexPath, "shard name \"\(file)\" leaves the model folder")
+        }
+        let full = joinPath(folder, file)
+        guard let real = FileSystem.realPath(full) else { throw InputError(indexPath, "shard \"\(file)\" is missing") }
+        guard let realFolder = FileSystem.realPath(folder), real.hasPrefix(realFolder + "/") else {
+            throw InputError(indexPath, "shard \"\(file)\" resolves outside the model folder")
+        }
+    }
+
+    /// Checks the index against the shards' headers: every listed tensor is in the shard named,
+    /// every tensor of a shard is listed, and `total_size` is the sum of tensor bytes.
+    static func validate(index map: [(tensor: String, file: String)], total: Int?, files: [any TensorStore], names: [String], indexPath: String) throws {
+        var fileOf: [String: String] = [:]
+        for (tensor, file) in map {
+            guard fileOf[tensor] == nil else { throw InputError(indexPath, "tensor \"\(tensor)\" is listed twice") }
+            fileOf[tensor] = file
+        }
+        var sum = 0
+        for (store, name) in zip(files, names) {
+            for t in store.tensorInfos {
+                guard let listed = fileOf[t.name] else {
+                    throw InputError(indexPath, "shard \(name) holds tensor \"\(t.name)\", which the index does not list")
+                }
+                guard listed == name else {
+                    throw InputError(indexPath, "tensor \"\(t.name)\" is in shard \(name) but the index names \(listed)")
+                }
+                fileOf[t.name] = nil
+                sum += t.byteCount
+            }
+        }
+        if let (tensor, file) = fileOf.min(by: { $0.key < $1.key }) {
+            throw InputError(indexPath, "tensor \"\(tensor)\" is listed in \(file), which does not hold it")
+        }
+        if let total, total != sum {
+            throw InputError(indexPath, "total_size is \(total) but the shards' tensors hold \(sum) bytes")
+        }
+    }
+}
+
+/// Opens a tensor file by its kind: safetensors (other kinds join as readers are added).
+public func openTensorFile(_ path: String) throws -> any TensorStore {
+    try SafetensorsFile(path: path)
+}
+
+/// Reads and parses a JSON file strictly (duplicate keys refused), with the path in any error.
+public func readJSONFile(_ path: String, limit: Int = 64 << 20) throws -> JSONValue {
+    let fd: FileDescriptor
+    do { fd = try FileDescriptor.openForReading(path) } catch let e as SystemError { throw InputError(path, e.reason) }
+    let size = try fd.status().size
+    guard size <= limit else { throw InputError(path, "the file is \(size) bytes, larger than the \(limit)-byte limit for JSON") }
+    let bytes = try fd.readBytes(count: size, at: 0)
+    do {
+        return try JSONParser.parse(bytes)
+    } catch {
+        throw InputError(path, "invalid JSON: \(error.description)")
+    }
+}

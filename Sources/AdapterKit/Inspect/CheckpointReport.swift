@@ -1,0 +1,120 @@
+/// What `adapter inspect` shows of a checkpoint: headers only.
+public struct CheckpointReport: Sendable {
+    public let path: String
+    public let files: [String]
+    public let metadata: [(key: String, value: String)]
+    public let indexMetadata: JSONObject?
+    public let tensors: [(info: TensorInfo, file: String)]
+
+    public init(_ checkpoint: Checkpoint) {
+        path = checkpoint.path
+        files = checkpoint.fileNames
+        var seen = Set<String>()
+        var pairs: [(key: String, value: String)] = []
+        for f in checkpoint.files {
+            for (k, v) in f.metadataPairs where seen.insert(k).inserted { pairs.append((k, v)) }
+        }
+        metadata = pairs
+        indexMetadata = checkpoint.indexMetadata
+        tensors = checkpoint.tensors.map { ($0.info, checkpoint.fileNames[$0.file]) }
+    }
+
+    public var parameterCount: Int { tensors.reduce(0) { $0 + $1.info.elementCount } }
+    public var byteCount: Int { tensors.reduce(0) { $0 + $1.info.byteCount } }
+
+    /// Tensor counts per dtype, in the reference's dtype order.
+    public var dtypeCounts: [(dtype: DType, count: Int)] {
+        var counts: [DType: Int] = [:]
+        for t in tensors { counts[t.info.dtype, default: 0] += 1 }
+        return DType.allCases.compactMap { d in counts[d].map { (d, $0) } }
+    }
+
+    /// The `--json` object. `adapter` is filled by the adapter report, null for checkpoints.
+    public func json(adapter: JSONValue = .null) -> JSONValue {
+        var o = JSONObject()
+        o["path"] = .string(path)
+        o["files"] = .array(files.map { .string($0) })
+        o["metadata"] = .object(JSONObject(metadata.map { ($0.key, .string($0.value)) }))
+        if let indexMetadata { o["index_metadata"] = .object(indexMetadata) }
+        o["tensor_count"] = .integer(tensors.count)
+        o["parameter_count"] = .integer(parameterCount)
+        o["byte_count"] = .integer(byteCount)
+        o["dtypes"] = .object(JSONObject(dtypeCounts.map { ($0.dtype.rawValue, .integer($0.count)) }))
+        o["tensors"] = .array(tensors.map { t in
+            .object(JSONObject([
+                ("name", .string(t.info.name)),
+                ("dtype", .string(t.info.dtype.rawValue)),
+                ("shape", .array(t.info.shape.map { .integer($0) })),
+                ("file", .string(t.file)),
+            ]))
+        })
+        o["adapter"] = adapter
+        return .object(o)
+    }
+
+    /// The human summary; with `tensors`, the full table too.
+    public func text(tensors showTensors: Bool) -> String {
+        var lines: [String] = []
+        lines.append("\(path)")
+        lines.append("  files       \(files.count == 1 ? files[0] : "\(files.count) shards (\(files.first!) … \(files.last!))")")
+        lines.append("  tensors     \(tensors.count)")
+        lines.append("  parameters  \(formatCount(parameterCount))")
+        lines.append("  bytes       \(formatBytes(byteCount))")
+        lines.append("  dtypes      " + dtypeCounts.map { "\($0.dtype.rawValue) × \($0.count)" }.joined(separator: ", "))
+        if !metadata.isEmpty {
+            lines.append("  metadata    " + metadata.map { "\($0.key)=\(truncated($0.value, 60))" }.joined(separator: ", "))
+        }
+        if showTensors && !tensors.isEmpty {
+            lines.append("")
+            let nameWidth = min(80, tensors.map { $0.info.name.count }.max() ?? 4)
+            let shapes = tensors.map { "[" + $0.info.shape.map(String.init).joined(separator: ", ") + "]" }
+            let shapeWidth = max(5, shapes.map(\.count).max() ?? 5)
+            lines.append(pad("name", nameWidth) + "  " + pad("dtype", 11) + "  " + pad("shape", shapeWidth) + (files.count > 1 ? "  file" : ""))
+            for (t, shape) in zip(tensors, shapes) {
+                var row = pad(t.info.name, nameWidth) + "  " + pad(t.info.dtype.rawValue, 11) + "  " + pad(shape, shapeWidth)
+                if files.count > 1 { row += "  " + t.file }
+                lines.append(row)
+            }
+        }
+        return lines.joined(separator: "\n")
+    }
+}
+
+func pad(_ s: String, _ width: Int) -> String {
+    s.count >= width ? s : s + String(repeating: " ", count: width - s.count)
+}
+
+func truncated(_ s: String, _ n: Int) -> String {
+    s.count <= n ? s : String(s.prefix(n - 1)) + "…"
+}
+
+/// 7,241,732,096 → "7.24 B"; small counts as they are.
+public func formatCount(_ n: Int) -> String {
+    let units: [(Double, String)] = [(1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")]
+    for (scale, unit) in units where Double(n) >= scale {
+        return formatFixed(Double(n) / scale, 2) + " " + unit + " (\(n))"
+    }
+    return String(n)
+}
+
+/// Bytes in binary units: "13.5 GiB (14495514624)".
+public func formatBytes(_ n: Int) -> String {
+    let units: [(Double, String)] = [(0x1p40, "TiB"), (0x1p30, "GiB"), (0x1p20, "MiB"), (0x1p10, "KiB")]
+    for (scale, unit) in units where Double(n) >= scale {
+        return formatFixed(Double(n) / scale, 2) + " " + unit + " (\(n))"
+    }
+    return "\(n) B"
+}
+
+/// A fixed-point rendering without Foundation's locale-dependent formatting.
+public func formatFixed(_ v: Double, _ digits: Int) -> String {
+    guard v.isFinite else { return String(v) }
+    var scale = 1.0
+    for _ in 0..<digits { scale *= 10 }
+    let scaled = (abs(v) * scale).rounded()
+    let whole = Int(scaled / scale)
+    var frac = String(Int(scaled - Double(whole) * scale))
+    while frac.count < digits { frac = "0" + frac }
+    let sign = v < 0 && scaled != 0 ? "-" : ""
+    return digits == 0 ? sign + String(whole) : sign + String(whole) + "." + frac
+}

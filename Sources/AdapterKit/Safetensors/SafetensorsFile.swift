@@ -1,0 +1,119 @@
+/// A source of named tensors whose bytes are read only when asked for.
+///
+/// Safetensors files map their data; PyTorch checkpoints materialise a tensor on request.
+public protocol TensorStore: AnyObject, Sendable {
+    /// The file the tensors come from, for messages.
+    var path: String { get }
+    /// Tensors in stored order.
+    var tensorInfos: [TensorInfo] { get }
+    /// File-level string metadata (`__metadata__` for safetensors).
+    var metadataPairs: [(key: String, value: String)] { get }
+    func info(_ name: String) -> TensorInfo?
+    /// Calls `body` with the tensor's little-endian, row-major bytes.
+    func withBytes<R>(of name: String, _ body: (UnsafeRawBufferPointer) throws -> R) throws -> R
+    /// Lets go of memory held for the tensor after use (mapped pages).
+    func release(_ name: String)
+}
+
+extension TensorStore {
+    /// The tensor's elements as Float32 (for adapter factors, which are small).
+    public func floats(_ name: String) throws -> [Float] {
+        guard let t = info(name) else { throw TensorReadError(file: path, tensor: name, problem: "no such tensor") }
+        guard t.dtype.isReadableAsFloat else {
+            throw TensorReadError(file: path, tensor: name, problem: "dtype \(t.dtype.rawValue) is not a floating-point type")
+        }
+        let n = t.elementCount
+        var out = [Float](repeating: 0, count: n)
+        try withBytes(of: name) { raw in
+            out.withUnsafeMutableBufferPointer { dst in
+                if n > 0 { ElementConversion.toFloat(t.dtype, raw.baseAddress!, dst.baseAddress!, count: n) }
+            }
+        }
+        return out
+    }
+
+    /// The tensor's elements as Float64.
+    public func doubles(_ name: String) throws -> [Double] {
+        guard let t = info(name) else { throw TensorReadError(file: path, tensor: name, problem: "no such tensor") }
+        guard t.dtype.isReadableAsFloat else {
+            throw TensorReadError(file: path, tensor: name, problem: "dtype \(t.dtype.rawValue) is not a floating-point type")
+        }
+        let n = t.elementCount
+        var out = [Double](repeating: 0, count: n)
+        try withBytes(of: name) { raw in
+            out.withUnsafeMutableBufferPointer { dst in
+                if n > 0 { ElementConversion.toDouble(t.dtype, raw.baseAddress!, dst.baseAddress!, count: n) }
+            }
+        }
+        return out
+    }
+}
+
+/// A tensor could not be read as asked.
+public struct TensorReadError: Error, Sendable, CustomStringConvertible {
+    public let file: String
+    public let tensor: String
+    public let problem: String
+    public var description: String { "\(file): tensor \"\(tensor)\": \(problem)" }
+}
+
+/// An open safetensors file: header parsed and validated, data mapped but not read.
+public final class SafetensorsFile: TensorStore {
+    public let path: String
+    public let header: SafetensorsHeader
+    public let fileSize: Int
+    let descriptor: FileDescriptor
+    let map: MappedFile
+
+    /// Opens and validates `path`. Reads only the header; costs milliseconds for any file size.
+    public init(path: String) throws {
+        let fd: FileDescriptor
+        do {
+            fd = try FileDescriptor.openForReading(path)
+        } catch let e as SystemError {
+            throw SafetensorsError(file: path, rule: .unreadable, detail: e.reason)
+        }
+        let status = try fd.status()
+        guard status.isRegular else { throw SafetensorsError(file: path, rule: .unreadable, detail: "not a regular file") }
+        self.path = path
+        self.fileSize = status.size
+        self.descriptor = fd
+        let prefix = try fd.readBytes(count: 8, at: 0)
+        self.header = try SafetensorsHeader.parse(file: path, fileSize: status.size, prefix: prefix) { n in
+            try fd.readBytes(count: n, at: 8)
+        }
+        self.map = try MappedFile(fd, count: status.size)
+    }
+
+    public var tensorInfos: [TensorInfo] { header.tensors }
+    public var metadataPairs: [(key: String, value: String)] { header.metadata }
+    public func info(_ name: String) -> TensorInfo? { header.tensor(named: name) }
+
+    /// The byte range of a tensor within the file.
+    public func fileRange(of t: TensorInfo) -> Range<Int> {
+        (header.dataStart + t.dataOffsets.lowerBound)..<(header.dataStart + t.dataOffsets.upperBound)
+    }
+
+    public func withBytes<R>(of name: String, _ body: (UnsafeRawBufferPointer) throws -> R) throws -> R {
+        guard let t = info(name) else { throw TensorReadError(file: path, tensor: name, problem: "no such tensor") }
+        return try body(map.bytes(fileRange(of: t)))
+    }
+
+    /// The mapped bytes of a tensor; valid while this file is alive.
+    public func bytes(of t: TensorInfo) -> UnsafeRawBufferPointer {
+        map.bytes(fileRange(of: t))
+    }
+
+    public func release(_ name: String) {
+        if let t = info(name) { map.release(fileRange(of: t)) }
+    }
+
+    /// Asks the kernel to read a range ahead of use.
+    public func prefetch(_ t: TensorInfo) {
+        map.willNeed(fileRange(of: t))
+    }
+
+    public func release(_ t: TensorInfo) {
+        map.release(fileRange(of: t))
+    }
+}

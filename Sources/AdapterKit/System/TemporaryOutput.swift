@@ -1,0 +1,86 @@
+import Foundation
+
+/// Output that appears at its final path only when complete.
+///
+/// Everything is written under a temporary name beside the target (same folder, so the final
+/// rename is atomic); the temporaries are registered so that an error or a signal removes them.
+public final class TemporaryOutput: @unchecked Sendable {
+    /// The final path.
+    public let target: String
+    /// Where the output is built.
+    public let temporaryPath: String
+    private var committed = false
+
+    /// Reserves a temporary name beside `target`. Nothing is created yet.
+    public init(target: String) {
+        self.target = target
+        let name = lastPathComponent(target)
+        let random = UInt32.random(in: 0...UInt32.max)
+        temporaryPath = joinPath(parentPath(target), ".\(name).adapter-tmp-\(FileSystem.processID)-\(String(random, radix: 16))")
+        TemporaryOutputRegistry.shared.register(temporaryPath)
+    }
+
+    deinit {
+        if !committed { discard() }
+    }
+
+    /// Moves the finished output into place. With `replacing`, an existing target is removed first
+    /// (only after the new output is complete).
+    public func commit(replacing: Bool = false) throws {
+        if replacing && FileSystem.exists(noFollow: target) {
+            // Move the old one aside first so that the target is never missing and half-built.
+            let old = temporaryPath + ".old"
+            try FileSystem.rename(target, to: old)
+            TemporaryOutputRegistry.shared.register(old)
+            try FileSystem.rename(temporaryPath, to: target)
+            FileSystem.removeTree(old)
+            TemporaryOutputRegistry.shared.unregister(old)
+        } else {
+            guard !FileSystem.exists(noFollow: target) else {
+                throw SystemError(path: target, operation: "create (it already exists)", code: EEXIST)
+            }
+            try FileSystem.rename(temporaryPath, to: target)
+        }
+        committed = true
+        TemporaryOutputRegistry.shared.unregister(temporaryPath)
+        FileSystem.syncDirectory(parentPath(target))
+    }
+
+    /// Removes whatever was written.
+    public func discard() {
+        FileSystem.removeTree(temporaryPath)
+        TemporaryOutputRegistry.shared.unregister(temporaryPath)
+    }
+}
+
+/// The temporaries in flight, removed together on a signal.
+public final class TemporaryOutputRegistry: @unchecked Sendable {
+    public static let shared = TemporaryOutputRegistry()
+    private let lock = NSLock()
+    private var paths: Set<String> = []
+
+    func register(_ path: String) {
+        lock.lock(); defer { lock.unlock() }
+        paths.insert(path)
+    }
+
+    func unregister(_ path: String) {
+        lock.lock(); defer { lock.unlock() }
+        paths.remove(path)
+    }
+
+    /// Removes every registered temporary (called from a signal handler's dispatch source).
+    public func removeAll() {
+        lock.lock(); defer { lock.unlock() }
+        for p in paths { FileSystem.removeTree(p) }
+        paths.removeAll()
+    }
+}
+
+/// Writes a whole small file atomically (config files, index files).
+public func writeFileAtomically(_ path: String, _ bytes: [UInt8]) throws {
+    let out = TemporaryOutput(target: path)
+    let fd = try FileDescriptor.createExclusive(out.temporaryPath)
+    try fd.writeAll(bytes)
+    try out.commit(replacing: true)
+}

@@ -33,6 +33,15 @@ struct Adapter: ParsableCommand {
             try command.run()
         } catch let code as ExitCode {
             Foundation.exit(code.rawValue)
+        } catch where String(reflecting: type(of: error)).hasPrefix("ArgumentParser.") {
+            // Help requested of a command without its own run, or a parse-level error.
+            let status = exitCode(for: error)
+            if status == .success {
+                print(fullMessage(for: error))
+                Foundation.exit(0)
+            }
+            writeError(fullMessage(for: error))
+            Foundation.exit(2)
         } catch {
             TemporaryOutputRegistry.shared.removeAll()
             writeError("adapter: error: \(oneLine(String(describing: error)))")

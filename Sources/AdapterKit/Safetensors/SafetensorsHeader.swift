@@ -30,7 +30,6 @@ public struct SafetensorsError: Error, Sendable, Equatable, CustomStringConverti
         case invalidHeader = "invalid header"
         case duplicateTensor = "duplicate tensor name"
         case duplicateMetadataKey = "duplicate metadata key"
-        case reservedName = "reserved tensor name"
         case unknownDType = "unknown dtype"
         case invalidOffset = "invalid offset"
         case overflow = "size overflow"
@@ -202,7 +201,6 @@ public struct SafetensorsHeader: Sendable {
             index[key] = tensors.count
             tensors.append(TensorInfo(name: key, dtype: dtype, shape: shape, dataOffsets: begin..<end))
         }
-        if index["__metadata__"] != nil { throw fail(.reservedName, "a tensor may not be named __metadata__", tensor: "__metadata__") }
 
         // Rule 6: contiguous offsets in (begin, end) order, sizes that match the shapes.
         let order = tensors.indices.sorted {

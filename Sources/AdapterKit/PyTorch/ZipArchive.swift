@@ -1,0 +1,409 @@
+import CZlib
+import Foundation
+
+/// Why a zip archive (a PyTorch checkpoint's container) was refused: one line with the file and member.
+public struct ZipError: Error, Sendable, CustomStringConvertible {
+    public let file: String
+    public let member: String?
+    public let problem: String
+
+    public init(file: String, member: String? = nil, problem: String) {
+        self.file = file
+        self.member = member
+        self.problem = problem
+    }
+
+    public var description: String {
+        if let member { return "\(file): zip member \"\(member)\": \(problem)" }
+        return "\(file): zip archive: \(problem)"
+    }
+}
+
+/// A read-only zip archive whose every header is checked against the file before any member is used.
+///
+/// Stored members are served straight from a memory map; deflated members are inflated into a buffer
+/// no larger than their declared size. Only what torch writes is supported: one disk, no encryption,
+/// stored (0) or deflated (8) members, ZIP64 sizes and offsets.
+public final class ZipArchive: @unchecked Sendable {
+    /// How a member's bytes are kept.
+    public enum Method: Sendable { case stored, deflated }
+
+    /// One member, with sizes and offsets already validated against the file.
+    public struct Entry: Sendable {
+        public let name: String
+        public let method: Method
+        public let crc32: UInt32
+        public let compressedSize: Int
+        public let uncompressedSize: Int
+        /// Where the member's (possibly compressed) bytes start in the file.
+        public let dataOffset: Int
+        /// Where the member's local header starts.
+        public let localHeaderOffset: Int
+        let index: Int
+    }
+
+    /// Refuses more members than this: torch writes a handful plus one per storage.
+    public static let maxEntries = 1_000_000
+    /// Deflate cannot expand data more than about 1032:1; a header claiming more lies.
+    static let maxDeflateRatio = 1032
+
+    public let path: String
+    public let fileSize: Int
+    /// Members in central-directory order.
+    public let entries: [Entry]
+    private let lookup: [String: Int]
+    private let map: MappedFile
+    private let lock = NSLock()
+    private var checked: Set<Int> = []
+
+    /// Opens `path` and validates the end records, the central directory and every local header.
+    public init(path: String) throws {
+        let fd: FileDescriptor
+        do { fd = try FileDescriptor.openForReading(path) } catch let e as SystemError {
+            throw ZipError(file: path, problem: e.reason)
+        }
+        let status = try fd.status()
+        guard status.isRegular else { throw ZipError(file: path, problem: "not a regular file") }
+        self.path = path
+        self.fileSize = status.size
+        self.map = try MappedFile(fd, count: status.size)
+        let reader = ZipReader(path: path, bytes: map.bytes(0..<status.size))
+        let parsed = try reader.parseEntries()
+        self.entries = parsed
+        var lookup: [String: Int] = [:]
+        for e in parsed {
+            guard lookup[e.name] == nil else { throw ZipError(file: path, member: e.name, problem: "the name appears twice in the central directory") }
+            lookup[e.name] = e.index
+        }
+        self.lookup = lookup
+    }
+
+    /// The member named exactly `name`.
+    public func entry(named name: String) -> Entry? {
+        lookup[name].map { entries[$0] }
+    }
+
+    /// Calls `body` with the member's uncompressed bytes, CRC-32 checked. Stored members are not copied.
+    public func withContents<R>(of entry: Entry, _ body: (UnsafeRawBufferPointer) throws -> R) throws -> R {
+        let raw = map.bytes(entry.dataOffset..<(entry.dataOffset + entry.compressedSize))
+        switch entry.method {
+        case .stored:
+            if !isChecked(entry.index) {
+                try verifyCRC(entry, raw)
+                markChecked(entry.index)
+            }
+            return try body(raw)
+        case .deflated:
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: max(entry.uncompressedSize, 1), alignment: 64)
+            defer { buffer.deallocate() }
+            let out = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<entry.uncompressedSize])
+            try inflate(entry, from: raw, into: out)
+            let view = UnsafeRawBufferPointer(out)
+            try verifyCRC(entry, view)
+            return try body(view)
+        }
+    }
+
+    /// The member's bytes as an array, refused when larger than `limit`.
+    public func contents(of entry: Entry, limit: Int) throws -> [UInt8] {
+        guard entry.uncompressedSize <= limit else {
+            throw ZipError(file: path, member: entry.name, problem: "\(entry.uncompressedSize) bytes, more than the \(limit)-byte limit for this member")
+        }
+        return try withContents(of: entry) { Array($0) }
+    }
+
+    /// Drops the mapped pages of a stored member from memory after use.
+    public func release(_ entry: Entry) {
+        map.release(entry.dataOffset..<(entry.dataOffset + entry.compressedSize))
+    }
+
+    private func isChecked(_ i: Int) -> Bool {
+        lock.lock(); defer { lock.unlock() }
+        return checked.contains(i)
+    }
+
+    private func markChecked(_ i: Int) {
+        lock.lock(); defer { lock.unlock() }
+        checked.insert(i)
+    }
+
+    private func verifyCRC(_ entry: Entry, _ bytes: UnsafeRawBufferPointer) throws {
+        var crc: uLong = CZlib.crc32(0, nil, 0)
+        var done = 0
+        while done < bytes.count {
+            let n = min(bytes.count - done, 1 << 30)
+            if let base = bytes.baseAddress {
+                crc = CZlib.crc32(crc, (base + done).assumingMemoryBound(to: Bytef.self), uInt(n))
+            }
+            done += n
+        }
+        guard UInt32(truncatingIfNeeded: crc) == entry.crc32 else {
+            throw ZipError(file: path, member: entry.name, problem: "CRC-32 mismatch: the header says \(hex(entry.crc32)), the data gives \(hex(UInt32(truncatingIfNeeded: crc))); the file is corrupt")
+        }
+    }
+
+    /// Inflates raw deflate data into exactly `out.count` bytes; more or fewer is an error.
+    private func inflate(_ entry: Entry, from input: UnsafeRawBufferPointer, into out: UnsafeMutableRawBufferPointer) throws {
+        var stream = z_stream()
+        guard inflateInit2_(&stream, -MAX_WBITS, zlibVersion(), Int32(MemoryLayout<z_stream>.size)) == Z_OK else {
+            throw ZipError(file: path, member: entry.name, problem: "zlib could not start inflating")
+        }
+        defer { inflateEnd(&stream) }
+        var inDone = 0
+        var outDone = 0
+        var scratch: UInt8 = 0
+        while true {
+            let inChunk = min(input.count - inDone, 1 << 30)
+            let outChunk = min(out.count - outDone, 1 << 30)
+            stream.next_in = input.baseAddress.map { UnsafeMutablePointer(mutating: ($0 + inDone).assumingMemoryBound(to: Bytef.self)) }
+            stream.avail_in = uInt(inChunk)
+            let result: Int32
+            if outChunk > 0, let base = out.baseAddress {
+                stream.next_out = (base + outDone).assumingMemoryBound(to: Bytef.self)
+                stream.avail_out = uInt(outChunk)
+                result = CZlib.inflate(&stream, Z_NO_FLUSH)
+                outDone += outChunk - Int(stream.avail_out)
+            } else {
+                // The declared size is reached: one more byte of output means the header lied.
+                result = withUnsafeMutablePointer(to: &scratch) { p in
+                    stream.next_out = p
+                    stream.avail_out = 1
+                    return CZlib.inflate(&stream, Z_NO_FLUSH)
+                }
+                if stream.avail_out == 0 {
+                    throw ZipError(file: path, member: entry.name, problem: "inflates to more than the declared \(entry.uncompressedSize) bytes (a zip bomb or a lying header)")
+                }
+            }
+            inDone += inChunk - Int(stream.avail_in)
+            switch result {
+            case Z_STREAM_END:
+                guard outDone == out.count else {
+                    throw ZipError(file: path, member: entry.name, problem: "inflates to \(outDone) bytes, not the declared \(entry.uncompressedSize)")
+                }
+                return
+            case Z_OK:
+                continue
+            case Z_BUF_ERROR:
+                if inDone >= input.count {
+                    throw ZipError(file: path, member: entry.name, problem: "the deflate stream ends early (truncated data)")
+                }
+                continue
+            default:
+                let message = stream.msg.map { String(cString: $0) } ?? "code \(result)"
+                throw ZipError(file: path, member: entry.name, problem: "invalid deflate data: \(message)")
+            }
+        }
+    }
+}
+
+func hex(_ v: UInt32) -> String {
+    let s = String(v, radix: 16)
+    return "0x" + String(repeating: "0", count: max(0, 8 - s.count)) + s
+}
+
+// MARK: - Header parsing
+
+/// Little-endian reads over the mapped file; every read is bounds-checked and returns nil when out of range.
+struct ZipReader {
+    let path: String
+    let bytes: UnsafeRawBufferPointer
+
+    func u16(_ at: Int) -> Int? {
+        guard at >= 0, at <= bytes.count - 2 else { return nil }
+        return Int(bytes[at]) | Int(bytes[at + 1]) << 8
+    }
+
+    func u32(_ at: Int) -> Int? {
+        guard at >= 0, at <= bytes.count - 4 else { return nil }
+        var v = 0
+        for i in 0..<4 { v |= Int(bytes[at + i]) << (8 * i) }
+        return v
+    }
+
+    /// A u64 that must fit in Int (no real file is 2^63 bytes).
+    func u64(_ at: Int) -> Int? {
+        guard at >= 0, at <= bytes.count - 8 else { return nil }
+        var v: UInt64 = 0
+        for i in 0..<8 { v |= UInt64(bytes[at + i]) << (8 * UInt64(i)) }
+        return v > UInt64(Int.max) ? nil : Int(v)
+    }
+
+    func fail(_ problem: String, _ member: String? = nil) -> ZipError {
+        ZipError(file: path, member: member, problem: problem)
+    }
+
+    func need(_ v: Int?, _ what: String, _ member: String? = nil) throws -> Int {
+        guard let v else { throw fail("\(what) lies outside the file (truncated or corrupt archive)", member) }
+        return v
+    }
+
+    /// Where the end-of-central-directory record starts: searched backwards over the largest comment.
+    func findEnd() throws -> Int {
+        let size = bytes.count
+        guard size >= 22 else { throw fail("the file is too short (\(size) bytes) to be a zip archive") }
+        let lowest = max(0, size - 22 - 0xFFFF)
+        var at = size - 22
+        while at >= lowest {
+            if u32(at) == 0x0605_4b50, let commentLength = u16(at + 20), at + 22 + commentLength == size {
+                return at
+            }
+            at -= 1
+        }
+        throw fail("no end-of-central-directory record (truncated, or not a zip file)")
+    }
+
+    func parseEntries() throws -> [ZipArchive.Entry] {
+        let end = try findEnd()
+        var count = try need(u16(end + 10), "the entry count")
+        var cdSize = try need(u32(end + 12), "the central directory size")
+        var cdOffset = try need(u32(end + 16), "the central directory offset")
+        let disk = try need(u16(end + 4), "the disk number")
+        let cdDisk = try need(u16(end + 6), "the disk number")
+        var limitOfCD = end
+        if count == 0xFFFF || cdSize == 0xFFFF_FFFF || cdOffset == 0xFFFF_FFFF || disk == 0xFFFF {
+            // ZIP64: a locator just before the end record points at the ZIP64 end record.
+            let locator = end - 20
+            guard locator >= 0, u32(locator) == 0x0706_4b50 else {
+                throw fail("the end record asks for ZIP64 but the ZIP64 locator is missing")
+            }
+            let z64 = try need(u64(locator + 8), "the ZIP64 end record offset")
+            guard z64 <= locator - 56, u32(z64) == 0x0606_4b50 else {
+                throw fail("the ZIP64 end record is missing or misplaced")
+            }
+            guard try need(u32(z64 + 16), "the ZIP64 disk number") == 0, try need(u32(z64 + 20), "the ZIP64 disk number") == 0 else {
+                throw fail("multi-disk archives are not supported")
+            }
+            count = try need(u64(z64 + 32), "the ZIP64 entry count")
+            cdSize = try need(u64(z64 + 40), "the ZIP64 central directory size")
+            cdOffset = try need(u64(z64 + 48), "the ZIP64 central directory offset")
+            limitOfCD = z64
+        } else {
+            guard disk == 0, cdDisk == 0 else { throw fail("multi-disk archives are not supported") }
+        }
+        guard let cdEnd = cdOffset.addingReportingOverflowChecked(cdSize), cdEnd <= limitOfCD else {
+            throw fail("the central directory (offset \(cdOffset), \(cdSize) bytes) does not fit before the end record")
+        }
+        guard count <= ZipArchive.maxEntries else { throw fail("\(count) members, more than the \(ZipArchive.maxEntries) allowed") }
+        guard count <= cdSize / 46 else { throw fail("\(count) members cannot fit in a \(cdSize)-byte central directory") }
+
+        var entries: [ZipArchive.Entry] = []
+        entries.reserveCapacity(count)
+        var at = cdOffset
+        for index in 0..<count {
+            entries.append(try parseCentral(at: &at, index: index, cdEnd: cdEnd))
+        }
+        guard at == cdEnd else { throw fail("the central directory holds \(cdEnd - at) bytes after its last member") }
+        // Members may not overlap each other or the central directory (overlap is the classic zip-bomb trick).
+        var ranges = try entries.map { e -> (start: Int, end: Int, name: String) in
+            guard let end = e.dataOffset.addingReportingOverflowChecked(e.compressedSize), end <= cdOffset else {
+                throw fail("its data runs past the start of the central directory", e.name)
+            }
+            return (e.localHeaderOffset, end, e.name)
+        }
+        ranges.sort { $0.start < $1.start }
+        for i in ranges.indices.dropFirst() where ranges[i].start < ranges[i - 1].end {
+            throw fail("its data overlaps member \"\(ranges[i - 1].name)\"", ranges[i].name)
+        }
+        return entries
+    }
+
+    private func parseCentral(at: inout Int, index: Int, cdEnd: Int) throws -> ZipArchive.Entry {
+        guard at <= cdEnd - 46, u32(at) == 0x0201_4b50 else { throw fail("central directory entry \(index) is missing or damaged") }
+        let flags = try need(u16(at + 8), "a flag field")
+        let methodCode = try need(u16(at + 10), "a method field")
+        let crc = try need(u32(at + 16), "a CRC field")
+        var compressed = try need(u32(at + 20), "a size field")
+        var uncompressed = try need(u32(at + 24), "a size field")
+        let nameLength = try need(u16(at + 28), "a name length")
+        let extraLength = try need(u16(at + 30), "an extra length")
+        let commentLength = try need(u16(at + 32), "a comment length")
+        let diskStart = try need(u16(at + 34), "a disk field")
+        var local = try need(u32(at + 42), "an offset field")
+        let nameStart = at + 46
+        let extraStart = nameStart + nameLength
+        let next = extraStart + extraLength + commentLength
+        guard next <= cdEnd else { throw fail("central directory entry \(index) runs past the directory") }
+        guard let name = String(validating: bytes[nameStart..<extraStart], as: UTF8.self) else {
+            throw fail("central directory entry \(index) has a name that is not UTF-8")
+        }
+        guard flags & 0x41 == 0 else { throw fail("encrypted members are not supported", name) }
+        let method: ZipArchive.Method
+        switch methodCode {
+        case 0: method = .stored
+        case 8: method = .deflated
+        default: throw fail("compression method \(methodCode) is not supported (only stored and deflate)", name)
+        }
+        // ZIP64 extra field: present values replace the 32-bit ones that are all ones, in this order.
+        var e = extraStart
+        let extraEnd = extraStart + extraLength
+        var diskNumber = diskStart
+        while e + 4 <= extraEnd {
+            let id = try need(u16(e), "an extra field", name)
+            let size = try need(u16(e + 2), "an extra field", name)
+            guard e + 4 + size <= extraEnd else { throw fail("an extra field runs past its entry", name) }
+            if id == 0x0001 {
+                var p = e + 4
+                func take() throws -> Int {
+                    guard p + 8 <= e + 4 + size else { throw fail("the ZIP64 extra field is too short", name) }
+                    defer { p += 8 }
+                    return try need(u64(p), "the ZIP64 extra field", name)
+                }
+                if uncompressed == 0xFFFF_FFFF { uncompressed = try take() }
+                if compressed == 0xFFFF_FFFF { compressed = try take() }
+                if local == 0xFFFF_FFFF { local = try take() }
+                if diskNumber == 0xFFFF {
+                    guard p + 4 <= e + 4 + size else { throw fail("the ZIP64 extra field is too short", name) }
+                    diskNumber = try need(u32(p), "the ZIP64 extra field", name)
+                }
+            }
+            e += 4 + size
+        }
+        guard diskNumber == 0 else { throw fail("multi-disk archives are not supported", name) }
+        if method == .stored, compressed != uncompressed {
+            throw fail("a stored member declares \(compressed) bytes stored but \(uncompressed) bytes of content", name)
+        }
+        if method == .deflated {
+            guard let most = compressed.multipliedReportingOverflowChecked(ZipArchive.maxDeflateRatio), uncompressed <= most + 1024 else {
+                throw fail("declares \(uncompressed) bytes from \(compressed) compressed bytes, more than deflate can produce (a zip bomb or a lying header)", name)
+            }
+        }
+        let dataOffset = try parseLocal(at: local, name: name, nameBytes: bytes[nameStart..<extraStart], method: methodCode)
+        guard let end = dataOffset.addingReportingOverflowChecked(compressed), end <= bytes.count else {
+            throw fail("its \(compressed) bytes at offset \(dataOffset) run past the end of the \(bytes.count)-byte file (truncated archive)", name)
+        }
+        at = next
+        return ZipArchive.Entry(name: name, method: method, crc32: UInt32(truncatingIfNeeded: crc), compressedSize: compressed,
+                                uncompressedSize: uncompressed, dataOffset: dataOffset, localHeaderOffset: local, index: index)
+    }
+
+    private func parseLocal(at local: Int, name: String, nameBytes: Slice<UnsafeRawBufferPointer>, method: Int) throws -> Int {
+        guard local <= bytes.count - 30, u32(local) == 0x0403_4b50 else {
+            throw fail("no local header at offset \(local) (truncated or corrupt archive)", name)
+        }
+        guard try need(u16(local + 8), "a local method", name) == method else {
+            throw fail("the local header and the central directory disagree on the compression method", name)
+        }
+        let nameLength = try need(u16(local + 26), "a local name length", name)
+        let extraLength = try need(u16(local + 28), "a local extra length", name)
+        let start = local + 30 + nameLength + extraLength
+        guard start <= bytes.count else { throw fail("its local header runs past the end of the file", name) }
+        guard bytes[(local + 30)..<(local + 30 + nameLength)].elementsEqual(nameBytes) else {
+            throw fail("the local header names a different member", name)
+        }
+        return start
+    }
+}
+
+extension Int {
+    /// `self + other`, or nil on overflow.
+    func addingReportingOverflowChecked(_ other: Int) -> Int? {
+        let (v, o) = addingReportingOverflow(other)
+        return o ? nil : v
+    }
+
+    /// `self * other`, or nil on overflow.
+    func multipliedReportingOverflowChecked(_ other: Int) -> Int? {
+        let (v, o) = multipliedReportingOverflow(by: other)
+        return o ? nil : v
+    }
+}

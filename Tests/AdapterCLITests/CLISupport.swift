@@ -1,0 +1,79 @@
+import Foundation
+import Testing
+
+let packageRoot: String = {
+    var url = URL(fileURLWithPath: #filePath)
+    while url.path != "/" {
+        url.deleteLastPathComponent()
+        if FileManager.default.fileExists(atPath: url.appendingPathComponent("Package.swift").path) { return url.path }
+    }
+    fatalError("Package.swift not found")
+}()
+
+func fixture(_ relative: String) -> String { packageRoot + "/Fixtures/" + relative }
+
+/// The built `adapter` executable, beside the test bundle.
+let adapterBinary: String = {
+    var dir = Bundle.main.bundleURL
+    for _ in 0..<3 {
+        let candidate = dir.appendingPathComponent("adapter").path
+        if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
+        dir.deleteLastPathComponent()
+    }
+    return packageRoot + "/.build/debug/adapter"
+}()
+
+struct CLIResult {
+    let status: Int32
+    let stdout: String
+    let stderr: String
+}
+
+/// Runs `adapter` with arguments, no standard input, and captures everything.
+func adapter(_ arguments: String...) throws -> CLIResult {
+    try adapter(arguments)
+}
+
+func adapter(_ arguments: [String]) throws -> CLIResult {
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: adapterBinary)
+    p.arguments = arguments
+    let out = Pipe(), err = Pipe()
+    p.standardOutput = out
+    p.standardError = err
+    p.standardInput = FileHandle.nullDevice
+    try p.run()
+    let o = out.fileHandleForReading.readDataToEndOfFile()
+    let e = err.fileHandleForReading.readDataToEndOfFile()
+    p.waitUntilExit()
+    return CLIResult(status: p.terminationStatus, stdout: String(decoding: o, as: UTF8.self), stderr: String(decoding: e, as: UTF8.self))
+}
+
+struct TempDir {
+    let path: String
+    init() {
+        path = NSTemporaryDirectory() + "adapter-cli-test-" + UUID().uuidString
+        try! FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+    }
+    func file(_ name: String) -> String { path + "/" + name }
+    func write(_ name: String, _ bytes: [UInt8]) -> String {
+        let p = file(name)
+        precondition(FileManager.default.createFile(atPath: p, contents: Data(bytes)))
+        return p
+    }
+    func remove() { try? FileManager.default.removeItem(atPath: path) }
+}
+
+func parseJSONObject(_ text: String) -> [String: Any]? {
+    (try? JSONSerialization.jsonObject(with: Data(text.utf8))) as? [String: Any]
+}
+
+/// Checks the one-line error contract: status 1, nothing on stdout, one line on stderr.
+func expectOneLineError(_ r: CLIResult, containing text: String, sourceLocation: SourceLocation = #_sourceLocation) {
+    #expect(r.status == 1, "status \(r.status)", sourceLocation: sourceLocation)
+    #expect(r.stdout.isEmpty, sourceLocation: sourceLocation)
+    let lines = r.stderr.split(separator: "\n")
+    #expect(lines.count == 1, "stderr: \(r.stderr)", sourceLocation: sourceLocation)
+    #expect(r.stderr.contains(text), "stderr: \(r.stderr)", sourceLocation: sourceLocation)
+    #expect(!r.stderr.contains("Fatal error"), sourceLocation: sourceLocation)
+}

@@ -1,0 +1,258 @@
+/// A PyTorch checkpoint written by `torch.save` (zip format): `adapter_model.bin`, `.pt`, `.pth`.
+///
+/// The pickle is interpreted, never executed: only the opcodes and globals that rebuild tensors and
+/// ordered dicts are accepted. Tensors of nested dicts are named by their keys joined with dots; a
+/// single wrapper entry such as `{"state_dict": {...}}` is unwrapped. Stored storages are read from a
+/// memory map; strided views are made contiguous when read.
+public final class TorchCheckpoint: TensorStore {
+    /// A tensor and the member holding its storage.
+    struct Record: Sendable {
+        let tensor: TorchTensorReference
+        let member: ZipArchive.Entry
+        let isContiguous: Bool
+    }
+
+    public let path: String
+    /// The archive's top-level folder name (`archive`, or the file stem torch used), without the slash.
+    public let archiveName: String
+    public let tensorInfos: [TensorInfo]
+    /// Wrapper key that was unwrapped (`state_dict`, `model`, ...), if any.
+    public let unwrappedKey: String?
+    let archive: ZipArchive
+    private let records: [String: Record]
+    private let lookup: [String: Int]
+
+    /// Wrapper keys training scripts put a state dict under.
+    static let wrapperKeys: Set<String> = ["state_dict", "model_state_dict", "model", "module", "params"]
+    /// torch writes a few KiB of pickle per thousand tensors; anything this large is not a checkpoint.
+    static let maxPickleBytes = 256 << 20
+    /// Bounds the walk over the pickled value (shared sub-objects could make it exponential).
+    static let maxVisits = 10_000_000
+    static let maxDepth = 200
+
+    /// Opens and validates a checkpoint: the zip structure, the pickle and every tensor's extent.
+    public init(path: String) throws {
+        self.path = path
+        let fd: FileDescriptor
+        do { fd = try FileDescriptor.openForReading(path) } catch let e as SystemError { throw InputError(path, e.reason) }
+        let magic = try fd.readBytes(count: 4, at: 0)
+        if magic.first == 0x80 {
+            throw InputError(path, "legacy torch.save format (a bare pickle, before PyTorch 1.6) is not supported; load it in torch and save it again, or convert it to safetensors")
+        }
+        guard magic.count == 4, magic[0] == 0x50, magic[1] == 0x4b else {
+            throw InputError(path, "not a PyTorch checkpoint: the file is neither a zip archive nor a pickle")
+        }
+        let archive = try ZipArchive(path: path)
+        self.archive = archive
+
+        guard let first = archive.entries.first, let slash = first.name.firstIndex(of: "/") else {
+            throw InputError(path, "the archive has no top-level folder; torch.save puts every member under one")
+        }
+        let name = String(first.name[..<slash])
+        let prefix = name + "/"
+        self.archiveName = name
+        if let stray = archive.entries.first(where: { !$0.name.hasPrefix(prefix) }) {
+            throw InputError(path, "member \"\(stray.name)\" is outside the archive folder \"\(name)/\"")
+        }
+        if archive.entry(named: prefix + "constants.pkl") != nil || archive.entries.contains(where: { $0.name.hasPrefix(prefix + "code/") }) {
+            throw InputError(path, "a TorchScript archive (torch.jit.save) is not supported: it holds a program, not a state dict; load it in torch and torch.save its state_dict()")
+        }
+        if let order = archive.entry(named: prefix + "byteorder") {
+            let text = String(decoding: try archive.contents(of: order, limit: 64), as: UTF8.self)
+            switch text {
+            case "little": break
+            case "big": throw InputError(path, "big-endian checkpoints are not supported (byteorder is \"big\")")
+            default: throw InputError(path, "unknown byte order \"\(text.prefix(16))\" in \(prefix)byteorder")
+            }
+        }
+        guard let pickleEntry = archive.entry(named: prefix + "data.pkl") else {
+            throw InputError(path, "no \(prefix)data.pkl member: not a torch.save checkpoint")
+        }
+        let pickle = try archive.contents(of: pickleEntry, limit: Self.maxPickleBytes)
+        var machine = PickleMachine(pickle)
+        defer { machine.breakCycles() }
+        let root: PickleValue
+        do { root = try machine.run() } catch { throw InputError(path, "\(prefix)data.pkl: \(error.description)") }
+
+        let (found, wrapper) = try Self.collectTensors(root, path: path)
+        self.unwrappedKey = wrapper
+        var records: [String: Record] = [:]
+        var infos: [TensorInfo] = []
+        var lookup: [String: Int] = [:]
+        var offset = 0
+        for (tensorName, t) in found {
+            guard records[tensorName] == nil else { throw InputError(path, "tensor name \"\(tensorName)\" occurs twice after joining nested keys") }
+            let record = try Self.validate(t, name: tensorName, archive: archive, prefix: prefix, path: path)
+            let bytes = try Self.byteCount(t, name: tensorName, path: path)
+            guard let end = offset.addingReportingOverflowChecked(bytes) else { throw InputError(path, "tensor sizes overflow") }
+            lookup[tensorName] = infos.count
+            infos.append(TensorInfo(name: tensorName, dtype: t.dtype, shape: t.shape, dataOffsets: offset..<end))
+            records[tensorName] = record
+            offset = end
+        }
+        self.records = records
+        self.tensorInfos = infos
+        self.lookup = lookup
+    }
+
+    public var metadataPairs: [(key: String, value: String)] { [] }
+
+    public func info(_ name: String) -> TensorInfo? {
+        lookup[name].map { tensorInfos[$0] }
+    }
+
+    /// Calls `body` with the tensor's little-endian, row-major bytes: the mapped storage slice when the
+    /// tensor is contiguous and stored, otherwise a buffer the elements are gathered into.
+    public func withBytes<R>(of name: String, _ body: (UnsafeRawBufferPointer) throws -> R) throws -> R {
+        guard let r = records[name], let info = info(name) else {
+            throw TensorReadError(file: path, tensor: name, problem: "no such tensor")
+        }
+        let itemSize = r.tensor.dtype.byteSize
+        if info.byteCount == 0 { return try body(UnsafeRawBufferPointer(start: nil, count: 0)) }
+        return try archive.withContents(of: r.member) { storage in
+            let start = r.tensor.storageOffset * itemSize
+            if r.isContiguous {
+                return try body(UnsafeRawBufferPointer(rebasing: storage[start..<(start + info.byteCount)]))
+            }
+            let out = UnsafeMutableRawBufferPointer.allocate(byteCount: info.byteCount, alignment: 64)
+            defer { out.deallocate() }
+            Self.gather(storage, r.tensor, into: out)
+            return try body(UnsafeRawBufferPointer(out))
+        }
+    }
+
+    public func release(_ name: String) {
+        if let r = records[name], r.member.method == .stored { archive.release(r.member) }
+    }
+
+    // MARK: - Walking the pickled value
+
+    /// Tensors in the order the pickle lists them, and the wrapper key that was removed, if any.
+    static func collectTensors(_ root: PickleValue, path: String) throws -> ([(String, TorchTensorReference)], String?) {
+        guard case .dict(let top) = root else {
+            throw InputError(path, "the checkpoint holds a \(root.kindName), not a dict of tensors")
+        }
+        var visits = 0
+        var perKey: [(key: String, value: PickleValue, tensors: [(String, TorchTensorReference)])] = []
+        for (k, v) in top.items {
+            let key = try keyString(k, path: path)
+            var out: [(String, TorchTensorReference)] = []
+            try walk(v, name: key, depth: 1, visits: &visits, into: &out, path: path)
+            perKey.append((key, v, out))
+        }
+        let holding = perKey.filter { !$0.tensors.isEmpty }
+        if holding.count == 1, let only = holding.first, wrapperKeys.contains(only.key), case .dict = only.value {
+            let cut = only.key.count + 1
+            return (only.tensors.map { (String($0.0.dropFirst(cut)), $0.1) }, only.key)
+        }
+        return (perKey.flatMap(\.tensors), nil)
+    }
+
+    private static func keyString(_ k: PickleValue, path: String) throws -> String {
+        switch k {
+        case .string(let s): return s
+        case .int(let i): return String(i)
+        default: throw InputError(path, "a dict key is a \(k.kindName), not a string")
+        }
+    }
+
+    private static func walk(_ v: PickleValue, name: String, depth: Int, visits: inout Int,
+                             into out: inout [(String, TorchTensorReference)], path: String) throws {
+        visits += 1
+        guard visits <= maxVisits else { throw InputError(path, "the pickled value is too large to walk (more than \(maxVisits) nodes)") }
+        guard depth <= maxDepth else { throw InputError(path, "the pickled value nests deeper than \(maxDepth) levels") }
+        switch v {
+        case .tensor(let t):
+            out.append((name, t))
+        case .dict(let d):
+            for (k, child) in d.items {
+                try walk(child, name: name + "." + keyString(k, path: path), depth: depth + 1, visits: &visits, into: &out, path: path)
+            }
+        case .list(let l):
+            for (i, child) in l.items.enumerated() {
+                try walk(child, name: name + "." + String(i), depth: depth + 1, visits: &visits, into: &out, path: path)
+            }
+        case .tuple(let items):
+            for (i, child) in items.enumerated() {
+                try walk(child, name: name + "." + String(i), depth: depth + 1, visits: &visits, into: &out, path: path)
+            }
+        default:
+            break // numbers, strings and the like are training state, not tensors
+        }
+    }
+
+    // MARK: - Checking tensors against their storages
+
+    private static func byteCount(_ t: TorchTensorReference, name: String, path: String) throws -> Int {
+        var n = t.dtype.byteSize
+        for d in t.shape {
+            guard let m = n.multipliedReportingOverflowChecked(d) else {
+                throw TensorReadError(file: path, tensor: name, problem: "shape \(t.shape) overflows the size computation")
+            }
+            n = m
+        }
+        return n
+    }
+
+    private static func validate(_ t: TorchTensorReference, name: String, archive: ZipArchive, prefix: String,
+                                 path: String) throws -> Record {
+        func problem(_ s: String) -> TensorReadError { TensorReadError(file: path, tensor: name, problem: s) }
+        guard t.dtype.bits % 8 == 0 else { throw problem("dtype \(t.dtype.rawValue) is not byte-sized") }
+        let memberName = prefix + "data/" + t.storage.key
+        guard let member = archive.entry(named: memberName) else {
+            throw problem("its storage \"\(t.storage.key)\" has no member \(memberName)")
+        }
+        let itemSize: Int
+        switch t.storage.kind {
+        case .typed(let d): itemSize = d.byteSize
+        case .untyped: itemSize = 1
+        }
+        guard let declared = t.storage.count.multipliedReportingOverflowChecked(itemSize), declared == member.uncompressedSize else {
+            throw problem("storage \"\(t.storage.key)\" holds \(member.uncompressedSize) bytes but the pickle declares \(t.storage.count) elements of \(itemSize) bytes")
+        }
+        let elements = try byteCount(t, name: name, path: path) / max(t.dtype.byteSize, 1)
+        var contiguous = true
+        if elements > 0 {
+            // The last element the view touches must lie inside the storage.
+            var last = t.storageOffset
+            var expected = 1
+            for (size, stride) in zip(t.shape, t.stride).reversed() {
+                guard let step = (size - 1).multipliedReportingOverflowChecked(stride),
+                      let sum = last.addingReportingOverflowChecked(step) else { throw problem("its strides overflow") }
+                last = sum
+                if size != 1 && stride != expected { contiguous = false }
+                if let e = expected.multipliedReportingOverflowChecked(size) { expected = e }
+            }
+            guard let endElement = last.addingReportingOverflowChecked(1),
+                  let endByte = endElement.multipliedReportingOverflowChecked(t.dtype.byteSize),
+                  endByte <= member.uncompressedSize else {
+                throw problem("its view (offset \(t.storageOffset), shape \(t.shape), stride \(t.stride)) reaches past the \(member.uncompressedSize)-byte storage")
+            }
+        }
+        return Record(tensor: t, member: member, isContiguous: contiguous)
+    }
+
+    /// Copies a strided view into row-major order; the view was checked to lie inside `storage`.
+    static func gather(_ storage: UnsafeRawBufferPointer, _ t: TorchTensorReference, into out: UnsafeMutableRawBufferPointer) {
+        guard let src = storage.baseAddress, let dst = out.baseAddress else { return }
+        let item = t.dtype.byteSize
+        let dims = t.shape.count
+        var index = [Int](repeating: 0, count: dims)
+        var source = t.storageOffset
+        var written = 0
+        while written < out.count {
+            (dst + written).copyMemory(from: src + source * item, byteCount: item)
+            written += item
+            // Odometer step over the multi-index, moving the source offset by the strides.
+            var d = dims - 1
+            while d >= 0 {
+                index[d] += 1
+                source += t.stride[d]
+                if index[d] < t.shape[d] { break }
+                source -= t.stride[d] * t.shape[d]
+                index[d] = 0
+                d -= 1
+            }
+        }
+    }
+}

@@ -221,9 +221,26 @@ struct PyTorchReaderTests {
 
     // MARK: - No crash on damaged input
 
-    @Test("every truncation and every single-byte flip of a checkpoint is an error or a valid read, never a crash")
-    func damagedInputs() throws {
-        let original = try [UInt8](Data(contentsOf: URL(fileURLWithPath: pt("shared.pt"))))
+    @Test("tuples nested 100,000 deep are refused, not released recursively")
+    func deepTuples() {
+        let pickle: [UInt8] = [0x80, 2, 0x4e] + [UInt8](repeating: 0x85, count: 100_000) + [0x2e]
+        #expect(run(pickle)?.contains("tuples nest deeper than 256 levels") == true)
+    }
+
+    @Test("a pickle that builds no dict is refused")
+    func notADict() throws {
+        let dir = NSTemporaryDirectory() + "pt-list-" + UUID().uuidString
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let file = dir + "/list.pt"
+        try Data(storedZip(["x/data.pkl": [0x80, 2, 0x5d, 0x2e]])).write(to: URL(fileURLWithPath: file))
+        #expect(refusal(file)?.contains("the checkpoint holds a list, not a dict of tensors") == true)
+    }
+
+    @Test("every truncation and every single-byte flip of a checkpoint is an error or a valid read, never a crash",
+          arguments: ["shared.pt", "deflated.pt", "zip64.pt", "nested.pt"])
+    func damagedInputs(name: String) throws {
+        let original = try [UInt8](Data(contentsOf: URL(fileURLWithPath: pt(name))))
         let dir = NSTemporaryDirectory() + "pt-damage-" + UUID().uuidString
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }

@@ -119,7 +119,8 @@ indirect enum PickleValue {
     case float(Double)
     case string(String)
     case bytes([UInt8])
-    case tuple([PickleValue])
+    /// `depth` is the tuple nesting below and including this one, kept so values stay shallow.
+    case tuple([PickleValue], depth: Int)
     case list(PickleList)
     case dict(PickleDict)
     case global(PickleGlobal)
@@ -152,6 +153,8 @@ struct PickleMachine {
     static let maxMemo = 1_000_000
     static let maxStringBytes = 64 << 20
     static let maxDims = 64
+    /// Nested tuples are values: releasing a deep one recurses, so depth is capped where they are made.
+    static let maxTupleDepth = 256
 
     private let bytes: [UInt8]
     private var pos = 0
@@ -185,11 +188,11 @@ struct PickleMachine {
             case 0x28: // MARK
                 guard marks.count < Self.maxMarks else { throw fail("more than \(Self.maxMarks) nested MARKs") }
                 marks.append(stack.count)
-            case 0x29: try push(.tuple([])) // EMPTY_TUPLE
-            case 0x85: try push(.tuple(popN(1)))
-            case 0x86: try push(.tuple(popN(2)))
-            case 0x87: try push(.tuple(popN(3)))
-            case 0x74: try push(.tuple(popMark())) // TUPLE
+            case 0x29: try push(.tuple([], depth: 1)) // EMPTY_TUPLE
+            case 0x85: try push(tuple(popN(1)))
+            case 0x86: try push(tuple(popN(2)))
+            case 0x87: try push(tuple(popN(3)))
+            case 0x74: try push(tuple(popMark())) // TUPLE
             case 0x5d: try push(.list(newList())) // EMPTY_LIST
             case 0x6c: // LIST
                 let items = try popMark()
@@ -256,7 +259,7 @@ struct PickleMachine {
             case 0x81: // NEWOBJ
                 let args = try pop()
                 let cls = try pop()
-                guard case .global(.orderedDict) = cls, case .tuple(let a) = args, a.isEmpty else {
+                guard case .global(.orderedDict) = cls, case .tuple(let a, _) = args, a.isEmpty else {
                     throw fail("refuses NEWOBJ on \(cls.kindName): only an empty collections.OrderedDict may be created")
                 }
                 try push(.dict(newDict()))
@@ -313,7 +316,7 @@ struct PickleMachine {
 
     private mutating func call(_ callable: PickleValue, _ args: PickleValue) throws(PickleError) -> PickleValue {
         guard case .global(let g) = callable else { throw fail("refuses REDUCE on a \(callable.kindName): only allow-listed globals may be called") }
-        guard case .tuple(let a) = args else { throw fail("REDUCE arguments are a \(args.kindName), not a tuple") }
+        guard case .tuple(let a, _) = args else { throw fail("REDUCE arguments are a \(args.kindName), not a tuple") }
         switch g {
         case .orderedDict:
             let d = newDict()
@@ -322,18 +325,18 @@ struct PickleMachine {
                 let pairs: [PickleValue]
                 switch first {
                 case .list(let l): pairs = l.items
-                case .tuple(let t): pairs = t
+                case .tuple(let t, _): pairs = t
                 default: throw fail("OrderedDict of a \(first.kindName) is not supported")
                 }
                 for p in pairs {
-                    guard case .tuple(let kv) = p, kv.count == 2 else { throw fail("OrderedDict items must be (key, value) pairs") }
+                    guard case .tuple(let kv, _) = p, kv.count == 2 else { throw fail("OrderedDict items must be (key, value) pairs") }
                     try setItems(d, kv)
                 }
             }
             return .dict(d)
         case .torchSize:
-            guard a.count == 1, case .tuple(let dims) = a[0] else { throw fail("torch.Size takes one tuple") }
-            return .tuple(dims)
+            guard a.count == 1, case .tuple = a[0] else { throw fail("torch.Size takes one tuple") }
+            return a[0]
         case .rebuildTensor, .rebuildTensorV2:
             guard a.count >= 4 else { throw fail("_rebuild_tensor needs storage, offset, size and stride, got \(a.count) arguments") }
             guard case .storage(let s) = a[0] else { throw fail("_rebuild_tensor's storage is a \(a[0].kindName)") }
@@ -365,7 +368,7 @@ struct PickleMachine {
     }
 
     private func intTuple(_ v: PickleValue, _ what: String) throws(PickleError) -> [Int] {
-        guard case .tuple(let items) = v else { throw fail("a tensor's \(what) is a \(v.kindName), not a tuple") }
+        guard case .tuple(let items, _) = v else { throw fail("a tensor's \(what) is a \(v.kindName), not a tuple") }
         guard items.count <= Self.maxDims else { throw fail("a tensor has \(items.count) dimensions, more than \(Self.maxDims)") }
         var out: [Int] = []
         for item in items {
@@ -376,7 +379,7 @@ struct PickleMachine {
     }
 
     private func persistentLoad(_ pid: PickleValue) throws(PickleError) -> TorchStorageReference {
-        guard case .tuple(let t) = pid, t.count == 5, case .string("storage") = t[0] else {
+        guard case .tuple(let t, _) = pid, t.count == 5, case .string("storage") = t[0] else {
             throw fail("a persistent id is not ('storage', type, key, location, numel)")
         }
         guard case .global(.storageType(let kind)) = t[1] else { throw fail("a persistent id names a \(t[1].kindName), not a torch storage type") }
@@ -387,6 +390,13 @@ struct PickleMachine {
     }
 
     // MARK: - Stack, memo, containers
+
+    private func tuple(_ items: [PickleValue]) throws(PickleError) -> PickleValue {
+        var depth = 1
+        for case .tuple(_, let d) in items { depth = max(depth, d + 1) }
+        guard depth <= Self.maxTupleDepth else { throw fail("tuples nest deeper than \(Self.maxTupleDepth) levels") }
+        return .tuple(items, depth: depth)
+    }
 
     private func fail(_ problem: String) -> PickleError { PickleError(offset: opStart, problem: problem) }
 

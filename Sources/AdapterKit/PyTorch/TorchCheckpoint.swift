@@ -132,13 +132,14 @@ public final class TorchCheckpoint: TensorStore {
         guard case .dict(let top) = root else {
             throw InputError(path, "the checkpoint holds a \(root.kindName), not a dict of tensors")
         }
-        var visits = 0
+        var walker = Walker(path: path)
         var perKey: [(key: String, value: PickleValue, tensors: [(String, TorchTensorReference)])] = []
         for (k, v) in top.items {
-            let key = try keyString(k, path: path)
-            var out: [(String, TorchTensorReference)] = []
-            try walk(v, name: key, depth: 1, visits: &visits, into: &out, path: path)
-            perKey.append((key, v, out))
+            let key = try walker.keyString(k)
+            walker.found = []
+            walker.components = [key]
+            try walker.walk(v, depth: 1)
+            perKey.append((key, v, walker.found))
         }
         let holding = perKey.filter { !$0.tensors.isEmpty }
         if holding.count == 1, let only = holding.first, wrapperKeys.contains(only.key), case .dict = only.value {
@@ -148,36 +149,53 @@ public final class TorchCheckpoint: TensorStore {
         return (perKey.flatMap(\.tensors), nil)
     }
 
-    private static func keyString(_ k: PickleValue, path: String) throws -> String {
-        switch k {
-        case .string(let s): return s
-        case .int(let i): return String(i)
-        default: throw InputError(path, "a dict key is a \(k.kindName), not a string")
-        }
-    }
+    /// A depth-first walk that names tensors by their keys joined with dots, within fixed budgets.
+    private struct Walker {
+        static let maxNameBytes = 64 << 10
+        static let maxTotalNameBytes = 256 << 20
+        let path: String
+        var components: [String] = []
+        var found: [(String, TorchTensorReference)] = []
+        var visits = 0
+        var nameBytes = 0
 
-    private static func walk(_ v: PickleValue, name: String, depth: Int, visits: inout Int,
-                             into out: inout [(String, TorchTensorReference)], path: String) throws {
-        visits += 1
-        guard visits <= maxVisits else { throw InputError(path, "the pickled value is too large to walk (more than \(maxVisits) nodes)") }
-        guard depth <= maxDepth else { throw InputError(path, "the pickled value nests deeper than \(maxDepth) levels") }
-        switch v {
-        case .tensor(let t):
-            out.append((name, t))
-        case .dict(let d):
-            for (k, child) in d.items {
-                try walk(child, name: name + "." + keyString(k, path: path), depth: depth + 1, visits: &visits, into: &out, path: path)
+        func keyString(_ k: PickleValue) throws -> String {
+            switch k {
+            case .string(let s):
+                guard s.utf8.count <= Self.maxNameBytes else { throw InputError(path, "a dict key is longer than \(Self.maxNameBytes) bytes") }
+                return s
+            case .int(let i): return String(i)
+            default: throw InputError(path, "a dict key is a \(k.kindName), not a string")
             }
-        case .list(let l):
-            for (i, child) in l.items.enumerated() {
-                try walk(child, name: name + "." + String(i), depth: depth + 1, visits: &visits, into: &out, path: path)
+        }
+
+        mutating func walk(_ v: PickleValue, depth: Int) throws {
+            visits += 1
+            guard visits <= maxVisits else { throw InputError(path, "the pickled value is too large to walk (more than \(maxVisits) nodes)") }
+            guard depth <= maxDepth else { throw InputError(path, "the pickled value nests deeper than \(maxDepth) levels") }
+            switch v {
+            case .tensor(let t):
+                let name = components.joined(separator: ".")
+                nameBytes += name.utf8.count
+                guard name.utf8.count <= Self.maxNameBytes, nameBytes <= Self.maxTotalNameBytes else {
+                    throw InputError(path, "tensor names are too long (a name over \(Self.maxNameBytes) bytes, or \(Self.maxTotalNameBytes) in all)")
+                }
+                found.append((name, t))
+            case .dict(let d):
+                for (k, child) in d.items { try descend(child, keyString(k), depth) }
+            case .list(let l):
+                for (i, child) in l.items.enumerated() { try descend(child, String(i), depth) }
+            case .tuple(let items, _):
+                for (i, child) in items.enumerated() { try descend(child, String(i), depth) }
+            default:
+                break // numbers, strings and the like are training state, not tensors
             }
-        case .tuple(let items):
-            for (i, child) in items.enumerated() {
-                try walk(child, name: name + "." + String(i), depth: depth + 1, visits: &visits, into: &out, path: path)
-            }
-        default:
-            break // numbers, strings and the like are training state, not tensors
+        }
+
+        private mutating func descend(_ child: PickleValue, _ component: String, _ depth: Int) throws {
+            components.append(component)
+            defer { components.removeLast() }
+            try walk(child, depth: depth + 1)
         }
     }
 

@@ -363,7 +363,8 @@ struct ZipReader {
             throw fail("a stored member declares \(compressed) bytes stored but \(uncompressed) bytes of content", name)
         }
         if method == .deflated {
-            guard let most = compressed.multipliedReportingOverflowChecked(ZipArchive.maxDeflateRatio), uncompressed <= most + 1024 else {
+            let most = compressed.multipliedReportingOverflowChecked(ZipArchive.maxDeflateRatio)?.addingReportingOverflowChecked(1024) ?? Int.max
+            guard uncompressed <= most else {
                 throw fail("declares \(uncompressed) bytes from \(compressed) compressed bytes, more than deflate can produce (a zip bomb or a lying header)", name)
             }
         }

@@ -207,6 +207,14 @@ struct PyTorchReaderTests {
         #expect(run([0x80, 2, 0x4e])?.contains("truncated") == true)
     }
 
+    @Test("a global name holding a newline is refused in a one-line message")
+    func newlineInGlobal() {
+        let pickle: [UInt8] = [0x80, 4, 0x8c, 3] + Array("os\n".utf8) + [0x8c, 6] + Array("system".utf8) + [0x93, 0x2e]
+        let text = run(pickle)
+        #expect(text?.contains("refuses global \"os\\u{a}.system\"") == true, "\(text ?? "")")
+        #expect(text?.contains("\n") == false)
+    }
+
     @Test("a self-referencing list is refused, not walked forever")
     func cycle() throws {
         // {'a': l} where l = []; l.append(l)

@@ -1,35 +1,35 @@
 /// Why a pickle was refused: the byte where the interpreter stopped and the reason, in one line.
-public struct PickleError: Error, Sendable, CustomStringConvertible {
-    public let offset: Int
-    public let problem: String
+struct PickleError: Error, Sendable, CustomStringConvertible {
+    let offset: Int
+    let problem: String
 
-    public var description: String { "pickle byte \(offset): \(problem)" }
+    var description: String { "pickle byte \(offset): \(problem)" }
 }
 
 /// The kind of storage a persistent id names: a legacy typed storage (`torch.FloatStorage`) or
 /// `torch.storage.UntypedStorage` (bytes, with the dtype given to `_rebuild_tensor_v3`).
-public enum TorchStorageKind: Sendable, Hashable {
+enum TorchStorageKind: Sendable, Hashable {
     case typed(DType)
     case untyped
 }
 
 /// A storage named by a persistent id `('storage', type, key, location, numel)`.
-public struct TorchStorageReference: Sendable, Hashable {
-    public let key: String
-    public let kind: TorchStorageKind
-    public let location: String
+struct TorchStorageReference: Sendable, Hashable {
+    let key: String
+    let kind: TorchStorageKind
+    let location: String
     /// Elements of the storage's type (bytes for untyped storages).
-    public let count: Int
+    let count: Int
 }
 
 /// A tensor as `_rebuild_tensor_v2/v3` describe it: a strided view of one storage.
-public struct TorchTensorReference: Sendable, Hashable {
-    public let storage: TorchStorageReference
-    public let dtype: DType
+struct TorchTensorReference: Sendable, Hashable {
+    let storage: TorchStorageReference
+    let dtype: DType
     /// In elements of `dtype`.
-    public let storageOffset: Int
-    public let shape: [Int]
-    public let stride: [Int]
+    let storageOffset: Int
+    let shape: [Int]
+    let stride: [Int]
 }
 
 /// A mutable pickle list; a class because pickle ops mutate lists after they are memoized.
@@ -283,7 +283,7 @@ struct PickleMachine {
             case 0x69: // INST: imports and calls in one opcode
                 let module = try readLine()
                 let name = try readLine()
-                throw fail("refuses INST of \(module).\(name): the pickle would import and call it")
+                throw fail("refuses INST of \(globalName(module, name)): the pickle would import and call it")
             case 0x6f: throw fail("refuses OBJ: the pickle would call a class")
             case 0x92: throw fail("refuses NEWOBJ_EX: the pickle would call a class")
             case 0x82, 0x83, 0x84: throw fail("refuses EXT opcodes: they import globals from the copyreg registry")
@@ -309,7 +309,7 @@ struct PickleMachine {
 
     private func resolve(_ module: String, _ name: String) throws(PickleError) -> PickleGlobal {
         guard let g = PickleGlobal.lookup(module: module, name: name) else {
-            throw fail("refuses global \(module).\(name): only collections.OrderedDict, torch storage types, dtypes and torch._utils tensor rebuilders are allowed")
+            throw fail("refuses global \(globalName(module, name)): only collections.OrderedDict, torch storage types, dtypes and torch._utils tensor rebuilders are allowed")
         }
         return g
     }
@@ -387,6 +387,13 @@ struct PickleMachine {
         guard case .string(let location) = t[3] else { throw fail("a storage location is a \(t[3].kindName), not a string") }
         guard case .int(let n) = t[4], n >= 0 else { throw fail("a storage size is not a non-negative int") }
         return TorchStorageReference(key: key, kind: kind, location: location, count: n)
+    }
+
+    /// `module.name` as Python spells it, quoted only when it holds characters that would break the line.
+    private func globalName(_ module: String, _ name: String) -> String {
+        let plain = module + "." + name
+        let quoted = quotedForMessage(plain)
+        return quoted == "\"" + plain + "\"" ? plain : quoted
     }
 
     // MARK: - Stack, memo, containers

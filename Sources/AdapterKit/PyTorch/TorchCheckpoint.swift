@@ -52,7 +52,7 @@ public final class TorchCheckpoint: TensorStore {
         let prefix = name + "/"
         self.archiveName = name
         if let stray = archive.entries.first(where: { !$0.name.hasPrefix(prefix) }) {
-            throw InputError(path, "member \"\(stray.name)\" is outside the archive folder \"\(name)/\"")
+            throw InputError(path, "member \(quotedForMessage(stray.name)) is outside the archive folder \(quotedForMessage(prefix))")
         }
         if archive.entry(named: prefix + "constants.pkl") != nil || archive.entries.contains(where: { $0.name.hasPrefix(prefix + "code/") }) {
             throw InputError(path, "a TorchScript archive (torch.jit.save) is not supported: it holds a program, not a state dict; load it in torch and torch.save its state_dict()")
@@ -62,7 +62,7 @@ public final class TorchCheckpoint: TensorStore {
             switch text {
             case "little": break
             case "big": throw InputError(path, "big-endian checkpoints are not supported (byteorder is \"big\")")
-            default: throw InputError(path, "unknown byte order \"\(text.prefix(16))\" in \(prefix)byteorder")
+            default: throw InputError(path, "unknown byte order \(quotedForMessage(String(text.prefix(16)))) in \(quotedForMessage(prefix + "byteorder"))")
             }
         }
         guard let pickleEntry = archive.entry(named: prefix + "data.pkl") else {
@@ -81,7 +81,7 @@ public final class TorchCheckpoint: TensorStore {
         var lookup: [String: Int] = [:]
         var offset = 0
         for (tensorName, t) in found {
-            guard records[tensorName] == nil else { throw InputError(path, "tensor name \"\(tensorName)\" occurs twice after joining nested keys") }
+            guard records[tensorName] == nil else { throw InputError(path, "tensor name \(quotedForMessage(tensorName)) occurs twice after joining nested keys") }
             let record = try Self.validate(t, name: tensorName, archive: archive, prefix: prefix, path: path)
             let bytes = try Self.byteCount(t, name: tensorName, path: path)
             guard let end = offset.addingReportingOverflowChecked(bytes) else { throw InputError(path, "tensor sizes overflow") }
@@ -205,7 +205,7 @@ public final class TorchCheckpoint: TensorStore {
         var n = t.dtype.byteSize
         for d in t.shape {
             guard let m = n.multipliedReportingOverflowChecked(d) else {
-                throw TensorReadError(file: path, tensor: name, problem: "shape \(t.shape) overflows the size computation")
+                throw InputError(path, "tensor \(quotedForMessage(name)): shape \(t.shape) overflows the size computation")
             }
             n = m
         }
@@ -214,11 +214,11 @@ public final class TorchCheckpoint: TensorStore {
 
     private static func validate(_ t: TorchTensorReference, name: String, archive: ZipArchive, prefix: String,
                                  path: String) throws -> Record {
-        func problem(_ s: String) -> TensorReadError { TensorReadError(file: path, tensor: name, problem: s) }
+        func problem(_ s: String) -> InputError { InputError(path, "tensor \(quotedForMessage(name)): " + s) }
         guard t.dtype.bits % 8 == 0 else { throw problem("dtype \(t.dtype.rawValue) is not byte-sized") }
         let memberName = prefix + "data/" + t.storage.key
         guard let member = archive.entry(named: memberName) else {
-            throw problem("its storage \"\(t.storage.key)\" has no member \(memberName)")
+            throw problem("its storage \(quotedForMessage(t.storage.key)) has no member \(quotedForMessage(memberName))")
         }
         let itemSize: Int
         switch t.storage.kind {
@@ -226,7 +226,7 @@ public final class TorchCheckpoint: TensorStore {
         case .untyped: itemSize = 1
         }
         guard let declared = t.storage.count.multipliedReportingOverflowChecked(itemSize), declared == member.uncompressedSize else {
-            throw problem("storage \"\(t.storage.key)\" holds \(member.uncompressedSize) bytes but the pickle declares \(t.storage.count) elements of \(itemSize) bytes")
+            throw problem("storage \(quotedForMessage(t.storage.key)) holds \(member.uncompressedSize) bytes but the pickle declares \(t.storage.count) elements of \(itemSize) bytes")
         }
         let elements = try byteCount(t, name: name, path: path) / max(t.dtype.byteSize, 1)
         var contiguous = true

@@ -14,7 +14,7 @@ public struct ZipError: Error, Sendable, CustomStringConvertible {
     }
 
     public var description: String {
-        if let member { return "\(file): zip member \"\(member)\": \(problem)" }
+        if let member { return "\(file): zip member \(quotedForMessage(member)): \(problem)" }
         return "\(file): zip archive: \(problem)"
     }
 }
@@ -196,6 +196,31 @@ public final class ZipArchive: @unchecked Sendable {
     }
 }
 
+/// A name from a file, quoted for a one-line message: control characters escaped, long names cut.
+func quotedForMessage(_ s: String) -> String {
+    var out = "\""
+    var count = 0
+    for scalar in s.unicodeScalars {
+        count += 1
+        if count > 200 {
+            out += "..."
+            break
+        }
+        switch scalar {
+        case "\"": out += "\\\""
+        case "\\": out += "\\\\"
+        default:
+            let v = scalar.value
+            if v < 0x20 || v == 0x7f || (0x80..<0xa0).contains(v) || v == 0x2028 || v == 0x2029 {
+                out += "\\u{" + String(v, radix: 16) + "}"
+            } else {
+                out.unicodeScalars.append(scalar)
+            }
+        }
+    }
+    return out + "\""
+}
+
 func hex(_ v: UInt32) -> String {
     let s = String(v, radix: 16)
     return "0x" + String(repeating: "0", count: max(0, 8 - s.count)) + s
@@ -302,7 +327,7 @@ struct ZipReader {
         }
         ranges.sort { $0.start < $1.start }
         for i in ranges.indices.dropFirst() where ranges[i].start < ranges[i - 1].end {
-            throw fail("its data overlaps member \"\(ranges[i - 1].name)\"", ranges[i].name)
+            throw fail("its data overlaps member \(quotedForMessage(ranges[i - 1].name))", ranges[i].name)
         }
         return entries
     }

@@ -3,7 +3,12 @@ import ArgumentParser
 
 struct Inspect: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Show what a safetensors file, a model folder or an adapter holds (headers only)."
+        abstract: "Show what a safetensors file, a model folder or an adapter holds (headers only for models).",
+        discussion: """
+        A model folder is either one model.safetensors or shards with model.safetensors.index.json. \
+        An adapter is a PEFT / MoSLoRA folder (adapter_config.json), an mlx-lm folder, a PaddleNLP \
+        folder, or a single kohya / diffusers / PEFT file; its layout is detected.
+        """
     )
 
     @Argument(help: "A .safetensors file, a model folder, or an adapter file or folder.")
@@ -16,12 +21,19 @@ struct Inspect: ParsableCommand {
     var tensors = false
 
     func run() throws {
-        let checkpoint = try Checkpoint(path: path)
-        let report = CheckpointReport(checkpoint)
-        if json {
-            print(JSONWriter.compact(report.json()))
-        } else {
-            print(report.text(tensors: tensors))
+        if Adapter.looksLikeAdapter(path) {
+            let adapter = try Adapter(path: path)
+            let report = try AdapterReport(adapter)
+            let tensorsReport = CheckpointReport(try Checkpoint(path: adapter.store.path))
+            if json {
+                print(JSONWriter.compact(tensorsReport.json(adapter: report.json())))
+            } else {
+                print(report.text())
+                if tensors { print("\n" + tensorsReport.text(tensors: true)) }
+            }
+            return
         }
+        let report = CheckpointReport(try Checkpoint(path: path))
+        print(json ? JSONWriter.compact(report.json()) : report.text(tensors: tensors))
     }
 }

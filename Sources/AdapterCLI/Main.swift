@@ -6,12 +6,12 @@ import Foundation
 ///
 /// Exit statuses: 0 success, 1 invalid input or refused operation, 2 bad usage.
 @main
-struct Adapter: ParsableCommand {
+struct AdapterCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "adapter",
         abstract: "Inspect, merge and convert LoRA and MoSLoRA checkpoints.",
         version: "0.1.0",
-        subcommands: [Inspect.self]
+        subcommands: [Inspect.self, Merge.self]
     )
 
     static func main() {

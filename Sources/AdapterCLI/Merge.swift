@@ -1,0 +1,131 @@
+import AdapterKit
+import ArgumentParser
+import Foundation
+
+struct Merge: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Fold scale·B·M·A (or B·A) of one or more adapters into a base model.",
+        discussion: """
+        Every element is computed in Float32 (Float64 for F64 bases) as W + Σ scale·(B·M·A) and \
+        rounded once into the base dtype. The base is streamed one tensor at a time; OUT appears \
+        only when complete.
+        """
+    )
+
+    @Argument(help: "The base model: a .safetensors file or a model folder.")
+    var base: String
+
+    @Argument(help: "The adapter (any supported layout).")
+    var adapter: String
+
+    @Argument(help: "Where to write the merged model (a file when BASE is a file, a folder when it is a folder).")
+    var out: String
+
+    @Option(help: "Multiply the adapter's update (−1 un-merges an adapter merged before).")
+    var weight: Double = 1
+
+    @Option(name: .customLong("add"), help: ArgumentHelp("Merge a further adapter in the same pass, optionally weighted.", valueName: "adapter[:weight]"))
+    var additional: [String] = []
+
+    @Option(name: .customLong("component"), help: "For kohya / diffusers adapters holding several models: the part to merge (unet, text_encoder, text_encoder_2, transformer). Repeatable.")
+    var components: [String] = []
+
+    @Flag(help: "Merge even when the adapter has keys that are not understood (they are skipped).")
+    var allowUnknown = false
+
+    @Flag(help: "Replace OUT if it exists (only once the new output is complete).")
+    var force = false
+
+    @Flag(help: "Print per tensor max |ΔW| and how much of the update survived rounding.")
+    var report = false
+
+    @Flag(help: "No progress and no summary.")
+    var quiet = false
+
+    @Flag(name: .customLong("no-sync"), help: "Do not fsync the output before renaming it into place.")
+    var noSync = false
+
+    @Option(help: "Kernel threads (default: all cores).")
+    var threads: Int?
+
+    func validate() throws {
+        guard weight.isFinite else { throw ValidationError("--weight must be a finite number") }
+        if let threads, threads < 1 { throw ValidationError("--threads must be at least 1") }
+    }
+
+    func run() throws {
+        var inputs = [MergeInput(adapter: try Adapter(path: adapter), weight: weight)]
+        for spec in additional {
+            let (path, w) = parseWeighted(spec)
+            inputs.append(MergeInput(adapter: try Adapter(path: path), weight: w))
+        }
+        try Merger.checkOutput(out, base: base, adapters: inputs.map(\.adapter.path), force: force)
+        let checkpoint = try Checkpoint(path: base)
+        let plan = try MergePlan(base: checkpoint, inputs: inputs,
+                                 options: MergeOptions(allowUnknown: allowUnknown, components: components.isEmpty ? nil : components))
+        var options = MergeRunOptions()
+        options.force = force
+        options.report = report
+        options.sync = !noSync
+        if let threads { options.threads = threads }
+        let progress = ProgressBar(enabled: !quiet && FileSystem.isTerminal(2))
+        if progress.enabled {
+            options.progress = { done, total in progress.update(done, total) }
+        }
+        for input in inputs where !quiet {
+            for w in input.adapter.warnings { writeError("adapter: warning: \(input.adapter.path): \(w)") }
+        }
+        let summary = try Merger(plan: plan, output: out, options: options).run()
+        progress.finish()
+        if report {
+            print("tensor\tmodules\tmax_abs_delta\tsurvived")
+            for r in summary.reports.sorted(by: { $0.tensor < $1.tensor }) {
+                print("\(r.tensor)\t\(r.modules.count)\t\(formatSig(r.statistics.maxAbsUpdate))\t\(formatFixed(r.statistics.survival, 4))")
+            }
+        }
+        if !quiet {
+            for n in summary.notes { writeError("adapter: note: \(n)") }
+            writeError("adapter: " + summary.line)
+        }
+    }
+}
+
+/// "path:0.5" → (path, 0.5); a path whose last colon is not followed by a number is kept whole.
+func parseWeighted(_ spec: String) -> (String, Double) {
+    if let colon = spec.lastIndex(of: ":"), let w = Double(spec[spec.index(after: colon)...]), w.isFinite {
+        return (String(spec[..<colon]), w)
+    }
+    return (spec, 1)
+}
+
+/// A one-line progress bar on a terminal: bytes, rate, time left.
+final class ProgressBar: @unchecked Sendable {
+    let enabled: Bool
+    private let start = Date()
+    private var last = Date.distantPast
+    private let lock = NSLock()
+
+    init(enabled: Bool) { self.enabled = enabled }
+
+    func update(_ done: Int, _ total: Int) {
+        guard enabled else { return }
+        lock.lock(); defer { lock.unlock() }
+        let now = Date()
+        guard now.timeIntervalSince(last) > 0.1 || done == total else { return }
+        last = now
+        let elapsed = max(0.001, now.timeIntervalSince(start))
+        let rate = Double(done) / elapsed
+        let fraction = total > 0 ? Double(done) / Double(total) : 1
+        let width = 30
+        let filled = Int(fraction * Double(width))
+        let left = rate > 0 ? Double(total - done) / rate : 0
+        let bar = String(repeating: "█", count: filled) + String(repeating: "░", count: width - filled)
+        let text = "\r\(bar) \(formatFixed(fraction * 100, 1))%  \(formatFixed(Double(done) / 1_048_576, 0))/\(formatFixed(Double(total) / 1_048_576, 0)) MiB  \(formatFixed(rate / 1_048_576, 0)) MiB/s  \(formatFixed(left, 0)) s left "
+        FileHandle.standardError.write(Data(text.utf8))
+    }
+
+    func finish() {
+        guard enabled else { return }
+        FileHandle.standardError.write(Data("\r\u{1B}[K".utf8))
+    }
+}

@@ -1,0 +1,70 @@
+/// Refusals found while reading an adapter or planning a merge: all of them, reported together.
+public struct ProblemList: Error, Sendable, CustomStringConvertible {
+    public let path: String
+    public let problems: [String]
+
+    public init(path: String, problems: [String]) {
+        self.path = path
+        self.problems = problems
+    }
+
+    /// One line: the first ten problems and how many more there are.
+    public var description: String {
+        let shown = problems.prefix(10).joined(separator: "; ")
+        let more = problems.count > 10 ? "; and \(problems.count - 10) more" : ""
+        return "\(path): \(problems.count) problem\(problems.count == 1 ? "" : "s"): \(shown)\(more)"
+    }
+}
+
+/// A LoRA or MoSLoRA adapter in any supported layout, normalised into modules.
+public final class Adapter: Sendable {
+    /// The path as given (file or folder).
+    public let path: String
+    public let format: AdapterFormat
+    /// The tensor file.
+    public let store: any TensorStore
+    /// The config file read, if any, and its contents.
+    public let configPath: String?
+    public let config: JSONObject?
+    public let modules: [LoRAModule]
+    /// Full tensors that replace base tensors (`modules_to_save`, saved `base_layer` copies).
+    public let replacements: [Replacement]
+    /// Keys not understood, never dropped in silence.
+    public let unknownKeys: [String]
+    public let warnings: [String]
+
+    /// Whether any module has a mixer.
+    public var hasMixer: Bool { modules.contains { $0.hasMixer } }
+
+    /// The components (`unet`, `text_encoder`, …) the modules belong to, in first-seen order.
+    public var components: [String] {
+        var seen: [String] = []
+        for m in modules { if let c = m.component, !seen.contains(c) { seen.append(c) } }
+        return seen
+    }
+
+    init(path: String, format: AdapterFormat, store: any TensorStore, configPath: String?, config: JSONObject?,
+         modules: [LoRAModule], replacements: [Replacement], unknownKeys: [String], warnings: [String]) {
+        self.path = path
+        self.format = format
+        self.store = store
+        self.configPath = configPath
+        self.config = config
+        self.modules = modules
+        self.replacements = replacements
+        self.unknownKeys = unknownKeys
+        self.warnings = warnings
+    }
+
+    /// Reads an adapter file or folder of any supported layout.
+    public convenience init(path: String) throws {
+        let loaded = try AdapterLoader.load(path)
+        self.init(path: path, format: loaded.format, store: loaded.store, configPath: loaded.configPath, config: loaded.config,
+                  modules: loaded.modules, replacements: loaded.replacements, unknownKeys: loaded.unknownKeys, warnings: loaded.warnings)
+    }
+
+    /// Whether `path` looks like an adapter (by its files or its tensor names) rather than a model.
+    public static func looksLikeAdapter(_ path: String) -> Bool {
+        (try? AdapterLoader.locate(path)) != nil
+    }
+}

@@ -1,0 +1,278 @@
+/// Finds, reads and normalises adapters of every supported layout.
+enum AdapterLoader {
+    struct Located {
+        var format: AdapterFormat
+        var weights: String
+        var configPath: String?
+        var config: JSONObject?
+        var store: any TensorStore
+    }
+
+    struct Loaded {
+        var format: AdapterFormat
+        var store: any TensorStore
+        var configPath: String?
+        var config: JSONObject?
+        var modules: [LoRAModule]
+        var replacements: [Replacement]
+        var unknownKeys: [String]
+        var warnings: [String]
+    }
+
+    // MARK: - Finding the files
+
+    static func locate(_ path: String) throws -> Located {
+        switch FileSystem.kind(path) {
+        case .missing: throw InputError(path, "no such file or folder")
+        case .other: throw InputError(path, "not a regular file or folder")
+        case .directory: return try locateFolder(path)
+        case .file:
+            let folder = parentPath(path)
+            let name = lastPathComponent(path)
+            let config = joinPath(folder, "adapter_config.json")
+            if ["adapter_model.safetensors", "adapter_model.bin", "adapters.safetensors"].contains(name), FileSystem.kind(config) == .file {
+                var located = try locateFolder(folder)
+                if located.weights != path {
+                    located.weights = path
+                    located.store = try openTensorFile(path)
+                }
+                return located
+            }
+            let store = try openTensorFile(path)
+            guard let format = detectFormat(store.tensorInfos.map(\.name)) else {
+                throw InputError(path, "no LoRA or MoSLoRA keys found: this is not an adapter")
+            }
+            return Located(format: format, weights: path, configPath: nil, config: nil, store: store)
+        }
+    }
+
+    private static func locateFolder(_ folder: String) throws -> Located {
+        func file(_ name: String) -> String? {
+            let p = joinPath(folder, name)
+            return FileSystem.kind(p) == .file ? p : nil
+        }
+        if let configPath = file("adapter_config.json") {
+            guard let config = try readJSONFile(configPath).objectValue else { throw InputError(configPath, "the config is not a JSON object") }
+            if config["lora_parameters"] != nil || config["fine_tune_type"] != nil {
+                guard let weights = file("adapters.safetensors") else { throw InputError(folder, "mlx adapter folder without adapters.safetensors") }
+                return Located(format: .mlx, weights: weights, configPath: configPath, config: config, store: try openTensorFile(weights))
+            }
+            guard let weights = file("adapter_model.safetensors") ?? file("adapter_model.bin") else {
+                throw InputError(folder, "adapter_config.json is here but neither adapter_model.safetensors nor adapter_model.bin")
+            }
+            let store = try openTensorFile(weights)
+            let byKeys = detectFormat(store.tensorInfos.map(\.name))
+            let format: AdapterFormat = byKeys == .mytransformers ? .mytransformers : .peft
+            return Located(format: format, weights: weights, configPath: configPath, config: config, store: store)
+        }
+        if let weights = file("adapters.safetensors") {
+            return Located(format: .mlx, weights: weights, configPath: nil, config: nil, store: try openTensorFile(weights))
+        }
+        let entries = try FileSystem.contents(ofDirectory: folder)
+        let tensorFiles = entries.filter { $0.hasSuffix(".safetensors") || $0.hasSuffix(".bin") || $0.hasSuffix(".pt") }
+        if let configPath = file("lora_config.json") {
+            guard let config = try readJSONFile(configPath).objectValue else { throw InputError(configPath, "the config is not a JSON object") }
+            guard let name = tensorFiles.first(where: { $0.hasPrefix("lora_model") }) ?? (tensorFiles.count == 1 ? tensorFiles.first : nil) else {
+                throw InputError(folder, "lora_config.json is here but no lora_model_state.safetensors")
+            }
+            let weights = joinPath(folder, name)
+            return Located(format: .paddle, weights: weights, configPath: configPath, config: config, store: try openTensorFile(weights))
+        }
+        for name in tensorFiles {
+            let weights = joinPath(folder, name)
+            guard let store = try? openTensorFile(weights), let format = detectFormat(store.tensorInfos.map(\.name)) else { continue }
+            let configPath = file("config.json")
+            let config = try configPath.flatMap { try readJSONFile($0).objectValue }
+            return Located(format: format, weights: weights, configPath: format == .mytransformers ? configPath : nil,
+                           config: format == .mytransformers ? config : nil, store: store)
+        }
+        throw InputError(folder, "no adapter found (no adapter_config.json, adapters.safetensors, lora_config.json, or file of LoRA keys)")
+    }
+
+    /// Decides a layout from tensor names alone.
+    static func detectFormat(_ keys: [String]) -> AdapterFormat? {
+        func any(_ test: (String) -> Bool) -> Bool { keys.contains(where: test) }
+        if any({ $0.hasPrefix("lora_unet_") || $0.hasPrefix("lora_te") || $0.hasPrefix("lora_transformer_") }) { return .kohya }
+        if any({ $0.hasSuffix(".lora.down.weight") || $0.hasSuffix(".lora.up.weight") }) { return .diffusers }
+        if any({ ($0.hasPrefix("unet.") || $0.hasPrefix("text_encoder") || $0.hasPrefix("transformer.")) && $0.hasSuffix(".lora_A.weight") }) {
+            return .diffusers
+        }
+        if any({ $0.hasSuffix(".weight_a") || $0.hasSuffix(".weight_ab_mixer") }) { return .mytransformers }
+        if any({ $0.hasSuffix(".lora_a") || $0.hasSuffix(".lora_b") }) { return .mlx }
+        if any({ $0.hasSuffix(".lora_A") || $0.hasSuffix(".lora_B") }) { return .paddle }
+        if any({ $0.hasSuffix(".lora_A.weight") || $0.hasSuffix(".lora_embedding_A") || $0.hasSuffix(".lora_B.weight") }) { return .peft }
+        return nil
+    }
+
+    // MARK: - Key roles
+
+    enum Role: Sendable { case a, b, mixer, alpha, magnitude, biasB, embeddingA, embeddingB }
+
+    /// Exact key suffixes per layout. Matched as whole dotted suffixes, longest first, so that
+    /// `lora_AB.weight` (a mixer) is never read as `lora_A`.
+    static func suffixes(_ format: AdapterFormat) -> [(suffix: String, role: Role)] {
+        let rules: [(String, Role)]
+        switch format {
+        case .peft:
+            rules = [(".lora_A.weight", .a), (".lora_B.weight", .b), (".lora_AB.weight", .mixer), (".lora_mixer.weight", .mixer),
+                     (".lora_B.bias", .biasB), (".lora_magnitude_vector", .magnitude), (".lora_magnitude_vector.weight", .magnitude),
+                     (".lora_embedding_A", .embeddingA), (".lora_embedding_B", .embeddingB)]
+        case .kohya:
+            rules = [(".lora_down.weight", .a), (".lora_up.weight", .b), (".lora_mixer.weight", .mixer), (".alpha", .alpha)]
+        case .diffusers:
+            rules = [(".lora.down.weight", .a), (".lora.up.weight", .b), (".lora.downB.weight", .mixer),
+                     (".lora_A.weight", .a), (".lora_B.weight", .b), (".lora_AB.weight", .mixer), (".lora_mixer.weight", .mixer),
+                     (".lora_magnitude_vector", .magnitude), (".alpha", .alpha)]
+        case .mlx:
+            rules = [(".lora_a", .a), (".lora_b", .b), (".m", .magnitude)]
+        case .paddle:
+            rules = [(".lora_A", .a), (".lora_B", .b), (".lora_AB", .mixer)]
+        case .mytransformers:
+            rules = [(".weight_a", .a), (".weight_b", .b), (".weight_ab_mixer", .mixer)]
+        }
+        return rules.sorted { $0.0.count > $1.0.count }
+    }
+
+    static func orientation(_ format: AdapterFormat) -> FactorOrientation {
+        switch format {
+        case .mlx, .paddle: .transposed
+        default: .peft
+        }
+    }
+
+    // MARK: - Loading
+
+    static func load(_ path: String) throws -> Loaded {
+        let located = try locate(path)
+        return try normalise(located, path: path)
+    }
+
+    private struct Parts {
+        var tensors: [Role: TensorRef] = [:]
+        var keys: [String] = []
+    }
+
+    private static func normalise(_ located: Located, path: String) throws -> Loaded {
+        let format = located.format
+        let store = located.store
+        let config = located.config
+        let settings = try AdapterSettings(format: format, config: config, configPath: located.configPath ?? located.weights)
+        var warnings = settings.warnings
+        var problems: [String] = []
+        var unknown: [String] = []
+        var replacements: [Replacement] = []
+        var order: [String] = []
+        var parts: [String: Parts] = [:]
+        let rules = suffixes(format)
+
+        for info in store.tensorInfos {
+            let key = info.name
+            if let rule = rules.first(where: { key.hasSuffix($0.suffix) && key.count > $0.suffix.count }) {
+                let module = String(key.dropLast(rule.suffix.count))
+                if parts[module] == nil { order.append(module) }
+                if parts[module, default: Parts()].tensors[rule.role] != nil {
+                    problems.append("module \(module) has two tensors for one role (\(key))")
+                }
+                parts[module, default: Parts()].tensors[rule.role] = TensorRef(store: store, info: info)
+                parts[module, default: Parts()].keys.append(key)
+                continue
+            }
+            if let replaced = settings.replacementTarget(key) {
+                replacements.append(Replacement(tensor: TensorRef(store: store, info: info), baseName: replaced))
+                continue
+            }
+            unknown.append(key)
+        }
+
+        var modules: [LoRAModule] = []
+        for name in order {
+            let p = parts[name]!
+            let isEmbedding = p.tensors[.embeddingA] != nil || p.tensors[.embeddingB] != nil
+            let aRef = isEmbedding ? p.tensors[.embeddingA] : p.tensors[.a]
+            let bRef = isEmbedding ? p.tensors[.embeddingB] : p.tensors[.b]
+            guard let a = aRef, let b = bRef else {
+                // An alpha or a magnitude alone, or half a pair: not a module we can use.
+                unknown.append(contentsOf: p.keys)
+                warnings.append("module \(name) lacks \(aRef == nil ? "its A (down) factor" : "its B (up) factor"); its keys are listed as unknown")
+                continue
+            }
+            let (component, baseName) = settings.baseName(of: name)
+            let orientation = orientation(format)
+            var kind: LayerKind
+            if isEmbedding {
+                kind = .embedding
+            } else if a.shape.count == 4 {
+                kind = a.shape[2] == 1 && a.shape[3] == 1 ? .conv1x1 : .convKxK
+            } else {
+                kind = settings.fanInFanOut ? .linearFanInFanOut : .linear
+            }
+            var module = LoRAModule(name: name, baseName: baseName, component: component, kind: kind, a: a, mixer: p.tensors[.mixer], b: b,
+                                    orientation: orientation, scale: 1, magnitude: p.tensors[.magnitude], bias: p.tensors[.biasB])
+            if let problem = shapeProblem(module) {
+                problems.append(problem)
+                continue
+            }
+            do {
+                module.scale = try settings.scale(module: module, alpha: p.tensors[.alpha], warnings: &warnings)
+            } catch let e as InputError {
+                problems.append(e.problem)
+                continue
+            }
+            modules.append(module)
+        }
+        guard problems.isEmpty else { throw ProblemList(path: located.weights, problems: problems) }
+        guard !modules.isEmpty || !replacements.isEmpty else {
+            throw InputError(located.weights, "no LoRA modules found (\(unknown.count) keys, none understood)")
+        }
+
+        if !unknown.isEmpty {
+            warnings.append("\(unknown.count) unknown key\(unknown.count == 1 ? "" : "s") (not LoRA factors): \(unknown.prefix(3).joined(separator: ", "))\(unknown.count > 3 ? ", …" : "")")
+        }
+        let withMixer = modules.filter(\.hasMixer).count
+        if withMixer > 0 && withMixer < modules.count {
+            warnings.append("mixers on only \(withMixer) of \(modules.count) modules; the others are plain LoRA")
+        }
+        if settings.useMixerFlag == true && withMixer == 0 {
+            warnings.append("the config enables a mixer but no module has one")
+        }
+        if modules.contains(where: { $0.magnitude != nil }) || settings.useDoRA {
+            warnings.append("DoRA: merging rescales each output row of the merged weight by the magnitude vector")
+        }
+        if format == .kohya && modules.contains(where: { _ in true }) {
+            let missing = order.filter { parts[$0]?.tensors[.alpha] == nil && parts[$0]?.tensors[.a] != nil }.count
+            if missing > 0 { warnings.append("\(missing) kohya module\(missing == 1 ? "" : "s") without alpha: scale 1 assumed (alpha = rank)") }
+        }
+        return Loaded(format: format, store: store, configPath: located.configPath, config: config, modules: modules,
+                      replacements: replacements, unknownKeys: unknown, warnings: warnings)
+    }
+
+    /// Checks that A, M and B agree (rank, mixer r×r, conv shapes); nil when they do.
+    static func shapeProblem(_ m: LoRAModule) -> String? {
+        let a = m.a.shape, b = m.b.shape
+        let r = m.rank
+        switch m.orientation {
+        case .peft:
+            guard a.count == 2 || a.count == 4 else { return "module \(m.name): A has shape \(a), expected (r, in) or (r, in, k, k)" }
+            guard b.count == a.count else { return "module \(m.name): B has shape \(b) but A has shape \(a)" }
+            guard b[1] == r else { return "module \(m.name): ranks disagree: A has rank \(r), B has \(b[1]) columns" }
+            if b.count == 4 && (b[2] != 1 || b[3] != 1) { return "module \(m.name): B has shape \(b), expected (out, r, 1, 1)" }
+        case .transposed:
+            guard a.count == 2, b.count == 2 else { return "module \(m.name): factors must be matrices, got \(a) and \(b)" }
+            guard b[0] == r else { return "module \(m.name): ranks disagree: A has rank \(r), B has \(b[0]) rows" }
+        }
+        guard r > 0 else { return "module \(m.name): rank 0" }
+        if let mixer = m.mixer, mixer.shape != [r, r] {
+            return "module \(m.name): mixer has shape \(mixer.shape), expected (\(r), \(r))"
+        }
+        if let mag = m.magnitude, mag.info.elementCount != m.outFeatures {
+            return "module \(m.name): DoRA magnitude has \(mag.info.elementCount) elements for \(m.outFeatures) outputs"
+        }
+        if let bias = m.bias, bias.info.elementCount != m.outFeatures {
+            return "module \(m.name): lora_B.bias has \(bias.info.elementCount) elements for \(m.outFeatures) outputs"
+        }
+        for t in [m.a, m.b] + [m.mixer, m.magnitude, m.bias].compactMap({ $0 }) where !t.info.dtype.isReadableAsFloat {
+            return "module \(m.name): tensor \(t.name) has dtype \(t.info.dtype.rawValue), not a float type"
+        }
+        return nil
+    }
+}

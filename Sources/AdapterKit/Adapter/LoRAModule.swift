@@ -1,0 +1,132 @@
+/// The layout an adapter was written in.
+public enum AdapterFormat: String, Sendable, CaseIterable {
+    case peft, kohya, diffusers, mlx, paddle, mytransformers
+}
+
+/// The kind of layer a LoRA module adapts, which decides how B·M·A lands on the base weight.
+public enum LayerKind: String, Sendable {
+    /// `nn.Linear`: W (out, in) += Δ.
+    case linear
+    /// GPT-2 `Conv1D`, W stored (in, out): W += Δᵀ.
+    case linearFanInFanOut = "linear_fan_in_fan_out"
+    /// `nn.Embedding`: W (num_embeddings, dim) += (B·A)ᵀ.
+    case embedding
+    /// 1×1 convolution: W (out, in, 1, 1).
+    case conv1x1
+    /// k×k convolution: A (r, in, k, k), B (out, r, 1, 1), Δ reshaped to (out, in, k, k).
+    case convKxK = "conv"
+
+    /// Whether the base weight holds the transpose of B·M·A.
+    public var isTransposed: Bool { self == .linearFanInFanOut || self == .embedding }
+}
+
+/// A tensor of an adapter file, read only when used.
+public struct TensorRef: Sendable {
+    public let store: any TensorStore
+    public let info: TensorInfo
+    public var name: String { info.name }
+    public var shape: [Int] { info.shape }
+
+    public func floats() throws -> [Float] { try store.floats(info.name) }
+    public func doubles() throws -> [Double] { try store.doubles(info.name) }
+}
+
+/// How the stored factors relate to PEFT's orientation.
+public enum FactorOrientation: Sendable {
+    /// A (r, in[, k, k]), M (r, r), B (out, r[, 1, 1]).
+    case peft
+    /// Everything transposed: A (in, r), M (r, r) transposed, B (r, out) (mlx-lm, PaddleNLP).
+    case transposed
+}
+
+/// One adapted layer, normalised: Δ = scale · B·M·A in PEFT orientation.
+public struct LoRAModule: Sendable {
+    /// The module path as stored, without the `lora_*` suffix.
+    public let name: String
+    /// The module path in base-model terms (prefixes such as `base_model.model.` removed).
+    public let baseName: String
+    /// Which part of a multi-model adapter this belongs to (`unet`, `text_encoder`, …), nil for one model.
+    public let component: String?
+    public var kind: LayerKind
+    public let a: TensorRef
+    public let mixer: TensorRef?
+    public let b: TensorRef
+    public let orientation: FactorOrientation
+    public var scale: Double
+    /// DoRA magnitude vector (out,).
+    public var magnitude: TensorRef?
+    /// `lora_B.bias` (out,), added as scale · bias to the base bias.
+    public var bias: TensorRef?
+
+    public var hasMixer: Bool { mixer != nil }
+
+    /// Rank r: rows of A in PEFT orientation.
+    public var rank: Int { orientation == .peft ? a.shape.first ?? 0 : a.shape.last ?? 0 }
+
+    /// Input features as A sees them (in·k·k for convolutions).
+    public var inFeatures: Int {
+        switch orientation {
+        case .peft: a.shape.dropFirst().reduce(1, *)
+        case .transposed: a.shape.dropLast().reduce(1, *)
+        }
+    }
+
+    /// Output features: rows of B in PEFT orientation.
+    public var outFeatures: Int { orientation == .peft ? b.shape.first ?? 0 : b.shape.last ?? 0 }
+
+    /// The shape the base weight must have for this module.
+    public var expectedBaseShape: [Int] {
+        switch kind {
+        case .linear: [outFeatures, inFeatures]
+        case .linearFanInFanOut, .embedding: [inFeatures, outFeatures]
+        case .conv1x1: [outFeatures, inFeatures, 1, 1]
+        case .convKxK: [outFeatures] + Array(a.shape.dropFirst())
+        }
+    }
+
+    /// The factors in PEFT orientation as row-major Float64 matrices: A (r × in), M (r × r) or nil, B (out × r).
+    public func factors() throws -> (a: [Double], m: [Double]?, b: [Double]) {
+        let r = rank
+        var a = try self.a.doubles()
+        var b = try self.b.doubles()
+        var m = try mixer?.doubles()
+        if orientation == .transposed {
+            a = transpose(a, rows: inFeatures, cols: r)
+            b = transpose(b, rows: r, cols: outFeatures)
+            if let mm = m { m = transpose(mm, rows: r, cols: r) }
+        }
+        return (a, m, b)
+    }
+
+    /// The mixed factor M·A (r × in) in Float64; A itself without a mixer.
+    public func mixedA() throws -> (ma: [Double], b: [Double]) {
+        let f = try factors()
+        guard let m = f.m else { return (f.a, f.b) }
+        return (matmul(m, f.a, rows: rank, inner: rank, cols: inFeatures), f.b)
+    }
+}
+
+/// A full tensor that replaces a base tensor (`modules_to_save`).
+public struct Replacement: Sendable {
+    public let tensor: TensorRef
+    /// The base tensor it replaces.
+    public let baseName: String
+}
+
+func transpose(_ x: [Double], rows: Int, cols: Int) -> [Double] {
+    var out = [Double](repeating: 0, count: x.count)
+    for i in 0..<rows { for j in 0..<cols { out[j * rows + i] = x[i * cols + j] } }
+    return out
+}
+
+/// Row-major (rows × inner) · (inner × cols) in Float64.
+func matmul(_ x: [Double], _ y: [Double], rows: Int, inner: Int, cols: Int) -> [Double] {
+    var out = [Double](repeating: 0, count: rows * cols)
+    for i in 0..<rows {
+        for k in 0..<inner {
+            let v = x[i * inner + k]
+            for j in 0..<cols { out[i * cols + j] += v * y[k * cols + j] }
+        }
+    }
+    return out
+}

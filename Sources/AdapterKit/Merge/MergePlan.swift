@@ -1,0 +1,232 @@
+/// One adapter to merge, with the weight of its update.
+public struct MergeInput: Sendable {
+    public let adapter: Adapter
+    /// Multiplies the update (−1 un-merges).
+    public let weight: Double
+
+    public init(adapter: Adapter, weight: Double = 1) {
+        self.adapter = adapter
+        self.weight = weight
+    }
+}
+
+/// One module's contribution to a base tensor.
+public struct MergeTerm: Sendable {
+    public let module: LoRAModule
+    /// scale × adapter weight.
+    public let factor: Double
+    public let adapterIndex: Int
+}
+
+/// What happens to one base tensor.
+public struct TensorPlan: Sendable {
+    public let baseName: String
+    public let base: TensorInfo
+    /// The shard the tensor is in.
+    public let file: Int
+    /// Low-rank updates, summed exactly.
+    public var terms: [MergeTerm] = []
+    /// A full tensor replacing the base values before any update.
+    public var replacement: Replacement?
+    /// DoRA: the module whose magnitude rescales the rows (at most one per tensor).
+    public var dora: MergeTerm?
+    /// `lora_B.bias` updates to this (bias) tensor: b += factor · bias.
+    public var biasTerms: [(bias: TensorRef, factor: Double, module: String)] = []
+
+    /// The shape written: the replacement's when there is one.
+    public var outputShape: [Int] { replacement?.tensor.shape ?? base.shape }
+
+    public var isUnchanged: Bool { terms.isEmpty && replacement == nil && dora == nil && biasTerms.isEmpty }
+
+    /// The module names that touch this tensor, for messages and reports.
+    public var moduleNames: [String] {
+        terms.map(\.module.name) + biasTerms.map(\.module) + (replacement.map { [$0.tensor.name] } ?? [])
+    }
+}
+
+/// Options of a merge.
+public struct MergeOptions: Sendable {
+    public var allowUnknown = false
+    /// Restricts multi-model adapters (kohya, diffusers) to these components (`unet`, `text_encoder`, …).
+    public var components: [String]? = nil
+
+    public init(allowUnknown: Bool = false, components: [String]? = nil) {
+        self.allowUnknown = allowUnknown
+        self.components = components
+    }
+}
+
+/// Every base tensor's fate, checked before a byte is written.
+public struct MergePlan: Sendable {
+    public let base: Checkpoint
+    public let inputs: [MergeInput]
+    /// Plans for the tensors that change, by base name.
+    public let changes: [String: TensorPlan]
+    /// Modules left out because of `--component`, per component.
+    public let skipped: [String: Int]
+    public let notes: [String]
+
+    public var moduleCount: Int { changes.values.reduce(0) { $0 + $1.terms.count } }
+
+    /// Maps every module to exactly one base tensor and checks shapes, dtypes, mixers and
+    /// unknown keys; throws a `ProblemList` with every failure.
+    public init(base: Checkpoint, inputs: [MergeInput], options: MergeOptions = MergeOptions()) throws {
+        self.base = base
+        self.inputs = inputs
+        var problems: [String] = []
+        var notes: [String] = []
+        var changes: [String: TensorPlan] = [:]
+        var skipped: [String: Int] = [:]
+        let resolver = BaseNameResolver(base)
+
+        func plan(_ name: String) -> TensorPlan? {
+            if let p = changes[name] { return p }
+            guard let (info, file) = base.tensor(name) else { return nil }
+            return TensorPlan(baseName: name, base: info, file: file)
+        }
+
+        for (index, input) in inputs.enumerated() {
+            let adapter = input.adapter
+            let label = inputs.count > 1 ? "\(adapter.path): " : ""
+            if !adapter.unknownKeys.isEmpty && !options.allowUnknown {
+                problems.append("\(label)\(adapter.unknownKeys.count) unknown key\(adapter.unknownKeys.count == 1 ? "" : "s") (\(adapter.unknownKeys.prefix(3).joined(separator: ", "))); use --allow-unknown to merge without them")
+            }
+            let components = adapter.components
+            var selected = options.components
+            if selected == nil && components.count > 1 {
+                problems.append("\(label)the adapter has modules for \(components.joined(separator: ", ")); choose with --component (the base is one model)")
+                continue
+            }
+            if let s = selected, components.isEmpty { selected = nil; if !s.isEmpty { notes.append("\(label)--component ignored: the adapter is for one model") } }
+            for module in adapter.modules {
+                if let selected, let c = module.component, !selected.contains(c) {
+                    skipped[c, default: 0] += 1
+                    continue
+                }
+                guard let target = resolver.weightName(for: module, format: adapter.format) else {
+                    problems.append("\(label)module \(module.name): no base tensor \(module.baseName).weight\(adapter.format == .kohya ? " (kohya names are matched from the base's keys)" : "")")
+                    continue
+                }
+                guard var p = plan(target) else { continue }
+                let term = MergeTerm(module: module, factor: module.scale * input.weight, adapterIndex: index)
+                let expected = module.expectedBaseShape
+                let actual = p.replacement?.tensor.shape ?? p.base.shape
+                if expected != actual {
+                    problems.append("\(label)module \(module.name): update has shape \(expected) (\(module.kind.rawValue)) but \(target) has shape \(actual)")
+                    continue
+                }
+                if !p.base.dtype.isMergeable {
+                    problems.append("\(label)module \(module.name): base tensor \(target) has dtype \(p.base.dtype.rawValue); merges need F32, F64, F16 or BF16")
+                    continue
+                }
+                if module.magnitude != nil {
+                    if module.kind.isTransposed {
+                        problems.append("\(label)module \(module.name): DoRA on a \(module.kind.rawValue) layer is not supported")
+                        continue
+                    }
+                    if p.dora != nil || !p.terms.isEmpty {
+                        problems.append("\(label)module \(module.name): DoRA cannot be combined with another update of \(target)")
+                        continue
+                    }
+                    p.dora = term
+                } else if p.dora != nil {
+                    problems.append("\(label)module \(module.name): \(target) already has a DoRA update, which cannot be combined")
+                    continue
+                }
+                p.terms.append(term)
+                changes[target] = p
+                if let bias = module.bias {
+                    let biasName = String(target.dropLast(".weight".count)) + ".bias"
+                    guard var bp = plan(biasName) else {
+                        problems.append("\(label)module \(module.name): has lora_B.bias but the base has no \(biasName)")
+                        continue
+                    }
+                    guard bp.base.shape == [module.outFeatures], bp.base.dtype.isMergeable else {
+                        problems.append("\(label)module \(module.name): \(biasName) has shape \(bp.base.shape) \(bp.base.dtype.rawValue), expected [\(module.outFeatures)]")
+                        continue
+                    }
+                    bp.biasTerms.append((bias, module.scale * input.weight, module.name))
+                    changes[biasName] = bp
+                }
+            }
+            for r in adapter.replacements {
+                guard var p = plan(r.baseName) else {
+                    problems.append("\(label)\(r.tensor.name) replaces \(r.baseName), which the base does not have")
+                    continue
+                }
+                if p.replacement != nil {
+                    problems.append("\(label)\(r.baseName) is replaced by two adapters")
+                    continue
+                }
+                if !p.terms.isEmpty {
+                    problems.append("\(label)\(r.baseName) is replaced after another adapter updated it; list the replacing adapter first")
+                    continue
+                }
+                if !r.tensor.info.dtype.isReadableAsFloat || !p.base.dtype.isMergeable {
+                    problems.append("\(label)\(r.tensor.name): cannot convert \(r.tensor.info.dtype.rawValue) to \(p.base.dtype.rawValue)")
+                    continue
+                }
+                if r.tensor.shape != p.base.shape {
+                    notes.append("\(r.baseName) changes shape from \(p.base.shape) to \(r.tensor.shape) (replaced by \(r.tensor.name))")
+                }
+                if input.weight != 1 {
+                    notes.append("\(r.baseName) is replaced whole; --weight does not scale replacements")
+                }
+                p.replacement = r
+                changes[r.baseName] = p
+            }
+        }
+        // The replacement must come before the updates: re-check shapes against it.
+        for (name, p) in changes where p.replacement != nil {
+            for t in p.terms where t.module.expectedBaseShape != p.outputShape {
+                problems.append("module \(t.module.name): update has shape \(t.module.expectedBaseShape) but the replaced \(name) has shape \(p.outputShape)")
+            }
+        }
+        if changes.isEmpty && problems.isEmpty {
+            problems.append("no module of the adapter applies to this base")
+        }
+        guard problems.isEmpty else { throw ProblemList(path: "preflight", problems: problems) }
+        self.changes = changes
+        self.skipped = skipped
+        self.notes = notes
+    }
+}
+
+/// Finds the base tensor a module adapts, per layout.
+struct BaseNameResolver {
+    let base: Checkpoint
+    /// kohya: base keys without `.weight`, dots replaced by underscores → base key (nil when two collide).
+    let underscored: [String: String?]
+
+    init(_ base: Checkpoint) {
+        self.base = base
+        var map: [String: String?] = [:]
+        for name in base.tensorNames where name.hasSuffix(".weight") {
+            let key = String(name.dropLast(".weight".count)).replacingDots()
+            map[key] = map[key] == nil ? .some(name) : .some(nil)
+        }
+        underscored = map
+    }
+
+    func weightName(for module: LoRAModule, format: AdapterFormat) -> String? {
+        if format == .kohya {
+            return underscored[module.baseName] ?? nil
+        }
+        let name = module.baseName
+        let candidates = [name + ".weight", "model." + name + ".weight",
+                          name.hasPrefix("model.") ? String(name.dropFirst(6)) + ".weight" : nil]
+        for c in candidates.compactMap({ $0 }) where base.tensor(c) != nil { return c }
+        // Another top-level name for the same model (PaddleNLP's `llama.` for `model.`): the rest
+        // of the path must match exactly one base tensor.
+        guard let dot = name.firstIndex(of: ".") else { return nil }
+        let rest = "." + name[name.index(after: dot)...] + ".weight"
+        let matches = base.tensorNames.filter { $0.hasSuffix(rest) && !$0.dropLast(rest.count).contains(".") }
+        return matches.count == 1 ? matches[0] : nil
+    }
+}
+
+extension String {
+    func replacingDots() -> String {
+        String(map { $0 == "." ? "_" : $0 })
+    }
+}

@@ -1,0 +1,409 @@
+import Dispatch
+import Foundation
+
+/// Options of a merge run.
+public struct MergeRunOptions: Sendable {
+    /// Replace an existing OUT (only after the new one is complete).
+    public var force = false
+    /// Collect per-tensor statistics for `--report`.
+    public var report = false
+    /// Worker threads for the kernel.
+    public var threads = max(1, ProcessInfo.processInfo.activeProcessorCount)
+    /// fsync each output file before it is renamed into place.
+    public var sync = true
+    /// Called with (bytes written, total bytes) as the merge progresses.
+    public var progress: (@Sendable (Int, Int) -> Void)? = nil
+
+    public init() {}
+}
+
+/// What a merge did.
+public struct MergeSummary: Sendable {
+    public struct TensorReport: Sendable {
+        public let tensor: String
+        public let modules: [String]
+        public let statistics: UpdateStatistics
+    }
+
+    public var modulesMerged = 0
+    public var tensorsChanged = 0
+    public var tensorsCopied = 0
+    public var filesCopied = 0
+    public var bytesWritten = 0
+    public var seconds = 0.0
+    public var reports: [TensorReport] = []
+    public var notes: [String] = []
+
+    /// "merged 64 modules into 64 tensors, copied 227 tensors, wrote 2.00 GiB in 3.1 s"
+    public var line: String {
+        "merged \(modulesMerged) module\(modulesMerged == 1 ? "" : "s") into \(tensorsChanged) tensor\(tensorsChanged == 1 ? "" : "s"), copied \(tensorsCopied) tensor\(tensorsCopied == 1 ? "" : "s")"
+            + (filesCopied > 0 ? " and \(filesCopied) other file\(filesCopied == 1 ? "" : "s")" : "")
+            + ", wrote \(formatBytes(bytesWritten).split(separator: "(").first!.trimmingCharacters(in: .whitespaces)) in \(formatFixed(seconds, 2)) s"
+    }
+}
+
+/// A merge stopped by a result it must not write.
+public struct MergeError: Error, Sendable, CustomStringConvertible {
+    public let tensor: String
+    public let problem: String
+    public var description: String { "merge stopped at tensor \(tensor): \(problem); nothing was written" }
+}
+
+/// Executes a `MergePlan`: streams the base through the kernel into OUT, atomically.
+public final class Merger {
+    public let plan: MergePlan
+    public let output: String
+    public let options: MergeRunOptions
+    private var summary = MergeSummary()
+    private var written = 0
+    private var total = 0
+
+    public init(plan: MergePlan, output: String, options: MergeRunOptions = MergeRunOptions()) {
+        self.plan = plan
+        self.output = output
+        self.options = options
+    }
+
+    /// Checks OUT against the inputs: it must not exist (unless forced), and must not be, be
+    /// inside, or contain the base or an adapter.
+    public static func checkOutput(_ output: String, base: String, adapters: [String], force: Bool) throws {
+        guard !output.isEmpty else { throw InputError(output, "empty output path") }
+        let parent = parentPath(output)
+        guard FileSystem.kind(parent) == .directory, let realParent = FileSystem.realPath(parent) else {
+            throw InputError(output, "the folder \(parent) does not exist")
+        }
+        if FileSystem.exists(noFollow: output) && !force {
+            throw InputError(output, "already exists; choose another path or pass --force to replace it")
+        }
+        let name = lastPathComponent(output)
+        guard name != "." && name != ".." && !name.isEmpty else { throw InputError(output, "not a usable output name") }
+        // Where OUT really lands: its real parent plus its name, and, if it is a link, its target.
+        var outs = [joinPath(realParent, name)]
+        if let real = FileSystem.realPath(output) { outs.append(real) }
+        for input in [base] + adapters {
+            guard let real = FileSystem.realPath(input) else { continue }
+            for out in outs {
+                if out == real { throw InputError(output, "is the input \(input); the inputs are never modified") }
+                if out.hasPrefix(real + "/") { throw InputError(output, "is inside the input \(input)") }
+                if real.hasPrefix(out + "/") { throw InputError(output, "contains the input \(input)") }
+            }
+        }
+    }
+
+    /// Runs the merge. On any error the temporaries are removed and nothing appears at OUT.
+    public func run() throws -> MergeSummary {
+        let start = DispatchTime.now()
+        let base = plan.base
+        total = plan.base.tensors.reduce(0) { $0 + $1.info.byteCount }
+        summary.notes = plan.notes
+        for (c, n) in plan.skipped.sorted(by: { $0.key < $1.key }) {
+            summary.notes.append("skipped \(n) \(c) module\(n == 1 ? "" : "s") (not selected with --component)")
+        }
+        let out = TemporaryOutput(target: output)
+        do {
+            if base.isFolder {
+                try FileSystem.makeDirectory(out.temporaryPath)
+                for entry in base.otherEntries {
+                    try copyTree(joinPath(base.path, entry), to: joinPath(out.temporaryPath, entry))
+                    summary.filesCopied += 1
+                }
+                var shapesChanged = false
+                for (i, name) in base.fileNames.enumerated() {
+                    shapesChanged = try writeShard(i, to: joinPath(out.temporaryPath, name)) || shapesChanged
+                }
+                if let indexName = base.indexFileName {
+                    try writeIndex(from: joinPath(base.path, indexName), to: joinPath(out.temporaryPath, indexName), regenerate: shapesChanged)
+                }
+                if options.sync { FileSystem.syncDirectory(out.temporaryPath) }
+            } else {
+                _ = try writeShard(0, to: out.temporaryPath)
+            }
+            try out.commit(replacing: options.force)
+        } catch {
+            out.discard()
+            throw error
+        }
+        summary.bytesWritten = written
+        summary.seconds = Double(DispatchTime.now().uptimeNanoseconds - start.uptimeNanoseconds) / 1e9
+        summary.modulesMerged = plan.moduleCount
+        return summary
+    }
+
+    // MARK: - Files
+
+    private func copyTree(_ source: String, to target: String) throws {
+        switch FileSystem.kind(source) {
+        case .directory:
+            try FileSystem.makeDirectory(target)
+            for name in try FileSystem.contents(ofDirectory: source) {
+                try copyTree(joinPath(source, name), to: joinPath(target, name))
+            }
+        case .file:
+            let input = try FileDescriptor.openForReading(source)
+            let size = try input.status().size
+            let outFD = try FileDescriptor.createExclusive(target)
+            try outFD.copy(from: input, offset: 0, count: size)
+            if options.sync { try outFD.sync() }
+        default:
+            throw InputError(source, "cannot copy: not a regular file or folder")
+        }
+    }
+
+    /// Writes the index: the original bytes when no tensor changed size, otherwise the same map
+    /// with a recomputed total_size, formatted as transformers writes it.
+    private func writeIndex(from source: String, to target: String, regenerate: Bool) throws {
+        if !regenerate {
+            try copyTree(source, to: target)
+            return
+        }
+        guard var root = try readJSONFile(source).objectValue else { throw InputError(source, "the index is not a JSON object") }
+        var totalSize = 0
+        for (info, _) in plan.base.tensors {
+            let shape = plan.changes[info.name]?.outputShape ?? info.shape
+            totalSize += shape.reduce(1, *) * info.dtype.byteSize
+        }
+        var metadata = root["metadata"]?.objectValue ?? JSONObject()
+        metadata["total_size"] = .integer(totalSize)
+        root["metadata"] = .object(metadata)
+        let text = JSONWriter.pretty(.object(sortedKeys(root)), indent: 2) + "\n"
+        let fd = try FileDescriptor.createExclusive(target)
+        try fd.writeAll(Array(text.utf8))
+        if options.sync { try fd.sync() }
+    }
+
+    private func sortedKeys(_ o: JSONObject) -> JSONObject {
+        JSONObject(o.members.sorted { Array($0.key.utf8).lexicographicallyPrecedes(Array($1.key.utf8)) }.map { member in
+            if case .object(let inner) = member.value { return (member.key, .object(sortedKeys(inner))) }
+            return member
+        })
+    }
+
+    /// Writes shard `index` of the base with its changes; returns whether any tensor changed shape.
+    private func writeShard(_ index: Int, to path: String) throws -> Bool {
+        let store = plan.base.files[index]
+        var shapeChanged = false
+        let specs = store.tensorInfos.map { t -> TensorSpec in
+            let shape = plan.changes[t.name]?.outputShape ?? t.shape
+            if shape != t.shape { shapeChanged = true }
+            return TensorSpec(name: t.name, dtype: t.dtype, shape: shape)
+        }
+        let safetensors = store as? SafetensorsFile
+        let metadata: [(key: String, value: String)]? = safetensors.map { $0.header.hasMetadata ? $0.header.metadata : nil } ?? (store.metadataPairs.isEmpty ? nil : store.metadataPairs)
+        let layout = try SafetensorsLayout(tensors: specs, metadata: metadata, file: path)
+        let fd = try FileDescriptor.createExclusive(path)
+        let writer = try SafetensorsWriter(layout: layout, output: fd)
+        written += layout.headerBytes.count
+        for t in layout.tensors {
+            let original = store.info(t.name)!
+            if let change = plan.changes[t.name] {
+                try writeChanged(change, store: store, writer: writer)
+                summary.tensorsChanged += 1
+            } else if let safetensors {
+                safetensors.prefetch(original)
+                try writer.append(copyingFrom: safetensors.descriptor, offset: safetensors.fileRange(of: original).lowerBound, count: original.byteCount)
+                summary.tensorsCopied += 1
+            } else {
+                try store.withBytes(of: t.name) { try writer.append($0) }
+                summary.tensorsCopied += 1
+            }
+            store.release(t.name)
+            written += t.byteCount
+            options.progress?(written, total)
+        }
+        try writer.finish()
+        if options.sync { try fd.sync() }
+        return shapeChanged
+    }
+
+    // MARK: - Changed tensors
+
+    private func writeChanged(_ p: TensorPlan, store: any TensorStore, writer: SafetensorsWriter) throws {
+        let dtype = p.base.dtype
+        if !p.biasTerms.isEmpty {
+            try writeBias(p, store: store, writer: writer)
+            return
+        }
+        // The source values: the base tensor, or a replacement widened without rounding.
+        var replacementValues: [Float]? = nil
+        var replacementDoubles: [Double]? = nil
+        if let r = p.replacement {
+            if dtype == .f64 { replacementDoubles = try r.tensor.doubles() } else { replacementValues = try r.tensor.floats() }
+            if (replacementValues?.contains { !$0.isFinite } ?? false) || (replacementDoubles?.contains { !$0.isFinite } ?? false) {
+                throw MergeError(tensor: p.baseName, problem: "the replacement \(r.tensor.name) holds NaN or infinity")
+            }
+        }
+        let shape = p.outputShape
+        let rows = shape.first ?? 1
+        let cols = shape.count > 1 ? shape.dropFirst().reduce(1, *) : 1
+        if p.terms.isEmpty {
+            // Replacement only: convert into the base dtype with one rounding.
+            let n = rows * cols
+            var bytes = [UInt8](repeating: 0, count: n * dtype.byteSize)
+            bytes.withUnsafeMutableBytes { dst in
+                if let d = replacementDoubles { d.withUnsafeBufferPointer { ElementConversion.fromDouble(dtype, $0.baseAddress!, dst.baseAddress!, count: n) } }
+                if let f = replacementValues { f.withUnsafeBufferPointer { ElementConversion.fromFloat(dtype, $0.baseAddress!, dst.baseAddress!, count: n) } }
+            }
+            try checkFinite(bytes, dtype: dtype, tensor: p.baseName)
+            try bytes.withUnsafeBytes { try writer.append($0) }
+            return
+        }
+        let (l, r, k) = try updateFactors(p, rows: rows, cols: cols)
+        let magnitude = try p.dora.map { try $0.module.magnitude!.doubles() }
+        var stats: UpdateStatistics? = options.report ? UpdateStatistics() : nil
+
+        func source(_ body: (UnsafeRawPointer, DType) throws -> Void) throws {
+            if let v = replacementValues { try v.withUnsafeBytes { try body($0.baseAddress!, .f32) }; return }
+            if let v = replacementDoubles { try v.withUnsafeBytes { try body($0.baseAddress!, .f64) }; return }
+            try store.withBytes(of: p.baseName) { raw in try body(raw.baseAddress ?? UnsafeRawPointer(bitPattern: 8)!, dtype) }
+        }
+
+        if dtype == .f64 {
+            var out = [UInt8](repeating: 0, count: rows * cols * 8)
+            var finite = true
+            try source { src, srcType in
+                finite = out.withUnsafeMutableBytes { dst in
+                    MergeKernel.mergeRowsF64(source: src, sourceType: srcType, destination: dst.baseAddress!, rows: 0..<rows, cols: cols,
+                                             l: l, r: r, k: k, magnitude: magnitude, statistics: &stats)
+                }
+            }
+            guard finite else { throw nonFinite(p) }
+            try out.withUnsafeBytes { try writer.append($0) }
+        } else {
+            let factors = UpdateFactors(l: l, r: r, rows: rows, cols: cols, k: k, magnitude: magnitude)
+            defer { factors.deallocate() }
+            try source { src, srcType in
+                try mergeInBlocks(p, source: src, sourceType: srcType, factors: factors, writer: writer, statistics: &stats)
+            }
+        }
+        if let stats {
+            summary.reports.append(.init(tensor: p.baseName, modules: p.terms.map(\.module.name), statistics: stats))
+        }
+    }
+
+    /// Computes row blocks into two alternating buffers while the previous block is written.
+    private func mergeInBlocks(_ p: TensorPlan, source: UnsafeRawPointer, sourceType: DType, factors: UpdateFactors,
+                               writer: SafetensorsWriter, statistics: inout UpdateStatistics?) throws {
+        let dtype = p.base.dtype
+        let rowBytes = factors.cols * dtype.byteSize
+        let blockRows = max(1, min(factors.rows, (16 << 20) / max(1, rowBytes)))
+        let buffers = (0..<2).map { _ in UnsafeMutableRawBufferPointer.allocate(byteCount: max(1, blockRows * rowBytes), alignment: 64) }
+        defer { buffers.forEach { $0.deallocate() } }
+        let writes = DispatchQueue(label: "adapter.merge.write")
+        let slots = DispatchSemaphore(value: 2)
+        let failure = WriteFailure()
+        let sendableWriter = UncheckedWriter(writer: writer)
+        var block = 0
+        var row = 0
+        defer {
+            writes.sync {}
+        }
+        while row < factors.rows {
+            let end = min(factors.rows, row + blockRows)
+            slots.wait()
+            if let e = failure.error { slots.signal(); throw e }
+            let buffer = buffers[block % 2]
+            // The kernel indexes rows from the tensor's start: shift the pointers to the block.
+            let src = source + row * factors.cols * sourceType.byteSize
+            let shifted = UpdateFactors(shifting: factors, by: row)
+            let result = MergeKernel.merge(source: src, sourceType: sourceType, destination: buffer.baseAddress!, destinationType: dtype,
+                                           rows: 0..<(end - row), factors: shifted, wantStatistics: statistics != nil, threads: options.threads)
+            if !result.finite {
+                slots.signal()
+                writes.sync {}
+                throw nonFinite(p)
+            }
+            if let s = result.statistics { statistics!.add(s) }
+            let chunk = UnsafeRawBufferPointer(rebasing: buffer[0..<((end - row) * rowBytes)])
+            let sendableChunk = UncheckedBuffer(buffer: chunk)
+            writes.async {
+                defer { slots.signal() }
+                guard failure.error == nil else { return }
+                do { try sendableWriter.writer.append(sendableChunk.buffer) } catch { failure.error = error }
+            }
+            row = end
+            block += 1
+        }
+        writes.sync {}
+        if let e = failure.error { throw e }
+    }
+
+    private func nonFinite(_ p: TensorPlan) -> MergeError {
+        MergeError(tensor: p.baseName, problem: "the merged values hold NaN or infinity (or overflow \(p.base.dtype.rawValue)); modules: \(p.moduleNames.joined(separator: ", "))")
+    }
+
+    /// L (rows × K) and R (K × cols) in Float64 for all terms, K the sum of their ranks.
+    private func updateFactors(_ p: TensorPlan, rows: Int, cols: Int) throws -> (l: [Double], r: [Double], k: Int) {
+        let k = p.terms.reduce(0) { $0 + $1.module.rank }
+        var l = [Double](repeating: 0, count: rows * k)
+        var r = [Double](repeating: 0, count: k * cols)
+        var offset = 0
+        for term in p.terms {
+            let m = term.module
+            let rank = m.rank
+            let (ma, b) = try m.mixedA()  // M·A formed once per module
+            for v in ma + b where !v.isFinite {
+                throw MergeError(tensor: p.baseName, problem: "module \(m.name) has NaN or infinite factors")
+            }
+            if m.kind.isTransposed {
+                // Base holds (B·M·A)ᵀ: rows index A's inputs, columns B's outputs.
+                for i in 0..<rows { for t in 0..<rank { l[i * k + offset + t] = ma[t * rows + i] } }
+                for t in 0..<rank { for j in 0..<cols { r[(offset + t) * cols + j] = term.factor * b[j * rank + t] } }
+            } else {
+                for i in 0..<rows { for t in 0..<rank { l[i * k + offset + t] = term.factor * b[i * rank + t] } }
+                for t in 0..<rank { for j in 0..<cols { r[(offset + t) * cols + j] = ma[t * cols + j] } }
+            }
+            offset += rank
+        }
+        return (l, r, k)
+    }
+
+    private func writeBias(_ p: TensorPlan, store: any TensorStore, writer: SafetensorsWriter) throws {
+        var values = try store.doubles(p.baseName)
+        for (bias, factor, module) in p.biasTerms {
+            let b = try bias.doubles()
+            for (i, v) in b.enumerated() {
+                guard v.isFinite else { throw MergeError(tensor: p.baseName, problem: "module \(module) has a NaN or infinite lora_B.bias") }
+                values[i] += factor * v
+            }
+        }
+        var bytes = [UInt8](repeating: 0, count: values.count * p.base.dtype.byteSize)
+        bytes.withUnsafeMutableBytes { dst in
+            values.withUnsafeBufferPointer { ElementConversion.fromDouble(p.base.dtype, $0.baseAddress!, dst.baseAddress!, count: values.count) }
+        }
+        try checkFinite(bytes, dtype: p.base.dtype, tensor: p.baseName)
+        try bytes.withUnsafeBytes { try writer.append($0) }
+    }
+
+    private func checkFinite(_ bytes: [UInt8], dtype: DType, tensor: String) throws {
+        let n = bytes.count / dtype.byteSize
+        var values = [Double](repeating: 0, count: n)
+        bytes.withUnsafeBytes { raw in values.withUnsafeMutableBufferPointer { ElementConversion.toDouble(dtype, raw.baseAddress!, $0.baseAddress!, count: n) } }
+        if values.contains(where: { !$0.isFinite }) {
+            throw MergeError(tensor: tensor, problem: "the result holds NaN or infinity (or overflows \(dtype.rawValue))")
+        }
+    }
+}
+
+extension UpdateFactors {
+    /// The same factors seen from row `offset` on (L's rows shifted; R and magnitudes shared).
+    init(shifting f: UpdateFactors, by offset: Int) {
+        self.rows = f.rows - offset
+        self.cols = f.cols
+        self.k = f.k
+        self.l = UnsafeMutableBufferPointer(rebasing: f.l[(offset * f.k)...])
+        self.panels = f.panels
+        self.magnitude = f.magnitude.map { Array($0[offset...]) }
+    }
+}
+
+private final class WriteFailure: @unchecked Sendable {
+    private let lock = NSLock()
+    private var stored: Error?
+    var error: Error? {
+        get { lock.lock(); defer { lock.unlock() }; return stored }
+        set { lock.lock(); stored = newValue; lock.unlock() }
+    }
+}
+
+private struct UncheckedWriter: @unchecked Sendable { let writer: SafetensorsWriter }
+private struct UncheckedBuffer: @unchecked Sendable { let buffer: UnsafeRawBufferPointer }

@@ -1,0 +1,142 @@
+/// Small dense linear algebra in Float64 for rank-sized matrices (r ≤ a few hundred): mixer
+/// diagnostics, inversion, QR and SVD for conversions. Row-major storage throughout.
+public enum LinearAlgebra {
+    /// The thin SVD of a (rows × cols) matrix: U (rows × k), S (k, descending), V (cols × k), k = min(rows, cols).
+    ///
+    /// One-sided Jacobi (Hestenes): accurate for small singular values, which is what a user
+    /// deciding whether a mixer can be inverted needs.
+    public static func svd(_ a: [Double], rows: Int, cols: Int) -> (u: [Double], s: [Double], v: [Double]) {
+        if rows < cols {
+            let t = svd(transpose(a, rows: rows, cols: cols), rows: cols, cols: rows)
+            return (t.v, t.s, t.u)
+        }
+        let m = rows, n = cols
+        // Work on columns: u[j] is column j of A, v[j] column j of the identity.
+        var u = (0..<n).map { j in (0..<m).map { a[$0 * n + j] } }
+        var v = (0..<n).map { j in (0..<n).map { $0 == j ? 1.0 : 0.0 } }
+        for _ in 0..<60 {
+            var rotated = false
+            for p in 0..<n {
+                for q in (p + 1)..<max(p + 1, n) {
+                    var alpha = 0.0, beta = 0.0, gamma = 0.0
+                    for i in 0..<m {
+                        alpha += u[p][i] * u[p][i]
+                        beta += u[q][i] * u[q][i]
+                        gamma += u[p][i] * u[q][i]
+                    }
+                    if gamma == 0 || abs(gamma) <= 1e-15 * (alpha * beta).squareRoot() { continue }
+                    rotated = true
+                    let zeta = (beta - alpha) / (2 * gamma)
+                    let t = (zeta >= 0 ? 1.0 : -1.0) / (abs(zeta) + (1 + zeta * zeta).squareRoot())
+                    let c = 1 / (1 + t * t).squareRoot(), s = c * t
+                    for i in 0..<m {
+                        let x = u[p][i], y = u[q][i]
+                        u[p][i] = c * x - s * y
+                        u[q][i] = s * x + c * y
+                    }
+                    for i in 0..<n {
+                        let x = v[p][i], y = v[q][i]
+                        v[p][i] = c * x - s * y
+                        v[q][i] = s * x + c * y
+                    }
+                }
+            }
+            if !rotated { break }
+        }
+        var sigma = u.map { col in col.reduce(0) { $0 + $1 * $1 }.squareRoot() }
+        let order = (0..<n).sorted { sigma[$0] > sigma[$1] }
+        var uOut = [Double](repeating: 0, count: m * n), vOut = [Double](repeating: 0, count: n * n)
+        for (k, j) in order.enumerated() {
+            let s = sigma[j]
+            for i in 0..<m { uOut[i * n + k] = s > 0 ? u[j][i] / s : 0 }
+            for i in 0..<n { vOut[i * n + k] = v[j][i] }
+        }
+        sigma = order.map { sigma[$0] }
+        return (uOut, sigma, vOut)
+    }
+
+    /// Singular values, descending.
+    public static func singularValues(_ a: [Double], rows: Int, cols: Int) -> [Double] {
+        svd(a, rows: rows, cols: cols).s
+    }
+
+    /// The inverse of an n×n matrix by Gauss–Jordan elimination with partial pivoting; nil when singular.
+    public static func inverse(_ a: [Double], n: Int) -> [Double]? {
+        var m = a
+        var inv = (0..<(n * n)).map { $0 / n == $0 % n ? 1.0 : 0.0 }
+        for col in 0..<n {
+            var pivot = col
+            for r in (col + 1)..<max(col + 1, n) where abs(m[r * n + col]) > abs(m[pivot * n + col]) { pivot = r }
+            let p = m[pivot * n + col]
+            if p == 0 || !p.isFinite { return nil }
+            if pivot != col {
+                for j in 0..<n {
+                    m.swapAt(pivot * n + j, col * n + j)
+                    inv.swapAt(pivot * n + j, col * n + j)
+                }
+            }
+            for j in 0..<n {
+                m[col * n + j] /= p
+                inv[col * n + j] /= p
+            }
+            for r in 0..<n where r != col {
+                let f = m[r * n + col]
+                if f == 0 { continue }
+                for j in 0..<n {
+                    m[r * n + j] -= f * m[col * n + j]
+                    inv[r * n + j] -= f * inv[col * n + j]
+                }
+            }
+        }
+        return inv
+    }
+
+    /// Thin QR of a (rows × cols) matrix with rows ≥ cols, by modified Gram–Schmidt with one
+    /// re-orthogonalisation pass: Q (rows × cols) with orthonormal columns, R (cols × cols) upper triangular.
+    public static func qr(_ a: [Double], rows: Int, cols: Int) -> (q: [Double], r: [Double]) {
+        var q = a
+        var r = [Double](repeating: 0, count: cols * cols)
+        for j in 0..<cols {
+            for _ in 0..<2 {
+                for k in 0..<j {
+                    var dot = 0.0
+                    for i in 0..<rows { dot += q[i * cols + k] * q[i * cols + j] }
+                    r[k * cols + j] += dot
+                    for i in 0..<rows { q[i * cols + j] -= dot * q[i * cols + k] }
+                }
+            }
+            var norm = 0.0
+            for i in 0..<rows { norm += q[i * cols + j] * q[i * cols + j] }
+            norm = norm.squareRoot()
+            r[j * cols + j] = norm
+            for i in 0..<rows { q[i * cols + j] = norm > 0 ? q[i * cols + j] / norm : 0 }
+        }
+        return (q, r)
+    }
+
+    /// Frobenius norm.
+    public static func frobenius(_ a: [Double]) -> Double {
+        a.reduce(0) { $0 + $1 * $1 }.squareRoot()
+    }
+}
+
+/// How far a mixer is from the identity and from orthogonal, and how well it can be inverted.
+public struct MixerDiagnostics: Sendable {
+    /// ‖M − I‖_F / √r.
+    public let distanceFromIdentity: Double
+    /// ‖MᵀM − I‖_F.
+    public let orthogonalityError: Double
+    /// σ_min / σ_max (0 for a singular mixer): the inverse's relative accuracy is about ε / this.
+    public let conditionRatio: Double
+
+    public init(mixer m: [Double], rank r: Int) {
+        var diff = m
+        for i in 0..<r { diff[i * r + i] -= 1 }
+        distanceFromIdentity = LinearAlgebra.frobenius(diff) / Double(r).squareRoot()
+        var mtm = matmul(transpose(m, rows: r, cols: r), m, rows: r, inner: r, cols: r)
+        for i in 0..<r { mtm[i * r + i] -= 1 }
+        orthogonalityError = LinearAlgebra.frobenius(mtm)
+        let s = LinearAlgebra.singularValues(m, rows: r, cols: r)
+        conditionRatio = (s.first ?? 0) > 0 ? (s.last ?? 0) / s[0] : 0
+    }
+}

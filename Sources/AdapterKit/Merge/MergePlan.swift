@@ -98,6 +98,33 @@ public struct MergePlan: Sendable {
                 continue
             }
             if let s = selected, components.isEmpty { selected = nil; if !s.isEmpty { notes.append("\(label)--component ignored: the adapter is for one model") } }
+            // Replacements first: an update of the same tensor applies to the replaced values.
+            for r in adapter.replacements {
+                guard var p = plan(r.baseName) else {
+                    problems.append("\(label)\(r.tensor.name) replaces \(r.baseName), which the base does not have")
+                    continue
+                }
+                if p.replacement != nil {
+                    problems.append("\(label)\(r.baseName) is replaced by two adapters")
+                    continue
+                }
+                if !p.terms.isEmpty {
+                    problems.append("\(label)\(r.baseName) is replaced after another adapter updated it; list the replacing adapter first")
+                    continue
+                }
+                if !r.tensor.info.dtype.isReadableAsFloat || !p.base.dtype.isMergeable {
+                    problems.append("\(label)\(r.tensor.name): cannot convert \(r.tensor.info.dtype.rawValue) to \(p.base.dtype.rawValue)")
+                    continue
+                }
+                if r.tensor.shape != p.base.shape {
+                    notes.append("\(r.baseName) changes shape from \(p.base.shape) to \(r.tensor.shape) (replaced by \(r.tensor.name))")
+                }
+                if input.weight != 1 {
+                    notes.append("\(r.baseName) is replaced whole; --weight does not scale replacements")
+                }
+                p.replacement = r
+                changes[r.baseName] = p
+            }
             for module in adapter.modules {
                 if let selected, let c = module.component, !selected.contains(c) {
                     skipped[c, default: 0] += 1
@@ -148,32 +175,6 @@ public struct MergePlan: Sendable {
                     bp.biasTerms.append((bias, module.scale * input.weight, module.name))
                     changes[biasName] = bp
                 }
-            }
-            for r in adapter.replacements {
-                guard var p = plan(r.baseName) else {
-                    problems.append("\(label)\(r.tensor.name) replaces \(r.baseName), which the base does not have")
-                    continue
-                }
-                if p.replacement != nil {
-                    problems.append("\(label)\(r.baseName) is replaced by two adapters")
-                    continue
-                }
-                if !p.terms.isEmpty {
-                    problems.append("\(label)\(r.baseName) is replaced after another adapter updated it; list the replacing adapter first")
-                    continue
-                }
-                if !r.tensor.info.dtype.isReadableAsFloat || !p.base.dtype.isMergeable {
-                    problems.append("\(label)\(r.tensor.name): cannot convert \(r.tensor.info.dtype.rawValue) to \(p.base.dtype.rawValue)")
-                    continue
-                }
-                if r.tensor.shape != p.base.shape {
-                    notes.append("\(r.baseName) changes shape from \(p.base.shape) to \(r.tensor.shape) (replaced by \(r.tensor.name))")
-                }
-                if input.weight != 1 {
-                    notes.append("\(r.baseName) is replaced whole; --weight does not scale replacements")
-                }
-                p.replacement = r
-                changes[r.baseName] = p
             }
         }
         // The replacement must come before the updates: re-check shapes against it.

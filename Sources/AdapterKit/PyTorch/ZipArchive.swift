@@ -393,7 +393,8 @@ struct ZipReader {
                 throw fail("declares \(uncompressed) bytes from \(compressed) compressed bytes, more than deflate can produce (a zip bomb or a lying header)", name)
             }
         }
-        let dataOffset = try parseLocal(at: local, name: name, nameBytes: bytes[nameStart..<extraStart], method: methodCode)
+        let dataOffset = try parseLocal(at: local, name: name, nameBytes: bytes[nameStart..<extraStart], method: methodCode,
+                                        crc: crc, compressed: compressed, uncompressed: uncompressed)
         guard let end = dataOffset.addingReportingOverflowChecked(compressed), end <= bytes.count else {
             throw fail("its \(compressed) bytes at offset \(dataOffset) run past the end of the \(bytes.count)-byte file (truncated archive)", name)
         }
@@ -402,12 +403,25 @@ struct ZipReader {
                                 uncompressedSize: uncompressed, dataOffset: dataOffset, localHeaderOffset: local, index: index)
     }
 
-    private func parseLocal(at local: Int, name: String, nameBytes: Slice<UnsafeRawBufferPointer>, method: Int) throws -> Int {
+    private func parseLocal(at local: Int, name: String, nameBytes: Slice<UnsafeRawBufferPointer>, method: Int,
+                            crc: Int, compressed: Int, uncompressed: Int) throws -> Int {
         guard local <= bytes.count - 30, u32(local) == 0x0403_4b50 else {
             throw fail("no local header at offset \(local) (truncated or corrupt archive)", name)
         }
         guard try need(u16(local + 8), "a local method", name) == method else {
             throw fail("the local header and the central directory disagree on the compression method", name)
+        }
+        // Without a data descriptor (flag bit 3) the local header knows the CRC and sizes; they must agree.
+        // All-ones sizes defer to a ZIP64 extra field, which the central directory's values already cover.
+        if try need(u16(local + 6), "a local flag field", name) & 0x08 == 0 {
+            let localCRC = try need(u32(local + 14), "a local CRC", name)
+            let localCompressed = try need(u32(local + 18), "a local size", name)
+            let localUncompressed = try need(u32(local + 22), "a local size", name)
+            guard localCRC == crc,
+                  localCompressed == 0xFFFF_FFFF || localCompressed == compressed,
+                  localUncompressed == 0xFFFF_FFFF || localUncompressed == uncompressed else {
+                throw fail("the local header and the central directory disagree on the CRC or sizes", name)
+            }
         }
         let nameLength = try need(u16(local + 26), "a local name length", name)
         let extraLength = try need(u16(local + 28), "a local extra length", name)

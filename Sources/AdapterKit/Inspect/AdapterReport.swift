@@ -50,10 +50,12 @@ public struct AdapterReport: Sendable {
     // MARK: - Grouping
 
     /// A module name with its numeric components replaced by `*` (the layer-independent target).
+    /// kohya names have underscores where the model has dots, so they split on `_`.
     static func targetPattern(_ name: String) -> String {
-        name.split(separator: ".", omittingEmptySubsequences: false)
+        let separator: Character = name.contains(".") ? "." : "_"
+        return name.split(separator: separator, omittingEmptySubsequences: false)
             .map { $0.allSatisfy(\.isNumber) && !$0.isEmpty ? "*" : String($0) }
-            .joined(separator: ".")
+            .joined(separator: String(separator))
     }
 
     struct Group {
@@ -89,20 +91,33 @@ public struct AdapterReport: Sendable {
         return groups
     }
 
-    /// The shortest trailing part of each pattern that still tells them apart.
+    /// The shortest trailing part of each pattern that still tells them apart: from the last
+    /// layer index on (`self_attn.q_proj` → `q_proj`; `attn1.to_out.*` → `to_out.*`).
     static func shortNames(_ patterns: [String]) -> [String] {
-        let parts = patterns.map { $0.split(separator: ".").map(String.init) }
-        var take = parts.map { _ in 1 }
-        for _ in 0..<8 {
-            let names = zip(parts, take).map { p, n in p.suffix(n).joined(separator: ".") }
+        let split: [(parts: [String], separator: String)] = patterns.map { p in
+            let sep = p.contains(".") ? "." : "_"
+            return (p.components(separatedBy: sep), sep)
+        }
+        func start(_ parts: [String]) -> Int {
+            // After the last `*` that has a name after it.
+            var i = parts.count - 1
+            while i > 0 && parts[i] == "*" { i -= 1 }
+            var s = i
+            while s > 0 && parts[s - 1] != "*" { s -= 1 }
+            return s
+        }
+        var from = split.map { start($0.parts) }
+        var names: [String] { zip(split, from).map { $0.parts[$1...].joined(separator: $0.separator) } }
+        for _ in 0..<16 {
+            let current = names
             var changed = false
-            for i in names.indices where names.filter({ $0 == names[i] }).count > 1 && take[i] < parts[i].count {
-                take[i] += 1
+            for i in current.indices where from[i] > 0 && current.filter({ $0 == current[i] }).count > 1 {
+                from[i] -= 1
                 changed = true
             }
             if !changed { break }
         }
-        return zip(parts, take).map { p, n in p.suffix(n).joined(separator: ".") }
+        return names
     }
 
     // MARK: - Output

@@ -181,6 +181,14 @@ def make_hostile():
     corrupt[start] ^= 0xFF
     with open(path("hostile_crc.pt"), "wb") as f:
         f.write(corrupt)
+    # The data descriptor's CRC (torch sets flag bit 3) disagrees with the central directory's.
+    descriptor = start + info.compress_size
+    if good[descriptor: descriptor + 4] == b"PK\x07\x08":
+        descriptor += 4
+    lying = bytearray(good)
+    lying[descriptor] ^= 0xFF
+    with open(path("hostile_local_header.pt"), "wb") as f:
+        f.write(lying)
     # The central directory offset points past the end record.
     eocd = good.rfind(b"PK\x05\x06")
     bad = bytearray(good)

@@ -149,6 +149,7 @@ struct PyTorchReaderTests {
         ("hostile_deep_marks.pt", "more than 10000 nested MARKs"),
         ("hostile_truncated.pt", "no end-of-central-directory record"),
         ("hostile_cd_offset.pt", "does not fit before the end record"),
+        ("hostile_local_header.pt", "zip member \"dtypes/data/0\": the local header or data descriptor disagrees with the central directory on the CRC or sizes"),
         ("hostile_bomb.pt", "inflates to more than the declared 1000 bytes"),
         ("hostile_bomb_claim.pt", "more than deflate can produce"),
         ("hostile_short_storage.pt", "holds 40 bytes but the pickle declares 12 elements of 4 bytes"),

@@ -411,18 +411,6 @@ struct ZipReader {
         guard try need(u16(local + 8), "a local method", name) == method else {
             throw fail("the local header and the central directory disagree on the compression method", name)
         }
-        // Without a data descriptor (flag bit 3) the local header knows the CRC and sizes; they must agree.
-        // All-ones sizes defer to a ZIP64 extra field, which the central directory's values already cover.
-        if try need(u16(local + 6), "a local flag field", name) & 0x08 == 0 {
-            let localCRC = try need(u32(local + 14), "a local CRC", name)
-            let localCompressed = try need(u32(local + 18), "a local size", name)
-            let localUncompressed = try need(u32(local + 22), "a local size", name)
-            guard localCRC == crc,
-                  localCompressed == 0xFFFF_FFFF || localCompressed == compressed,
-                  localUncompressed == 0xFFFF_FFFF || localUncompressed == uncompressed else {
-                throw fail("the local header and the central directory disagree on the CRC or sizes", name)
-            }
-        }
         let nameLength = try need(u16(local + 26), "a local name length", name)
         let extraLength = try need(u16(local + 28), "a local extra length", name)
         let start = local + 30 + nameLength + extraLength
@@ -430,7 +418,34 @@ struct ZipReader {
         guard bytes[(local + 30)..<(local + 30 + nameLength)].elementsEqual(nameBytes) else {
             throw fail("the local header names a different member", name)
         }
+        guard let dataEnd = start.addingReportingOverflowChecked(compressed), dataEnd <= bytes.count else {
+            throw fail("its \(compressed) bytes at offset \(start) run past the end of the \(bytes.count)-byte file (truncated archive)", name)
+        }
+        // The CRC and sizes are in the local header, or (flag bit 3, as torch writes) in a data descriptor
+        // after the data; either way they must agree with the central directory. All-ones local sizes
+        // defer to a ZIP64 extra field, which the central directory's values already cover.
+        let agrees: Bool
+        if try need(u16(local + 6), "a local flag field", name) & 0x08 == 0 {
+            let localCompressed = u32(local + 18)
+            let localUncompressed = u32(local + 22)
+            agrees = u32(local + 14) == crc
+                && (localCompressed == 0xFFFF_FFFF || localCompressed == compressed)
+                && (localUncompressed == 0xFFFF_FFFF || localUncompressed == uncompressed)
+        } else {
+            agrees = descriptorAgrees(at: dataEnd, crc: crc, compressed: compressed, uncompressed: uncompressed)
+                || (u32(dataEnd) == 0x0807_4b50 && descriptorAgrees(at: dataEnd + 4, crc: crc, compressed: compressed, uncompressed: uncompressed))
+        }
+        guard agrees else {
+            throw fail("the local header or data descriptor disagrees with the central directory on the CRC or sizes", name)
+        }
         return start
+    }
+
+    /// A data descriptor without its optional signature: CRC, then 32-bit or (ZIP64) 64-bit sizes.
+    private func descriptorAgrees(at d: Int, crc: Int, compressed: Int, uncompressed: Int) -> Bool {
+        guard u32(d) == crc else { return false }
+        return (u32(d + 4) == compressed && u32(d + 8) == uncompressed)
+            || (u64(d + 4) == compressed && u64(d + 12) == uncompressed)
     }
 }
 

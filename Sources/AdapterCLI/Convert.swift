@@ -1,0 +1,166 @@
+import AdapterKit
+import ArgumentParser
+import Foundation
+
+extension DType: ExpressibleByArgument {
+    public init?(argument: String) {
+        guard let d = DType(rawValue: argument.uppercased()), d.isMergeable else { return nil }
+        self = d
+    }
+
+    public static var allValueStrings: [String] { ["F32", "F16", "BF16", "F64"] }
+}
+
+extension MixerInit: ExpressibleByArgument {}
+extension MixerKeyStyle: ExpressibleByArgument {}
+extension FoldSide: ExpressibleByArgument {}
+extension ResizeForm: ExpressibleByArgument {}
+
+/// IN, OUT and the options every conversion shares.
+struct ConvertIO: ParsableArguments {
+    @Argument(help: "The adapter to read (any supported layout). It is never modified.")
+    var input: String
+
+    @Argument(help: "Where to write (a folder for PEFT and mlx, a .safetensors file for kohya).")
+    var output: String
+
+    @Option(help: "Write factors in this dtype (rounded once, nearest even); default: each tensor's input dtype.")
+    var dtype: DType?
+
+    @Option(help: "A base model whose tensor names give kohya modules back their dots (needed to write kohya adapters as PEFT or mlx).")
+    var base: String?
+
+    @Option(help: "For adapters holding several models (unet, text_encoder, …): the one to convert into a single-model layout.")
+    var component: String?
+
+    @Flag(help: "Convert even when the adapter has keys that are not understood (they are left out).")
+    var dropUnknown = false
+
+    @Flag(help: "Replace OUT if it exists (only once the new output is complete).")
+    var force = false
+
+    @Flag(name: .customLong("no-sync"), help: "Do not fsync the output before renaming it into place.")
+    var noSync = false
+
+    @Flag(help: "No notes and no summary.")
+    var quiet = false
+
+    var options: ConvertOptions {
+        var o = ConvertOptions()
+        o.dtype = dtype
+        o.force = force
+        o.base = base
+        o.component = component
+        o.dropUnknown = dropUnknown
+        o.sync = !noSync
+        return o
+    }
+
+    func finish(_ summary: ConvertSummary) {
+        guard !quiet else { return }
+        for n in summary.notes { writeError("adapter: note: \(n)") }
+        writeError("adapter: \(summary.line) to \(output)")
+    }
+}
+
+struct Convert: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Rewrite an adapter exactly: add or fold MoSLoRA mixers, or change its layout.",
+        discussion: "Every conversion keeps scale·B·M·A of every module (up to the output dtype's rounding).",
+        subcommands: [LoRAToMoSLoRA.self, MoSLoRAToLoRA.self, ToPEFT.self, ToMLX.self, ToKohya.self]
+    )
+}
+
+struct LoRAToMoSLoRA: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "lora-to-moslora",
+        abstract: "Insert an r×r mixer in every module and write a PEFT MoSLoRA folder.",
+        discussion: """
+        identity: M = I, A and B unchanged. orthogonal: M = Q (seeded random orthogonal), A' = QᵀA. \
+        kaiming: M Kaiming-uniform (a = √5, bound 1/√r), A' = M⁻¹A, refused when σmin/σmax of M is below \
+        --min-condition-ratio (the update's error grows with the condition number). Modules that already \
+        have a mixer keep it; embeddings get none.
+        """
+    )
+
+    @OptionGroup var io: ConvertIO
+
+    @Option(help: "The mixer to insert.")
+    var mixer: MixerInit = .identity
+
+    @Option(help: "Seed for orthogonal and kaiming mixers (the same seed gives the same file on every machine).")
+    var seed: UInt64 = 0
+
+    @Option(help: "lora_AB: the original MoSLoRA code's layout; lora_mixer: the PEFT pull-request layout (peft_type MOSLORA).")
+    var mixerKey: MixerKeyStyle = .loraAB
+
+    @Option(help: "Refuse a kaiming mixer whose σmin/σmax is below this.")
+    var minConditionRatio: Double = AdapterConversion.defaultMinimumConditionRatio
+
+    func validate() throws {
+        guard minConditionRatio.isFinite, minConditionRatio >= 0, minConditionRatio <= 1 else {
+            throw ValidationError("--min-condition-ratio must be between 0 and 1")
+        }
+    }
+
+    func run() throws {
+        io.finish(try AdapterConversion.loraToMoSLoRA(input: io.input, output: io.output, mixer: mixer, seed: seed, keyStyle: mixerKey,
+                                                      minimumConditionRatio: minConditionRatio, options: io.options))
+    }
+}
+
+struct MoSLoRAToLoRA: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "moslora-to-lora",
+        abstract: "Fold every mixer into A (A' = M·A) or B (B' = B·M) and write a plain PEFT LoRA folder."
+    )
+
+    @OptionGroup var io: ConvertIO
+
+    @Option(help: "The factor that takes the mixer.")
+    var foldInto: FoldSide = .a
+
+    func run() throws {
+        io.finish(try AdapterConversion.mosLoRAToLoRA(input: io.input, output: io.output, foldInto: foldInto, options: io.options))
+    }
+}
+
+struct ToPEFT: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "to-peft",
+        abstract: "Write the adapter as a PEFT folder (mixers as lora_AB; per-module ranks and alphas as rank_pattern / alpha_pattern)."
+    )
+
+    @OptionGroup var io: ConvertIO
+
+    func run() throws {
+        io.finish(try AdapterConversion.convertLayout(input: io.input, output: io.output, to: .peft, options: io.options))
+    }
+}
+
+struct ToMLX: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "to-mlx",
+        abstract: "Write the adapter as an mlx-lm folder (mixers folded into A; one rank and one scale, others folded exactly)."
+    )
+
+    @OptionGroup var io: ConvertIO
+
+    func run() throws {
+        io.finish(try AdapterConversion.convertLayout(input: io.input, output: io.output, to: .mlx, options: io.options))
+    }
+}
+
+struct ToKohya: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "to-kohya",
+        abstract: "Write the adapter as one kohya .safetensors file (lora_unet_ for single-model adapters, lora_te_ for text encoders).",
+        discussion: "Mixers become lora_mixer.weight with metadata ss_adapter_algorithm=moslora; alpha = scale·r per module, stored in F32."
+    )
+
+    @OptionGroup var io: ConvertIO
+
+    func run() throws {
+        io.finish(try AdapterConversion.convertLayout(input: io.input, output: io.output, to: .kohya, options: io.options))
+    }
+}

@@ -1,0 +1,45 @@
+import AdapterKit
+import ArgumentParser
+import Foundation
+
+struct Resize: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Reduce each module's rank by the exact SVD of its B·M·A; print the energy kept per module.",
+        discussion: """
+        The SVD comes from QR of B and of (M·A)ᵀ and an SVD of the r×r core, never the out×in product. \
+        Every module keeps its scale (alpha becomes scale·k). --form lora splits √σ into A and B; \
+        --form moslora writes orthonormal A and B with σ in a diagonal mixer. Output layout: the input's \
+        for PEFT, kohya and mlx, PEFT otherwise. Standard output: module, rank before, rank after, energy kept.
+        """
+    )
+
+    @OptionGroup var io: ConvertIO
+
+    @Option(help: "Keep at most this many singular values per module.")
+    var rank: Int?
+
+    @Option(help: "Keep the fewest singular values whose Σσ² reaches this fraction of the total (0 < F ≤ 1).")
+    var keepEnergy: Double?
+
+    @Option(help: "lora: √σ in both factors; moslora: orthonormal factors and σ in a diagonal mixer.")
+    var form: ResizeForm = .lora
+
+    func validate() throws {
+        switch (rank, keepEnergy) {
+        case (nil, nil), (.some, .some): throw ValidationError("give exactly one of --rank and --keep-energy")
+        case (.some(let k), nil) where k < 1: throw ValidationError("--rank must be at least 1")
+        case (nil, .some(let f)) where !(f > 0 && f <= 1): throw ValidationError("--keep-energy must be in (0, 1]")
+        default: break
+        }
+    }
+
+    func run() throws {
+        let target: ResizeTarget = rank.map { .rank($0) } ?? .energy(keepEnergy ?? 1)
+        let summary = try AdapterConversion.resize(input: io.input, output: io.output, target: target, form: form, options: io.options)
+        print("module\trank_before\trank_after\tenergy_kept")
+        for e in summary.energies {
+            print("\(e.module)\t\(e.rankBefore)\t\(e.rankAfter)\t\(formatFixed(e.energyKept, 6))")
+        }
+        io.finish(summary)
+    }
+}

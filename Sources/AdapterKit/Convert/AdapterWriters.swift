@@ -1,0 +1,367 @@
+/// How a PEFT folder names its mixers.
+public enum MixerKeyStyle: String, Sendable, CaseIterable {
+    /// The original MoSLoRA code: `<module>.lora_AB.weight`, config `lora_use_mixer`, peft_type LORA.
+    case loraAB = "lora_AB"
+    /// PEFT pull requests #1905 / #2294: `<module>.lora_mixer.weight`, peft_type MOSLORA, `use_moslora`.
+    case loraMixer = "lora_mixer"
+}
+
+/// A tensor to write: values rounded once into `dtype`, or bytes copied as they are.
+struct OutputTensor {
+    let name: String
+    let dtype: DType
+    let shape: [Int]
+    let bytes: [UInt8]
+
+    init(name: String, dtype: DType, shape: [Int], values: [Double]) {
+        self.name = name
+        self.dtype = dtype
+        self.shape = shape
+        var out = [UInt8](repeating: 0, count: values.count * dtype.byteSize)
+        values.withUnsafeBufferPointer { src in
+            out.withUnsafeMutableBytes { dst in
+                if !values.isEmpty { ElementConversion.fromDouble(dtype, src.baseAddress!, dst.baseAddress!, count: values.count) }
+            }
+        }
+        bytes = out
+    }
+
+    init(name: String, dtype: DType, shape: [Int], bytes: [UInt8]) {
+        self.name = name
+        self.dtype = dtype
+        self.shape = shape
+        self.bytes = bytes
+    }
+}
+
+/// Writes adapters in the layouts the converter supports, into a folder or file that does not exist yet.
+enum AdapterWriter {
+    // MARK: - Common
+
+    /// The dtype a tensor is written in: `--dtype`, else its input dtype.
+    static func outputType(_ input: DType, _ requested: DType?, tensor: String) throws -> DType {
+        let t = requested ?? input
+        guard t.isMergeable else {
+            throw ConvertError(tensor, "dtype \(t.rawValue) cannot be written (F32, F16, BF16, F64 can); pass --dtype")
+        }
+        return t
+    }
+
+    static func writeFile(_ path: String, _ tensors: [OutputTensor], metadata: [(key: String, value: String)]?, sync: Bool) throws {
+        let layout = try SafetensorsLayout(tensors: tensors.map { TensorSpec(name: $0.name, dtype: $0.dtype, shape: $0.shape) },
+                                           metadata: metadata, file: path)
+        var byName: [String: Int] = [:]
+        for (i, t) in tensors.enumerated() { byName[t.name] = i }
+        let fd = try FileDescriptor.createExclusive(path)
+        let writer = try SafetensorsWriter(layout: layout, output: fd)
+        for info in layout.tensors {
+            try tensors[byName[info.name]!].bytes.withUnsafeBytes { try writer.append($0) }
+        }
+        try writer.finish()
+        if sync { try fd.sync() }
+    }
+
+    static func writeText(_ path: String, _ text: String, sync: Bool) throws {
+        let fd = try FileDescriptor.createExclusive(path)
+        try fd.writeAll(Array(text.utf8))
+        if sync { try fd.sync() }
+    }
+
+    /// Keys in sorted order when the input had them sorted (PEFT and mlx write `sort_keys`), else as they were.
+    static func keepingOrder(_ o: JSONObject, sorted: Bool) -> JSONObject {
+        guard sorted else { return o }
+        return JSONObject(o.members.sorted { Array($0.key.utf8).lexicographicallyPrecedes(Array($1.key.utf8)) })
+    }
+
+    static func isSorted(_ o: JSONObject) -> Bool {
+        zip(o.keys, o.keys.dropFirst()).allSatisfy { !Array($1.utf8).lexicographicallyPrecedes(Array($0.utf8)) }
+    }
+
+    static func refuseReplacements(_ w: WorkingAdapter, _ layout: TargetLayout) throws {
+        if let r = w.replacements.first {
+            throw ConvertError(w.source.path, "\(layout.rawValue) cannot hold full tensors such as \(r.tensor.name) (modules_to_save)")
+        }
+    }
+
+    // MARK: - PEFT
+
+    /// Writes `adapter_config.json` and `adapter_model.safetensors` into `folder`.
+    static func writePEFT(_ w: WorkingAdapter, folder: String, style: MixerKeyStyle, dtype: DType?, sync: Bool) throws -> [String] {
+        var notes: [String] = []
+        let sourceIsPEFT = w.source.format == .peft
+        let useRSLoRA = sourceIsPEFT && (w.source.config?["use_rslora"]?.boolValue ?? false)
+        var tensors: [OutputTensor] = []
+        let kinds = Set(w.modules.map(\.kind))
+        if kinds.contains(.linearFanInFanOut) && kinds.contains(.linear) {
+            throw ConvertError(w.source.path, "PEFT's fan_in_fan_out is one flag for the whole adapter, but the modules mix both orientations")
+        }
+        for m in w.modules {
+            let name = sourceIsPEFT ? m.sourceName : "base_model.model." + m.baseName
+            let isConv = m.kind == .conv1x1 || m.kind == .convKxK
+            let aName = m.kind == .embedding ? name + ".lora_embedding_A" : name + ".lora_A.weight"
+            let bName = m.kind == .embedding ? name + ".lora_embedding_B" : name + ".lora_B.weight"
+            tensors.append(OutputTensor(name: aName, dtype: try outputType(m.aType, dtype, tensor: aName), shape: [m.rank] + m.inShape, values: m.a))
+            tensors.append(OutputTensor(name: bName, dtype: try outputType(m.bType, dtype, tensor: bName),
+                                        shape: isConv ? [m.outFeatures, m.rank, 1, 1] : [m.outFeatures, m.rank], values: m.b))
+            if let mixer = m.m {
+                let mName = name + (style == .loraAB ? ".lora_AB.weight" : ".lora_mixer.weight")
+                tensors.append(OutputTensor(name: mName, dtype: try outputType(m.mType ?? m.aType, dtype, tensor: mName), shape: [m.rank, m.rank], values: mixer))
+            }
+            if let mag = m.magnitude {
+                let n = name + ".lora_magnitude_vector"
+                tensors.append(OutputTensor(name: n, dtype: try outputType(m.magnitudeType ?? m.bType, dtype, tensor: n), shape: [mag.count], values: mag))
+            }
+            if let bias = m.bias {
+                let n = name + ".lora_B.bias"
+                tensors.append(OutputTensor(name: n, dtype: try outputType(m.biasType ?? m.bType, dtype, tensor: n), shape: [bias.count], values: bias))
+            }
+        }
+        if !w.replacements.isEmpty && !sourceIsPEFT { try refuseReplacements(w, .peft) }
+        for r in w.replacements {
+            let info = r.tensor.info
+            if let d = dtype, d != info.dtype {
+                tensors.append(OutputTensor(name: info.name, dtype: try outputType(info.dtype, d, tensor: info.name), shape: info.shape, values: try r.tensor.doubles()))
+            } else {
+                let bytes = try r.tensor.store.withBytes(of: info.name) { Array($0) }
+                tensors.append(OutputTensor(name: info.name, dtype: info.dtype, shape: info.shape, bytes: bytes))
+            }
+        }
+        let config = try peftConfig(w, style: style, useRSLoRA: useRSLoRA, notes: &notes)
+        try FileSystem.makeDirectory(folder)
+        try writeFile(joinPath(folder, "adapter_model.safetensors"), tensors, metadata: [("format", "pt")], sync: sync)
+        try writeText(joinPath(folder, "adapter_config.json"), JSONWriter.pretty(.object(config), indent: 2), sync: sync)
+        return notes
+    }
+
+    static let mixerConfigKeys = ["lora_use_mixer", "lora_use_mixer_pattern", "use_moslora", "mixer_init"]
+
+    static func peftConfig(_ w: WorkingAdapter, style: MixerKeyStyle, useRSLoRA: Bool, notes: inout [String]) throws -> JSONObject {
+        let source = w.source.format == .peft ? w.source.config : nil
+        var c = source ?? freshPEFTConfig(w)
+        let sorted = isSorted(c)
+        let ranks = w.modules.map(\.rank)
+        let alphas = w.modules.map { useRSLoRA ? $0.scale * Double($0.rank).squareRoot() : $0.scale * Double($0.rank) }
+        let r = mostCommon(ranks) ?? 8
+        let alpha = mostCommon(alphas) ?? Double(r)
+        var rankPattern = JSONObject(), alphaPattern = JSONObject()
+        for (i, m) in w.modules.enumerated() {
+            if ranks[i] != r { rankPattern[m.baseName] = jsonInt(ranks[i]) }
+            if alphas[i] != alpha { alphaPattern[m.baseName] = jsonNumber(alphas[i]) }
+        }
+        // PEFT applies a pattern key K to module N when N matches `(.*\.)?K$`: each key must pick out its own module only.
+        let names = w.modules.map(\.baseName)
+        for key in rankPattern.keys + alphaPattern.keys {
+            let hits = names.filter { AdapterSettings.patternMatch([(key, 0)], $0) != nil }
+            if hits.count != 1 {
+                throw ConvertError(w.source.path, "module \(key) cannot be given its own rank or alpha: PEFT's pattern rule would also apply it to \(hits.filter { $0 != key }.prefix(2).joined(separator: ", "))")
+            }
+        }
+        c["r"] = jsonInt(r)
+        c["lora_alpha"] = jsonNumber(alpha)
+        c["rank_pattern"] = .object(rankPattern)
+        c["alpha_pattern"] = .object(alphaPattern)
+        c["use_rslora"] = .bool(useRSLoRA)
+        c["use_dora"] = .bool(w.modules.contains { $0.magnitude != nil })
+        c["fan_in_fan_out"] = .bool(w.modules.contains { $0.kind == .linearFanInFanOut })
+        if w.modules.contains(where: { $0.bias != nil }) { c["lora_bias"] = .bool(true) } else if c["lora_bias"] != nil { c["lora_bias"] = .bool(false) }
+        for k in mixerConfigKeys { c[k] = nil }
+        let withMixer = w.modules.filter { $0.m != nil }
+        if withMixer.isEmpty {
+            c["peft_type"] = .string("LORA")
+        } else if style == .loraAB {
+            c["peft_type"] = .string("LORA")
+            if withMixer.count == w.modules.count {
+                c["lora_use_mixer"] = .bool(true)
+                c["lora_use_mixer_pattern"] = .object(JSONObject())
+            } else {
+                c["lora_use_mixer"] = .bool(false)
+                c["lora_use_mixer_pattern"] = .object(JSONObject(withMixer.map { ($0.baseName, JSONValue.bool(true)) }))
+            }
+        } else {
+            c["peft_type"] = .string("MOSLORA")
+            c["use_moslora"] = .bool(true)
+            if withMixer.count != w.modules.count {
+                notes.append("the lora_mixer layout has no per-module switch: \(w.modules.count - withMixer.count) module\(w.modules.count - withMixer.count == 1 ? "" : "s") without a mixer rely on the reader deciding per module")
+            }
+        }
+        return keepingOrder(c, sorted: sorted)
+    }
+
+    /// A PEFT LoRA config for an adapter from another layout: the fields `LoraConfig` saves that matter here.
+    static func freshPEFTConfig(_ w: WorkingAdapter) -> JSONObject {
+        var targets: [String] = []
+        for m in w.modules {
+            let last = String(m.baseName.split(separator: ".").last ?? Substring(m.baseName))
+            if !targets.contains(last) { targets.append(last) }
+        }
+        let baseModel = w.source.config?["model"]?.stringValue ?? w.source.config?["base_model_name_or_path"]?.stringValue
+        return JSONObject([
+            ("alpha_pattern", .object(JSONObject())),
+            ("base_model_name_or_path", baseModel.map { .string($0) } ?? .null),
+            ("bias", .string("none")),
+            ("fan_in_fan_out", .bool(false)),
+            ("inference_mode", .bool(true)),
+            ("init_lora_weights", .bool(true)),
+            ("lora_alpha", .number("8")),
+            ("lora_dropout", .real(0)),
+            ("modules_to_save", .null),
+            ("peft_type", .string("LORA")),
+            ("r", .number("8")),
+            ("rank_pattern", .object(JSONObject())),
+            ("target_modules", .array(targets.sorted().map { .string($0) })),
+            ("task_type", .null),
+            ("use_dora", .bool(false)),
+            ("use_rslora", .bool(false)),
+        ])
+    }
+
+    // MARK: - kohya
+
+    /// The kohya prefix for a component. Modules of a single model (LLMs, PEFT and mlx inputs) get
+    /// `lora_unet_`, the prefix kohya-style loaders use for the main network.
+    static func kohyaPrefix(_ component: String?, components: [String?]) -> String {
+        switch component {
+        case "text_encoder": components.contains("text_encoder_2") ? "lora_te1_" : "lora_te_"
+        case "text_encoder_2": "lora_te2_"
+        case "text_encoder_3": "lora_te3_"
+        case "transformer": "lora_transformer_"
+        default: "lora_unet_"
+        }
+    }
+
+    /// Writes one kohya safetensors file: lora_down / lora_up / lora_mixer / alpha per module.
+    static func writeKohya(_ w: WorkingAdapter, file: String, dtype: DType?, sync: Bool) throws -> [String] {
+        try refuseReplacements(w, .kohya)
+        var tensors: [OutputTensor] = []
+        let components = w.modules.map(\.component)
+        var seen = Set<String>()
+        for m in w.modules {
+            switch m.kind {
+            case .embedding, .linearFanInFanOut:
+                throw ConvertError(w.source.path, "module \(m.sourceName) is \(m.kind == .embedding ? "an embedding" : "a fan_in_fan_out (Conv1D) layer"), which kohya cannot hold")
+            default: break
+            }
+            if m.magnitude != nil { throw ConvertError(w.source.path, "module \(m.sourceName) is DoRA, which kohya's LoRA layout cannot hold") }
+            if m.bias != nil { throw ConvertError(w.source.path, "module \(m.sourceName) has a lora_B.bias, which kohya cannot hold") }
+            let name = w.source.format == .kohya ? m.sourceName : kohyaPrefix(m.component, components: components) + m.baseName.replacingDots()
+            guard seen.insert(name).inserted else {
+                throw ConvertError(w.source.path, "two modules share the kohya name \(name) once dots become underscores")
+            }
+            let isConv = m.kind == .conv1x1 || m.kind == .convKxK
+            let aType = try outputType(m.aType, dtype, tensor: name)
+            tensors.append(OutputTensor(name: name + ".lora_down.weight", dtype: aType, shape: [m.rank] + m.inShape, values: m.a))
+            tensors.append(OutputTensor(name: name + ".lora_up.weight", dtype: try outputType(m.bType, dtype, tensor: name),
+                                        shape: isConv ? [m.outFeatures, m.rank, 1, 1] : [m.outFeatures, m.rank], values: m.b))
+            if let mixer = m.m {
+                tensors.append(OutputTensor(name: name + ".lora_mixer.weight", dtype: try outputType(m.mType ?? m.aType, dtype, tensor: name),
+                                            shape: [m.rank, m.rank], values: mixer))
+            }
+            // alpha = scale·r, stored in Float32 (Float64 for F64 output): a BF16 or F16 alpha would
+            // round the scale itself (16·√8 is not a BF16 number).
+            tensors.append(OutputTensor(name: name + ".alpha", dtype: aType == .f64 ? .f64 : .f32, shape: [], values: [m.scale * Double(m.rank)]))
+        }
+        var meta: [(key: String, value: String)] = w.source.format == .kohya
+            ? w.source.store.metadataPairs.filter { !$0.key.hasPrefix("sshs_") }  // hashes of the old tensors
+            : [("ss_network_module", "networks.lora")]
+        func set(_ key: String, _ value: String?) {
+            meta.removeAll { $0.key == key }
+            if let value { meta.append((key, value)) }
+        }
+        let rank = mostCommon(w.modules.map(\.rank)) ?? 0
+        let alpha = mostCommon(w.modules.map { $0.scale * Double($0.rank) }) ?? 0
+        set("ss_network_dim", String(rank))
+        set("ss_network_alpha", Double(Float(alpha)).description)
+        set("ss_adapter_algorithm", w.modules.contains { $0.m != nil } ? "moslora" : nil)
+        meta.sort { Array($0.key.utf8).lexicographicallyPrecedes(Array($1.key.utf8)) }
+        try writeFile(file, tensors, metadata: meta, sync: sync)
+        return []
+    }
+
+    // MARK: - mlx-lm
+
+    /// Writes `adapters.safetensors` and `adapter_config.json` into `folder`.
+    static func writeMLX(_ w: WorkingAdapter, folder: String, dtype: DType?, sync: Bool) throws -> [String] {
+        try refuseReplacements(w, .mlx)
+        var notes: [String] = []
+        for m in w.modules {
+            switch m.kind {
+            case .linear: break
+            case .embedding: throw ConvertError(w.source.path, "module \(m.sourceName) is an embedding; mlx-lm's LoRA layout holds linear layers only")
+            case .conv1x1, .convKxK: throw ConvertError(w.source.path, "module \(m.sourceName) is a convolution; mlx-lm's LoRA layout holds linear layers only")
+            case .linearFanInFanOut: throw ConvertError(w.source.path, "module \(m.sourceName) is a fan_in_fan_out (Conv1D) layer; mlx-lm's LoRA layout holds nn.Linear layers only")
+            }
+            if m.bias != nil { throw ConvertError(w.source.path, "module \(m.sourceName) has a lora_B.bias, which mlx-lm cannot hold") }
+        }
+        let dora = w.modules.filter { $0.magnitude != nil }.count
+        if dora != 0 && dora != w.modules.count {
+            throw ConvertError(w.source.path, "only \(dora) of \(w.modules.count) modules are DoRA; mlx-lm's fine_tune_type is one for all")
+        }
+        let folded = w.modules.filter { $0.m != nil }.count
+        if folded > 0 { notes.append("mlx-lm has no mixer: folded the mixer into A (A' = M·A) in \(folded) module\(folded == 1 ? "" : "s")") }
+        let rank = w.modules.map(\.rank).max() ?? 0
+        let padded = w.modules.filter { $0.rank < rank }.count
+        if padded > 0 { notes.append("mlx-lm has one rank: padded \(padded) module\(padded == 1 ? "" : "s") to rank \(rank) with zero rows and columns (exact)") }
+        let scale = mostCommon(w.modules.map(\.scale)) ?? 20
+        let rescaled = w.modules.filter { $0.scale != scale }.count
+        if rescaled > 0 { notes.append("mlx-lm has one scale (\(formatNumber(scale))): folded the ratio into B for \(rescaled) module\(rescaled == 1 ? "" : "s")") }
+
+        var tensors: [OutputTensor] = []
+        for m in w.modules {
+            let r = m.rank, n = m.inFeatures, out = m.outFeatures
+            let ma = m.mixedA
+            // lora_a (in, rank): Aᵀ with zero columns beyond r; lora_b (rank, out): Bᵀ·(s/scale) with zero rows.
+            var la = [Double](repeating: 0, count: n * rank)
+            for i in 0..<r { for j in 0..<n { la[j * rank + i] = ma[i * n + j] } }
+            let ratio = m.scale / scale
+            var lb = [Double](repeating: 0, count: rank * out)
+            for i in 0..<out { for j in 0..<r { lb[j * out + i] = ratio == 1 ? m.b[i * r + j] : m.b[i * r + j] * ratio } }
+            tensors.append(OutputTensor(name: m.baseName + ".lora_a", dtype: try outputType(m.aType, dtype, tensor: m.sourceName), shape: [n, rank], values: la))
+            tensors.append(OutputTensor(name: m.baseName + ".lora_b", dtype: try outputType(m.bType, dtype, tensor: m.sourceName), shape: [rank, out], values: lb))
+            if let mag = m.magnitude {
+                tensors.append(OutputTensor(name: m.baseName + ".m", dtype: try outputType(m.magnitudeType ?? m.bType, dtype, tensor: m.sourceName),
+                                            shape: [mag.count], values: mag))
+            }
+        }
+        var c: JSONObject
+        if w.source.format == .mlx, let source = w.source.config {
+            c = source
+        } else {
+            c = JSONObject([("fine_tune_type", .string("lora")), ("lora_parameters", .object(JSONObject())), ("num_layers", .number("0"))])
+            let (keys, layers) = mlxKeysAndLayers(w.modules.map(\.baseName))
+            c["num_layers"] = jsonInt(layers)
+            c["lora_parameters"] = .object(JSONObject([("rank", jsonInt(rank)), ("scale", .real(scale)), ("dropout", .real(0)),
+                                                       ("keys", .array(keys.map { .string($0) }))]))
+            if let model = w.source.config?["base_model_name_or_path"]?.stringValue { c["model"] = .string(model) }
+            c = keepingOrder(c, sorted: true)
+        }
+        var params = c["lora_parameters"]?.objectValue ?? JSONObject()
+        params["rank"] = jsonInt(rank)
+        params["scale"] = .real(scale)
+        params["alpha"] = nil
+        c["lora_parameters"] = .object(params)
+        c["fine_tune_type"] = .string(dora > 0 ? "dora" : "lora")
+        try FileSystem.makeDirectory(folder)
+        try writeFile(joinPath(folder, "adapters.safetensors"), tensors, metadata: [("format", "mlx")], sync: sync)
+        try writeText(joinPath(folder, "adapter_config.json"), JSONWriter.pretty(.object(c), indent: 4), sync: sync)
+        return notes
+    }
+
+    /// mlx-lm's `keys` (module paths inside a layer, `self_attn.q_proj`) and `num_layers`
+    /// (counted from the last adapted layer index down to the first).
+    static func mlxKeysAndLayers(_ names: [String]) -> (keys: [String], layers: Int) {
+        var keys: [String] = []
+        var low = Int.max, high = -1
+        for name in names {
+            let parts = name.split(separator: ".").map(String.init)
+            if let i = parts.firstIndex(of: "layers"), i + 1 < parts.count, let n = Int(parts[i + 1]) {
+                low = min(low, n)
+                high = max(high, n)
+                let key = parts[(i + 2)...].joined(separator: ".")
+                if !keys.contains(key) { keys.append(key) }
+            } else if !keys.contains(name) {
+                keys.append(name)
+            }
+        }
+        return (keys.sorted(), high >= 0 ? high - low + 1 : 0)
+    }
+}

@@ -1,0 +1,198 @@
+import Foundation
+
+/// How `lora-to-moslora` initialises the mixer it inserts.
+public enum MixerInit: String, Sendable, CaseIterable {
+    /// M = I: A and B are written unchanged (bit for bit in the same dtype).
+    case identity
+    /// M = Q, a seeded random orthogonal matrix (QR of a Gaussian matrix); A' = QᵀA.
+    case orthogonal
+    /// M Kaiming-uniform with a = √5 as `nn.Linear(r, r)` initialises it (bound 1/√r); A' = M⁻¹A.
+    case kaiming
+}
+
+/// Which factor `moslora-to-lora` folds the mixer into.
+public enum FoldSide: String, Sendable, CaseIterable {
+    /// A' = M·A.
+    case a
+    /// B' = B·M.
+    case b
+}
+
+/// A small deterministic generator (SplitMix64) so that seeded mixers are the same on every machine
+/// and every Swift version (the standard library's generators promise neither).
+struct SeededGenerator {
+    private var state: UInt64
+
+    init(seed: UInt64) { state = seed }
+
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1) with 53 random bits.
+    mutating func unit() -> Double { Double(next() >> 11) * 0x1p-53 }
+
+    /// Standard normal by Box–Muller (one value per call; the pair's second half is dropped for simplicity).
+    mutating func gaussian() -> Double {
+        let u1 = 1 - unit()  // (0, 1]: log stays finite
+        let u2 = unit()
+        return (-2 * Foundation.log(u1)).squareRoot() * Foundation.cos(2 * Double.pi * u2)
+    }
+
+    /// The generator for one module: the seed mixed with an FNV-1a hash of the module name, so a
+    /// module's mixer does not depend on which other modules the adapter has or their order.
+    static func forModule(_ name: String, seed: UInt64) -> SeededGenerator {
+        var h: UInt64 = 0xCBF2_9CE4_8422_2325
+        for byte in name.utf8 {
+            h ^= UInt64(byte)
+            h = h &* 0x0000_0100_0000_01B3
+        }
+        var g = SeededGenerator(seed: seed ^ h)
+        _ = g.next()
+        return g
+    }
+}
+
+/// Seeded mixers.
+enum MixerFactory {
+    /// A random orthogonal r×r matrix: Q of the QR of a Gaussian matrix (R's diagonal is positive,
+    /// which makes Q Haar-distributed).
+    static func orthogonal(rank r: Int, generator g: inout SeededGenerator) -> [Double] {
+        let x = (0..<(r * r)).map { _ in g.gaussian() }
+        return LinearAlgebra.qr(x, rows: r, cols: r).q
+    }
+
+    /// `nn.Linear(r, r).weight` under `kaiming_uniform_(a=√5)`: uniform in ±1/√r.
+    static func kaiming(rank r: Int, generator g: inout SeededGenerator) -> [Double] {
+        let bound = 1 / Double(r).squareRoot()
+        return (0..<(r * r)).map { _ in (2 * g.unit() - 1) * bound }
+    }
+}
+
+/// Exact conversions between LoRA, MoSLoRA and layouts: each keeps scale·B·M·A of every module.
+public enum AdapterConversion {
+    /// The default refusal threshold for inverting a Kaiming mixer: σmin/σmax below 1e-4 (condition
+    /// number above 10⁴). A' = M⁻¹A rounded into the output dtype gives B·M·A' an error up to
+    /// κ · (the dtype's rounding), so a badly conditioned mixer would silently change the update.
+    public static let defaultMinimumConditionRatio = 1e-4
+
+    /// `convert lora-to-moslora`: inserts an r×r mixer in every module without one and writes a PEFT folder.
+    ///
+    /// Modules that already have a mixer keep it unchanged (noted). Embedding modules get no mixer:
+    /// MoSLoRA mixes linear and convolution layers only (noted).
+    public static func loraToMoSLoRA(input: String, output: String, mixer: MixerInit = .identity, seed: UInt64 = 0,
+                                     keyStyle: MixerKeyStyle = .loraAB, minimumConditionRatio: Double = defaultMinimumConditionRatio,
+                                     options: ConvertOptions = ConvertOptions()) throws -> ConvertSummary {
+        var summary = ConvertSummary()
+        return try convert(input: input, output: output, layout: .peft, style: keyStyle, options: options, summary: &summary) { w, summary in
+            var kept = 0, embeddings = 0
+            for i in w.modules.indices {
+                var m = w.modules[i]
+                if m.m != nil { kept += 1; continue }
+                if m.kind == .embedding { embeddings += 1; continue }
+                let r = m.rank
+                var g = SeededGenerator.forModule(m.baseName, seed: seed)
+                switch mixer {
+                case .identity:
+                    m.m = (0..<(r * r)).map { $0 / r == $0 % r ? 1 : 0 }
+                case .orthogonal:
+                    let q = MixerFactory.orthogonal(rank: r, generator: &g)
+                    m.a = matmul(transpose(q, rows: r, cols: r), m.a, rows: r, inner: r, cols: m.inFeatures)
+                    m.m = q
+                case .kaiming:
+                    let k = MixerFactory.kaiming(rank: r, generator: &g)
+                    let ratio = MixerDiagnostics(mixer: k, rank: r).conditionRatio
+                    summary.worstConditionRatio = min(summary.worstConditionRatio ?? .infinity, ratio)
+                    guard ratio >= minimumConditionRatio, let inv = LinearAlgebra.inverse(k, n: r) else {
+                        throw ConvertError(input, "module \(m.sourceName): the Kaiming mixer drawn with seed \(seed) is badly conditioned (σmin/σmax \(formatNumber(ratio)) < \(formatNumber(minimumConditionRatio))), so A' = M⁻¹A would lose the update; use --mixer orthogonal or identity, another --seed, or a lower --min-condition-ratio")
+                    }
+                    m.a = matmul(inv, m.a, rows: r, inner: r, cols: m.inFeatures)
+                    m.m = k
+                }
+                m.mType = m.aType
+                w.modules[i] = m
+            }
+            if kept > 0 { summary.notes.append("\(kept) module\(kept == 1 ? " already has" : "s already have") a mixer, kept as it is") }
+            if embeddings > 0 { summary.notes.append("\(embeddings) embedding module\(embeddings == 1 ? "" : "s") left without a mixer (MoSLoRA mixes linear and convolution layers)") }
+            if mixer == .kaiming, let worst = summary.worstConditionRatio {
+                summary.notes.append("worst Kaiming mixer σmin/σmax \(formatNumber(worst)): the update keeps about the output dtype's precision divided by this")
+            }
+        }
+    }
+
+    /// `convert moslora-to-lora`: folds every mixer into A (A' = M·A) or B (B' = B·M) and writes a plain PEFT LoRA folder.
+    public static func mosLoRAToLoRA(input: String, output: String, foldInto side: FoldSide = .a,
+                                     options: ConvertOptions = ConvertOptions()) throws -> ConvertSummary {
+        var summary = ConvertSummary()
+        return try convert(input: input, output: output, layout: .peft, style: .loraAB, options: options, summary: &summary) { w, summary in
+            var folded = 0
+            for i in w.modules.indices {
+                guard let mixer = w.modules[i].m else { continue }
+                let r = w.modules[i].rank
+                switch side {
+                case .a: w.modules[i].a = matmul(mixer, w.modules[i].a, rows: r, inner: r, cols: w.modules[i].inFeatures)
+                case .b: w.modules[i].b = matmul(w.modules[i].b, mixer, rows: w.modules[i].outFeatures, inner: r, cols: r)
+                }
+                w.modules[i].m = nil
+                w.modules[i].mType = nil
+                folded += 1
+            }
+            if folded == 0 { summary.notes.append("no module has a mixer; the factors are written unchanged") }
+        }
+    }
+
+    /// `convert to-peft` / `to-kohya` / `to-mlx`: the same modules in another layout. Mixers are kept
+    /// where the layout holds them (PEFT `lora_AB`, kohya `lora_mixer`) and folded into A for mlx-lm.
+    public static func convertLayout(input: String, output: String, to layout: TargetLayout,
+                                     options: ConvertOptions = ConvertOptions()) throws -> ConvertSummary {
+        var summary = ConvertSummary()
+        return try convert(input: input, output: output, layout: layout, style: .loraAB, options: options, summary: &summary) { _, _ in }
+    }
+
+    // MARK: - The shared route
+
+    /// Reads IN, checks OUT, transforms the modules in memory, and writes OUT atomically.
+    static func convert(input: String, output: String, layout: TargetLayout, style: MixerKeyStyle, options: ConvertOptions,
+                        summary: inout ConvertSummary, transform: (inout WorkingAdapter, inout ConvertSummary) throws -> Void) throws -> ConvertSummary {
+        if let d = options.dtype, !d.isMergeable {
+            throw ConvertError(output, "--dtype \(d.rawValue) is not one of F32, F16, BF16, F64")
+        }
+        let adapter = try Adapter(path: input)
+        try Merger.checkOutput(output, base: input, adapters: options.base.map { [$0] } ?? [], force: options.force)
+        var w = try WorkingAdapter(adapter, options: options)
+        summary.notes += w.notes
+        guard !w.modules.isEmpty || !w.replacements.isEmpty else { throw ConvertError(input, "no modules to convert") }
+        if layout != .kohya {
+            try w.requireSingleComponent(layout)
+            try w.mapKohyaNames(base: options.base)
+        }
+        try transform(&w, &summary)
+        summary.notes += try write(w, layout: layout, style: style, output: output, options: options)
+        summary.modules = w.modules.count
+        summary.layout = layout
+        return summary
+    }
+
+    /// Writes `w` under a temporary name beside OUT and renames it into place when complete.
+    static func write(_ w: WorkingAdapter, layout: TargetLayout, style: MixerKeyStyle, output: String, options: ConvertOptions) throws -> [String] {
+        let out = TemporaryOutput(target: output)
+        do {
+            let notes: [String]
+            switch layout {
+            case .peft: notes = try AdapterWriter.writePEFT(w, folder: out.temporaryPath, style: style, dtype: options.dtype, sync: options.sync)
+            case .kohya: notes = try AdapterWriter.writeKohya(w, file: out.temporaryPath, dtype: options.dtype, sync: options.sync)
+            case .mlx: notes = try AdapterWriter.writeMLX(w, folder: out.temporaryPath, dtype: options.dtype, sync: options.sync)
+            }
+            if options.sync && layout != .kohya { FileSystem.syncDirectory(out.temporaryPath) }
+            try out.commit(replacing: options.force)
+            return notes
+        } catch {
+            out.discard()
+            throw error
+        }
+    }
+}

@@ -1,0 +1,206 @@
+/// Options shared by every conversion and by resize.
+public struct ConvertOptions: Sendable {
+    /// Write every factor in this dtype (rounded once, nearest even); nil keeps each tensor's input dtype.
+    public var dtype: DType?
+    /// Replace an existing OUT once the new output is complete.
+    public var force = false
+    /// A base model whose tensor names give kohya modules their dotted names (needed when a kohya
+    /// adapter is written in a layout that names modules by their dotted path).
+    public var base: String?
+    /// For adapters holding several models (kohya, diffusers): the one part to convert into a
+    /// single-model layout (PEFT, mlx).
+    public var component: String?
+    /// Convert even when the adapter has keys that are not understood (they are left out).
+    public var dropUnknown = false
+    /// fsync the output before it is renamed into place.
+    public var sync = true
+
+    public init() {}
+}
+
+/// What a conversion did: notes for the user and, for resize, the energy kept per module.
+public struct ConvertSummary: Sendable {
+    public struct ModuleEnergy: Sendable {
+        /// The module's base-model name.
+        public let module: String
+        public let rankBefore: Int
+        public let rankAfter: Int
+        /// Σ kept σ² / Σ σ² (1 for a zero update).
+        public let energyKept: Double
+        /// The singular values of B·M·A, descending (without the scale).
+        public let singularValues: [Double]
+    }
+
+    public var modules = 0
+    public var layout: TargetLayout = .peft
+    public var notes: [String] = []
+    public var energies: [ModuleEnergy] = []
+    /// Smallest σmin/σmax of the mixers inverted (kaiming), nil when none were.
+    public var worstConditionRatio: Double?
+
+    public var line: String {
+        "wrote \(modules) module\(modules == 1 ? "" : "s") as \(layout.rawValue)"
+    }
+}
+
+/// A conversion refused, with the module and the reason.
+public struct ConvertError: Error, Sendable, CustomStringConvertible {
+    public let path: String
+    public let problem: String
+
+    public init(_ path: String, _ problem: String) {
+        self.path = path
+        self.problem = problem
+    }
+
+    public var description: String { "\(path): cannot convert: \(problem); nothing was written" }
+}
+
+/// The layouts the converter can write.
+public enum TargetLayout: String, Sendable, CaseIterable {
+    case peft, kohya, mlx
+}
+
+/// One module held in memory in PEFT orientation as Float64: Δ = scale · B·M·A.
+///
+/// Adapter factors are small (r × in), so converting whole modules in memory is cheap; every
+/// output tensor is rounded once from these Float64 values.
+struct WorkingModule {
+    /// The module's stored name in the input (with its layout's prefix).
+    var sourceName: String
+    /// Dotted base-model name when known (kohya inputs hold underscores until mapped with a base).
+    var baseName: String
+    var component: String?
+    var kind: LayerKind
+    /// r × in (in = in·k·k for convolutions).
+    var a: [Double]
+    /// r × r.
+    var m: [Double]?
+    /// out × r.
+    var b: [Double]
+    var rank: Int
+    /// A's dimensions after the rank in PEFT orientation: [in] or [in, k, k].
+    var inShape: [Int]
+    var outFeatures: Int
+    var scale: Double
+    var magnitude: [Double]?
+    var bias: [Double]?
+    /// The input dtype of each part, kept unless `--dtype` says otherwise.
+    var aType: DType
+    var bType: DType
+    var mType: DType?
+    var magnitudeType: DType?
+    var biasType: DType?
+
+    var inFeatures: Int { inShape.reduce(1, *) }
+
+    /// M·A (A without a mixer).
+    var mixedA: [Double] {
+        guard let m else { return a }
+        return matmul(m, a, rows: rank, inner: rank, cols: inFeatures)
+    }
+
+    /// The dense update scale·B·M·A (out × in), for checks and tests.
+    func denseUpdate() -> [Double] {
+        matmul(b, mixedA, rows: outFeatures, inner: rank, cols: inFeatures).map { $0 * scale }
+    }
+}
+
+/// An adapter read into memory for conversion.
+struct WorkingAdapter {
+    let source: Adapter
+    var modules: [WorkingModule]
+    var replacements: [Replacement]
+    var notes: [String] = []
+
+    /// Reads every module's factors; applies the component selection.
+    init(_ adapter: Adapter, options: ConvertOptions) throws {
+        source = adapter
+        replacements = adapter.replacements
+        if !adapter.unknownKeys.isEmpty {
+            let shown = adapter.unknownKeys.prefix(3).joined(separator: ", ") + (adapter.unknownKeys.count > 3 ? ", …" : "")
+            guard options.dropUnknown else {
+                throw ConvertError(adapter.path, "\(adapter.unknownKeys.count) key\(adapter.unknownKeys.count == 1 ? " is" : "s are") not understood and would be lost (\(shown)); pass --drop-unknown to leave them out")
+            }
+            notes.append("left out \(adapter.unknownKeys.count) unknown key\(adapter.unknownKeys.count == 1 ? "" : "s") (\(shown))")
+        }
+        var selected = adapter.modules
+        if let component = options.component {
+            let components = adapter.components
+            guard components.contains(component) else {
+                throw ConvertError(adapter.path, "no component \(component) (the adapter has \(components.isEmpty ? "none" : components.joined(separator: ", ")))")
+            }
+            selected = selected.filter { $0.component == component }
+            let skipped = adapter.modules.count - selected.count
+            if skipped > 0 { notes.append("left out \(skipped) module\(skipped == 1 ? "" : "s") of other components") }
+        }
+        modules = try selected.map { try Self.read($0) }
+    }
+
+    private static func read(_ m: LoRAModule) throws -> WorkingModule {
+        let f = try m.factors()
+        let inShape: [Int] = m.orientation == .peft ? Array(m.a.shape.dropFirst()) : [m.inFeatures]
+        return WorkingModule(
+            sourceName: m.name, baseName: m.baseName, component: m.component, kind: m.kind,
+            a: f.a, m: f.m, b: f.b, rank: m.rank, inShape: inShape, outFeatures: m.outFeatures, scale: m.scale,
+            magnitude: try m.magnitude?.doubles(), bias: try m.bias?.doubles(),
+            aType: m.a.info.dtype, bType: m.b.info.dtype, mType: m.mixer?.info.dtype,
+            magnitudeType: m.magnitude?.info.dtype, biasType: m.bias?.info.dtype)
+    }
+
+    /// Gives kohya modules (whose names lost their dots) their dotted names from a base model's keys.
+    mutating func mapKohyaNames(base: String?) throws {
+        guard source.format == .kohya else { return }
+        guard let base else {
+            throw ConvertError(source.path, "kohya module names lost their dots (lora_unet_down_blocks_0_…) and cannot be mapped back without the base model; pass --base MODEL")
+        }
+        let checkpoint = try Checkpoint(path: base)
+        var map: [String: String?] = [:]
+        for name in checkpoint.tensorNames where name.hasSuffix(".weight") {
+            let module = String(name.dropLast(".weight".count))
+            let key = module.replacingDots()
+            map[key] = map[key] == nil ? .some(module) : .some(nil)
+        }
+        var missing: [String] = []
+        for i in modules.indices {
+            if let found = map[modules[i].baseName], let dotted = found {
+                modules[i].baseName = dotted
+            } else {
+                missing.append(modules[i].sourceName)
+            }
+        }
+        guard missing.isEmpty else {
+            throw ConvertError(source.path, "\(missing.count) kohya module\(missing.count == 1 ? "" : "s") match no single tensor of \(base) (\(missing.prefix(3).joined(separator: ", ")))")
+        }
+    }
+
+    /// Refuses several components in a single-model layout.
+    func requireSingleComponent(_ layout: TargetLayout) throws {
+        var seen: [String] = []
+        for m in modules { if let c = m.component, !seen.contains(c) { seen.append(c) } }
+        if seen.count > 1 {
+            throw ConvertError(source.path, "the adapter holds several models (\(seen.joined(separator: ", "))) and \(layout.rawValue) holds one; choose one with --component")
+        }
+    }
+}
+
+// MARK: - Small helpers
+
+/// The most common value (ties: the first seen).
+func mostCommon<T: Hashable>(_ values: [T]) -> T? {
+    var counts: [T: Int] = [:]
+    var order: [T] = []
+    for v in values {
+        if counts[v] == nil { order.append(v) }
+        counts[v, default: 0] += 1
+    }
+    return order.max { counts[$0]! < counts[$1]! || (counts[$0]! == counts[$1]! && order.firstIndex(of: $0)! > order.firstIndex(of: $1)!) }
+}
+
+/// A JSON number as Python writes an int or a float: `8`, `2.5`.
+func jsonNumber(_ v: Double) -> JSONValue {
+    if v.isFinite, v.rounded() == v, abs(v) < 1e15 { return .number(String(Int64(v))) }
+    return .number(v.description)
+}
+
+func jsonInt(_ v: Int) -> JSONValue { .number(String(v)) }

@@ -120,7 +120,7 @@ private func mixedRankAdapter(_ dir: TempDir) throws -> String {
 // MARK: - LoRA ↔ MoSLoRA
 
 @Suite("convert: LoRA and MoSLoRA, exactly")
-struct LoRAMoSLoRATests {
+struct ConvertMoSLoRATests {
     @Test("identity mixer: A and B are written bit for bit, M = I, original-code layout and config")
     func identity() throws {
         let dir = TempDir()
@@ -270,7 +270,7 @@ struct LoRAMoSLoRATests {
 // MARK: - Layouts
 
 @Suite("convert: layouts")
-struct LayoutTests {
+struct ConvertLayoutTests {
     static let peftInputs: [(String, String?, String?)] = [
         ("peft-lora", nil, nil), ("peft-lora-all", nil, nil), ("moslora-original", nil, nil), ("moslora-original-partial", nil, nil),
         ("moslora-peft-pr", nil, nil), ("peft-gpt2", nil, nil), ("peft-dora", nil, nil), ("mlx", nil, nil), ("paddle", nil, nil),
@@ -459,7 +459,7 @@ struct LayoutTests {
 // MARK: - Resize
 
 @Suite("resize: exact SVD from the factors")
-struct ResizeTests {
+struct ConvertResizeTests {
     /// σ of the dense Float64 product B·M·A (without scale), by LinearAlgebra.svd on the out × in matrix.
     private func denseSingularValues(_ m: LoRAModule) throws -> [Double] {
         let r = m.rank, n = m.inFeatures, o = m.outFeatures

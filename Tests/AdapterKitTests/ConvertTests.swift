@@ -413,6 +413,21 @@ struct ConvertLayoutTests {
         #expect(try FileManager.default.contentsOfDirectory(atPath: dir.path) == ["ok"])
     }
 
+    @Test("a factor holding NaN is refused, not converted")
+    func nonFinite() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        try writeSafetensors(dir.file("nan.safetensors"), [
+            ("base_model.model.x.lora_A.weight", .f32, [1, 2], floatBytes([1, .nan])),
+            ("base_model.model.x.lora_B.weight", .f32, [2, 1], floatBytes([1, 2])),
+        ])
+        let error = #expect(throws: ConvertError.self) {
+            try AdapterConversion.resize(input: dir.file("nan.safetensors"), output: dir.file("out"), target: .rank(1), options: options())
+        }
+        #expect(error?.problem.contains("NaN") == true)
+        #expect(!FileManager.default.fileExists(atPath: dir.file("out")))
+    }
+
     @Test("OUT rules: an existing OUT needs force; the input is never written over")
     func outputRules() throws {
         let dir = TempDir()

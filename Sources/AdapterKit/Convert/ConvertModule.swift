@@ -140,6 +140,10 @@ struct WorkingAdapter {
     private static func read(_ m: LoRAModule) throws -> WorkingModule {
         let f = try m.factors()
         let inShape: [Int] = m.orientation == .peft ? Array(m.a.shape.dropFirst()) : [m.inFeatures]
+        // NaN or infinity would make every transform (inverse, QR, SVD) meaningless: refuse up front.
+        for (part, values) in [("A", f.a), ("B", f.b), ("mixer", f.m ?? [])] where values.contains(where: { !$0.isFinite }) {
+            throw ConvertError(m.a.store.path, "module \(m.name): its \(part) factor holds NaN or infinity")
+        }
         return WorkingModule(
             sourceName: m.name, baseName: m.baseName, component: m.component, kind: m.kind,
             a: f.a, m: f.m, b: f.b, rank: m.rank, inShape: inShape, outFeatures: m.outFeatures, scale: m.scale,

@@ -17,9 +17,11 @@ let package = Package(
             pkgConfig: "zlib",
             providers: [.apt(["zlib1g-dev"])]
         ),
+        // The fused merge kernel, with an AVX2/FMA path chosen at run time.
+        .target(name: "CMergeKernel"),
         .target(
             name: "AdapterKit",
-            dependencies: ["CZlib"]
+            dependencies: ["CZlib", "CMergeKernel"]
         ),
         .executableTarget(
             name: "AdapterCLI",
@@ -27,6 +29,11 @@ let package = Package(
                 "AdapterKit",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
+        ),
+        .executableTarget(
+            name: "adapter-kernel-bench",
+            dependencies: ["AdapterKit"],
+            path: "Benchmarks/KernelBench"
         ),
         .testTarget(name: "AdapterKitTests", dependencies: ["AdapterKit"]),
         .testTarget(name: "AdapterCLITests", dependencies: ["AdapterKit"]),

@@ -1,3 +1,4 @@
+import CMergeKernel
 import Dispatch
 
 /// A stored element type the kernel reads and writes eight at a time.
@@ -234,6 +235,15 @@ enum MergeKernel {
             var stats: UpdateStatistics? = wantStatistics ? UpdateStatistics() : nil
             let s = src.raw, d = UnsafeMutableRawPointer(mutating: dst.raw)
             let ok: Bool
+            if !wantStatistics, factors.magnitude == nil, let st = cElement(sourceType), let dt = cElement(destinationType) {
+                // The fast path: the C kernel (AVX2 + FMA where the CPU has them).
+                let rowsHere = hi - lo
+                ok = adapter_merge_rows(st, s + lo * factors.cols * sourceType.byteSize, dt, d + lo * factors.cols * destinationType.byteSize,
+                                        rowsHere, factors.cols, factors.l.baseAddress! + lo * factors.k, factors.panels.baseAddress!,
+                                        factors.k, finiteLimit(destinationType)) == 1
+                UnsafeMutableRawPointer(mutating: out.raw).assumingMemoryBound(to: (Bool, UpdateStatistics?).self)[c] = (ok, nil)
+                return
+            }
             switch (sourceType, destinationType) {
             case (.bf16, .bf16): ok = mergeRows(BF16Element.self, BF16Element.self, source: s, destination: d, range: lo..<hi, factors: factors, statistics: &stats, scratch: scratch)
             case (.f16, .f16): ok = mergeRows(F16Element.self, F16Element.self, source: s, destination: d, range: lo..<hi, factors: factors, statistics: &stats, scratch: scratch)
@@ -257,6 +267,26 @@ enum MergeKernel {
         }
         return (finite, total)
     }
+
+    private static func cElement(_ d: DType) -> Int32? {
+        switch d {
+        case .f32: Int32(ADAPTER_F32.rawValue)
+        case .bf16: Int32(ADAPTER_BF16.rawValue)
+        case .f16: Int32(ADAPTER_F16.rawValue)
+        default: nil
+        }
+    }
+
+    private static func finiteLimit(_ d: DType) -> Float {
+        switch d {
+        case .bf16: BF16Element.finiteLimit
+        case .f16: F16Element.finiteLimit
+        default: F32Element.finiteLimit
+        }
+    }
+
+    /// Whether the C kernel runs its AVX2 path on this machine.
+    public static var isVectorised: Bool { adapter_merge_kernel_is_vectorised() == 1 }
 
     /// The Float64 path for F64 bases: W' = W + L·R accumulated in Float64, no rounding but the store.
     static func mergeRowsF64(source: UnsafeRawPointer, sourceType: DType, destination: UnsafeMutableRawPointer,
@@ -298,4 +328,24 @@ enum MergeKernel {
 /// A raw pointer passed into concurrent work that writes disjoint ranges.
 struct UncheckedPointer: @unchecked Sendable {
     let raw: UnsafeRawPointer
+}
+
+/// The fused kernel on tensors already in memory, for library users and the benchmark.
+public enum LowRankUpdate {
+    /// destination = round(source + L·R) in `dtype` (F32, F16 or BF16), L (rows × k) and R (k × cols)
+    /// given in Float64 and rounded to Float32 once. Returns false when a result is not finite.
+    public static func apply(
+        source: UnsafeRawPointer, destination: UnsafeMutableRawPointer, dtype: DType, rows: Int, cols: Int,
+        l: [Double], r: [Double], k: Int, threads: Int = 1
+    ) -> Bool {
+        precondition(dtype == .f32 || dtype == .f16 || dtype == .bf16, "LowRankUpdate.apply needs F32, F16 or BF16")
+        precondition(l.count == rows * k && r.count == k * cols, "L must be rows × k and R k × cols")
+        let factors = UpdateFactors(l: l, r: r, rows: rows, cols: cols, k: k, magnitude: nil)
+        defer { factors.deallocate() }
+        return MergeKernel.merge(source: source, sourceType: dtype, destination: destination, destinationType: dtype,
+                                 rows: 0..<rows, factors: factors, wantStatistics: false, threads: threads).finite
+    }
+
+    /// Whether the AVX2 + FMA path runs on this machine.
+    public static var isVectorised: Bool { MergeKernel.isVectorised }
 }

@@ -57,12 +57,24 @@ public final class Merger {
     private var summary = MergeSummary()
     private var written = 0
     private var total = 0
+    /// Four 8 MiB buffers: writes of one block overlap the computation of the next.
+    private let pipeline = WritePipeline(buffers: 4, blockBytes: 8 << 20)
+    /// Rows read from the base for the block being computed.
+    private var inputBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 8 << 20, alignment: 64)
+
+    /// Where a tensor's rows come from.
+    enum RowSource {
+        case memory(UnsafeRawPointer)
+        case file(FileDescriptor, Int)
+    }
 
     public init(plan: MergePlan, output: String, options: MergeRunOptions = MergeRunOptions()) {
         self.plan = plan
         self.output = output
         self.options = options
     }
+
+    deinit { inputBuffer.deallocate() }
 
     /// Checks OUT against the inputs: it must not exist (unless forced), and must not be, be
     /// inside, or contain the base or an adapter.
@@ -120,6 +132,7 @@ public final class Merger {
             }
             try out.commit(replacing: options.force)
         } catch {
+            try? pipeline.drain()  // let queued writes finish before their files are removed
             out.discard()
             throw error
         }
@@ -179,6 +192,8 @@ public final class Merger {
     }
 
     /// Writes shard `index` of the base with its changes; returns whether any tensor changed shape.
+    ///
+    /// The writer is used only from the pipeline's queue once created; this thread computes.
     private func writeShard(_ index: Int, to path: String) throws -> Bool {
         let store = plan.base.files[index]
         var shapeChanged = false
@@ -193,25 +208,40 @@ public final class Merger {
         let fd = try FileDescriptor.createExclusive(path)
         let writer = try SafetensorsWriter(layout: layout, output: fd)
         written += layout.headerBytes.count
+        let handoff = Handoff(value: writer)
+        let progress = options.progress
+        let total = self.total
         for t in layout.tensors {
             let original = store.info(t.name)!
             if let change = plan.changes[t.name] {
                 try writeChanged(change, store: store, writer: writer)
+                store.release(t.name)
                 summary.tensorsChanged += 1
             } else if let safetensors {
                 safetensors.prefetch(original)
-                try writer.append(copyingFrom: safetensors.descriptor, offset: safetensors.fileRange(of: original).lowerBound, count: original.byteCount)
+                let range = safetensors.fileRange(of: original)
+                let file = Handoff(value: safetensors)
+                pipeline.submit {
+                    try handoff.value.append(copyingFrom: file.value.descriptor, offset: range.lowerBound, count: range.count)
+                    file.value.release(original)
+                }
                 summary.tensorsCopied += 1
             } else {
-                try store.withBytes(of: t.name) { try writer.append($0) }
+                let bytes = try store.withBytes(of: t.name) { Array($0) }
+                pipeline.submit { try bytes.withUnsafeBytes { try handoff.value.append($0) } }
+                store.release(t.name)
                 summary.tensorsCopied += 1
             }
-            store.release(t.name)
             written += t.byteCount
-            options.progress?(written, total)
+            let done = written
+            if let progress { pipeline.submit { progress(done, total) } }
         }
-        try writer.finish()
-        if options.sync { try fd.sync() }
+        let sync = options.sync
+        pipeline.submit {
+            try handoff.value.finish()
+            if sync { try fd.sync() }
+        }
+        try pipeline.drain()
         return shapeChanged
     }
 
@@ -244,7 +274,7 @@ public final class Merger {
                 if let f = replacementValues { f.withUnsafeBufferPointer { ElementConversion.fromFloat(dtype, $0.baseAddress!, dst.baseAddress!, count: n) } }
             }
             try checkFinite(bytes, dtype: dtype, tensor: p.baseName)
-            try bytes.withUnsafeBytes { try writer.append($0) }
+            submit(bytes, writer)
             return
         }
         let (l, r, k) = try updateFactors(p, rows: rows, cols: cols)
@@ -267,12 +297,19 @@ public final class Merger {
                 }
             }
             guard finite else { throw nonFinite(p) }
-            try out.withUnsafeBytes { try writer.append($0) }
+            submit(out, writer)
         } else {
             let factors = UpdateFactors(l: l, r: r, rows: rows, cols: cols, k: k, magnitude: magnitude)
             defer { factors.deallocate() }
-            try source { src, srcType in
-                try mergeInBlocks(p, source: src, sourceType: srcType, factors: factors, writer: writer, statistics: &stats)
+            if p.replacement == nil, let file = store as? SafetensorsFile {
+                // Read rows with pread: a copy from the page cache costs less than faulting in and
+                // later dropping a mapping.
+                let offset = file.fileRange(of: p.base).lowerBound
+                try mergeInBlocks(p, source: .file(file.descriptor, offset), sourceType: dtype, factors: factors, writer: writer, statistics: &stats)
+            } else {
+                try source { src, srcType in
+                    try mergeInBlocks(p, source: .memory(src), sourceType: srcType, factors: factors, writer: writer, statistics: &stats)
+                }
             }
         }
         if let stats {
@@ -280,51 +317,52 @@ public final class Merger {
         }
     }
 
-    /// Computes row blocks into two alternating buffers while the previous block is written.
-    private func mergeInBlocks(_ p: TensorPlan, source: UnsafeRawPointer, sourceType: DType, factors: UpdateFactors,
+    /// Queues a small computed tensor for writing.
+    private func submit(_ bytes: [UInt8], _ writer: SafetensorsWriter) {
+        let handoff = Handoff(value: writer)
+        pipeline.submit { try bytes.withUnsafeBytes { try handoff.value.append($0) } }
+    }
+
+    /// Computes row blocks into pipeline buffers; each block is written while the next is computed.
+    private func mergeInBlocks(_ p: TensorPlan, source: RowSource, sourceType: DType, factors: UpdateFactors,
                                writer: SafetensorsWriter, statistics: inout UpdateStatistics?) throws {
         let dtype = p.base.dtype
         let rowBytes = factors.cols * dtype.byteSize
-        let blockRows = max(1, min(factors.rows, (16 << 20) / max(1, rowBytes)))
-        let buffers = (0..<2).map { _ in UnsafeMutableRawBufferPointer.allocate(byteCount: max(1, blockRows * rowBytes), alignment: 64) }
-        defer { buffers.forEach { $0.deallocate() } }
-        let writes = DispatchQueue(label: "adapter.merge.write")
-        let slots = DispatchSemaphore(value: 2)
-        let failure = WriteFailure()
-        let sendableWriter = UncheckedWriter(writer: writer)
-        var block = 0
+        let sourceRowBytes = factors.cols * sourceType.byteSize
+        let blockRows = max(1, min(factors.rows, pipeline.blockBytes / max(1, rowBytes)))
         var row = 0
-        defer {
-            writes.sync {}
-        }
         while row < factors.rows {
             let end = min(factors.rows, row + blockRows)
-            slots.wait()
-            if let e = failure.error { slots.signal(); throw e }
-            let buffer = buffers[block % 2]
-            // The kernel indexes rows from the tensor's start: shift the pointers to the block.
-            let src = source + row * factors.cols * sourceType.byteSize
+            let buffer = try pipeline.acquire(bytes: (end - row) * rowBytes)
+            // The kernel indexes rows from the block's start: shift the pointers to the block.
+            let src: UnsafeRawPointer
+            switch source {
+            case .memory(let base):
+                src = base + row * sourceRowBytes
+            case .file(let fd, let offset):
+                let count = (end - row) * sourceRowBytes
+                if inputBuffer.count < count {
+                    inputBuffer.deallocate()
+                    inputBuffer = .allocate(byteCount: count, alignment: 64)
+                }
+                let got = try fd.read(into: UnsafeMutableRawBufferPointer(rebasing: inputBuffer[0..<count]), at: offset + row * sourceRowBytes)
+                guard got == count else {
+                    pipeline.giveBack(buffer)
+                    throw InputError(fd.path, "the file shrank while being read")
+                }
+                src = UnsafeRawPointer(inputBuffer.baseAddress!)
+            }
             let shifted = UpdateFactors(shifting: factors, by: row)
             let result = MergeKernel.merge(source: src, sourceType: sourceType, destination: buffer.baseAddress!, destinationType: dtype,
                                            rows: 0..<(end - row), factors: shifted, wantStatistics: statistics != nil, threads: options.threads)
-            if !result.finite {
-                slots.signal()
-                writes.sync {}
+            guard result.finite else {
+                pipeline.giveBack(buffer)
                 throw nonFinite(p)
             }
             if let s = result.statistics { statistics!.add(s) }
-            let chunk = UnsafeRawBufferPointer(rebasing: buffer[0..<((end - row) * rowBytes)])
-            let sendableChunk = UncheckedBuffer(buffer: chunk)
-            writes.async {
-                defer { slots.signal() }
-                guard failure.error == nil else { return }
-                do { try sendableWriter.writer.append(sendableChunk.buffer) } catch { failure.error = error }
-            }
+            pipeline.write(buffer, count: (end - row) * rowBytes, with: writer)
             row = end
-            block += 1
         }
-        writes.sync {}
-        if let e = failure.error { throw e }
     }
 
     private func nonFinite(_ p: TensorPlan) -> MergeError {
@@ -371,7 +409,7 @@ public final class Merger {
             values.withUnsafeBufferPointer { ElementConversion.fromDouble(p.base.dtype, $0.baseAddress!, dst.baseAddress!, count: values.count) }
         }
         try checkFinite(bytes, dtype: p.base.dtype, tensor: p.baseName)
-        try bytes.withUnsafeBytes { try writer.append($0) }
+        submit(bytes, writer)
     }
 
     private func checkFinite(_ bytes: [UInt8], dtype: DType, tensor: String) throws {
@@ -396,14 +434,3 @@ extension UpdateFactors {
     }
 }
 
-private final class WriteFailure: @unchecked Sendable {
-    private let lock = NSLock()
-    private var stored: Error?
-    var error: Error? {
-        get { lock.lock(); defer { lock.unlock() }; return stored }
-        set { lock.lock(); stored = newValue; lock.unlock() }
-    }
-}
-
-private struct UncheckedWriter: @unchecked Sendable { let writer: SafetensorsWriter }
-private struct UncheckedBuffer: @unchecked Sendable { let buffer: UnsafeRawBufferPointer }

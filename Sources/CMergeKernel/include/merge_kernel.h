@@ -1,0 +1,24 @@
+#ifndef ADAPTER_MERGE_KERNEL_H
+#define ADAPTER_MERGE_KERNEL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/// Element types of the fused kernel.
+enum adapter_element { ADAPTER_F32 = 0, ADAPTER_BF16 = 1, ADAPTER_F16 = 2 };
+
+/// W' = round(W + L·R) for `rows` rows of `cols` columns, Float32 accumulation, one rounding
+/// (nearest, ties to even) into `dst_type`.
+///
+/// - src, dst: row-major, any alignment; dst may not alias src.
+/// - l: rows × k Float32 (row i of L for row i of W).
+/// - panels: R (k × cols) stored as ceil(cols / 8) panels of k × 8 floats (zero padded).
+/// - limit: the largest magnitude that does not round to infinity in dst_type.
+/// Returns 1 when every result is finite and within `limit`, 0 otherwise.
+int adapter_merge_rows(int src_type, const void *src, int dst_type, void *dst,
+                       size_t rows, size_t cols, const float *l, const float *panels, size_t k, float limit);
+
+/// Whether the AVX2 + FMA + F16C path is used on this machine.
+int adapter_merge_kernel_is_vectorised(void);
+
+#endif

@@ -109,6 +109,8 @@ public final class Checkpoint: Sendable {
             indexName = indexes[0]
         } else if indexes.isEmpty && singles.count == 1 {
             return FolderLayout(shards: singles, index: nil, weightMap: [], totalSize: nil, metadata: nil)
+        } else if indexes.isEmpty && singles.isEmpty && entries.contains("pytorch_model.bin") {
+            return FolderLayout(shards: ["pytorch_model.bin"], index: nil, weightMap: [], totalSize: nil, metadata: nil)
         } else if indexes.isEmpty && singles.isEmpty {
             throw InputError(folder, "the folder holds no .safetensors file and no model.safetensors.index.json")
         } else {
@@ -196,9 +198,16 @@ public final class Checkpoint: Sendable {
     }
 }
 
-/// Opens a tensor file by its kind: safetensors (other kinds join as readers are added).
+/// Opens a tensor file by its first bytes: a zip (`PK`) or a bare pickle (0x80, the legacy
+/// format, which gets its own refusal) is a PyTorch checkpoint; anything else is safetensors.
 public func openTensorFile(_ path: String) throws -> any TensorStore {
-    try SafetensorsFile(path: path)
+    let fd: FileDescriptor
+    do { fd = try FileDescriptor.openForReading(path) } catch let e as SystemError { throw InputError(path, e.reason) }
+    let head = try fd.readBytes(count: 2, at: 0)
+    if head == [0x50, 0x4B] || head.first == 0x80 {
+        return try TorchCheckpoint(path: path)
+    }
+    return try SafetensorsFile(path: path)
 }
 
 /// Reads and parses a JSON file strictly (duplicate keys refused), with the path in any error.

@@ -78,6 +78,9 @@ public struct MergePlan: Sendable {
         var changes: [String: TensorPlan] = [:]
         var skipped: [String: Int] = [:]
         let resolver = BaseNameResolver(base)
+        for file in base.files where !(file is SafetensorsFile) {
+            throw InputError(file.path, "the base is a PyTorch checkpoint; merges write safetensors, so convert it first: adapter convert to-safetensors")
+        }
 
         func plan(_ name: String) -> TensorPlan? {
             if let p = changes[name] { return p }

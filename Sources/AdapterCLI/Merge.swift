@@ -21,7 +21,7 @@ struct Merge: ParsableCommand {
     @Argument(help: "Where to write the merged model (a file when BASE is a file, a folder when it is a folder).")
     var out: String
 
-    @Option(help: "Multiply the adapter's update (−1 un-merges an adapter merged before).")
+    @Option(parsing: .unconditional, help: "Multiply the adapter's update (−1 un-merges an adapter merged before).")
     var weight: Double = 1
 
     @Option(name: .customLong("add"), help: ArgumentHelp("Merge a further adapter in the same pass, optionally weighted.", valueName: "adapter[:weight]"))

@@ -25,6 +25,6 @@ struct ToSafetensors: ParsableCommand {
 
     func run() throws {
         let r = try SafetensorsExport.convert(input: input, output: output, force: force)
-        if !quiet { writeError("adapter: wrote \(r.tensors) tensors (\(formatBytes(r.bytes))) to \(output)") }
+        if !quiet { writeError("adapter: wrote \(r.tensors) tensors (\(formatBytes(r.bytes, exact: false))) to \(output)") }
     }
 }

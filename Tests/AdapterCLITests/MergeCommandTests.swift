@@ -131,6 +131,25 @@ struct MergeCommandTests {
         #expect(entries(dir.path) == ["peft-lora"])
     }
 
+    @Test("--weight -1 (a negative number after the option) un-merges")
+    func unmergeSyntax() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let base = fixture("models/tiny-llama-f32.safetensors")
+        #expect(try adapter("merge", "--quiet", base, fixture("adapters/peft-lora"), dir.file("m.safetensors")).status == 0)
+        let r = try adapter("merge", "--quiet", "--weight", "-1", dir.file("m.safetensors"), fixture("adapters/peft-lora"), dir.file("u.safetensors"))
+        #expect(r.status == 0, "\(r.stderr)")
+        // F32 base: un-merging leaves only Float32 rounding noise, far below the update's size.
+        let script = """
+        import sys, numpy as np
+        from safetensors.numpy import load_file
+        a, b = load_file(sys.argv[1]), load_file(sys.argv[2])
+        worst = max(float(np.max(np.abs(a[k].astype(np.float64) - b[k]))) for k in a)
+        sys.exit(0 if worst < 1e-6 else 1)
+        """
+        #expect(try runPython(script, base, dir.file("u.safetensors")) == 0)
+    }
+
     @Test("bad usage exits 2")
     func usage() throws {
         #expect(try adapter("merge", "only-one").status == 2)

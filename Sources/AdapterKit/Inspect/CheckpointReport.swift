@@ -97,11 +97,11 @@ public func formatCount(_ n: Int) -> String {
     return String(n)
 }
 
-/// Bytes in binary units: "13.5 GiB (14495514624)".
-public func formatBytes(_ n: Int) -> String {
+/// Bytes in binary units: "13.50 GiB (14495514624)", or without the exact count "13.50 GiB".
+public func formatBytes(_ n: Int, exact: Bool = true) -> String {
     let units: [(Double, String)] = [(0x1p40, "TiB"), (0x1p30, "GiB"), (0x1p20, "MiB"), (0x1p10, "KiB")]
     for (scale, unit) in units where Double(n) >= scale {
-        return formatFixed(Double(n) / scale, 2) + " " + unit + " (\(n))"
+        return formatFixed(Double(n) / scale, 2) + " " + unit + (exact ? " (\(n))" : "")
     }
     return "\(n) B"
 }

@@ -38,7 +38,7 @@ public struct MergeSummary: Sendable {
     public var line: String {
         "merged \(modulesMerged) module\(modulesMerged == 1 ? "" : "s") into \(tensorsChanged) tensor\(tensorsChanged == 1 ? "" : "s"), copied \(tensorsCopied) tensor\(tensorsCopied == 1 ? "" : "s")"
             + (filesCopied > 0 ? " and \(filesCopied) other file\(filesCopied == 1 ? "" : "s")" : "")
-            + ", wrote \(formatBytes(bytesWritten).split(separator: "(").first!.trimmingCharacters(in: .whitespaces)) in \(formatFixed(seconds, 2)) s"
+            + ", wrote \(formatBytes(bytesWritten, exact: false)) in \(formatFixed(seconds, 2)) s"
     }
 }
 

@@ -78,8 +78,8 @@ public struct MergePlan: Sendable {
         var changes: [String: TensorPlan] = [:]
         var skipped: [String: Int] = [:]
         let resolver = BaseNameResolver(base)
-        for file in base.files where !(file is SafetensorsFile) {
-            throw InputError(file.path, "the base is a PyTorch checkpoint; merges write safetensors, so convert it first: adapter convert to-safetensors")
+        if base.files.count > 1, let file = base.files.first(where: { !($0 is SafetensorsFile) }) {
+            throw InputError(file.path, "sharded PyTorch checkpoints are not supported as a base; convert the shards first: adapter convert to-safetensors")
         }
 
         func plan(_ name: String) -> TensorPlan? {

@@ -121,7 +121,7 @@ public final class Merger {
                 }
                 var shapesChanged = false
                 for (i, name) in base.fileNames.enumerated() {
-                    shapesChanged = try writeShard(i, to: joinPath(out.temporaryPath, name)) || shapesChanged
+                    shapesChanged = try writeShard(i, to: joinPath(out.temporaryPath, Self.outputName(name, base.files[i]))) || shapesChanged
                 }
                 if let indexName = base.indexFileName {
                     try writeIndex(from: joinPath(base.path, indexName), to: joinPath(out.temporaryPath, indexName), regenerate: shapesChanged)
@@ -140,6 +140,15 @@ public final class Merger {
         summary.seconds = Double(DispatchTime.now().uptimeNanoseconds - start.uptimeNanoseconds) / 1e9
         summary.modulesMerged = plan.moduleCount
         return summary
+    }
+
+    /// The output file name of a base file: safetensors keep theirs; a PyTorch `pytorch_model.bin`
+    /// becomes `model.safetensors` (merges always write safetensors).
+    static func outputName(_ name: String, _ store: any TensorStore) -> String {
+        guard !(store is SafetensorsFile) else { return name }
+        if name == "pytorch_model.bin" { return "model.safetensors" }
+        let stem = name.hasSuffix(".bin") || name.hasSuffix(".pt") ? String(name[..<name.lastIndex(of: ".")!]) : name
+        return stem + ".safetensors"
     }
 
     // MARK: - Files
@@ -203,7 +212,8 @@ public final class Merger {
             return TensorSpec(name: t.name, dtype: t.dtype, shape: shape)
         }
         let safetensors = store as? SafetensorsFile
-        let metadata: [(key: String, value: String)]? = safetensors.map { $0.header.hasMetadata ? $0.header.metadata : nil } ?? (store.metadataPairs.isEmpty ? nil : store.metadataPairs)
+        // A PyTorch base gets the metadata torch's own safetensors export writes.
+        let metadata: [(key: String, value: String)]? = safetensors.map { $0.header.hasMetadata ? $0.header.metadata : nil } ?? [("format", "pt")]
         let layout = try SafetensorsLayout(tensors: specs, metadata: metadata, file: path)
         let fd = try FileDescriptor.createExclusive(path)
         let writer = try SafetensorsWriter(layout: layout, output: fd)

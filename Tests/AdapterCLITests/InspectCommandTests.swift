@@ -49,6 +49,30 @@ struct InspectCommandTests {
         expectOneLineError(try adapter("inspect", short), containing: "header too small")
     }
 
+    @Test("a 100-shard folder is inspected from its headers, every shard counted")
+    func hundredShards() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let script = """
+        import sys, json, numpy as np
+        from safetensors.numpy import save_file
+        folder, n, wm = sys.argv[1], 100, {}
+        for i in range(n):
+            name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            t = {f"layers.{i}.w{j}": np.full((4, 4), i, np.float32) for j in range(3)}
+            save_file(t, f"{folder}/{name}", metadata={"format": "pt"})
+            wm.update({k: name for k in t})
+        json.dump({"metadata": {"total_size": n * 3 * 64}, "weight_map": wm}, open(f"{folder}/model.safetensors.index.json", "w"))
+        """
+        try #require(try runPython(script, dir.path) == 0)
+        let r = try adapter("inspect", "--json", dir.path)
+        #expect(r.status == 0, "\(r.stderr)")
+        let o = try #require(parseJSONObject(r.stdout))
+        #expect((o["files"] as? [String])?.count == 100)
+        #expect(o["tensor_count"] as? Int == 300)
+        #expect(o["byte_count"] as? Int == 300 * 64)
+    }
+
     @Test("bad usage exits 2")
     func usage() throws {
         #expect(try adapter("inspect").status == 2)

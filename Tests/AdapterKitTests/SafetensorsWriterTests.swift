@@ -58,6 +58,34 @@ struct SafetensorsWriterTests {
         #expect(throws: SafetensorsWriteError.self) { try floatBytes([1, 2]).withUnsafeBytes { try w.append($0) } }
     }
 
+    @Test("a file appears at its path only when complete; a failed write leaves nothing")
+    func atomic() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let target = dir.file("t.safetensors")
+        struct Stop: Error {}
+        #expect(throws: Stop.self) {
+            try SafetensorsWriter.write(to: target, tensors: [TensorSpec(name: "a", dtype: .f32, shape: [1]), TensorSpec(name: "b", dtype: .f32, shape: [1])],
+                                        metadata: nil) { t, w in
+                if t.name == "b" { throw Stop() }
+                try floatBytes([1]).withUnsafeBytes { try w.append($0) }
+            }
+        }
+        #expect(try FileManager.default.contentsOfDirectory(atPath: dir.path).isEmpty)
+        try SafetensorsWriter.write(to: target, tensors: [TensorSpec(name: "a", dtype: .f32, shape: [1])], metadata: nil) { _, w in
+            try floatBytes([7]).withUnsafeBytes { try w.append($0) }
+        }
+        #expect(try SafetensorsFile(path: target).floats("a") == [7])
+        #expect(try FileManager.default.contentsOfDirectory(atPath: dir.path) == ["t.safetensors"])
+        // Too few bytes for a tensor is an error too, and the old file stays when replacing fails.
+        #expect(throws: SafetensorsWriteError.self) {
+            try SafetensorsWriter.write(to: target, tensors: [TensorSpec(name: "a", dtype: .f32, shape: [2])], metadata: nil, replacing: true) { _, w in
+                try floatBytes([1]).withUnsafeBytes { try w.append($0) }
+            }
+        }
+        #expect(try SafetensorsFile(path: target).floats("a") == [7])
+    }
+
     @Test("what the writer makes, the reference reads back and writes identically", .enabled(if: pythonSafetensorsAvailable))
     func pythonRoundTrip() throws {
         let dir = TempDir()

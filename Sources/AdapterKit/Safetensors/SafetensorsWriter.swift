@@ -150,3 +150,27 @@ public final class SafetensorsWriter {
         }
     }
 }
+
+extension SafetensorsWriter {
+    /// Writes a whole safetensors file: under a temporary name beside `path`, renamed into place
+    /// only when every tensor's bytes were given. `data` is called once per tensor, in layout
+    /// order, and appends exactly that tensor's bytes. On any error nothing appears at `path`.
+    public static func write(
+        to path: String, tensors: [TensorSpec], metadata: [(key: String, value: String)]?, replacing: Bool = false, sync: Bool = true,
+        data: (TensorInfo, SafetensorsWriter) throws -> Void
+    ) throws {
+        let layout = try SafetensorsLayout(tensors: tensors, metadata: metadata, file: path)
+        let out = TemporaryOutput(target: path)
+        do {
+            let fd = try FileDescriptor.createExclusive(out.temporaryPath)
+            let writer = try SafetensorsWriter(layout: layout, output: fd)
+            for t in layout.tensors { try data(t, writer) }
+            try writer.finish()
+            if sync { try fd.sync() }
+            try out.commit(replacing: replacing)
+        } catch {
+            out.discard()
+            throw error
+        }
+    }
+}

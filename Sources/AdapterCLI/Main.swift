@@ -20,13 +20,7 @@ struct AdapterCommand: ParsableCommand {
         do {
             command = try parseAsRoot()
         } catch {
-            let status = exitCode(for: error)
-            if status == .success {
-                print(fullMessage(for: error))
-                Foundation.exit(0)
-            }
-            writeError(fullMessage(for: error))
-            Foundation.exit(2)
+            exitForParser(error)
         }
         do {
             var command = command
@@ -35,18 +29,24 @@ struct AdapterCommand: ParsableCommand {
             Foundation.exit(code.rawValue)
         } catch where String(reflecting: type(of: error)).hasPrefix("ArgumentParser.") {
             // Help requested of a command without its own run, or a parse-level error.
-            let status = exitCode(for: error)
-            if status == .success {
-                print(fullMessage(for: error))
-                Foundation.exit(0)
-            }
-            writeError(fullMessage(for: error))
-            Foundation.exit(2)
+            exitForParser(error)
         } catch {
             TemporaryOutputRegistry.shared.removeAll()
             writeError("adapter: error: \(oneLine(String(describing: error)))")
             Foundation.exit(1)
         }
+    }
+}
+
+extension AdapterCommand {
+    /// Help and version exit 0 on stdout; every other argument error is usage: status 2.
+    static func exitForParser(_ error: Error) -> Never {
+        if exitCode(for: error) == .success {
+            print(fullMessage(for: error))
+            Foundation.exit(0)
+        }
+        writeError(fullMessage(for: error))
+        Foundation.exit(2)
     }
 }
 

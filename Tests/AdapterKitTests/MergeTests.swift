@@ -41,6 +41,11 @@ func ulpDistance(_ a: Double, _ b: Double, _ dtype: DType) -> Double {
 
 @Suite("merge: results against independent numpy references")
 struct MergeReferenceTests {
+    @Test("the numpy references are present")
+    func present() {
+        #expect(expectedPairs.count >= 20)
+    }
+
     @Test("merged tensors equal the Float64 reference rounded once; other tensors are copied bit for bit", arguments: expectedPairs)
     func pair(_ pair: String) throws {
         let parts = pair.split(separator: "+").map(String.init)
@@ -146,6 +151,45 @@ struct MergeReferenceTests {
             let maxAbs = d.map { abs($0) }.max()!
             #expect(abs(r.statistics.maxAbsUpdate - maxAbs) <= 1e-6 * maxAbs)
             #expect(abs(r.statistics.survival - 1) < 1e-4)
+        }
+    }
+}
+
+@Suite("merge: results against the real PEFT library's merge_and_unload")
+struct MergeAgainstPEFTTests {
+    /// Pairs in Fixtures/expected/real: PEFT (0.21) saved the adapter and its own merged weights.
+    static let pairs: [String] = {
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: fixture("expected/real"))) ?? []
+        return names.filter { $0.hasSuffix(".safetensors") }.map { String($0.dropLast(".safetensors".count)) }.sorted()
+    }()
+
+    @Test("the PEFT references are present: LoRA, rsLoRA with patterns, DoRA, Conv1D with lora_bias, embedding")
+    func present() {
+        #expect(Self.pairs.count == 5)
+    }
+
+    @Test("every tensor PEFT changed, we change to the same values (Float32 rounding apart)", arguments: pairs)
+    func pair(_ pair: String) throws {
+        let parts = pair.split(separator: "+").map(String.init)
+        let dir = TempDir()
+        defer { dir.remove() }
+        let (merged, _) = try merge(base: modelPath(parts[0]), adapters: [(adapterPath(parts[1]), 1)], out: dir.file("o.safetensors"))
+        let peft = try SafetensorsFile(path: fixture("expected/real/\(pair).safetensors"))
+        let base = try Checkpoint(path: modelPath(parts[0]))
+        #expect(!peft.header.tensors.isEmpty)
+        for t in peft.header.tensors {
+            let want = try peft.doubles(t.name)
+            let got = try merged.files[0].doubles(t.name)
+            let w = try base.files[0].doubles(t.name)
+            let scale = zip(want, w).map { abs($0 - $1) }.max()! + w.map { abs($0) }.max()!
+            for i in want.indices {
+                #expect(abs(got[i] - want[i]) <= 0x1p-20 * scale, "\(t.name)[\(i)]: \(got[i]) vs PEFT \(want[i])")
+            }
+        }
+        // And nothing else changed.
+        let changed = Set(peft.header.tensors.map(\.name))
+        for (info, file) in merged.tensors where !changed.contains(info.name) {
+            #expect(try merged.files[file].doubles(info.name) == base.files[0].doubles(info.name), "\(info.name)")
         }
     }
 }

@@ -78,7 +78,9 @@ enum AdapterLoader {
             let weights = joinPath(folder, name)
             return Located(format: .paddle, weights: weights, configPath: configPath, config: config, store: try openTensorFile(weights))
         }
-        for name in tensorFiles {
+        // A sharded model folder is not an adapter: do not open its shards looking for LoRA keys.
+        let isShardedModel = entries.contains { $0.hasSuffix(".safetensors.index.json") }
+        for name in isShardedModel ? [] : tensorFiles.prefix(4) {
             let weights = joinPath(folder, name)
             guard let store = try? openTensorFile(weights), let format = detectFormat(store.tensorInfos.map(\.name)) else { continue }
             let configPath = file("config.json")

@@ -3,6 +3,7 @@
 rank-r MoSLoRA adapter (original layout: lora_A / lora_AB / lora_B) on all seven projections.
 
     python3 Benchmarks/make_model.py OUT_DIR [--size-gb 2] [--rank 16] [--hidden 2048] [--intermediate 5504]
+        [--vocab 32000] [--shard-gb 0.5 | --shards N] [--layers N]
 
 Written at run time for benchmarks; never committed. Needs numpy and safetensors.
 """
@@ -22,6 +23,8 @@ p.add_argument("--intermediate", type=int, default=5504)
 p.add_argument("--vocab", type=int, default=32000)
 p.add_argument("--shard-gb", type=float, default=0.5)
 p.add_argument("--layers", type=int, default=0, help="override the layer count derived from --size-gb")
+p.add_argument("--shards", type=int, default=0,
+               help="split the tensors into exactly this many shards of near-equal tensor counts (instead of --shard-gb)")
 args = p.parse_args()
 
 h, i, v, r = args.hidden, args.intermediate, args.vocab, args.rank
@@ -51,12 +54,20 @@ for l in range(layers):
 names += [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
 
 shards, current, size = [], [], 0
-for n, s in names:
-    b = int(np.prod(s)) * 2
-    if current and size + b > args.shard_gb * 1e9:
-        shards.append(current); current, size = [], 0
-    current.append((n, s)); size += b
-shards.append(current)
+if args.shards:
+    if args.shards > len(names):
+        p.error(f"--shards {args.shards}: only {len(names)} tensors")
+    q, extra = divmod(len(names), args.shards)
+    for k in range(args.shards):
+        start = k * q + min(k, extra)
+        shards.append(names[start:start + q + (k < extra)])
+else:
+    for n, s in names:
+        b = int(np.prod(s)) * 2
+        if current and size + b > args.shard_gb * 1e9:
+            shards.append(current); current, size = [], 0
+        current.append((n, s)); size += b
+    shards.append(current)
 weight_map, total = {}, 0
 for k, shard in enumerate(shards):
     fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"

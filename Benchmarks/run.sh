@@ -86,10 +86,11 @@ measure() {
 # ---------------------------------------------------------------- machine, build, dependencies
 START=$EPOCHSECONDS
 log "benchmark: $CMDLINE (quick=$QUICK, sizes: $SIZES GB, $RUNS timed runs each) → $RESULTS"
-mkdir -p "$LOGS"
+rm -rf "$LOGS"; mkdir -p "$LOGS"
 log "building release"
 swift build -c release >"$LOGS/build.log" 2>&1 || { tail -n 30 "$LOGS/build.log" >&2; exit 1; }
 
+[ -x /usr/bin/time ] || { echo "run.sh: GNU time is needed for peak memory (apt-get install time)" >&2; exit 1; }
 python3 -c 'import numpy, safetensors' 2>/dev/null || {
     echo "run.sh: numpy and safetensors are needed (pip install numpy safetensors)" >&2; exit 1; }
 pyhas() { python3 -c "import $1" >/dev/null 2>&1; }
@@ -196,6 +197,7 @@ run_tool() {  # TOOL SIZE RUN (into section $SECTION: merge, or verify for the u
     esac
 }
 
+DONE_GB=0 MERGE_START=$EPOCHSECONDS
 for size in $SIZES; do
     rm -rf "$MODELS" "$OUT"; mkdir -p "$MODELS"
     log "merge: generating the $size GB model (rank $RANK MoSLoRA adapter)"
@@ -253,6 +255,10 @@ EOF
         log "  $size GB round $run/$RUNS done ($(( EPOCHSECONDS - START )) s elapsed)"
     done
     rm -rf "$MODELS"
+    DONE_GB=$(awk -v a="$DONE_GB" -v b="$size" 'BEGIN { print a + b }')
+    left=$(printf '%s\n' $SIZES | awk -v d="$DONE_GB" '{ t += $1 } END { print t - d }')
+    log "  $size GB done; $(( EPOCHSECONDS - START )) s elapsed, about $(awk -v e=$(( EPOCHSECONDS - MERGE_START )) \
+        -v d="$DONE_GB" -v l="$left" 'BEGIN { printf "%d", e / d * l }') s to go at this pace"
 done
 
 # ---------------------------------------------------------------- report

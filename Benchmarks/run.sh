@@ -138,7 +138,7 @@ fi
     echo "nproc	$(nproc)"
     echo "cpu	$(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -n 1)"
     echo "cpu_flags	$(grep -o -w -E 'avx2|fma|avx512f' /proc/cpuinfo | sort -u | tr '\n' ' ')"
-    echo "memory_bytes	$(awk '/MemTotal/ {printf "%d", $2 * 1024}' /proc/meminfo)"
+    echo "memory_bytes	$(awk '/MemTotal/ {printf "%.0f", $2 * 1024}' /proc/meminfo)"
     echo "disk	$(df -PhT "$WORK" | awk 'NR == 2 {print $1 " (" $2 "), " $3 " total, " $5 " free at start"}')"
     echo "kernel	$(uname -sr)"
     echo "swift	$(swift --version 2>&1 | head -n 1)"

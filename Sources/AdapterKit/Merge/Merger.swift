@@ -76,6 +76,11 @@ public final class Merger {
 
     deinit { inputBuffer.deallocate() }
 
+    /// Test hook, for the fault-injection tests only: `ADAPTER_TEST_DELAY_PER_TENSOR_MS=N` makes the
+    /// merge pause N ms after each tensor, so a signal can land mid-merge on tiny inputs. Unset: no effect.
+    static let testDelayPerTensor: UInt32 =
+        ProcessInfo.processInfo.environment["ADAPTER_TEST_DELAY_PER_TENSOR_MS"].flatMap { UInt32($0) }.map { min($0, 10_000) } ?? 0
+
     /// Checks OUT against the inputs: it must not exist (unless forced), and must not be, be
     /// inside, or contain the base or an adapter.
     public static func checkOutput(_ output: String, base: String, adapters: [String], force: Bool) throws {
@@ -243,6 +248,7 @@ public final class Merger {
                 summary.tensorsCopied += 1
             }
             written += t.byteCount
+            if Self.testDelayPerTensor > 0 { usleep(Self.testDelayPerTensor * 1000) }
             let done = written
             if let progress { pipeline.submit { progress(done, total) } }
         }

@@ -47,6 +47,9 @@ struct AdapterSettings {
             if let p = config["alpha_pattern"]?.objectValue {
                 alphaPattern = p.members.compactMap { k, v in v.double.map { (k, $0) } }
             }
+            for key in rankPattern.map(\.0) + alphaPattern.map(\.0) where !Self.isSafePattern(key) {
+                throw InputError(configPath, "pattern key \(quotedForMessage(key)) is a regular expression too costly to match (nested quantifiers, or more than \(Self.maximumPatternQuantifiers) quantifiers)")
+            }
             if !rankPattern.isEmpty { warnings.append("rank_pattern in use: \(rankPattern.map { "\($0.0)=\($0.1)" }.joined(separator: ", "))") }
             if !alphaPattern.isEmpty {
                 warnings.append("alpha_pattern in use: \(alphaPattern.map { "\($0.0)=\(formatNumber($0.1))" }.joined(separator: ", "))")
@@ -165,6 +168,62 @@ struct AdapterSettings {
             if let alpha { return alpha / Double(r) }
             return 20
         }
+    }
+
+    static let maximumPatternQuantifiers = 2
+
+    /// Whether matching `key` as a regular expression stays cheap on the backtracking matcher.
+    ///
+    /// A config key such as `(.*)*z` or `(a|a)*!` takes exponential time per module name (a hostile
+    /// adapter_config.json hung the tool); several `.*` take a high power of the name's length.
+    /// Real keys are module names, at most with one `.*` or a class. Refused: a quantifier on a group
+    /// that holds a quantifier or an alternation, and more than two quantifiers.
+    static func isSafePattern(_ key: String) -> Bool {
+        var quantifiers = 0
+        var groupIsRisky: [Bool] = [false]  // per open group: holds a quantifier or `|`
+        var afterRiskyGroup = false
+        var afterQuantifier = false
+        var previous: Unicode.Scalar? = nil
+        var scalars = key.unicodeScalars.makeIterator()
+        while let c = scalars.next() {
+            var closesRiskyGroup = false
+            var isQuantifier = false
+            switch c {
+            case "\\":
+                _ = scalars.next()  // an escaped character is one atom
+            case "[":
+                // A class is one atom: skip to its closing bracket (a `]` first in it is literal).
+                var first = true
+                while let d = scalars.next() {
+                    if d == "\\" { _ = scalars.next() } else if d == "]" && !first { break }
+                    if d != "^" { first = false }
+                }
+            case "(":
+                groupIsRisky.append(false)
+            case ")":
+                if groupIsRisky.count > 1 {
+                    closesRiskyGroup = groupIsRisky.removeLast()
+                    if closesRiskyGroup { groupIsRisky[groupIsRisky.count - 1] = true }
+                }
+            case "|":
+                groupIsRisky[groupIsRisky.count - 1] = true
+            case "*", "+", "?", "{":
+                // `(?` opens a group modifier; `*?` and `*+` make a quantifier lazy or possessive.
+                isQuantifier = !(c == "?" && previous == "(") && !((c == "?" || c == "+") && afterQuantifier)
+                if isQuantifier {
+                    if afterRiskyGroup { return false }
+                    quantifiers += 1
+                    groupIsRisky[groupIsRisky.count - 1] = true
+                    if c == "{" { while let d = scalars.next(), d != "}" {} }
+                }
+            default:
+                break
+            }
+            afterRiskyGroup = closesRiskyGroup
+            afterQuantifier = isQuantifier
+            previous = c
+        }
+        return quantifiers <= maximumPatternQuantifiers
     }
 
     /// PEFT's pattern rule: key K applies to module N when N matches `(.*\.)?K$`; the first match wins.

@@ -65,6 +65,10 @@ public final class Adapter: Sendable {
 
     /// Whether `path` looks like an adapter (by its files or its tensor names) rather than a model.
     public static func looksLikeAdapter(_ path: String) -> Bool {
-        (try? AdapterLoader.locate(path)) != nil
+        if (try? AdapterLoader.locate(path)) != nil { return true }
+        // A folder with an adapter config is an adapter even when the config is broken: loading it
+        // then says what is wrong, instead of the folder being reported as a model.
+        return FileSystem.kind(path) == .directory
+            && ["adapter_config.json", "lora_config.json"].contains { FileSystem.kind(joinPath(path, $0)) == .file }
     }
 }

@@ -217,14 +217,18 @@ AVX2 static int merge_tile_rows_avx2(int st, const char *src, int dt, char *dst,
     return ok;
 }
 
+/* -1 until the first call. The kernel's worker threads all call this at once on the first tensor,
+   so the cached answer is read and written atomically (relaxed: every writer stores the same value). */
 static int avx2_state = -1;
 
 int adapter_merge_kernel_is_vectorised(void) {
-    if (avx2_state < 0) {
+    int state = __atomic_load_n(&avx2_state, __ATOMIC_RELAXED);
+    if (state < 0) {
         __builtin_cpu_init();
-        avx2_state = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+        state = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+        __atomic_store_n(&avx2_state, state, __ATOMIC_RELAXED);
     }
-    return avx2_state;
+    return state;
 }
 
 #else

@@ -1,6 +1,7 @@
 import AdapterKit
 import ArgumentParser
 import Foundation
+import Synchronization
 
 /// The `adapter` command: parses arguments, calls AdapterKit, prints.
 ///
@@ -31,6 +32,8 @@ struct AdapterCommand: ParsableCommand {
             // Help requested of a command without its own run, or a parse-level error.
             exitForParser(error)
         } catch {
+            // A signal handler that removed the temporaries made this error: it reports and exits.
+            if interrupted.load(ordering: .sequentiallyConsistent) { while true { pause() } }
             TemporaryOutputRegistry.shared.removeAll()
             writeError("adapter: error: \(oneLine(String(describing: error)))")
             Foundation.exit(1)
@@ -65,9 +68,11 @@ func installSignalCleanup() {
         signal(sig, SIG_IGN)
         let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
         source.setEventHandler {
+            interrupted.store(true, ordering: .sequentiallyConsistent)
             TemporaryOutputRegistry.shared.removeAll()
             writeError("adapter: interrupted; nothing was written")
-            Foundation.exit(128 + sig)
+            // _exit: the main thread is still running and must not race the exit handlers with us.
+            _exit(128 + sig)
         }
         source.resume()
         signalSources.append(source)
@@ -75,3 +80,6 @@ func installSignalCleanup() {
 }
 
 nonisolated(unsafe) var signalSources: [DispatchSourceSignal] = []
+
+/// Set by the signal handler before it removes the temporaries (the main thread's writes then fail).
+let interrupted = Atomic<Bool>(false)

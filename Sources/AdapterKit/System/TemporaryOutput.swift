@@ -72,7 +72,12 @@ public final class TemporaryOutputRegistry: @unchecked Sendable {
     /// Removes every registered temporary (called from a signal handler's dispatch source).
     public func removeAll() {
         lock.lock(); defer { lock.unlock() }
-        for p in paths { FileSystem.removeTree(p) }
+        for p in paths {
+            // Moved aside first, atomically: a thread still writing into the temporary then gets
+            // ENOENT for any new file instead of adding it to a tree being removed (which would stay).
+            let aside = p + ".removing"
+            FileSystem.removeTree((try? FileSystem.rename(p, to: aside)) != nil ? aside : p)
+        }
         paths.removeAll()
     }
 }

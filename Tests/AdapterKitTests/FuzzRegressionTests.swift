@@ -129,3 +129,22 @@ struct FuzzFixTests {
         #expect(DispatchTime.now().uptimeNanoseconds - start.uptimeNanoseconds < 5_000_000_000)
     }
 }
+
+extension FuzzFixTests {
+    // A 505-byte checkpoint whose tensor is a (100000, 100000) view with strides (0, 0) over one
+    // float: it passed the bounds check (the view's last element is inside the storage) and reading
+    // it tried to allocate 37 GiB (convert to-safetensors crashed with a backtrace).
+    @Test("a strided view that repeats storage elements is refused when the checkpoint is opened")
+    func repeatingView() throws {
+        let start = DispatchTime.now()
+        #expect {
+            _ = try TorchCheckpoint(path: fixture("fuzz/fuzz-torch/stride-zero-40-gb-view.pt"))
+        } throws: { error in
+            String(describing: error).contains("repeats elements") && !String(describing: error).contains("\n")
+        }
+        #expect(DispatchTime.now().uptimeNanoseconds - start.uptimeNanoseconds < 5_000_000_000)
+        // Views that only reorder elements stay readable.
+        let noncontiguous = try TorchCheckpoint(path: fixture("pytorch/noncontig.pt"))
+        #expect(!noncontiguous.tensorInfos.isEmpty)
+    }
+}

@@ -229,6 +229,11 @@ public final class TorchCheckpoint: TensorStore {
             throw problem("storage \(quotedForMessage(t.storage.key)) holds \(member.uncompressedSize) bytes but the pickle declares \(t.storage.count) elements of \(itemSize) bytes")
         }
         let elements = try byteCount(t, name: name, path: path) / max(t.dtype.byteSize, 1)
+        // More elements than the storage holds means the view repeats elements (a zero or overlapping
+        // stride): a few hundred bytes could then declare gigabytes to gather and write.
+        guard elements <= member.uncompressedSize / max(t.dtype.byteSize, 1) else {
+            throw problem("its view (shape \(t.shape), stride \(t.stride)) repeats elements of its \(member.uncompressedSize)-byte storage (a zero or overlapping stride); save a contiguous copy (.contiguous()) instead")
+        }
         var contiguous = true
         if elements > 0 {
             // The last element the view touches must lie inside the storage.

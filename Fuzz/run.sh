@@ -54,6 +54,14 @@ PY
         for f in "$root"/Fixtures/adapters/*/adapter_config.json; do
             { printf '\x00'; cat "$f"; } > "$dir/peft-$((i++))"
         done
+        # Pattern keys are regular expressions: seeds with a few, so the fuzzer mutates them too.
+        python3 - "$root/Fixtures/adapters/moslora-original/adapter_config.json" "$dir" <<'PY'
+import json, sys
+c = json.load(open(sys.argv[1]))
+c["rank_pattern"] = {"q_proj": 4, "layers\\.[0-9]+\\.self_attn\\.v_proj": 4}
+c["alpha_pattern"] = {".*down_proj": 16, "(q|k)_proj": 4}
+open(sys.argv[2] + "/peft-patterns", "wb").write(b"\x00" + json.dumps(c).encode())
+PY
         { printf '\x01'; cat "$root/Fixtures/adapters/paddle/lora_config.json"; } > "$dir/paddle"
         { printf '\x02'; cat "$root/Fixtures/adapters/mytransformers/config.json"; } > "$dir/mytransformers" ;;
     fuzz-zip|fuzz-torch)

@@ -46,7 +46,7 @@ enum FuzzReplay {
         var machine = PickleMachine(bytes)
         defer { machine.breakCycles() }
         let root = try machine.run()
-        _ = try TorchCheckpoint.collectTensors(root, path: "fuzz")
+        _ = try TorchCheckpoint.collectTensors(root, path: "fuzz", pickleBytes: bytes.count)
     }
 
     /// Replays one saved input of the target named by its folder.
@@ -146,5 +146,24 @@ extension FuzzFixTests {
         // Views that only reorder elements stay readable.
         let noncontiguous = try TorchCheckpoint(path: fixture("pytorch/noncontig.pt"))
         #expect(!noncontiguous.tensorInfos.isEmpty)
+    }
+}
+
+extension FuzzFixTests {
+    // A 793-byte pickle: a tensor in a dict {"a": x, "b": x} nested 30 times through the memo, so
+    // 2^30 paths. The walk ran to its fixed 10-million-node budget: 14 s and 1.3 GB before refusing.
+    @Test("a pickle whose shared sub-objects make 2^30 paths is refused at once, within a budget its size justifies")
+    func sharedSubObjects() throws {
+        let start = DispatchTime.now()
+        #expect {
+            _ = try TorchCheckpoint(path: fixture("fuzz/fuzz-torch/shared-dicts-2-to-the-30-paths.pt"))
+        } throws: { error in
+            String(describing: error).contains("too large to walk")
+        }
+        #expect(DispatchTime.now().uptimeNanoseconds - start.uptimeNanoseconds < 2_000_000_000)
+        // Real checkpoints, nested and shared ones included, stay within the budget.
+        for name in ["adapter_model.bin", "nested.pt", "shared.pt", "dtypes.pt", "parameter.pt", "zip64.pt"] {
+            #expect(throws: Never.self, "\(name)") { _ = try TorchCheckpoint(path: fixture("pytorch/" + name)) }
+        }
     }
 }

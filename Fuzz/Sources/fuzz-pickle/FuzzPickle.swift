@@ -9,7 +9,7 @@ public func fuzzPickle(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 {
         var machine = PickleMachine(Array(bytes))
         defer { machine.breakCycles() }
         guard let root = try? machine.run() else { return }
-        _ = try? TorchCheckpoint.collectTensors(root, path: "fuzz")
+        _ = try? TorchCheckpoint.collectTensors(root, path: "fuzz", pickleBytes: bytes.count)
     }
     return 0
 }

@@ -74,7 +74,7 @@ public final class TorchCheckpoint: TensorStore {
         let root: PickleValue
         do { root = try machine.run() } catch { throw InputError(path, "\(prefix)data.pkl: \(error.description)") }
 
-        let (found, wrapper) = try Self.collectTensors(root, path: path)
+        let (found, wrapper) = try Self.collectTensors(root, path: path, pickleBytes: pickle.count)
         self.unwrappedKey = wrapper
         var records: [String: Record] = [:]
         var infos: [TensorInfo] = []
@@ -128,11 +128,16 @@ public final class TorchCheckpoint: TensorStore {
     // MARK: - Walking the pickled value
 
     /// Tensors in the order the pickle lists them, and the wrapper key that was removed, if any.
-    static func collectTensors(_ root: PickleValue, path: String) throws -> ([(String, TorchTensorReference)], String?) {
+    ///
+    /// The walk's budgets grow with the pickle's size: a sub-object referenced twice at each of 30
+    /// levels makes 2^30 paths, so a few hundred bytes could otherwise name millions of tensors.
+    static func collectTensors(_ root: PickleValue, path: String, pickleBytes: Int) throws -> ([(String, TorchTensorReference)], String?) {
         guard case .dict(let top) = root else {
             throw InputError(path, "the checkpoint holds a \(root.kindName), not a dict of tensors")
         }
-        var walker = Walker(path: path)
+        let bytes = min(max(pickleBytes, 0), maxPickleBytes)
+        var walker = Walker(path: path, maxVisits: min(maxVisits, 4 * bytes + 1024),
+                            maxTotalNameBytes: min(Walker.maxTotalNameBytes, 16 * bytes + (1 << 20)))
         var perKey: [(key: String, value: PickleValue, tensors: [(String, TorchTensorReference)])] = []
         for (k, v) in top.items {
             let key = try walker.keyString(k)
@@ -154,6 +159,9 @@ public final class TorchCheckpoint: TensorStore {
         static let maxNameBytes = 64 << 10
         static let maxTotalNameBytes = 256 << 20
         let path: String
+        /// Nodes a walk may visit and name bytes it may make, for this pickle.
+        let maxVisits: Int
+        let maxTotalNameBytes: Int
         var components: [String] = []
         var found: [(String, TorchTensorReference)] = []
         var visits = 0
@@ -171,14 +179,16 @@ public final class TorchCheckpoint: TensorStore {
 
         mutating func walk(_ v: PickleValue, depth: Int) throws {
             visits += 1
-            guard visits <= maxVisits else { throw InputError(path, "the pickled value is too large to walk (more than \(maxVisits) nodes)") }
+            guard visits <= maxVisits else {
+                throw InputError(path, "the pickled value is too large to walk (more than \(maxVisits) nodes for a pickle of its size; shared sub-objects repeated)")
+            }
             guard depth <= maxDepth else { throw InputError(path, "the pickled value nests deeper than \(maxDepth) levels") }
             switch v {
             case .tensor(let t):
                 let name = components.joined(separator: ".")
                 nameBytes += name.utf8.count
-                guard name.utf8.count <= Self.maxNameBytes, nameBytes <= Self.maxTotalNameBytes else {
-                    throw InputError(path, "tensor names are too long (a name over \(Self.maxNameBytes) bytes, or \(Self.maxTotalNameBytes) in all)")
+                guard name.utf8.count <= Self.maxNameBytes, nameBytes <= maxTotalNameBytes else {
+                    throw InputError(path, "tensor names are too long (a name over \(Self.maxNameBytes) bytes, or \(maxTotalNameBytes) in all)")
                 }
                 found.append((name, t))
             case .dict(let d):

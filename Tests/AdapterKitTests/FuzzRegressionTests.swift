@@ -167,3 +167,18 @@ extension FuzzFixTests {
         }
     }
 }
+
+extension FuzzFixTests {
+    // A 1.2 MB pickle (deflated to a few KB): a 1 MiB key memoized once, then SETITEM with it 50,000
+    // times. Each set hashed the whole key: 20 s in a debug build, hours for a pickle near the limit.
+    @Test("a long dict key set again and again is refused within a budget the pickle's size justifies")
+    func repeatedLongKey() throws {
+        let start = DispatchTime.now()
+        #expect {
+            _ = try TorchCheckpoint(path: fixture("fuzz/fuzz-torch/long-key-set-50000-times.pt"))
+        } throws: { error in
+            String(describing: error).contains("dict keys add up to more than")
+        }
+        #expect(DispatchTime.now().uptimeNanoseconds - start.uptimeNanoseconds < 3_000_000_000)
+    }
+}

@@ -81,6 +81,8 @@ for path in sys.argv[2:]:
 PY
         ;;
     esac
+    # The inputs that once crashed or hung a target (replayed by FuzzRegressionTests) seed it too.
+    if [ -d "$root/Fixtures/fuzz/$target" ]; then cp "$root/Fixtures/fuzz/$target/"* "$dir/"; fi
     [ -n "$(ls -A "$dir")" ] || { echo "no seeds for $target" >&2; exit 1; }
     echo "$dir"
 }

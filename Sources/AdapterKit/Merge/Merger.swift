@@ -76,6 +76,18 @@ public final class Merger {
 
     deinit { inputBuffer.deallocate() }
 
+    /// Shards written, to be flushed together at the end.
+    private var shardPaths: [String] = []
+
+    /// fsyncs every shard once all are written: one flush of everything, as `cp && sync` does,
+    /// instead of a flush per shard that would stall the pipeline; still before any rename.
+    private func syncWrittenFiles() throws {
+        guard options.sync else { return }
+        for path in shardPaths {
+            try FileDescriptor.openForReading(path).sync()
+        }
+    }
+
     /// Test hook, for the fault-injection tests only: `ADAPTER_TEST_DELAY_PER_TENSOR_MS=N` makes the
     /// merge pause N ms after each tensor, so a signal can land mid-merge on tiny inputs. Unset: no effect.
     static let testDelayPerTensor: UInt32 =
@@ -131,9 +143,13 @@ public final class Merger {
                 if let indexName = base.indexFileName {
                     try writeIndex(from: joinPath(base.path, indexName), to: joinPath(out.temporaryPath, indexName), regenerate: shapesChanged)
                 }
+                try pipeline.drain()
+                try syncWrittenFiles()
                 if options.sync { FileSystem.syncDirectory(out.temporaryPath) }
             } else {
                 _ = try writeShard(0, to: out.temporaryPath)
+                try pipeline.drain()
+                try syncWrittenFiles()
             }
             try out.commit(replacing: options.force)
         } catch {
@@ -252,12 +268,10 @@ public final class Merger {
             let done = written
             if let progress { pipeline.submit { progress(done, total) } }
         }
-        let sync = options.sync
-        pipeline.submit {
-            try handoff.value.finish()
-            if sync { try fd.sync() }
-        }
-        try pipeline.drain()
+        // No barrier here: the next shard is computed while this one's last blocks are written.
+        pipeline.submit { try handoff.value.finish() }
+        shardPaths.append(path)
+        if let e = pipeline.error { throw e }
         return shapeChanged
     }
 

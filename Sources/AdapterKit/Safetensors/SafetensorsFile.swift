@@ -18,31 +18,26 @@ public protocol TensorStore: AnyObject, Sendable {
 extension TensorStore {
     /// The tensor's elements as Float32 (for adapter factors, which are small).
     public func floats(_ name: String) throws -> [Float] {
-        guard let t = info(name) else { throw TensorReadError(file: path, tensor: name, problem: "no such tensor") }
-        guard t.dtype.isReadableAsFloat else {
-            throw TensorReadError(file: path, tensor: name, problem: "dtype \(t.dtype.rawValue) is not a floating-point type")
-        }
-        let n = t.elementCount
-        var out = [Float](repeating: 0, count: n)
-        try withBytes(of: name) { raw in
-            out.withUnsafeMutableBufferPointer { dst in
-                if n > 0 { ElementConversion.toFloat(t.dtype, raw.baseAddress!, dst.baseAddress!, count: n) }
-            }
-        }
-        return out
+        try elements(name, as: Float.self, ElementConversion.toFloat)
     }
 
     /// The tensor's elements as Float64.
     public func doubles(_ name: String) throws -> [Double] {
+        try elements(name, as: Double.self, ElementConversion.toDouble)
+    }
+
+    private func elements<T: BinaryFloatingPoint>(
+        _ name: String, as _: T.Type, _ convert: (DType, UnsafeRawPointer, UnsafeMutablePointer<T>, Int) -> Void
+    ) throws -> [T] {
         guard let t = info(name) else { throw TensorReadError(file: path, tensor: name, problem: "no such tensor") }
         guard t.dtype.isReadableAsFloat else {
             throw TensorReadError(file: path, tensor: name, problem: "dtype \(t.dtype.rawValue) is not a floating-point type")
         }
         let n = t.elementCount
-        var out = [Double](repeating: 0, count: n)
+        var out = [T](repeating: 0, count: n)
         try withBytes(of: name) { raw in
             out.withUnsafeMutableBufferPointer { dst in
-                if n > 0 { ElementConversion.toDouble(t.dtype, raw.baseAddress!, dst.baseAddress!, count: n) }
+                if n > 0 { convert(t.dtype, raw.baseAddress!, dst.baseAddress!, n) }
             }
         }
         return out

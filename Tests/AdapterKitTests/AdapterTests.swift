@@ -61,6 +61,20 @@ struct AdapterLayoutTests {
         #expect(AdapterSettings.patternMatch(p, "model.layers.11.self_attn.o_proj") == nil)
     }
 
+    @Test("compiled pattern keys (text fast path or regex) match exactly as the regex (.*\\.)?KEY$ does")
+    func patternRuleEquivalence() throws {
+        let keys = ["v_proj", "q_proj", "proj", "layers.1.self_attn.o_proj", "layers\\.[0-9]+\\.mlp\\..*", "(q|k)_proj", "model.layers.0.self_attn.v_proj"]
+        let names = ["model.layers.0.self_attn.v_proj", "v_proj", "model.layers.0.self_attn.xv_proj", "model.layers.1.self_attn.o_proj",
+                     "model.layersX1.self_attn.o_proj", "model.layers.11.self_attn.o_proj", "model.layers.3.mlp.up_proj", "k_proj", "a.q_proj"]
+        for key in keys {
+            let regex = try Regex("(.*\\.)?(" + key + ")")
+            let rule = PatternRule(key: key, value: 0)
+            for name in names {
+                #expect(rule.matches(name) == ((try regex.wholeMatch(in: name)) != nil), "\(key) vs \(name)")
+            }
+        }
+    }
+
     @Test("lora_AB is a mixer, never lora_A (the original MoSLoRA trap)")
     func loraABTrap() throws {
         let a = try load("moslora-original")

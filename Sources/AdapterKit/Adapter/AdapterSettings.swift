@@ -14,6 +14,9 @@ struct AdapterSettings {
     private var alpha: Double?
     private var rankPattern: [(String, Int)] = []
     private var alphaPattern: [(String, Double)] = []
+    /// The patterns compiled once (a config may hold thousands of keys, applied to every module).
+    private var rankRules: [PatternRule<Int>] = []
+    private var alphaRules: [PatternRule<Double>] = []
     private var modulesToSave: [String] = []
     private var mlxScale: Double?
 
@@ -50,6 +53,8 @@ struct AdapterSettings {
             for key in rankPattern.map(\.0) + alphaPattern.map(\.0) where !Self.isSafePattern(key) {
                 throw InputError(configPath, "pattern key \(quotedForMessage(key)) is a regular expression too costly to match (nested quantifiers, or more than \(Self.maximumPatternQuantifiers) quantifiers)")
             }
+            rankRules = rankPattern.map { PatternRule(key: $0.0, value: $0.1) }
+            alphaRules = alphaPattern.map { PatternRule(key: $0.0, value: $0.1) }
             if !rankPattern.isEmpty { warnings.append("rank_pattern in use: \(rankPattern.map { "\($0.0)=\($0.1)" }.joined(separator: ", "))") }
             if !alphaPattern.isEmpty {
                 warnings.append("alpha_pattern in use: \(alphaPattern.map { "\($0.0)=\(formatNumber($0.1))" }.joined(separator: ", "))")
@@ -150,8 +155,8 @@ struct AdapterSettings {
             var configRank = rank ?? r
             var a = alpha ?? Double(configRank)
             if config == nil { a = Double(r); configRank = r }
-            if let p = Self.patternMatch(rankPattern, module.baseName) { configRank = p }
-            if let p = Self.patternMatch(alphaPattern, module.baseName) { a = p }
+            if let p = rankRules.first(where: { $0.matches(module.baseName) }) { configRank = p.value }
+            if let p = alphaRules.first(where: { $0.matches(module.baseName) }) { a = p.value }
             if configRank != r {
                 throw InputError(configPath, "module \(module.name): the config gives rank \(configRank) but its tensors have rank \(r)")
             }
@@ -228,11 +233,33 @@ struct AdapterSettings {
 
     /// PEFT's pattern rule: key K applies to module N when N matches `(.*\.)?K$`; the first match wins.
     static func patternMatch<T>(_ patterns: [(String, T)], _ name: String) -> T? {
-        for (key, value) in patterns {
-            if key == name { return value }
-            if let regex = try? Regex("(.*\\.)?(" + key + ")"), (try? regex.wholeMatch(in: name)) != nil { return value }
-        }
-        return nil
+        patterns.lazy.map { PatternRule(key: $0.0, value: $0.1) }.first { $0.matches(name) }?.value
+    }
+}
+
+/// One `rank_pattern` / `alpha_pattern` entry, compiled once. A key without regular-expression
+/// characters (the common case: module names) is matched as text: equal, or a dotted suffix.
+struct PatternRule<T> {
+    let key: String
+    let value: T
+    private let regex: Regex<AnyRegexOutput>?
+    private let literal: Bool
+
+    init(key: String, value: T) {
+        self.key = key
+        self.value = value
+        // Exactly the regex's meaning: with no metacharacter (not even "."), `(.*\.)?(KEY)` matches
+        // the key itself or the key after a dot.
+        literal = !key.contains { "\\^$.|?*+()[]{}".contains($0) }
+        regex = literal ? nil : try? Regex("(.*\\.)?(" + key + ")")
+    }
+
+    /// PEFT's rule: the module name matches `(.*\.)?KEY$`.
+    func matches(_ name: String) -> Bool {
+        if key == name { return true }
+        if literal { return name.hasSuffix("." + key) }
+        guard let regex else { return false }
+        return (try? regex.wholeMatch(in: name)) != nil
     }
 }
 

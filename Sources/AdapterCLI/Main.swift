@@ -70,7 +70,9 @@ func installSignalCleanup() {
         source.setEventHandler {
             interrupted.store(true, ordering: .sequentiallyConsistent)
             TemporaryOutputRegistry.shared.removeAll()
-            writeError("adapter: interrupted; nothing was written")
+            writeError(TemporaryOutputRegistry.shared.hasCommitted
+                ? "adapter: interrupted after the output was complete"
+                : "adapter: interrupted; nothing was written")
             // _exit: the main thread is still running and must not race the exit handlers with us.
             _exit(128 + sig)
         }

@@ -42,7 +42,7 @@ public final class TemporaryOutput: @unchecked Sendable {
             try FileSystem.rename(temporaryPath, to: target)
         }
         committed = true
-        TemporaryOutputRegistry.shared.unregister(temporaryPath)
+        TemporaryOutputRegistry.shared.unregister(temporaryPath, committed: true)
         FileSystem.syncDirectory(parentPath(target))
     }
 
@@ -64,9 +64,19 @@ public final class TemporaryOutputRegistry: @unchecked Sendable {
         paths.insert(path)
     }
 
-    func unregister(_ path: String) {
+    func unregister(_ path: String, committed: Bool = false) {
         lock.lock(); defer { lock.unlock() }
         paths.remove(path)
+        if committed { committedOutputs += 1 }
+    }
+
+    private var committedOutputs = 0
+
+    /// Whether some output was already renamed into place (a signal after that must not claim
+    /// that nothing was written).
+    public var hasCommitted: Bool {
+        lock.lock(); defer { lock.unlock() }
+        return committedOutputs > 0
     }
 
     /// Removes every registered temporary (called from a signal handler's dispatch source).

@@ -15,7 +15,6 @@ public struct MergeTerm: Sendable {
     public let module: LoRAModule
     /// scale × adapter weight.
     public let factor: Double
-    public let adapterIndex: Int
 }
 
 /// What happens to one base tensor.
@@ -88,7 +87,7 @@ public struct MergePlan: Sendable {
             return TensorPlan(baseName: name, base: info, file: file)
         }
 
-        for (index, input) in inputs.enumerated() {
+        for input in inputs {
             let adapter = input.adapter
             let label = inputs.count > 1 ? "\(adapter.path): " : ""
             if !adapter.unknownKeys.isEmpty && !options.allowUnknown {
@@ -138,7 +137,7 @@ public struct MergePlan: Sendable {
                     continue
                 }
                 guard var p = plan(target) else { continue }
-                let term = MergeTerm(module: module, factor: module.scale * input.weight, adapterIndex: index)
+                let term = MergeTerm(module: module, factor: module.scale * input.weight)
                 let expected = module.expectedBaseShape
                 let actual = p.replacement?.tensor.shape ?? p.base.shape
                 if expected != actual {

@@ -445,11 +445,23 @@ public final class Merger {
         submit(bytes, writer)
     }
 
+    /// Checks stored values in chunks: a replaced lm_head must not cost another copy of itself in Float64.
     private func checkFinite(_ bytes: [UInt8], dtype: DType, tensor: String) throws {
         let n = bytes.count / dtype.byteSize
-        var values = [Double](repeating: 0, count: n)
-        bytes.withUnsafeBytes { raw in values.withUnsafeMutableBufferPointer { ElementConversion.toDouble(dtype, raw.baseAddress!, $0.baseAddress!, count: n) } }
-        if values.contains(where: { !$0.isFinite }) {
+        let chunk = 4096
+        let finite = bytes.withUnsafeBytes { raw in
+            withUnsafeTemporaryAllocation(of: Double.self, capacity: chunk) { tmp in
+                var i = 0
+                while i < n {
+                    let m = min(chunk, n - i)
+                    ElementConversion.toDouble(dtype, raw.baseAddress! + i * dtype.byteSize, tmp.baseAddress!, count: m)
+                    if tmp[0..<m].contains(where: { !$0.isFinite }) { return false }
+                    i += m
+                }
+                return true
+            }
+        }
+        if !finite {
             throw MergeError(tensor: tensor, problem: "the result holds NaN or infinity (or overflows \(dtype.rawValue))")
         }
     }

@@ -91,11 +91,3 @@ public final class TemporaryOutputRegistry: @unchecked Sendable {
         paths.removeAll()
     }
 }
-
-/// Writes a whole small file atomically (config files, index files).
-public func writeFileAtomically(_ path: String, _ bytes: [UInt8]) throws {
-    let out = TemporaryOutput(target: path)
-    let fd = try FileDescriptor.createExclusive(out.temporaryPath)
-    try fd.writeAll(bytes)
-    try out.commit(replacing: true)
-}

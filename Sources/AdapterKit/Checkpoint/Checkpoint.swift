@@ -198,16 +198,69 @@ public final class Checkpoint: Sendable {
     }
 }
 
-/// Opens a tensor file by its first bytes: a zip (`PK`) or a bare pickle (0x80, the legacy
-/// format, which gets its own refusal) is a PyTorch checkpoint; anything else is safetensors.
+/// What a tensor file is, decided by its structure rather than by its first bytes alone: the
+/// first bytes of a safetensors file are the low bytes of its header length, which can be 0x80
+/// (a pickle's first byte) or `PK` (a zip's) as well as anything else.
+enum TensorFileKind: Equatable {
+    /// 8 bytes of header length N, N ≤ size − 8, and `{` at offset 8.
+    case safetensors
+    /// A zip archive: an end-of-central-directory record ends the file.
+    case torchZip
+    /// A bare pickle written by torch.save before 1.6: 0x80, a protocol byte, then torch's magic number.
+    case legacyPickle
+    /// None of these.
+    case unknown
+
+    /// torch.save's legacy magic number 0x1950a86a20f9469cfc6c as pickled first (LONG1, 10 bytes, little-endian).
+    static let legacyMagic: [UInt8] = [0x8A, 0x0A, 0x6C, 0xFC, 0x9C, 0x46, 0xF9, 0x20, 0x6A, 0xA8, 0x50, 0x19]
+
+    static func detect(_ fd: FileDescriptor, size: Int) throws -> TensorFileKind {
+        let head = try fd.readBytes(count: min(size, 14), at: 0)
+        if head.count >= 9 {
+            var n: UInt64 = 0
+            for i in 0..<8 { n |= UInt64(head[i]) << (8 * UInt64(i)) }
+            if n >= 2, n <= UInt64(size - 8), head[8] == UInt8(ascii: "{") { return .safetensors }
+        }
+        if head.count == 14, head[0] == 0x80, (2...5).contains(head[1]), Array(head[2...]) == legacyMagic { return .legacyPickle }
+        // The end-of-central-directory record: 22 bytes, signature PK\5\6, its comment running to the end of the file.
+        let tailCount = min(size, 22 + 0xFFFF)
+        if tailCount >= 22 {
+            let tail = try fd.readBytes(count: tailCount, at: size - tailCount)
+            var at = tail.count - 22
+            while at >= 0 {
+                if tail[at] == 0x50, tail[at + 1] == 0x4B, tail[at + 2] == 0x05, tail[at + 3] == 0x06,
+                   at + 22 + (Int(tail[at + 20]) | Int(tail[at + 21]) << 8) == tail.count {
+                    return .torchZip
+                }
+                at -= 1
+            }
+        }
+        return .unknown
+    }
+}
+
+/// Opens a tensor file, deciding by its structure: safetensors, a PyTorch zip checkpoint, or a
+/// legacy torch.save pickle (which gets its own refusal). A file that is none of these is refused
+/// with the safetensors rule it breaks and a word that it is not a PyTorch checkpoint either.
 public func openTensorFile(_ path: String) throws -> any TensorStore {
     let fd: FileDescriptor
     do { fd = try FileDescriptor.openForReading(path) } catch let e as SystemError { throw InputError(path, e.reason) }
-    let head = try fd.readBytes(count: 2, at: 0)
-    if head == [0x50, 0x4B] || head.first == 0x80 {
+    let status = try fd.status()
+    guard status.isRegular else { throw InputError(path, "not a regular file") }
+    switch try TensorFileKind.detect(fd, size: status.size) {
+    case .safetensors:
+        return try SafetensorsFile(path: path)
+    case .torchZip, .legacyPickle:
         return try TorchCheckpoint(path: path)
+    case .unknown:
+        do {
+            return try SafetensorsFile(path: path)
+        } catch let e as SafetensorsError {
+            let detail = (e.detail.isEmpty ? "" : e.detail + "; ")
+                + "nor is it a PyTorch zip (no end-of-central-directory record) or a legacy torch.save pickle (no protocol header with torch's magic number)"
+            throw SafetensorsError(file: e.file, tensor: e.tensor, rule: e.rule, detail: detail)
+        }
     }
-    return try SafetensorsFile(path: path)
 }
 
 /// Reads and parses a JSON file strictly (duplicate keys refused), with the path in any error.

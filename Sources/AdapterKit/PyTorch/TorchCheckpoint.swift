@@ -35,11 +35,12 @@ public final class TorchCheckpoint: TensorStore {
         self.path = path
         let fd: FileDescriptor
         do { fd = try FileDescriptor.openForReading(path) } catch let e as SystemError { throw InputError(path, e.reason) }
+        let kind = try TensorFileKind.detect(fd, size: try fd.status().size)
         let magic = try fd.readBytes(count: 4, at: 0)
-        if magic.first == 0x80 {
+        if kind == .legacyPickle {
             throw InputError(path, "legacy torch.save format (a bare pickle, before PyTorch 1.6) is not supported; load it in torch and save it again, or convert it to safetensors")
         }
-        guard magic.count == 4, magic[0] == 0x50, magic[1] == 0x4b else {
+        guard kind == .torchZip || (magic.count == 4 && magic[0] == 0x50 && magic[1] == 0x4b) else {
             throw InputError(path, "not a PyTorch checkpoint: the file is neither a zip archive nor a pickle")
         }
         let archive = try ZipArchive(path: path)

@@ -77,3 +77,20 @@ func expectOneLineError(_ r: CLIResult, containing text: String, sourceLocation:
     #expect(r.stderr.contains(text), "stderr: \(r.stderr)", sourceLocation: sourceLocation)
     #expect(!r.stderr.contains("Fatal error"), sourceLocation: sourceLocation)
 }
+
+/// Whether `python3 -c "import safetensors, numpy"` works: some tests make their inputs or check
+/// their outputs with the reference library, and skip (saying so) without it.
+let pythonReferenceAvailable: Bool = {
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+    p.arguments = ["python3", "-c", "import safetensors, numpy"]
+    p.standardOutput = FileHandle.nullDevice
+    p.standardError = FileHandle.nullDevice
+    p.standardInput = FileHandle.nullDevice
+    guard (try? p.run()) != nil else { return false }
+    p.waitUntilExit()
+    return p.terminationStatus == 0
+}()
+
+/// Shown when a test that needs the Python reference is skipped.
+let pythonReferenceMissing: Comment = "skipped: needs python3 with numpy and safetensors (pip install numpy safetensors)"

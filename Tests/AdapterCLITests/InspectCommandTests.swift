@@ -49,7 +49,7 @@ struct InspectCommandTests {
         expectOneLineError(try adapter("inspect", short), containing: "header too small")
     }
 
-    @Test("a 100-shard folder is inspected from its headers, every shard counted")
+    @Test("a 100-shard folder is inspected from its headers, every shard counted", .enabled(if: pythonReferenceAvailable, pythonReferenceMissing))
     func hundredShards() throws {
         let dir = TempDir()
         defer { dir.remove() }

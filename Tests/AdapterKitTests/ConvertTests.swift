@@ -448,7 +448,7 @@ struct ConvertLayoutTests {
         #expect(try FileManager.default.contentsOfDirectory(atPath: dir.path) == ["exists"])
     }
 
-    @Test("written files load with Python's safetensors.safe_open", .enabled(if: pythonSafetensorsAvailable))
+    @Test("written files load with Python's safetensors.safe_open", .enabled(if: pythonSafetensorsAvailable, pythonReferenceMissing))
     func pythonLoads() throws {
         let dir = TempDir()
         defer { dir.remove() }

@@ -74,6 +74,9 @@ let pythonSafetensorsAvailable: Bool = {
     (try? runProcess("/usr/bin/env", ["python3", "-c", "import safetensors, numpy"]).status) == 0
 }()
 
+/// Shown when a test that needs the Python reference is skipped.
+let pythonReferenceMissing: Comment = "skipped: needs python3 with numpy and safetensors (pip install numpy safetensors)"
+
 struct ProcessResult {
     let status: Int32
     let stdout: String

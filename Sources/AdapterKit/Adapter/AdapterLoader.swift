@@ -158,7 +158,8 @@ enum AdapterLoader {
         let format = located.format
         let store = located.store
         let config = located.config
-        let settings = try AdapterSettings(format: format, config: config, configPath: located.configPath ?? located.weights)
+        let settings = try AdapterSettings(format: format, config: config, configPath: located.configPath ?? located.weights,
+                                           fileMetadata: store.metadataPairs, weightsPath: located.weights)
         var warnings = settings.warnings
         var problems: [String] = []
         var unknown: [String] = []
@@ -215,12 +216,22 @@ enum AdapterLoader {
                 continue
             }
             do {
-                module.scale = try settings.scale(module: module, alpha: p.tensors[.alpha], warnings: &warnings)
+                (module.scale, module.alpha) = try settings.scale(module: module, alpha: p.tensors[.alpha], warnings: &warnings)
             } catch let e as InputError {
                 problems.append(e.problem)
                 continue
             }
             modules.append(module)
+        }
+        // Two stored names for one module (`base_model.model.X` and `X`): PEFT applies one; adding both would apply it twice.
+        var firstName: [String: String] = [:]
+        for m in modules {
+            let key = (m.component.map { $0 + ":" } ?? "") + m.baseName
+            if let other = firstName[key] {
+                problems.append("modules \(other) and \(m.name) are the same module \(m.baseName); keep one of them")
+            } else {
+                firstName[key] = m.name
+            }
         }
         guard problems.isEmpty else { throw ProblemList(path: located.weights, problems: problems) }
         guard !modules.isEmpty || !replacements.isEmpty else {
@@ -239,6 +250,13 @@ enum AdapterLoader {
         }
         if modules.contains(where: { $0.magnitude != nil }) || settings.useDoRA {
             warnings.append("DoRA: merging rescales each output row of the merged weight by the magnitude vector")
+        }
+        if format == .diffusers {
+            let assumed = modules.filter { m in m.component.map { settings.componentConfigs[$0] == nil } ?? true }
+                .filter { parts[$0.name]?.tensors[.alpha] == nil }
+            if !assumed.isEmpty {
+                warnings.append("\(assumed.count) diffusers module\(assumed.count == 1 ? "" : "s") without lora_adapter_metadata or alpha: diffusers' rule alpha = r (scale 1) assumed")
+            }
         }
         if format == .kohya && modules.contains(where: { _ in true }) {
             let missing = order.filter { parts[$0]?.tensors[.alpha] == nil && parts[$0]?.tensors[.a] != nil }.count

@@ -1,3 +1,138 @@
+/// Reads the fields of a config object strictly: every field has one JSON type, and anything
+/// else is refused with the field named. Absent fields (and `null` where the library writes it
+/// for "none") are nil, so the caller applies the library's documented default.
+struct ConfigFields {
+    let object: JSONObject
+    let path: String
+    /// Prefixed to field names in messages (`unet.` for a diffusers component).
+    var prefix = ""
+
+    private func fail(_ key: String, _ expected: String, _ value: JSONValue) -> InputError {
+        var shown = JSONWriter.compact(value)
+        if shown.count > 40 { shown = String(shown.prefix(37)) + "…" }
+        return InputError(path, "\(prefix)\(key) must be \(expected), not \(shown)")
+    }
+
+    func has(_ key: String) -> Bool { object[key] != nil }
+
+    /// An integer written as one (`8`; not `8.5`, `"8"`, `1e20`), within `range`.
+    func int(_ key: String, in range: ClosedRange<Int> = 1...(1 << 24)) throws -> Int? {
+        guard let v = object[key] else { return nil }
+        return try Self.int(v, range: range) ?? { throw fail(key, "an integer in \(range.lowerBound)…\(range.upperBound)", v) }()
+    }
+
+    static func int(_ v: JSONValue, range: ClosedRange<Int>) -> Int? {
+        guard case .number(let text) = v, let i = Int(text), range.contains(i) else { return nil }
+        return i
+    }
+
+    /// A finite number (integer or not; never a string, a boolean, null or one that overflows to infinity).
+    func number(_ key: String) throws -> Double? {
+        guard let v = object[key] else { return nil }
+        return try Self.number(v) ?? { throw fail(key, "a finite number", v) }()
+    }
+
+    static func number(_ v: JSONValue) -> Double? {
+        guard case .number(let text) = v, let d = Double(text), d.isFinite else { return nil }
+        return d
+    }
+
+    func bool(_ key: String) throws -> Bool? {
+        guard let v = object[key] else { return nil }
+        return try v.boolValue ?? { throw fail(key, "true or false", v) }()
+    }
+
+    func string(_ key: String, nullable: Bool = false) throws -> String? {
+        guard let v = object[key], !(nullable && v.isNull) else { return nil }
+        return try v.stringValue ?? { throw fail(key, "a string", v) }()
+    }
+
+    /// null or absent → nil; otherwise an object.
+    func object(_ key: String) throws -> JSONObject? {
+        guard let v = object[key], !v.isNull else { return nil }
+        return try v.objectValue ?? { throw fail(key, "an object", v) }()
+    }
+
+    /// null or absent → nil; otherwise a list of strings (or one string when `allowString`).
+    func strings(_ key: String, allowString: Bool = false) throws -> [String]? {
+        guard let v = object[key], !v.isNull else { return nil }
+        if allowString, let s = v.stringValue { return [s] }
+        guard let a = v.arrayValue else { throw fail(key, allowString ? "a string or a list of strings" : "a list of strings", v) }
+        return try a.map { try $0.stringValue ?? { throw fail(key, "a list of strings", v) }() }
+    }
+}
+
+/// The fields of a PEFT `LoraConfig` that decide scales and layer rules, read strictly, with
+/// PEFT's defaults (peft 0.21: r 8, lora_alpha 8, use_rslora, use_dora, fan_in_fan_out false,
+/// rank_pattern and alpha_pattern empty) where a field is missing.
+struct PEFTFields {
+    static let defaultRank = 8
+    static let defaultAlpha = 8.0
+
+    var rank = defaultRank
+    var alpha = defaultAlpha
+    var rankGiven = false
+    var alphaGiven = false
+    var useRSLoRA = false
+    var useDoRA = false
+    var fanInFanOut = false
+    var rankPattern: [(String, Int)] = []
+    var alphaPattern: [(String, Double)] = []
+    var rankRules: [PatternRule<Int>] = []
+    var alphaRules: [PatternRule<Double>] = []
+    var modulesToSave: [String] = []
+    var targetModules: [String]?
+    /// Defaults taken, for messages: `lora_alpha missing: PEFT's default 8 assumed`.
+    var assumptions: [String] = []
+
+    init(_ f: ConfigFields) throws {
+        if let r = try f.int("r") { rank = r; rankGiven = true } else {
+            assumptions.append("\(f.prefix)r is missing: PEFT's default \(Self.defaultRank) assumed")
+        }
+        if let a = try f.number("lora_alpha") { alpha = a; alphaGiven = true } else {
+            assumptions.append("\(f.prefix)lora_alpha is missing: PEFT's default \(formatNumber(Self.defaultAlpha)) assumed")
+        }
+        useRSLoRA = try f.bool("use_rslora") ?? false
+        useDoRA = try f.bool("use_dora") ?? false
+        fanInFanOut = try f.bool("fan_in_fan_out") ?? false
+        if let p = try f.object("rank_pattern") {
+            rankPattern = try p.members.map { k, v in
+                guard let i = ConfigFields.int(v, range: 1...(1 << 24)) else {
+                    throw InputError(f.path, "\(f.prefix)rank_pattern[\(quotedForMessage(k))] must be a positive integer, not \(JSONWriter.compact(v).prefix(40))")
+                }
+                return (k, i)
+            }
+        }
+        if let p = try f.object("alpha_pattern") {
+            alphaPattern = try p.members.map { k, v in
+                guard let d = ConfigFields.number(v) else {
+                    throw InputError(f.path, "\(f.prefix)alpha_pattern[\(quotedForMessage(k))] must be a finite number, not \(JSONWriter.compact(v).prefix(40))")
+                }
+                return (k, d)
+            }
+        }
+        for key in rankPattern.map(\.0) + alphaPattern.map(\.0) where !AdapterSettings.isSafePattern(key) {
+            throw InputError(f.path, "pattern key \(quotedForMessage(key)) is a regular expression too costly to match (nested quantifiers, or more than \(AdapterSettings.maximumPatternQuantifiers) quantifiers)")
+        }
+        rankRules = rankPattern.map { PatternRule(key: $0.0, value: $0.1) }
+        alphaRules = alphaPattern.map { PatternRule(key: $0.0, value: $0.1) }
+        modulesToSave = try f.strings("modules_to_save") ?? []
+        targetModules = try f.strings("target_modules", allowString: true)
+    }
+
+    /// The rank and alpha PEFT gives module `name`: the first matching pattern key, else r and lora_alpha.
+    func rankAndAlpha(_ name: String) -> (rank: Int, alpha: Double) {
+        (rankRules.first { $0.matches(name) }?.value ?? rank, alphaRules.first { $0.matches(name) }?.value ?? alpha)
+    }
+
+    var patternWarnings: [String] {
+        var w: [String] = []
+        if !rankPattern.isEmpty { w.append("rank_pattern in use: \(rankPattern.map { "\($0.0)=\($0.1)" }.joined(separator: ", "))") }
+        if !alphaPattern.isEmpty { w.append("alpha_pattern in use: \(alphaPattern.map { "\($0.0)=\(formatNumber($0.1))" }.joined(separator: ", "))") }
+        return w
+    }
+}
+
 /// What a layout's config (or its absence) says about scales, names and options.
 struct AdapterSettings {
     let format: AdapterFormat
@@ -10,20 +145,22 @@ struct AdapterSettings {
     var useRSLoRA = false
     /// The config's mixer switch (`lora_use_mixer`, `use_moslora`, `use_mos_lora`), when it has one.
     var useMixerFlag: Bool?
+    /// PEFT (and PaddleNLP) fields; nil for other layouts or without a config.
+    private(set) var peft: PEFTFields?
+    /// diffusers: each component's LoraConfig from the file's `lora_adapter_metadata`.
+    private(set) var componentConfigs: [String: PEFTFields] = [:]
     private var rank: Int?
     private var alpha: Double?
-    private var rankPattern: [(String, Int)] = []
-    private var alphaPattern: [(String, Double)] = []
-    /// The patterns compiled once (a config may hold thousands of keys, applied to every module).
-    private var rankRules: [PatternRule<Int>] = []
-    private var alphaRules: [PatternRule<Double>] = []
-    private var modulesToSave: [String] = []
     private var mlxScale: Double?
 
-    init(format: AdapterFormat, config: JSONObject?, configPath: String) throws {
+    init(format: AdapterFormat, config: JSONObject?, configPath: String, fileMetadata: [(key: String, value: String)] = [],
+         weightsPath: String = "") throws {
         self.format = format
         self.config = config
         self.configPath = configPath
+        if format == .diffusers {
+            try readDiffusersMetadata(fileMetadata, path: weightsPath.isEmpty ? configPath : weightsPath)
+        }
         guard let config else {
             switch format {
             case .peft: warnings.append("no adapter_config.json: scale 1 assumed (lora_alpha = r), no fan_in_fan_out")
@@ -34,65 +171,100 @@ struct AdapterSettings {
             }
             return
         }
+        let f = ConfigFields(object: config, path: configPath)
         switch format {
         case .peft:
-            if let type = config["peft_type"]?.stringValue, !["LORA", "MOSLORA"].contains(type.uppercased()) {
-                throw InputError(configPath, "peft_type \(type) is not LoRA or MoSLoRA; only LoRA-family adapters are supported")
+            if let v = config["peft_type"] {
+                guard let type = v.stringValue else { throw InputError(configPath, "peft_type must be a string, not \(JSONWriter.compact(v).prefix(40))") }
+                guard ["LORA", "MOSLORA"].contains(type.uppercased()) else {
+                    throw InputError(configPath, "peft_type \(type) is not LoRA or MoSLoRA; only LoRA-family adapters are supported")
+                }
             }
-            rank = config["r"]?.int
-            alpha = config["lora_alpha"]?.double
-            useRSLoRA = config["use_rslora"]?.boolValue ?? false
-            fanInFanOut = config["fan_in_fan_out"]?.boolValue ?? false
-            useDoRA = config["use_dora"]?.boolValue ?? false
-            if let p = config["rank_pattern"]?.objectValue {
-                rankPattern = p.members.compactMap { k, v in v.int.map { (k, $0) } }
+            let p = try PEFTFields(f)
+            peft = p
+            warnings += p.assumptions
+            useRSLoRA = p.useRSLoRA
+            fanInFanOut = p.fanInFanOut
+            useDoRA = p.useDoRA
+            warnings += p.patternWarnings
+            useMixerFlag = try f.bool("lora_use_mixer")
+            // The PEFT pull requests' `use_moslora` is a switch or the mixer's init method ("kai", "orth").
+            if useMixerFlag == nil, let v = config["use_moslora"] {
+                guard let flag = v.boolValue ?? v.stringValue.map({ !$0.isEmpty && $0.lowercased() != "false" }) else {
+                    throw InputError(configPath, "use_moslora must be true, false or a mixer init (\"kai\", \"orth\"), not \(JSONWriter.compact(v).prefix(40))")
+                }
+                useMixerFlag = flag
             }
-            if let p = config["alpha_pattern"]?.objectValue {
-                alphaPattern = p.members.compactMap { k, v in v.double.map { (k, $0) } }
-            }
-            for key in rankPattern.map(\.0) + alphaPattern.map(\.0) where !Self.isSafePattern(key) {
-                throw InputError(configPath, "pattern key \(quotedForMessage(key)) is a regular expression too costly to match (nested quantifiers, or more than \(Self.maximumPatternQuantifiers) quantifiers)")
-            }
-            rankRules = rankPattern.map { PatternRule(key: $0.0, value: $0.1) }
-            alphaRules = alphaPattern.map { PatternRule(key: $0.0, value: $0.1) }
-            if !rankPattern.isEmpty { warnings.append("rank_pattern in use: \(rankPattern.map { "\($0.0)=\($0.1)" }.joined(separator: ", "))") }
-            if !alphaPattern.isEmpty {
-                warnings.append("alpha_pattern in use: \(alphaPattern.map { "\($0.0)=\(formatNumber($0.1))" }.joined(separator: ", "))")
-            }
-            if let list = config["modules_to_save"]?.arrayValue { modulesToSave = list.compactMap(\.stringValue) }
-            let flag = config["lora_use_mixer"] ?? config["use_moslora"]
-            if let flag {
-                useMixerFlag = flag.boolValue ?? (flag.stringValue.map { !$0.isEmpty && $0 != "false" })
+            if let v = config["init_lora_weights"], !v.isNull, v.boolValue == nil, v.stringValue == nil {
+                throw InputError(configPath, "init_lora_weights must be true, false or a method name, not \(JSONWriter.compact(v).prefix(40))")
             }
             if let initValue = config["init_lora_weights"]?.stringValue?.lowercased(),
                ["pissa", "olora", "corda", "lora_ga"].contains(where: { initValue.hasPrefix($0) }) {
                 warnings.append("init_lora_weights is \(initValue): the adapter was trained against a modified base; merging it onto the original base model is wrong")
             }
         case .mlx:
-            let params = config["lora_parameters"]?.objectValue
-            rank = params?["rank"]?.int
-            if let s = params?["scale"]?.double {
+            let params = try f.object("lora_parameters")
+            let pf = params.map { ConfigFields(object: $0, path: configPath, prefix: "lora_parameters.") }
+            rank = try pf?.int("rank")
+            if let s = try pf?.number("scale") {
                 mlxScale = s
-            } else if let a = params?["alpha"]?.double {
+            } else if let a = try pf?.number("alpha") {
                 alpha = a
             } else {
                 warnings.append("lora_parameters has no scale: mlx-lm's default 20.0 assumed")
             }
-            useDoRA = config["fine_tune_type"]?.stringValue == "dora"
-            if let t = config["fine_tune_type"]?.stringValue, !["lora", "dora"].contains(t) {
+            let t = try f.string("fine_tune_type")
+            if let t, !["lora", "dora"].contains(t) {
                 throw InputError(configPath, "fine_tune_type \(t) is not lora or dora")
             }
+            useDoRA = t == "dora"
         case .paddle:
-            rank = config["r"]?.int
-            alpha = config["lora_alpha"]?.double
-            useRSLoRA = config["rslora"]?.boolValue ?? false
-            useMixerFlag = config["lora_use_mixer"]?.boolValue
+            // PaddleNLP's LoRAConfig: r and lora_alpha default to 8, like PEFT's.
+            var p = try PEFTFields(f)
+            p.useRSLoRA = try f.bool("rslora") ?? false
+            peft = p
+            warnings += p.assumptions.map { $0.replacingOccurrences(of: "PEFT's", with: "PaddleNLP's") }
+            useRSLoRA = p.useRSLoRA
+            useMixerFlag = try f.bool("lora_use_mixer")
         case .mytransformers:
-            rank = config["lora_rank"]?.int
-            alpha = config["lora_scaler"]?.double
-            useMixerFlag = config["use_mos_lora"]?.boolValue
+            rank = try f.int("lora_rank")
+            alpha = try f.number("lora_scaler")
+            if alpha == nil { warnings.append("lora_scaler is missing: scale 1 assumed") }
+            useMixerFlag = try f.bool("use_mos_lora")
         case .kohya, .diffusers:
             break
+        }
+    }
+
+    /// diffusers writes each component's LoraConfig as JSON under the safetensors metadata key
+    /// `lora_adapter_metadata`, its fields prefixed with the component (`unet.r`, `unet.lora_alpha`,
+    /// `text_encoder.alpha_pattern`, …); diffusers' loader builds a LoraConfig from them.
+    private mutating func readDiffusersMetadata(_ metadata: [(key: String, value: String)], path: String) throws {
+        guard let raw = metadata.first(where: { $0.key == "lora_adapter_metadata" })?.value else { return }
+        let root: JSONValue
+        do { root = try JSONParser.parse(Array(raw.utf8)) } catch {
+            throw InputError(path, "lora_adapter_metadata is not valid JSON: \(error.description)")
+        }
+        guard let object = root.objectValue else { throw InputError(path, "lora_adapter_metadata is not a JSON object") }
+        var byComponent: [(String, JSONObject)] = []
+        for (key, value) in object.members {
+            guard let dot = key.firstIndex(of: "."), dot != key.startIndex else {
+                throw InputError(path, "lora_adapter_metadata key \(quotedForMessage(key)) has no component prefix (unet., text_encoder., transformer., …)")
+            }
+            let component = String(key[..<dot]), field = String(key[key.index(after: dot)...])
+            if let i = byComponent.firstIndex(where: { $0.0 == component }) { byComponent[i].1[field] = value } else {
+                byComponent.append((component, JSONObject([(field, value)])))
+            }
+        }
+        for (component, fields) in byComponent {
+            if let v = fields["peft_type"], let t = v.stringValue, t.uppercased() != "LORA" {
+                throw InputError(path, "lora_adapter_metadata: \(component) is a \(t) adapter; only LoRA is supported")
+            }
+            let p = try PEFTFields(ConfigFields(object: fields, path: path, prefix: "lora_adapter_metadata \(component)."))
+            warnings += p.assumptions
+            warnings += p.patternWarnings.map { "\(component): \($0)" }
+            if p.useDoRA { useDoRA = true }
+            componentConfigs[component] = p
         }
     }
 
@@ -142,36 +314,54 @@ struct AdapterSettings {
         }
         for suffix in [".weight", ".bias"] where name.hasSuffix(suffix) {
             let module = String(name.dropLast(suffix.count))
-            if modulesToSave.contains(where: { module == $0 || module.hasSuffix("." + $0) }) { return name }
+            if (peft?.modulesToSave ?? []).contains(where: { module == $0 || module.hasSuffix("." + $0) }) { return name }
         }
         return nil
     }
 
-    /// The module's scale, from the layout's rule.
-    func scale(module: LoRAModule, alpha alphaTensor: TensorRef?, warnings: inout [String]) throws -> Double {
+    /// The module's scale from the layout's rule, and the alpha it came from (nil where the
+    /// layout stores a scale, as mlx-lm does).
+    func scale(module: LoRAModule, alpha alphaTensor: TensorRef?, warnings: inout [String]) throws -> (scale: Double, alpha: Double?) {
         let r = module.rank
-        switch format {
-        case .peft, .paddle, .mytransformers:
-            var configRank = rank ?? r
-            var a = alpha ?? Double(configRank)
-            if config == nil { a = Double(r); configRank = r }
-            if let p = rankRules.first(where: { $0.matches(module.baseName) }) { configRank = p.value }
-            if let p = alphaRules.first(where: { $0.matches(module.baseName) }) { a = p.value }
+        func peftRule(_ p: PEFTFields, _ path: String, rsLoRA: Bool) throws -> (Double, Double?) {
+            let (configRank, a) = p.rankAndAlpha(module.baseName)
             if configRank != r {
-                throw InputError(configPath, "module \(module.name): the config gives rank \(configRank) but its tensors have rank \(r)")
+                let origin = p.rankRules.contains { $0.matches(module.baseName) } ? "rank_pattern" : p.rankGiven ? "r" : "PEFT's default r"
+                throw InputError(path, "module \(module.name): the config gives rank \(configRank) (\(origin)) but its tensors have rank \(r)")
             }
-            if format == .mytransformers { return config == nil ? 1 : a / Double(r) }
-            return useRSLoRA ? a / Double(r).squareRoot() : a / Double(r)
-        case .kohya, .diffusers:
-            guard let alphaTensor else { return 1 }
+            return (rsLoRA ? a / Double(r).squareRoot() : a / Double(r), a)
+        }
+        switch format {
+        case .peft, .paddle:
+            guard let p = peft else { return (1, Double(r)) }
+            return try peftRule(p, configPath, rsLoRA: p.useRSLoRA)
+        case .mytransformers:
+            if let rank, rank != r {
+                throw InputError(configPath, "module \(module.name): the config gives rank \(rank) but its tensors have rank \(r)")
+            }
+            guard let alpha else { return (1, Double(r)) }
+            return (alpha / Double(r), alpha)
+        case .diffusers:
+            if let component = module.component, let p = componentConfigs[component] {
+                if alphaTensor != nil {
+                    throw InputError(configPath, "module \(module.name) has an alpha tensor and lora_adapter_metadata gives \(component)'s alpha; diffusers refuses both together")
+                }
+                return try peftRule(p, configPath, rsLoRA: p.useRSLoRA)
+            }
+            fallthrough
+        case .kohya:
+            guard let alphaTensor else { return (1, Double(r)) }
             guard alphaTensor.info.elementCount == 1, let v = try alphaTensor.doubles().first, v.isFinite else {
                 throw InputError(configPath, "module \(module.name): alpha is not one finite number")
             }
-            return v / Double(r)
+            return (v / Double(r), v)
         case .mlx:
-            if let mlxScale { return mlxScale }
-            if let alpha { return alpha / Double(r) }
-            return 20
+            if let rank, rank != r {
+                throw InputError(configPath, "module \(module.name): lora_parameters.rank is \(rank) but its tensors have rank \(r)")
+            }
+            if let mlxScale { return (mlxScale, nil) }
+            if let alpha { return (alpha / Double(r), alpha) }
+            return (20, nil)
         }
     }
 

@@ -53,6 +53,9 @@ public struct LoRAModule: Sendable {
     public let b: TensorRef
     public let orientation: FactorOrientation
     public var scale: Double
+    /// The alpha the scale came from (config, pattern, alpha tensor or metadata; r where alpha is
+    /// assumed to equal r); nil where the layout stores a scale itself (mlx-lm).
+    public var alpha: Double? = nil
     /// DoRA magnitude vector (out,).
     public var magnitude: TensorRef?
     /// `lora_B.bias` (out,), added as scale · bias to the base bias.

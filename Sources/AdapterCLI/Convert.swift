@@ -128,13 +128,21 @@ struct MoSLoRAToLoRA: ParsableCommand {
 struct ToPEFT: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "to-peft",
-        abstract: "Write the adapter as a PEFT folder (mixers as lora_AB; per-module ranks and alphas as rank_pattern / alpha_pattern)."
+        abstract: "Write the adapter as a PEFT folder that stock PEFT loads (mixers folded into A; per-module ranks and alphas as rank_pattern / alpha_pattern).",
+        discussion: """
+        Stock PEFT has no mixer: it would ignore lora_AB tensors and give another model, so every mixer \
+        is folded exactly (A' = M·A). --keep-mixer writes the MoSLoRA layout instead (lora_AB, or \
+        lora_mixer when the input had it), for the MoSLoRA code; stock PEFT cannot load that.
+        """
     )
 
     @OptionGroup var io: ConvertIO
 
+    @Flag(help: "Keep the mixers (MoSLoRA layout for the MoSLoRA code; stock PEFT cannot load it).")
+    var keepMixer = false
+
     func run() throws {
-        io.finish(try AdapterConversion.convertLayout(input: io.input, output: io.output, to: .peft, options: io.options))
+        io.finish(try AdapterConversion.convertLayout(input: io.input, output: io.output, to: .peft, keepMixer: keepMixer, options: io.options))
     }
 }
 
@@ -155,12 +163,19 @@ struct ToKohya: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "to-kohya",
         abstract: "Write the adapter as one kohya .safetensors file (lora_unet_ for single-model adapters, lora_te_ for text encoders).",
-        discussion: "Mixers become lora_mixer.weight with metadata ss_adapter_algorithm=moslora; alpha = scale·r per module, stored in F32."
+        discussion: """
+        alpha = scale·r per module, stored in F32. Mixers are folded into lora_down (A' = M·A) so that \
+        ComfyUI, Forge and diffusers, which skip unknown keys, apply the whole update; --keep-mixer writes \
+        them as lora_mixer.weight with metadata ss_adapter_algorithm=moslora instead.
+        """
     )
 
     @OptionGroup var io: ConvertIO
 
+    @Flag(help: "Keep the mixers as lora_mixer.weight (only MoSLoRA-aware loaders apply them).")
+    var keepMixer = false
+
     func run() throws {
-        io.finish(try AdapterConversion.convertLayout(input: io.input, output: io.output, to: .kohya, options: io.options))
+        io.finish(try AdapterConversion.convertLayout(input: io.input, output: io.output, to: .kohya, keepMixer: keepMixer, options: io.options))
     }
 }

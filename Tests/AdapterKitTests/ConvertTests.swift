@@ -278,19 +278,35 @@ struct ConvertLayoutTests {
         ("kohya-unet", "unet", "tiny-unet"), ("kohya-moslora", "text_encoder", "tiny-text-encoder"),
     ]
 
-    @Test("to-peft keeps every module's update, from every layout", arguments: peftInputs)
+    @Test("to-peft keeps every module's update, from every layout; mixers folded unless --keep-mixer", arguments: peftInputs)
     func toPEFT(_ name: String, _ component: String?, _ base: String?) throws {
         let dir = TempDir()
         defer { dir.remove() }
         let before = try load(adapterPath(name))
-        _ = try AdapterConversion.convertLayout(input: adapterPath(name), output: dir.file("out"), to: .peft,
-                                                options: options(base: base.map(modelPath), component: component))
+        let s = try AdapterConversion.convertLayout(input: adapterPath(name), output: dir.file("out"), to: .peft,
+                                                    options: options(base: base.map(modelPath), component: component))
         let after = try load(dir.file("out"))
         #expect(after.format == .peft)
         let selected = before.modules.filter { component == nil || $0.component == component }
+        let mixers = selected.filter(\.hasMixer).count
         #expect(after.modules.count == selected.count)
-        #expect(after.modules.filter(\.hasMixer).count == selected.filter(\.hasMixer).count)
+        // What stock PEFT loads: no mixer tensors and no mixer switch in the config.
+        #expect(!after.hasMixer)
+        #expect(try configOf(dir.file("out"))["lora_use_mixer"] == nil)
+        #expect(try configOf(dir.file("out"))["peft_type"] == .string("LORA"))
+        #expect(s.mixers == 0 && s.line.hasSuffix("as peft (LoRA)"))
+        #expect(s.notes.contains { $0.contains("loaded as written by stock PEFT") })
+        #expect(s.notes.contains { $0.contains("folded the mixer into A") } == (mixers > 0))
         try expectSameUpdates(before, after, component: component)
+        if mixers > 0 {
+            let s = try AdapterConversion.convertLayout(input: adapterPath(name), output: dir.file("kept"), to: .peft, keepMixer: true,
+                                                        options: options(base: base.map(modelPath), component: component))
+            let kept = try load(dir.file("kept"))
+            #expect(kept.modules.filter(\.hasMixer).count == mixers)
+            #expect(s.mixers == mixers && s.line.contains("MoSLoRA"))
+            #expect(s.notes.contains { $0.contains("stock PEFT") && ($0.contains("cannot load") || $0.contains("refuses")) }, "\(s.notes)")
+            try expectSameUpdates(before, kept, component: component)
+        }
         #expect(after.replacements.count == before.replacements.count)
         #expect(after.modules.allSatisfy { $0.name.hasPrefix("base_model.model.") })
     }
@@ -340,7 +356,7 @@ struct ConvertLayoutTests {
         #expect(try readJSONFile(dir.file("same/adapter_config.json")) == readJSONFile(adapterPath("mlx") + "/adapter_config.json"))
     }
 
-    @Test("to-kohya: lora_unet_/lora_te_ names, alpha = scale·r per module, mixers as lora_mixer with ss_adapter_algorithm",
+    @Test("to-kohya: lora_unet_/lora_te_ names, alpha = scale·r per module, mixers folded (or kept as lora_mixer with ss_adapter_algorithm)",
           arguments: ["peft-lora", "moslora-original", "kohya-unet", "kohya-moslora", "diffusers-lora", "diffusers-moslora", "mlx", "paddle", "mytransformers"])
     func toKohya(_ name: String) throws {
         let dir = TempDir()
@@ -349,10 +365,20 @@ struct ConvertLayoutTests {
         _ = try AdapterConversion.convertLayout(input: adapterPath(name), output: out, to: .kohya, options: options())
         let before = try load(adapterPath(name)), after = try load(out)
         #expect(after.format == .kohya)
+        #expect(!after.hasMixer)
         try expectSameUpdates(before, after)
+        if before.hasMixer {
+            let kept = dir.file("kept.safetensors")
+            _ = try AdapterConversion.convertLayout(input: adapterPath(name), output: kept, to: .kohya, keepMixer: true, options: options())
+            let k = try load(kept)
+            #expect(k.hasMixer)
+            try expectSameUpdates(before, k)
+            let meta = Dictionary(uniqueKeysWithValues: try SafetensorsFile(path: kept).metadataPairs.map { ($0.key, $0.value) })
+            #expect(meta["ss_adapter_algorithm"] == "moslora")
+        }
         let file = try SafetensorsFile(path: out)
         let meta = Dictionary(uniqueKeysWithValues: file.metadataPairs.map { ($0.key, $0.value) })
-        #expect((meta["ss_adapter_algorithm"] == "moslora") == before.hasMixer)
+        #expect(meta["ss_adapter_algorithm"] == nil)
         #expect(meta["sshs_model_hash"] == nil)
         for m in after.modules {
             let alpha = try #require(file.info(m.name + ".alpha"))
@@ -453,7 +479,7 @@ struct ConvertLayoutTests {
         let dir = TempDir()
         defer { dir.remove() }
         _ = try AdapterConversion.loraToMoSLoRA(input: adapterPath("peft-lora"), output: dir.file("p"), mixer: .orthogonal, options: options())
-        _ = try AdapterConversion.convertLayout(input: adapterPath("kohya-moslora"), output: dir.file("k.safetensors"), to: .kohya, options: options())
+        _ = try AdapterConversion.convertLayout(input: adapterPath("kohya-moslora"), output: dir.file("k.safetensors"), to: .kohya, keepMixer: true, options: options())
         _ = try AdapterConversion.convertLayout(input: adapterPath("peft-lora"), output: dir.file("m"), to: .mlx, options: options())
         let script = """
         import sys

@@ -145,18 +145,53 @@ public enum AdapterConversion {
         }
     }
 
-    /// `convert to-peft` / `to-kohya` / `to-mlx`: the same modules in another layout. Mixers are kept
-    /// where the layout holds them (PEFT `lora_AB`, kohya `lora_mixer`) and folded into A for mlx-lm.
-    public static func convertLayout(input: String, output: String, to layout: TargetLayout,
+    /// `convert to-peft` / `to-kohya` / `to-mlx`: the same modules in another layout.
+    ///
+    /// Mixers are folded into A (A' = M·A) by default, so that the runtimes of that layout load
+    /// the adapter as written: stock PEFT ignores `lora_AB` (and refuses `peft_type` MOSLORA),
+    /// ComfyUI, Forge and diffusers skip kohya `lora_mixer` keys, and mlx-lm has no mixer.
+    /// `keepMixer` keeps the MoSLoRA layout (PEFT `lora_AB` or `lora_mixer` as the input had it,
+    /// kohya `lora_mixer`) for the MoSLoRA code; mlx-lm always gets the folded form.
+    public static func convertLayout(input: String, output: String, to layout: TargetLayout, keepMixer: Bool = false,
                                      options: ConvertOptions = ConvertOptions()) throws -> ConvertSummary {
         var summary = ConvertSummary()
-        return try convert(input: input, output: output, layout: layout, style: .loraAB, options: options, summary: &summary) { _, _ in }
+        if keepMixer && layout == .mlx {
+            throw ConvertError(input, "mlx-lm has no mixer, so --keep-mixer cannot be honoured; the mixer is always folded into A for mlx")
+        }
+        var style = MixerKeyStyle.loraAB
+        return try convert(input: input, output: output, layout: layout, style: { style }, options: options, summary: &summary) { w, summary in
+            if keepMixer {
+                if w.source.format == .peft, w.source.modules.contains(where: { $0.mixer?.name.hasSuffix(".lora_mixer.weight") == true }) {
+                    style = .loraMixer
+                }
+                return
+            }
+            guard layout != .mlx else { return }  // the mlx writer folds and says so
+            var folded = 0
+            for i in w.modules.indices {
+                guard let mixer = w.modules[i].m else { continue }
+                let r = w.modules[i].rank
+                w.modules[i].a = matmul(mixer, w.modules[i].a, rows: r, inner: r, cols: w.modules[i].inFeatures)
+                w.modules[i].m = nil
+                w.modules[i].mType = nil
+                folded += 1
+            }
+            if folded > 0 {
+                summary.notes.append("folded the mixer into A (A' = M·A, rounded once into A's dtype) in \(folded) module\(folded == 1 ? "" : "s"), so \(layout == .peft ? "stock PEFT" : "kohya-style loaders") apply the whole update; --keep-mixer keeps the MoSLoRA layout instead")
+            }
+        }
     }
 
     // MARK: - The shared route
 
     /// Reads IN, checks OUT, transforms the modules in memory, and writes OUT atomically.
     static func convert(input: String, output: String, layout: TargetLayout, style: MixerKeyStyle, options: ConvertOptions,
+                        summary: inout ConvertSummary, transform: (inout WorkingAdapter, inout ConvertSummary) throws -> Void) throws -> ConvertSummary {
+        try convert(input: input, output: output, layout: layout, style: { style }, options: options, summary: &summary, transform: transform)
+    }
+
+    /// As above, with the mixer key style decided once the modules are transformed.
+    static func convert(input: String, output: String, layout: TargetLayout, style: () -> MixerKeyStyle, options: ConvertOptions,
                         summary: inout ConvertSummary, transform: (inout WorkingAdapter, inout ConvertSummary) throws -> Void) throws -> ConvertSummary {
         if let d = options.dtype, !d.isMergeable {
             throw ConvertError(output, "--dtype \(d.rawValue) is not one of F32, F16, BF16, F64")
@@ -171,9 +206,13 @@ public enum AdapterConversion {
             try w.mapKohyaNames(base: options.base)
         }
         try transform(&w, &summary)
+        let style = style()
         summary.notes += try write(w, layout: layout, style: style, output: output, options: options)
         summary.modules = w.modules.count
         summary.layout = layout
+        summary.mixers = layout == .mlx ? 0 : w.modules.filter { $0.m != nil }.count
+        summary.mixerStyle = style
+        summary.notes.append(summary.loadedBy)
         return summary
     }
 

@@ -38,8 +38,38 @@ public struct ConvertSummary: Sendable {
     /// Smallest σmin/σmax of the mixers inverted (kaiming), nil when none were.
     public var worstConditionRatio: Double?
 
+    /// Modules written with a mixer (MoSLoRA), and how their keys are named.
+    public var mixers = 0
+    public var mixerStyle: MixerKeyStyle = .loraAB
+
     public var line: String {
-        "wrote \(modules) module\(modules == 1 ? "" : "s") as \(layout.rawValue)"
+        let what: String
+        if mixers == 0 {
+            what = "LoRA"
+        } else if layout == .kohya {
+            what = "MoSLoRA, lora_mixer keys"
+        } else {
+            what = "MoSLoRA, \(mixerStyle.rawValue) keys"
+        }
+        return "wrote \(modules) module\(modules == 1 ? "" : "s") as \(layout.rawValue) (\(what))"
+    }
+
+    /// Which runtimes load the output as written.
+    public var loadedBy: String {
+        switch (layout, mixers > 0) {
+        case (.peft, false):
+            return "loaded as written by stock PEFT (PeftModel.from_pretrained) and the runtimes that read PEFT LoRA folders (transformers, vLLM)"
+        case (.peft, true) where mixerStyle == .loraAB:
+            return "MoSLoRA layout (lora_AB, lora_use_mixer): loaded by the MoSLoRA code; stock PEFT cannot load it (it ignores the mixers and gives another model): use to-peft without --keep-mixer, or moslora-to-lora, for PEFT"
+        case (.peft, true):
+            return "MoSLoRA layout (lora_mixer, peft_type MOSLORA): loaded by PEFT builds with the MoSLoRA pull requests; stock PEFT refuses peft_type MOSLORA: use to-peft without --keep-mixer, or moslora-to-lora, for PEFT"
+        case (.kohya, false):
+            return "loaded as written by kohya sd-scripts, ComfyUI, Forge and diffusers' load_lora_weights"
+        case (.kohya, true):
+            return "lora_mixer keys: only MoSLoRA-aware kohya loaders apply them; ComfyUI, Forge and diffusers skip them and give another model: convert without --keep-mixer for those"
+        case (.mlx, _):
+            return "loaded as written by mlx-lm (mlx_lm.generate --adapter-path, mlx_lm.fuse)"
+        }
     }
 }
 

@@ -168,3 +168,67 @@ func runPython(_ script: String, _ args: String...) throws -> Int32 {
     p.waitUntilExit()
     return p.terminationStatus
 }
+
+/// A safetensors file of F32 tensors (little-endian), header written by hand in the reference layout.
+private func f32Safetensors(_ tensors: [(name: String, shape: [Int], values: [Float])]) -> Data {
+    var offset = 0
+    var entries: [String] = []
+    for t in tensors.sorted(by: { $0.name < $1.name }) {
+        entries.append("\"\(t.name)\":{\"dtype\":\"F32\",\"shape\":[\(t.shape.map(String.init).joined(separator: ","))],\"data_offsets\":[\(offset),\(offset + t.values.count * 4)]}")
+        offset += t.values.count * 4
+    }
+    var header = Array(("{" + entries.joined(separator: ",") + "}").utf8)
+    while header.count % 8 != 0 { header.append(0x20) }
+    var data = Data()
+    withUnsafeBytes(of: UInt64(header.count).littleEndian) { data.append(contentsOf: $0) }
+    data.append(contentsOf: header)
+    for t in tensors.sorted(by: { $0.name < $1.name }) { t.values.withUnsafeBytes { data.append(contentsOf: $0) } }
+    return data
+}
+
+@Suite("adapter merge --report (the built binary)")
+struct MergeReportTests {
+    @Test("--report never changes a byte of the output (F32 base, rank 16, 512 columns)")
+    func reportKeepsBytes() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        var state: UInt64 = 12345
+        func random() -> Float {
+            state = state &* 6364136223846793005 &+ 1442695040888963407
+            return Float(Int64(bitPattern: state >> 11) % 2_000_001 - 1_000_000) / 1_000_000
+        }
+        let rows = 192, cols = 512, r = 16
+        FileManager.default.createFile(atPath: dir.file("base.safetensors"), contents: f32Safetensors([
+            ("model.layers.0.mlp.up_proj.weight", [rows, cols], (0..<(rows * cols)).map { _ in random() }),
+        ]))
+        try FileManager.default.createDirectory(atPath: dir.file("ad"), withIntermediateDirectories: true)
+        FileManager.default.createFile(atPath: dir.file("ad/adapter_model.safetensors"), contents: f32Safetensors([
+            ("base_model.model.model.layers.0.mlp.up_proj.lora_A.weight", [r, cols], (0..<(r * cols)).map { _ in random() }),
+            ("base_model.model.model.layers.0.mlp.up_proj.lora_B.weight", [rows, r], (0..<(rows * r)).map { _ in random() }),
+        ]))
+        FileManager.default.createFile(atPath: dir.file("ad/adapter_config.json"), contents: Data(#"{"peft_type": "LORA", "r": 16, "lora_alpha": 16}"#.utf8))
+        let plain = try adapter("merge", "--quiet", dir.file("base.safetensors"), dir.file("ad"), dir.file("plain.safetensors"))
+        let reported = try adapter("merge", "--report", dir.file("base.safetensors"), dir.file("ad"), dir.file("reported.safetensors"))
+        #expect(plain.status == 0 && reported.status == 0, "\(plain.stderr) \(reported.stderr)")
+        let a = try #require(FileManager.default.contents(atPath: dir.file("plain.safetensors")))
+        let b = try #require(FileManager.default.contents(atPath: dir.file("reported.safetensors")))
+        #expect(a.count == b.count)
+        #expect(a == b, "the --report output differs from the plain merge")
+        #expect(reported.stdout.contains("model.layers.0.mlp.up_proj.weight\t1\t"))
+        // Survival of an F32 merge: all of the update lands, up to one rounding per element.
+        let survived = Double(reported.stdout.split(separator: "\n")[1].split(separator: "\t")[3]) ?? 0
+        #expect(abs(survived - 1) < 1e-3, "\(reported.stdout)")
+        // And the same for BF16 and F16 outputs of other bases: the fixtures.
+        for base in ["models/tiny-llama", "models/tiny-llama-f16.safetensors"] {
+            let out1 = dir.file("p-" + base.replacingOccurrences(of: "/", with: "_")), out2 = out1 + "-r"
+            #expect(try adapter("merge", "--quiet", fixture(base), fixture("adapters/moslora-original"), out1).status == 0)
+            #expect(try adapter("merge", "--report", fixture(base), fixture("adapters/moslora-original"), out2).status == 0)
+            let first = try FileManager.default.subpathsOfDirectory(atPath: out1).sorted()
+            if first.isEmpty {
+                #expect(FileManager.default.contents(atPath: out1) == FileManager.default.contents(atPath: out2), "\(base)")
+            } else {
+                for f in first { #expect(FileManager.default.contents(atPath: out1 + "/" + f) == FileManager.default.contents(atPath: out2 + "/" + f), "\(base)/\(f)") }
+            }
+        }
+    }
+}

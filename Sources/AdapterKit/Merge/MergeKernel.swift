@@ -235,13 +235,18 @@ enum MergeKernel {
             var stats: UpdateStatistics? = wantStatistics ? UpdateStatistics() : nil
             let s = src.raw, d = UnsafeMutableRawPointer(mutating: dst.raw)
             let ok: Bool
-            if !wantStatistics, factors.magnitude == nil, let st = cElement(sourceType), let dt = cElement(destinationType) {
-                // The fast path: the C kernel (AVX2 + FMA where the CPU has them).
+            if factors.magnitude == nil, let st = cElement(sourceType), let dt = cElement(destinationType) {
+                // The fast path: the C kernel (AVX2 + FMA where the CPU has them). It writes the
+                // output whether or not statistics are wanted, so `--report` never changes a byte.
                 let rowsHere = hi - lo
                 ok = adapter_merge_rows(st, s + lo * factors.cols * sourceType.byteSize, dt, d + lo * factors.cols * destinationType.byteSize,
                                         rowsHere, factors.cols, factors.l.baseAddress! + lo * factors.k, factors.panels.baseAddress!,
                                         factors.k, finiteLimit(destinationType)) == 1
-                UnsafeMutableRawPointer(mutating: out.raw).assumingMemoryBound(to: (Bool, UpdateStatistics?).self)[c] = (ok, nil)
+                if wantStatistics {
+                    statistics(&stats, source: s, sourceType: sourceType, destination: UnsafeRawPointer(d), destinationType: destinationType,
+                               rows: lo..<hi, factors: factors)
+                }
+                UnsafeMutableRawPointer(mutating: out.raw).assumingMemoryBound(to: (Bool, UpdateStatistics?).self)[c] = (ok, stats)
                 return
             }
             switch (sourceType, destinationType) {
@@ -266,6 +271,32 @@ enum MergeKernel {
             if let s = results[c].1 { total!.add(s) }
         }
         return (finite, total)
+    }
+
+    /// `--report` figures for rows the C kernel merged: the update L·R as the same kernel computes
+    /// it (added to a row of zeros, in Float32), and W' − W from the stored rows.
+    private static func statistics(_ stats: inout UpdateStatistics?, source: UnsafeRawPointer, sourceType: DType,
+                                   destination: UnsafeRawPointer, destinationType: DType, rows: Range<Int>, factors: UpdateFactors) {
+        let cols = factors.cols
+        let zeros = UnsafeMutablePointer<Float>.allocate(capacity: max(1, cols))
+        let update = UnsafeMutablePointer<Float>.allocate(capacity: max(1, cols))
+        let w = UnsafeMutablePointer<Double>.allocate(capacity: max(1, cols))
+        let stored = UnsafeMutablePointer<Double>.allocate(capacity: max(1, cols))
+        defer { zeros.deallocate(); update.deallocate(); w.deallocate(); stored.deallocate() }
+        zeros.initialize(repeating: 0, count: max(1, cols))
+        let f32 = Int32(ADAPTER_F32.rawValue)
+        for i in rows {
+            _ = adapter_merge_rows(f32, zeros, f32, update, 1, cols, factors.l.baseAddress! + i * factors.k, factors.panels.baseAddress!,
+                                   factors.k, .greatestFiniteMagnitude)
+            ElementConversion.toDouble(sourceType, source + i * cols * sourceType.byteSize, w, count: cols)
+            ElementConversion.toDouble(destinationType, destination + i * cols * destinationType.byteSize, stored, count: cols)
+            for j in 0..<cols {
+                let u = Double(update[j]), a = stored[j] - w[j]
+                stats!.maxAbsUpdate = max(stats!.maxAbsUpdate, abs(u))
+                stats!.updateSquared += u * u
+                stats!.appliedSquared += a * a
+            }
+        }
     }
 
     private static func cElement(_ d: DType) -> Int32? {

@@ -24,6 +24,31 @@ struct PyTorchCommandTests {
         #expect((a["modules"] as? [Any])?.count == 2)
     }
 
+    @Test("to-safetensors of a folder with both checkpoints converts both, the same way every run, and copies other .bin/.pt files")
+    func toSafetensorsBoth() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let folder = try binAdapter(dir)
+        try FileManager.default.copyItem(atPath: fixture("pytorch/dtypes.pt"), toPath: folder + "/pytorch_model.bin")
+        try FileManager.default.copyItem(atPath: fixture("pytorch/nested.pt"), toPath: folder + "/training_args.bin")
+        try FileManager.default.copyItem(atPath: fixture("pytorch/parameter.pt"), toPath: folder + "/optimizer.pt")
+        var outputs: [[String: Data]] = []
+        for run in 0..<4 {
+            let out = dir.file("st\(run)")
+            let r = try adapter("convert", "to-safetensors", folder, out)
+            #expect(r.status == 0, "\(r.stderr)")
+            let names = try FileManager.default.contentsOfDirectory(atPath: out).sorted()
+            #expect(names == ["adapter_config.json", "adapter_model.safetensors", "model.safetensors", "optimizer.pt", "training_args.bin"])
+            outputs.append(Dictionary(uniqueKeysWithValues: names.map { ($0, FileManager.default.contents(atPath: out + "/" + $0)!) }))
+        }
+        #expect(outputs.allSatisfy { $0 == outputs[0] })
+        #expect(outputs[0]["training_args.bin"] == FileManager.default.contents(atPath: fixture("pytorch/nested.pt")))
+        #expect(outputs[0]["optimizer.pt"] == FileManager.default.contents(atPath: fixture("pytorch/parameter.pt")))
+        let model = try adapter("inspect", "--json", "--tensors", dir.file("st0/model.safetensors"))
+        let twin = try adapter("inspect", "--json", "--tensors", fixture("pytorch/dtypes.expected.safetensors"))
+        #expect(parseJSONObject(model.stdout)?["tensor_count"] as? Int == parseJSONObject(twin.stdout)?["tensor_count"] as? Int)
+    }
+
     @Test("to-safetensors writes the same tensors torch saved, and copies the config")
     func toSafetensors() throws {
         let dir = TempDir()

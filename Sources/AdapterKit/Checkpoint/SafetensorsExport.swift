@@ -21,17 +21,32 @@ public enum SafetensorsExport {
                 let (tensors, bytes) = try write(try openTensorFile(input), to: out.temporaryPath)
                 result = Result(tensors: tensors, bytes: bytes, files: [lastPathComponent(output)])
             case .directory:
-                let entries = try FileSystem.contents(ofDirectory: input)
-                let sources = ["adapter_model.bin": "adapter_model.safetensors", "pytorch_model.bin": "model.safetensors"]
-                guard let (name, target) = sources.first(where: { entries.contains($0.key) }) else {
+                // Every PyTorch checkpoint the folder's loaders look for is converted (both, when a
+                // folder holds an adapter and a model); every other file is copied unchanged,
+                // other .bin and .pt files (training_args.bin, optimizer.pt) included.
+                let entries = try FileSystem.contents(ofDirectory: input).sorted()
+                let sources = [("adapter_model.bin", "adapter_model.safetensors"), ("pytorch_model.bin", "model.safetensors")]
+                    .filter { entries.contains($0.0) }
+                guard !sources.isEmpty else {
                     throw InputError(input, "the folder holds neither adapter_model.bin nor pytorch_model.bin")
                 }
-                if entries.contains(target) { throw InputError(input, "the folder already holds \(target)") }
+                if entries.contains(where: { $0.hasSuffix(".bin.index.json") }) {
+                    throw InputError(input, "the folder holds a sharded PyTorch checkpoint (an .bin.index.json); convert each shard file on its own")
+                }
+                for (_, target) in sources where entries.contains(target) {
+                    throw InputError(input, "the folder already holds \(target)")
+                }
                 try FileSystem.makeDirectory(out.temporaryPath)
-                let (tensors, bytes) = try write(try openTensorFile(joinPath(input, name)), to: joinPath(out.temporaryPath, target))
-                var files = [target]
-                for entry in entries where entry != name && !entry.hasSuffix(".bin") && !entry.hasSuffix(".pt") {
-                    try copyFile(joinPath(input, entry), to: joinPath(out.temporaryPath, entry))
+                var tensors = 0, bytes = 0
+                var files: [String] = []
+                for (name, target) in sources {
+                    let (t, b) = try write(try openTensorFile(joinPath(input, name)), to: joinPath(out.temporaryPath, target))
+                    tensors += t
+                    bytes += b
+                    files.append(target)
+                }
+                for entry in entries where !sources.contains(where: { $0.0 == entry }) {
+                    try copyEntry(joinPath(input, entry), to: joinPath(out.temporaryPath, entry))
                     files.append(entry)
                 }
                 result = Result(tensors: tensors, bytes: bytes, files: files)
@@ -61,11 +76,21 @@ public enum SafetensorsExport {
         return (layout.tensors.count, layout.fileSize)
     }
 
-    private static func copyFile(_ source: String, to target: String) throws {
-        guard FileSystem.kind(source) == .file else { throw InputError(source, "cannot copy: not a regular file") }
-        let input = try FileDescriptor.openForReading(source)
-        let outFD = try FileDescriptor.createExclusive(target)
-        try outFD.copy(from: input, offset: 0, count: try input.status().size)
-        try outFD.sync()
+    /// Copies a file, or a folder and everything in it.
+    private static func copyEntry(_ source: String, to target: String) throws {
+        switch FileSystem.kind(source) {
+        case .file:
+            let input = try FileDescriptor.openForReading(source)
+            let outFD = try FileDescriptor.createExclusive(target)
+            try outFD.copy(from: input, offset: 0, count: try input.status().size)
+            try outFD.sync()
+        case .directory:
+            try FileSystem.makeDirectory(target)
+            for entry in try FileSystem.contents(ofDirectory: source).sorted() {
+                try copyEntry(joinPath(source, entry), to: joinPath(target, entry))
+            }
+        default:
+            throw InputError(source, "cannot copy: not a regular file or folder")
+        }
     }
 }

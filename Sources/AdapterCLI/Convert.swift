@@ -16,12 +16,33 @@ extension MixerKeyStyle: ExpressibleByArgument {}
 extension FoldSide: ExpressibleByArgument {}
 extension ResizeForm: ExpressibleByArgument {}
 
+/// What a command writes, for the help of its OUTPUT argument.
+protocol OutputKind {
+    static var outputHelp: String { get }
+}
+
+enum PEFTFolderOutput: OutputKind {
+    static var outputHelp: String { "The PEFT folder to write (adapter_config.json, adapter_model.safetensors); it must not exist unless --force." }
+}
+
+enum MLXFolderOutput: OutputKind {
+    static var outputHelp: String { "The mlx-lm folder to write (adapter_config.json, adapters.safetensors); it must not exist unless --force." }
+}
+
+enum KohyaFileOutput: OutputKind {
+    static var outputHelp: String { "The kohya .safetensors file to write; it must not exist unless --force." }
+}
+
+enum ResizedOutput: OutputKind {
+    static var outputHelp: String { "Where to write, in the input's layout: a folder for PEFT and mlx inputs, a .safetensors file for kohya ones; it must not exist unless --force." }
+}
+
 /// IN, OUT and the options every conversion shares.
-struct ConvertIO: ParsableArguments {
+struct ConvertIO<Output: OutputKind>: ParsableArguments {
     @Argument(help: "The adapter to read (any supported layout). It is never modified.")
     var input: String
 
-    @Argument(help: "Where to write (a folder for PEFT and mlx, a .safetensors file for kohya).")
+    @Argument(help: ArgumentHelp(Output.outputHelp))
     var output: String
 
     @Option(help: "Write factors in this dtype (rounded once, nearest even); default: each tensor's input dtype.")
@@ -75,6 +96,7 @@ struct LoRAToMoSLoRA: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "lora-to-moslora",
         abstract: "Insert an r×r mixer in every module and write a PEFT MoSLoRA folder.",
+        usage: "adapter convert lora-to-moslora <input> <output> [--mixer identity|orthogonal|kaiming] [--seed <seed>] [--mixer-key lora_AB|lora_mixer] [--min-condition-ratio <ratio>] [--dtype <dtype>] [--base <base>] [--component <component>] [--drop-unknown] [--force] [--no-sync] [--quiet]",
         discussion: """
         identity: M = I, A and B unchanged. orthogonal: M = Q (seeded random orthogonal), A' = QᵀA. \
         kaiming: M Kaiming-uniform (a = √5, bound 1/√r), A' = M⁻¹A, refused when σmin/σmax of M is below \
@@ -83,7 +105,7 @@ struct LoRAToMoSLoRA: ParsableCommand {
         """
     )
 
-    @OptionGroup var io: ConvertIO
+    @OptionGroup var io: ConvertIO<PEFTFolderOutput>
 
     @Option(help: "The mixer to insert.")
     var mixer: MixerInit = .identity
@@ -115,7 +137,7 @@ struct MoSLoRAToLoRA: ParsableCommand {
         abstract: "Fold every mixer into A (A' = M·A) or B (B' = B·M) and write a plain PEFT LoRA folder."
     )
 
-    @OptionGroup var io: ConvertIO
+    @OptionGroup var io: ConvertIO<PEFTFolderOutput>
 
     @Option(help: "The factor that takes the mixer.")
     var foldInto: FoldSide = .a
@@ -136,7 +158,7 @@ struct ToPEFT: ParsableCommand {
         """
     )
 
-    @OptionGroup var io: ConvertIO
+    @OptionGroup var io: ConvertIO<PEFTFolderOutput>
 
     @Flag(help: "Keep the mixers (MoSLoRA layout for the MoSLoRA code; stock PEFT cannot load it).")
     var keepMixer = false
@@ -152,7 +174,7 @@ struct ToMLX: ParsableCommand {
         abstract: "Write the adapter as an mlx-lm folder (mixers folded into A; one rank and one scale, others folded exactly)."
     )
 
-    @OptionGroup var io: ConvertIO
+    @OptionGroup var io: ConvertIO<MLXFolderOutput>
 
     func run() throws {
         io.finish(try AdapterConversion.convertLayout(input: io.input, output: io.output, to: .mlx, options: io.options))
@@ -170,7 +192,7 @@ struct ToKohya: ParsableCommand {
         """
     )
 
-    @OptionGroup var io: ConvertIO
+    @OptionGroup var io: ConvertIO<KohyaFileOutput>
 
     @Flag(help: "Keep the mixers as lora_mixer.weight (only MoSLoRA-aware loaders apply them).")
     var keepMixer = false

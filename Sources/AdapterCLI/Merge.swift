@@ -85,6 +85,10 @@ struct Merge: ParsableCommand {
         }
         if !quiet {
             for n in summary.notes { writeError("adapter: note: \(n)") }
+            let rounded = Set(plan.changedTensorDTypes).intersection([.bf16, .f16])
+            if inputs.contains(where: { $0.weight < 0 }), let dtype = rounded.sorted().first {
+                writeError("adapter: note: a negative weight undoes a merge only up to rounding: the merge rounded W + Δ once into \(dtype.rawValue) and this rounds again, so some elements end one rounding (half a \(dtype.rawValue) step of max(|W|, |W'|)) from the original base; --report shows per tensor how much of the update survived")
+            }
             writeError("adapter: " + summary.line)
         }
     }

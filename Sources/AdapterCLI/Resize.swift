@@ -5,6 +5,7 @@ import Foundation
 struct Resize: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Reduce each module's rank by the exact SVD of its B·M·A; print the energy kept per module.",
+        usage: "adapter resize (--rank <k> | --keep-energy <f>) <input> <output> [--form lora|moslora] [--dtype <dtype>] [--base <base>] [--component <component>] [--drop-unknown] [--force] [--no-sync] [--quiet]",
         discussion: """
         The SVD comes from QR of B and of (M·A)ᵀ and an SVD of the r×r core, never the out×in product. \
         Every module keeps its scale (alpha becomes scale·k). --form lora splits √σ into A and B; \
@@ -13,12 +14,12 @@ struct Resize: ParsableCommand {
         """
     )
 
-    @OptionGroup var io: ConvertIO
+    @OptionGroup var io: ConvertIO<ResizedOutput>
 
-    @Option(help: "Keep at most this many singular values per module.")
+    @Option(help: "Keep at most this many singular values per module (this or --keep-energy is required).")
     var rank: Int?
 
-    @Option(help: "Keep the fewest singular values whose Σσ² reaches this fraction of the total (0 < F ≤ 1).")
+    @Option(help: "Keep the fewest singular values whose Σσ² reaches this fraction of the total (0 < F ≤ 1; this or --rank is required).")
     var keepEnergy: Double?
 
     @Option(help: "lora: √σ in both factors; moslora: orthonormal factors and σ in a diagonal mixer.")

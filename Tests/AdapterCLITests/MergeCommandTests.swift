@@ -186,6 +186,24 @@ private func f32Safetensors(_ tensors: [(name: String, shape: [Int], values: [Fl
     return data
 }
 
+@Suite("adapter merge: un-merging (the built binary)")
+struct UnmergeNoticeTests {
+    @Test("a negative weight on a BF16 base says the un-merge is exact only up to rounding; on F32 it says nothing")
+    func notice() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let ada = fixture("adapters/moslora-original")
+        #expect(try adapter("merge", "--quiet", fixture("models/tiny-llama"), ada, dir.file("m")).status == 0)
+        let u = try adapter("merge", "--weight", "-1", dir.file("m"), ada, dir.file("u"))
+        #expect(u.status == 0, "\(u.stderr)")
+        #expect(u.stderr.contains("note: a negative weight undoes a merge only up to rounding") && u.stderr.contains("BF16"), "\(u.stderr)")
+        let f = try adapter("merge", "--weight", "-1", fixture("models/tiny-llama-f32.safetensors"), ada, dir.file("f.safetensors"))
+        #expect(f.status == 0 && !f.stderr.contains("undoes a merge"), "\(f.stderr)")
+        let plain = try adapter("merge", fixture("models/tiny-llama"), ada, dir.file("p"))
+        #expect(plain.status == 0 && !plain.stderr.contains("undoes a merge"))
+    }
+}
+
 @Suite("adapter merge --report (the built binary)")
 struct MergeReportTests {
     @Test("--report never changes a byte of the output (F32 base, rank 16, 512 columns)")

@@ -590,6 +590,12 @@ struct ConvertResizeTests {
         #expect(f.info("lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight")?.shape == [3, 4, 3, 3])
         #expect(f.info("lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight")?.shape == [8, 3, 1, 1])
         #expect(f.info("lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight")?.dtype == .f16)
+        // The training metadata no longer claims the old ranks: conv_dim follows the new rank,
+        // conv_alpha = scale·k keeps the conv modules' scale (1/4 in the fixture), other fields stay.
+        let meta = Dictionary(uniqueKeysWithValues: f.metadataPairs.map { ($0.key, $0.value) })
+        #expect(meta["ss_network_args"] == #"{"conv_dim":"3","conv_alpha":"0.75"}"#, "\(meta["ss_network_args"] ?? "none")")
+        #expect(meta["ss_network_dim"] == "3")
+        #expect(meta["ss_sd_model_name"] == "tiny-unet")
         #expect(throws: ConvertError.self) {
             try AdapterConversion.resize(input: adapterPath("mlx"), output: dir.file("m"), target: .rank(2), form: .moslora, options: options())
         }

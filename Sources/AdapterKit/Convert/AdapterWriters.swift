@@ -272,9 +272,35 @@ enum AdapterWriter {
         set("ss_network_dim", String(rank))
         set("ss_network_alpha", Double(Float(alpha)).description)
         set("ss_adapter_algorithm", w.modules.contains { $0.m != nil } ? "moslora" : nil)
+        if w.resized, let raw = meta.first(where: { $0.key == "ss_network_args" })?.value {
+            set("ss_network_args", try resizedNetworkArgs(raw, w.modules, path: w.source.path))
+        }
         meta.sort { Array($0.key.utf8).lexicographicallyPrecedes(Array($1.key.utf8)) }
         try writeFile(file, tensors, metadata: meta, sync: sync)
         return []
+    }
+
+    /// kohya's `ss_network_args` after a resize: `conv_dim` / `conv_alpha` (and LyCORIS' `dim` /
+    /// `alpha`) state ranks the file no longer has, so they are set to the new most common values
+    /// (removed where no module of that kind is left); every other argument is kept.
+    static func resizedNetworkArgs(_ raw: String, _ modules: [WorkingModule], path: String) throws -> String? {
+        guard case .object(var args)? = try? JSONParser.parse(Array(raw.utf8)) else {
+            return nil  // not the JSON object kohya writes: dropped rather than kept stale
+        }
+        let conv = modules.filter { $0.kind == .convKxK }
+        let all = modules
+        func text(_ v: Double) -> JSONValue { .string(formatNumber(v)) }
+        for (key, group, isAlpha) in [("conv_dim", conv, false), ("conv_alpha", conv, true), ("dim", all, false), ("alpha", all, true)]
+        where args[key] != nil {
+            if group.isEmpty {
+                args[key] = nil
+            } else if isAlpha {
+                args[key] = text(mostCommon(group.map { $0.scale * Double($0.rank) }) ?? 0)
+            } else {
+                args[key] = .string(String(mostCommon(group.map(\.rank)) ?? 0))
+            }
+        }
+        return args.members.isEmpty ? nil : JSONWriter.compact(.object(args))
     }
 
     // MARK: - mlx-lm

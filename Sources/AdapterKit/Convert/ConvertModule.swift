@@ -142,6 +142,8 @@ struct WorkingAdapter {
     var modules: [WorkingModule]
     var replacements: [Replacement]
     var notes: [String] = []
+    /// Set by resize: ranks changed, so rank-stating metadata (kohya `ss_network_args`) is rewritten.
+    var resized = false
 
     /// Reads every module's factors; applies the component selection.
     init(_ adapter: Adapter, options: ConvertOptions) throws {

@@ -93,6 +93,7 @@ extension AdapterConversion {
         }
         return try convert(input: input, output: output, layout: layout, style: .loraAB, options: options, summary: &summary) { w, summary in
             var dora = 0
+            w.resized = true
             for i in w.modules.indices {
                 let m = w.modules[i]
                 let svd = ModuleSVD(m)

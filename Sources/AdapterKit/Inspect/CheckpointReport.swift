@@ -60,24 +60,41 @@ public struct CheckpointReport: Sendable {
         lines.append("  tensors     \(tensors.count)")
         lines.append("  parameters  \(formatCount(parameterCount))")
         lines.append("  bytes       \(formatBytes(byteCount))")
-        lines.append("  dtypes      " + dtypeCounts.map { "\($0.dtype.rawValue) × \($0.count)" }.joined(separator: ", "))
+        lines += wrapped("  dtypes      ", dtypeCounts.map { "\($0.dtype.rawValue) × \($0.count)" })
         if !metadata.isEmpty {
-            lines.append("  metadata    " + metadata.map { "\($0.key)=\(truncated($0.value, 60))" }.joined(separator: ", "))
+            lines += wrapped("  metadata    ", metadata.map { "\($0.key)=\(truncated($0.value, 60))" })
         }
         if showTensors && !tensors.isEmpty {
             lines.append("")
             let nameWidth = min(80, tensors.map { $0.info.name.count }.max() ?? 4)
             let shapes = tensors.map { "[" + $0.info.shape.map(String.init).joined(separator: ", ") + "]" }
             let shapeWidth = max(5, shapes.map(\.count).max() ?? 5)
-            lines.append(pad("name", nameWidth) + "  " + pad("dtype", 11) + "  " + pad("shape", shapeWidth) + (files.count > 1 ? "  file" : ""))
+            lines.append(pad("name", nameWidth) + "  " + pad("dtype", 7) + "  " + pad("shape", shapeWidth) + "  file")
             for (t, shape) in zip(tensors, shapes) {
-                var row = pad(t.info.name, nameWidth) + "  " + pad(t.info.dtype.rawValue, 11) + "  " + pad(shape, shapeWidth)
-                if files.count > 1 { row += "  " + t.file }
-                lines.append(row)
+                lines.append(pad(t.info.name, nameWidth) + "  " + pad(t.info.dtype.rawValue, 7) + "  " + pad(shape, shapeWidth) + "  " + t.file)
             }
         }
         return lines.joined(separator: "\n")
     }
+}
+
+/// `label` then the items joined by ", ", wrapped at `width` columns with continuation lines
+/// aligned under the first item.
+func wrapped(_ label: String, _ items: [String], width: Int = 100) -> [String] {
+    var lines: [String] = []
+    var line = label
+    let indent = String(repeating: " ", count: label.count)
+    for (i, item) in items.enumerated() {
+        let piece = item + (i == items.count - 1 ? "" : ",")
+        if line.count > indent.count && line.count + 1 + piece.count > width {
+            lines.append(line)
+            line = indent + piece
+        } else {
+            line += (line.count > indent.count && line != label ? " " : "") + piece
+        }
+    }
+    lines.append(line)
+    return lines
 }
 
 func pad(_ s: String, _ width: Int) -> String {

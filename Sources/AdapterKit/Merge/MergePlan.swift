@@ -61,6 +61,11 @@ public struct MergePlan: Sendable {
     public let inputs: [MergeInput]
     /// Plans for the tensors that change, by base name.
     public let changes: [String: TensorPlan]
+
+    /// The dtypes of the tensors an update changes (sorted), for notices about rounding.
+    public var changedTensorDTypes: [DType] {
+        Array(Set(changes.values.filter { !$0.terms.isEmpty }.map(\.base.dtype))).sorted()
+    }
     /// Modules left out because of `--component`, per component.
     public let skipped: [String: Int]
     public let notes: [String]

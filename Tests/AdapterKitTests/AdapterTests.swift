@@ -238,6 +238,77 @@ struct AdapterReportTests {
         #expect(j["warnings"]?.arrayValue?.isEmpty == false)
     }
 
+    @Test("the text report: sizes, base model, version, scale rule, targets, r and alpha per target, aligned and short lines")
+    func textReport() throws {
+        let r = try AdapterReport(try Adapter(path: adapterPath("real-lora-rslora-patterns")))
+        let text = r.text()
+        #expect(text.contains("written by  PEFT 0.21.2"))
+        #expect(text.contains("scale       lora_alpha / √r (use_rslora)"))
+        #expect(text.contains("in 32 tensors"))
+        #expect(text.contains("targets     "))
+        // o_proj has lora_alpha 8 in layer 0 and 16 (alpha_pattern) in layer 1; v_proj rank 2: scale 8/√2.
+        let o = try #require(text.split(separator: "\n").first { $0.contains("self_attn.o_proj") })
+        #expect(o.split(separator: " ").map(String.init) == ["self_attn.o_proj", "2", "linear", "4", "8,16", "4,8", "no", "F32"])
+        let v = try #require(text.split(separator: "\n").first { $0.contains("self_attn.v_proj") })
+        #expect(v.contains(" 5.657 "))
+        for line in text.split(separator: "\n") { #expect(line.count <= 110, "\(line)") }
+        #expect(!text.contains("× 1 layer"))
+        // Columns line up: every table row has its "linear"/"embedding" kind where the header has "kind".
+        let lines = text.split(separator: "\n").map(String.init)
+        let header = try #require(lines.first { $0.contains("target") && $0.contains("kind") })
+        let column = header.range(of: "kind")!.lowerBound.utf16Offset(in: header)
+        for row in lines where row.contains(" linear ") || row.contains(" embedding ") {
+            let kindStart = row.range(of: row.contains(" linear ") ? "linear" : "embedding")!.lowerBound.utf16Offset(in: row)
+            #expect(kindStart == column, "\(row)")
+        }
+        let j = r.json()
+        #expect(j["tensor_count"]?.int == 32)
+        #expect(j["written_by"]?.stringValue == "PEFT 0.21.2")
+        #expect(j["modules"]?.arrayValue?.allSatisfy { $0["alpha"]?.double != nil } == true)
+    }
+
+    @Test("kohya training metadata is shown as a block")
+    func kohyaTraining() throws {
+        let r = try AdapterReport(try Adapter(path: adapterPath("kohya-unet.safetensors")))
+        let training = Dictionary(uniqueKeysWithValues: r.training.map { ($0.label, $0.value) })
+        #expect(training["base model"] == "tiny-unet (sd_v1)")
+        #expect(training["network"] == "networks.lora, dim 4, alpha 2.0, conv_dim=4 conv_alpha=1")
+        #expect(training["training"] == "1 epoch, 100 steps")
+        #expect(training["precision"] == "fp16")
+        #expect(training["comment"] == nil)  // "None" is not shown
+        #expect(r.text().contains("  training (kohya metadata)"))
+    }
+
+    @Test("a nearly singular mixer gets a warning that says inverting is unsafe and folding is exact")
+    func singularMixer() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        // M = diag(1, 1e-4): σ_min/σ_max = 1e-4 < 1e-3.
+        let p = try writeSafetensors(dir.file("a.safetensors"), [
+            (name: "base_model.model.x.lora_A.weight", dtype: .f32, shape: [2, 2], bytes: floatBytes([1, 0, 0, 1])),
+            (name: "base_model.model.x.lora_AB.weight", dtype: .f32, shape: [2, 2], bytes: floatBytes([1, 0, 0, 1e-4])),
+            (name: "base_model.model.x.lora_B.weight", dtype: .f32, shape: [2, 2], bytes: floatBytes([1, 0, 0, 1])),
+        ])
+        let r = try AdapterReport(try Adapter(path: p))
+        let verdict = try #require(r.mixerVerdict)
+        #expect(verdict.isWarning)
+        #expect(r.warnings.contains { $0.contains("nearly singular") && $0.contains("inverting M is unsafe") && $0.contains("folding it into A or B") && $0.contains("still exact") })
+        let good = try AdapterReport(try Adapter(path: adapterPath("moslora-original")))
+        #expect(good.mixerVerdict?.isWarning == false)
+        #expect(good.text().contains("verdict            every mixer is well conditioned"))
+    }
+
+    @Test("formatShort: four significant digits, no trailing zeros")
+    func numbers() {
+        #expect(formatShort(2) == "2")
+        #expect(formatShort(5.656854) == "5.657")
+        #expect(formatShort(0.0205) == "0.0205")
+        #expect(formatShort(0.25) == "0.25")
+        #expect(formatShort(1234.5) == "1235")
+        #expect(formatShort(1.2e-5) == "1.2e-5")
+        #expect(formatShort(-0.5) == "-0.5")
+    }
+
     @Test("NaN and Inf are counted per tensor")
     func nonFinite() throws {
         let dir = TempDir()

@@ -42,6 +42,8 @@ struct ConfigStrictnessTests {
         ("peft_type", "5", "peft_type must be a string"),
         ("modules_to_save", #""lm_head""#, "modules_to_save must be a list of strings"),
         ("lora_use_mixer", #""yes""#, "lora_use_mixer must be true or false"),
+        ("peft_type", #""lora""#, #"peft_type must be written "LORA""#),
+        ("peft_type", #""LOHA""#, "only LoRA-family adapters are supported"),
     ])
     func wrongType(key: String, value: String, message: String) throws {
         let dir = TempDir()
@@ -185,5 +187,49 @@ struct DiffusersMetadataTests {
         let text = try #require(refusal { _ = try Adapter(path: path) })
         #expect(text.contains(message), "\(text)")
         #expect(!text.contains("\n"))
+    }
+}
+
+@Suite("kohya and diffusers key rules")
+struct KohyaDiffusersRuleTests {
+    @Test("kohya alpha 0 means alpha = rank, as sd-scripts reads it, and says so")
+    func alphaZero() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let p = try writeSafetensors(dir.file("k.safetensors"), [
+            (name: "lora_unet_x.lora_down.weight", dtype: .f32, shape: [2, 3], bytes: floatBytes([Float](repeating: 1, count: 6))),
+            (name: "lora_unet_x.lora_up.weight", dtype: .f32, shape: [3, 2], bytes: floatBytes([Float](repeating: 1, count: 6))),
+            (name: "lora_unet_x.alpha", dtype: .f32, shape: [], bytes: floatBytes([0])),
+            (name: "lora_unet_y.lora_down.weight", dtype: .f32, shape: [2, 3], bytes: floatBytes([Float](repeating: 1, count: 6))),
+            (name: "lora_unet_y.lora_up.weight", dtype: .f32, shape: [3, 2], bytes: floatBytes([Float](repeating: 1, count: 6))),
+            (name: "lora_unet_y.alpha", dtype: .f32, shape: [], bytes: floatBytes([1])),
+        ])
+        let a = try Adapter(path: p)
+        #expect(a.modules.first { $0.name == "lora_unet_x" }?.scale == 1)
+        #expect(a.modules.first { $0.name == "lora_unet_y" }?.scale == 0.5)
+        #expect(a.warnings.contains { $0.contains("alpha 0 read as alpha = rank") })
+    }
+
+    @Test("diffusers' old text-encoder keys (lora_linear_layer.down/up) are LoRA factors, not unknown keys")
+    func loraLinearLayer() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let p = try writeSafetensors(dir.file("d.safetensors"), [
+            (name: "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.down.weight", dtype: .f32, shape: [2, 3],
+             bytes: floatBytes([1, 2, 3, 4, 5, 6])),
+            (name: "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.up.weight", dtype: .f32, shape: [3, 2],
+             bytes: floatBytes([1, 0, 0, 1, 1, 1])),
+            (name: "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora.down.weight", dtype: .f32, shape: [2, 3],
+             bytes: floatBytes([Float](repeating: 1, count: 6))),
+            (name: "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora.up.weight", dtype: .f32, shape: [3, 2],
+             bytes: floatBytes([Float](repeating: 1, count: 6))),
+        ])
+        let a = try Adapter(path: p)
+        #expect(a.format == .diffusers)
+        #expect(a.unknownKeys.isEmpty)
+        #expect(a.modules.count == 2)
+        let te = try #require(a.modules.first { $0.component == "text_encoder" })
+        #expect(te.baseName == "text_model.encoder.layers.0.self_attn.q_proj")
+        #expect(try te.factors().a == [1, 2, 3, 4, 5, 6])
     }
 }

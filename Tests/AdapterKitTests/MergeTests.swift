@@ -193,3 +193,37 @@ struct MergeAgainstPEFTTests {
         }
     }
 }
+
+@Suite("merge: rounding once, everywhere")
+struct RoundOnceTests {
+    /// x = 1 + 2⁻⁸ + 2⁻³⁰: through Float32 it becomes 1 + 2⁻⁸, a BF16 tie that rounds to even (1);
+    /// rounded once from Float64 it is above the tie and becomes 1 + 2⁻⁷.
+    static let x = 1 + 0x1p-8 + 0x1p-30
+
+    @Test("an F64 modules_to_save replacement lands in a BF16 base rounded once, alone or with an update")
+    func f64Replacement() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        // Base: lm_head.weight and q.weight, BF16 [1, 2].
+        let bf16One: [UInt8] = [0x80, 0x3F]
+        try writeSafetensors(dir.file("base.safetensors"), [
+            (name: "lm_head.weight", dtype: .bf16, shape: [1, 2], bytes: bf16One + bf16One),
+            (name: "q.weight", dtype: .bf16, shape: [1, 2], bytes: bf16One + bf16One),
+        ])
+        try FileManager.default.createDirectory(atPath: dir.file("ad"), withIntermediateDirectories: true)
+        try writeSafetensors(dir.file("ad/adapter_model.safetensors"), [
+            (name: "base_model.model.lm_head.weight", dtype: .f64, shape: [1, 2], bytes: doubleBytes([Self.x, -Self.x])),
+            (name: "base_model.model.q.weight", dtype: .f64, shape: [1, 2], bytes: doubleBytes([Self.x, Self.x])),
+            // A zero update on q: the replacement still goes through the merge kernel's path.
+            (name: "base_model.model.q.lora_A.weight", dtype: .f32, shape: [1, 2], bytes: floatBytes([0, 0])),
+            (name: "base_model.model.q.lora_B.weight", dtype: .f32, shape: [1, 1], bytes: floatBytes([0])),
+        ])
+        _ = dir.write("ad/adapter_config.json", text: #"{"peft_type": "LORA", "r": 1, "lora_alpha": 1, "modules_to_save": ["lm_head", "q"]}"#)
+        let (out, _) = try merge(base: dir.file("base.safetensors"), adapters: [(dir.file("ad"), 1)], out: dir.file("out.safetensors"))
+        // 1 + 2⁻⁷ in BF16 is 0x3F81.
+        let lm = try out.files[0].withBytes(of: "lm_head.weight") { Array($0) }
+        #expect(lm == [0x81, 0x3F, 0x81, 0xBF], "\(lm)")
+        let q = try out.files[0].withBytes(of: "q.weight") { Array($0) }
+        #expect(q == [0x81, 0x3F, 0x81, 0x3F], "\(q)")
+    }
+}

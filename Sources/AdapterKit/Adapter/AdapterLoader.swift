@@ -69,7 +69,7 @@ enum AdapterLoader {
             return Located(format: .mlx, weights: weights, configPath: nil, config: nil, store: try openTensorFile(weights))
         }
         let entries = try FileSystem.contents(ofDirectory: folder)
-        let tensorFiles = entries.filter { $0.hasSuffix(".safetensors") || $0.hasSuffix(".bin") || $0.hasSuffix(".pt") }
+        let tensorFiles = entries.filter { $0.hasSuffix(".safetensors") || $0.hasSuffix(".bin") || $0.hasSuffix(".pt") || $0.hasSuffix(".ckpt") }.sorted()
         if let configPath = file("lora_config.json") {
             guard let config = try readJSONFile(configPath).objectValue else { throw InputError(configPath, "the config is not a JSON object") }
             guard let name = tensorFiles.first(where: { $0.hasPrefix("lora_model") }) ?? (tensorFiles.count == 1 ? tensorFiles.first : nil) else {
@@ -95,7 +95,7 @@ enum AdapterLoader {
     static func detectFormat(_ keys: [String]) -> AdapterFormat? {
         func any(_ test: (String) -> Bool) -> Bool { keys.contains(where: test) }
         if any({ $0.hasPrefix("lora_unet_") || $0.hasPrefix("lora_te") || $0.hasPrefix("lora_transformer_") }) { return .kohya }
-        if any({ $0.hasSuffix(".lora.down.weight") || $0.hasSuffix(".lora.up.weight") }) { return .diffusers }
+        if any({ $0.hasSuffix(".lora.down.weight") || $0.hasSuffix(".lora.up.weight") || $0.hasSuffix(".lora_linear_layer.down.weight") }) { return .diffusers }
         if any({ ($0.hasPrefix("unet.") || $0.hasPrefix("text_encoder") || $0.hasPrefix("transformer.")) && $0.hasSuffix(".lora_A.weight") }) {
             return .diffusers
         }
@@ -122,7 +122,10 @@ enum AdapterLoader {
         case .kohya:
             rules = [(".lora_down.weight", .a), (".lora_up.weight", .b), (".lora_mixer.weight", .mixer), (".alpha", .alpha)]
         case .diffusers:
+            // `lora.down/up`: diffusers' old UNet attention names; `lora_linear_layer.down/up`: its old
+            // text-encoder (CLIP q/k/v/out_proj) names; `lora_A/B`: PEFT's, which diffusers writes now.
             rules = [(".lora.down.weight", .a), (".lora.up.weight", .b), (".lora.downB.weight", .mixer),
+                     (".lora_linear_layer.down.weight", .a), (".lora_linear_layer.up.weight", .b), (".lora_linear_layer.downB.weight", .mixer),
                      (".lora_A.weight", .a), (".lora_B.weight", .b), (".lora_AB.weight", .mixer), (".lora_mixer.weight", .mixer),
                      (".lora_magnitude_vector", .magnitude), (".alpha", .alpha)]
         case .mlx:

@@ -164,7 +164,7 @@ struct AdapterSettings {
         guard let config else {
             switch format {
             case .peft: warnings.append("no adapter_config.json: scale 1 assumed (lora_alpha = r), no fan_in_fan_out")
-            case .mlx: warnings.append("no adapter_config.json: mlx-lm's default scale 20.0 assumed")
+            case .mlx: warnings.append("no adapter_config.json: mlx-lm's default scale 20.0 assumed (10.0 in mlx-lm before mid-2025)")
             case .paddle: warnings.append("no lora_config.json: scale 1 assumed (lora_alpha = r)")
             case .mytransformers: warnings.append("no config: scale 1 assumed")
             case .kohya, .diffusers: break
@@ -179,6 +179,12 @@ struct AdapterSettings {
                 guard ["LORA", "MOSLORA"].contains(type.uppercased()) else {
                     throw InputError(configPath, "peft_type \(type) is not LoRA or MoSLoRA; only LoRA-family adapters are supported")
                 }
+                // PEFT looks the name up as written: "lora" is a KeyError there.
+                guard type == type.uppercased() else {
+                    throw InputError(configPath, "peft_type must be written \"\(type.uppercased())\" (PEFT does not accept \"\(type)\")")
+                }
+            } else {
+                warnings.append("peft_type is missing (PEFT needs it to load the adapter): LoRA assumed")
             }
             let p = try PEFTFields(f)
             peft = p
@@ -211,7 +217,7 @@ struct AdapterSettings {
             } else if let a = try pf?.number("alpha") {
                 alpha = a
             } else {
-                warnings.append("lora_parameters has no scale: mlx-lm's default 20.0 assumed")
+                warnings.append("lora_parameters has no scale: mlx-lm's default 20.0 assumed (10.0 in mlx-lm before mid-2025)")
             }
             let t = try f.string("fine_tune_type")
             if let t, !["lora", "dora"].contains(t) {
@@ -353,6 +359,11 @@ struct AdapterSettings {
             guard let alphaTensor else { return (1, Double(r)) }
             guard alphaTensor.info.elementCount == 1, let v = try alphaTensor.doubles().first, v.isFinite else {
                 throw InputError(configPath, "module \(module.name): alpha is not one finite number")
+            }
+            // sd-scripts (networks/lora.py) reads alpha 0 as alpha = rank.
+            if v == 0 && format == .kohya {
+                warnings.append("module \(module.name): alpha 0 read as alpha = rank (scale 1), as kohya sd-scripts does")
+                return (1, Double(r))
             }
             return (v / Double(r), v)
         case .mlx:

@@ -207,6 +207,10 @@ public final class Merger {
         }
         var metadata = root["metadata"]?.objectValue ?? JSONObject()
         metadata["total_size"] = .integer(totalSize)
+        // transformers 5 also records the parameter count.
+        if metadata["total_parameters"] != nil {
+            metadata["total_parameters"] = .integer(plan.base.tensors.reduce(0) { $0 + (plan.changes[$1.info.name]?.outputShape ?? $1.info.shape).reduce(1, *) })
+        }
         root["metadata"] = .object(metadata)
         let text = JSONWriter.pretty(.object(sortedKeys(root)), indent: 2) + "\n"
         let fd = try FileDescriptor.createExclusive(target)
@@ -287,7 +291,9 @@ public final class Merger {
         var replacementValues: [Float]? = nil
         var replacementDoubles: [Double]? = nil
         if let r = p.replacement {
-            if dtype == .f64 { replacementDoubles = try r.tensor.doubles() } else { replacementValues = try r.tensor.floats() }
+            // An F64 replacement is kept in Float64 whatever the base dtype: going through Float32
+            // would round it twice.
+            if dtype == .f64 || r.tensor.info.dtype == .f64 { replacementDoubles = try r.tensor.doubles() } else { replacementValues = try r.tensor.floats() }
             if (replacementValues?.contains { !$0.isFinite } ?? false) || (replacementDoubles?.contains { !$0.isFinite } ?? false) {
                 throw MergeError(tensor: p.baseName, problem: "the replacement \(r.tensor.name) holds NaN or infinity")
             }
@@ -317,7 +323,8 @@ public final class Merger {
             try store.withBytes(of: p.baseName) { raw in try body(raw.baseAddress ?? UnsafeRawPointer(bitPattern: 8)!, dtype) }
         }
 
-        if dtype == .f64 {
+        if dtype == .f64 || replacementDoubles != nil {
+            // Float64 accumulation: F64 bases, and F64 replacements into any base (rounded once at the end).
             var out = [UInt8](repeating: 0, count: rows * cols * 8)
             var finite = true
             try source { src, srcType in
@@ -327,6 +334,16 @@ public final class Merger {
                 }
             }
             guard finite else { throw nonFinite(p) }
+            if dtype != .f64 {
+                var narrow = [UInt8](repeating: 0, count: rows * cols * dtype.byteSize)
+                out.withUnsafeBytes { src in
+                    narrow.withUnsafeMutableBytes { dst in
+                        ElementConversion.fromDouble(dtype, src.baseAddress!.assumingMemoryBound(to: Double.self), dst.baseAddress!, count: rows * cols)
+                    }
+                }
+                try checkFinite(narrow, dtype: dtype, tensor: p.baseName)
+                out = narrow
+            }
             submit(out, writer)
         } else {
             let factors = UpdateFactors(l: l, r: r, rows: rows, cols: cols, k: k, magnitude: magnitude)

@@ -190,6 +190,30 @@ struct DiffusersMetadataTests {
     }
 }
 
+@Suite("PaddleNLP config rules")
+struct PaddleRuleTests {
+    private func paddle(_ dir: TempDir, _ extra: String) throws -> String {
+        let folder = dir.file("p")
+        try FileManager.default.copyItem(atPath: fixture("adapters/paddle"), toPath: folder)
+        var config = try readJSONFile(folder + "/lora_config.json").objectValue!
+        for (k, v) in try JSONParser.parse(Array(extra.utf8)).objectValue!.members { config[k] = v }
+        try FileManager.default.removeItem(atPath: folder + "/lora_config.json")
+        _ = dir.write("p/lora_config.json", text: JSONWriter.pretty(.object(config)))
+        return folder
+    }
+
+    @Test("pissa: scale 1.0 whatever lora_alpha says, with a warning; use_mora is refused")
+    func pissaAndMora() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let a = try Adapter(path: try paddle(dir, #"{"pissa": true, "lora_alpha": 32}"#))
+        #expect(a.modules.allSatisfy { $0.scale == 1 })
+        #expect(a.warnings.contains { $0.contains("pissa") })
+        try FileManager.default.removeItem(atPath: dir.file("p"))
+        #expect(throws: InputError.self) { try Adapter(path: try paddle(dir, #"{"use_mora": true}"#)) }
+    }
+}
+
 @Suite("kohya and diffusers key rules")
 struct KohyaDiffusersRuleTests {
     @Test("kohya alpha 0 means alpha = rank, as sd-scripts reads it, and says so")

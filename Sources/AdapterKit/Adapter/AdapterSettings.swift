@@ -152,6 +152,7 @@ struct AdapterSettings {
     private var rank: Int?
     private var alpha: Double?
     private var mlxScale: Double?
+    private var paddlePiSSA = false
 
     init(format: AdapterFormat, config: JSONObject?, configPath: String, fileMetadata: [(key: String, value: String)] = [],
          weightsPath: String = "") throws {
@@ -228,6 +229,12 @@ struct AdapterSettings {
             // PaddleNLP's LoRAConfig: r and lora_alpha default to 8, like PEFT's.
             var p = try PEFTFields(f)
             p.useRSLoRA = try f.bool("rslora") ?? false
+            if try f.bool("use_mora") == true {
+                throw InputError(configPath, "use_mora: a MoRA adapter is not a low-rank product A·B; only LoRA and MoSLoRA are supported")
+            }
+            // PaddleNLP's LoRALinear: scaling is 1.0 with pissa, whatever lora_alpha says.
+            paddlePiSSA = try f.bool("pissa") ?? false
+            if paddlePiSSA { warnings.append("pissa: PaddleNLP's scale 1.0 used; the adapter was trained against a modified base, so merging it onto the original base is wrong") }
             peft = p
             warnings += p.assumptions.map { $0.replacingOccurrences(of: "PEFT's", with: "PaddleNLP's") }
             useRSLoRA = p.useRSLoRA
@@ -340,7 +347,8 @@ struct AdapterSettings {
         switch format {
         case .peft, .paddle:
             guard let p = peft else { return (1, Double(r)) }
-            return try peftRule(p, configPath, rsLoRA: p.useRSLoRA)
+            let rule = try peftRule(p, configPath, rsLoRA: p.useRSLoRA)
+            return paddlePiSSA ? (1, rule.1) : rule
         case .mytransformers:
             if let rank, rank != r {
                 throw InputError(configPath, "module \(module.name): the config gives rank \(rank) but its tensors have rank \(r)")

@@ -11,11 +11,20 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["DISABLE_TELEMETRY"] = "1"  # diffusers
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+import diffusers  # noqa: E402
 
 import interop  # noqa: E402  (Tests/Interop/interop.py: paths, the CLI runner, shared helpers)
+
+
+torch.set_num_threads(1)  # tiny models: threads cost more than they give, and CI has 2 cores
+transformers.utils.logging.disable_progress_bar()
+diffusers.utils.logging.disable_progress_bar()
 
 
 def pytest_report_header(config):

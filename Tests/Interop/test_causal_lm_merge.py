@@ -6,7 +6,6 @@ PeftModel.from_pretrained(base, adapter).merge_and_unload() on the same base wei
 """
 import json
 
-import numpy as np
 import pytest
 import torch
 from peft import PeftModel

@@ -205,6 +205,7 @@ public enum AdapterConversion {
             try w.requireSingleComponent(layout)
             try w.mapKohyaNames(base: options.base)
         }
+        try w.mapPaddleNames(base: options.base)
         try transform(&w, &summary)
         let style = style()
         summary.notes += try write(w, layout: layout, style: style, output: output, options: options)

@@ -210,6 +210,42 @@ struct WorkingAdapter {
         }
     }
 
+    /// PaddleNLP names modules under the model type (`llama.layers.0…`) where transformers, and so
+    /// PEFT, mlx-lm and kohya-style loaders, use `model.`: without renaming, stock PEFT finds none
+    /// of the modules and loads nothing. With a base model each name is matched against its
+    /// tensors (exactly one must fit); without one the top-level name becomes `model.`, with a note.
+    mutating func mapPaddleNames(base: String?) throws {
+        guard source.format == .paddle else { return }
+        if let base {
+            let resolver = BaseNameResolver(try Checkpoint(path: base))
+            var missing: [String] = []
+            for i in modules.indices {
+                let probe = modules[i]
+                let module = source.modules.first { $0.name == probe.sourceName }
+                if let module, let found = resolver.weightName(for: module, format: .paddle), found.hasSuffix(".weight") {
+                    modules[i].baseName = String(found.dropLast(".weight".count))
+                } else {
+                    missing.append(probe.sourceName)
+                }
+            }
+            guard missing.isEmpty else {
+                throw ConvertError(source.path, "\(missing.count) PaddleNLP module\(missing.count == 1 ? "" : "s") match no single tensor of \(base) (\(missing.prefix(3).joined(separator: ", ")))")
+            }
+            notes.append("PaddleNLP module names mapped to the names of \(base)")
+            return
+        }
+        var renamed: Set<String> = []
+        for i in modules.indices {
+            let parts = modules[i].baseName.split(separator: ".", maxSplits: 1)
+            guard parts.count == 2, parts[0] != "model" else { continue }
+            renamed.insert(String(parts[0]))
+            modules[i].baseName = "model." + parts[1]
+        }
+        if !renamed.isEmpty {
+            notes.append("PaddleNLP's top-level name \(renamed.sorted().map { $0 + "." }.joined(separator: ", ")) written as transformers' model. (pass --base MODEL to match the names against the model itself)")
+        }
+    }
+
     /// Refuses several components in a single-model layout.
     func requireSingleComponent(_ layout: TargetLayout) throws {
         var seen: [String] = []

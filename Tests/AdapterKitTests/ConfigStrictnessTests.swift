@@ -103,6 +103,18 @@ struct ConfigStrictnessTests {
         #expect(text.contains("4 problems"), "\(text)")
     }
 
+    @Test("a config with a non-finite number is never written")
+    func neverWriteInfinity() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let config = JSONObject([("r", .integer(4)), ("alpha_pattern", .object(JSONObject([("q", .real(.infinity))])))])
+        let error = #expect(throws: ConvertError.self) {
+            try AdapterWriter.writeConfig(dir.file("adapter_config.json"), config, indent: 2, sync: false)
+        }
+        #expect(error?.description.contains("alpha_pattern.q would be written as inf") == true, "\(String(describing: error))")
+        #expect(!FileManager.default.fileExists(atPath: dir.file("adapter_config.json")))
+    }
+
     @Test("mlx and MyTransformers fields are typed too", arguments: [
         ("mlx", "adapter_config.json", #"{"fine_tune_type": "lora", "lora_parameters": {"rank": 4, "scale": "20"}}"#, "lora_parameters.scale must be a finite number"),
         ("mlx", "adapter_config.json", #"{"fine_tune_type": "lora", "lora_parameters": {"rank": 4.5, "scale": 2}}"#, "lora_parameters.rank must be an integer"),

@@ -13,8 +13,6 @@ struct ConfigFields {
         return InputError(path, "\(prefix)\(key) must be \(expected), not \(shown)")
     }
 
-    func has(_ key: String) -> Bool { object[key] != nil }
-
     /// An integer written as one (`8`; not `8.5`, `"8"`, `1e20`), within `range`.
     func int(_ key: String, in range: ClosedRange<Int> = 1...(1 << 24)) throws -> Int? {
         guard let v = object[key] else { return nil }

@@ -61,6 +61,22 @@ enum AdapterWriter {
         if sync { try fd.sync() }
     }
 
+    /// Writes a JSON config, refusing any number that is not finite: `inf` and `nan` are not
+    /// JSON, and no reader would take them back.
+    static func writeConfig(_ path: String, _ config: JSONObject, indent: Int, sync: Bool) throws {
+        func check(_ v: JSONValue, _ at: String) throws {
+            switch v {
+            case .number(let text):
+                guard let d = Double(text), d.isFinite else { throw ConvertError(path, "\(at) would be written as \(text), which is not a finite JSON number") }
+            case .array(let a): for (i, x) in a.enumerated() { try check(x, "\(at)[\(i)]") }
+            case .object(let o): for (k, x) in o.members { try check(x, at.isEmpty ? k : "\(at).\(k)") }
+            default: break
+            }
+        }
+        try check(.object(config), "")
+        try writeText(path, JSONWriter.pretty(.object(config), indent: indent), sync: sync)
+    }
+
     static func writeText(_ path: String, _ text: String, sync: Bool) throws {
         let fd = try FileDescriptor.createExclusive(path)
         try fd.writeAll(Array(text.utf8))
@@ -129,7 +145,7 @@ enum AdapterWriter {
         let config = try peftConfig(w, style: style, useRSLoRA: useRSLoRA, notes: &notes)
         try FileSystem.makeDirectory(folder)
         try writeFile(joinPath(folder, "adapter_model.safetensors"), tensors, metadata: [("format", "pt")], sync: sync)
-        try writeText(joinPath(folder, "adapter_config.json"), JSONWriter.pretty(.object(config), indent: 2), sync: sync)
+        try writeConfig(joinPath(folder, "adapter_config.json"), config, indent: 2, sync: sync)
         return notes
     }
 
@@ -257,7 +273,10 @@ enum AdapterWriter {
                                             shape: [m.rank, m.rank], values: mixer))
             }
             // alpha = scale·r, stored in Float32 (Float64 for F64 output): a BF16 or F16 alpha would
-            // round the scale itself (16·√8 is not a BF16 number).
+            // round the scale itself (16·√8 is not a BF16 number). Never an infinite alpha.
+            guard (m.scale * Double(m.rank)).isFinite, aType == .f64 || abs(m.scale * Double(m.rank)) <= Double(Float.greatestFiniteMagnitude) else {
+                throw ConvertError(w.source.path, "module \(m.sourceName): alpha = scale·r = \(m.scale * Double(m.rank)) is not a finite number")
+            }
             tensors.append(OutputTensor(name: name + ".alpha", dtype: aType == .f64 ? .f64 : .f32, shape: [], values: [m.scale * Double(m.rank)]))
         }
         var meta: [(key: String, value: String)] = w.source.format == .kohya
@@ -368,7 +387,7 @@ enum AdapterWriter {
         c["fine_tune_type"] = .string(dora > 0 ? "dora" : "lora")
         try FileSystem.makeDirectory(folder)
         try writeFile(joinPath(folder, "adapters.safetensors"), tensors, metadata: [("format", "mlx")], sync: sync)
-        try writeText(joinPath(folder, "adapter_config.json"), JSONWriter.pretty(.object(c), indent: 4), sync: sync)
+        try writeConfig(joinPath(folder, "adapter_config.json"), c, indent: 4, sync: sync)
         return notes
     }
 

@@ -26,14 +26,14 @@ struct Inspect: ParsableCommand {
             let report = try AdapterReport(adapter)
             let tensorsReport = CheckpointReport(try Checkpoint(path: adapter.store.path))
             if json {
-                print(JSONWriter.compact(tensorsReport.json(adapter: report.json())))
+                try writeOutput(JSONWriter.compact(tensorsReport.json(adapter: report.json())))
             } else {
-                print(report.text())
-                if tensors { print("\n" + tensorsReport.text(tensors: true)) }
+                try writeOutput(report.text())
+                if tensors { try writeOutput("\n" + tensorsReport.text(tensors: true)) }
             }
             return
         }
         let report = CheckpointReport(try Checkpoint(path: path))
-        print(json ? JSONWriter.compact(report.json()) : report.text(tensors: tensors))
+        try writeOutput(json ? JSONWriter.compact(report.json()) : report.text(tensors: tensors))
     }
 }

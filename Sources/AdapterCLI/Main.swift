@@ -16,6 +16,7 @@ struct AdapterCommand: ParsableCommand {
     )
 
     static func main() {
+        StandardStreams.prepare()
         installSignalCleanup()
         let command: ParsableCommand
         do {
@@ -35,6 +36,11 @@ struct AdapterCommand: ParsableCommand {
             // A signal handler that removed the temporaries made this error: it reports and exits.
             if interrupted.load(ordering: .sequentiallyConsistent) { while true { pause() } }
             TemporaryOutputRegistry.shared.removeAll()
+            if let e = error as? SystemError, e.path == "standard output" {
+                let done = TemporaryOutputRegistry.shared.hasCommitted ? "; the output itself was written completely" : ""
+                writeError("adapter: error: cannot write to standard output: \(e.reason)\(done)")
+                Foundation.exit(1)
+            }
             writeError("adapter: error: \(oneLine(String(describing: error)))")
             Foundation.exit(1)
         }
@@ -45,7 +51,13 @@ extension AdapterCommand {
     /// Help and version exit 0 on stdout; every other argument error is usage: status 2.
     static func exitForParser(_ error: Error) -> Never {
         if exitCode(for: error) == .success {
-            print(fullMessage(for: error))
+            do { try writeOutput(fullMessage(for: error)) } catch let e as SystemError {
+                writeError("adapter: error: cannot write to standard output: \(e.reason)")
+                Foundation.exit(1)
+            } catch {
+                writeError("adapter: error: \(error)")
+                Foundation.exit(1)
+            }
             Foundation.exit(0)
         }
         writeError(fullMessage(for: error))
@@ -53,9 +65,14 @@ extension AdapterCommand {
     }
 }
 
-/// Writes one line to standard error.
+/// Writes one line to standard error (dropped if standard error cannot take it).
 func writeError(_ message: String) {
-    FileHandle.standardError.write(Data((message.hasSuffix("\n") ? message : message + "\n").utf8))
+    StandardStreams.writeError(message.hasSuffix("\n") ? message : message + "\n")
+}
+
+/// Writes one line to standard output; a failure (full disk, closed pipe) is an error of the command.
+func writeOutput(_ line: String) throws {
+    try StandardStreams.writeOutput(line + "\n")
 }
 
 func oneLine(_ s: String) -> String {

@@ -78,9 +78,9 @@ struct Merge: ParsableCommand {
         let summary = try Merger(plan: plan, output: out, options: options).run()
         progress.finish()
         if report {
-            print("tensor\tmodules\tmax_abs_delta\tsurvived")
+            try writeOutput("tensor\tmodules\tmax_abs_delta\tsurvived")
             for r in summary.reports.sorted(by: { $0.tensor < $1.tensor }) {
-                print("\(r.tensor)\t\(r.modules.count)\t\(formatSig(r.statistics.maxAbsUpdate))\t\(formatFixed(r.statistics.survival, 4))")
+                try writeOutput("\(r.tensor)\t\(r.modules.count)\t\(formatSig(r.statistics.maxAbsUpdate))\t\(formatFixed(r.statistics.survival, 4))")
             }
         }
         if !quiet {
@@ -125,11 +125,11 @@ final class ProgressBar: @unchecked Sendable {
         let left = rate > 0 ? Double(total - done) / rate : 0
         let bar = String(repeating: "█", count: filled) + String(repeating: "░", count: width - filled)
         let text = "\r\(bar) \(formatFixed(fraction * 100, 1))%  \(formatFixed(Double(done) / 1_048_576, 0))/\(formatFixed(Double(total) / 1_048_576, 0)) MiB  \(formatFixed(rate / 1_048_576, 0)) MiB/s  \(formatFixed(left, 0)) s left "
-        FileHandle.standardError.write(Data(text.utf8))
+        StandardStreams.writeError(text)
     }
 
     func finish() {
         guard enabled else { return }
-        FileHandle.standardError.write(Data("\r\u{1B}[K".utf8))
+        StandardStreams.writeError("\r\u{1B}[K")
     }
 }

@@ -37,9 +37,9 @@ struct Resize: ParsableCommand {
     func run() throws {
         let target: ResizeTarget = rank.map { .rank($0) } ?? .energy(keepEnergy ?? 1)
         let summary = try AdapterConversion.resize(input: io.input, output: io.output, target: target, form: form, options: io.options)
-        print("module\trank_before\trank_after\tenergy_kept")
+        try writeOutput("module\trank_before\trank_after\tenergy_kept")
         for e in summary.energies {
-            print("\(e.module)\t\(e.rankBefore)\t\(e.rankAfter)\t\(formatFixed(e.energyKept, 6))")
+            try writeOutput("\(e.module)\t\(e.rankBefore)\t\(e.rankAfter)\t\(formatFixed(e.energyKept, 6))")
         }
         io.finish(summary)
     }

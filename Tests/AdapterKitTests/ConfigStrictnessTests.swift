@@ -269,3 +269,24 @@ struct KohyaDiffusersRuleTests {
         #expect(try te.factors().a == [1, 2, 3, 4, 5, 6])
     }
 }
+
+@Suite("degenerate modules")
+struct DegenerateModuleTests {
+    @Test("a module with no inputs or no outputs is refused at load, so merge, convert and resize agree", arguments: [
+        ([4, 0], [3, 4]), ([4, 3], [0, 4]),
+    ])
+    func zeroWidth(a: [Int], b: [Int]) throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let p = try writeSafetensors(dir.file("z.safetensors"), [
+            (name: "base_model.model.x.lora_A.weight", dtype: .f32, shape: a, bytes: floatBytes([Float](repeating: 1, count: a.reduce(1, *)))),
+            (name: "base_model.model.x.lora_B.weight", dtype: .f32, shape: b, bytes: floatBytes([Float](repeating: 1, count: b.reduce(1, *)))),
+        ])
+        let error = #expect(throws: ProblemList.self) { try Adapter(path: p) }
+        #expect(error?.description.contains("a module needs at least one input and one output") == true)
+        #expect(throws: (any Error).self) {
+            try AdapterConversion.resize(input: p, output: dir.file("r"), target: .rank(1))
+        }
+        #expect(!FileManager.default.fileExists(atPath: dir.file("r")))
+    }
+}

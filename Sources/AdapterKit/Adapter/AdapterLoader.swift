@@ -284,6 +284,10 @@ enum AdapterLoader {
             guard b[0] == r else { return "module \(m.name): ranks disagree: A has rank \(r), B has \(b[0]) rows" }
         }
         guard r > 0 else { return "module \(m.name): rank 0" }
+        // A layer with no inputs or no outputs has no update to merge, resize or convert.
+        guard m.inFeatures > 0, m.outFeatures > 0 else {
+            return "module \(m.name): A has shape \(a) and B \(b): a module needs at least one input and one output"
+        }
         if let mixer = m.mixer, mixer.shape != [r, r] {
             return "module \(m.name): mixer has shape \(mixer.shape), expected (\(r), \(r))"
         }

@@ -289,3 +289,64 @@ public func lastPathComponent(_ path: String) -> String {
     guard let slash = p.lastIndex(of: "/") else { return p }
     return String(p[p.index(after: slash)...])
 }
+
+// MARK: - Standard streams
+
+/// Standard output and error written with `write(2)`, every error seen.
+///
+/// A closed descriptor 0, 1 or 2 is reopened on /dev/null before anything else is opened, so that
+/// no output file can get descriptor 2 and receive messages. Writing to standard output reports
+/// every failure (a full disk, a closed pipe, a stdout that was closed): the caller turns it into
+/// exit status 1. Writing to standard error never fails the program: a message that cannot be
+/// shown is dropped, and a successful command stays successful.
+public enum StandardStreams {
+    private final class State: @unchecked Sendable {
+        let lock = NSLock()
+        var outputWasClosed = false
+    }
+    private static let state = State()
+
+    /// Call first thing: reopens closed standard descriptors on /dev/null and ignores SIGPIPE
+    /// (a closed pipe is then a write error, not a silent death).
+    public static func prepare() {
+        signal(SIGPIPE, SIG_IGN)
+        for fd: Int32 in [0, 1, 2] where fcntl(fd, F_GETFD) == -1 && errno == EBADF {
+            let null = open("/dev/null", fd == 0 ? O_RDONLY : O_WRONLY)
+            if null >= 0 && null != fd {
+                _ = dup2(null, fd)
+                _ = close(null)
+            }
+            if fd == 1 {
+                state.lock.lock()
+                state.outputWasClosed = true
+                state.lock.unlock()
+            }
+        }
+    }
+
+    /// Writes all of `text` to standard output, or throws the write's error.
+    public static func writeOutput(_ text: String) throws {
+        state.lock.lock()
+        let closed = state.outputWasClosed
+        state.lock.unlock()
+        if closed { throw SystemError(path: "standard output", operation: "write", code: EBADF) }
+        try writeAll(1, Array(text.utf8), name: "standard output")
+    }
+
+    /// Writes `text` to standard error if it can; never fails.
+    public static func writeError(_ text: String) {
+        try? writeAll(2, Array(text.utf8), name: "standard error")
+    }
+
+    private static func writeAll(_ fd: Int32, _ bytes: [UInt8], name: String) throws {
+        var done = 0
+        while done < bytes.count {
+            let n = bytes.withUnsafeBytes { write(fd, $0.baseAddress! + done, bytes.count - done) }
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw SystemError(path: name, operation: "write", code: errno)
+            }
+            done += n
+        }
+    }
+}

@@ -333,6 +333,44 @@ struct FaultInjectionTests {
         for (path, before) in inputs { #expect(snapshot(path) == before, "input \(path) changed") }
     }
 
+    @Test("an input truncated while the merge reads it (adapter, or an F64 base): one line, status 1, no temporary, never SIGBUS",
+          arguments: ["adapter", "base"])
+    func inputShrinks(_ which: String) throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let ada = try copy("adapters/moslora-original", to: dir)
+        let base = dir.file("base.safetensors")
+        try FileManager.default.copyItem(atPath: fixture("models/tiny-llama-f64.safetensors"), toPath: base)
+        let victim = which == "adapter" ? ada + "/adapter_model.safetensors" : base
+        let out = dir.file("merged.safetensors")
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: adapterBinary)
+        p.arguments = ["merge", "--no-sync", base, ada, out]
+        var environment = ProcessInfo.processInfo.environment
+        environment["ADAPTER_TEST_DELAY_PER_TENSOR_MS"] = "100"
+        p.environment = environment
+        let err = Pipe()
+        p.standardError = err
+        p.standardOutput = FileHandle.nullDevice
+        p.standardInput = FileHandle.nullDevice
+        try p.run()
+        for _ in 0..<1000 where p.isRunning {
+            if entries(dir.path).contains(where: { $0.hasPrefix(".merged.safetensors.adapter-tmp-") }) { break }
+            usleep(5_000)
+        }
+        usleep(150_000)
+        #expect(p.isRunning, "the merge ended before the input was truncated; raise the delay")
+        // What an in-place rewrite does first: the file shrinks under the reader.
+        #expect(truncate(victim, 100) == 0)
+        p.waitUntilExit()
+        let stderr = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        #expect(p.terminationReason == .exit && p.terminationStatus == 1, "status \(p.terminationStatus) reason \(p.terminationReason): \(stderr)")
+        #expect(stderr.split(separator: "\n").count == 1, "\(stderr)")
+        #expect(stderr.contains("changed while being read") || stderr.contains("file shrank"), "\(stderr)")
+        #expect(!FileManager.default.fileExists(atPath: out))
+        #expect(!entries(dir.path).contains { $0.contains("adapter-tmp") }, "left behind: \(entries(dir.path))")
+    }
+
     /// SIGKILL cannot be caught: the temporary `.NAME.adapter-tmp-*` may stay behind, but OUT never
     /// appears and the inputs are untouched.
     @Test("SIGKILL mid-merge: nothing at OUT, inputs unchanged (a .NAME.adapter-tmp-* may remain)")

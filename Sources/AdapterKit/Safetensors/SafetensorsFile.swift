@@ -52,13 +52,16 @@ public struct TensorReadError: Error, Sendable, CustomStringConvertible {
     public var description: String { "\(file): tensor \"\(tensor)\": \(problem)" }
 }
 
-/// An open safetensors file: header parsed and validated, data mapped but not read.
+/// An open safetensors file: header parsed and validated, data read only when asked.
+///
+/// Tensor bytes are read with `pread`, not through a memory map: a file that another process
+/// truncates or rewrites while it is read (`save_pretrained` writing in place) is then a one-line
+/// error, never a SIGBUS.
 public final class SafetensorsFile: TensorStore {
     public let path: String
     public let header: SafetensorsHeader
     public let fileSize: Int
     let descriptor: FileDescriptor
-    let map: MappedFile
 
     /// Opens and validates `path`. Reads only the header; costs milliseconds for any file size.
     public init(path: String) throws {
@@ -77,7 +80,6 @@ public final class SafetensorsFile: TensorStore {
         self.header = try SafetensorsHeader.parse(file: path, fileSize: status.size, prefix: prefix) { n in
             try fd.readBytes(count: n, at: 8)
         }
-        self.map = try MappedFile(fd, count: status.size)
     }
 
     public var tensorInfos: [TensorInfo] { header.tensors }
@@ -89,26 +91,29 @@ public final class SafetensorsFile: TensorStore {
         (header.dataStart + t.dataOffsets.lowerBound)..<(header.dataStart + t.dataOffsets.upperBound)
     }
 
+    /// Reads the tensor into a buffer valid during `body`. A file that is shorter than when it was
+    /// opened, or whose size changed, is refused: it is being rewritten.
     public func withBytes<R>(of name: String, _ body: (UnsafeRawBufferPointer) throws -> R) throws -> R {
         guard let t = info(name) else { throw TensorReadError(file: path, tensor: name, problem: "no such tensor") }
-        return try body(map.bytes(fileRange(of: t)))
+        let range = fileRange(of: t)
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: max(1, range.count), alignment: 64)
+        defer { buffer.deallocate() }
+        let target = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<range.count])
+        let got = range.isEmpty ? 0 : try descriptor.read(into: target, at: range.lowerBound)
+        guard got == range.count, (try? descriptor.status().size) == fileSize else {
+            throw TensorReadError(file: path, tensor: name, problem: "the file changed while being read (it was \(fileSize) bytes when opened; now \((try? descriptor.status().size).map(String.init) ?? "unreadable")); nothing was written")
+        }
+        return try body(UnsafeRawBufferPointer(target))
     }
 
-    /// The mapped bytes of a tensor; valid while this file is alive.
-    public func bytes(of t: TensorInfo) -> UnsafeRawBufferPointer {
-        map.bytes(fileRange(of: t))
-    }
-
-    public func release(_ name: String) {
-        if let t = info(name) { map.release(fileRange(of: t)) }
-    }
+    /// Nothing is held between reads.
+    public func release(_ name: String) {}
 
     /// Asks the kernel to read a range ahead of use.
     public func prefetch(_ t: TensorInfo) {
-        map.willNeed(fileRange(of: t))
+        descriptor.adviseWillNeed(fileRange(of: t))
     }
 
-    public func release(_ t: TensorInfo) {
-        map.release(fileRange(of: t))
-    }
+    /// Nothing is held between reads.
+    public func release(_ t: TensorInfo) {}
 }

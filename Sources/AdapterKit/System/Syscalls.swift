@@ -128,6 +128,12 @@ public final class FileDescriptor: @unchecked Sendable {
         }
     }
 
+    /// Hints that `range` will be read soon (posix_fadvise WILLNEED); never touches the data.
+    public func adviseWillNeed(_ range: Range<Int>) {
+        guard !range.isEmpty else { return }
+        _ = posix_fadvise(rawValue, off_t(range.lowerBound), off_t(range.count), POSIX_FADV_WILLNEED)
+    }
+
     /// Flushes the file's data to the device, so a rename never exposes an empty file after a crash.
     public func sync() throws {
         guard fsync(rawValue) == 0 else { throw SystemError(path: path, operation: "fsync", code: errno) }

@@ -348,7 +348,7 @@ struct ConvertLayoutTests {
         #expect(c["lora_parameters"]?["rank"] == .number("4"))
         #expect(c["lora_parameters"]?["scale"] == .number("2.0"))
         #expect(c["fine_tune_type"] == .string("lora"))
-        #expect(c["num_layers"] == .number("2"))
+        #expect(c["num_layers"] == .number("-1"))  // adapted from layer 0: mlx-lm wraps every layer
         let f = try SafetensorsFile(path: dir.file("mlx/adapters.safetensors"))
         #expect(f.info("model.layers.0.self_attn.v_proj.lora_a")?.shape == [16, 4])
         #expect(f.info("model.layers.0.self_attn.v_proj.lora_b")?.shape == [4, 8])
@@ -359,6 +359,24 @@ struct ConvertLayoutTests {
         _ = try AdapterConversion.convertLayout(input: adapterPath("mlx"), output: dir.file("same"), to: .mlx, options: options())
         try expectSameUpdates(try load(adapterPath("mlx")), try load(dir.file("same")), exact: true)
         #expect(try readJSONFile(dir.file("same/adapter_config.json")) == readJSONFile(adapterPath("mlx") + "/adapter_config.json"))
+    }
+
+    @Test("to-mlx num_layers: mlx-lm wraps the last num_layers layers, so an adapter that starts at layer L needs layers − L")
+    func mlxNumLayers() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        // peft-lora without its layer-0 modules.
+        let source = try SafetensorsFile(path: adapterPath("peft-lora") + "/adapter_model.safetensors")
+        try FileManager.default.createDirectory(atPath: dir.file("l1"), withIntermediateDirectories: true)
+        try writeSafetensors(dir.file("l1/adapter_model.safetensors"), try source.tensorInfos.filter { $0.name.contains("layers.1.") }.map { t in
+            (t.name, t.dtype, t.shape, try source.withBytes(of: t.name) { Array($0) })
+        })
+        try FileManager.default.copyItem(atPath: adapterPath("peft-lora") + "/adapter_config.json", toPath: dir.file("l1/adapter_config.json"))
+        let s = try AdapterConversion.convertLayout(input: dir.file("l1"), output: dir.file("m"), to: .mlx, options: options())
+        #expect(try readJSONFile(dir.file("m/adapter_config.json"))["num_layers"] == .number("-1"))
+        #expect(s.notes.contains { $0.contains("starts at layer 1") })
+        _ = try AdapterConversion.convertLayout(input: dir.file("l1"), output: dir.file("b"), to: .mlx, options: options(base: modelPath("tiny-llama")))
+        #expect(try readJSONFile(dir.file("b/adapter_config.json"))["num_layers"] == .number("1"))  // 2 layers − 1
     }
 
     @Test("to-kohya: lora_unet_/lora_te_ names, alpha = scale·r per module, mixers folded (or kept as lora_mixer with ss_adapter_algorithm)",

@@ -325,13 +325,14 @@ enum AdapterWriter {
     // MARK: - mlx-lm
 
     /// Writes `adapters.safetensors` and `adapter_config.json` into `folder`.
-    static func writeMLX(_ w: WorkingAdapter, folder: String, dtype: DType?, sync: Bool) throws -> [String] {
+    static func writeMLX(_ w: WorkingAdapter, folder: String, dtype: DType?, base: String? = nil, sync: Bool) throws -> [String] {
+        let baseLayerCount = try base.map { try layerCount($0) }
         try refuseReplacements(w, .mlx)
         var notes: [String] = []
         for m in w.modules {
             switch m.kind {
             case .linear: break
-            case .embedding: throw ConvertError(w.source.path, "module \(m.sourceName) is an embedding; mlx-lm's LoRA layout holds linear layers only")
+            case .embedding: throw ConvertError(w.source.path, "module \(m.sourceName) is an embedding; writing mlx-lm's LoRAEmbedding layout is not supported yet")
             case .conv1x1, .convKxK: throw ConvertError(w.source.path, "module \(m.sourceName) is a convolution; mlx-lm's LoRA layout holds linear layers only")
             case .linearFanInFanOut: throw ConvertError(w.source.path, "module \(m.sourceName) is a fan_in_fan_out (Conv1D) layer; mlx-lm's LoRA layout holds nn.Linear layers only")
             }
@@ -372,8 +373,20 @@ enum AdapterWriter {
             c = source
         } else {
             c = JSONObject([("fine_tune_type", .string("lora")), ("lora_parameters", .object(JSONObject())), ("num_layers", .number("0"))])
-            let (keys, layers) = mlxKeysAndLayers(w.modules.map(\.baseName))
-            c["num_layers"] = jsonInt(layers)
+            let (keys, first) = mlxKeysAndLayers(w.modules.map(\.baseName))
+            // mlx-lm wraps the LAST num_layers layers of the model; -1 wraps all of them. An
+            // adapter from layer 0 up needs all; one that starts at layer L needs (layers − L),
+            // which only the base model can tell; without it every layer is wrapped, and the
+            // layers the file does not adapt keep a zero update.
+            var numLayers = -1
+            if let first, first > 0 {
+                if let count = baseLayerCount {
+                    numLayers = count - first
+                } else {
+                    notes.append("the adapter starts at layer \(first): num_layers -1 (every layer) is written, since mlx-lm wraps the last num_layers layers; layers it does not adapt get a zero update (pass --base MODEL to write the exact count)")
+                }
+            }
+            c["num_layers"] = jsonInt(numLayers)
             c["lora_parameters"] = .object(JSONObject([("rank", jsonInt(rank)), ("scale", .real(scale)), ("dropout", .real(0)),
                                                        ("keys", .array(keys.map { .string($0) }))]))
             if let model = w.source.config?["base_model_name_or_path"]?.stringValue { c["model"] = .string(model) }
@@ -391,22 +404,31 @@ enum AdapterWriter {
         return notes
     }
 
-    /// mlx-lm's `keys` (module paths inside a layer, `self_attn.q_proj`) and `num_layers`
-    /// (counted from the last adapted layer index down to the first).
-    static func mlxKeysAndLayers(_ names: [String]) -> (keys: [String], layers: Int) {
+    /// mlx-lm's `keys` (module paths inside a layer, `self_attn.q_proj`) and the first adapted
+    /// layer index (nil when no module is inside a numbered layer).
+    static func mlxKeysAndLayers(_ names: [String]) -> (keys: [String], firstLayer: Int?) {
         var keys: [String] = []
-        var low = Int.max, high = -1
+        var low: Int?
         for name in names {
             let parts = name.split(separator: ".").map(String.init)
             if let i = parts.firstIndex(of: "layers"), i + 1 < parts.count, let n = Int(parts[i + 1]) {
-                low = min(low, n)
-                high = max(high, n)
+                low = min(low ?? n, n)
                 let key = parts[(i + 2)...].joined(separator: ".")
                 if !keys.contains(key) { keys.append(key) }
             } else if !keys.contains(name) {
                 keys.append(name)
             }
         }
-        return (keys.sorted(), high >= 0 ? high - low + 1 : 0)
+        return (keys.sorted(), low)
+    }
+
+    /// The number of numbered layers (`….layers.N.…`) of a base model.
+    static func layerCount(_ base: String) throws -> Int {
+        var high = -1
+        for name in try Checkpoint(path: base).tensorNames {
+            let parts = name.split(separator: ".")
+            if let i = parts.firstIndex(of: "layers"), i + 1 < parts.count, let n = Int(parts[i + 1]) { high = max(high, n) }
+        }
+        return high + 1
     }
 }

@@ -225,7 +225,7 @@ public enum AdapterConversion {
             switch layout {
             case .peft: notes = try AdapterWriter.writePEFT(w, folder: out.temporaryPath, style: style, dtype: options.dtype, sync: options.sync)
             case .kohya: notes = try AdapterWriter.writeKohya(w, file: out.temporaryPath, dtype: options.dtype, sync: options.sync)
-            case .mlx: notes = try AdapterWriter.writeMLX(w, folder: out.temporaryPath, dtype: options.dtype, sync: options.sync)
+            case .mlx: notes = try AdapterWriter.writeMLX(w, folder: out.temporaryPath, dtype: options.dtype, base: options.base, sync: options.sync)
             }
             if options.sync && layout != .kohya { FileSystem.syncDirectory(out.temporaryPath) }
             try out.commit(replacing: options.force)

@@ -39,7 +39,7 @@ public final class Checkpoint: Sendable {
         case .missing:
             throw InputError(path, "no such file or folder")
         case .other:
-            throw InputError(path, "not a regular file or folder")
+            throw InputError(path, "not a regular file or folder but \((FileSystem.type(path) ?? .unknown).phrase)")
         case .file:
             isFolder = false
             files = [try openTensorFile(path)]

@@ -90,7 +90,7 @@ public enum SafetensorsExport {
                 try copyEntry(joinPath(source, entry), to: joinPath(target, entry))
             }
         default:
-            throw InputError(source, "cannot copy: not a regular file or folder")
+            throw InputError(source, "cannot copy: not a regular file or folder but \((FileSystem.type(source) ?? .unknown).phrase)")
         }
     }
 }

@@ -188,7 +188,7 @@ public final class Merger {
             try outFD.copy(from: input, offset: 0, count: size)
             if options.sync { try outFD.sync() }
         default:
-            throw InputError(source, "cannot copy: not a regular file or folder")
+            throw InputError(source, "cannot copy: not a regular file or folder but \((FileSystem.type(source) ?? .unknown).phrase)")
         }
     }
 

@@ -13,9 +13,26 @@ public struct SystemError: Error, CustomStringConvertible, Sendable {
     public let path: String
     public let operation: String
     public let code: Int32
+    /// Set instead of an errno text when the refusal is ours (a FIFO where a file was expected).
+    let detail: String?
+
+    public init(path: String, operation: String, code: Int32) {
+        self.path = path
+        self.operation = operation
+        self.code = code
+        self.detail = nil
+    }
+
+    /// `path` is not a regular file: a FIFO, socket, device or folder where a file must be read.
+    init(path: String, notRegular type: FileType) {
+        self.path = path
+        self.operation = "open"
+        self.code = EINVAL
+        self.detail = "not a regular file but \(type.phrase)"
+    }
 
     /// The failure without the path: "open failed: No such file or directory".
-    public var reason: String { "\(operation) failed: \(String(cString: strerror(code)))" }
+    public var reason: String { detail ?? "\(operation) failed: \(String(cString: strerror(code)))" }
 
     public var description: String { "\(path): \(reason)" }
 }
@@ -34,11 +51,21 @@ public final class FileDescriptor: @unchecked Sendable {
 
     deinit { _ = Glibc.close(rawValue) }
 
-    /// Opens an existing file for reading.
+    /// Opens an existing regular file for reading. Anything else is refused before a byte is read:
+    /// the open is non-blocking (a FIFO without a writer would otherwise wait forever, and a
+    /// device open has no side effect beyond that), and the file type is checked with fstat.
     public static func openForReading(_ path: String) throws -> FileDescriptor {
-        let fd = retryingEINTR { Glibc.open(path, O_RDONLY | O_CLOEXEC) }
+        let fd = retryingEINTR { Glibc.open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY) }
         guard fd >= 0 else { throw SystemError(path: path, operation: "open", code: errno) }
-        return FileDescriptor(rawValue: fd, path: path)
+        let descriptor = FileDescriptor(rawValue: fd, path: path)
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { throw SystemError(path: path, operation: "stat", code: errno) }
+        let type = FileType(mode: st.st_mode)
+        guard type == .regular else { throw SystemError(path: path, notRegular: type) }
+        // Reads of a regular file never block; clear the flag so the descriptor behaves as usual.
+        let flags = fcntl(fd, F_GETFL)
+        if flags >= 0 { _ = fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) }
+        return descriptor
     }
 
     /// Creates a new file that must not exist yet (O_EXCL), readable by everyone as a model file is.
@@ -191,6 +218,38 @@ public final class MappedFile: @unchecked Sendable {
     }
 }
 
+/// The type of a file-system object, as stat reports it.
+public enum FileType: Sendable, Equatable {
+    case regular, directory, symbolicLink, fifo, socket, characterDevice, blockDevice, unknown
+
+    init(mode: mode_t) {
+        switch mode & S_IFMT {
+        case S_IFREG: self = .regular
+        case S_IFDIR: self = .directory
+        case S_IFLNK: self = .symbolicLink
+        case S_IFIFO: self = .fifo
+        case S_IFSOCK: self = .socket
+        case S_IFCHR: self = .characterDevice
+        case S_IFBLK: self = .blockDevice
+        default: self = .unknown
+        }
+    }
+
+    /// "a FIFO (named pipe)", for messages.
+    public var phrase: String {
+        switch self {
+        case .regular: "a regular file"
+        case .directory: "a folder"
+        case .symbolicLink: "a symbolic link"
+        case .fifo: "a FIFO (named pipe)"
+        case .socket: "a socket"
+        case .characterDevice: "a character device"
+        case .blockDevice: "a block device"
+        case .unknown: "a special file"
+        }
+    }
+}
+
 /// Small file-system queries and moves used by the checkpoint and output code.
 public enum FileSystem {
     public enum Kind: Sendable { case missing, file, directory, other }
@@ -204,6 +263,14 @@ public enum FileSystem {
         case S_IFDIR: return .directory
         default: return .other
         }
+    }
+
+    /// The type of what is at `path` (following symbolic links unless `following` is false), or
+    /// nil when nothing is there.
+    public static func type(_ path: String, following: Bool = true) -> FileType? {
+        var st = stat()
+        guard (following ? stat(path, &st) : lstat(path, &st)) == 0 else { return nil }
+        return FileType(mode: st.st_mode)
     }
 
     /// Whether anything, even a dangling symbolic link, is at `path`.

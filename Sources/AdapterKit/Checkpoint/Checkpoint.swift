@@ -140,7 +140,7 @@ public final class Checkpoint: Sendable {
             guard let file = value.stringValue else {
                 throw InputError(indexPath, "weight_map entry \"\(tensor)\" is not a file name")
             }
-            map.append((tensor, file))
+            map.append((tensor, normalisedShardName(file)))
         }
         var total: Int?
         var metadata: JSONObject?
@@ -153,6 +153,15 @@ public final class Checkpoint: Sendable {
             }
         }
         return (map, total, metadata)
+    }
+
+    /// A shard name without `.` components: `./model-00001-of-00002.safetensors` is the file
+    /// `model-00001-of-00002.safetensors` (some exporters write it so; transformers joins it to the
+    /// folder and reads the same file). Anything else is kept for `checkInside` to judge.
+    static func normalisedShardName(_ file: String) -> String {
+        let parts = file.split(separator: "/", omittingEmptySubsequences: false)
+        guard parts.contains("."), parts.contains(where: { $0 != "." }) else { return file }
+        return parts.filter { $0 != "." }.joined(separator: "/")
     }
 
     /// Refuses shard names that leave the folder: absolute paths, `..`, or links pointing outside.

@@ -1,0 +1,32 @@
+import Foundation
+import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
+
+// Issue 12, item 17 (parts): names that are not UTF-8, `./` before shard names in an index, and a
+// model folder holding a stray adapter_config.json.
+@Suite("model folders: file names, ./ in the index, a stray adapter_config.json")
+struct ModelFolderNameTests {
+    @Test("./ before shard names in the index is accepted and normalised")
+    func dotSlashInIndex() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let model = try tinyModelCopy(dir)
+        let indexPath = model + "/model.safetensors.index.json"
+        let text = String(decoding: FileManager.default.contents(atPath: indexPath)!, as: UTF8.self)
+        try Data(text.replacingOccurrences(of: "\"model-0000", with: "\"./model-0000").utf8).write(to: URL(fileURLWithPath: indexPath))
+        let inspect = try adapter("inspect", model)
+        #expect(inspect.status == 0, "\(inspect.stderr)")
+        #expect(inspect.stdout.contains("(model-00001-of-00002.safetensors … model-00002-of-00002.safetensors)"), "\(inspect.stdout)")
+        let out = dir.file("out")
+        let r = try adapter("merge", model, mosloraAdapter, out)
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(folderEntries(out) == folderEntries(fixture("models/tiny-llama")))
+        let plain = dir.file("plain")
+        #expect(try adapter("merge", "--quiet", fixture("models/tiny-llama"), mosloraAdapter, plain).status == 0)
+        for shard in ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"] {
+            #expect(FileManager.default.contents(atPath: out + "/" + shard) == FileManager.default.contents(atPath: plain + "/" + shard))
+        }
+    }
+}

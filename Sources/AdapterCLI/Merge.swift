@@ -72,6 +72,7 @@ struct Merge: ParsableCommand {
         if progress.enabled {
             options.progress = { done, total in progress.update(done, total) }
         }
+        for w in checkpoint.warnings where !quiet { writeError("adapter: warning: \(base): \(w)") }
         for input in inputs where !quiet {
             for w in input.adapter.warnings { writeError("adapter: warning: \(input.adapter.path): \(w)") }
         }

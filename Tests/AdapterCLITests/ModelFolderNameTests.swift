@@ -29,4 +29,24 @@ struct ModelFolderNameTests {
             #expect(FileManager.default.contents(atPath: out + "/" + shard) == FileManager.default.contents(atPath: plain + "/" + shard))
         }
     }
+
+    @Test("a model folder with a stray adapter_config.json is a model for inspect as for merge, with a warning")
+    func strayAdapterConfig() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let model = try tinyModelCopy(dir)
+        try Data(#"{"peft_type": "LORA", "r": 8, "lora_alpha": 16}"#.utf8).write(to: URL(fileURLWithPath: model + "/adapter_config.json"))
+        let inspect = try adapter("inspect", model)
+        #expect(inspect.status == 0, "\(inspect.stderr)")
+        #expect(inspect.stdout.contains("2 shards"))
+        #expect(inspect.stderr.contains("warning") && inspect.stderr.contains("adapter_config.json"), "\(inspect.stderr)")
+        let json = try adapter("inspect", "--json", model)
+        #expect(json.status == 0 && parseJSONObject(json.stdout)?["adapter"] is NSNull, "\(json.stderr)")
+        let merge = try adapter("merge", model, mosloraAdapter, dir.file("out"))
+        #expect(merge.status == 0, "\(merge.stderr)")
+        #expect(merge.stderr.contains("warning") && merge.stderr.contains("adapter_config.json"), "\(merge.stderr)")
+        // A real adapter folder is still an adapter.
+        let peft = try adapter("inspect", "--json", mosloraAdapter)
+        #expect(!(parseJSONObject(peft.stdout)?["adapter"] is NSNull))
+    }
 }

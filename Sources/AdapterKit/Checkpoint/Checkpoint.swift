@@ -30,6 +30,8 @@ public final class Checkpoint: Sendable {
     public let otherEntries: [String]
     /// Tensors in order: by file, then as each file lists them.
     public let tensors: [(info: TensorInfo, file: Int)]
+    /// What is odd about the folder but not wrong (a stray adapter config), for a warning line each.
+    public let warnings: [String]
     private let lookup: [String: Int]
 
     /// Opens a file or folder and validates it (the index against the shards).
@@ -75,6 +77,15 @@ public final class Checkpoint: Sendable {
         }
         tensors = all
         self.lookup = lookup
+        // A model folder may hold an adapter config by mistake (a training run saved into it); it
+        // is read as the model its tensors are, by inspect as by merge, and the config is named.
+        var warnings: [String] = []
+        if isFolder && AdapterLoader.detectFormat(all.map(\.info.name)) == nil {
+            for config in ["adapter_config.json", "lora_config.json"] where otherEntries.contains(config) {
+                warnings.append("the folder holds \(config) but no adapter weights, and its tensors are a model's: read as a model; \(config) is not used")
+            }
+        }
+        self.warnings = warnings
     }
 
     /// The tensor named `name` and the index of its file.

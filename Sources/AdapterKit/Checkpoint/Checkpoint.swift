@@ -183,9 +183,28 @@ public final class Checkpoint: Sendable {
         }
         let full = joinPath(folder, file)
         guard let real = FileSystem.realPath(full) else { throw InputError(indexPath, "shard \"\(file)\" is missing") }
-        guard let realFolder = FileSystem.realPath(folder), real.hasPrefix(realFolder + "/") else {
+        guard let realFolder = FileSystem.realPath(folder),
+              real.hasPrefix(realFolder + "/") || isHubCacheBlob(real, snapshot: realFolder) else {
             throw InputError(indexPath, "shard \"\(file)\" resolves outside the model folder")
         }
+    }
+
+    /// The Hugging Face hub cache keeps each file once, in `models--org--name/blobs/<hash>`, and a
+    /// revision as `models--org--name/snapshots/<rev>/` whose files are links `../../blobs/<hash>`.
+    /// For a (real) folder laid out so — its parent is `snapshots/` and beside that is a plain
+    /// `blobs/` folder — this is the real path of that `blobs/`; nil for any other folder.
+    static func hubCacheBlobs(ofSnapshot realFolder: String) -> String? {
+        let snapshots = parentPath(realFolder)
+        guard lastPathComponent(snapshots) == "snapshots", snapshots != realFolder else { return nil }
+        let blobs = joinPath(parentPath(snapshots), "blobs")
+        return FileSystem.type(blobs, following: false) == .directory ? blobs : nil
+    }
+
+    /// Whether `real` (a resolved path) is a regular file directly inside the hub cache's `blobs/`
+    /// of the snapshot folder `realFolder`: the one place outside a model folder its links may lead.
+    static func isHubCacheBlob(_ real: String, snapshot realFolder: String) -> Bool {
+        guard let blobs = hubCacheBlobs(ofSnapshot: realFolder) else { return false }
+        return parentPath(real) == blobs && FileSystem.type(real, following: false) == .regular
     }
 
     /// Checks the index against the shards' headers: every listed tensor is in the shard named,

@@ -8,6 +8,31 @@ import Glibc
 // model folder holding a stray adapter_config.json.
 @Suite("model folders: file names, ./ in the index, a stray adapter_config.json")
 struct ModelFolderNameTests {
+    @Test("a file whose name is not UTF-8 is copied with its exact name bytes and content")
+    func nonUTF8Name() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let model = try tinyModelCopy(dir)
+        let name: [UInt8] = Array("vocab-".utf8) + [0xFF, 0xFE, 0x80] + Array(".txt".utf8)
+        let fd = open(cPath(Array((model + "/").utf8) + name), O_WRONLY | O_CREAT | O_EXCL, 0o644)
+        #expect(fd >= 0)
+        _ = write(fd, "latin-1 vocab", 13)
+        close(fd)
+        try FileManager.default.createDirectory(atPath: model + "/sub", withIntermediateDirectories: true)
+        let fd2 = open(cPath(Array((model + "/sub/").utf8) + name), O_WRONLY | O_CREAT | O_EXCL, 0o644)
+        close(fd2)
+        let out = dir.file("out")
+        let r = try adapter("merge", model, mosloraAdapter, out)
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(rawEntryNames(out).contains(name), "\(rawEntryNames(out).map { String(decoding: $0, as: UTF8.self) })")
+        #expect(rawEntryNames(out + "/sub") == [name])
+        let copied = open(cPath(Array((out + "/").utf8) + name), O_RDONLY)
+        var buffer = [UInt8](repeating: 0, count: 64)
+        let n = read(copied, &buffer, 64)
+        close(copied)
+        #expect(n == 13 && Array(buffer[0..<13]) == Array("latin-1 vocab".utf8))
+    }
+
     @Test("./ before shard names in the index is accepted and normalised")
     func dotSlashInIndex() throws {
         let dir = TempDir()

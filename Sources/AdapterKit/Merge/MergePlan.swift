@@ -69,6 +69,8 @@ public struct MergePlan: Sendable {
     /// Modules left out because of `--component`, per component.
     public let skipped: [String: Int]
     public let notes: [String]
+    /// For a folder base: its other files (config, tokenizer, …), copied into OUT unchanged.
+    public let otherFiles: FolderCopy?
 
     public var moduleCount: Int { changes.values.reduce(0) { $0 + $1.terms.count } }
 
@@ -84,6 +86,14 @@ public struct MergePlan: Sendable {
         let resolver = BaseNameResolver(base)
         if base.files.count > 1, let file = base.files.first(where: { !($0 is SafetensorsFile) }) {
             throw InputError(file.path, "sharded PyTorch checkpoints are not supported as a base; convert the shards first: adapter convert to-safetensors")
+        }
+        // The folder's other files are found now, so that one that cannot be copied (a FIFO) is
+        // refused before a byte is written.
+        if base.isFolder {
+            otherFiles = try FolderCopy(folder: base.path, excluding: Set(base.fileNames + (base.indexFileName.map { [$0] } ?? [])),
+                                        label: "model folder")
+        } else {
+            otherFiles = nil
         }
 
         func plan(_ name: String) -> TensorPlan? {

@@ -33,6 +33,18 @@ struct ModelFolderNameTests {
         #expect(n == 13 && Array(buffer[0..<13]) == Array("latin-1 vocab".utf8))
     }
 
+    @Test("a stray tensor file whose name is not UTF-8 is refused in one clear line")
+    func nonUTF8TensorName() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let model = try tinyModelCopy(dir)
+        let name: [UInt8] = Array("model-".utf8) + [0xFF] + Array(".safetensors".utf8)
+        let fd = open(cPath(Array((model + "/").utf8) + name), O_WRONLY | O_CREAT | O_EXCL, 0o644)
+        close(fd)
+        let r = try adapter("merge", model, mosloraAdapter, dir.file("out"))
+        expectOneLineError(r, containing: #"model-\xFF.safetensors"#)
+    }
+
     @Test("./ before shard names in the index is accepted and normalised")
     func dotSlashInIndex() throws {
         let dir = TempDir()

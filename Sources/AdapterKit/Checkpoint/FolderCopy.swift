@@ -76,7 +76,8 @@ public struct FolderCopy: Sendable {
                 if let s = rel.string, excluded.contains(s) { continue }
                 if skip.contains(shown) {
                     skippedByRequest.insert(shown)
-                    skipped.append(Skipped(name: shown, reason: "--skip-file"))
+                    let isFolder = FileSystem.type(path, following: false) == .directory
+                    skipped.append(Skipped(name: shown + (isFolder ? "/" : ""), reason: "--skip-file"))
                     continue
                 }
                 guard let type = FileSystem.type(path, following: false) else { continue }  // removed meanwhile

@@ -26,7 +26,9 @@ public final class Checkpoint: Sendable {
     public let indexFileName: String?
     /// The `metadata` object of the index (without `total_size` checks applied twice).
     public let indexMetadata: JSONObject?
-    /// For folders: every file and subfolder that is not a tensor file or the index, sorted.
+    /// For folders: the top-level entries (UTF-8 names) that are not a tensor file of the
+    /// checkpoint or the index, sorted. What an output copies is decided by `FolderCopy`, which
+    /// sees every name and does not follow links.
     public let otherEntries: [String]
     /// Tensors in order: by file, then as each file lists them.
     public let tensors: [(info: TensorInfo, file: Int)]

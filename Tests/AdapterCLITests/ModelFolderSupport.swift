@@ -51,8 +51,8 @@ func noteLines(_ r: CLIResult) -> [Substring] {
 func adapterWithDeadline(_ seconds: Double = 5, _ arguments: String...) throws -> (CLIResult, timedOut: Bool) {
     let dir = TempDir()
     defer { dir.remove() }
-    FileManager.default.createFile(atPath: dir.file("out"), contents: nil)
-    FileManager.default.createFile(atPath: dir.file("err"), contents: nil)
+    _ = FileManager.default.createFile(atPath: dir.file("out"), contents: nil)
+    _ = FileManager.default.createFile(atPath: dir.file("err"), contents: nil)
     let p = Process()
     p.executableURL = URL(fileURLWithPath: adapterBinary)
     p.arguments = arguments

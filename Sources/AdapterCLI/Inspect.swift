@@ -33,7 +33,9 @@ struct Inspect: ParsableCommand {
             }
             return
         }
-        let report = CheckpointReport(try Checkpoint(path: path))
+        let checkpoint = try Checkpoint(path: path)
+        for w in checkpoint.warnings { writeError("adapter: warning: \(path): \(w)") }
+        let report = CheckpointReport(checkpoint)
         try writeOutput(json ? JSONWriter.compact(report.json()) : report.text(tensors: tensors))
     }
 }

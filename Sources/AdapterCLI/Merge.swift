@@ -30,6 +30,9 @@ struct Merge: ParsableCommand {
     @Option(name: .customLong("component"), help: "For kohya / diffusers adapters holding several models: the part to merge (unet, text_encoder, text_encoder_2, transformer). Repeatable.")
     var components: [String] = []
 
+    @Option(name: .customLong("skip-file"), help: ArgumentHelp("Leave a file (or folder) of a model-folder BASE out of OUT, relative to the folder; a tensor file that is not part of the merge (a stray model.safetensors beside the shards) is refused unless named here. Repeatable.", valueName: "name"))
+    var skipFiles: [String] = []
+
     @Flag(help: "Merge even when the adapter has keys that are not understood (they are skipped).")
     var allowUnknown = false
 
@@ -62,7 +65,8 @@ struct Merge: ParsableCommand {
         try Merger.checkOutput(out, base: base, adapters: inputs.map(\.adapter.path), force: force)
         let checkpoint = try Checkpoint(path: base)
         let plan = try MergePlan(base: checkpoint, inputs: inputs,
-                                 options: MergeOptions(allowUnknown: allowUnknown, components: components.isEmpty ? nil : components))
+                                 options: MergeOptions(allowUnknown: allowUnknown, components: components.isEmpty ? nil : components,
+                                                       skipFiles: skipFiles))
         var options = MergeRunOptions()
         options.force = force
         options.report = report
@@ -72,6 +76,7 @@ struct Merge: ParsableCommand {
         if progress.enabled {
             options.progress = { done, total in progress.update(done, total) }
         }
+        for w in checkpoint.warnings where !quiet { writeError("adapter: warning: \(base): \(w)") }
         for input in inputs where !quiet {
             for w in input.adapter.warnings { writeError("adapter: warning: \(input.adapter.path): \(w)") }
         }

@@ -216,15 +216,15 @@ struct MergeReportTests {
             return Float(Int64(bitPattern: state >> 11) % 2_000_001 - 1_000_000) / 1_000_000
         }
         let rows = 192, cols = 512, r = 16
-        FileManager.default.createFile(atPath: dir.file("base.safetensors"), contents: f32Safetensors([
+        #expect(FileManager.default.createFile(atPath: dir.file("base.safetensors"), contents: f32Safetensors([
             ("model.layers.0.mlp.up_proj.weight", [rows, cols], (0..<(rows * cols)).map { _ in random() }),
-        ]))
+        ])))
         try FileManager.default.createDirectory(atPath: dir.file("ad"), withIntermediateDirectories: true)
-        FileManager.default.createFile(atPath: dir.file("ad/adapter_model.safetensors"), contents: f32Safetensors([
+        #expect(FileManager.default.createFile(atPath: dir.file("ad/adapter_model.safetensors"), contents: f32Safetensors([
             ("base_model.model.model.layers.0.mlp.up_proj.lora_A.weight", [r, cols], (0..<(r * cols)).map { _ in random() }),
             ("base_model.model.model.layers.0.mlp.up_proj.lora_B.weight", [rows, r], (0..<(rows * r)).map { _ in random() }),
-        ]))
-        FileManager.default.createFile(atPath: dir.file("ad/adapter_config.json"), contents: Data(#"{"peft_type": "LORA", "r": 16, "lora_alpha": 16}"#.utf8))
+        ])))
+        #expect(FileManager.default.createFile(atPath: dir.file("ad/adapter_config.json"), contents: Data(#"{"peft_type": "LORA", "r": 16, "lora_alpha": 16}"#.utf8)))
         let plain = try adapter("merge", "--quiet", dir.file("base.safetensors"), dir.file("ad"), dir.file("plain.safetensors"))
         let reported = try adapter("merge", "--report", dir.file("base.safetensors"), dir.file("ad"), dir.file("reported.safetensors"))
         #expect(plain.status == 0 && reported.status == 0, "\(plain.stderr) \(reported.stderr)")

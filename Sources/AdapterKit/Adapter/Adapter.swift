@@ -66,9 +66,14 @@ public final class Adapter: Sendable {
     /// Whether `path` looks like an adapter (by its files or its tensor names) rather than a model.
     public static func looksLikeAdapter(_ path: String) -> Bool {
         if (try? AdapterLoader.locate(path)) != nil { return true }
-        // A folder with an adapter config is an adapter even when the config is broken: loading it
-        // then says what is wrong, instead of the folder being reported as a model.
-        return FileSystem.kind(path) == .directory
-            && ["adapter_config.json", "lora_config.json"].contains { FileSystem.kind(joinPath(path, $0)) == .file }
+        guard FileSystem.kind(path) == .directory,
+              ["adapter_config.json", "lora_config.json"].contains(where: { FileSystem.kind(joinPath(path, $0)) == .file }) else { return false }
+        // Decided by what the folder holds, as merge decides: no adapter weights, and a model
+        // (an index or model.safetensors) whose tensor names are no adapter's, is a model with a
+        // stray config (the checkpoint warns about it).
+        if let checkpoint = try? Checkpoint(path: path), AdapterLoader.detectFormat(checkpoint.tensorNames) == nil { return false }
+        // Otherwise a folder with an adapter config is an adapter even when the config is broken:
+        // loading it then says what is wrong, instead of the folder being reported as a model.
+        return true
     }
 }

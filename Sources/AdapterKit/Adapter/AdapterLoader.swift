@@ -24,7 +24,7 @@ enum AdapterLoader {
     static func locate(_ path: String) throws -> Located {
         switch FileSystem.kind(path) {
         case .missing: throw InputError(path, "no such file or folder")
-        case .other: throw InputError(path, "not a regular file or folder")
+        case .other: throw InputError(path, "not a regular file or folder but \((FileSystem.type(path) ?? .unknown).phrase)")
         case .directory: return try locateFolder(path)
         case .file:
             let folder = parentPath(path)
@@ -47,9 +47,11 @@ enum AdapterLoader {
     }
 
     private static func locateFolder(_ folder: String) throws -> Located {
+        // Whatever is at a known name is the file meant: a FIFO or a folder there is refused when
+        // it is opened, instead of being passed over for a misleading "not found".
         func file(_ name: String) -> String? {
             let p = joinPath(folder, name)
-            return FileSystem.kind(p) == .file ? p : nil
+            return FileSystem.kind(p) == .missing ? nil : p
         }
         if let configPath = file("adapter_config.json") {
             guard let config = try readJSONFile(configPath).objectValue else { throw InputError(configPath, "the config is not a JSON object") }
@@ -82,6 +84,10 @@ enum AdapterLoader {
         let isShardedModel = entries.contains { $0.hasSuffix(".safetensors.index.json") }
         for name in isShardedModel ? [] : tensorFiles.prefix(4) {
             let weights = joinPath(folder, name)
+            // Subfolders are passed over; a FIFO, socket or device is refused, never opened.
+            if let type = FileSystem.type(weights), type != .regular && type != .directory {
+                throw InputError(weights, "not a regular file but \(type.phrase)")
+            }
             guard let store = try? openTensorFile(weights), let format = detectFormat(store.tensorInfos.map(\.name)) else { continue }
             let configPath = file("config.json")
             let config = try configPath.flatMap { try readJSONFile($0).objectValue }

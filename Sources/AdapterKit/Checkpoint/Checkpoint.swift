@@ -26,10 +26,14 @@ public final class Checkpoint: Sendable {
     public let indexFileName: String?
     /// The `metadata` object of the index (without `total_size` checks applied twice).
     public let indexMetadata: JSONObject?
-    /// For folders: every file and subfolder that is not a tensor file or the index, sorted.
+    /// For folders: the top-level entries (UTF-8 names) that are not a tensor file of the
+    /// checkpoint or the index, sorted. What an output copies is decided by `FolderCopy`, which
+    /// sees every name and does not follow links.
     public let otherEntries: [String]
     /// Tensors in order: by file, then as each file lists them.
     public let tensors: [(info: TensorInfo, file: Int)]
+    /// What is odd about the folder but not wrong (a stray adapter config), for a warning line each.
+    public let warnings: [String]
     private let lookup: [String: Int]
 
     /// Opens a file or folder and validates it (the index against the shards).
@@ -39,7 +43,7 @@ public final class Checkpoint: Sendable {
         case .missing:
             throw InputError(path, "no such file or folder")
         case .other:
-            throw InputError(path, "not a regular file or folder")
+            throw InputError(path, "not a regular file or folder but \((FileSystem.type(path) ?? .unknown).phrase)")
         case .file:
             isFolder = false
             files = [try openTensorFile(path)]
@@ -75,6 +79,15 @@ public final class Checkpoint: Sendable {
         }
         tensors = all
         self.lookup = lookup
+        // A model folder may hold an adapter config by mistake (a training run saved into it); it
+        // is read as the model its tensors are, by inspect as by merge, and the config is named.
+        var warnings: [String] = []
+        if isFolder && AdapterLoader.detectFormat(all.map(\.info.name)) == nil {
+            for config in ["adapter_config.json", "lora_config.json"] where otherEntries.contains(config) {
+                warnings.append("the folder holds \(config) but no adapter weights, and its tensors are a model's: read as a model; \(config) is not used")
+            }
+        }
+        self.warnings = warnings
     }
 
     /// The tensor named `name` and the index of its file.
@@ -140,7 +153,7 @@ public final class Checkpoint: Sendable {
             guard let file = value.stringValue else {
                 throw InputError(indexPath, "weight_map entry \"\(tensor)\" is not a file name")
             }
-            map.append((tensor, file))
+            map.append((tensor, normalisedShardName(file)))
         }
         var total: Int?
         var metadata: JSONObject?
@@ -155,6 +168,15 @@ public final class Checkpoint: Sendable {
         return (map, total, metadata)
     }
 
+    /// A shard name without `.` components: `./model-00001-of-00002.safetensors` is the file
+    /// `model-00001-of-00002.safetensors` (some exporters write it so; transformers joins it to the
+    /// folder and reads the same file). Anything else is kept for `checkInside` to judge.
+    static func normalisedShardName(_ file: String) -> String {
+        let parts = file.split(separator: "/", omittingEmptySubsequences: false)
+        guard parts.contains("."), parts.contains(where: { $0 != "." }) else { return file }
+        return parts.filter { $0 != "." }.joined(separator: "/")
+    }
+
     /// Refuses shard names that leave the folder: absolute paths, `..`, or links pointing outside.
     static func checkInside(folder: String, file: String, indexPath: String) throws {
         let parts = file.split(separator: "/", omittingEmptySubsequences: false)
@@ -163,9 +185,28 @@ public final class Checkpoint: Sendable {
         }
         let full = joinPath(folder, file)
         guard let real = FileSystem.realPath(full) else { throw InputError(indexPath, "shard \"\(file)\" is missing") }
-        guard let realFolder = FileSystem.realPath(folder), real.hasPrefix(realFolder + "/") else {
+        guard let realFolder = FileSystem.realPath(folder),
+              real.hasPrefix(realFolder + "/") || isHubCacheBlob(real, snapshot: realFolder) else {
             throw InputError(indexPath, "shard \"\(file)\" resolves outside the model folder")
         }
+    }
+
+    /// The Hugging Face hub cache keeps each file once, in `models--org--name/blobs/<hash>`, and a
+    /// revision as `models--org--name/snapshots/<rev>/` whose files are links `../../blobs/<hash>`.
+    /// For a (real) folder laid out so — its parent is `snapshots/` and beside that is a plain
+    /// `blobs/` folder — this is the real path of that `blobs/`; nil for any other folder.
+    static func hubCacheBlobs(ofSnapshot realFolder: String) -> String? {
+        let snapshots = parentPath(realFolder)
+        guard lastPathComponent(snapshots) == "snapshots", snapshots != realFolder else { return nil }
+        let blobs = joinPath(parentPath(snapshots), "blobs")
+        return FileSystem.type(blobs, following: false) == .directory ? blobs : nil
+    }
+
+    /// Whether `real` (a resolved path) is a regular file directly inside the hub cache's `blobs/`
+    /// of the snapshot folder `realFolder`: the one place outside a model folder its links may lead.
+    static func isHubCacheBlob(_ real: String, snapshot realFolder: String) -> Bool {
+        guard let blobs = hubCacheBlobs(ofSnapshot: realFolder) else { return false }
+        return parentPath(real) == blobs && FileSystem.type(real, following: false) == .regular
     }
 
     /// Checks the index against the shards' headers: every listed tensor is in the shard named,

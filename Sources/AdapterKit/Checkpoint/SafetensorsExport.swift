@@ -6,6 +6,8 @@ public enum SafetensorsExport {
         public let tensors: Int
         public let bytes: Int
         public let files: [String]
+        /// What was left out of the copy (links that leave the folder, .git, …), in one line.
+        public var notes: [String] = []
     }
 
     /// Converts `input` (a `.bin` / `.pt` file, or a folder holding `adapter_model.bin` or
@@ -36,6 +38,8 @@ public enum SafetensorsExport {
                 for (_, target) in sources where entries.contains(target) {
                     throw InputError(input, "the folder already holds \(target)")
                 }
+                // Found before anything is written, so that what cannot be copied is refused first.
+                let other = try FolderCopy(folder: input, excluding: Set(sources.map(\.0)))
                 try FileSystem.makeDirectory(out.temporaryPath)
                 var tensors = 0, bytes = 0
                 var files: [String] = []
@@ -45,11 +49,9 @@ public enum SafetensorsExport {
                     bytes += b
                     files.append(target)
                 }
-                for entry in entries where !sources.contains(where: { $0.0 == entry }) {
-                    try copyEntry(joinPath(input, entry), to: joinPath(out.temporaryPath, entry))
-                    files.append(entry)
-                }
-                result = Result(tensors: tensors, bytes: bytes, files: files)
+                try other.copy(into: out.temporaryPath, sync: true)
+                files += other.items.compactMap { if case .file(let rel, _) = $0 { rel.display } else { nil } }
+                result = Result(tensors: tensors, bytes: bytes, files: files, notes: other.note.map { [$0] } ?? [])
             default:
                 throw InputError(input, "no such file or folder")
             }
@@ -74,23 +76,5 @@ public enum SafetensorsExport {
         try writer.finish()
         try fd.sync()
         return (layout.tensors.count, layout.fileSize)
-    }
-
-    /// Copies a file, or a folder and everything in it.
-    private static func copyEntry(_ source: String, to target: String) throws {
-        switch FileSystem.kind(source) {
-        case .file:
-            let input = try FileDescriptor.openForReading(source)
-            let outFD = try FileDescriptor.createExclusive(target)
-            try outFD.copy(from: input, offset: 0, count: try input.status().size)
-            try outFD.sync()
-        case .directory:
-            try FileSystem.makeDirectory(target)
-            for entry in try FileSystem.contents(ofDirectory: source).sorted() {
-                try copyEntry(joinPath(source, entry), to: joinPath(target, entry))
-            }
-        default:
-            throw InputError(source, "cannot copy: not a regular file or folder")
-        }
     }
 }

@@ -48,10 +48,14 @@ public struct MergeOptions: Sendable {
     public var allowUnknown = false
     /// Restricts multi-model adapters (kohya, diffusers) to these components (`unet`, `text_encoder`, …).
     public var components: [String]? = nil
+    /// Files (or folders) of a folder base to leave out of OUT, relative to the folder: a stray
+    /// tensor file that is not part of the merge is refused unless it is named here.
+    public var skipFiles: [String] = []
 
-    public init(allowUnknown: Bool = false, components: [String]? = nil) {
+    public init(allowUnknown: Bool = false, components: [String]? = nil, skipFiles: [String] = []) {
         self.allowUnknown = allowUnknown
         self.components = components
+        self.skipFiles = skipFiles
     }
 }
 
@@ -69,6 +73,8 @@ public struct MergePlan: Sendable {
     /// Modules left out because of `--component`, per component.
     public let skipped: [String: Int]
     public let notes: [String]
+    /// For a folder base: its other files (config, tokenizer, …), copied into OUT unchanged.
+    public let otherFiles: FolderCopy?
 
     public var moduleCount: Int { changes.values.reduce(0) { $0 + $1.terms.count } }
 
@@ -85,6 +91,7 @@ public struct MergePlan: Sendable {
         if base.files.count > 1, let file = base.files.first(where: { !($0 is SafetensorsFile) }) {
             throw InputError(file.path, "sharded PyTorch checkpoints are not supported as a base; convert the shards first: adapter convert to-safetensors")
         }
+        otherFiles = try Self.otherFiles(of: base, skip: options.skipFiles)
 
         func plan(_ name: String) -> TensorPlan? {
             if let p = changes[name] { return p }
@@ -197,6 +204,42 @@ public struct MergePlan: Sendable {
         self.changes = changes
         self.skipped = skipped
         self.notes = notes
+    }
+}
+
+extension MergePlan {
+    /// A folder base's other files, found before a byte is written so that what cannot be copied (a
+    /// FIFO) is refused first. A tensor file among them is not part of the merge: copied, it would
+    /// put unmerged weights beside the merged ones (transformers loads a stray model.safetensors
+    /// before the index), so it is refused unless `skip` names it.
+    static func otherFiles(of base: Checkpoint, skip: [String]) throws -> FolderCopy? {
+        guard base.isFolder else {
+            if let name = skip.first { throw InputError(base.path, "--skip-file \(name): the base is a single file, not a model folder") }
+            return nil
+        }
+        let own = Set(base.fileNames + (base.indexFileName.map { [$0] } ?? []))
+        var names = Set<String>()
+        for raw in skip {
+            var name = Checkpoint.normalisedShardName(raw)
+            while name.count > 1 && name.hasSuffix("/") { name.removeLast() }
+            if own.contains(name) {
+                throw InputError(base.path, "--skip-file \(raw): \(name) is part of the merge (a shard or the index), not a file to leave out")
+            }
+            names.insert(name)
+        }
+        let other = try FolderCopy(folder: base.path, excluding: own, skip: names, label: "model folder")
+        if let missing = names.subtracting(other.skippedByRequest).sorted().first {
+            throw InputError(base.path, "--skip-file \(missing): the model folder holds no such file or folder")
+        }
+        let stray = other.tensorFiles.map(\.display)
+        if stray.count == 1 {
+            throw InputError(base.path, "\(stray[0]) is a tensor file that is not part of the merge; copied into OUT it would be unmerged weights a loader may pick up: remove it or pass --skip-file \(stray[0])")
+        }
+        if stray.count > 1 {
+            let shown = stray.prefix(5).joined(separator: ", ") + (stray.count > 5 ? ", …" : "")
+            throw InputError(base.path, "\(stray.count) tensor files are not part of the merge (\(shown)); copied into OUT they would be unmerged weights a loader may pick up: remove them or pass --skip-file for each")
+        }
+        return other
     }
 }
 

@@ -132,12 +132,14 @@ public final class Merger {
         do {
             if base.isFolder {
                 try FileSystem.makeDirectory(out.temporaryPath)
-                for entry in base.otherEntries {
-                    try copyTree(joinPath(base.path, entry), to: joinPath(out.temporaryPath, entry))
-                    summary.filesCopied += 1
+                if let other = plan.otherFiles {
+                    try other.copy(into: out.temporaryPath, sync: options.sync)
+                    summary.filesCopied = other.fileCount
+                    if let note = other.note { summary.notes.append(note) }
                 }
                 var shapesChanged = false
                 for (i, name) in base.fileNames.enumerated() {
+                    try Self.makeParentFolders(of: name, in: out.temporaryPath)
                     shapesChanged = try writeShard(i, to: joinPath(out.temporaryPath, Self.outputName(name, base.files[i]))) || shapesChanged
                 }
                 if let indexName = base.indexFileName {
@@ -174,29 +176,29 @@ public final class Merger {
 
     // MARK: - Files
 
-    private func copyTree(_ source: String, to target: String) throws {
-        switch FileSystem.kind(source) {
-        case .directory:
-            try FileSystem.makeDirectory(target)
-            for name in try FileSystem.contents(ofDirectory: source) {
-                try copyTree(joinPath(source, name), to: joinPath(target, name))
-            }
-        case .file:
-            let input = try FileDescriptor.openForReading(source)
-            let size = try input.status().size
-            let outFD = try FileDescriptor.createExclusive(target)
-            try outFD.copy(from: input, offset: 0, count: size)
-            if options.sync { try outFD.sync() }
-        default:
-            throw InputError(source, "cannot copy: not a regular file or folder")
+    /// Creates the folders a shard named `sub/shard.safetensors` goes into, when the other files
+    /// did not bring them (a subfolder that is a link is not copied).
+    static func makeParentFolders(of name: String, in folder: String) throws {
+        var path = folder
+        for part in name.split(separator: "/").dropLast() {
+            path = joinPath(path, String(part))
+            if FileSystem.type(path, following: false) != .directory { try FileSystem.makeDirectory(path) }
         }
+    }
+
+    /// Copies one regular file (the index, when it is kept as it is).
+    private func copyFile(_ source: String, to target: String) throws {
+        let input = try FileDescriptor.openForReading(source)
+        let outFD = try FileDescriptor.createExclusive(target)
+        try outFD.copy(from: input, offset: 0, count: try input.status().size)
+        if options.sync { try outFD.sync() }
     }
 
     /// Writes the index: the original bytes when no tensor changed size, otherwise the same map
     /// with a recomputed total_size, formatted as transformers writes it.
     private func writeIndex(from source: String, to target: String, regenerate: Bool) throws {
         if !regenerate {
-            try copyTree(source, to: target)
+            try copyFile(source, to: target)
             return
         }
         guard var root = try readJSONFile(source).objectValue else { throw InputError(source, "the index is not a JSON object") }

@@ -13,9 +13,26 @@ public struct SystemError: Error, CustomStringConvertible, Sendable {
     public let path: String
     public let operation: String
     public let code: Int32
+    /// Set instead of an errno text when the refusal is ours (a FIFO where a file was expected).
+    let detail: String?
+
+    public init(path: String, operation: String, code: Int32) {
+        self.path = path
+        self.operation = operation
+        self.code = code
+        self.detail = nil
+    }
+
+    /// `path` is not a regular file: a FIFO, socket, device or folder where a file must be read.
+    init(path: String, notRegular type: FileType) {
+        self.path = path
+        self.operation = "open"
+        self.code = EINVAL
+        self.detail = "not a regular file but \(type.phrase)"
+    }
 
     /// The failure without the path: "open failed: No such file or directory".
-    public var reason: String { "\(operation) failed: \(String(cString: strerror(code)))" }
+    public var reason: String { detail ?? "\(operation) failed: \(String(cString: strerror(code)))" }
 
     public var description: String { "\(path): \(reason)" }
 }
@@ -34,18 +51,40 @@ public final class FileDescriptor: @unchecked Sendable {
 
     deinit { _ = Glibc.close(rawValue) }
 
-    /// Opens an existing file for reading.
+    /// Opens an existing regular file for reading. Anything else is refused before a byte is read:
+    /// the open is non-blocking (a FIFO without a writer would otherwise wait forever, and a
+    /// device open has no side effect beyond that), and the file type is checked with fstat.
     public static func openForReading(_ path: String) throws -> FileDescriptor {
-        let fd = retryingEINTR { Glibc.open(path, O_RDONLY | O_CLOEXEC) }
-        guard fd >= 0 else { throw SystemError(path: path, operation: "open", code: errno) }
-        return FileDescriptor(rawValue: fd, path: path)
+        try openForReading(RawPath(path), followingLink: true)
+    }
+
+    /// As `openForReading(_: String)`, for a path of any bytes; with `followingLink` false a
+    /// symbolic link at `path` is refused (ELOOP) instead of followed.
+    public static func openForReading(_ path: RawPath, followingLink: Bool) throws -> FileDescriptor {
+        let flags = O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY | (followingLink ? 0 : O_NOFOLLOW)
+        let fd = path.withCString { p in retryingEINTR { Glibc.open(p, flags) } }
+        guard fd >= 0 else { throw SystemError(path: path.display, operation: "open", code: errno) }
+        let descriptor = FileDescriptor(rawValue: fd, path: path.display)
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { throw SystemError(path: path.display, operation: "stat", code: errno) }
+        let type = FileType(mode: st.st_mode)
+        guard type == .regular else { throw SystemError(path: path.display, notRegular: type) }
+        // Reads of a regular file never block; clear the flag so the descriptor behaves as usual.
+        let current = fcntl(fd, F_GETFL)
+        if current >= 0 { _ = fcntl(fd, F_SETFL, current & ~O_NONBLOCK) }
+        return descriptor
     }
 
     /// Creates a new file that must not exist yet (O_EXCL), readable by everyone as a model file is.
     public static func createExclusive(_ path: String) throws -> FileDescriptor {
-        let fd = retryingEINTR { Glibc.open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o644) }
-        guard fd >= 0 else { throw SystemError(path: path, operation: "create", code: errno) }
-        return FileDescriptor(rawValue: fd, path: path)
+        try createExclusive(RawPath(path))
+    }
+
+    /// As `createExclusive(_: String)`, for a path of any bytes.
+    public static func createExclusive(_ path: RawPath) throws -> FileDescriptor {
+        let fd = path.withCString { p in retryingEINTR { Glibc.open(p, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0o644) } }
+        guard fd >= 0 else { throw SystemError(path: path.display, operation: "create", code: errno) }
+        return FileDescriptor(rawValue: fd, path: path.display)
     }
 
     /// File size and type from fstat.
@@ -197,6 +236,94 @@ public final class MappedFile: @unchecked Sendable {
     }
 }
 
+/// A path or file name as the kernel sees it: bytes other than NUL, not necessarily UTF-8 (a Swift
+/// String would replace invalid bytes, so a file named so could not be opened or copied exactly).
+public struct RawPath: Hashable, Comparable, Sendable {
+    public let bytes: [UInt8]
+
+    public init(bytes: [UInt8]) { self.bytes = bytes }
+    public init(_ string: String) { bytes = Array(string.utf8) }
+
+    /// `self/name`.
+    public func appending(_ name: RawPath) -> RawPath {
+        if bytes.isEmpty { return name }
+        return RawPath(bytes: bytes.last == 0x2F ? bytes + name.bytes : bytes + [0x2F] + name.bytes)
+    }
+
+    /// The path as a String when its bytes are valid UTF-8; nil otherwise.
+    public var string: String? { String(validating: bytes, as: UTF8.self) }
+
+    /// For messages: valid UTF-8 as it is, every other byte as `\xNN`.
+    public var display: String {
+        if let string { return string }
+        var out = ""
+        var rest = bytes[...]
+        while !rest.isEmpty {
+            // The longest valid prefix, then one byte escaped.
+            var end = rest.endIndex
+            while end > rest.startIndex, String(validating: rest[rest.startIndex..<end], as: UTF8.self) == nil { end -= 1 }
+            if end > rest.startIndex {
+                out += String(validating: rest[rest.startIndex..<end], as: UTF8.self)!
+                rest = rest[end...]
+            } else {
+                out += "\\x" + String(rest.first!, radix: 16, uppercase: true).leftPadded(to: 2)
+                rest = rest.dropFirst()
+            }
+        }
+        return out
+    }
+
+    public static func < (a: RawPath, b: RawPath) -> Bool { a.bytes.lexicographicallyPrecedes(b.bytes) }
+
+    func withCString<R>(_ body: (UnsafePointer<CChar>) throws -> R) rethrows -> R {
+        try (bytes + [0]).withUnsafeBufferPointer { buffer in
+            try buffer.withMemoryRebound(to: CChar.self) { try body($0.baseAddress!) }
+        }
+    }
+}
+
+private extension String {
+    func leftPadded(to n: Int) -> String { count >= n ? self : String(repeating: "0", count: n - count) + self }
+}
+
+/// Which file an object is: its device and inode.
+public struct FileIdentity: Hashable, Sendable {
+    public let device: UInt64
+    public let inode: UInt64
+}
+
+/// The type of a file-system object, as stat reports it.
+public enum FileType: Sendable, Equatable {
+    case regular, directory, symbolicLink, fifo, socket, characterDevice, blockDevice, unknown
+
+    init(mode: mode_t) {
+        switch mode & S_IFMT {
+        case S_IFREG: self = .regular
+        case S_IFDIR: self = .directory
+        case S_IFLNK: self = .symbolicLink
+        case S_IFIFO: self = .fifo
+        case S_IFSOCK: self = .socket
+        case S_IFCHR: self = .characterDevice
+        case S_IFBLK: self = .blockDevice
+        default: self = .unknown
+        }
+    }
+
+    /// "a FIFO (named pipe)", for messages.
+    public var phrase: String {
+        switch self {
+        case .regular: "a regular file"
+        case .directory: "a folder"
+        case .symbolicLink: "a symbolic link"
+        case .fifo: "a FIFO (named pipe)"
+        case .socket: "a socket"
+        case .characterDevice: "a character device"
+        case .blockDevice: "a block device"
+        case .unknown: "a special file"
+        }
+    }
+}
+
 /// Small file-system queries and moves used by the checkpoint and output code.
 public enum FileSystem {
     public enum Kind: Sendable { case missing, file, directory, other }
@@ -212,6 +339,14 @@ public enum FileSystem {
         }
     }
 
+    /// The type of what is at `path` (following symbolic links unless `following` is false), or
+    /// nil when nothing is there.
+    public static func type(_ path: String, following: Bool = true) -> FileType? {
+        var st = stat()
+        guard (following ? stat(path, &st) : lstat(path, &st)) == 0 else { return nil }
+        return FileType(mode: st.st_mode)
+    }
+
     /// Whether anything, even a dangling symbolic link, is at `path`.
     public static func exists(noFollow path: String) -> Bool {
         var st = stat()
@@ -225,18 +360,57 @@ public enum FileSystem {
         return String(cString: p)
     }
 
-    /// The entries of a directory, sorted by name, without `.` and `..`.
+    /// The entries of a directory whose names are valid UTF-8, sorted by name, without `.` and
+    /// `..`. Names that are not UTF-8 are left out here (a String cannot hold them exactly); code
+    /// that must see every entry — copying a folder, removing one — uses `entries(ofDirectory:)`.
     public static func contents(ofDirectory path: String) throws -> [String] {
-        guard let dir = opendir(path) else { throw SystemError(path: path, operation: "open directory", code: errno) }
-        defer { closedir(dir) }
-        var names: [String] = []
-        while let entry = readdir(dir) {
-            let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
-                String(cString: raw.bindMemory(to: CChar.self).baseAddress!)
-            }
-            if name != "." && name != ".." { names.append(name) }
+        try entries(ofDirectory: RawPath(path), followingLink: true).compactMap(\.string)
+    }
+
+    /// Every entry of a directory as the kernel names it, sorted bytewise, without `.` and `..`.
+    /// With `followingLink` false a symbolic link at `path` is refused (ELOOP) rather than listed.
+    public static func entries(ofDirectory path: RawPath, followingLink: Bool) throws -> [RawPath] {
+        let flags = O_RDONLY | O_DIRECTORY | O_CLOEXEC | O_NONBLOCK | (followingLink ? 0 : O_NOFOLLOW)
+        let fd = path.withCString { p in retryingEINTR { Glibc.open(p, flags) } }
+        guard fd >= 0 else { throw SystemError(path: path.display, operation: "open directory", code: errno) }
+        guard let dir = fdopendir(fd) else {
+            let code = errno
+            Glibc.close(fd)
+            throw SystemError(path: path.display, operation: "open directory", code: code)
         }
-        return names.sorted { Array($0.utf8).lexicographicallyPrecedes(Array($1.utf8)) }
+        defer { closedir(dir) }
+        var names: [RawPath] = []
+        while let entry = readdir(dir) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in Array(raw.prefix { $0 != 0 }) }
+            if name != [0x2E] && name != [0x2E, 0x2E] { names.append(RawPath(bytes: name)) }
+        }
+        return names.sorted()
+    }
+
+    /// The type of what is at `path` (following a final symbolic link unless `following` is false).
+    public static func type(_ path: RawPath, following: Bool) -> FileType? {
+        var st = stat()
+        let r = path.withCString { following ? stat($0, &st) : lstat($0, &st) }
+        return r == 0 ? FileType(mode: st.st_mode) : nil
+    }
+
+    /// Device and inode of what is at `path`, not following a final link: the identity of a folder,
+    /// so that a walk can tell a folder it has seen (a bind mount of a parent) from a new one.
+    public static func identity(_ path: RawPath) -> FileIdentity? {
+        var st = stat()
+        guard path.withCString({ lstat($0, &st) }) == 0 else { return nil }
+        return FileIdentity(device: UInt64(st.st_dev), inode: UInt64(st.st_ino))
+    }
+
+    /// The canonical absolute path of `path`, or nil when it (or what a link leads to) does not exist.
+    public static func realPath(_ path: RawPath) -> RawPath? {
+        guard let p = path.withCString({ realpath($0, nil) }) else { return nil }
+        defer { free(p) }
+        return RawPath(bytes: Array(UnsafeRawBufferPointer(start: p, count: strlen(p))))
+    }
+
+    public static func makeDirectory(_ path: RawPath) throws {
+        guard path.withCString({ mkdir($0, 0o755) }) == 0 else { throw SystemError(path: path.display, operation: "mkdir", code: errno) }
     }
 
     public static func makeDirectory(_ path: String) throws {
@@ -250,13 +424,18 @@ public enum FileSystem {
 
     /// Removes a file or a whole folder tree; missing paths are fine. Never follows symbolic links.
     public static func removeTree(_ path: String) {
+        removeTree(RawPath(path))
+    }
+
+    /// As `removeTree(_: String)`, for names of any bytes (a copied file whose name is not UTF-8).
+    public static func removeTree(_ path: RawPath) {
         var st = stat()
-        guard lstat(path, &st) == 0 else { return }
+        guard path.withCString({ lstat($0, &st) }) == 0 else { return }
         if (st.st_mode & S_IFMT) == S_IFDIR {
-            for name in (try? contents(ofDirectory: path)) ?? [] { removeTree(path + "/" + name) }
-            rmdir(path)
+            for name in (try? entries(ofDirectory: path, followingLink: false)) ?? [] { removeTree(path.appending(name)) }
+            _ = path.withCString { rmdir($0) }
         } else {
-            unlink(path)
+            _ = path.withCString { unlink($0) }
         }
     }
 

@@ -88,11 +88,6 @@ public final class Merger {
         }
     }
 
-    /// Test hook, for the fault-injection tests only: `ADAPTER_TEST_DELAY_PER_TENSOR_MS=N` makes the
-    /// merge pause N ms after each tensor, so a signal can land mid-merge on tiny inputs. Unset: no effect.
-    static let testDelayPerTensor: UInt32 =
-        ProcessInfo.processInfo.environment["ADAPTER_TEST_DELAY_PER_TENSOR_MS"].flatMap { UInt32($0) }.map { min($0, 10_000) } ?? 0
-
     /// Checks OUT against the inputs: it must not exist (unless forced), and must not be, be
     /// inside, or contain the base or an adapter.
     public static func checkOutput(_ output: String, base: String, adapters: [String], force: Bool) throws {
@@ -144,13 +139,16 @@ public final class Merger {
                     try writeIndex(from: joinPath(base.path, indexName), to: joinPath(out.temporaryPath, indexName), regenerate: shapesChanged)
                 }
                 try pipeline.drain()
+                TestHook.phase("before-fsync")
                 try syncWrittenFiles()
                 if options.sync { FileSystem.syncDirectory(out.temporaryPath) }
             } else {
                 _ = try writeShard(0, to: out.temporaryPath)
                 try pipeline.drain()
+                TestHook.phase("before-fsync")
                 try syncWrittenFiles()
             }
+            TestHook.phase("after-fsync")
             try out.commit(replacing: options.force)
         } catch {
             try? pipeline.drain()  // let queued writes finish before their files are removed
@@ -268,7 +266,7 @@ public final class Merger {
                 summary.tensorsCopied += 1
             }
             written += t.byteCount
-            if Self.testDelayPerTensor > 0 { usleep(Self.testDelayPerTensor * 1000) }
+            TestHook.afterTensor()
             let done = written
             if let progress { pipeline.submit { progress(done, total) } }
         }

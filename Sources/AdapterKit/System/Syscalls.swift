@@ -265,6 +265,11 @@ public enum FileSystem {
     public static func isTerminal(_ fd: Int32) -> Bool { isatty(fd) != 0 }
 
     public static var processID: Int32 { getpid() }
+
+    /// Sleeps the calling thread (test hooks only).
+    static func sleep(milliseconds: Int) {
+        _ = usleep(useconds_t(milliseconds) * 1000)
+    }
 }
 
 /// Joins path components with `/` without touching the file system.

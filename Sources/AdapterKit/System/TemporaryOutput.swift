@@ -30,20 +30,25 @@ public final class TemporaryOutput: @unchecked Sendable {
         if replacing && FileSystem.exists(noFollow: target) {
             // Move the old one aside first so that the target is never missing and half-built.
             let old = temporaryPath + ".old"
+            TestHook.phase("before-replace")
             try FileSystem.rename(target, to: old)
             TemporaryOutputRegistry.shared.register(old)
+            TestHook.phase("moved-aside")
             try FileSystem.rename(temporaryPath, to: target)
+            TestHook.phase("before-remove-old")
             FileSystem.removeTree(old)
             TemporaryOutputRegistry.shared.unregister(old)
         } else {
             guard !FileSystem.exists(noFollow: target) else {
                 throw SystemError(path: target, operation: "create (it already exists)", code: EEXIST)
             }
+            TestHook.phase("before-replace")
             try FileSystem.rename(temporaryPath, to: target)
         }
         committed = true
         TemporaryOutputRegistry.shared.unregister(temporaryPath, committed: true)
         FileSystem.syncDirectory(parentPath(target))
+        TestHook.phase("committed")
     }
 
     /// Removes whatever was written.

@@ -12,13 +12,15 @@ public enum SafetensorsExport {
     /// `pytorch_model.bin`) to `output`: a file for a file, a folder for a folder, with every other
     /// file of the folder (adapter_config.json, config.json, …) copied unchanged.
     public static func convert(input: String, output: String, force: Bool) throws -> Result {
+        let inputKind = FileSystem.kind(input)
+        guard inputKind == .file || inputKind == .directory else { throw InputError(input, "no such file or folder") }
         try Merger.checkOutput(output, base: input, adapters: [], force: force)
-        let out = TemporaryOutput(target: output)
+        let out = try TemporaryOutput(target: output, kind: inputKind == .directory ? .folder : .file)
         do {
             let result: Result
-            switch FileSystem.kind(input) {
+            switch inputKind {
             case .file:
-                let (tensors, bytes) = try write(try openTensorFile(input), to: out.temporaryPath)
+                let (tensors, bytes) = try write(try openTensorFile(input), to: out.temporaryPath, descriptor: out.file)
                 result = Result(tensors: tensors, bytes: bytes, files: [lastPathComponent(output)])
             case .directory:
                 // Every PyTorch checkpoint the folder's loaders look for is converted (both, when a
@@ -36,7 +38,6 @@ public enum SafetensorsExport {
                 for (_, target) in sources where entries.contains(target) {
                     throw InputError(input, "the folder already holds \(target)")
                 }
-                try FileSystem.makeDirectory(out.temporaryPath)
                 var tensors = 0, bytes = 0
                 var files: [String] = []
                 for (name, target) in sources {
@@ -61,11 +62,11 @@ public enum SafetensorsExport {
         }
     }
 
-    private static func write(_ store: any TensorStore, to path: String) throws -> (Int, Int) {
+    private static func write(_ store: any TensorStore, to path: String, descriptor: FileDescriptor? = nil) throws -> (Int, Int) {
         let specs = store.tensorInfos.map(TensorSpec.init)
         let metadata = store is SafetensorsFile ? (store.metadataPairs.isEmpty ? nil : store.metadataPairs) : [("format", "pt")]
         let layout = try SafetensorsLayout(tensors: specs, metadata: metadata, file: path)
-        let fd = try FileDescriptor.createExclusive(path)
+        let fd = try descriptor ?? FileDescriptor.createExclusive(path)
         let writer = try SafetensorsWriter(layout: layout, output: fd)
         for t in layout.tensors {
             try store.withBytes(of: t.name) { try writer.append($0) }

@@ -123,10 +123,9 @@ public final class Merger {
         for (c, n) in plan.skipped.sorted(by: { $0.key < $1.key }) {
             summary.notes.append("skipped \(n) \(c) module\(n == 1 ? "" : "s") (not selected with --component)")
         }
-        let out = TemporaryOutput(target: output)
+        let out = try TemporaryOutput(target: output, kind: base.isFolder ? .folder : .file)
         do {
             if base.isFolder {
-                try FileSystem.makeDirectory(out.temporaryPath)
                 for entry in base.otherEntries {
                     try copyTree(joinPath(base.path, entry), to: joinPath(out.temporaryPath, entry))
                     summary.filesCopied += 1
@@ -143,7 +142,7 @@ public final class Merger {
                 try syncWrittenFiles()
                 if options.sync { FileSystem.syncDirectory(out.temporaryPath) }
             } else {
-                _ = try writeShard(0, to: out.temporaryPath)
+                _ = try writeShard(0, to: out.temporaryPath, descriptor: out.file)
                 try pipeline.drain()
                 TestHook.phase("before-fsync")
                 try syncWrittenFiles()
@@ -226,7 +225,7 @@ public final class Merger {
     /// Writes shard `index` of the base with its changes; returns whether any tensor changed shape.
     ///
     /// The writer is used only from the pipeline's queue once created; this thread computes.
-    private func writeShard(_ index: Int, to path: String) throws -> Bool {
+    private func writeShard(_ index: Int, to path: String, descriptor: FileDescriptor? = nil) throws -> Bool {
         let store = plan.base.files[index]
         var shapeChanged = false
         let specs = store.tensorInfos.map { t -> TensorSpec in
@@ -238,7 +237,7 @@ public final class Merger {
         // A PyTorch base gets the metadata torch's own safetensors export writes.
         let metadata: [(key: String, value: String)]? = safetensors.map { $0.header.hasMetadata ? $0.header.metadata : nil } ?? [("format", "pt")]
         let layout = try SafetensorsLayout(tensors: specs, metadata: metadata, file: path)
-        let fd = try FileDescriptor.createExclusive(path)
+        let fd = try descriptor ?? FileDescriptor.createExclusive(path)
         let writer = try SafetensorsWriter(layout: layout, output: fd)
         written += layout.headerBytes.count
         let handoff = Handoff(value: writer)

@@ -1,5 +1,11 @@
 import Foundation
 
+/// What an output is: one file, or a folder of files.
+public enum OutputKind: Sendable, Equatable {
+    case file
+    case folder
+}
+
 /// Output that appears at its final path only when complete.
 ///
 /// Everything is written under a temporary name beside the target (same folder, so the final
@@ -9,15 +15,33 @@ public final class TemporaryOutput: @unchecked Sendable {
     public let target: String
     /// Where the output is built.
     public let temporaryPath: String
+    public let kind: OutputKind
+    /// For a file output: the temporary file, created and open for writing.
+    public let file: FileDescriptor?
     private var committed = false
 
-    /// Reserves a temporary name beside `target`. Nothing is created yet.
-    public init(target: String) {
+    /// Creates the temporary beside `target`: an empty file (open in `file`) or an empty folder.
+    public init(target: String, kind: OutputKind) throws {
         self.target = target
+        self.kind = kind
         let name = lastPathComponent(target)
         let random = UInt32.random(in: 0...UInt32.max)
-        temporaryPath = joinPath(parentPath(target), ".\(name).adapter-tmp-\(FileSystem.processID)-\(String(random, radix: 16))")
-        TemporaryOutputRegistry.shared.register(temporaryPath)
+        let path = joinPath(parentPath(target), ".\(name).adapter-tmp-\(FileSystem.processID)-\(String(random, radix: 16))")
+        temporaryPath = path
+        // Registered before it exists: a signal right after it is created still removes it.
+        TemporaryOutputRegistry.shared.register(path)
+        do {
+            switch kind {
+            case .file:
+                file = try FileDescriptor.createExclusive(path)
+            case .folder:
+                try FileSystem.makeDirectory(path)
+                file = nil
+            }
+        } catch {
+            TemporaryOutputRegistry.shared.unregister(path)
+            throw error
+        }
     }
 
     deinit {

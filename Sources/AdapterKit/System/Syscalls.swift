@@ -206,6 +206,20 @@ public enum FileSystem {
         }
     }
 
+    /// What is at `path` itself, a symbolic link not followed.
+    public enum EntryKind: Sendable, Equatable { case missing, file, directory, symbolicLink, other }
+
+    public static func entryKind(_ path: String) -> EntryKind {
+        var st = stat()
+        guard lstat(path, &st) == 0 else { return .missing }
+        switch st.st_mode & S_IFMT {
+        case S_IFREG: return .file
+        case S_IFDIR: return .directory
+        case S_IFLNK: return .symbolicLink
+        default: return .other
+        }
+    }
+
     /// Whether anything, even a dangling symbolic link, is at `path`.
     public static func exists(noFollow path: String) -> Bool {
         var st = stat()
@@ -242,6 +256,50 @@ public enum FileSystem {
         guard Glibc.rename(from, to) == 0 else { throw SystemError(path: to, operation: "rename", code: errno) }
     }
 
+    /// The result of a rename that may not be available on every kernel and file system.
+    public enum RenameOutcome: Sendable, Equatable {
+        case done
+        /// This kernel, C library or file system does not offer it (ENOSYS, EINVAL, EOPNOTSUPP).
+        case unsupported
+        /// Failed with this errno.
+        case failed(Int32)
+    }
+
+    /// `renameat2(2)` flags, from linux/fs.h.
+    static let renameNoReplace: UInt32 = 1
+    static let renameExchange: UInt32 = 2
+
+    private typealias Renameat2 = @convention(c) (Int32, UnsafePointer<CChar>?, Int32, UnsafePointer<CChar>?, UInt32) -> Int32
+
+    /// glibc's renameat2 (2.28 and later), found at run time: Swift's Glibc module does not declare it.
+    private static let renameat2Function: Renameat2? = {
+        guard TestHook.environment["ADAPTER_TEST_RENAMEAT2"] != "unsupported",
+              let handle = dlopen(nil, RTLD_NOW), let symbol = dlsym(handle, "renameat2") else { return nil }
+        return unsafeBitCast(symbol, to: Renameat2.self)
+    }()
+
+    private static func renameat2(_ from: String, _ to: String, flags: UInt32) -> RenameOutcome {
+        guard let function = renameat2Function else { return .unsupported }
+        while true {
+            if function(AT_FDCWD, from, AT_FDCWD, to, flags) == 0 { return .done }
+            switch errno {
+            case EINTR: continue
+            case ENOSYS, EINVAL, EOPNOTSUPP: return .unsupported
+            case let e: return .failed(e)
+            }
+        }
+    }
+
+    /// Atomically swaps two paths (`renameat2(RENAME_EXCHANGE)`): both exist before and after.
+    public static func exchange(_ a: String, _ b: String) -> RenameOutcome {
+        renameat2(a, b, flags: renameExchange)
+    }
+
+    /// rename(2): replaces a file or symbolic link at `to`, or an empty folder when `from` is a folder.
+    public static func renameReplacing(_ from: String, to: String) -> RenameOutcome {
+        Glibc.rename(from, to) == 0 ? .done : .failed(errno)
+    }
+
     /// Removes a file or a whole folder tree; missing paths are fine. Never follows symbolic links.
     public static func removeTree(_ path: String) {
         var st = stat()
@@ -265,6 +323,20 @@ public enum FileSystem {
     public static func isTerminal(_ fd: Int32) -> Bool { isatty(fd) != 0 }
 
     public static var processID: Int32 { getpid() }
+
+    /// Ends the process at once, without exit handlers (from a signal-handling thread, while the
+    /// main thread may still be running).
+    public static func exitImmediately(_ status: Int32) -> Never {
+        _exit(status)
+    }
+
+    /// Sets `signal` to be ignored (a dispatch source then receives it); returns whether it was
+    /// already ignored when the process started, as `nohup` or a shell's background job leaves it.
+    static func ignoreSignal(_ signal: Int32) -> Bool {
+        let previous = Glibc.signal(signal, SIG_IGN)
+        func bits(_ h: __sighandler_t?) -> Int { h.map { unsafeBitCast($0, to: Int.self) } ?? 0 }
+        return bits(previous) == bits(SIG_IGN)
+    }
 
     /// Sleeps the calling thread (test hooks only).
     static func sleep(milliseconds: Int) {

@@ -9,7 +9,12 @@ public enum OutputKind: Sendable, Equatable {
 /// Output that appears at its final path only when complete.
 ///
 /// Everything is written under a temporary name beside the target (same folder, so the final
-/// rename is atomic); the temporaries are registered so that an error or a signal removes them.
+/// rename is atomic). The temporary is registered so that an error or a signal removes it.
+///
+/// The commit protocol (`commit`) runs on the calling thread and owns every rename and unlink
+/// from its start: a signal during it is only recorded, and the commit then either stops before
+/// anything at the target was touched or finishes. So the target always holds the complete old
+/// output or the complete new one, whatever instruction the signal lands on.
 public final class TemporaryOutput: @unchecked Sendable {
     /// The final path.
     public let target: String
@@ -18,7 +23,7 @@ public final class TemporaryOutput: @unchecked Sendable {
     public let kind: OutputKind
     /// For a file output: the temporary file, created and open for writing.
     public let file: FileDescriptor?
-    private var committed = false
+    private var finished = false
 
     /// Creates the temporary beside `target`: an empty file (open in `file`) or an empty folder.
     public init(target: String, kind: OutputKind) throws {
@@ -28,8 +33,9 @@ public final class TemporaryOutput: @unchecked Sendable {
         let random = UInt32.random(in: 0...UInt32.max)
         let path = joinPath(parentPath(target), ".\(name).adapter-tmp-\(FileSystem.processID)-\(String(random, radix: 16))")
         temporaryPath = path
+        let registry = TemporaryOutputRegistry.shared
         // Registered before it exists: a signal right after it is created still removes it.
-        TemporaryOutputRegistry.shared.register(path)
+        registry.register(path)
         do {
             switch kind {
             case .file:
@@ -39,67 +45,189 @@ public final class TemporaryOutput: @unchecked Sendable {
                 file = nil
             }
         } catch {
-            TemporaryOutputRegistry.shared.unregister(path)
+            registry.forget(path)
             throw error
         }
     }
 
     deinit {
-        if !committed { discard() }
+        if !finished { discard() }
     }
 
-    /// Moves the finished output into place. With `replacing`, an existing target is removed first
-    /// (only after the new output is complete).
+    /// Moves the finished output into place.
+    ///
+    /// Without `replacing`, the target must not exist. With `replacing`,
+    /// an existing target is swapped with the new output atomically (`renameat2(RENAME_EXCHANGE)`),
+    /// or, where the file system lacks that, a file is renamed over it and a folder is moved
+    /// aside first; the old output is removed only once the new one is in place.
+    ///
+    /// A signal received during the commit makes it throw `OutputInterrupted` once the target is
+    /// consistent: before the replace, the new output is removed and the old one stays; after it,
+    /// the old one is removed and the new one stays.
     public func commit(replacing: Bool = false) throws {
-        if replacing && FileSystem.exists(noFollow: target) {
-            // Move the old one aside first so that the target is never missing and half-built.
-            let old = temporaryPath + ".old"
+        precondition(!finished, "commit after commit or discard")
+        let registry = TemporaryOutputRegistry.shared
+        registry.beginCommit()
+        do {
+            try registry.throwIfInterrupted(outputComplete: false)
             TestHook.phase("before-replace")
-            try FileSystem.rename(target, to: old)
-            TemporaryOutputRegistry.shared.register(old)
-            TestHook.phase("moved-aside")
-            try FileSystem.rename(temporaryPath, to: target)
-            TestHook.phase("before-remove-old")
-            FileSystem.removeTree(old)
-            TemporaryOutputRegistry.shared.unregister(old)
-        } else {
-            guard !FileSystem.exists(noFollow: target) else {
-                throw SystemError(path: target, operation: "create (it already exists)", code: EEXIST)
+            try registry.throwIfInterrupted(outputComplete: false)
+            if replacing && FileSystem.entryKind(target) != .missing {
+                try replace()
+            } else {
+                try placeNew()
             }
-            TestHook.phase("before-replace")
-            try FileSystem.rename(temporaryPath, to: target)
+        } catch {
+            // Nothing at the target was changed (or it was put back): the new output goes.
+            FileSystem.removeTree(temporaryPath)
+            finished = true
+            let signal = registry.endCommit(placed: nil, removing: temporaryPath)
+            if let signal { throw OutputInterrupted(signal: signal, outputComplete: false) }
+            throw error
         }
-        committed = true
-        TemporaryOutputRegistry.shared.unregister(temporaryPath, committed: true)
+        finished = true
         FileSystem.syncDirectory(parentPath(target))
         TestHook.phase("committed")
+        if let signal = registry.endCommit(placed: target, removing: temporaryPath) {
+            throw OutputInterrupted(signal: signal, outputComplete: true)
+        }
     }
 
-    /// Removes whatever was written.
+    /// The new output onto a target that is not there.
+    private func placeNew() throws {
+        guard !FileSystem.exists(noFollow: target) else {
+            throw SystemError(path: target, operation: "create (it already exists)", code: EEXIST)
+        }
+        if case .failed(let e) = FileSystem.renameReplacing(temporaryPath, to: target) {
+            throw SystemError(path: target, operation: "rename", code: e)
+        }
+    }
+
+    /// The new output over an existing target; the old one is removed once the new one is in place.
+    private func replace() throws {
+        switch FileSystem.exchange(temporaryPath, target) {
+        case .done:
+            // The target is the new output and the temporary name holds the old one. From here on
+            // the commit only goes forward.
+            TestHook.phase("exchanged")
+            removeOld(temporaryPath)
+            return
+        case .failed(ENOENT) where FileSystem.entryKind(target) == .missing:
+            try placeNew()  // it went away meanwhile
+            return
+        case .failed(let e):
+            throw SystemError(path: target, operation: "exchange with the new output", code: e)
+        case .unsupported:
+            break
+        }
+        let oldKind = FileSystem.entryKind(target)
+        if kind == .file && oldKind != .directory {
+            // rename(2) replaces a file or a link atomically.
+            if case .failed(let e) = FileSystem.renameReplacing(temporaryPath, to: target) {
+                throw SystemError(path: target, operation: "rename", code: e)
+            }
+            return
+        }
+        // A folder cannot be renamed over a non-empty folder: move the old one aside first. Only
+        // an uncatchable signal can stop the run between the two renames; the old output then
+        // stays at the `.old` name.
+        let aside = temporaryPath + ".old"
+        if case .failed(let e) = FileSystem.renameReplacing(target, to: aside) {
+            throw SystemError(path: target, operation: "move aside", code: e)
+        }
+        TestHook.phase("moved-aside")
+        if case .failed(let e) = FileSystem.renameReplacing(temporaryPath, to: target) {
+            if case .failed = FileSystem.renameReplacing(aside, to: target) {
+                throw SystemError(path: target, operation: "rename (the previous output is at \(aside))", code: e)
+            }
+            throw SystemError(path: target, operation: "rename", code: e)
+        }
+        removeOld(aside)
+    }
+
+    private func removeOld(_ path: String) {
+        TestHook.phase("before-remove-old")
+        FileSystem.removeTree(path)
+    }
+
+    /// Removes whatever was written. Nothing once committed.
     public func discard() {
-        FileSystem.removeTree(temporaryPath)
-        TemporaryOutputRegistry.shared.unregister(temporaryPath)
+        guard !finished else { return }
+        finished = true
+        TemporaryOutputRegistry.shared.remove(temporaryPath)
     }
 }
 
-/// The temporaries in flight, removed together on a signal.
+/// A signal arrived while an output was being moved into place; the target is consistent.
+public struct OutputInterrupted: Error, Sendable, CustomStringConvertible {
+    public let signal: Int32
+    /// Whether the new output is in place (otherwise the previous state is).
+    public let outputComplete: Bool
+
+    public var message: String {
+        outputComplete ? "interrupted after the output was complete" : "interrupted; nothing was written"
+    }
+
+    public var description: String { message }
+}
+
+/// The temporaries in flight and the state of commits, shared with the signal handler.
+///
+/// While no commit is running, nothing at any target has been touched, so a signal removes the
+/// temporaries itself and ends the process. While a commit runs, the signal is only recorded; the
+/// committing thread acts on it as soon as the target is consistent.
 public final class TemporaryOutputRegistry: @unchecked Sendable {
     public static let shared = TemporaryOutputRegistry()
     private let lock = NSLock()
     private var paths: Set<String> = []
+    private var commitsRunning = 0
+    private var pendingSignal: Int32?
+    private var committedOutputs = 0
 
     func register(_ path: String) {
         lock.lock(); defer { lock.unlock() }
         paths.insert(path)
     }
 
-    func unregister(_ path: String, committed: Bool = false) {
+    func forget(_ path: String) {
         lock.lock(); defer { lock.unlock() }
         paths.remove(path)
-        if committed { committedOutputs += 1 }
     }
 
-    private var committedOutputs = 0
+    /// Removes one temporary and forgets it, serialised with a signal's cleanup.
+    func remove(_ path: String) {
+        lock.lock(); defer { lock.unlock() }
+        FileSystem.removeTree(path)
+        paths.remove(path)
+    }
+
+    /// From now on a signal is recorded, not acted on: the caller owns every rename and unlink.
+    func beginCommit() {
+        lock.lock(); defer { lock.unlock() }
+        commitsRunning += 1
+    }
+
+    /// Ends a commit: `removing` is forgotten (it is gone or was renamed into place), `placed`
+    /// counts as written. Returns the signal received meanwhile, if any.
+    func endCommit(placed: String?, removing: String) -> Int32? {
+        lock.lock(); defer { lock.unlock() }
+        commitsRunning -= 1
+        paths.remove(removing)
+        if placed != nil { committedOutputs += 1 }
+        return pendingSignal
+    }
+
+    func throwIfInterrupted(outputComplete: Bool) throws {
+        lock.lock(); defer { lock.unlock() }
+        if let signal = pendingSignal { throw OutputInterrupted(signal: signal, outputComplete: outputComplete) }
+    }
+
+    /// Whether a signal waits for a commit to reach a consistent state (the test hook stops
+    /// pausing then).
+    var hasPendingSignal: Bool {
+        lock.lock(); defer { lock.unlock() }
+        return pendingSignal != nil
+    }
 
     /// Whether some output was already renamed into place (a signal after that must not claim
     /// that nothing was written).
@@ -108,14 +236,37 @@ public final class TemporaryOutputRegistry: @unchecked Sendable {
         return committedOutputs > 0
     }
 
-    /// Removes every registered temporary (called from a signal handler's dispatch source).
+    /// Called for SIGINT, SIGTERM and SIGHUP on the signal-handling thread. During a commit it only
+    /// records the signal. Otherwise it removes every temporary, reports, and ends the process
+    /// with status 128 + `signal`, holding the lock, so that no commit can begin meanwhile.
+    public func interrupt(_ signal: Int32, report: (String) -> Void) {
+        lock.lock()
+        if commitsRunning > 0 {
+            pendingSignal = signal
+            lock.unlock()
+            return
+        }
+        removeAllLocked()
+        report(OutputInterrupted(signal: signal, outputComplete: committedOutputs > 0).message)
+        FileSystem.exitImmediately(128 + signal)
+    }
+
+    /// Removes every registered temporary (after an error, before reporting it).
     public func removeAll() {
         lock.lock(); defer { lock.unlock() }
+        removeAllLocked()
+    }
+
+    private func removeAllLocked() {
         for p in paths {
             // Moved aside first, atomically: a thread still writing into the temporary then gets
             // ENOENT for any new file instead of adding it to a tree being removed (which would stay).
             let aside = p + ".removing"
-            FileSystem.removeTree((try? FileSystem.rename(p, to: aside)) != nil ? aside : p)
+            if case .done = FileSystem.renameReplacing(p, to: aside) {
+                FileSystem.removeTree(aside)
+            } else {
+                FileSystem.removeTree(p)
+            }
         }
         paths.removeAll()
     }

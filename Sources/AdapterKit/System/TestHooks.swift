@@ -7,8 +7,10 @@ import Foundation
 ///   can land mid-merge on tiny inputs.
 /// - `ADAPTER_TEST_PAUSE_AT=PHASE` with `ADAPTER_TEST_PAUSE_FILE=PATH`: on reaching the named phase
 ///   of writing the output (`TestHook.phases`), the run creates PATH (holding the phase name) and
-///   waits until the test removes it (at most 30 s), so that the test can send a signal or change
-///   the folder at exactly that point.
+///   waits until the test removes it (at most 30 s) or a signal is recorded, so that the test can
+///   send a signal or change the folder at exactly that point.
+/// - `ADAPTER_TEST_RENAMEAT2=unsupported`: behave as on a file system without `renameat2`, so the
+///   tests reach the fallbacks.
 public enum TestHook {
     /// The phases of writing an output, in order. Not every run passes every phase: `exchanged`
     /// needs `--force` and an existing OUT on a file system with `renameat2(RENAME_EXCHANGE)`,
@@ -33,7 +35,8 @@ public enum TestHook {
         guard let pauseAt, pauseAt == name, let pauseFile else { return }
         guard (try? FileDescriptor.createExclusive(pauseFile).writeAll(Array(name.utf8))) != nil else { return }
         var waited = 0
-        while FileSystem.exists(noFollow: pauseFile) && waited < 30_000 {
+        // A signal recorded during a commit ends the wait: the run then acts on it right here.
+        while FileSystem.exists(noFollow: pauseFile) && waited < 30_000 && !TemporaryOutputRegistry.shared.hasPendingSignal {
             FileSystem.sleep(milliseconds: 2)
             waited += 2
         }

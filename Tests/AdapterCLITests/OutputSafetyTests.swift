@@ -1,0 +1,185 @@
+import AdapterKit
+import Foundation
+import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
+
+// How OUT is written: the replace protocol under signals at every phase, what --force may
+// replace, inputs reached through paths not on the command line, a file appearing at OUT while
+// writing, long OUT names, and temporaries left behind by killed runs.
+
+// MARK: - Helpers
+
+private func listing(_ dir: String) -> [String] {
+    ((try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []).sorted()
+}
+
+private func temporaries(_ dir: String) -> [String] {
+    listing(dir).filter { $0.contains(".adapter-tmp-") }
+}
+
+/// How a run paused at a phase ended.
+private struct PausedRun {
+    let status: Int32
+    let reason: Process.TerminationReason
+    let stdout: String
+    let stderr: String
+    /// Whether the run reached the phase (and `act` ran there).
+    let reached: Bool
+}
+
+/// Runs `adapter` with the test hook pausing it at `phase`. Once it waits there, `act` gets its pid
+/// (to signal it, or to change the folder); with `untilExit` the run is given up to 5 s to end
+/// on its own (a signal) before it is released, otherwise it is released at once.
+private func runPaused(at phase: String, _ arguments: [String], environment extra: [String: String] = [:],
+                       untilExit: Bool, act: (Int32) throws -> Void) throws -> PausedRun {
+    let control = TempDir()
+    defer { control.remove() }
+    let marker = control.file("paused")
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: adapterBinary)
+    p.arguments = arguments
+    var environment = ProcessInfo.processInfo.environment
+    environment["ADAPTER_TEST_PAUSE_AT"] = phase
+    environment["ADAPTER_TEST_PAUSE_FILE"] = marker
+    for (k, v) in extra { environment[k] = v }
+    p.environment = environment
+    let out = Pipe(), err = Pipe()
+    p.standardOutput = out
+    p.standardError = err
+    p.standardInput = FileHandle.nullDevice
+    try p.run()
+    var reached = false
+    for _ in 0..<4000 {
+        if FileManager.default.fileExists(atPath: marker) { reached = true; break }
+        if !p.isRunning { break }
+        usleep(5000)
+    }
+    if reached {
+        try act(p.processIdentifier)
+        if untilExit { for _ in 0..<1000 where p.isRunning { usleep(5000) } }
+        try? FileManager.default.removeItem(atPath: marker)
+    }
+    p.waitUntilExit()
+    let o = out.fileHandleForReading.readDataToEndOfFile()
+    let e = err.fileHandleForReading.readDataToEndOfFile()
+    return PausedRun(status: p.terminationStatus, reason: p.terminationReason, stdout: String(decoding: o, as: UTF8.self),
+                     stderr: String(decoding: e, as: UTF8.self), reached: reached)
+}
+
+private func quoted(_ s: String) -> String { "'" + s.replacingOccurrences(of: "'", with: "'\\''") + "'" }
+
+private let folderBase = fixture("models/tiny-llama")
+private let fileBase = fixture("models/tiny-llama-f32.safetensors")
+private let oldAdapter = fixture("adapters/peft-lora")
+private let newAdapter = fixture("adapters/moslora-original")
+
+/// An old OUT (the base merged with one adapter) and the new one a run is about to write (merged
+/// with another), made once in `dir`.
+private struct Outputs {
+    let base: String
+    let old: String
+    let oldSnapshot: [String: Data]
+    let newSnapshot: [String: Data]
+
+    init(folder: Bool, in dir: TempDir) throws {
+        base = folder ? folderBase : fileBase
+        old = dir.file(folder ? "old" : "old.safetensors")
+        let new = dir.file(folder ? "new" : "new.safetensors")
+        let a = try adapter("merge", "--quiet", base, oldAdapter, old)
+        let b = try adapter("merge", "--quiet", base, newAdapter, new)
+        #expect(a.status == 0 && b.status == 0, "\(a.stderr) \(b.stderr)")
+        oldSnapshot = snapshot(old)
+        newSnapshot = snapshot(new)
+        #expect(oldSnapshot != newSnapshot)
+    }
+}
+
+private let fallback = ["ADAPTER_TEST_RENAMEAT2": "unsupported"]
+
+@Suite("writing OUT: replace protocol, what --force replaces, inputs, races, long names, leftovers")
+struct OutputSafetyTests {
+    // MARK: - Item 1: a signal at every phase of a --force replace
+
+    /// The phases a `--force` merge over an existing OUT passes, per output kind and file system.
+    static func phasesPassed(folder: Bool, exchange: Bool) -> Set<String> {
+        var phases: Set<String> = ["before-fsync", "after-fsync", "before-replace", "committed"]
+        if exchange {
+            phases.formUnion(["exchanged", "before-remove-old"])
+        } else if folder {
+            // Without RENAME_EXCHANGE a folder is moved aside first; a file is renamed over the old one.
+            phases.formUnion(["moved-aside", "before-remove-old"])
+        }
+        return phases
+    }
+
+    @Test("SIGINT, SIGTERM or SIGHUP at any phase of a --force replace: OUT is the complete old or the complete new output, no temporary left",
+          arguments: [(true, true), (true, false), (false, true), (false, false)])
+    func signalAtEveryPhase(_ folder: Bool, _ exchange: Bool) throws {
+        let refs = TempDir()
+        defer { refs.remove() }
+        let outputs = try Outputs(folder: folder, in: refs)
+        let inputs = [outputs.base: snapshot(outputs.base), newAdapter: snapshot(newAdapter)]
+        let passed = Self.phasesPassed(folder: folder, exchange: exchange)
+        let beforeReplace: Set<String> = ["before-fsync", "after-fsync", "before-replace"]
+        for phase in TestHook.phases {
+            for sig in [SIGINT, SIGTERM, SIGHUP] {
+                let dir = TempDir()
+                defer { dir.remove() }
+                let name = folder ? "out" : "out.safetensors"
+                let out = dir.file(name)
+                try FileManager.default.copyItem(atPath: outputs.old, toPath: out)
+                let r = try runPaused(at: phase, ["merge", "--force", "--quiet", outputs.base, newAdapter, out],
+                                      environment: exchange ? [:] : fallback, untilExit: true) { pid in kill(pid, sig) }
+                let label = "\(folder ? "folder" : "file"), \(exchange ? "exchange" : "fallback"), \(phase), signal \(sig)"
+                #expect(r.reached == passed.contains(phase), "\(label): reached \(r.reached)")
+                if !r.reached {
+                    // A phase this route does not pass: the run completes untouched.
+                    #expect(r.status == 0 && snapshot(out) == outputs.newSnapshot, "\(label): \(r.stderr)")
+                    break
+                }
+                #expect(r.reason == .exit && r.status == 128 + sig, "\(label): status \(r.status) \(r.reason), \(r.stderr)")
+                let now = snapshot(out)
+                if beforeReplace.contains(phase) {
+                    #expect(now == outputs.oldSnapshot, "\(label): OUT is not the complete old output: \(now.keys.sorted())")
+                    #expect(r.stderr == "adapter: interrupted; nothing was written\n", "\(label): \(r.stderr)")
+                } else {
+                    #expect(now == outputs.newSnapshot, "\(label): OUT is not the complete new output: \(now.keys.sorted())")
+                    #expect(r.stderr == "adapter: interrupted after the output was complete\n", "\(label): \(r.stderr)")
+                }
+                #expect(listing(dir.path) == [name], "\(label): left behind \(listing(dir.path))")
+            }
+        }
+        for (path, before) in inputs { #expect(snapshot(path) == before, "input \(path) changed") }
+    }
+
+    @Test("SIGHUP ignored by the caller (nohup) stays ignored: the merge completes")
+    func hangupIgnoredByCaller() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let out = dir.file("out")
+        let control = TempDir()
+        defer { control.remove() }
+        let marker = control.file("paused")
+        let command = "trap '' HUP; ADAPTER_TEST_PAUSE_AT=after-fsync ADAPTER_TEST_PAUSE_FILE=\(quoted(marker)) exec \(quoted(adapterBinary)) merge --quiet \(quoted(folderBase)) \(quoted(newAdapter)) \(quoted(out))"
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/bin/sh")
+        p.arguments = ["-c", command]
+        p.standardInput = FileHandle.nullDevice
+        try p.run()
+        var reached = false
+        for _ in 0..<4000 where p.isRunning {
+            if FileManager.default.fileExists(atPath: marker) { reached = true; break }
+            usleep(5000)
+        }
+        #expect(reached)
+        kill(p.processIdentifier, SIGHUP)
+        usleep(200_000)
+        try? FileManager.default.removeItem(atPath: marker)
+        p.waitUntilExit()
+        #expect(p.terminationReason == .exit && p.terminationStatus == 0, "status \(p.terminationStatus)")
+        #expect(listing(out) == listing(folderBase))
+        #expect(temporaries(dir.path).isEmpty)
+    }
+}

@@ -182,4 +182,36 @@ struct OutputSafetyTests {
         #expect(listing(out) == listing(folderBase))
         #expect(temporaries(dir.path).isEmpty)
     }
+
+    // MARK: - Item 6: a file appearing at OUT while writing
+
+    @Test("without --force, something that appears at OUT while the output is written is never replaced",
+          arguments: [(true, true), (true, false), (false, true), (false, false)])
+    func appearsWhileWriting(_ folder: Bool, _ exchange: Bool) throws {
+        for intruderIsFolder in [false, true] {
+            let dir = TempDir()
+            defer { dir.remove() }
+            let out = dir.file(folder ? "out" : "out.safetensors")
+            let theirs = Data("someone else's file\n".utf8)
+            let r = try runPaused(at: "before-replace", ["merge", "--quiet", folder ? folderBase : fileBase, newAdapter, out],
+                                  environment: exchange ? [:] : fallback, untilExit: false) { _ in
+                if intruderIsFolder {
+                    try FileManager.default.createDirectory(atPath: out, withIntermediateDirectories: false)
+                    try theirs.write(to: URL(fileURLWithPath: out + "/theirs.txt"))
+                } else {
+                    try theirs.write(to: URL(fileURLWithPath: out))
+                }
+            }
+            let label = "\(folder ? "folder" : "file") output, \(exchange ? "renameat2" : "fallback"), a \(intruderIsFolder ? "folder" : "file") appears"
+            #expect(r.reached, "\(label)")
+            #expect(r.status == 1, "\(label): status \(r.status)")
+            #expect(r.stderr == "adapter: error: \(out): appeared while writing; nothing was replaced\n", "\(label): \(r.stderr)")
+            if intruderIsFolder {
+                #expect(listing(out) == ["theirs.txt"] && FileManager.default.contents(atPath: out + "/theirs.txt") == theirs, "\(label)")
+            } else {
+                #expect(FileManager.default.contents(atPath: out) == theirs, "\(label): OUT was replaced")
+            }
+            #expect(listing(dir.path) == [(out as NSString).lastPathComponent], "\(label): left behind \(listing(dir.path))")
+        }
+    }
 }

@@ -295,9 +295,28 @@ public enum FileSystem {
         renameat2(a, b, flags: renameExchange)
     }
 
+    /// Renames `from` to `to` only if nothing is at `to`, atomically (`renameat2(RENAME_NOREPLACE)`).
+    public static func renameNoReplace(_ from: String, to: String) -> RenameOutcome {
+        renameat2(from, to, flags: renameNoReplace)
+    }
+
     /// rename(2): replaces a file or symbolic link at `to`, or an empty folder when `from` is a folder.
     public static func renameReplacing(_ from: String, to: String) -> RenameOutcome {
         Glibc.rename(from, to) == 0 ? .done : .failed(errno)
+    }
+
+    /// link(2): a second name for a file; fails with EEXIST when anything is at `to`.
+    public static func hardLink(_ from: String, to: String) -> RenameOutcome {
+        if Glibc.link(from, to) == 0 { return .done }
+        switch errno {
+        case EPERM, EOPNOTSUPP, ENOSYS, EXDEV, EMLINK: return .unsupported
+        case let e: return .failed(e)
+        }
+    }
+
+    /// Removes one name of a file (not a folder).
+    public static func unlinkFile(_ path: String) {
+        _ = Glibc.unlink(path)
     }
 
     /// Removes a file or a whole folder tree; missing paths are fine. Never follows symbolic links.

@@ -56,7 +56,9 @@ public final class TemporaryOutput: @unchecked Sendable {
 
     /// Moves the finished output into place.
     ///
-    /// Without `replacing`, the target must not exist. With `replacing`,
+    /// Without `replacing`, the rename fails if anything appeared at the target meanwhile
+    /// (`renameat2(RENAME_NOREPLACE)`; a hard link for files, or a plain rename for folders,
+    /// which cannot replace a non-empty folder or a file, where it is missing). With `replacing`,
     /// an existing target is swapped with the new output atomically (`renameat2(RENAME_EXCHANGE)`),
     /// or, where the file system lacks that, a file is renamed over it and a folder is moved
     /// aside first; the old output is removed only once the new one is in place.
@@ -93,13 +95,37 @@ public final class TemporaryOutput: @unchecked Sendable {
         }
     }
 
-    /// The new output onto a target that is not there.
+    /// The new output onto a target that is not there: never replaces anything that appeared.
     private func placeNew() throws {
-        guard !FileSystem.exists(noFollow: target) else {
-            throw SystemError(path: target, operation: "create (it already exists)", code: EEXIST)
+        switch FileSystem.renameNoReplace(temporaryPath, to: target) {
+        case .done: return
+        case .failed(let e): throw placementError(e)
+        case .unsupported: break
         }
-        if case .failed(let e) = FileSystem.renameReplacing(temporaryPath, to: target) {
-            throw SystemError(path: target, operation: "rename", code: e)
+        switch kind {
+        case .file:
+            // A second name fails if anything is at the target; then the temporary name goes.
+            switch FileSystem.hardLink(temporaryPath, to: target) {
+            case .done:
+                FileSystem.unlinkFile(temporaryPath)
+            case .failed(let e):
+                throw placementError(e)
+            case .unsupported:
+                throw InputError(target, "cannot move the output into place without risking replacing a file that appears there meanwhile: this file system has neither renameat2(RENAME_NOREPLACE) nor hard links; nothing was written")
+            }
+        case .folder:
+            // rename(2) of a folder replaces only a missing path or an empty folder: a file or a
+            // non-empty folder that appeared makes it fail (ENOTDIR, ENOTEMPTY, EEXIST).
+            if case .failed(let e) = FileSystem.renameReplacing(temporaryPath, to: target) { throw placementError(e) }
+        }
+    }
+
+    private func placementError(_ code: Int32) -> Error {
+        switch code {
+        case EEXIST, ENOTEMPTY, ENOTDIR, EISDIR:
+            return InputError(target, "appeared while writing; nothing was replaced")
+        default:
+            return SystemError(path: target, operation: "rename", code: code)
         }
     }
 

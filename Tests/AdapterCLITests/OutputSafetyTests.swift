@@ -214,4 +214,30 @@ struct OutputSafetyTests {
             #expect(listing(dir.path) == [(out as NSString).lastPathComponent], "\(label): left behind \(listing(dir.path))")
         }
     }
+
+    // MARK: - Item 17: long OUT names
+
+    @Test("OUT names up to 255 bytes work: the temporary's name is kept within NAME_MAX")
+    func longOutputNames() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let fileName = String(repeating: "m", count: 255 - ".safetensors".utf8.count) + ".safetensors"
+        let folderName = String(repeating: "é", count: 127) + "f"  // 255 bytes, two-byte characters
+        #expect(fileName.utf8.count == 255 && folderName.utf8.count == 255)
+        for (base, name) in [(fileBase, fileName), (folderBase, folderName)] {
+            let out = dir.file(name)
+            // The temporaries seen while writing fit too.
+            var seen: [String] = []
+            let r = try runPaused(at: "before-replace", ["merge", "--quiet", base, newAdapter, out], untilExit: false) { _ in
+                seen = temporaries(dir.path)
+            }
+            #expect(r.status == 0, "\(name.prefix(8))…: \(r.stderr)")
+            #expect(seen.count == 1 && seen.allSatisfy { $0.utf8.count <= 255 }, "\(seen)")
+            let forced = try adapter("merge", "--force", "--quiet", base, oldAdapter, out)
+            #expect(forced.status == 0, "\(forced.stderr)")
+            let forcedFallback = try adapter(["merge", "--force", "--quiet", base, newAdapter, out], environment: fallback)
+            #expect(forcedFallback.status == 0, "\(forcedFallback.stderr)")
+        }
+        #expect(listing(dir.path) == [fileName, folderName].sorted())
+    }
 }

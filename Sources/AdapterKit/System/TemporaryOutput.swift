@@ -29,9 +29,7 @@ public final class TemporaryOutput: @unchecked Sendable {
     public init(target: String, kind: OutputKind) throws {
         self.target = target
         self.kind = kind
-        let name = lastPathComponent(target)
-        let random = UInt32.random(in: 0...UInt32.max)
-        let path = joinPath(parentPath(target), ".\(name).adapter-tmp-\(FileSystem.processID)-\(String(random, radix: 16))")
+        let path = joinPath(parentPath(target), TemporaryName.make(for: lastPathComponent(target)))
         temporaryPath = path
         let registry = TemporaryOutputRegistry.shared
         // Registered before it exists: a signal right after it is created still removes it.
@@ -295,5 +293,43 @@ public final class TemporaryOutputRegistry: @unchecked Sendable {
             }
         }
         paths.removeAll()
+    }
+}
+
+/// Names of temporaries: `.NAME.adapter-tmp-PID-RANDOM`, plus `-HASH` when NAME had to be
+/// shortened to keep the name, with any suffix this code adds (`.old`, `.removing`), within
+/// NAME_MAX (255 bytes).
+enum TemporaryName {
+    static let marker = ".adapter-tmp-"
+    static let nameMax = 255
+    static let suffixes = [".removing", ".old"]
+    static let longestSuffix = suffixes.map(\.utf8.count).max()!
+
+    static func make(for name: String, pid: Int32 = FileSystem.processID, random: UInt32 = .random(in: 0...UInt32.max)) -> String {
+        let tail = marker + "\(pid)-" + hex8(random)
+        let budget = nameMax - longestSuffix - 1 - tail.utf8.count
+        if name.utf8.count <= budget { return "." + name + tail }
+        // Shortened at a character boundary; the hash of the whole name tells the long names apart.
+        let hash = "-" + hex8(fnv1a(Array(name.utf8)))
+        var prefix = ""
+        var bytes = 0
+        for scalar in name.unicodeScalars {
+            let n = String(scalar).utf8.count
+            if bytes + n > budget - hash.utf8.count { break }
+            prefix.unicodeScalars.append(scalar)
+            bytes += n
+        }
+        return "." + prefix + tail + hash
+    }
+
+    static func hex8(_ v: UInt32) -> String {
+        let s = String(v, radix: 16)
+        return String(repeating: "0", count: 8 - s.count) + s
+    }
+
+    static func fnv1a(_ bytes: [UInt8]) -> UInt32 {
+        var h: UInt32 = 0x811C_9DC5
+        for b in bytes { h = (h ^ UInt32(b)) &* 0x0100_0193 }
+        return h
     }
 }

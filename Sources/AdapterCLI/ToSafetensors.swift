@@ -25,6 +25,7 @@ struct ToSafetensors: ParsableCommand {
 
     func run() throws {
         let r = try SafetensorsExport.convert(input: input, output: output, force: force)
+        if !quiet { for n in r.notes { writeError("adapter: note: \(n)") } }
         if !quiet { writeError("adapter: wrote \(r.tensors) tensors (\(formatBytes(r.bytes, exact: false))) to \(output)") }
     }
 }

@@ -240,4 +240,89 @@ struct OutputSafetyTests {
         }
         #expect(listing(dir.path) == [fileName, folderName].sorted())
     }
+
+    // MARK: - Item 18: temporaries of killed runs
+
+    @Test("a SIGKILLed merge's temporary is removed by the next run writing into that folder, with a note")
+    func killedRunsTemporaryIsRemoved() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let out = dir.file("merged")
+        let r = try runPaused(at: "after-fsync", ["merge", "--quiet", folderBase, newAdapter, out], untilExit: true) { pid in
+            kill(pid, SIGKILL)
+        }
+        #expect(r.reason == .uncaughtSignal && r.status == SIGKILL)
+        let left = temporaries(dir.path)
+        #expect(left.count == 1, "\(listing(dir.path))")
+        let next = try adapter("merge", folderBase, newAdapter, dir.file("other"))
+        #expect(next.status == 0, "\(next.stderr)")
+        let notes = next.stderr.split(separator: "\n").filter { $0.hasPrefix("adapter: note: removed") }
+        #expect(notes.count == 1, "\(next.stderr)")
+        #expect(notes.first.map { $0.contains(left.first ?? "?") && $0.contains("no longer running") } ?? false, "\(next.stderr)")
+        #expect(listing(dir.path) == ["other"])
+        // The same for the file writers (convert) after a killed file merge.
+        let killedFile = try runPaused(at: "after-fsync", ["merge", "--quiet", fileBase, newAdapter, dir.file("m.safetensors")], untilExit: true) { pid in
+            kill(pid, SIGKILL)
+        }
+        #expect(killedFile.reason == .uncaughtSignal && temporaries(dir.path).count == 1)
+        let convert = try adapter("convert", "to-kohya", oldAdapter, dir.file("k.safetensors"))
+        #expect(convert.status == 0 && convert.stderr.contains("adapter: note: removed"), "\(convert.stderr)")
+        #expect(listing(dir.path) == ["k.safetensors", "other"])
+    }
+
+    @Test("a --force run killed between moving a folder OUT aside and renaming the new one in (no RENAME_EXCHANGE): the next run puts the old OUT back")
+    func killedWhileMovedAside() throws {
+        let refs = TempDir()
+        defer { refs.remove() }
+        let outputs = try Outputs(folder: true, in: refs)
+        let dir = TempDir()
+        defer { dir.remove() }
+        let out = dir.file("out")
+        try FileManager.default.copyItem(atPath: outputs.old, toPath: out)
+        let r = try runPaused(at: "moved-aside", ["merge", "--force", "--quiet", folderBase, newAdapter, out], environment: fallback,
+                              untilExit: true) { pid in kill(pid, SIGKILL) }
+        #expect(r.reached && r.reason == .uncaughtSignal)
+        #expect(!FileManager.default.fileExists(atPath: out))
+        #expect(temporaries(dir.path).contains { $0.hasSuffix(".old") }, "\(listing(dir.path))")
+        let next = try adapter("merge", fileBase, newAdapter, dir.file("other.safetensors"))
+        #expect(next.status == 0, "\(next.stderr)")
+        #expect(next.stderr.contains("adapter: note: removed") && next.stderr.contains("put back the previous output out"), "\(next.stderr)")
+        #expect(snapshot(out) == outputs.oldSnapshot)
+        #expect(listing(dir.path) == ["other.safetensors", "out"])
+    }
+
+    @Test("a temporary whose process is alive, or which a live process holds locked, is left alone")
+    func liveTemporariesAreKept() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        // A live process (its pid is in the name).
+        let sleeper = Process()
+        sleeper.executableURL = URL(fileURLWithPath: "/bin/sleep")
+        sleeper.arguments = ["60"]
+        try sleeper.run()
+        defer { kill(sleeper.processIdentifier, SIGKILL); sleeper.waitUntilExit() }
+        let alive = ".model.safetensors.adapter-tmp-\(sleeper.processIdentifier)-1a2b3c4d"
+        _ = dir.write(alive, [1, 2, 3])
+        // A process that has exited, whose temporary a live process (this one) holds locked, as
+        // when the pid is seen from another pid namespace.
+        let gone = Process()
+        gone.executableURL = URL(fileURLWithPath: "/bin/true")
+        try gone.run()
+        gone.waitUntilExit()
+        let locked = ".merged.adapter-tmp-\(gone.processIdentifier)-5e6f7a8b"
+        try FileManager.default.createDirectory(atPath: dir.file(locked), withIntermediateDirectories: false)
+        _ = dir.write(locked + "/model.safetensors", [4, 5, 6])
+        let fd = open(dir.file(locked), O_RDONLY | O_DIRECTORY)
+        #expect(fd >= 0)
+        defer { close(fd) }
+        #expect(flock(fd, LOCK_EX | LOCK_NB) == 0)
+        // And one that is neither: removed.
+        let stale = ".old.adapter-tmp-\(gone.processIdentifier)-9c0d1e2f"
+        _ = dir.write(stale, [7])
+        let r = try adapter("merge", fileBase, newAdapter, dir.file("out.safetensors"))
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(r.stderr.contains("adapter: note: removed \(stale)"), "\(r.stderr)")
+        #expect(listing(dir.path) == [alive, locked, "out.safetensors"].sorted())
+        #expect(listing(dir.file(locked)) == ["model.safetensors"])
+    }
 }

@@ -6,6 +6,8 @@ public enum SafetensorsExport {
         public let tensors: Int
         public let bytes: Int
         public let files: [String]
+        /// Notes for the user (temporaries of killed runs removed).
+        public let notes: [String]
     }
 
     /// Converts `input` (a `.bin` / `.pt` file, or a folder holding `adapter_model.bin` or
@@ -21,7 +23,7 @@ public enum SafetensorsExport {
             switch inputKind {
             case .file:
                 let (tensors, bytes) = try write(try openTensorFile(input), to: out.temporaryPath, descriptor: out.file)
-                result = Result(tensors: tensors, bytes: bytes, files: [lastPathComponent(output)])
+                result = Result(tensors: tensors, bytes: bytes, files: [lastPathComponent(output)], notes: out.notes)
             case .directory:
                 // Every PyTorch checkpoint the folder's loaders look for is converted (both, when a
                 // folder holds an adapter and a model); every other file is copied unchanged,
@@ -50,7 +52,7 @@ public enum SafetensorsExport {
                     try copyEntry(joinPath(input, entry), to: joinPath(out.temporaryPath, entry))
                     files.append(entry)
                 }
-                result = Result(tensors: tensors, bytes: bytes, files: files)
+                result = Result(tensors: tensors, bytes: bytes, files: files, notes: out.notes)
             default:
                 throw InputError(input, "no such file or folder")
             }

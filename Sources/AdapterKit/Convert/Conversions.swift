@@ -221,11 +221,11 @@ public enum AdapterConversion {
     static func write(_ w: WorkingAdapter, layout: TargetLayout, style: MixerKeyStyle, output: String, options: ConvertOptions) throws -> [String] {
         let out = try TemporaryOutput(target: output, kind: layout == .kohya ? .file : .folder)
         do {
-            let notes: [String]
+            var notes = out.notes
             switch layout {
-            case .peft: notes = try AdapterWriter.writePEFT(w, folder: out.temporaryPath, style: style, dtype: options.dtype, sync: options.sync)
-            case .kohya: notes = try AdapterWriter.writeKohya(w, file: out.file!, dtype: options.dtype, sync: options.sync)
-            case .mlx: notes = try AdapterWriter.writeMLX(w, folder: out.temporaryPath, dtype: options.dtype, sync: options.sync)
+            case .peft: notes += try AdapterWriter.writePEFT(w, folder: out.temporaryPath, style: style, dtype: options.dtype, sync: options.sync)
+            case .kohya: notes += try AdapterWriter.writeKohya(w, file: out.file!, dtype: options.dtype, sync: options.sync)
+            case .mlx: notes += try AdapterWriter.writeMLX(w, folder: out.temporaryPath, dtype: options.dtype, sync: options.sync)
             }
             if options.sync && layout != .kohya { FileSystem.syncDirectory(out.temporaryPath) }
             try out.commit(replacing: options.force)

@@ -124,6 +124,7 @@ public final class Merger {
             summary.notes.append("skipped \(n) \(c) module\(n == 1 ? "" : "s") (not selected with --component)")
         }
         let out = try TemporaryOutput(target: output, kind: base.isFolder ? .folder : .file)
+        summary.notes += out.notes
         do {
             if base.isFolder {
                 for entry in base.otherEntries {

@@ -48,6 +48,20 @@ public final class FileDescriptor: @unchecked Sendable {
         return FileDescriptor(rawValue: fd, path: path)
     }
 
+    /// Opens whatever is at `path` (a file or a folder) only to lock it: never follows a final
+    /// symbolic link, and never blocks on a FIFO.
+    public static func openForLocking(_ path: String) throws -> FileDescriptor {
+        let fd = retryingEINTR { Glibc.open(path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC) }
+        guard fd >= 0 else { throw SystemError(path: path, operation: "open", code: errno) }
+        return FileDescriptor(rawValue: fd, path: path)
+    }
+
+    /// Takes an exclusive flock without waiting; false when another open file holds one (or the
+    /// file system has no flock). Released when the last descriptor of this open file is closed.
+    public func tryLock() -> Bool {
+        retryingEINTR { flock(rawValue, LOCK_EX | LOCK_NB) } == 0
+    }
+
     /// File size and type from fstat.
     public func status() throws -> (size: Int, isRegular: Bool) {
         var st = stat()
@@ -220,6 +234,14 @@ public enum FileSystem {
         }
     }
 
+    /// Bytes held by a file or a folder tree (symbolic links not followed).
+    public static func treeSize(_ path: String) -> Int {
+        var st = stat()
+        guard lstat(path, &st) == 0 else { return 0 }
+        guard (st.st_mode & S_IFMT) == S_IFDIR else { return Int(st.st_size) }
+        return ((try? contents(ofDirectory: path)) ?? []).reduce(0) { $0 + treeSize(path + "/" + $1) }
+    }
+
     /// Whether anything, even a dangling symbolic link, is at `path`.
     public static func exists(noFollow path: String) -> Bool {
         var st = stat()
@@ -317,6 +339,13 @@ public enum FileSystem {
     /// Removes one name of a file (not a folder).
     public static func unlinkFile(_ path: String) {
         _ = Glibc.unlink(path)
+    }
+
+    /// Whether no process has this pid any more (kill(pid, 0) fails with ESRCH). A pid that
+    /// exists, even one this user may not signal, counts as alive.
+    public static func processIsGone(_ pid: Int32) -> Bool {
+        guard pid > 0 else { return false }
+        return kill(pid, 0) != 0 && errno == ESRCH
     }
 
     /// Removes a file or a whole folder tree; missing paths are fine. Never follows symbolic links.

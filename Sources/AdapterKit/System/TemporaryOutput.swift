@@ -9,7 +9,9 @@ public enum OutputKind: Sendable, Equatable {
 /// Output that appears at its final path only when complete.
 ///
 /// Everything is written under a temporary name beside the target (same folder, so the final
-/// rename is atomic). The temporary is registered so that an error or a signal removes it.
+/// rename is atomic). The temporary is registered so that an error or a signal removes it, and
+/// flock'd for as long as it exists, so that another run's cleanup of temporaries left by killed
+/// processes never takes it for one.
 ///
 /// The commit protocol (`commit`) runs on the calling thread and owns every rename and unlink
 /// from its start: a signal during it is only recorded, and the commit then either stops before
@@ -23,13 +25,20 @@ public final class TemporaryOutput: @unchecked Sendable {
     public let kind: OutputKind
     /// For a file output: the temporary file, created and open for writing.
     public let file: FileDescriptor?
+    /// One line about temporaries of killed runs removed from the folder, if there were any.
+    public let notes: [String]
+    /// Holds the flock on the temporary for as long as it exists.
+    private let lock: FileDescriptor
     private var finished = false
 
-    /// Creates the temporary beside `target`: an empty file (open in `file`) or an empty folder.
+    /// Removes temporaries that killed runs left beside `target`, then creates the temporary: an
+    /// empty file (open in `file`) or an empty folder, locked.
     public init(target: String, kind: OutputKind) throws {
         self.target = target
         self.kind = kind
-        let path = joinPath(parentPath(target), TemporaryName.make(for: lastPathComponent(target)))
+        let folder = parentPath(target)
+        notes = StaleTemporaries.removeLeftovers(in: folder)
+        let path = joinPath(folder, TemporaryName.make(for: lastPathComponent(target)))
         temporaryPath = path
         let registry = TemporaryOutputRegistry.shared
         // Registered before it exists: a signal right after it is created still removes it.
@@ -37,15 +46,22 @@ public final class TemporaryOutput: @unchecked Sendable {
         do {
             switch kind {
             case .file:
-                file = try FileDescriptor.createExclusive(path)
+                let fd = try FileDescriptor.createExclusive(path)
+                file = fd
+                lock = fd
             case .folder:
                 try FileSystem.makeDirectory(path)
                 file = nil
+                do { lock = try FileDescriptor.openForLocking(path) } catch {
+                    registry.remove(path)
+                    throw error
+                }
             }
         } catch {
             registry.forget(path)
             throw error
         }
+        _ = lock.tryLock()  // best effort: without flock, the owner's pid alone protects it
     }
 
     deinit {
@@ -129,6 +145,9 @@ public final class TemporaryOutput: @unchecked Sendable {
 
     /// The new output over an existing target; the old one is removed once the new one is in place.
     private func replace() throws {
+        // The old output is locked too while it sits under the temporary name.
+        let oldLock = try? FileDescriptor.openForLocking(target)
+        _ = oldLock?.tryLock()
         switch FileSystem.exchange(temporaryPath, target) {
         case .done:
             // The target is the new output and the temporary name holds the old one. From here on
@@ -154,7 +173,7 @@ public final class TemporaryOutput: @unchecked Sendable {
         }
         // A folder cannot be renamed over a non-empty folder: move the old one aside first. Only
         // an uncatchable signal can stop the run between the two renames; the old output then
-        // stays at the `.old` name.
+        // stays at the `.old` name, and the next run writing into this folder puts it back.
         let aside = temporaryPath + ".old"
         if case .failed(let e) = FileSystem.renameReplacing(target, to: aside) {
             throw SystemError(path: target, operation: "move aside", code: e)
@@ -322,6 +341,31 @@ enum TemporaryName {
         return "." + prefix + tail + hash
     }
 
+    /// A temporary's owner and what NAME was, when `entry` is one of these names.
+    struct Parsed: Equatable {
+        var pid: Int32
+        /// The target's name when it was not shortened.
+        var targetName: String?
+        /// `.old`, `.removing` or empty.
+        var suffix: String
+    }
+
+    static func parse(_ entry: String) -> Parsed? {
+        guard entry.hasPrefix("."), let range = entry.range(of: marker, options: .backwards) else { return nil }
+        let stem = String(entry[entry.index(after: entry.startIndex)..<range.lowerBound])
+        var rest = String(entry[range.upperBound...])
+        var suffix = ""
+        for s in suffixes where rest.hasSuffix(s) {
+            suffix = s
+            rest.removeLast(s.count)
+        }
+        let parts = rest.split(separator: "-", omittingEmptySubsequences: false)
+        guard parts.count == 2 || parts.count == 3, !stem.isEmpty,
+              let pid = Int32(parts[0]), pid > 0, parts[0].allSatisfy(\.isASCII),
+              parts.dropFirst().allSatisfy({ $0.count == 8 && $0.allSatisfy(\.isHexDigit) }) else { return nil }
+        return Parsed(pid: pid, targetName: parts.count == 2 ? stem : nil, suffix: suffix)
+    }
+
     static func hex8(_ v: UInt32) -> String {
         let s = String(v, radix: 16)
         return String(repeating: "0", count: 8 - s.count) + s
@@ -331,5 +375,84 @@ enum TemporaryName {
         var h: UInt32 = 0x811C_9DC5
         for b in bytes { h = (h ^ UInt32(b)) &* 0x0100_0193 }
         return h
+    }
+}
+
+/// Temporaries that a killed run (SIGKILL, a crash, a power cut) left behind.
+enum StaleTemporaries {
+    /// Removes from `folder` every temporary whose process is gone and which no live process
+    /// holds locked; a previous output moved aside by a run killed before the new one was in
+    /// place is put back instead. Returns one line saying what was done, or nothing.
+    static func removeLeftovers(in folder: String) -> [String] {
+        guard let names = try? FileSystem.contents(ofDirectory: folder) else { return [] }
+        var removed: [String] = []
+        var bytes = 0
+        var restored: [String] = []
+        var kept: [String] = []
+        var owners = Set<Int32>()
+        for name in names {
+            guard let parsed = TemporaryName.parse(name), parsed.pid != FileSystem.processID,
+                  FileSystem.processIsGone(parsed.pid) else { continue }
+            let path = joinPath(folder, name)
+            // A live process with this temporary open and locked (its pid seen from another pid
+            // namespace, say) keeps it. A symbolic link cannot be locked and holds no data.
+            let lock = try? FileDescriptor.openForLocking(path)
+            if let lock {
+                guard lock.tryLock() else { continue }
+            } else if FileSystem.entryKind(path) != .symbolicLink {
+                continue
+            }
+            if parsed.suffix == ".old" {
+                // A previous output moved aside by a run killed before the new one was in place:
+                // put back where it was if that place is still free, never removed.
+                if let targetName = parsed.targetName, putBack(path, to: joinPath(folder, targetName)) {
+                    restored.append(targetName)
+                } else {
+                    kept.append(name)
+                }
+                owners.insert(parsed.pid)
+                continue
+            }
+            let size = FileSystem.treeSize(path)
+            FileSystem.removeTree(path)
+            guard FileSystem.entryKind(path) == .missing else { continue }
+            removed.append(name)
+            bytes += size
+            owners.insert(parsed.pid)
+        }
+        guard !removed.isEmpty || !restored.isEmpty || !kept.isEmpty else { return [] }
+        var parts: [String] = []
+        if !removed.isEmpty {
+            parts.append("removed \(removed.count == 1 ? removed[0] : "\(removed.count) temporaries (\(removed.joined(separator: ", ")))") (\(formatBytes(bytes, exact: false)))")
+        }
+        if !restored.isEmpty {
+            parts.append("put back the previous output\(restored.count == 1 ? "" : "s") \(restored.joined(separator: ", ")), moved aside")
+        }
+        if !kept.isEmpty {
+            parts.append("kept \(kept.joined(separator: ", ")), a previous output moved aside whose place is taken (rename it back or remove it yourself)")
+        }
+        let pids = owners.sorted().map(String.init).joined(separator: ", ")
+        return [parts.joined(separator: "; ") + "; left by \(owners.count == 1 ? "process \(pids), which is" : "processes \(pids), which are") no longer running"]
+    }
+
+    /// Renames a moved-aside output back to `target` only if nothing is there.
+    private static func putBack(_ path: String, to target: String) -> Bool {
+        guard FileSystem.entryKind(target) == .missing else { return false }
+        switch FileSystem.renameNoReplace(path, to: target) {
+        case .done: return true
+        case .failed: return false
+        case .unsupported: break
+        }
+        switch FileSystem.entryKind(path) {
+        case .directory:
+            // rename(2) of a folder replaces nothing but an empty folder.
+            return FileSystem.renameReplacing(path, to: target) == .done
+        case .file:
+            guard FileSystem.hardLink(path, to: target) == .done else { return false }
+            FileSystem.unlinkFile(path)
+            return true
+        default:
+            return false
+        }
     }
 }

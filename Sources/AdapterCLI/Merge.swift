@@ -59,7 +59,8 @@ struct Merge: ParsableCommand {
             let (path, w) = parseWeighted(spec)
             inputs.append(MergeInput(adapter: try Adapter(path: path), weight: w))
         }
-        try Merger.checkOutput(out, base: base, adapters: inputs.map(\.adapter.path), force: force)
+        try Merger.checkOutput(out, kind: FileSystem.kind(base) == .directory ? .folder : .file, base: base,
+                               adapters: inputs.map(\.adapter.path), force: force)
         let checkpoint = try Checkpoint(path: base)
         let plan = try MergePlan(base: checkpoint, inputs: inputs,
                                  options: MergeOptions(allowUnknown: allowUnknown, components: components.isEmpty ? nil : components))

@@ -183,6 +183,101 @@ struct OutputSafetyTests {
         #expect(temporaries(dir.path).isEmpty)
     }
 
+    // MARK: - Item 2: what --force may replace
+
+    @Test("--force refuses to replace a folder this tool could not have written; nothing changes")
+    func forceRefusesForeignFolders() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let fm = FileManager.default
+        func folder(_ name: String, _ files: [String], subfolders: [String] = []) throws -> String {
+            let path = dir.file(name)
+            try fm.createDirectory(atPath: path, withIntermediateDirectories: true)
+            for s in subfolders {
+                try fm.createDirectory(atPath: path + "/" + s, withIntermediateDirectories: true)
+                _ = dir.write(name + "/" + s + "/secret", [1, 2, 3])
+            }
+            for f in files { _ = dir.write(name + "/" + f, Array(f.utf8)) }
+            return path
+        }
+        let home = try folder("home", ["notes.txt"], subfolders: [".ssh", "projects"])
+        let unknown = try folder("unknown", ["config.json", "data.csv"])
+        let nested = try folder("nested", ["config.json"], subfolders: ["original"])
+        let cases: [(args: [String], out: String, reason: String)] = [
+            (["merge", "--force", folderBase, newAdapter, home], home, ".ssh"),
+            (["merge", "--force", folderBase, newAdapter, unknown], unknown, "data.csv"),
+            (["merge", "--force", folderBase, newAdapter, nested], nested, "original"),
+            (["convert", "to-peft", "--force", oldAdapter, home], home, ".ssh"),
+            (["convert", "to-mlx", "--force", oldAdapter, unknown], unknown, "data.csv"),
+            (["resize", "--force", "--rank", "2", oldAdapter, home], home, ".ssh"),
+            (["convert", "to-safetensors", "--force", fixture("pytorch/adapter_model.bin"), home], home, "folder"),
+        ]
+        for c in cases {
+            let before = snapshot(dir.path)
+            let r = try adapter(c.args)
+            expectOneLineError(r, containing: "--force")
+            #expect(r.stderr.contains(c.reason), "\(c.args): \(r.stderr)")
+            #expect(snapshot(dir.path) == before, "\(c.args) changed the folder")
+        }
+    }
+
+    @Test("--force refuses a file that is not safetensors, and a file where a folder goes or the reverse")
+    func forceRefusesOtherKinds() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let text = dir.write("notes.safetensors", Array("my notes\n".utf8))
+        let empty = dir.write("empty.safetensors", [])
+        let outputs = try Outputs(folder: true, in: dir)
+        let modelFile = dir.file("model.safetensors")
+        #expect(try adapter("merge", "--quiet", fileBase, oldAdapter, modelFile).status == 0)
+        let cases: [(args: [String], reason: String)] = [
+            (["merge", "--force", fileBase, newAdapter, text], "not a safetensors file"),
+            (["merge", "--force", fileBase, newAdapter, empty], "not a safetensors file"),
+            (["convert", "to-kohya", "--force", oldAdapter, text], "not a safetensors file"),
+            (["merge", "--force", fileBase, newAdapter, outputs.old], "a folder"),
+            (["merge", "--force", folderBase, newAdapter, modelFile], "a file"),
+            (["convert", "to-peft", "--force", oldAdapter, modelFile], "a file"),
+        ]
+        for c in cases {
+            let before = snapshot(dir.path)
+            let r = try adapter(c.args)
+            expectOneLineError(r, containing: "--force")
+            #expect(r.stderr.contains(c.reason), "\(c.args): \(r.stderr)")
+            #expect(snapshot(dir.path) == before, "\(c.args) changed the folder")
+        }
+    }
+
+    @Test("--force replaces what this tool writes: model and adapter folders with their usual files, safetensors files")
+    func forceReplacesModelFolders() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let fm = FileManager.default
+        let model = dir.file("model")
+        try fm.copyItem(atPath: folderBase, toPath: model)
+        for f in ["tokenizer.model", "vocab.txt", "merges.txt", "README.md", "special_tokens_map.json", ".gitattributes",
+                  "pytorch_model.bin", "training_args.bin", "optimizer.pt", "LICENSE", "chat_template.jinja"] {
+            _ = dir.write("model/" + f, Array(f.utf8))
+        }
+        let r = try adapter("merge", "--force", "--quiet", folderBase, newAdapter, model)
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(listing(model) == listing(folderBase))
+        // An adapter folder, an empty folder, a kohya file, a merged file.
+        let ada = dir.file("ada")
+        try fm.copyItem(atPath: oldAdapter, toPath: ada)
+        #expect(try adapter("convert", "to-mlx", "--force", "--quiet", newAdapter, ada).status == 0)
+        #expect(listing(ada) == ["adapter_config.json", "adapters.safetensors"])
+        let empty = dir.file("empty")
+        try fm.createDirectory(atPath: empty, withIntermediateDirectories: false)
+        #expect(try adapter("convert", "to-peft", "--force", "--quiet", newAdapter, empty).status == 0)
+        let kohya = dir.file("k.safetensors")
+        #expect(try adapter("convert", "to-kohya", "--quiet", oldAdapter, kohya).status == 0)
+        #expect(try adapter("convert", "to-kohya", "--force", "--quiet", newAdapter, kohya).status == 0)
+        let merged = dir.file("m.safetensors")
+        #expect(try adapter("merge", "--quiet", fileBase, oldAdapter, merged).status == 0)
+        #expect(try adapter("merge", "--force", "--quiet", fileBase, newAdapter, merged).status == 0)
+        #expect(temporaries(dir.path).isEmpty)
+    }
+
     // MARK: - Item 6: a file appearing at OUT while writing
 
     @Test("without --force, something that appears at OUT while the output is written is never replaced",

@@ -16,7 +16,7 @@ public enum SafetensorsExport {
     public static func convert(input: String, output: String, force: Bool) throws -> Result {
         let inputKind = FileSystem.kind(input)
         guard inputKind == .file || inputKind == .directory else { throw InputError(input, "no such file or folder") }
-        try Merger.checkOutput(output, base: input, adapters: [], force: force)
+        try Merger.checkOutput(output, kind: inputKind == .directory ? .folder : .file, base: input, adapters: [], force: force)
         let out = try TemporaryOutput(target: output, kind: inputKind == .directory ? .folder : .file)
         do {
             let result: Result

@@ -197,7 +197,8 @@ public enum AdapterConversion {
             throw ConvertError(output, "--dtype \(d.rawValue) is not one of F32, F16, BF16, F64")
         }
         let adapter = try Adapter(path: input)
-        try Merger.checkOutput(output, base: input, adapters: options.base.map { [$0] } ?? [], force: options.force)
+        try Merger.checkOutput(output, kind: layout == .kohya ? .file : .folder, base: input, adapters: options.base.map { [$0] } ?? [],
+                               force: options.force)
         var w = try WorkingAdapter(adapter, options: options)
         summary.notes += w.notes
         guard !w.modules.isEmpty || !w.replacements.isEmpty else { throw ConvertError(input, "no modules to convert") }

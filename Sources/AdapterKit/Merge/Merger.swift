@@ -88,32 +88,6 @@ public final class Merger {
         }
     }
 
-    /// Checks OUT against the inputs: it must not exist (unless forced), and must not be, be
-    /// inside, or contain the base or an adapter.
-    public static func checkOutput(_ output: String, base: String, adapters: [String], force: Bool) throws {
-        guard !output.isEmpty else { throw InputError(output, "empty output path") }
-        let parent = parentPath(output)
-        guard FileSystem.kind(parent) == .directory, let realParent = FileSystem.realPath(parent) else {
-            throw InputError(output, "the folder \(parent) does not exist")
-        }
-        if FileSystem.exists(noFollow: output) && !force {
-            throw InputError(output, "already exists; choose another path or pass --force to replace it")
-        }
-        let name = lastPathComponent(output)
-        guard name != "." && name != ".." && !name.isEmpty else { throw InputError(output, "not a usable output name") }
-        // Where OUT really lands: its real parent plus its name, and, if it is a link, its target.
-        var outs = [joinPath(realParent, name)]
-        if let real = FileSystem.realPath(output) { outs.append(real) }
-        for input in [base] + adapters {
-            guard let real = FileSystem.realPath(input) else { continue }
-            for out in outs {
-                if out == real { throw InputError(output, "is the input \(input); the inputs are never modified") }
-                if out.hasPrefix(real + "/") { throw InputError(output, "is inside the input \(input)") }
-                if real.hasPrefix(out + "/") { throw InputError(output, "contains the input \(input)") }
-            }
-        }
-    }
-
     /// Runs the merge. On any error the temporaries are removed and nothing appears at OUT.
     public func run() throws -> MergeSummary {
         let start = DispatchTime.now()

@@ -278,6 +278,36 @@ struct OutputSafetyTests {
         #expect(temporaries(dir.path).isEmpty)
     }
 
+    // MARK: - Item 3: files read through paths not on the command line
+
+    @Test("OUT may not be a file the run reads but was not named: the config beside an adapter's weights")
+    func configBesideWeightsIsAnInput() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let fm = FileManager.default
+        let peft = dir.file("peft")
+        try fm.copyItem(atPath: newAdapter, toPath: peft)
+        let mlx = dir.file("mlx")
+        try fm.copyItem(atPath: fixture("adapters/mlx"), toPath: mlx)
+        let second = dir.file("second")
+        try fm.copyItem(atPath: oldAdapter, toPath: second)
+        let weights = peft + "/adapter_model.safetensors", config = peft + "/adapter_config.json"
+        let cases: [[String]] = [
+            ["merge", "--force", fileBase, weights, config],
+            ["merge", "--force", "--add", second + "/adapter_model.safetensors", fileBase, weights, second + "/adapter_config.json"],
+            ["convert", "to-kohya", "--force", weights, config],
+            ["convert", "to-peft", "--force", mlx + "/adapters.safetensors", mlx + "/adapter_config.json"],
+            ["resize", "--force", "--rank", "2", mlx + "/adapters.safetensors", mlx + "/adapter_config.json"],
+        ]
+        for args in cases {
+            let before = snapshot(dir.path)
+            let r = try adapter(args)
+            expectOneLineError(r, containing: "is the input")
+            #expect(r.stderr.contains("adapter_config.json"), "\(args): \(r.stderr)")
+            #expect(snapshot(dir.path) == before, "\(args) changed an input")
+        }
+    }
+
     // MARK: - Item 6: a file appearing at OUT while writing
 
     @Test("without --force, something that appears at OUT while the output is written is never replaced",

@@ -84,6 +84,13 @@ public final class Checkpoint: Sendable {
 
     public var tensorNames: [String] { tensors.map(\.info.name) }
 
+    /// Every file a merge reads: the tensor files (shards through the index), the index, and the
+    /// other files copied. OUT may not be, be inside, or contain any of them.
+    public var inputFiles: [String] {
+        guard isFolder else { return [path] }
+        return (fileNames + (indexFileName.map { [$0] } ?? []) + otherEntries).map { joinPath(path, $0) }
+    }
+
     public var parameterCount: Int { tensors.reduce(0) { $0 + $1.info.elementCount } }
     public var byteCount: Int { tensors.reduce(0) { $0 + $1.info.byteCount } }
 

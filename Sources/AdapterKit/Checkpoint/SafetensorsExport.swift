@@ -16,7 +16,9 @@ public enum SafetensorsExport {
     public static func convert(input: String, output: String, force: Bool) throws -> Result {
         let inputKind = FileSystem.kind(input)
         guard inputKind == .file || inputKind == .directory else { throw InputError(input, "no such file or folder") }
-        try Merger.checkOutput(output, kind: inputKind == .directory ? .folder : .file, base: input, adapters: [], force: force)
+        // Every file of an input folder is read (converted or copied), through links too.
+        let read = inputKind == .directory ? ((try? FileSystem.contents(ofDirectory: input)) ?? []).map { joinPath(input, $0) } : []
+        try Merger.checkOutput(output, kind: inputKind == .directory ? .folder : .file, inputs: [input] + read, force: force)
         let out = try TemporaryOutput(target: output, kind: inputKind == .directory ? .folder : .file)
         do {
             let result: Result

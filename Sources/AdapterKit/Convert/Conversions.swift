@@ -197,7 +197,8 @@ public enum AdapterConversion {
             throw ConvertError(output, "--dtype \(d.rawValue) is not one of F32, F16, BF16, F64")
         }
         let adapter = try Adapter(path: input)
-        try Merger.checkOutput(output, kind: layout == .kohya ? .file : .folder, base: input, adapters: options.base.map { [$0] } ?? [],
+        let baseFiles = try options.base.map { [$0] + (try Checkpoint(path: $0).inputFiles) } ?? []
+        try Merger.checkOutput(output, kind: layout == .kohya ? .file : .folder, inputs: [input] + adapter.inputFiles + baseFiles,
                                force: options.force)
         var w = try WorkingAdapter(adapter, options: options)
         summary.notes += w.notes

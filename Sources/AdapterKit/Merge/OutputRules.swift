@@ -1,9 +1,11 @@
 /// The rules for OUT shared by every command that writes (merge, convert, resize, to-safetensors).
 extension Merger {
     /// Checks OUT before anything is written: its folder exists; it does not exist unless
-    /// `force`; it is not, is not inside, and does not contain the base or an adapter; and with
-    /// `force`, what is there is something this tool could have written (`replaceRefusal`).
-    public static func checkOutput(_ output: String, kind: OutputKind, base: String, adapters: [String], force: Bool) throws {
+    /// `force`; it is not, is not inside, and does not contain any of `inputs` (the paths given
+    /// and every file the run reads through them: configs beside an adapter's weights, shards
+    /// through an index, the index itself); and with `force`, what is there is something this
+    /// tool could have written (`replaceRefusal`).
+    public static func checkOutput(_ output: String, kind: OutputKind, inputs: [String], force: Bool) throws {
         guard !output.isEmpty else { throw InputError(output, "empty output path") }
         let parent = parentPath(output)
         guard FileSystem.kind(parent) == .directory, let realParent = FileSystem.realPath(parent) else {
@@ -18,8 +20,9 @@ extension Merger {
         // Where OUT really lands: its real parent plus its name, and, if it is a link, its target.
         var outs = [joinPath(realParent, name)]
         if let real = FileSystem.realPath(output) { outs.append(real) }
-        for input in [base] + adapters {
-            guard let real = FileSystem.realPath(input) else { continue }
+        var seen = Set<String>()
+        for input in inputs {
+            guard let real = FileSystem.realPath(input), seen.insert(real).inserted else { continue }
             for out in outs {
                 if out == real { throw InputError(output, "is the input \(input); the inputs are never modified") }
                 if out.hasPrefix(real + "/") { throw InputError(output, "is inside the input \(input)") }

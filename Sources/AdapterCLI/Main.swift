@@ -1,7 +1,6 @@
 import AdapterKit
 import ArgumentParser
 import Foundation
-import Synchronization
 
 /// The `adapter` command: parses arguments, calls AdapterKit, prints.
 ///
@@ -17,7 +16,7 @@ struct AdapterCommand: ParsableCommand {
 
     static func main() {
         StandardStreams.prepare()
-        installSignalCleanup()
+        SignalCleanup.install { writeError("adapter: " + $0) }
         let command: ParsableCommand
         do {
             command = try parseAsRoot()
@@ -32,9 +31,13 @@ struct AdapterCommand: ParsableCommand {
         } catch where String(reflecting: type(of: error)).hasPrefix("ArgumentParser.") {
             // Help requested of a command without its own run, or a parse-level error.
             exitForParser(error)
+        } catch let interrupted as OutputInterrupted {
+            // A signal during a commit, acted on once OUT was consistent again.
+            writeError("adapter: " + interrupted.message)
+            Foundation.exit(128 + interrupted.signal)
         } catch {
-            // A signal handler that removed the temporaries made this error: it reports and exits.
-            if interrupted.load(ordering: .sequentiallyConsistent) { while true { pause() } }
+            // If a signal's cleanup is under way (this error may be its doing), this waits for it
+            // to report and end the process.
             TemporaryOutputRegistry.shared.removeAll()
             if let e = error as? SystemError, e.path == "standard output" {
                 let done = TemporaryOutputRegistry.shared.hasCommitted ? "; the output itself was written completely" : ""
@@ -78,27 +81,3 @@ func writeOutput(_ line: String) throws {
 func oneLine(_ s: String) -> String {
     s.split(whereSeparator: \.isNewline).joined(separator: " ")
 }
-
-/// Removes temporaries and exits on SIGINT / SIGTERM, so nothing half-written is left behind.
-func installSignalCleanup() {
-    for sig in [SIGINT, SIGTERM, SIGHUP] {
-        signal(sig, SIG_IGN)
-        let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
-        source.setEventHandler {
-            interrupted.store(true, ordering: .sequentiallyConsistent)
-            TemporaryOutputRegistry.shared.removeAll()
-            writeError(TemporaryOutputRegistry.shared.hasCommitted
-                ? "adapter: interrupted after the output was complete"
-                : "adapter: interrupted; nothing was written")
-            // _exit: the main thread is still running and must not race the exit handlers with us.
-            _exit(128 + sig)
-        }
-        source.resume()
-        signalSources.append(source)
-    }
-}
-
-nonisolated(unsafe) var signalSources: [DispatchSourceSignal] = []
-
-/// Set by the signal handler before it removes the temporaries (the main thread's writes then fail).
-let interrupted = Atomic<Bool>(false)

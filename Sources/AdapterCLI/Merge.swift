@@ -62,8 +62,9 @@ struct Merge: ParsableCommand {
             let (path, w) = parseWeighted(spec)
             inputs.append(MergeInput(adapter: try Adapter(path: path), weight: w))
         }
-        try Merger.checkOutput(out, base: base, adapters: inputs.map(\.adapter.path), force: force)
         let checkpoint = try Checkpoint(path: base)
+        try Merger.checkOutput(out, kind: checkpoint.isFolder ? .folder : .file,
+                               inputs: [base] + checkpoint.inputFiles + inputs.flatMap { [$0.adapter.path] + $0.adapter.inputFiles }, force: force)
         let plan = try MergePlan(base: checkpoint, inputs: inputs,
                                  options: MergeOptions(allowUnknown: allowUnknown, components: components.isEmpty ? nil : components,
                                                        skipFiles: skipFiles))

@@ -34,10 +34,13 @@ func adapter(_ arguments: String...) throws -> CLIResult {
     try adapter(arguments)
 }
 
-func adapter(_ arguments: [String]) throws -> CLIResult {
+func adapter(_ arguments: [String], environment: [String: String] = [:]) throws -> CLIResult {
     let p = Process()
     p.executableURL = URL(fileURLWithPath: adapterBinary)
     p.arguments = arguments
+    if !environment.isEmpty {
+        p.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+    }
     let out = Pipe(), err = Pipe()
     p.standardOutput = out
     p.standardError = err
@@ -94,3 +97,23 @@ let pythonReferenceAvailable: Bool = {
 
 /// Shown when a test that needs the Python reference is skipped.
 let pythonReferenceMissing: Comment = "skipped: needs python3 with numpy and safetensors (pip install numpy safetensors)"
+
+/// Every file under `path` (or the file itself): relative name → bytes, link target for links.
+func snapshot(_ path: String) -> [String: Data] {
+    let fm = FileManager.default
+    var out: [String: Data] = [:]
+    func visit(_ full: String, _ relative: String) {
+        guard let attributes = try? fm.attributesOfItem(atPath: full), let type = attributes[.type] as? FileAttributeType else { return }
+        switch type {
+        case .typeSymbolicLink:
+            out[relative] = Data(("-> " + ((try? fm.destinationOfSymbolicLink(atPath: full)) ?? "?")).utf8)
+        case .typeDirectory:
+            out[relative + "/"] = Data()
+            for name in ((try? fm.contentsOfDirectory(atPath: full)) ?? []).sorted() { visit(full + "/" + name, relative + "/" + name) }
+        default:
+            out[relative] = fm.contents(atPath: full) ?? Data()
+        }
+    }
+    visit(path, ".")
+    return out
+}

@@ -76,14 +76,20 @@ struct ConvertCommandTests {
         let existing = dir.write("exists", [7])
         expectOneLineError(try adapter("convert", "to-peft", fixture("adapters/peft-lora"), existing), containing: "already exists")
         #expect(FileManager.default.contents(atPath: existing) == Data([7]))
-        let forced = try adapter("convert", "to-peft", "--force", fixture("adapters/peft-lora"), existing)
+        // --force replaces only what this tool could have written: not a file where a folder goes…
+        expectOneLineError(try adapter("convert", "to-peft", "--force", fixture("adapters/peft-lora"), existing), containing: "this is a file")
+        #expect(FileManager.default.contents(atPath: existing) == Data([7]))
+        // …but an adapter folder.
+        let previous = dir.file("previous")
+        #expect(try adapter("convert", "to-mlx", "--quiet", fixture("adapters/peft-lora"), previous).status == 0)
+        let forced = try adapter("convert", "to-peft", "--force", fixture("adapters/peft-lora"), previous)
         #expect(forced.status == 0, "\(forced.stderr)")
-        #expect(entries(existing) == ["adapter_config.json", "adapter_model.safetensors"])
-        let before = FileManager.default.contents(atPath: existing + "/adapter_model.safetensors")
-        expectOneLineError(try adapter("resize", "--force", "--rank", "2", existing, existing), containing: "is the input")
-        expectOneLineError(try adapter("convert", "to-kohya", "--force", existing + "/adapter_model.safetensors", existing), containing: "contains the input")
-        #expect(FileManager.default.contents(atPath: existing + "/adapter_model.safetensors") == before)
-        #expect(entries(dir.path) == ["exists"])
+        #expect(entries(previous) == ["adapter_config.json", "adapter_model.safetensors"])
+        let before = FileManager.default.contents(atPath: previous + "/adapter_model.safetensors")
+        expectOneLineError(try adapter("resize", "--force", "--rank", "2", previous, previous), containing: "is the input")
+        expectOneLineError(try adapter("convert", "to-kohya", "--force", previous + "/adapter_model.safetensors", previous), containing: "contains the input")
+        #expect(FileManager.default.contents(atPath: previous + "/adapter_model.safetensors") == before)
+        #expect(entries(dir.path) == ["exists", "previous"])
     }
 
     @Test("usage errors exit 2", arguments: [

@@ -12,26 +12,6 @@ private func entries(_ dir: String) -> [String] {
     ((try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []).sorted()
 }
 
-/// Every file under `path` (or the file itself): relative name → bytes, link target for links.
-private func snapshot(_ path: String) -> [String: Data] {
-    let fm = FileManager.default
-    var out: [String: Data] = [:]
-    func visit(_ full: String, _ relative: String) {
-        guard let attributes = try? fm.attributesOfItem(atPath: full), let type = attributes[.type] as? FileAttributeType else { return }
-        switch type {
-        case .typeSymbolicLink:
-            out[relative] = Data(("-> " + ((try? fm.destinationOfSymbolicLink(atPath: full)) ?? "?")).utf8)
-        case .typeDirectory:
-            out[relative + "/"] = Data()
-            for name in entries(full) { visit(full + "/" + name, relative + "/" + name) }
-        default:
-            out[relative] = fm.contents(atPath: full) ?? Data()
-        }
-    }
-    visit(path, ".")
-    return out
-}
-
 /// A copy of a fixture file or folder inside `dir`.
 private func copy(_ fixtureName: String, to dir: TempDir, as name: String? = nil) throws -> String {
     let target = dir.file(name ?? lastComponent(fixtureName))
@@ -314,8 +294,8 @@ struct FaultInjectionTests {
         return (p.terminationStatus, p.terminationReason, String(decoding: e, as: UTF8.self), sawTemporary)
     }
 
-    @Test("SIGINT and SIGTERM mid-merge: status 128+N, one line, nothing at OUT, no temporaries, inputs unchanged",
-          arguments: [SIGINT, SIGTERM])
+    @Test("SIGINT, SIGTERM and SIGHUP mid-merge: status 128+N, one line, nothing at OUT, no temporaries, inputs unchanged",
+          arguments: [SIGINT, SIGTERM, SIGHUP])
     func interrupted(_ signal: Int32) throws {
         let dir = TempDir()
         defer { dir.remove() }

@@ -63,9 +63,15 @@ struct MergeCommandTests {
         try FileManager.default.createSymbolicLink(atPath: link, withDestinationPath: base)
         expectOneLineError(try adapter("merge", "--force", base, ada, link), containing: "is the input")
         expectOneLineError(try adapter("merge", base, ada, dir.file("no/such/folder/out")), containing: "does not exist")
-        // --force replaces a previous output once the new one is complete.
-        #expect(try adapter("merge", "--force", "--quiet", base, ada, existing).status == 0)
-        #expect(FileManager.default.contents(atPath: existing)!.count > 3)
+        // --force replaces only what this tool could have written: not three bytes of something else…
+        expectOneLineError(try adapter("merge", "--force", "--quiet", base, ada, existing), containing: "not a safetensors file")
+        #expect(FileManager.default.contents(atPath: existing) == Data([1, 2, 3]))
+        // …but a previous output, once the new one is complete.
+        let previous = dir.file("previous.safetensors")
+        #expect(try adapter("merge", "--quiet", base, fixture("adapters/moslora-original"), previous).status == 0)
+        let before = FileManager.default.contents(atPath: previous)
+        #expect(try adapter("merge", "--force", "--quiet", base, ada, previous).status == 0)
+        #expect(FileManager.default.contents(atPath: previous) != before)
     }
 
     @Test("preflight failures are listed together and nothing is written")

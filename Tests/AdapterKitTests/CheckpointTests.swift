@@ -28,6 +28,21 @@ private func refusal(_ body: () throws -> Void) -> String? {
 
 @Suite("model folders and the shard index")
 struct CheckpointTests {
+    @Test("inputFiles lists every file a merge reads: shards, the index, the files copied; the weights and the config beside them")
+    func inputFiles() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let folder = try makeShardedFolder(dir)
+        #expect(try Checkpoint(path: folder).inputFiles == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                                                            "model.safetensors.index.json", "config.json"].map { folder + "/" + $0 })
+        let file = folder + "/model-00001-of-00002.safetensors"
+        #expect(try Checkpoint(path: file).inputFiles == [file])
+        let peft = fixture("adapters/peft-lora")
+        #expect(try Adapter(path: peft + "/adapter_model.safetensors").inputFiles == [peft + "/adapter_model.safetensors", peft + "/adapter_config.json"])
+        let kohya = fixture("adapters/kohya-unet.safetensors")
+        #expect(try Adapter(path: kohya).inputFiles == [kohya])
+    }
+
     @Test("a valid sharded folder opens with every tensor in its shard")
     func valid() throws {
         let dir = TempDir()

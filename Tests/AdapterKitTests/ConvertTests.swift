@@ -486,6 +486,13 @@ struct ConvertLayoutTests {
             try AdapterConversion.convertLayout(input: adapterPath("peft-lora"), output: existing, to: .peft, options: options())
         }
         #expect(readBytes(existing) == [1, 2, 3])
+        // force replaces only what this tool could have written: not a file where a folder goes.
+        #expect(throws: InputError.self) {
+            try AdapterConversion.convertLayout(input: adapterPath("peft-lora"), output: existing, to: .peft, options: options(force: true))
+        }
+        #expect(readBytes(existing) == [1, 2, 3])
+        try FileManager.default.removeItem(atPath: existing)
+        _ = try AdapterConversion.convertLayout(input: adapterPath("mlx"), output: existing, to: .mlx, options: options())
         _ = try AdapterConversion.convertLayout(input: adapterPath("peft-lora"), output: existing, to: .peft, options: options(force: true))
         #expect(try load(existing).modules.count == 4)
         #expect(throws: InputError.self) {

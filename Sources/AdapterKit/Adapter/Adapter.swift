@@ -33,6 +33,10 @@ public final class Adapter: Sendable {
     public let unknownKeys: [String]
     public let warnings: [String]
 
+    /// Every file read: the weights and the config found beside them (which need not be the path
+    /// given). OUT may not be, be inside, or contain any of them.
+    public var inputFiles: [String] { [store.path] + (configPath.map { [$0] } ?? []) }
+
     /// Whether any module has a mixer.
     public var hasMixer: Bool { modules.contains { $0.hasMixer } }
 

@@ -97,6 +97,23 @@ public final class Checkpoint: Sendable {
 
     public var tensorNames: [String] { tensors.map(\.info.name) }
 
+    /// Every file a merge reads: the tensor files (shards through the index), the index, and the
+    /// other files copied. OUT may not be, be inside, or contain any of them.
+    public var inputFiles: [String] {
+        guard isFolder else { return [path] }
+        // Of the other entries, what a merge may read: files, plain folders, and links to files
+        // (a link to a folder is never followed, so what it points at is not an input).
+        let read = otherEntries.filter { entry in
+            let full = joinPath(path, entry)
+            switch FileSystem.entryKind(full) {
+            case .file, .directory: return true
+            case .symbolicLink: return FileSystem.kind(full) == .file
+            default: return false
+            }
+        }
+        return (fileNames + (indexFileName.map { [$0] } ?? []) + read).map { joinPath(path, $0) }
+    }
+
     public var parameterCount: Int { tensors.reduce(0) { $0 + $1.info.elementCount } }
     public var byteCount: Int { tensors.reduce(0) { $0 + $1.info.byteCount } }
 

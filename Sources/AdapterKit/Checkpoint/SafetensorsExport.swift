@@ -6,22 +6,27 @@ public enum SafetensorsExport {
         public let tensors: Int
         public let bytes: Int
         public let files: [String]
-        /// What was left out of the copy (links that leave the folder, .git, …), in one line.
-        public var notes: [String] = []
+        /// Notes for the user: what was left out of the copy (links that leave the folder, .git, …),
+        /// temporaries of killed runs removed.
+        public let notes: [String]
     }
 
     /// Converts `input` (a `.bin` / `.pt` file, or a folder holding `adapter_model.bin` or
     /// `pytorch_model.bin`) to `output`: a file for a file, a folder for a folder, with every other
     /// file of the folder (adapter_config.json, config.json, …) copied unchanged.
     public static func convert(input: String, output: String, force: Bool) throws -> Result {
-        try Merger.checkOutput(output, base: input, adapters: [], force: force)
-        let out = TemporaryOutput(target: output)
+        let inputKind = FileSystem.kind(input)
+        guard inputKind == .file || inputKind == .directory else { throw InputError(input, "no such file or folder") }
+        // Every file of an input folder is read (converted or copied), through links too.
+        let read = inputKind == .directory ? ((try? FileSystem.contents(ofDirectory: input)) ?? []).map { joinPath(input, $0) } : []
+        try Merger.checkOutput(output, kind: inputKind == .directory ? .folder : .file, inputs: [input] + read, force: force)
+        let out = try TemporaryOutput(target: output, kind: inputKind == .directory ? .folder : .file)
         do {
             let result: Result
-            switch FileSystem.kind(input) {
+            switch inputKind {
             case .file:
-                let (tensors, bytes) = try write(try openTensorFile(input), to: out.temporaryPath)
-                result = Result(tensors: tensors, bytes: bytes, files: [lastPathComponent(output)])
+                let (tensors, bytes) = try write(try openTensorFile(input), to: out.temporaryPath, descriptor: out.file)
+                result = Result(tensors: tensors, bytes: bytes, files: [lastPathComponent(output)], notes: out.notes)
             case .directory:
                 // Every PyTorch checkpoint the folder's loaders look for is converted (both, when a
                 // folder holds an adapter and a model); every other file is copied unchanged,
@@ -40,7 +45,6 @@ public enum SafetensorsExport {
                 }
                 // Found before anything is written, so that what cannot be copied is refused first.
                 let other = try FolderCopy(folder: input, excluding: Set(sources.map(\.0)))
-                try FileSystem.makeDirectory(out.temporaryPath)
                 var tensors = 0, bytes = 0
                 var files: [String] = []
                 for (name, target) in sources {
@@ -51,7 +55,7 @@ public enum SafetensorsExport {
                 }
                 try other.copy(into: out.temporaryPath, sync: true)
                 files += other.items.compactMap { if case .file(let rel, _) = $0 { rel.display } else { nil } }
-                result = Result(tensors: tensors, bytes: bytes, files: files, notes: other.note.map { [$0] } ?? [])
+                result = Result(tensors: tensors, bytes: bytes, files: files, notes: out.notes + (other.note.map { [$0] } ?? []))
             default:
                 throw InputError(input, "no such file or folder")
             }
@@ -63,11 +67,11 @@ public enum SafetensorsExport {
         }
     }
 
-    private static func write(_ store: any TensorStore, to path: String) throws -> (Int, Int) {
+    private static func write(_ store: any TensorStore, to path: String, descriptor: FileDescriptor? = nil) throws -> (Int, Int) {
         let specs = store.tensorInfos.map(TensorSpec.init)
         let metadata = store is SafetensorsFile ? (store.metadataPairs.isEmpty ? nil : store.metadataPairs) : [("format", "pt")]
         let layout = try SafetensorsLayout(tensors: specs, metadata: metadata, file: path)
-        let fd = try FileDescriptor.createExclusive(path)
+        let fd = try descriptor ?? FileDescriptor.createExclusive(path)
         let writer = try SafetensorsWriter(layout: layout, output: fd)
         for t in layout.tensors {
             try store.withBytes(of: t.name) { try writer.append($0) }

@@ -47,12 +47,14 @@ enum AdapterWriter {
         return t
     }
 
-    static func writeFile(_ path: String, _ tensors: [OutputTensor], metadata: [(key: String, value: String)]?, sync: Bool) throws {
+    /// Writes a safetensors file at `path`, or into `descriptor` (an output's temporary file) when given.
+    static func writeFile(_ path: String, _ tensors: [OutputTensor], metadata: [(key: String, value: String)]?, sync: Bool,
+                          descriptor: FileDescriptor? = nil) throws {
         let layout = try SafetensorsLayout(tensors: tensors.map { TensorSpec(name: $0.name, dtype: $0.dtype, shape: $0.shape) },
                                            metadata: metadata, file: path)
         var byName: [String: Int] = [:]
         for (i, t) in tensors.enumerated() { byName[t.name] = i }
-        let fd = try FileDescriptor.createExclusive(path)
+        let fd = try descriptor ?? FileDescriptor.createExclusive(path)
         let writer = try SafetensorsWriter(layout: layout, output: fd)
         for info in layout.tensors {
             try tensors[byName[info.name]!].bytes.withUnsafeBytes { try writer.append($0) }
@@ -101,7 +103,7 @@ enum AdapterWriter {
 
     // MARK: - PEFT
 
-    /// Writes `adapter_config.json` and `adapter_model.safetensors` into `folder`.
+    /// Writes `adapter_config.json` and `adapter_model.safetensors` into `folder` (which exists).
     static func writePEFT(_ w: WorkingAdapter, folder: String, style: MixerKeyStyle, dtype: DType?, sync: Bool) throws -> [String] {
         var notes: [String] = []
         let sourceIsPEFT = w.source.format == .peft
@@ -143,7 +145,6 @@ enum AdapterWriter {
             }
         }
         let config = try peftConfig(w, style: style, useRSLoRA: useRSLoRA, notes: &notes)
-        try FileSystem.makeDirectory(folder)
         try writeFile(joinPath(folder, "adapter_model.safetensors"), tensors, metadata: [("format", "pt")], sync: sync)
         try writeConfig(joinPath(folder, "adapter_config.json"), config, indent: 2, sync: sync)
         return notes
@@ -246,7 +247,7 @@ enum AdapterWriter {
     }
 
     /// Writes one kohya safetensors file: lora_down / lora_up / lora_mixer / alpha per module.
-    static func writeKohya(_ w: WorkingAdapter, file: String, dtype: DType?, sync: Bool) throws -> [String] {
+    static func writeKohya(_ w: WorkingAdapter, file: FileDescriptor, dtype: DType?, sync: Bool) throws -> [String] {
         try refuseReplacements(w, .kohya)
         var tensors: [OutputTensor] = []
         let components = w.modules.map(\.component)
@@ -295,7 +296,7 @@ enum AdapterWriter {
             set("ss_network_args", try resizedNetworkArgs(raw, w.modules, path: w.source.path))
         }
         meta.sort { Array($0.key.utf8).lexicographicallyPrecedes(Array($1.key.utf8)) }
-        try writeFile(file, tensors, metadata: meta, sync: sync)
+        try writeFile(file.path, tensors, metadata: meta, sync: sync, descriptor: file)
         return []
     }
 
@@ -398,7 +399,6 @@ enum AdapterWriter {
         params["alpha"] = nil
         c["lora_parameters"] = .object(params)
         c["fine_tune_type"] = .string(dora > 0 ? "dora" : "lora")
-        try FileSystem.makeDirectory(folder)
         try writeFile(joinPath(folder, "adapters.safetensors"), tensors, metadata: [("format", "mlx")], sync: sync)
         try writeConfig(joinPath(folder, "adapter_config.json"), c, indent: 4, sync: sync)
         return notes

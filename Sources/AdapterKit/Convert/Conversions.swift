@@ -197,7 +197,9 @@ public enum AdapterConversion {
             throw ConvertError(output, "--dtype \(d.rawValue) is not one of F32, F16, BF16, F64")
         }
         let adapter = try Adapter(path: input)
-        try Merger.checkOutput(output, base: input, adapters: options.base.map { [$0] } ?? [], force: options.force)
+        let baseFiles = try options.base.map { [$0] + (try Checkpoint(path: $0).inputFiles) } ?? []
+        try Merger.checkOutput(output, kind: layout == .kohya ? .file : .folder, inputs: [input] + adapter.inputFiles + baseFiles,
+                               force: options.force)
         var w = try WorkingAdapter(adapter, options: options)
         summary.notes += w.notes
         guard !w.modules.isEmpty || !w.replacements.isEmpty else { throw ConvertError(input, "no modules to convert") }
@@ -219,13 +221,13 @@ public enum AdapterConversion {
 
     /// Writes `w` under a temporary name beside OUT and renames it into place when complete.
     static func write(_ w: WorkingAdapter, layout: TargetLayout, style: MixerKeyStyle, output: String, options: ConvertOptions) throws -> [String] {
-        let out = TemporaryOutput(target: output)
+        let out = try TemporaryOutput(target: output, kind: layout == .kohya ? .file : .folder)
         do {
-            let notes: [String]
+            var notes = out.notes
             switch layout {
-            case .peft: notes = try AdapterWriter.writePEFT(w, folder: out.temporaryPath, style: style, dtype: options.dtype, sync: options.sync)
-            case .kohya: notes = try AdapterWriter.writeKohya(w, file: out.temporaryPath, dtype: options.dtype, sync: options.sync)
-            case .mlx: notes = try AdapterWriter.writeMLX(w, folder: out.temporaryPath, dtype: options.dtype, base: options.base, sync: options.sync)
+            case .peft: notes += try AdapterWriter.writePEFT(w, folder: out.temporaryPath, style: style, dtype: options.dtype, sync: options.sync)
+            case .kohya: notes += try AdapterWriter.writeKohya(w, file: out.file!, dtype: options.dtype, sync: options.sync)
+            case .mlx: notes += try AdapterWriter.writeMLX(w, folder: out.temporaryPath, dtype: options.dtype, base: options.base, sync: options.sync)
             }
             if options.sync && layout != .kohya { FileSystem.syncDirectory(out.temporaryPath) }
             try out.commit(replacing: options.force)

@@ -88,37 +88,6 @@ public final class Merger {
         }
     }
 
-    /// Test hook, for the fault-injection tests only: `ADAPTER_TEST_DELAY_PER_TENSOR_MS=N` makes the
-    /// merge pause N ms after each tensor, so a signal can land mid-merge on tiny inputs. Unset: no effect.
-    static let testDelayPerTensor: UInt32 =
-        ProcessInfo.processInfo.environment["ADAPTER_TEST_DELAY_PER_TENSOR_MS"].flatMap { UInt32($0) }.map { min($0, 10_000) } ?? 0
-
-    /// Checks OUT against the inputs: it must not exist (unless forced), and must not be, be
-    /// inside, or contain the base or an adapter.
-    public static func checkOutput(_ output: String, base: String, adapters: [String], force: Bool) throws {
-        guard !output.isEmpty else { throw InputError(output, "empty output path") }
-        let parent = parentPath(output)
-        guard FileSystem.kind(parent) == .directory, let realParent = FileSystem.realPath(parent) else {
-            throw InputError(output, "the folder \(parent) does not exist")
-        }
-        if FileSystem.exists(noFollow: output) && !force {
-            throw InputError(output, "already exists; choose another path or pass --force to replace it")
-        }
-        let name = lastPathComponent(output)
-        guard name != "." && name != ".." && !name.isEmpty else { throw InputError(output, "not a usable output name") }
-        // Where OUT really lands: its real parent plus its name, and, if it is a link, its target.
-        var outs = [joinPath(realParent, name)]
-        if let real = FileSystem.realPath(output) { outs.append(real) }
-        for input in [base] + adapters {
-            guard let real = FileSystem.realPath(input) else { continue }
-            for out in outs {
-                if out == real { throw InputError(output, "is the input \(input); the inputs are never modified") }
-                if out.hasPrefix(real + "/") { throw InputError(output, "is inside the input \(input)") }
-                if real.hasPrefix(out + "/") { throw InputError(output, "contains the input \(input)") }
-            }
-        }
-    }
-
     /// Runs the merge. On any error the temporaries are removed and nothing appears at OUT.
     public func run() throws -> MergeSummary {
         let start = DispatchTime.now()
@@ -128,10 +97,10 @@ public final class Merger {
         for (c, n) in plan.skipped.sorted(by: { $0.key < $1.key }) {
             summary.notes.append("skipped \(n) \(c) module\(n == 1 ? "" : "s") (not selected with --component)")
         }
-        let out = TemporaryOutput(target: output)
+        let out = try TemporaryOutput(target: output, kind: base.isFolder ? .folder : .file)
+        summary.notes += out.notes
         do {
             if base.isFolder {
-                try FileSystem.makeDirectory(out.temporaryPath)
                 if let other = plan.otherFiles {
                     try other.copy(into: out.temporaryPath, sync: options.sync)
                     summary.filesCopied = other.fileCount
@@ -146,13 +115,16 @@ public final class Merger {
                     try writeIndex(from: joinPath(base.path, indexName), to: joinPath(out.temporaryPath, indexName), regenerate: shapesChanged)
                 }
                 try pipeline.drain()
+                TestHook.phase("before-fsync")
                 try syncWrittenFiles()
                 if options.sync { FileSystem.syncDirectory(out.temporaryPath) }
             } else {
-                _ = try writeShard(0, to: out.temporaryPath)
+                _ = try writeShard(0, to: out.temporaryPath, descriptor: out.file)
                 try pipeline.drain()
+                TestHook.phase("before-fsync")
                 try syncWrittenFiles()
             }
+            TestHook.phase("after-fsync")
             try out.commit(replacing: options.force)
         } catch {
             try? pipeline.drain()  // let queued writes finish before their files are removed
@@ -230,7 +202,7 @@ public final class Merger {
     /// Writes shard `index` of the base with its changes; returns whether any tensor changed shape.
     ///
     /// The writer is used only from the pipeline's queue once created; this thread computes.
-    private func writeShard(_ index: Int, to path: String) throws -> Bool {
+    private func writeShard(_ index: Int, to path: String, descriptor: FileDescriptor? = nil) throws -> Bool {
         let store = plan.base.files[index]
         var shapeChanged = false
         let specs = store.tensorInfos.map { t -> TensorSpec in
@@ -242,7 +214,7 @@ public final class Merger {
         // A PyTorch base gets the metadata torch's own safetensors export writes.
         let metadata: [(key: String, value: String)]? = safetensors.map { $0.header.hasMetadata ? $0.header.metadata : nil } ?? [("format", "pt")]
         let layout = try SafetensorsLayout(tensors: specs, metadata: metadata, file: path)
-        let fd = try FileDescriptor.createExclusive(path)
+        let fd = try descriptor ?? FileDescriptor.createExclusive(path)
         let writer = try SafetensorsWriter(layout: layout, output: fd)
         written += layout.headerBytes.count
         let handoff = Handoff(value: writer)
@@ -270,7 +242,7 @@ public final class Merger {
                 summary.tensorsCopied += 1
             }
             written += t.byteCount
-            if Self.testDelayPerTensor > 0 { usleep(Self.testDelayPerTensor * 1000) }
+            TestHook.afterTensor()
             let done = written
             if let progress { pipeline.submit { progress(done, total) } }
         }

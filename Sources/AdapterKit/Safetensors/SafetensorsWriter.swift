@@ -160,9 +160,9 @@ extension SafetensorsWriter {
         data: (TensorInfo, SafetensorsWriter) throws -> Void
     ) throws {
         let layout = try SafetensorsLayout(tensors: tensors, metadata: metadata, file: path)
-        let out = TemporaryOutput(target: path)
+        let out = try TemporaryOutput(target: path, kind: .file)
         do {
-            let fd = try FileDescriptor.createExclusive(out.temporaryPath)
+            let fd = out.file!
             let writer = try SafetensorsWriter(layout: layout, output: fd)
             for t in layout.tensors { try data(t, writer) }
             try writer.finish()

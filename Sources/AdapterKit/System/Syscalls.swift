@@ -87,6 +87,20 @@ public final class FileDescriptor: @unchecked Sendable {
         return FileDescriptor(rawValue: fd, path: path.display)
     }
 
+    /// Opens whatever is at `path` (a file or a folder) only to lock it: never follows a final
+    /// symbolic link, and never blocks on a FIFO.
+    public static func openForLocking(_ path: String) throws -> FileDescriptor {
+        let fd = retryingEINTR { Glibc.open(path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC) }
+        guard fd >= 0 else { throw SystemError(path: path, operation: "open", code: errno) }
+        return FileDescriptor(rawValue: fd, path: path)
+    }
+
+    /// Takes an exclusive flock without waiting; false when another open file holds one (or the
+    /// file system has no flock). Released when the last descriptor of this open file is closed.
+    public func tryLock() -> Bool {
+        retryingEINTR { flock(rawValue, LOCK_EX | LOCK_NB) } == 0
+    }
+
     /// File size and type from fstat.
     public func status() throws -> (size: Int, isRegular: Bool) {
         var st = stat()
@@ -347,6 +361,28 @@ public enum FileSystem {
         return FileType(mode: st.st_mode)
     }
 
+    /// What is at `path` itself, a symbolic link not followed.
+    public enum EntryKind: Sendable, Equatable { case missing, file, directory, symbolicLink, other }
+
+    public static func entryKind(_ path: String) -> EntryKind {
+        var st = stat()
+        guard lstat(path, &st) == 0 else { return .missing }
+        switch st.st_mode & S_IFMT {
+        case S_IFREG: return .file
+        case S_IFDIR: return .directory
+        case S_IFLNK: return .symbolicLink
+        default: return .other
+        }
+    }
+
+    /// Bytes held by a file or a folder tree (symbolic links not followed).
+    public static func treeSize(_ path: String) -> Int {
+        var st = stat()
+        guard lstat(path, &st) == 0 else { return 0 }
+        guard (st.st_mode & S_IFMT) == S_IFDIR else { return Int(st.st_size) }
+        return ((try? contents(ofDirectory: path)) ?? []).reduce(0) { $0 + treeSize(path + "/" + $1) }
+    }
+
     /// Whether anything, even a dangling symbolic link, is at `path`.
     public static func exists(noFollow path: String) -> Bool {
         var st = stat()
@@ -422,6 +458,76 @@ public enum FileSystem {
         guard Glibc.rename(from, to) == 0 else { throw SystemError(path: to, operation: "rename", code: errno) }
     }
 
+    /// The result of a rename that may not be available on every kernel and file system.
+    public enum RenameOutcome: Sendable, Equatable {
+        case done
+        /// This kernel, C library or file system does not offer it (ENOSYS, EINVAL, EOPNOTSUPP).
+        case unsupported
+        /// Failed with this errno.
+        case failed(Int32)
+    }
+
+    /// `renameat2(2)` flags, from linux/fs.h.
+    static let renameNoReplace: UInt32 = 1
+    static let renameExchange: UInt32 = 2
+
+    private typealias Renameat2 = @convention(c) (Int32, UnsafePointer<CChar>?, Int32, UnsafePointer<CChar>?, UInt32) -> Int32
+
+    /// glibc's renameat2 (2.28 and later), found at run time: Swift's Glibc module does not declare it.
+    private static let renameat2Function: Renameat2? = {
+        guard TestHook.environment["ADAPTER_TEST_RENAMEAT2"] != "unsupported",
+              let handle = dlopen(nil, RTLD_NOW), let symbol = dlsym(handle, "renameat2") else { return nil }
+        return unsafeBitCast(symbol, to: Renameat2.self)
+    }()
+
+    private static func renameat2(_ from: String, _ to: String, flags: UInt32) -> RenameOutcome {
+        guard let function = renameat2Function else { return .unsupported }
+        while true {
+            if function(AT_FDCWD, from, AT_FDCWD, to, flags) == 0 { return .done }
+            switch errno {
+            case EINTR: continue
+            case ENOSYS, EINVAL, EOPNOTSUPP: return .unsupported
+            case let e: return .failed(e)
+            }
+        }
+    }
+
+    /// Atomically swaps two paths (`renameat2(RENAME_EXCHANGE)`): both exist before and after.
+    public static func exchange(_ a: String, _ b: String) -> RenameOutcome {
+        renameat2(a, b, flags: renameExchange)
+    }
+
+    /// Renames `from` to `to` only if nothing is at `to`, atomically (`renameat2(RENAME_NOREPLACE)`).
+    public static func renameNoReplace(_ from: String, to: String) -> RenameOutcome {
+        renameat2(from, to, flags: renameNoReplace)
+    }
+
+    /// rename(2): replaces a file or symbolic link at `to`, or an empty folder when `from` is a folder.
+    public static func renameReplacing(_ from: String, to: String) -> RenameOutcome {
+        Glibc.rename(from, to) == 0 ? .done : .failed(errno)
+    }
+
+    /// link(2): a second name for a file; fails with EEXIST when anything is at `to`.
+    public static func hardLink(_ from: String, to: String) -> RenameOutcome {
+        if Glibc.link(from, to) == 0 { return .done }
+        switch errno {
+        case EPERM, EOPNOTSUPP, ENOSYS, EXDEV, EMLINK: return .unsupported
+        case let e: return .failed(e)
+        }
+    }
+
+    /// Removes one name of a file (not a folder).
+    public static func unlinkFile(_ path: String) {
+        _ = Glibc.unlink(path)
+    }
+
+    /// Whether no process has this pid any more (kill(pid, 0) fails with ESRCH). A pid that
+    /// exists, even one this user may not signal, counts as alive.
+    public static func processIsGone(_ pid: Int32) -> Bool {
+        guard pid > 0 else { return false }
+        return kill(pid, 0) != 0 && errno == ESRCH
+    }
+
     /// Removes a file or a whole folder tree; missing paths are fine. Never follows symbolic links.
     public static func removeTree(_ path: String) {
         removeTree(RawPath(path))
@@ -450,6 +556,25 @@ public enum FileSystem {
     public static func isTerminal(_ fd: Int32) -> Bool { isatty(fd) != 0 }
 
     public static var processID: Int32 { getpid() }
+
+    /// Ends the process at once, without exit handlers (from a signal-handling thread, while the
+    /// main thread may still be running).
+    public static func exitImmediately(_ status: Int32) -> Never {
+        _exit(status)
+    }
+
+    /// Sets `signal` to be ignored (a dispatch source then receives it); returns whether it was
+    /// already ignored when the process started, as `nohup` or a shell's background job leaves it.
+    static func ignoreSignal(_ signal: Int32) -> Bool {
+        let previous = Glibc.signal(signal, SIG_IGN)
+        func bits(_ h: __sighandler_t?) -> Int { h.map { unsafeBitCast($0, to: Int.self) } ?? 0 }
+        return bits(previous) == bits(SIG_IGN)
+    }
+
+    /// Sleeps the calling thread (test hooks only).
+    static func sleep(milliseconds: Int) {
+        _ = usleep(useconds_t(milliseconds) * 1000)
+    }
 }
 
 /// Joins path components with `/` without touching the file system.

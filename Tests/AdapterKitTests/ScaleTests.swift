@@ -74,3 +74,50 @@ struct BaseNameIndexTests {
         #expect(error?.problems.first?.contains("no base tensor foo.layers.0.attn.x.weight") == true)
     }
 }
+
+@Suite("Large headers are read once")
+struct LargeHeaderTests {
+    @Test("inspect's three looks at a model file (adapter or not, then the checkpoint) share one opened file")
+    func modelOpenedOnce() throws {
+        let files = TensorFiles()
+        let model = fixture("models/tiny-gpt2.safetensors")
+        #expect(!Adapter.looksLikeAdapter(model, files: files))
+        let checkpoint = try Checkpoint(path: model, files: files)
+        #expect(checkpoint.files[0] === (try files.open(model)))
+        let folder = fixture("models/tiny-llama")
+        #expect(!Adapter.looksLikeAdapter(folder, files: files))
+        let sharded = try Checkpoint(path: folder, files: files)
+        for (store, name) in zip(sharded.files, sharded.fileNames) {
+            #expect(store === (try files.open(joinPath(folder, name))))
+        }
+    }
+
+    @Test("an adapter's file is opened once for the adapter and for its tensor table")
+    func adapterOpenedOnce() throws {
+        let files = TensorFiles()
+        let path = fixture("adapters/peft-lora")
+        #expect(Adapter.looksLikeAdapter(path, files: files))
+        let adapter = try Adapter(path: path, files: files)
+        let checkpoint = try Checkpoint(path: adapter.store.path, files: files)
+        #expect(checkpoint.files[0] === adapter.store)
+    }
+
+    @Test("a header of 300,000 tensors is read with every tensor, in order", .timeLimit(.minutes(1)))
+    func manyTensors() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let n = 300_000
+        var header = "{\"__metadata__\":{\"format\":\"pt\"}"
+        header.reserveCapacity(n * 80)
+        for i in 0..<n {
+            header += ",\"model.layers.\(i / 512).experts.\(i % 512).w\":{\"dtype\":\"F16\",\"shape\":[1],\"data_offsets\":[\(2 * i),\(2 * i + 2)]}"
+        }
+        header += "}"
+        let path = dir.write("big.safetensors", safetensorsBytes(header: header, data: [UInt8](repeating: 0, count: 2 * n)))
+        let file = try SafetensorsFile(path: path)
+        #expect(file.tensorInfos.count == n)
+        #expect(file.tensorInfos.last?.name == "model.layers.585.experts.479.w")
+        #expect(file.info("model.layers.1.experts.0.w")?.dataOffsets == 1024..<1026)
+        #expect(file.metadataPairs.map(\.key) == ["format"])
+    }
+}

@@ -222,6 +222,8 @@ enum AdapterLoader {
             }
             do {
                 (module.scale, module.alpha) = try settings.scale(module: module, alpha: p.tensors[.alpha], warnings: &warnings)
+            } catch let e as PatternCostError {
+                throw InputError(located.configPath ?? located.weights, e.description)
             } catch let e as InputError {
                 problems.append(e.problem)
                 continue

@@ -21,10 +21,12 @@ struct Inspect: ParsableCommand {
     var tensors = false
 
     func run() throws {
-        if Adapter.looksLikeAdapter(path) {
-            let adapter = try Adapter(path: path)
+        // Every tensor file is opened (its header parsed) once, whichever way the path is read.
+        let files = TensorFiles()
+        if Adapter.looksLikeAdapter(path, files: files) {
+            let adapter = try Adapter(path: path, files: files)
             let report = try AdapterReport(adapter)
-            let tensorsReport = CheckpointReport(try Checkpoint(path: adapter.store.path))
+            let tensorsReport = CheckpointReport(try Checkpoint(path: adapter.store.path, files: files))
             if json {
                 try writeOutput(JSONWriter.compact(tensorsReport.json(adapter: report.json())))
             } else {
@@ -33,7 +35,7 @@ struct Inspect: ParsableCommand {
             }
             return
         }
-        let checkpoint = try Checkpoint(path: path)
+        let checkpoint = try Checkpoint(path: path, files: files)
         for w in checkpoint.warnings { writeError("adapter: warning: \(path): \(w)") }
         let report = CheckpointReport(checkpoint)
         try writeOutput(json ? JSONWriter.compact(report.json()) : report.text(tensors: tensors))

@@ -58,9 +58,9 @@ func writeSafetensors(_ path: String, _ tensors: [(name: String, dtype: DType, s
     let layout = try SafetensorsLayout(tensors: tensors.map { TensorSpec(name: $0.name, dtype: $0.dtype, shape: $0.shape) }, metadata: metadata)
     let fd = try FileDescriptor.createExclusive(path)
     let writer = try SafetensorsWriter(layout: layout, output: fd)
+    let byName = Dictionary(tensors.map { ($0.name, $0.bytes) }, uniquingKeysWith: { first, _ in first })
     for t in layout.tensors {
-        let bytes = tensors.first { $0.name == t.name }!.bytes
-        try bytes.withUnsafeBytes { try writer.append($0) }
+        try byName[t.name]!.withUnsafeBytes { try writer.append($0) }
     }
     try writer.finish()
     return path

@@ -60,22 +60,24 @@ public final class Adapter: Sendable {
         self.warnings = warnings
     }
 
-    /// Reads an adapter file or folder of any supported layout.
-    public convenience init(path: String) throws {
-        let loaded = try AdapterLoader.load(path)
+    /// Reads an adapter file or folder of any supported layout; tensor files already opened through
+    /// `files` are not opened again.
+    public convenience init(path: String, files: TensorFiles = TensorFiles()) throws {
+        let loaded = try AdapterLoader.load(path, files: files)
         self.init(path: path, format: loaded.format, store: loaded.store, configPath: loaded.configPath, config: loaded.config,
                   modules: loaded.modules, replacements: loaded.replacements, unknownKeys: loaded.unknownKeys, warnings: loaded.warnings)
     }
 
     /// Whether `path` looks like an adapter (by its files or its tensor names) rather than a model.
-    public static func looksLikeAdapter(_ path: String) -> Bool {
-        if (try? AdapterLoader.locate(path)) != nil { return true }
+    /// The tensor files it opens to decide stay open in `files` for the command to use.
+    public static func looksLikeAdapter(_ path: String, files: TensorFiles = TensorFiles()) -> Bool {
+        if (try? AdapterLoader.locate(path, files: files)) != nil { return true }
         guard FileSystem.kind(path) == .directory,
               ["adapter_config.json", "lora_config.json"].contains(where: { FileSystem.kind(joinPath(path, $0)) == .file }) else { return false }
         // Decided by what the folder holds, as merge decides: no adapter weights, and a model
         // (an index or model.safetensors) whose tensor names are no adapter's, is a model with a
         // stray config (the checkpoint warns about it).
-        if let checkpoint = try? Checkpoint(path: path), AdapterLoader.detectFormat(checkpoint.tensorNames) == nil { return false }
+        if let checkpoint = try? Checkpoint(path: path, files: files), AdapterLoader.detectFormat(checkpoint.tensorNames) == nil { return false }
         // Otherwise a folder with an adapter config is an adapter even when the config is broken:
         // loading it then says what is wrong, instead of the folder being reported as a model.
         return true

@@ -21,32 +21,32 @@ enum AdapterLoader {
 
     // MARK: - Finding the files
 
-    static func locate(_ path: String) throws -> Located {
+    static func locate(_ path: String, files: TensorFiles = TensorFiles()) throws -> Located {
         switch FileSystem.kind(path) {
         case .missing: throw InputError(path, "no such file or folder")
         case .other: throw InputError(path, "not a regular file or folder but \((FileSystem.type(path) ?? .unknown).phrase)")
-        case .directory: return try locateFolder(path)
+        case .directory: return try locateFolder(path, files: files)
         case .file:
             let folder = parentPath(path)
             let name = lastPathComponent(path)
             let config = joinPath(folder, "adapter_config.json")
             if ["adapter_model.safetensors", "adapter_model.bin", "adapters.safetensors"].contains(name), FileSystem.kind(config) == .file {
-                var located = try locateFolder(folder)
+                var located = try locateFolder(folder, files: files)
                 if located.weights != path {
                     located.weights = path
-                    located.store = try openTensorFile(path)
+                    located.store = try files.open(path)
                 }
                 return located
             }
-            let store = try openTensorFile(path)
-            guard let format = detectFormat(store.tensorInfos.map(\.name)) else {
+            let store = try files.open(path)
+            guard let format = detectFormat(store.tensorInfos.lazy.map(\.name)) else {
                 throw InputError(path, "no LoRA or MoSLoRA keys found: this is not an adapter")
             }
             return Located(format: format, weights: path, configPath: nil, config: nil, store: store)
         }
     }
 
-    private static func locateFolder(_ folder: String) throws -> Located {
+    private static func locateFolder(_ folder: String, files: TensorFiles) throws -> Located {
         // Whatever is at a known name is the file meant: a FIFO or a folder there is refused when
         // it is opened, instead of being passed over for a misleading "not found".
         func file(_ name: String) -> String? {
@@ -57,18 +57,18 @@ enum AdapterLoader {
             guard let config = try readJSONFile(configPath).objectValue else { throw InputError(configPath, "the config is not a JSON object") }
             if config["lora_parameters"] != nil || config["fine_tune_type"] != nil {
                 guard let weights = file("adapters.safetensors") else { throw InputError(folder, "mlx adapter folder without adapters.safetensors") }
-                return Located(format: .mlx, weights: weights, configPath: configPath, config: config, store: try openTensorFile(weights))
+                return Located(format: .mlx, weights: weights, configPath: configPath, config: config, store: try files.open(weights))
             }
             guard let weights = file("adapter_model.safetensors") ?? file("adapter_model.bin") else {
                 throw InputError(folder, "adapter_config.json is here but neither adapter_model.safetensors nor adapter_model.bin")
             }
-            let store = try openTensorFile(weights)
-            let byKeys = detectFormat(store.tensorInfos.map(\.name))
+            let store = try files.open(weights)
+            let byKeys = detectFormat(store.tensorInfos.lazy.map(\.name))
             let format: AdapterFormat = byKeys == .mytransformers ? .mytransformers : .peft
             return Located(format: format, weights: weights, configPath: configPath, config: config, store: store)
         }
         if let weights = file("adapters.safetensors") {
-            return Located(format: .mlx, weights: weights, configPath: nil, config: nil, store: try openTensorFile(weights))
+            return Located(format: .mlx, weights: weights, configPath: nil, config: nil, store: try files.open(weights))
         }
         let entries = try FileSystem.contents(ofDirectory: folder)
         let tensorFiles = entries.filter { $0.hasSuffix(".safetensors") || $0.hasSuffix(".bin") || $0.hasSuffix(".pt") || $0.hasSuffix(".ckpt") }.sorted()
@@ -78,7 +78,7 @@ enum AdapterLoader {
                 throw InputError(folder, "lora_config.json is here but no lora_model_state.safetensors")
             }
             let weights = joinPath(folder, name)
-            return Located(format: .paddle, weights: weights, configPath: configPath, config: config, store: try openTensorFile(weights))
+            return Located(format: .paddle, weights: weights, configPath: configPath, config: config, store: try files.open(weights))
         }
         // A sharded model folder is not an adapter: do not open its shards looking for LoRA keys.
         let isShardedModel = entries.contains { $0.hasSuffix(".safetensors.index.json") }
@@ -88,7 +88,7 @@ enum AdapterLoader {
             if let type = FileSystem.type(weights), type != .regular && type != .directory {
                 throw InputError(weights, "not a regular file but \(type.phrase)")
             }
-            guard let store = try? openTensorFile(weights), let format = detectFormat(store.tensorInfos.map(\.name)) else { continue }
+            guard let store = try? files.open(weights), let format = detectFormat(store.tensorInfos.lazy.map(\.name)) else { continue }
             let configPath = file("config.json")
             let config = try configPath.flatMap { try readJSONFile($0).objectValue }
             return Located(format: format, weights: weights, configPath: format == .mytransformers ? configPath : nil,
@@ -97,19 +97,21 @@ enum AdapterLoader {
         throw InputError(folder, "no adapter found (no adapter_config.json, adapters.safetensors, lora_config.json, or file of LoRA keys)")
     }
 
-    /// Decides a layout from tensor names alone.
-    static func detectFormat(_ keys: [String]) -> AdapterFormat? {
-        func any(_ test: (String) -> Bool) -> Bool { keys.contains(where: test) }
-        if any({ $0.hasPrefix("lora_unet_") || $0.hasPrefix("lora_te") || $0.hasPrefix("lora_transformer_") }) { return .kohya }
-        if any({ $0.hasSuffix(".lora.down.weight") || $0.hasSuffix(".lora.up.weight") || $0.hasSuffix(".lora_linear_layer.down.weight") }) { return .diffusers }
-        if any({ ($0.hasPrefix("unet.") || $0.hasPrefix("text_encoder") || $0.hasPrefix("transformer.")) && $0.hasSuffix(".lora_A.weight") }) {
-            return .diffusers
+    /// Decides a layout from tensor names alone, in one pass over them (the first rule, in this
+    /// order, that any name meets).
+    static func detectFormat<Keys: Collection<String>>(_ keys: Keys) -> AdapterFormat? {
+        var found: [Bool] = Array(repeating: false, count: 7)
+        for k in keys {
+            if k.hasPrefix("lora_unet_") || k.hasPrefix("lora_te") || k.hasPrefix("lora_transformer_") { return .kohya }
+            if k.hasSuffix(".lora.down.weight") || k.hasSuffix(".lora.up.weight") || k.hasSuffix(".lora_linear_layer.down.weight") { found[1] = true }
+            if k.hasSuffix(".lora_A.weight") && (k.hasPrefix("unet.") || k.hasPrefix("text_encoder") || k.hasPrefix("transformer.")) { found[2] = true }
+            if k.hasSuffix(".weight_a") || k.hasSuffix(".weight_ab_mixer") { found[3] = true }
+            if k.hasSuffix(".lora_a") || k.hasSuffix(".lora_b") { found[4] = true }
+            if k.hasSuffix(".lora_A") || k.hasSuffix(".lora_B") { found[5] = true }
+            if k.hasSuffix(".lora_A.weight") || k.hasSuffix(".lora_embedding_A") || k.hasSuffix(".lora_B.weight") { found[6] = true }
         }
-        if any({ $0.hasSuffix(".weight_a") || $0.hasSuffix(".weight_ab_mixer") }) { return .mytransformers }
-        if any({ $0.hasSuffix(".lora_a") || $0.hasSuffix(".lora_b") }) { return .mlx }
-        if any({ $0.hasSuffix(".lora_A") || $0.hasSuffix(".lora_B") }) { return .paddle }
-        if any({ $0.hasSuffix(".lora_A.weight") || $0.hasSuffix(".lora_embedding_A") || $0.hasSuffix(".lora_B.weight") }) { return .peft }
-        return nil
+        let formats: [AdapterFormat?] = [.kohya, .diffusers, .diffusers, .mytransformers, .mlx, .paddle, .peft]
+        return found.firstIndex(of: true).flatMap { formats[$0] }
     }
 
     // MARK: - Key roles
@@ -153,8 +155,8 @@ enum AdapterLoader {
 
     // MARK: - Loading
 
-    static func load(_ path: String) throws -> Loaded {
-        let located = try locate(path)
+    static func load(_ path: String, files: TensorFiles = TensorFiles()) throws -> Loaded {
+        let located = try locate(path, files: files)
         return try normalise(located, path: path)
     }
 
@@ -226,6 +228,8 @@ enum AdapterLoader {
             }
             do {
                 (module.scale, module.alpha) = try settings.scale(module: module, alpha: p.tensors[.alpha], warnings: &warnings)
+            } catch let e as PatternCostError {
+                throw InputError(located.configPath ?? located.weights, e.description)
             } catch let e as InputError {
                 problems.append(e.problem)
                 continue

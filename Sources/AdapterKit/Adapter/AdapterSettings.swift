@@ -76,8 +76,9 @@ struct PEFTFields {
     var fanInFanOut = false
     var rankPattern: [(String, Int)] = []
     var alphaPattern: [(String, Double)] = []
-    var rankRules: [PatternRule<Int>] = []
-    var alphaRules: [PatternRule<Double>] = []
+    /// The pattern keys, indexed: matching costs about a module name's length however many keys there are.
+    var rankIndex = PatternIndex(field: "rank_pattern", keys: [])
+    var alphaIndex = PatternIndex(field: "alpha_pattern", keys: [])
     var modulesToSave: [String] = []
     var targetModules: [String]?
     /// Defaults taken, for messages: `lora_alpha missing: PEFT's default 8 assumed`.
@@ -112,21 +113,29 @@ struct PEFTFields {
         for key in rankPattern.map(\.0) + alphaPattern.map(\.0) where !AdapterSettings.isSafePattern(key) {
             throw InputError(f.path, "pattern key \(quotedForMessage(key)) is a regular expression too costly to match (nested quantifiers, or more than \(AdapterSettings.maximumPatternQuantifiers) quantifiers)")
         }
-        rankRules = rankPattern.map { PatternRule(key: $0.0, value: $0.1) }
-        alphaRules = alphaPattern.map { PatternRule(key: $0.0, value: $0.1) }
+        rankIndex = PatternIndex(field: f.prefix + "rank_pattern", keys: rankPattern.map(\.0))
+        alphaIndex = PatternIndex(field: f.prefix + "alpha_pattern", keys: alphaPattern.map(\.0))
         modulesToSave = try f.strings("modules_to_save") ?? []
         targetModules = try f.strings("target_modules", allowString: true)
     }
 
-    /// The rank and alpha PEFT gives module `name`: the first matching pattern key, else r and lora_alpha.
-    func rankAndAlpha(_ name: String) -> (rank: Int, alpha: Double) {
-        (rankRules.first { $0.matches(name) }?.value ?? rank, alphaRules.first { $0.matches(name) }?.value ?? alpha)
+    /// The rank and alpha PEFT gives module `name`: the first matching pattern key, else r and lora_alpha,
+    /// and whether the rank came from `rank_pattern`.
+    func rankAndAlpha(_ name: String) throws -> (rank: Int, alpha: Double, rankFromPattern: Bool) {
+        let r = try rankIndex.firstMatch(name).map { rankPattern[$0].1 }
+        let a = try alphaIndex.firstMatch(name).map { alphaPattern[$0].1 }
+        return (r ?? rank, a ?? alpha, r != nil)
     }
 
+    /// The patterns, the first ten entries of each and how many more.
     var patternWarnings: [String] {
+        func listed<T>(_ p: [(String, T)], _ show: (T) -> String) -> String {
+            let shown = p.prefix(10).map { "\($0.0)=\(show($0.1))" }.joined(separator: ", ")
+            return p.count > 10 ? shown + ", … (\(p.count) keys)" : shown
+        }
         var w: [String] = []
-        if !rankPattern.isEmpty { w.append("rank_pattern in use: \(rankPattern.map { "\($0.0)=\($0.1)" }.joined(separator: ", "))") }
-        if !alphaPattern.isEmpty { w.append("alpha_pattern in use: \(alphaPattern.map { "\($0.0)=\(formatNumber($0.1))" }.joined(separator: ", "))") }
+        if !rankPattern.isEmpty { w.append("rank_pattern in use: " + listed(rankPattern) { String($0) }) }
+        if !alphaPattern.isEmpty { w.append("alpha_pattern in use: " + listed(alphaPattern, formatNumber)) }
         return w
     }
 }
@@ -335,9 +344,9 @@ struct AdapterSettings {
     func scale(module: LoRAModule, alpha alphaTensor: TensorRef?, warnings: inout [String]) throws -> (scale: Double, alpha: Double?) {
         let r = module.rank
         func peftRule(_ p: PEFTFields, _ path: String, rsLoRA: Bool) throws -> (Double, Double?) {
-            let (configRank, a) = p.rankAndAlpha(module.baseName)
+            let (configRank, a, fromPattern) = try p.rankAndAlpha(module.baseName)
             if configRank != r {
-                let origin = p.rankRules.contains { $0.matches(module.baseName) } ? "rank_pattern" : p.rankGiven ? "r" : "PEFT's default r"
+                let origin = fromPattern ? "rank_pattern" : p.rankGiven ? "r" : "PEFT's default r"
                 throw InputError(path, "module \(module.name): the config gives rank \(configRank) (\(origin)) but its tensors have rank \(r)")
             }
             return (rsLoRA ? a / Double(r).squareRoot() : a / Double(r), a)

@@ -34,10 +34,12 @@ public final class Checkpoint: Sendable {
     public let tensors: [(info: TensorInfo, file: Int)]
     /// What is odd about the folder but not wrong (a stray adapter config), for a warning line each.
     public let warnings: [String]
-    private let lookup: [String: Int]
+    /// Position in `tensors` by name, for several files (nil for one: its own index answers).
+    private let lookup: [String: Int]?
 
-    /// Opens a file or folder and validates it (the index against the shards).
-    public init(path: String) throws {
+    /// Opens a file or folder and validates it (the index against the shards); tensor files already
+    /// opened through `opened` are not opened (nor their headers parsed) again.
+    public init(path: String, files opened: TensorFiles = TensorFiles()) throws {
         self.path = path
         switch FileSystem.kind(path) {
         case .missing:
@@ -46,7 +48,7 @@ public final class Checkpoint: Sendable {
             throw InputError(path, "not a regular file or folder but \((FileSystem.type(path) ?? .unknown).phrase)")
         case .file:
             isFolder = false
-            files = [try openTensorFile(path)]
+            files = [try opened.open(path)]
             fileNames = [lastPathComponent(path)]
             indexFileName = nil
             indexMetadata = nil
@@ -57,7 +59,7 @@ public final class Checkpoint: Sendable {
             let layout = try Self.folderLayout(path, entries)
             indexFileName = layout.index
             fileNames = layout.shards
-            files = try layout.shards.map { try openTensorFile(joinPath(path, $0)) }
+            files = try layout.shards.map { try opened.open(joinPath(path, $0)) }
             indexMetadata = layout.metadata
             let used = Set(layout.shards + (layout.index.map { [$0] } ?? []))
             otherEntries = entries.filter { !used.contains($0) }
@@ -67,13 +69,16 @@ public final class Checkpoint: Sendable {
             }
         }
         var all: [(info: TensorInfo, file: Int)] = []
-        var lookup: [String: Int] = [:]
+        all.reserveCapacity(files.reduce(0) { $0 + $1.tensorInfos.count })
+        // One file has no duplicates (its reader refused them) and is looked up through its own index.
+        var lookup: [String: Int]? = files.count == 1 ? nil : [:]
         for (i, f) in files.enumerated() {
             for t in f.tensorInfos {
-                if lookup[t.name] != nil {
-                    throw InputError(f.path, "tensor \"\(t.name)\" is also in \(fileNames[all[lookup[t.name]!].file]); a tensor may be in one shard only")
+                if lookup != nil {
+                    if let other = lookup?.updateValue(all.count, forKey: t.name) {
+                        throw InputError(f.path, "tensor \"\(t.name)\" is also in \(fileNames[all[other].file]); a tensor may be in one shard only")
+                    }
                 }
-                lookup[t.name] = all.count
                 all.append((t, i))
             }
         }
@@ -92,7 +97,8 @@ public final class Checkpoint: Sendable {
 
     /// The tensor named `name` and the index of its file.
     public func tensor(_ name: String) -> (info: TensorInfo, file: Int)? {
-        lookup[name].map { tensors[$0] }
+        guard let lookup else { return files.first?.info(name).map { ($0, 0) } }
+        return lookup[name].map { tensors[$0] }
     }
 
     public var tensorNames: [String] { tensors.map(\.info.name) }
@@ -294,6 +300,23 @@ enum TensorFileKind: Equatable {
             }
         }
         return .unknown
+    }
+}
+
+/// Tensor files opened once for a command that looks at the same file more than once (inspect decides
+/// whether a path is an adapter, then reads it as one or as a model): each path is opened, and its
+/// header parsed, on first use only. Not shared between threads.
+public final class TensorFiles {
+    private var opened: [String: any TensorStore] = [:]
+
+    public init() {}
+
+    /// The file at `path`, opened now or earlier; failures are not remembered.
+    public func open(_ path: String) throws -> any TensorStore {
+        if let store = opened[path] { return store }
+        let store = try openTensorFile(path)
+        opened[path] = store
+        return store
     }
 }
 

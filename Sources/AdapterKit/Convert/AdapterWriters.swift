@@ -160,18 +160,39 @@ enum AdapterWriter {
         let alphas = w.modules.map { useRSLoRA ? $0.scale * Double($0.rank).squareRoot() : $0.scale * Double($0.rank) }
         let r = mostCommon(ranks) ?? 8
         let alpha = mostCommon(alphas) ?? Double(r)
-        var rankPattern = JSONObject(), alphaPattern = JSONObject()
-        for (i, m) in w.modules.enumerated() {
-            if ranks[i] != r { rankPattern[m.baseName] = jsonInt(ranks[i]) }
-            if alphas[i] != alpha { alphaPattern[m.baseName] = jsonNumber(alphas[i]) }
-        }
-        // PEFT applies a pattern key K to module N when N matches `(.*\.)?K$`: each key must pick out its own module only.
-        let names = w.modules.map(\.baseName)
-        for key in rankPattern.keys + alphaPattern.keys {
-            let hits = names.filter { AdapterSettings.patternMatch([(key, 0)], $0) != nil }
-            if hits.count != 1 {
-                throw ConvertError(w.source.path, "module \(key) cannot be given its own rank or alpha: PEFT's pattern rule would also apply it to \(hits.filter { $0 != key }.prefix(2).joined(separator: ", "))")
+        // Members set as JSONObject's subscript would set them (a repeated name keeps its first place), in linear time.
+        var rankMembers: [(key: String, value: JSONValue)] = [], alphaMembers: [(key: String, value: JSONValue)] = []
+        var rankAt: [String: Int] = [:], alphaAt: [String: Int] = [:]
+        func put(_ members: inout [(key: String, value: JSONValue)], _ at: inout [String: Int], _ key: String, _ value: JSONValue) {
+            if let i = at[key] { members[i].value = value } else {
+                at[key] = members.count
+                members.append((key, value))
             }
+        }
+        for (i, m) in w.modules.enumerated() {
+            if ranks[i] != r { put(&rankMembers, &rankAt, m.baseName, jsonInt(ranks[i])) }
+            if alphas[i] != alpha { put(&alphaMembers, &alphaAt, m.baseName, jsonNumber(alphas[i])) }
+        }
+        let rankPattern = JSONObject(rankMembers), alphaPattern = JSONObject(alphaMembers)
+        // PEFT applies a pattern key K to module N when N matches `(.*\.)?K$`: each key must pick out its own
+        // module only. Every module name is looked up once in an index of all the keys.
+        let names = w.modules.map(\.baseName)
+        let keys = rankPattern.keys + alphaPattern.keys
+        let index = PatternIndex(field: "rank_pattern and alpha_pattern", keys: keys)
+        var hits = [Int](repeating: 0, count: keys.count)
+        var others = [[String]](repeating: [], count: keys.count)
+        do {
+            for name in names {
+                for k in try index.allMatches(name) {
+                    hits[k] += 1
+                    if name != keys[k] && others[k].count < 2 { others[k].append(name) }
+                }
+            }
+        } catch let e as PatternCostError {
+            throw ConvertError(w.source.path, e.description)
+        }
+        if let k = keys.indices.first(where: { hits[$0] != 1 }) {
+            throw ConvertError(w.source.path, "module \(keys[k]) cannot be given its own rank or alpha: PEFT's pattern rule would also apply it to \(others[k].joined(separator: ", "))")
         }
         c["r"] = jsonInt(r)
         c["lora_alpha"] = jsonNumber(alpha)

@@ -218,10 +218,11 @@ struct WorkingAdapter {
         guard source.format == .paddle else { return }
         if let base {
             let resolver = BaseNameResolver(try Checkpoint(path: base))
+            let byName = Dictionary(source.modules.map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first })
             var missing: [String] = []
             for i in modules.indices {
                 let probe = modules[i]
-                let module = source.modules.first { $0.name == probe.sourceName }
+                let module = byName[probe.sourceName]
                 if let module, let found = resolver.weightName(for: module, format: .paddle), found.hasSuffix(".weight") {
                     modules[i].baseName = String(found.dropLast(".weight".count))
                 } else {

@@ -12,24 +12,31 @@ public struct AdapterReport: Sendable {
     public let nonFinite: [(tensor: String, nan: Int, inf: Int)]
     public let parameterCount: Int
 
-    /// Reads the factors it needs (mixers for diagnostics, every tensor for NaN / Inf counts).
+    /// Reads every tensor once: mixers for their diagnostics, every tensor for NaN / Inf counts.
+    ///
+    /// Diagnostics do not depend on orientation (those of Mᵀ are those of M), so a mixer is used as stored.
     public init(_ adapter: Adapter) throws {
         self.adapter = adapter
-        modules = try adapter.modules.map { m in
-            guard m.hasMixer else { return ModuleLine(module: m, diagnostics: nil) }
-            let f = try m.factors()
-            return ModuleLine(module: m, diagnostics: f.m.map { MixerDiagnostics(mixer: $0, rank: m.rank) })
-        }
+        var mixerRank: [String: Int] = [:]
+        for m in adapter.modules { if let mixer = m.mixer { mixerRank[mixer.name] = m.rank } }
+        var diagnostics: [String: MixerDiagnostics] = [:]
         var bad: [(String, Int, Int)] = []
         var params = 0
         for t in adapter.store.tensorInfos {
             params += t.elementCount
             guard t.dtype.isReadableAsFloat, t.elementCount > 0 else { continue }
-            let values = try adapter.store.floats(t.name)
             var nan = 0, inf = 0
-            for v in values where !v.isFinite { if v.isNaN { nan += 1 } else { inf += 1 } }
+            if let r = mixerRank[t.name] {
+                let values = try adapter.store.doubles(t.name)
+                for v in values where !v.isFinite { if v.isNaN { nan += 1 } else { inf += 1 } }
+                diagnostics[t.name] = MixerDiagnostics(mixer: values, rank: r)
+            } else {
+                let values = try adapter.store.floats(t.name)
+                for v in values where !v.isFinite { if v.isNaN { nan += 1 } else { inf += 1 } }
+            }
             if nan + inf > 0 { bad.append((t.name, nan, inf)) }
         }
+        modules = adapter.modules.map { m in ModuleLine(module: m, diagnostics: m.mixer.flatMap { diagnostics[$0.name] }) }
         nonFinite = bad
         parameterCount = params
     }

@@ -4,9 +4,16 @@ public struct CheckpointReport: Sendable {
     public let files: [String]
     public let metadata: [(key: String, value: String)]
     public let indexMetadata: JSONObject?
-    public let tensors: [(info: TensorInfo, file: String)]
+    /// The checkpoint's tensors, read in place (a header can list millions).
+    private let checkpoint: Checkpoint
+
+    /// Every tensor with the name of its file (built on each use).
+    public var tensors: [(info: TensorInfo, file: String)] {
+        checkpoint.tensors.map { ($0.info, files[$0.file]) }
+    }
 
     public init(_ checkpoint: Checkpoint) {
+        self.checkpoint = checkpoint
         path = checkpoint.path
         files = checkpoint.fileNames
         var seen = Set<String>()
@@ -16,17 +23,16 @@ public struct CheckpointReport: Sendable {
         }
         metadata = pairs
         indexMetadata = checkpoint.indexMetadata
-        tensors = checkpoint.tensors.map { ($0.info, checkpoint.fileNames[$0.file]) }
     }
 
-    public var parameterCount: Int { tensors.reduce(0) { $0 + $1.info.elementCount } }
-    public var byteCount: Int { tensors.reduce(0) { $0 + $1.info.byteCount } }
+    public var parameterCount: Int { checkpoint.tensors.reduce(0) { $0 + $1.info.elementCount } }
+    public var byteCount: Int { checkpoint.tensors.reduce(0) { $0 + $1.info.byteCount } }
 
     /// Tensor counts per dtype, in the reference's dtype order.
     public var dtypeCounts: [(dtype: DType, count: Int)] {
-        var counts: [DType: Int] = [:]
-        for t in tensors { counts[t.info.dtype, default: 0] += 1 }
-        return DType.allCases.compactMap { d in counts[d].map { (d, $0) } }
+        var counts = [Int](repeating: 0, count: DType.allCases.count)
+        for t in checkpoint.tensors { counts[t.info.dtype.writerRank] += 1 }
+        return zip(DType.allCases, counts).filter { $0.1 > 0 }.map { ($0.0, $0.1) }
     }
 
     /// The `--json` object. `adapter` is filled by the adapter report, null for checkpoints.
@@ -36,16 +42,16 @@ public struct CheckpointReport: Sendable {
         o["files"] = .array(files.map { .string($0) })
         o["metadata"] = .object(JSONObject(metadata.map { ($0.key, .string($0.value)) }))
         if let indexMetadata { o["index_metadata"] = .object(indexMetadata) }
-        o["tensor_count"] = .integer(tensors.count)
+        o["tensor_count"] = .integer(checkpoint.tensors.count)
         o["parameter_count"] = .integer(parameterCount)
         o["byte_count"] = .integer(byteCount)
         o["dtypes"] = .object(JSONObject(dtypeCounts.map { ($0.dtype.rawValue, .integer($0.count)) }))
-        o["tensors"] = .array(tensors.map { t in
+        o["tensors"] = .array(checkpoint.tensors.map { t in
             .object(JSONObject([
                 ("name", .string(t.info.name)),
                 ("dtype", .string(t.info.dtype.rawValue)),
                 ("shape", .array(t.info.shape.map { .integer($0) })),
-                ("file", .string(t.file)),
+                ("file", .string(files[t.file])),
             ]))
         })
         o["adapter"] = adapter
@@ -57,14 +63,15 @@ public struct CheckpointReport: Sendable {
         var lines: [String] = []
         lines.append("\(path)")
         lines.append("  files       \(files.count == 1 ? files[0] : "\(files.count) shards (\(files.first!) … \(files.last!))")")
-        lines.append("  tensors     \(tensors.count)")
+        lines.append("  tensors     \(checkpoint.tensors.count)")
         lines.append("  parameters  \(formatCount(parameterCount))")
         lines.append("  bytes       \(formatBytes(byteCount))")
         lines += wrapped("  dtypes      ", dtypeCounts.map { "\($0.dtype.rawValue) × \($0.count)" })
         if !metadata.isEmpty {
             lines += wrapped("  metadata    ", metadata.map { "\($0.key)=\(truncated($0.value, 60))" })
         }
-        if showTensors && !tensors.isEmpty {
+        if showTensors && !checkpoint.tensors.isEmpty {
+            let tensors = self.tensors
             lines.append("")
             let nameWidth = min(80, tensors.map { $0.info.name.count }.max() ?? 4)
             let shapes = tensors.map { "[" + $0.info.shape.map(String.init).joined(separator: ", ") + "]" }

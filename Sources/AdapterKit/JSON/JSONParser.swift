@@ -13,14 +13,18 @@ public struct JSONParser {
 
     public static let maximumDepth = 128
 
-    private let bytes: UnsafeRawBufferPointer
-    private var position = 0
+    let bytes: UnsafeRawBufferPointer
+    /// Where the next byte is read.
+    var position = 0
     private var depth = 0
     private let allowDuplicateKeys: Bool
+    /// Members of the outermost object, counted by `validate`.
+    private var topLevelMembers = 0
 
-    private init(_ bytes: UnsafeRawBufferPointer, allowDuplicateKeys: Bool) {
+    init(_ bytes: UnsafeRawBufferPointer, allowDuplicateKeys: Bool, position: Int = 0) {
         self.bytes = bytes
         self.allowDuplicateKeys = allowDuplicateKeys
+        self.position = position
     }
 
     /// Parses one complete JSON text; only whitespace may follow the value.
@@ -47,15 +51,28 @@ public struct JSONParser {
         try parse(Array(text.utf8))
     }
 
-    private func failure(_ message: String) -> Failure {
+    /// Checks that `bytes` are one complete JSON text, failing exactly where and how `parse` with
+    /// `allowDuplicateKeys` would, but without building anything. Returns how many members the
+    /// top-level value has when it is an object (0 otherwise), for callers that reserve space.
+    @discardableResult
+    public static func validate(_ bytes: UnsafeRawBufferPointer) throws(Failure) -> Int {
+        var parser = JSONParser(bytes, allowDuplicateKeys: true)
+        parser.skipWhitespace()
+        try parser.validateValue()
+        parser.skipWhitespace()
+        guard parser.position == bytes.count else { throw parser.failure("trailing characters after the JSON value") }
+        return parser.topLevelMembers
+    }
+
+    func failure(_ message: String) -> Failure {
         Failure(message: message, offset: position)
     }
 
-    private var current: UInt8? {
+    var current: UInt8? {
         position < bytes.count ? bytes[position] : nil
     }
 
-    private mutating func skipWhitespace() {
+    mutating func skipWhitespace() {
         while position < bytes.count {
             switch bytes[position] {
             case 0x20, 0x09, 0x0A, 0x0D: position += 1
@@ -64,26 +81,41 @@ public struct JSONParser {
         }
     }
 
-    private mutating func expect(_ literal: StaticString, _ value: JSONValue) throws(Failure) -> JSONValue {
+    private mutating func expect(_ literal: StaticString) throws(Failure) {
         let count = literal.utf8CodeUnitCount
         guard position + count <= bytes.count else { throw failure("invalid literal") }
         for i in 0..<count where bytes[position + i] != literal.utf8Start[i] {
             throw failure("invalid literal")
         }
         position += count
-        return value
     }
 
-    private mutating func parseValue() throws(Failure) -> JSONValue {
+    mutating func parseValue() throws(Failure) -> JSONValue {
         guard let c = current else { throw failure("unexpected end of JSON") }
         switch c {
         case UInt8(ascii: "{"): return try parseObject()
         case UInt8(ascii: "["): return try parseArray()
         case UInt8(ascii: "\""): return .string(try parseString())
-        case UInt8(ascii: "t"): return try expect("true", .bool(true))
-        case UInt8(ascii: "f"): return try expect("false", .bool(false))
-        case UInt8(ascii: "n"): return try expect("null", .null)
-        case UInt8(ascii: "-"), UInt8(ascii: "0")...UInt8(ascii: "9"): return try parseNumber()
+        case UInt8(ascii: "t"): try expect("true"); return .bool(true)
+        case UInt8(ascii: "f"): try expect("false"); return .bool(false)
+        case UInt8(ascii: "n"): try expect("null"); return .null
+        case UInt8(ascii: "-"), UInt8(ascii: "0")...UInt8(ascii: "9"):
+            let start = try scanNumber()
+            return .number(String(decoding: UnsafeRawBufferPointer(rebasing: bytes[start..<position]), as: UTF8.self))
+        default: throw failure("unexpected character")
+        }
+    }
+
+    /// `parseValue` without building the value.
+    private mutating func validateValue() throws(Failure) {
+        guard let c = current else { throw failure("unexpected end of JSON") }
+        switch c {
+        case UInt8(ascii: "{"), UInt8(ascii: "["): try validateContainer(c == UInt8(ascii: "{"))
+        case UInt8(ascii: "\""): _ = try scanString(build: false)
+        case UInt8(ascii: "t"): try expect("true")
+        case UInt8(ascii: "f"): try expect("false")
+        case UInt8(ascii: "n"): try expect("null")
+        case UInt8(ascii: "-"), UInt8(ascii: "0")...UInt8(ascii: "9"): _ = try scanNumber()
         default: throw failure("unexpected character")
         }
     }
@@ -109,8 +141,8 @@ public struct JSONParser {
             guard current == UInt8(ascii: "\"") else { throw failure("expected a string key") }
             let keyOffset = position
             let key = try parseString()
-            guard seen.insert(key).inserted || allowDuplicateKeys else {
-                throw Failure(message: "duplicate key \"\(key)\"", offset: keyOffset)
+            if !allowDuplicateKeys {
+                guard seen.insert(key).inserted else { throw Failure(message: "duplicate key \"\(key)\"", offset: keyOffset) }
             }
             skipWhitespace()
             guard current == UInt8(ascii: ":") else { throw failure("expected ':'") }
@@ -152,7 +184,42 @@ public struct JSONParser {
         }
     }
 
-    private mutating func parseNumber() throws(Failure) -> JSONValue {
+    /// `parseObject` (duplicates allowed) or `parseArray` without building anything.
+    private mutating func validateContainer(_ isObject: Bool) throws(Failure) {
+        try enter()
+        defer { depth -= 1 }
+        position += 1
+        let close = isObject ? UInt8(ascii: "}") : UInt8(ascii: "]")
+        skipWhitespace()
+        if current == close {
+            position += 1
+            return
+        }
+        while true {
+            skipWhitespace()
+            if isObject {
+                guard current == UInt8(ascii: "\"") else { throw failure("expected a string key") }
+                _ = try scanString(build: false)
+                skipWhitespace()
+                guard current == UInt8(ascii: ":") else { throw failure("expected ':'") }
+                position += 1
+                skipWhitespace()
+            }
+            try validateValue()
+            if isObject && depth == 1 { topLevelMembers += 1 }
+            skipWhitespace()
+            switch current {
+            case UInt8(ascii: ","): position += 1
+            case close:
+                position += 1
+                return
+            default: throw failure(isObject ? "expected ',' or '}'" : "expected ',' or ']'")
+            }
+        }
+    }
+
+    /// Checks a number and returns where it starts; `position` is left just after it.
+    private mutating func scanNumber() throws(Failure) -> Int {
         let start = position
         if current == UInt8(ascii: "-") { position += 1 }
         guard let first = current, first >= 0x30 && first <= 0x39 else { throw failure("invalid number") }
@@ -168,8 +235,7 @@ public struct JSONParser {
             if current == UInt8(ascii: "+") || current == UInt8(ascii: "-") { position += 1 }
             guard skipDigits() > 0 else { throw failure("invalid number") }
         }
-        let text = String(decoding: UnsafeRawBufferPointer(rebasing: bytes[start..<position]), as: UTF8.self)
-        return .number(text)
+        return start
     }
 
     @discardableResult
@@ -179,18 +245,33 @@ public struct JSONParser {
         return position - start
     }
 
-    private mutating func parseString() throws(Failure) -> String {
+    mutating func parseString() throws(Failure) -> String {
+        try scanString(build: true) ?? ""
+    }
+
+    /// Reads a string from its opening quote: its value when `build`, nil otherwise. Each run of
+    /// bytes between escapes must be valid UTF-8 on its own.
+    private mutating func scanString(build: Bool) throws(Failure) -> String? {
         position += 1
-        var scalars = String.UnicodeScalarView()
         var runStart = position
-        // Copies the run of plain bytes; the header as a whole was checked to be UTF-8 already,
-        // but a string must be valid on its own too, so it is validated here as well.
+        // The common case, no escape: one scan, one validation, one copy.
+        while let c = current {
+            if c == UInt8(ascii: "\"") {
+                let run = UnsafeRawBufferPointer(rebasing: bytes[runStart..<position])
+                guard isValidUTF8(run) else { throw Failure(message: "string is not valid UTF-8", offset: runStart) }
+                position += 1
+                return build ? String(decoding: run, as: UTF8.self) : nil
+            }
+            if c == UInt8(ascii: "\\") { break }
+            if c < 0x20 { throw failure("control character in string") }
+            position += 1
+        }
+        var out: [UInt8] = []
         func flush(_ end: Int) throws(Failure) {
             guard end > runStart else { return }
-            guard let s = String(validating: UnsafeRawBufferPointer(rebasing: bytes[runStart..<end]), as: UTF8.self) else {
-                throw Failure(message: "string is not valid UTF-8", offset: runStart)
-            }
-            scalars.append(contentsOf: s.unicodeScalars)
+            let run = UnsafeRawBufferPointer(rebasing: bytes[runStart..<end])
+            guard isValidUTF8(run) else { throw Failure(message: "string is not valid UTF-8", offset: runStart) }
+            if build { out.append(contentsOf: run) }
         }
         while true {
             guard let c = current else { throw failure("unterminated string") }
@@ -198,24 +279,26 @@ public struct JSONParser {
             case UInt8(ascii: "\""):
                 try flush(position)
                 position += 1
-                return String(scalars)
+                return build ? String(decoding: out, as: UTF8.self) : nil
             case UInt8(ascii: "\\"):
                 try flush(position)
                 position += 1
                 guard let e = current else { throw failure("unterminated string") }
                 position += 1
+                let scalar: Unicode.Scalar
                 switch e {
-                case UInt8(ascii: "\""): scalars.append("\"")
-                case UInt8(ascii: "\\"): scalars.append("\\")
-                case UInt8(ascii: "/"): scalars.append("/")
-                case UInt8(ascii: "b"): scalars.append("\u{08}")
-                case UInt8(ascii: "f"): scalars.append("\u{0C}")
-                case UInt8(ascii: "n"): scalars.append("\n")
-                case UInt8(ascii: "r"): scalars.append("\r")
-                case UInt8(ascii: "t"): scalars.append("\t")
-                case UInt8(ascii: "u"): scalars.append(try parseUnicodeEscape())
+                case UInt8(ascii: "\""): scalar = "\""
+                case UInt8(ascii: "\\"): scalar = "\\"
+                case UInt8(ascii: "/"): scalar = "/"
+                case UInt8(ascii: "b"): scalar = "\u{08}"
+                case UInt8(ascii: "f"): scalar = "\u{0C}"
+                case UInt8(ascii: "n"): scalar = "\n"
+                case UInt8(ascii: "r"): scalar = "\r"
+                case UInt8(ascii: "t"): scalar = "\t"
+                case UInt8(ascii: "u"): scalar = try parseUnicodeEscape()
                 default: throw failure("invalid escape")
                 }
+                if build { UTF8.encode(scalar) { out.append($0) } }
                 runStart = position
             case 0x00..<0x20:
                 throw failure("control character in string")
@@ -223,6 +306,75 @@ public struct JSONParser {
                 position += 1
             }
         }
+    }
+
+    /// In a validated text, the bytes of the string at `position` when it holds no escape (and
+    /// `position` just past it); nil, with `position` unchanged, when it does.
+    mutating func rawString() -> UnsafeRawBufferPointer? {
+        var i = position + 1
+        while i < bytes.count {
+            switch bytes[i] {
+            case UInt8(ascii: "\""):
+                defer { position = i + 1 }
+                return UnsafeRawBufferPointer(rebasing: bytes[(position + 1)..<i])
+            case UInt8(ascii: "\\"):
+                return nil
+            default:
+                i += 1
+            }
+        }
+        return nil
+    }
+
+    /// Moves past the value at `position` in a text already validated: no checks, nothing built.
+    mutating func skipValue() {
+        var nesting = 0
+        repeat {
+            guard position < bytes.count else { return }
+            switch bytes[position] {
+            case UInt8(ascii: "\""):
+                position += 1
+                while position < bytes.count, bytes[position] != UInt8(ascii: "\"") {
+                    position += bytes[position] == UInt8(ascii: "\\") ? 2 : 1
+                }
+                position += 1
+            case UInt8(ascii: "{"), UInt8(ascii: "["):
+                nesting += 1
+                position += 1
+            case UInt8(ascii: "}"), UInt8(ascii: "]"):
+                nesting -= 1
+                position += 1
+            case UInt8(ascii: ","), UInt8(ascii: ":"), 0x20, 0x09, 0x0A, 0x0D:
+                position += 1
+            default:
+                // A number or a literal: up to the next delimiter.
+                while position < bytes.count {
+                    switch bytes[position] {
+                    case UInt8(ascii: ","), UInt8(ascii: "}"), UInt8(ascii: "]"), UInt8(ascii: ":"), 0x20, 0x09, 0x0A, 0x0D: break
+                    default: position += 1; continue
+                    }
+                    break
+                }
+            }
+        } while nesting > 0
+    }
+
+    /// In a validated text, the value at `position` as an unsigned 64-bit integer when it is written as
+    /// one (digits only) and fits, else nil; either way `position` moves past it (as `JSONValue.uint64`).
+    mutating func uint64Value() -> UInt64? {
+        let start = position
+        skipValue()
+        var value: UInt64 = 0
+        guard position > start else { return nil }
+        for i in start..<position {
+            let byte = bytes[i]
+            guard byte >= 0x30 && byte <= 0x39 else { return nil }
+            let (m, o1) = value.multipliedReportingOverflow(by: 10)
+            let (a, o2) = m.addingReportingOverflow(UInt64(byte - 0x30))
+            if o1 || o2 { return nil }
+            value = a
+        }
+        return value
     }
 
     private mutating func parseHex4() throws(Failure) -> UInt32 {

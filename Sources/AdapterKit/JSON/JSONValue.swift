@@ -1,6 +1,6 @@
 /// A JSON value that keeps object keys in file order, so that duplicate keys can be seen and
 /// refused, and files can be written back in a chosen order.
-public indirect enum JSONValue: Sendable, Equatable {
+public enum JSONValue: Sendable, Equatable {
     case null
     case bool(Bool)
     /// A number as written in the text; read it with `uint64`, `int`, or `double`.

@@ -243,20 +243,32 @@ extension MergePlan {
     }
 }
 
-/// Finds the base tensor a module adapts, per layout.
+/// Finds the base tensor a module adapts, per layout. The base's names are indexed once, so
+/// resolving every module costs time linear in modules + base tensors.
 struct BaseNameResolver {
     let base: Checkpoint
     /// kohya: base keys without `.weight`, dots replaced by underscores → base key (nil when two collide).
     let underscored: [String: String?]
+    /// Base names by what follows their first component (`model.layers.0.q.weight` under
+    /// `layers.0.q.weight`) → the name (nil when two share it).
+    let byRest: [String: String?]
 
     init(_ base: Checkpoint) {
         self.base = base
         var map: [String: String?] = [:]
-        for name in base.tensorNames where name.hasSuffix(".weight") {
+        var rest: [String: String?] = [:]
+        for (info, _) in base.tensors {
+            let name = info.name
+            guard name.hasSuffix(".weight") else { continue }
             let key = String(name.dropLast(".weight".count)).replacingDots()
             map[key] = map[key] == nil ? .some(name) : .some(nil)
+            if let dot = name.firstIndex(of: ".") {
+                let after = String(name[name.index(after: dot)...])
+                rest[after] = rest[after] == nil ? .some(name) : .some(nil)
+            }
         }
         underscored = map
+        byRest = rest
     }
 
     func weightName(for module: LoRAModule, format: AdapterFormat) -> String? {
@@ -268,11 +280,9 @@ struct BaseNameResolver {
                           name.hasPrefix("model.") ? String(name.dropFirst(6)) + ".weight" : nil]
         for c in candidates.compactMap({ $0 }) where base.tensor(c) != nil { return c }
         // Another top-level name for the same model (PaddleNLP's `llama.` for `model.`): the rest
-        // of the path must match exactly one base tensor.
+        // of the path must match exactly one base tensor, whatever its first component.
         guard let dot = name.firstIndex(of: ".") else { return nil }
-        let rest = "." + name[name.index(after: dot)...] + ".weight"
-        let matches = base.tensorNames.filter { $0.hasSuffix(rest) && !$0.dropLast(rest.count).contains(".") }
-        return matches.count == 1 ? matches[0] : nil
+        return byRest[String(name[name.index(after: dot)...]) + ".weight"] ?? nil
     }
 }
 

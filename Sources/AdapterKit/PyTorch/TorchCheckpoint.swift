@@ -1,15 +1,25 @@
+import Foundation
+
 /// A PyTorch checkpoint written by `torch.save` (zip format): `adapter_model.bin`, `.pt`, `.pth`.
 ///
 /// The pickle is interpreted, never executed: only the opcodes and globals that rebuild tensors and
 /// ordered dicts are accepted. Tensors of nested dicts are named by their keys joined with dots; a
 /// single wrapper entry such as `{"state_dict": {...}}` is unwrapped. Stored storages are read from a
 /// memory map; strided views are made contiguous when read.
+///
+/// A deflated storage is inflated at most once while the tensors viewing it are read, and only as far
+/// as the furthest byte any of its views needs (bytes before the nearest one are not kept); it is freed
+/// when every view has been read or released. A few bytes of file can declare gigabytes of storage, so
+/// the cost of reading is bounded by what the tensors use, never by what the storage claims.
 public final class TorchCheckpoint: TensorStore {
     /// A tensor and the member holding its storage.
     struct Record: Sendable {
         let tensor: TorchTensorReference
         let member: ZipArchive.Entry
         let isContiguous: Bool
+        /// The storage bytes the view touches, from its first element to just past its last (empty
+        /// for a tensor without elements).
+        let byteRange: Range<Int>
     }
 
     public let path: String
@@ -21,6 +31,7 @@ public final class TorchCheckpoint: TensorStore {
     let archive: ZipArchive
     private let records: [String: Record]
     private let lookup: [String: Int]
+    private let inflatedStorages: InflatedStorages
 
     /// Wrapper keys training scripts put a state dict under.
     static let wrapperKeys: Set<String> = ["state_dict", "model_state_dict", "model", "module", "params"]
@@ -81,6 +92,7 @@ public final class TorchCheckpoint: TensorStore {
         var infos: [TensorInfo] = []
         var lookup: [String: Int] = [:]
         var offset = 0
+        var spans: [String: InflatedStorages.Span] = [:]
         for (tensorName, t) in found {
             guard records[tensorName] == nil else { throw InputError(path, "tensor name \(quotedForMessage(tensorName)) occurs twice after joining nested keys") }
             let record = try Self.validate(t, name: tensorName, archive: archive, prefix: prefix, path: path)
@@ -90,11 +102,21 @@ public final class TorchCheckpoint: TensorStore {
             infos.append(TensorInfo(name: tensorName, dtype: t.dtype, shape: t.shape, dataOffsets: offset..<end))
             records[tensorName] = record
             offset = end
+            if record.member.method == .deflated, bytes > 0 {
+                spans[record.member.name, default: InflatedStorages.Span(member: record.member)].add(record.byteRange, viewer: tensorName)
+            }
         }
         self.records = records
         self.tensorInfos = infos
         self.lookup = lookup
+        self.inflatedStorages = InflatedStorages(archive: archive, spans: spans)
     }
+
+    /// Bytes inflated from deflated members so far (kept or passed over): the cost of what was read.
+    public var inflatedByteCount: Int { archive.inflatedByteCount }
+
+    /// Whether inflated storage bytes are held now (views of them not yet all read or released).
+    var inflatedStoragesHeld: Bool { inflatedStorages.holdsAny }
 
     public var metadataPairs: [(key: String, value: String)] { [] }
 
@@ -102,28 +124,39 @@ public final class TorchCheckpoint: TensorStore {
         lookup[name].map { tensorInfos[$0] }
     }
 
-    /// Calls `body` with the tensor's little-endian, row-major bytes: the mapped storage slice when the
-    /// tensor is contiguous and stored, otherwise a buffer the elements are gathered into.
+    /// Calls `body` with the tensor's little-endian, row-major bytes: the storage slice when the tensor is
+    /// contiguous (mapped when stored, inflated once when deflated), otherwise a buffer the elements are
+    /// gathered into.
     public func withBytes<R>(of name: String, _ body: (UnsafeRawBufferPointer) throws -> R) throws -> R {
         guard let r = records[name], let info = info(name) else {
             throw TensorReadError(file: path, tensor: name, problem: "no such tensor")
         }
-        let itemSize = r.tensor.dtype.byteSize
         if info.byteCount == 0 { return try body(UnsafeRawBufferPointer(start: nil, count: 0)) }
-        return try archive.withContents(of: r.member) { storage in
-            let start = r.tensor.storageOffset * itemSize
+        // `storage` holds the storage's bytes from `first` on.
+        func view(_ storage: UnsafeRawBufferPointer, first: Int) throws -> R {
+            let start = r.byteRange.lowerBound - first
             if r.isContiguous {
                 return try body(UnsafeRawBufferPointer(rebasing: storage[start..<(start + info.byteCount)]))
             }
             let out = UnsafeMutableRawBufferPointer.allocate(byteCount: info.byteCount, alignment: 64)
             defer { out.deallocate() }
-            Self.gather(storage, r.tensor, into: out)
+            Self.gather(storage, first: first, r.tensor, into: out)
             return try body(UnsafeRawBufferPointer(out))
+        }
+        switch r.member.method {
+        case .stored:
+            return try archive.withContents(of: r.member) { try view($0, first: 0) }
+        case .deflated:
+            return try inflatedStorages.withStorage(r.member.name, viewer: name) { try view($0, first: $1) }
         }
     }
 
     public func release(_ name: String) {
-        if let r = records[name], r.member.method == .stored { archive.release(r.member) }
+        guard let r = records[name] else { return }
+        switch r.member.method {
+        case .stored: archive.release(r.member)
+        case .deflated: inflatedStorages.done(r.member.name, viewer: name)
+        }
     }
 
     // MARK: - Walking the pickled value
@@ -246,6 +279,7 @@ public final class TorchCheckpoint: TensorStore {
             throw problem("its view (shape \(t.shape), stride \(t.stride)) repeats elements of its \(member.uncompressedSize)-byte storage (a zero or overlapping stride); save a contiguous copy (.contiguous()) instead")
         }
         var contiguous = true
+        var byteRange = 0..<0
         if elements > 0 {
             // The last element the view touches must lie inside the storage.
             var last = t.storageOffset
@@ -262,20 +296,23 @@ public final class TorchCheckpoint: TensorStore {
                   endByte <= member.uncompressedSize else {
                 throw problem("its view (offset \(t.storageOffset), shape \(t.shape), stride \(t.stride)) reaches past the \(member.uncompressedSize)-byte storage")
             }
+            // Strides are never negative, so the first element is the lowest.
+            byteRange = (t.storageOffset * t.dtype.byteSize)..<endByte
         }
-        return Record(tensor: t, member: member, isContiguous: contiguous)
+        return Record(tensor: t, member: member, isContiguous: contiguous, byteRange: byteRange)
     }
 
-    /// Copies a strided view into row-major order; the view was checked to lie inside `storage`.
-    static func gather(_ storage: UnsafeRawBufferPointer, _ t: TorchTensorReference, into out: UnsafeMutableRawBufferPointer) {
-        guard let src = storage.baseAddress, let dst = out.baseAddress else { return }
+    /// Copies a strided view into row-major order; `storage` holds the storage's bytes from byte `first`
+    /// on, and the view was checked to lie inside it.
+    static func gather(_ storage: UnsafeRawBufferPointer, first: Int, _ t: TorchTensorReference, into out: UnsafeMutableRawBufferPointer) {
+        guard let base = storage.baseAddress, let dst = out.baseAddress else { return }
         let item = t.dtype.byteSize
         let dims = t.shape.count
         var index = [Int](repeating: 0, count: dims)
         var source = t.storageOffset
         var written = 0
         while written < out.count {
-            (dst + written).copyMemory(from: src + source * item, byteCount: item)
+            (dst + written).copyMemory(from: base + (source * item - first), byteCount: item)
             written += item
             // Odometer step over the multi-index, moving the source offset by the strides.
             var d = dims - 1
@@ -288,5 +325,96 @@ public final class TorchCheckpoint: TensorStore {
                 d -= 1
             }
         }
+    }
+}
+
+/// The deflated storages of a checkpoint, each inflated once on first use and only over the bytes its
+/// views need, then freed when every view has been read or released.
+final class InflatedStorages: @unchecked Sendable {
+    /// What the views of one deflated storage need of it.
+    struct Span {
+        let member: ZipArchive.Entry
+        /// From the lowest byte any view touches to just past the highest.
+        var bytes: Range<Int>?
+        var viewers: Set<String> = []
+
+        init(member: ZipArchive.Entry) { self.member = member }
+
+        mutating func add(_ range: Range<Int>, viewer: String) {
+            bytes = bytes.map { min($0.lowerBound, range.lowerBound)..<max($0.upperBound, range.upperBound) } ?? range
+            viewers.insert(viewer)
+        }
+    }
+
+    private struct Slot {
+        let span: Span
+        var buffer: UnsafeMutableRawBufferPointer?
+        /// Views not yet read or released: the buffer is kept until there are none.
+        var pending: Set<String>
+        /// Reads in progress.
+        var users = 0
+    }
+
+    private let archive: ZipArchive
+    private let lock = NSLock()
+    private var slots: [String: Slot]
+
+    init(archive: ZipArchive, spans: [String: Span]) {
+        self.archive = archive
+        slots = spans.mapValues { Slot(span: $0, pending: $0.viewers) }
+    }
+
+    deinit {
+        for slot in slots.values { slot.buffer?.deallocate() }
+    }
+
+    /// Calls `body` with the storage's bytes from the first byte its views need, and that byte's offset.
+    func withStorage<R>(_ member: String, viewer: String, _ body: (UnsafeRawBufferPointer, Int) throws -> R) throws -> R {
+        lock.lock()
+        guard var slot = slots[member], let bytes = slot.span.bytes else {
+            lock.unlock()
+            preconditionFailure("a deflated storage without views was read")
+        }
+        let buffer: UnsafeMutableRawBufferPointer
+        if let b = slot.buffer {
+            buffer = b
+        } else {
+            // Inflated under the lock: a second reader of the same storage waits for it instead of inflating it again.
+            do { buffer = try archive.inflate(slot.span.member, keeping: bytes) } catch {
+                lock.unlock()
+                throw error
+            }
+            slot.buffer = buffer
+        }
+        slot.users += 1
+        slots[member] = slot
+        lock.unlock()
+        defer { finish(member, viewer: viewer, reading: true) }
+        return try body(UnsafeRawBufferPointer(rebasing: buffer[0..<bytes.count]), bytes.lowerBound)
+    }
+
+    /// The view will not be read again (a caller's `release`).
+    func done(_ member: String, viewer: String) {
+        finish(member, viewer: viewer, reading: false)
+    }
+
+    private func finish(_ member: String, viewer: String, reading: Bool) {
+        lock.lock()
+        defer { lock.unlock() }
+        guard var slot = slots[member] else { return }
+        if reading { slot.users -= 1 }
+        slot.pending.remove(viewer)
+        if slot.pending.isEmpty, slot.users == 0, let b = slot.buffer {
+            b.deallocate()
+            slot.buffer = nil
+        }
+        slots[member] = slot
+    }
+
+    /// Whether any storage's inflated bytes are held now.
+    var holdsAny: Bool {
+        lock.lock()
+        defer { lock.unlock() }
+        return slots.values.contains { $0.buffer != nil }
     }
 }

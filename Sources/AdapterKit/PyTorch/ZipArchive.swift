@@ -22,7 +22,7 @@ public struct ZipError: Error, Sendable, CustomStringConvertible {
 /// A read-only zip archive whose every header is checked against the file before any member is used.
 ///
 /// Stored members are served straight from a memory map; deflated members are inflated into a buffer
-/// no larger than their declared size. Only what torch writes is supported: one disk, no encryption,
+/// no larger than their declared size, or only as far as a caller needs (`inflate(_:keeping:)`). Only what torch writes is supported: one disk, no encryption,
 /// stored (0) or deflated (8) members, ZIP64 sizes and offsets.
 public final class ZipArchive: @unchecked Sendable {
     /// How a member's bytes are kept.
@@ -55,6 +55,7 @@ public final class ZipArchive: @unchecked Sendable {
     private let map: MappedFile
     private let lock = NSLock()
     private var checked: Set<Int> = []
+    private var inflated = 0
 
     /// Opens `path` and validates the end records, the central directory and every local header.
     public init(path: String) throws {
@@ -85,22 +86,18 @@ public final class ZipArchive: @unchecked Sendable {
 
     /// Calls `body` with the member's uncompressed bytes, CRC-32 checked. Stored members are not copied.
     public func withContents<R>(of entry: Entry, _ body: (UnsafeRawBufferPointer) throws -> R) throws -> R {
-        let raw = map.bytes(entry.dataOffset..<(entry.dataOffset + entry.compressedSize))
         switch entry.method {
         case .stored:
+            let raw = map.bytes(entry.dataOffset..<(entry.dataOffset + entry.compressedSize))
             if !isChecked(entry.index) {
                 try verifyCRC(entry, raw)
                 markChecked(entry.index)
             }
             return try body(raw)
         case .deflated:
-            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: max(entry.uncompressedSize, 1), alignment: 64)
+            let buffer = try inflate(entry, keeping: 0..<entry.uncompressedSize)
             defer { buffer.deallocate() }
-            let out = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<entry.uncompressedSize])
-            try inflate(entry, from: raw, into: out)
-            let view = UnsafeRawBufferPointer(out)
-            try verifyCRC(entry, view)
-            return try body(view)
+            return try body(UnsafeRawBufferPointer(buffer))
         }
     }
 
@@ -117,6 +114,32 @@ public final class ZipArchive: @unchecked Sendable {
         map.release(entry.dataOffset..<(entry.dataOffset + entry.compressedSize))
     }
 
+    /// Bytes zlib has produced for deflated members so far, kept or not: what reading this archive cost.
+    public var inflatedByteCount: Int {
+        lock.lock(); defer { lock.unlock() }
+        return inflated
+    }
+
+    /// Inflates a deflated member from its start up to `range.upperBound` and no further, keeping only the
+    /// bytes in `range` (those before it pass through a small scratch buffer); the caller deallocates the
+    /// result, which holds `range.count` bytes (at least one byte is allocated).
+    ///
+    /// A range that reaches the member's end inflates it all: the stream must then end exactly at the
+    /// declared size and the CRC-32 must match. A shorter range stops early, so the CRC-32 (of the whole
+    /// member) cannot be checked; the deflate stream is still checked as far as it is read.
+    public func inflate(_ entry: Entry, keeping range: Range<Int>) throws -> UnsafeMutableRawBufferPointer {
+        precondition(entry.method == .deflated && range.lowerBound >= 0 && range.upperBound <= entry.uncompressedSize)
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: max(range.count, 1), alignment: 64)
+        do {
+            let raw = map.bytes(entry.dataOffset..<(entry.dataOffset + entry.compressedSize))
+            try inflate(entry, from: raw, keeping: range, into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<range.count]))
+        } catch {
+            buffer.deallocate()
+            throw error
+        }
+        return buffer
+    }
+
     private func isChecked(_ i: Int) -> Bool {
         lock.lock(); defer { lock.unlock() }
         return checked.contains(i)
@@ -127,8 +150,17 @@ public final class ZipArchive: @unchecked Sendable {
         checked.insert(i)
     }
 
-    private func verifyCRC(_ entry: Entry, _ bytes: UnsafeRawBufferPointer) throws {
-        var crc: uLong = CZlib.crc32(0, nil, 0)
+    private func countInflated(_ n: Int) {
+        lock.lock(); defer { lock.unlock() }
+        inflated += n
+    }
+
+    private func crcMismatch(_ entry: Entry, _ crc: uLong) -> ZipError {
+        ZipError(file: path, member: entry.name, problem: "CRC-32 mismatch: the header says \(hex(entry.crc32)), the data gives \(hex(UInt32(truncatingIfNeeded: crc))); the file is corrupt")
+    }
+
+    private static func crc32(_ crc: uLong, _ bytes: UnsafeRawBufferPointer) -> uLong {
+        var crc = crc
         var done = 0
         while done < bytes.count {
             let n = min(bytes.count - done, 1 << 30)
@@ -137,35 +169,63 @@ public final class ZipArchive: @unchecked Sendable {
             }
             done += n
         }
-        guard UInt32(truncatingIfNeeded: crc) == entry.crc32 else {
-            throw ZipError(file: path, member: entry.name, problem: "CRC-32 mismatch: the header says \(hex(entry.crc32)), the data gives \(hex(UInt32(truncatingIfNeeded: crc))); the file is corrupt")
-        }
+        return crc
     }
 
-    /// Inflates raw deflate data into exactly `out.count` bytes; more or fewer is an error.
-    private func inflate(_ entry: Entry, from input: UnsafeRawBufferPointer, into out: UnsafeMutableRawBufferPointer) throws {
+    private func verifyCRC(_ entry: Entry, _ bytes: UnsafeRawBufferPointer) throws {
+        let crc = Self.crc32(CZlib.crc32(0, nil, 0), bytes)
+        guard UInt32(truncatingIfNeeded: crc) == entry.crc32 else { throw crcMismatch(entry, crc) }
+    }
+
+    /// Inflates raw deflate data up to `range.upperBound` bytes of output, writing the bytes of `range`
+    /// into `out` (which holds exactly `range.count`). Up to the declared size, the stream must end
+    /// exactly there (more or fewer bytes is an error) and its CRC-32 must match.
+    private func inflate(_ entry: Entry, from input: UnsafeRawBufferPointer, keeping range: Range<Int>,
+                         into out: UnsafeMutableRawBufferPointer) throws {
         var stream = z_stream()
         guard inflateInit2_(&stream, -MAX_WBITS, zlibVersion(), Int32(MemoryLayout<z_stream>.size)) == Z_OK else {
             throw ZipError(file: path, member: entry.name, problem: "zlib could not start inflating")
         }
         defer { inflateEnd(&stream) }
+        let whole = range.upperBound == entry.uncompressedSize
+        var crc = CZlib.crc32(0, nil, 0)
+        let scratchSize = 64 << 10
+        let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: range.lowerBound > 0 ? scratchSize : 1, alignment: 64)
+        defer { scratch.deallocate() }
         var inDone = 0
-        var outDone = 0
-        var scratch: UInt8 = 0
+        var produced = 0  // bytes of output so far, from the member's start
+        defer { countInflated(produced) }
+        var extra: UInt8 = 0
         while true {
             let inChunk = min(input.count - inDone, 1 << 30)
-            let outChunk = min(out.count - outDone, 1 << 30)
             stream.next_in = input.baseAddress.map { UnsafeMutablePointer(mutating: ($0 + inDone).assumingMemoryBound(to: Bytef.self)) }
             stream.avail_in = uInt(inChunk)
+            // Where this call's output goes: the scratch buffer before the range, `out` inside it.
+            let target: UnsafeMutableRawPointer?
+            let room: Int
+            if produced < range.lowerBound {
+                target = scratch.baseAddress
+                room = min(range.lowerBound - produced, scratchSize)
+            } else if produced < range.upperBound {
+                target = out.baseAddress.map { $0 + (produced - range.lowerBound) }
+                room = min(range.upperBound - produced, 1 << 30)
+            } else if !whole {
+                return  // every byte the caller needs is there; the rest of the member is not read
+            } else {
+                target = nil
+                room = 0
+            }
             let result: Int32
-            if outChunk > 0, let base = out.baseAddress {
-                stream.next_out = (base + outDone).assumingMemoryBound(to: Bytef.self)
-                stream.avail_out = uInt(outChunk)
+            if let target, room > 0 {
+                stream.next_out = target.assumingMemoryBound(to: Bytef.self)
+                stream.avail_out = uInt(room)
                 result = CZlib.inflate(&stream, Z_NO_FLUSH)
-                outDone += outChunk - Int(stream.avail_out)
+                let n = room - Int(stream.avail_out)
+                if whole, n > 0 { crc = Self.crc32(crc, UnsafeRawBufferPointer(start: target, count: n)) }
+                produced += n
             } else {
                 // The declared size is reached: one more byte of output means the header lied.
-                result = withUnsafeMutablePointer(to: &scratch) { p in
+                result = withUnsafeMutablePointer(to: &extra) { p in
                     stream.next_out = p
                     stream.avail_out = 1
                     return CZlib.inflate(&stream, Z_NO_FLUSH)
@@ -177,9 +237,10 @@ public final class ZipArchive: @unchecked Sendable {
             inDone += inChunk - Int(stream.avail_in)
             switch result {
             case Z_STREAM_END:
-                guard outDone == out.count else {
-                    throw ZipError(file: path, member: entry.name, problem: "inflates to \(outDone) bytes, not the declared \(entry.uncompressedSize)")
+                guard produced == entry.uncompressedSize else {
+                    throw ZipError(file: path, member: entry.name, problem: "inflates to \(produced) bytes, not the declared \(entry.uncompressedSize)")
                 }
+                guard UInt32(truncatingIfNeeded: crc) == entry.crc32 else { throw crcMismatch(entry, crc) }
                 return
             case Z_OK:
                 continue

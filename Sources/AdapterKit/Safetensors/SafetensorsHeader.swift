@@ -115,37 +115,84 @@ public struct SafetensorsHeader: Sendable {
             throw fail(.invalidHeaderLength, "could read only \(bytes.count) of \(n) header bytes")
         }
         return try bytes.withUnsafeBytes { raw in
-            guard String(validating: raw, as: UTF8.self) != nil else {
+            guard isValidUTF8(raw) else {
                 throw fail(.invalidHeaderUTF8, "")
             }
             return try parseJSON(raw, file: file, fileSize: fileSize, headerLength: n)
         }
     }
 
+    private static let fields: [[UInt8]] = [Array("dtype".utf8), Array("shape".utf8), Array("data_offsets".utf8)]
+    private static let dtypeNames: [[UInt8]] = DType.allCases.map { Array($0.rawValue.utf8) }
+
+    /// The header in two passes over its bytes: the whole text is checked as JSON first (so a syntax
+    /// error anywhere is reported before any rule about tensors, as the reference does), then read
+    /// member by member straight into `TensorInfo`s, with no JSON tree built for the tensors.
     private static func parseJSON(_ raw: UnsafeRawBufferPointer, file: String, fileSize: Int, headerLength n: Int) throws -> SafetensorsHeader {
         func fail(_ rule: SafetensorsError.Rule, _ detail: String, tensor: String? = nil) -> SafetensorsError {
             SafetensorsError(file: file, tensor: tensor, rule: rule, detail: detail)
         }
-        let root: JSONValue
+        let members: Int
         do {
-            root = try JSONParser.parse(raw, allowDuplicateKeys: true)
+            members = try JSONParser.validate(raw)
         } catch {
             throw fail(.invalidJSON, error.description)
         }
-        guard case .object(let object) = root else { throw fail(.invalidHeader, "the header is not a JSON object") }
+        // From here on the text is valid JSON: only its meaning is checked.
+        var p = JSONParser(raw, allowDuplicateKeys: true)
+        p.skipWhitespace()
+        guard p.current == UInt8(ascii: "{") else { throw fail(.invalidHeader, "the header is not a JSON object") }
+        p.position += 1
 
         var tensors: [TensorInfo] = []
         var index: [String: Int] = [:]
         var metadata: [(key: String, value: String)] = []
         var hasMetadata = false
         var sawMetadataKey = false
-        tensors.reserveCapacity(object.members.count)
+        var shapes = ShapeCache()
+        // A tensor entry takes at least 48 bytes (`"":{"dtype":"I8","shape":[],"data_offsets":[0,0]}`),
+        // so a hostile header of tiny members reserves no more than a valid one could use.
+        let reserved = min(members, n / 48 + 1)
+        tensors.reserveCapacity(reserved)
+        index.reserveCapacity(reserved)
 
-        for (key, value) in object.members {
-            if key == "__metadata__" {
+        /// Moves to the next member or element; false (and past it) at the closing bracket.
+        func next(_ p: inout JSONParser, _ close: UInt8) -> Bool {
+            p.skipWhitespace()
+            if p.current == UInt8(ascii: ",") { p.position += 1; p.skipWhitespace() }
+            if p.current == close { p.position += 1; return false }
+            return true
+        }
+        /// Reads a key and the colon after it; `position` is then at the value.
+        func key(_ p: inout JSONParser) throws -> String {
+            let k = try p.parseString()
+            colon(&p)
+            return k
+        }
+        func colon(_ p: inout JSONParser) {
+            p.skipWhitespace()
+            p.position += 1  // ':'
+            p.skipWhitespace()
+        }
+        /// Which of the three fields a key names (0, 1, 2), or its text for any other key.
+        func field(_ p: inout JSONParser) throws -> (known: Int?, name: String) {
+            if let raw = p.rawString() {
+                colon(&p)
+                for (i, f) in Self.fields.enumerated() where raw.elementsEqual(f) { return (i, "") }
+                return (nil, String(decoding: raw, as: UTF8.self))
+            }
+            let name = try key(&p)
+            return (Self.fields.firstIndex { $0.elementsEqual(name.utf8) }, name)
+        }
+        let closeObject = UInt8(ascii: "}"), closeArray = UInt8(ascii: "]")
+
+        while next(&p, closeObject) {
+            let name = try key(&p)
+            // (Canonical equivalence cannot make another string equal to this ASCII one.)
+            if name.utf8.count == 12 && name == "__metadata__" {
                 guard !sawMetadataKey else { throw fail(.invalidJSON, "duplicate field \"__metadata__\"") }
                 sawMetadataKey = true
-                switch value {
+                switch try p.parseValue() {
                 case .null: break
                 case .object(let m):
                     hasMetadata = true
@@ -162,50 +209,86 @@ public struct SafetensorsHeader: Sendable {
                 }
                 continue
             }
-            guard index[key] == nil else { throw fail(.duplicateTensor, "\"\(key)\" appears twice", tensor: key) }
-            guard case .object(let entry) = value else { throw fail(.invalidJSON, "entry is not an object", tensor: key) }
-            var dtypeValue: JSONValue?, shapeValue: JSONValue?, offsetsValue: JSONValue?
-            var fieldsSeen = Set<String>()
-            for (fk, fv) in entry.members {
-                guard fieldsSeen.insert(fk).inserted else { throw fail(.invalidJSON, "duplicate field \"\(fk)\"", tensor: key) }
-                switch fk {
-                case "dtype": dtypeValue = fv
-                case "shape": shapeValue = fv
-                case "data_offsets": offsetsValue = fv
-                default: break  // unknown fields are ignored, as the reference does
+            // One hash per name: a duplicate is found as it is inserted.
+            guard index.updateValue(tensors.count, forKey: name) == nil else {
+                throw fail(.duplicateTensor, "\"\(name)\" appears twice", tensor: name)
+            }
+            guard p.current == UInt8(ascii: "{") else { throw fail(.invalidJSON, "entry is not an object", tensor: name) }
+            p.position += 1
+            // Where each known field's value starts; other fields are only checked for duplicates.
+            var dtypeAt: Int?, shapeAt: Int?, offsetsAt: Int?
+            var others: Set<String> = []
+            while next(&p, closeObject) {
+                let (known, other) = try field(&p)
+                let duplicate: Bool
+                switch known {
+                case 0: duplicate = dtypeAt != nil; dtypeAt = p.position
+                case 1: duplicate = shapeAt != nil; shapeAt = p.position
+                case 2: duplicate = offsetsAt != nil; offsetsAt = p.position
+                default: duplicate = !others.insert(other).inserted  // unknown fields are ignored, as the reference does
                 }
+                guard !duplicate else {
+                    throw fail(.invalidJSON, "duplicate field \"\(known.map { String(decoding: Self.fields[$0], as: UTF8.self) } ?? other)\"", tensor: name)
+                }
+                p.skipValue()
             }
-            guard let dtypeValue else { throw fail(.invalidJSON, "missing field \"dtype\"", tensor: key) }
-            guard let shapeValue else { throw fail(.invalidJSON, "missing field \"shape\"", tensor: key) }
-            guard let offsetsValue else { throw fail(.invalidJSON, "missing field \"data_offsets\"", tensor: key) }
-            guard let dtypeName = dtypeValue.stringValue else { throw fail(.invalidJSON, "dtype is not a string", tensor: key) }
-            guard let dtype = DType(rawValue: dtypeName) else { throw fail(.unknownDType, "\"\(dtypeName)\"", tensor: key) }
-            guard let shapeItems = shapeValue.arrayValue else { throw fail(.invalidJSON, "shape is not an array", tensor: key) }
-            var shape: [Int] = []
-            shape.reserveCapacity(shapeItems.count)
-            for item in shapeItems {
-                guard let u = item.uint64 else { throw fail(.invalidJSON, "shape holds a value that is not an unsigned 64-bit integer", tensor: key) }
-                guard let d = Int(exactly: u) else { throw fail(.overflow, "dimension \(u) is too large", tensor: key) }
-                shape.append(d)
+            let end = p.position
+            guard let dtypeAt else { throw fail(.invalidJSON, "missing field \"dtype\"", tensor: name) }
+            guard let shapeAt else { throw fail(.invalidJSON, "missing field \"shape\"", tensor: name) }
+            guard let offsetsAt else { throw fail(.invalidJSON, "missing field \"data_offsets\"", tensor: name) }
+
+            p.position = dtypeAt
+            guard p.current == UInt8(ascii: "\"") else { throw fail(.invalidJSON, "dtype is not a string", tensor: name) }
+            let dtype: DType
+            if let raw = p.rawString(), let i = Self.dtypeNames.firstIndex(where: { raw.elementsEqual($0) }) {
+                dtype = DType.allCases[i]
+            } else {
+                p.position = dtypeAt
+                let dtypeName = try p.parseString()
+                guard let d = DType(rawValue: dtypeName) else { throw fail(.unknownDType, "\"\(dtypeName)\"", tensor: name) }
+                dtype = d
             }
-            guard let offsetItems = offsetsValue.arrayValue, offsetItems.count == 2 else {
-                throw fail(.invalidJSON, "data_offsets is not an array of two integers", tensor: key)
+
+            p.position = shapeAt
+            guard p.current == UInt8(ascii: "[") else { throw fail(.invalidJSON, "shape is not an array", tensor: name) }
+            p.position += 1
+            shapes.start()
+            while next(&p, closeArray) {
+                guard let u = p.uint64Value() else { throw fail(.invalidJSON, "shape holds a value that is not an unsigned 64-bit integer", tensor: name) }
+                guard let d = Int(exactly: u) else { throw fail(.overflow, "dimension \(u) is too large", tensor: name) }
+                shapes.append(d)
             }
-            guard let b = offsetItems[0].uint64, let e = offsetItems[1].uint64 else {
-                throw fail(.invalidJSON, "data_offsets holds a value that is not an unsigned 64-bit integer", tensor: key)
+
+            p.position = offsetsAt
+            guard p.current == UInt8(ascii: "[") else { throw fail(.invalidJSON, "data_offsets is not an array of two integers", tensor: name) }
+            p.position += 1
+            var count = 0
+            var b: UInt64?, e: UInt64?
+            while next(&p, closeArray) {
+                let v = p.uint64Value()
+                if count == 0 { b = v } else if count == 1 { e = v }
+                count += 1
             }
-            guard let begin = Int(exactly: b), let end = Int(exactly: e) else {
-                throw fail(.overflow, "data offsets [\(b), \(e)] are too large", tensor: key)
+            guard count == 2 else { throw fail(.invalidJSON, "data_offsets is not an array of two integers", tensor: name) }
+            guard let b, let e else {
+                throw fail(.invalidJSON, "data_offsets holds a value that is not an unsigned 64-bit integer", tensor: name)
             }
-            if end < begin { throw fail(.invalidOffset, "data_offsets [\(begin), \(end)] end before they begin", tensor: key) }
-            index[key] = tensors.count
-            tensors.append(TensorInfo(name: key, dtype: dtype, shape: shape, dataOffsets: begin..<end))
+            guard let begin = Int(exactly: b), let endOffset = Int(exactly: e) else {
+                throw fail(.overflow, "data offsets [\(b), \(e)] are too large", tensor: name)
+            }
+            if endOffset < begin { throw fail(.invalidOffset, "data_offsets [\(begin), \(endOffset)] end before they begin", tensor: name) }
+            tensors.append(TensorInfo(name: name, dtype: dtype, shape: shapes.finish(), dataOffsets: begin..<endOffset))
+            p.position = end
         }
 
         // Rule 6: contiguous offsets in (begin, end) order, sizes that match the shapes.
-        let order = tensors.indices.sorted {
-            (tensors[$0].dataOffsets.lowerBound, tensors[$0].dataOffsets.upperBound)
-                < (tensors[$1].dataOffsets.lowerBound, tensors[$1].dataOffsets.upperBound)
+        // Writers list tensors in offset order, so the (stable) sort is usually skipped.
+        let ranges = tensors.map(\.dataOffsets)
+        let inOrder = ranges.indices.dropFirst().allSatisfy {
+            (ranges[$0 - 1].lowerBound, ranges[$0 - 1].upperBound) <= (ranges[$0].lowerBound, ranges[$0].upperBound)
+        }
+        let order = inOrder ? Array(ranges.indices) : ranges.indices.sorted {
+            (ranges[$0].lowerBound, ranges[$0].upperBound) < (ranges[$1].lowerBound, ranges[$1].upperBound)
         }
         var expected = 0
         for i in order {
@@ -235,5 +318,27 @@ public struct SafetensorsHeader: Sendable {
             throw fail(.incompleteBuffer, "tensors end at byte \(expected) of the data buffer but the buffer has \(fileSize - 8 - n) bytes")
         }
         return SafetensorsHeader(tensors: tensors, metadata: metadata, hasMetadata: hasMetadata, headerLength: n, index: index)
+    }
+}
+
+/// Hands out one array per distinct recent shape: headers repeat a few shapes over and over, and
+/// sharing them saves an allocation per tensor.
+private struct ShapeCache {
+    private var recent: [[Int]] = []
+    private var dims: [Int] = []
+
+    mutating func start() { dims.removeAll(keepingCapacity: true) }
+
+    mutating func append(_ d: Int) { dims.append(d) }
+
+    mutating func finish() -> [Int] {
+        if let i = recent.firstIndex(of: dims) {
+            if i > 0 { recent.swapAt(0, i) }
+            return recent[0]
+        }
+        let shape = Array(dims)
+        recent.insert(shape, at: 0)
+        if recent.count > 8 { recent.removeLast() }
+        return shape
     }
 }

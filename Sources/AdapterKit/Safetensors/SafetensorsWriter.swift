@@ -42,7 +42,7 @@ public struct SafetensorsLayout: Sendable {
         }
         let ordered = specs.sorted { a, b in
             if a.dtype != b.dtype { return a.dtype < b.dtype }
-            return Array(a.name.utf8).lexicographicallyPrecedes(Array(b.name.utf8))
+            return a.name.utf8.lexicographicallyPrecedes(b.name.utf8)
         }
         var offset = 0
         var infos: [TensorInfo] = []

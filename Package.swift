@@ -19,9 +19,11 @@ let package = Package(
         ),
         // The fused merge kernel, with an AVX2/FMA path chosen at run time.
         .target(name: "CMergeKernel"),
+        // Copies from memory-mapped input that survive the file shrinking (SIGBUS becomes an error).
+        .target(name: "CGuardedRead"),
         .target(
             name: "AdapterKit",
-            dependencies: ["CZlib", "CMergeKernel"]
+            dependencies: ["CZlib", "CMergeKernel", "CGuardedRead"]
         ),
         .executableTarget(
             name: "AdapterCLI",

@@ -300,3 +300,64 @@ private func crc32Of(_ bytes: [UInt8]) -> UInt32 {
     }
     return ~crc
 }
+
+@Suite("PyTorch checkpoints that shrink while they are read")
+struct TorchTruncationTests {
+    @Test("a checkpoint truncated after it was opened: reading a tensor is an error naming the change, never SIGBUS",
+          arguments: ["adapter_model.bin", "deflated.pt", "dtypes.pt"])
+    func truncatedAfterOpen(_ name: String) throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let path = dir.file(name)
+        try FileManager.default.copyItem(atPath: fixture("pytorch/" + name), toPath: path)
+        let checkpoint = try TorchCheckpoint(path: path)
+        // Another process rewrites the file in place: it first becomes (almost) empty.
+        #expect(truncate(path, 64) == 0)
+        var refused = 0
+        for t in checkpoint.tensorInfos {
+            do {
+                _ = try checkpoint.withBytes(of: t.name) { $0.count }
+            } catch {
+                let text = String(describing: error)
+                #expect(text.contains("changed while being read"), "\(text)")
+                #expect(!text.contains("\n"))
+                refused += 1
+            }
+        }
+        #expect(refused == checkpoint.tensorInfos.filter { $0.byteCount > 0 }.count)
+    }
+
+    @Test("a guarded copy from pages a truncation removed returns false instead of raising SIGBUS")
+    func guardedCopy() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let path = dir.write("big", [UInt8](repeating: 7, count: 3 * 65536))
+        let fd = try FileDescriptor.openForReading(path)
+        let map = try MappedFile(fd, count: 3 * 65536)
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        #expect(buffer.withUnsafeMutableBytes { map.copy(65536..<69632, to: $0.baseAddress!) })
+        #expect(buffer.allSatisfy { $0 == 7 })
+        #expect(truncate(path, 10) == 0)
+        // Pages past the new end: the read faults, the copy reports it, the process lives on.
+        #expect(!buffer.withUnsafeMutableBytes { map.copy(131072..<135168, to: $0.baseAddress!) })
+        #expect(!buffer.withUnsafeMutableBytes { map.copy(65536..<69632, to: $0.baseAddress!) })
+    }
+
+    @Test("a zip truncated while its headers are parsed reads as truncated, not as a crash")
+    func headersOutOfRange() throws {
+        // The central directory of a valid file, mapped, then cut: parsing again from the same map
+        // must see the missing bytes as out of range.
+        let dir = TempDir()
+        defer { dir.remove() }
+        let path = dir.file("a.bin")
+        try FileManager.default.copyItem(atPath: fixture("pytorch/adapter_model.bin"), toPath: path)
+        let fd = try FileDescriptor.openForReading(path)
+        let size = try fd.status().size
+        let map = try MappedFile(fd, count: size)
+        #expect(truncate(path, 100) == 0)
+        let reader = ZipReader(path: path, map: map)
+        let error = #expect(throws: ZipError.self) { _ = try reader.parseEntries() }
+        #expect(error?.description.contains("truncated") == true || error?.description.contains("no end-of-central-directory") == true,
+                "\(String(describing: error))")
+    }
+}

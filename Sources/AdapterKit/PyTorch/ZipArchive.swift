@@ -21,7 +21,8 @@ public struct ZipError: Error, Sendable, CustomStringConvertible {
 
 /// A read-only zip archive whose every header is checked against the file before any member is used.
 ///
-/// Stored members are served straight from a memory map; deflated members are inflated into a buffer
+/// Members are read from a memory map through guarded copies (a file that shrinks meanwhile is an
+/// error, never a SIGBUS); deflated members are inflated into a buffer
 /// no larger than their declared size, or only as far as a caller needs (`inflate(_:keeping:)`). Only what torch writes is supported: one disk, no encryption,
 /// stored (0) or deflated (8) members, ZIP64 sizes and offsets.
 public final class ZipArchive: @unchecked Sendable {
@@ -53,6 +54,8 @@ public final class ZipArchive: @unchecked Sendable {
     public let entries: [Entry]
     private let lookup: [String: Int]
     private let map: MappedFile
+    /// Kept open to notice a file that changes size after it was opened.
+    private let descriptor: FileDescriptor
     private let lock = NSLock()
     private var checked: Set<Int> = []
     private var inflated = 0
@@ -68,7 +71,8 @@ public final class ZipArchive: @unchecked Sendable {
         self.path = path
         self.fileSize = status.size
         self.map = try MappedFile(fd, count: status.size)
-        let reader = ZipReader(path: path, bytes: map.bytes(0..<status.size))
+        self.descriptor = fd
+        let reader = ZipReader(path: path, map: map)
         let parsed = try reader.parseEntries()
         self.entries = parsed
         var lookup: [String: Int] = [:]
@@ -84,11 +88,25 @@ public final class ZipArchive: @unchecked Sendable {
         lookup[name].map { entries[$0] }
     }
 
-    /// Calls `body` with the member's uncompressed bytes, CRC-32 checked. Stored members are not copied.
+    /// Calls `body` with the member's uncompressed bytes, CRC-32 checked, in a buffer valid during `body`.
     public func withContents<R>(of entry: Entry, _ body: (UnsafeRawBufferPointer) throws -> R) throws -> R {
+        do {
+            return try contents(entry, body)
+        } catch is ZipError where (try? descriptor.status().size) != fileSize {
+            // A CRC or deflate error on a file whose size changed says nothing about the archive:
+            // it is being rewritten.
+            throw changedWhileReading(entry)
+        }
+    }
+
+    private func contents<R>(_ entry: Entry, _ body: (UnsafeRawBufferPointer) throws -> R) throws -> R {
         switch entry.method {
         case .stored:
-            let raw = map.bytes(entry.dataOffset..<(entry.dataOffset + entry.compressedSize))
+            // Copied out of the map through a guarded read: a file truncated meanwhile is an error, not a SIGBUS.
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: max(entry.compressedSize, 1), alignment: 64)
+            defer { buffer.deallocate() }
+            guard map.copy(entry.dataOffset..<(entry.dataOffset + entry.compressedSize), to: buffer.baseAddress!) else { throw changedWhileReading(entry) }
+            let raw = UnsafeRawBufferPointer(rebasing: buffer[0..<entry.compressedSize])
             if !isChecked(entry.index) {
                 try verifyCRC(entry, raw)
                 markChecked(entry.index)
@@ -131,13 +149,18 @@ public final class ZipArchive: @unchecked Sendable {
         precondition(entry.method == .deflated && range.lowerBound >= 0 && range.upperBound <= entry.uncompressedSize)
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: max(range.count, 1), alignment: 64)
         do {
-            let raw = map.bytes(entry.dataOffset..<(entry.dataOffset + entry.compressedSize))
-            try inflate(entry, from: raw, keeping: range, into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<range.count]))
+            try inflate(entry, from: entry.dataOffset..<(entry.dataOffset + entry.compressedSize), keeping: range,
+                        into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<range.count]))
         } catch {
             buffer.deallocate()
+            if error is ZipError, (try? descriptor.status().size) != fileSize { throw changedWhileReading(entry) }
             throw error
         }
         return buffer
+    }
+
+    private func changedWhileReading(_ entry: Entry) -> ZipError {
+        ZipError(file: path, member: entry.name, problem: "the file changed while being read (it had \(fileSize) bytes when opened, now \((try? descriptor.status().size).map(String.init) ?? "unreadable")); nothing was written")
     }
 
     private func isChecked(_ i: Int) -> Bool {
@@ -180,7 +203,7 @@ public final class ZipArchive: @unchecked Sendable {
     /// Inflates raw deflate data up to `range.upperBound` bytes of output, writing the bytes of `range`
     /// into `out` (which holds exactly `range.count`). Up to the declared size, the stream must end
     /// exactly there (more or fewer bytes is an error) and its CRC-32 must match.
-    private func inflate(_ entry: Entry, from input: UnsafeRawBufferPointer, keeping range: Range<Int>,
+    private func inflate(_ entry: Entry, from input: Range<Int>, keeping range: Range<Int>,
                          into out: UnsafeMutableRawBufferPointer) throws {
         var stream = z_stream()
         guard inflateInit2_(&stream, -MAX_WBITS, zlibVersion(), Int32(MemoryLayout<z_stream>.size)) == Z_OK else {
@@ -192,14 +215,25 @@ public final class ZipArchive: @unchecked Sendable {
         let scratchSize = 64 << 10
         let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: range.lowerBound > 0 ? scratchSize : 1, alignment: 64)
         defer { scratch.deallocate() }
-        var inDone = 0
+        // The compressed bytes come out of the map in chunks, through guarded copies (a file truncated
+        // meanwhile is an error, not a SIGBUS); a chunk is refilled only once zlib has used it all.
+        let staging = UnsafeMutableRawBufferPointer.allocate(byteCount: max(1, min(input.count, 4 << 20)), alignment: 64)
+        defer { staging.deallocate() }
+        var copied = 0  // bytes of input copied out so far
+        stream.avail_in = 0
         var produced = 0  // bytes of output so far, from the member's start
         defer { countInflated(produced) }
         var extra: UInt8 = 0
         while true {
-            let inChunk = min(input.count - inDone, 1 << 30)
-            stream.next_in = input.baseAddress.map { UnsafeMutablePointer(mutating: ($0 + inDone).assumingMemoryBound(to: Bytef.self)) }
-            stream.avail_in = uInt(inChunk)
+            if stream.avail_in == 0 && copied < input.count {
+                let n = min(input.count - copied, staging.count)
+                guard map.copy((input.lowerBound + copied)..<(input.lowerBound + copied + n), to: staging.baseAddress!) else {
+                    throw changedWhileReading(entry)
+                }
+                stream.next_in = staging.baseAddress!.assumingMemoryBound(to: Bytef.self)
+                stream.avail_in = uInt(n)
+                copied += n
+            }
             // Where this call's output goes: the scratch buffer before the range, `out` inside it.
             let target: UnsafeMutableRawPointer?
             let room: Int
@@ -234,7 +268,6 @@ public final class ZipArchive: @unchecked Sendable {
                     throw ZipError(file: path, member: entry.name, problem: "inflates to more than the declared \(entry.uncompressedSize) bytes (a zip bomb or a lying header)")
                 }
             }
-            inDone += inChunk - Int(stream.avail_in)
             switch result {
             case Z_STREAM_END:
                 guard produced == entry.uncompressedSize else {
@@ -245,7 +278,7 @@ public final class ZipArchive: @unchecked Sendable {
             case Z_OK:
                 continue
             case Z_BUF_ERROR:
-                if inDone >= input.count {
+                if copied >= input.count && stream.avail_in == 0 {
                     throw ZipError(file: path, member: entry.name, problem: "the deflate stream ends early (truncated data)")
                 }
                 continue
@@ -289,28 +322,35 @@ func hex(_ v: UInt32) -> String {
 
 // MARK: - Header parsing
 
-/// Little-endian reads over the mapped file; every read is bounds-checked and returns nil when out of range.
+/// Little-endian reads over the mapped file; every read is bounds-checked and returns nil when out of
+/// range. Reads go through guarded copies: a file that shrinks while it is parsed reads as out of
+/// range (a one-line "truncated" error), never a SIGBUS.
 struct ZipReader {
     let path: String
-    let bytes: UnsafeRawBufferPointer
+    let map: MappedFile
 
-    func u16(_ at: Int) -> Int? {
-        guard at >= 0, at <= bytes.count - 2 else { return nil }
-        return Int(bytes[at]) | Int(bytes[at + 1]) << 8
+    /// The bytes of `range`, or nil when out of the file or unreadable (the file shrank).
+    func slice(_ range: Range<Int>) -> [UInt8]? {
+        guard range.lowerBound >= 0, range.upperBound <= map.count else { return nil }
+        var out = [UInt8](repeating: 0, count: range.count)
+        let ok = out.withUnsafeMutableBytes { map.copy(range, to: $0.baseAddress ?? UnsafeMutableRawPointer(bitPattern: 8)!) }
+        return ok ? out : nil
     }
 
-    func u32(_ at: Int) -> Int? {
-        guard at >= 0, at <= bytes.count - 4 else { return nil }
-        var v = 0
-        for i in 0..<4 { v |= Int(bytes[at + i]) << (8 * i) }
-        return v
+    private func little(_ at: Int, _ n: Int) -> UInt64? {
+        guard at >= 0, at <= map.count - n else { return nil }
+        var v: UInt64 = 0
+        let ok = withUnsafeMutableBytes(of: &v) { map.copy(at..<(at + n), to: $0.baseAddress!) }
+        return ok ? UInt64(littleEndian: v) : nil
     }
+
+    func u16(_ at: Int) -> Int? { little(at, 2).map { Int($0) } }
+
+    func u32(_ at: Int) -> Int? { little(at, 4).map { Int($0) } }
 
     /// A u64 that must fit in Int (no real file is 2^63 bytes).
     func u64(_ at: Int) -> Int? {
-        guard at >= 0, at <= bytes.count - 8 else { return nil }
-        var v: UInt64 = 0
-        for i in 0..<8 { v |= UInt64(bytes[at + i]) << (8 * UInt64(i)) }
+        guard let v = little(at, 8) else { return nil }
         return v > UInt64(Int.max) ? nil : Int(v)
     }
 
@@ -325,7 +365,7 @@ struct ZipReader {
 
     /// Where the end-of-central-directory record starts: searched backwards over the largest comment.
     func findEnd() throws -> Int {
-        let size = bytes.count
+        let size = map.count
         guard size >= 22 else { throw fail("the file is too short (\(size) bytes) to be a zip archive") }
         let lowest = max(0, size - 22 - 0xFFFF)
         var at = size - 22
@@ -409,7 +449,10 @@ struct ZipReader {
         let extraStart = nameStart + nameLength
         let next = extraStart + extraLength + commentLength
         guard next <= cdEnd else { throw fail("central directory entry \(index) runs past the directory") }
-        guard let name = String(validating: bytes[nameStart..<extraStart], as: UTF8.self) else {
+        guard let nameBytes = slice(nameStart..<extraStart) else {
+            throw fail("central directory entry \(index) lies outside the file (truncated or corrupt archive)")
+        }
+        guard let name = String(validating: nameBytes, as: UTF8.self) else {
             throw fail("central directory entry \(index) has a name that is not UTF-8")
         }
         guard flags & 0x41 == 0 else { throw fail("encrypted members are not supported", name) }
@@ -454,19 +497,19 @@ struct ZipReader {
                 throw fail("declares \(uncompressed) bytes from \(compressed) compressed bytes, more than deflate can produce (a zip bomb or a lying header)", name)
             }
         }
-        let dataOffset = try parseLocal(at: local, name: name, nameBytes: bytes[nameStart..<extraStart], method: methodCode,
+        let dataOffset = try parseLocal(at: local, name: name, nameBytes: nameBytes, method: methodCode,
                                         crc: crc, compressed: compressed, uncompressed: uncompressed)
-        guard let end = dataOffset.addingReportingOverflowChecked(compressed), end <= bytes.count else {
-            throw fail("its \(compressed) bytes at offset \(dataOffset) run past the end of the \(bytes.count)-byte file (truncated archive)", name)
+        guard let end = dataOffset.addingReportingOverflowChecked(compressed), end <= map.count else {
+            throw fail("its \(compressed) bytes at offset \(dataOffset) run past the end of the \(map.count)-byte file (truncated archive)", name)
         }
         at = next
         return ZipArchive.Entry(name: name, method: method, crc32: UInt32(truncatingIfNeeded: crc), compressedSize: compressed,
                                 uncompressedSize: uncompressed, dataOffset: dataOffset, localHeaderOffset: local, index: index)
     }
 
-    private func parseLocal(at local: Int, name: String, nameBytes: Slice<UnsafeRawBufferPointer>, method: Int,
+    private func parseLocal(at local: Int, name: String, nameBytes: [UInt8], method: Int,
                             crc: Int, compressed: Int, uncompressed: Int) throws -> Int {
-        guard local <= bytes.count - 30, u32(local) == 0x0403_4b50 else {
+        guard local <= map.count - 30, u32(local) == 0x0403_4b50 else {
             throw fail("no local header at offset \(local) (truncated or corrupt archive)", name)
         }
         guard try need(u16(local + 8), "a local method", name) == method else {
@@ -475,12 +518,12 @@ struct ZipReader {
         let nameLength = try need(u16(local + 26), "a local name length", name)
         let extraLength = try need(u16(local + 28), "a local extra length", name)
         let start = local + 30 + nameLength + extraLength
-        guard start <= bytes.count else { throw fail("its local header runs past the end of the file", name) }
-        guard bytes[(local + 30)..<(local + 30 + nameLength)].elementsEqual(nameBytes) else {
+        guard start <= map.count else { throw fail("its local header runs past the end of the file", name) }
+        guard slice((local + 30)..<(local + 30 + nameLength)) == nameBytes else {
             throw fail("the local header names a different member", name)
         }
-        guard let dataEnd = start.addingReportingOverflowChecked(compressed), dataEnd <= bytes.count else {
-            throw fail("its \(compressed) bytes at offset \(start) run past the end of the \(bytes.count)-byte file (truncated archive)", name)
+        guard let dataEnd = start.addingReportingOverflowChecked(compressed), dataEnd <= map.count else {
+            throw fail("its \(compressed) bytes at offset \(start) run past the end of the \(map.count)-byte file (truncated archive)", name)
         }
         // The CRC and sizes are in the local header, or (flag bit 3, as torch writes) in a data descriptor
         // after the data; either way they must agree with the central directory. All-ones local sizes

@@ -7,6 +7,7 @@ import Musl
 import Darwin
 #endif
 import Foundation
+import CGuardedRead
 
 /// An operating-system failure, with the path and the operation that failed.
 public struct SystemError: Error, CustomStringConvertible, Sendable {
@@ -228,6 +229,14 @@ public final class MappedFile: @unchecked Sendable {
         precondition(range.lowerBound >= 0 && range.upperBound <= count)
         guard let base else { return UnsafeRawBufferPointer(start: nil, count: 0) }
         return UnsafeRawBufferPointer(start: base + range.lowerBound, count: range.count)
+    }
+
+    /// Copies `range` into `destination`; false when the file shrank under the map (the read
+    /// raised SIGBUS, which the copy turns into this result). Use for every read of mapped data.
+    public func copy(_ range: Range<Int>, to destination: UnsafeMutableRawPointer) -> Bool {
+        precondition(range.lowerBound >= 0 && range.upperBound <= count)
+        guard let base, !range.isEmpty else { return true }
+        return adapter_guarded_copy(destination, base + range.lowerBound, range.count) == 0
     }
 
     /// Hints that `range` will be read soon, in order.

@@ -19,9 +19,11 @@ let package = Package(
         ),
         // The fused merge kernel, with an AVX2/FMA path chosen at run time.
         .target(name: "CMergeKernel"),
+        // Float64 GEMM, LU and bidiagonalisation for large mixers, AVX2/FMA chosen at run time.
+        .target(name: "CLinearAlgebra"),
         .target(
             name: "AdapterKit",
-            dependencies: ["CZlib", "CMergeKernel"]
+            dependencies: ["CZlib", "CMergeKernel", "CLinearAlgebra"]
         ),
         .executableTarget(
             name: "AdapterCLI",

@@ -121,22 +121,61 @@ public enum LinearAlgebra {
 }
 
 /// How far a mixer is from the identity and from orthogonal, and how well it can be inverted.
+///
+/// Exact up to rank `LinearAlgebra.exactDiagnosticsRankLimit` (one bidiagonalisation, O(r³) with a
+/// small constant); above it ‖MᵀM − I‖_F and σ_min/σ_max are estimates (`isEstimated`), so that a
+/// rank-5000 mixer takes seconds, not hours.
 public struct MixerDiagnostics: Sendable {
-    /// ‖M − I‖_F / √r.
+    /// ‖M − I‖_F / √r (always exact).
     public let distanceFromIdentity: Double
     /// ‖MᵀM − I‖_F.
     public let orthogonalityError: Double
     /// σ_min / σ_max (0 for a singular mixer): the inverse's relative accuracy is about ε / this.
     public let conditionRatio: Double
+    /// Whether `orthogonalityError` and `conditionRatio` are estimates: σ_max by Lanczos on MᵀM, σ_min by
+    /// Lanczos on (MᵀM)⁻¹ through an LU factorisation, ‖MᵀM − I‖_F from 32 random probes.
+    public let isEstimated: Bool
 
-    public init(mixer m: [Double], rank r: Int) {
-        var diff = m
-        for i in 0..<r { diff[i * r + i] -= 1 }
-        distanceFromIdentity = LinearAlgebra.frobenius(diff) / Double(r).squareRoot()
-        var mtm = matmul(transpose(m, rows: r, cols: r), m, rows: r, inner: r, cols: r)
-        for i in 0..<r { mtm[i * r + i] -= 1 }
-        orthogonalityError = LinearAlgebra.frobenius(mtm)
-        let s = LinearAlgebra.singularValues(m, rows: r, cols: r)
-        conditionRatio = (s.first ?? 0) > 0 ? (s.last ?? 0) / s[0] : 0
+    /// How the values that need a decomposition are found.
+    public enum Method: Sendable {
+        /// Exact up to `LinearAlgebra.exactDiagnosticsRankLimit`, estimated above.
+        case automatic
+        /// Exact at any rank (O(r³), memory-bound: minutes at rank 5000).
+        case exact
+        /// Estimated at any rank.
+        case estimated
+    }
+
+    public init(mixer m: [Double], rank r: Int, method: Method = .automatic) {
+        self.init(mixer: m, rank: r, lu: nil, method: method)
+    }
+
+    /// With the LU factorisation of M when the caller has one (reused for the estimate of σ_min).
+    init(mixer m: [Double], rank r: Int, lu: LUFactorization?, method: Method = .automatic) {
+        var squares = 0.0
+        for i in 0..<r {
+            for j in 0..<r {
+                let v = m[i * r + j] - (i == j ? 1 : 0)
+                squares += v * v
+            }
+        }
+        distanceFromIdentity = squares.squareRoot() / Double(r).squareRoot()
+        guard m.allSatisfy(\.isFinite) else {
+            // Nothing to decompose: NaN or ∞ makes every norm meaningless (and the report lists the values).
+            orthogonalityError = .nan
+            conditionRatio = 0
+            isEstimated = false
+            return
+        }
+        let summary: (max: Double, min: Double, gramError: Double)
+        if method == .exact || (method == .automatic && r <= LinearAlgebra.exactDiagnosticsRankLimit) {
+            summary = LinearAlgebra.bidiagonalSummary(m, n: r)
+            isEstimated = false
+        } else {
+            summary = LinearAlgebra.estimatedSummary(m, n: r, lu: lu)
+            isEstimated = true
+        }
+        orthogonalityError = summary.gramError
+        conditionRatio = summary.max > 0 ? summary.min / summary.max : 0
     }
 }

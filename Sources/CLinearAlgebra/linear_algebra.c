@@ -398,3 +398,77 @@ void la_bidiagonalize(double *a, size_t m, size_t n, double *d, double *e) {
     free(u);
     free(w);
 }
+
+// MARK: - One-sided Jacobi SVD
+
+/// α = x·x, β = y·y, γ = x·y in one pass.
+static void three_dots(const double *x, const double *y, size_t n, double *alpha, double *beta, double *gamma);
+/// x ← c·x − s·y, y ← s·x + c·y.
+static void rotate(double *x, double *y, size_t n, double c, double s);
+
+#if defined(__x86_64__)
+AVX2 static void three_dots_avx2(const double *x, const double *y, size_t n, double *alpha, double *beta, double *gamma) {
+    __m256d a = _mm256_setzero_pd(), b = _mm256_setzero_pd(), g = _mm256_setzero_pd();
+    size_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        const __m256d xv = _mm256_loadu_pd(x + i), yv = _mm256_loadu_pd(y + i);
+        a = _mm256_fmadd_pd(xv, xv, a);
+        b = _mm256_fmadd_pd(yv, yv, b);
+        g = _mm256_fmadd_pd(xv, yv, g);
+    }
+    double ta[4], tb[4], tg[4];
+    _mm256_storeu_pd(ta, a); _mm256_storeu_pd(tb, b); _mm256_storeu_pd(tg, g);
+    double sa = (ta[0] + ta[1]) + (ta[2] + ta[3]), sb = (tb[0] + tb[1]) + (tb[2] + tb[3]), sg = (tg[0] + tg[1]) + (tg[2] + tg[3]);
+    for (; i < n; i++) { sa += x[i] * x[i]; sb += y[i] * y[i]; sg += x[i] * y[i]; }
+    *alpha = sa; *beta = sb; *gamma = sg;
+}
+
+AVX2 static void rotate_avx2(double *x, double *y, size_t n, double c, double s) {
+    const __m256d cv = _mm256_set1_pd(c), sv = _mm256_set1_pd(s);
+    size_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        const __m256d xv = _mm256_loadu_pd(x + i), yv = _mm256_loadu_pd(y + i);
+        _mm256_storeu_pd(x + i, _mm256_fnmadd_pd(sv, yv, _mm256_mul_pd(cv, xv)));
+        _mm256_storeu_pd(y + i, _mm256_fmadd_pd(sv, xv, _mm256_mul_pd(cv, yv)));
+    }
+    for (; i < n; i++) { const double a = x[i], b = y[i]; x[i] = c * a - s * b; y[i] = s * a + c * b; }
+}
+#endif
+
+static void three_dots(const double *x, const double *y, size_t n, double *alpha, double *beta, double *gamma) {
+#if defined(__x86_64__)
+    if (la_is_vectorised()) { three_dots_avx2(x, y, n, alpha, beta, gamma); return; }
+#endif
+    double a = 0, b = 0, g = 0;
+    for (size_t i = 0; i < n; i++) { a += x[i] * x[i]; b += y[i] * y[i]; g += x[i] * y[i]; }
+    *alpha = a; *beta = b; *gamma = g;
+}
+
+static void rotate(double *x, double *y, size_t n, double c, double s) {
+#if defined(__x86_64__)
+    if (la_is_vectorised()) { rotate_avx2(x, y, n, c, s); return; }
+#endif
+    for (size_t i = 0; i < n; i++) { const double a = x[i], b = y[i]; x[i] = c * a - s * b; y[i] = s * a + c * b; }
+}
+
+int la_jacobi_svd(double *u, size_t m, size_t n, double *v, int max_sweeps) {
+    for (int sweep = 0; sweep < max_sweeps; sweep++) {
+        int rotated = 0;
+        for (size_t p = 0; p < n; p++) {
+            for (size_t q = p + 1; q < n; q++) {
+                double *up = u + p * m, *uq = u + q * m;
+                double alpha, beta, gamma;
+                three_dots(up, uq, m, &alpha, &beta, &gamma);
+                if (gamma == 0 || fabs(gamma) <= 1e-15 * sqrt(alpha * beta)) continue;
+                rotated = 1;
+                const double zeta = (beta - alpha) / (2 * gamma);
+                const double t = (zeta >= 0 ? 1.0 : -1.0) / (fabs(zeta) + sqrt(1 + zeta * zeta));
+                const double c = 1 / sqrt(1 + t * t), s = c * t;
+                rotate(up, uq, m, c, s);
+                if (v) rotate(v + p * n, v + q * n, n, c, s);
+            }
+        }
+        if (!rotated) return sweep + 1;
+    }
+    return max_sweeps;
+}

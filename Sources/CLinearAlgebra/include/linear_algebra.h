@@ -28,6 +28,11 @@ void la_gram_apply(const double *a, size_t m, size_t n, const double *x, double 
 /// U^T·A·V = B with diagonal d[0..n) and superdiagonal e[0..n-1). A and B have the same singular values.
 void la_bidiagonalize(double *a, size_t m, size_t n, double *d, double *e);
 
+/// One-sided (Hestenes) Jacobi on the columns of u (column-major m × n): pairs of columns are rotated
+/// until every pair is orthogonal to 1e-15 or after max_sweeps sweeps; the rotations are applied to v
+/// (column-major n × n) too unless it is NULL. Returns the sweeps made.
+int la_jacobi_svd(double *u, size_t m, size_t n, double *v, int max_sweeps);
+
 /// Whether the AVX2 + FMA path is used on this machine.
 int la_is_vectorised(void);
 

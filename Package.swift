@@ -21,9 +21,11 @@ let package = Package(
         .target(name: "CMergeKernel"),
         // Copies from memory-mapped input that survive the file shrinking (SIGBUS becomes an error).
         .target(name: "CGuardedRead"),
+        // Float64 GEMM, LU and bidiagonalisation for large mixers, AVX2/FMA chosen at run time.
+        .target(name: "CLinearAlgebra"),
         .target(
             name: "AdapterKit",
-            dependencies: ["CZlib", "CMergeKernel", "CGuardedRead"]
+            dependencies: ["CZlib", "CMergeKernel", "CGuardedRead", "CLinearAlgebra"]
         ),
         .executableTarget(
             name: "AdapterCLI",

@@ -2,8 +2,33 @@
 // processed (read + written) and GFLOP/s of the update (2·rows·cols·k).
 //
 //   swift run -c release adapter-kernel-bench [threads]
+//
+// With `mixer R…`, times the mixer diagnostics instead (exact and estimated) on Kaiming-like R × R
+// mixers and prints both, so the estimates' accuracy can be seen at ranks where exact is slow:
+//
+//   swift run -c release adapter-kernel-bench mixer 1000 2000 [--no-exact]
 import AdapterKit
 import Dispatch
+import Foundation
+
+if CommandLine.arguments.count > 1 && CommandLine.arguments[1] == "mixer" {
+    let exact = !CommandLine.arguments.contains("--no-exact")
+    print("rank\tmethod\tseconds\t‖MᵀM − I‖_F\tσmin/σmax")
+    for r in CommandLine.arguments.dropFirst(2).compactMap({ Int($0) }) {
+        var x: UInt64 = 0x9E37_79B9_7F4A_7C15
+        let m = (0..<(r * r)).map { _ -> Double in
+            x = x &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
+            return (Double(x >> 11) * 0x1p-53 * 2 - 1) / Double(r).squareRoot()
+        }
+        for method in exact ? [MixerDiagnostics.Method.estimated, .exact] : [.estimated] {
+            let start = DispatchTime.now().uptimeNanoseconds
+            let d = MixerDiagnostics(mixer: m, rank: r, method: method)
+            let seconds = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
+            print("\(r)\t\(method)\t\(formatFixed(seconds, 3))\t\(d.orthogonalityError)\t\(d.conditionRatio)")
+        }
+    }
+    exit(0)
+}
 
 let threads = CommandLine.arguments.count > 1 ? Int(CommandLine.arguments[1]) ?? 2 : 2
 print("shape\trank\tthreads\tseconds\tGB/s\tGFLOP/s\tvectorised")

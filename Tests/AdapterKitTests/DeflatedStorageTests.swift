@@ -169,7 +169,10 @@ struct DeflatedStorageTests {
         let views = (0..<20).map { i in (name: "t\(i)", offset: i * (elements / 20), shape: [1, 1], stride: [1, 1]) }
         let path = deflatedCheckpoint(dir, "views.bin", storageBytes: size, tensors: views)
         let c = try TorchCheckpoint(path: path)
-        for v in views { #expect(try c.floats(v.name) == [0]) }
+        #expect(try c.floats(views[0].name) == [0])
+        // Only the bytes the twenty views touch are kept, not the 243 MB between the first and the last.
+        #expect(c.inflatedBytesHeld == 20 * 4)
+        for v in views.dropFirst() { #expect(try c.floats(v.name) == [0]) }
         let furthest = (19 * (elements / 20) + 1) * 4
         #expect(c.inflatedByteCount == furthest)
         // Every view was read: the storage is freed.
@@ -192,6 +195,7 @@ struct DeflatedStorageTests {
         let c = try TorchCheckpoint(path: path)
         #expect(try c.floats("a") == [1000, 1003, 1010, 1013, 1020, 1023])
         #expect(c.inflatedStoragesHeld)  // "b" is not read yet; "c" has no elements and needs nothing
+        #expect(c.inflatedBytesHeld == (1024 - 1000) * 4 + 2 * 4)  // A's extent (elements 1000 … 1023) and B's
         #expect(try c.floats("c") == [])
         #expect(c.inflatedStoragesHeld)
         #expect(try c.floats("b") == [3000, 3001])
@@ -200,6 +204,30 @@ struct DeflatedStorageTests {
         // Read again after it was freed: inflated again, same values.
         #expect(try c.floats("a") == [1000, 1003, 1010, 1013, 1020, 1023])
         #expect(!c.inflatedStoragesHeld)
+    }
+
+    @Test("overlapping and touching views of a deflated storage share the kept bytes and read torch's values")
+    func overlappingViews() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let storage = (0..<4096).map { Float($0) }.withUnsafeBytes { Array($0) }
+        let views: [(name: String, offset: Int, shape: [Int], stride: [Int])] = [
+            ("w", 3000, [2, 2], [1, 2]), ("x", 100, [50], [1]), ("y", 120, [10], [1]), ("z", 149, [3], [1]), ("v", 152, [1], [1]),
+        ]
+        let pickle = torchPickle(elements: 4096, tensors: views)
+        let crc = { (b: [UInt8]) in UInt32(b.withUnsafeBufferPointer { crc32(0, $0.baseAddress, uInt($0.count)) }) }
+        let path = dir.write("overlap.bin", rawZip([("archive/data.pkl", pickle, false, crc(pickle), pickle.count),
+                                                     ("archive/data/0", deflateRaw(storage), true, crc(storage), storage.count)]))
+        let c = try TorchCheckpoint(path: path)
+        #expect(try c.floats("y") == (120..<130).map(Float.init))
+        // x, y, z and v merge into elements 100 … 152; w is elements 3000 … 3003.
+        #expect(c.inflatedBytesHeld == (153 - 100) * 4 + 4 * 4)
+        #expect(try c.floats("w") == [3000, 3002, 3001, 3003])
+        #expect(try c.floats("x") == (100..<150).map(Float.init))
+        #expect(try c.floats("z") == [149, 150, 151])
+        #expect(try c.floats("v") == [152])
+        #expect(!c.inflatedStoragesHeld)
+        #expect(c.inflatedByteCount == 3004 * 4)
     }
 
     @Test("a view reaching the end of a deflated storage gets its CRC-32 checked")

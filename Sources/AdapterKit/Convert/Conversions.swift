@@ -89,7 +89,7 @@ public enum AdapterConversion {
                                      options: ConvertOptions = ConvertOptions()) throws -> ConvertSummary {
         var summary = ConvertSummary()
         return try convert(input: input, output: output, layout: .peft, style: keyStyle, options: options, summary: &summary) { w, summary in
-            var kept = 0, embeddings = 0
+            var kept = 0, embeddings = 0, estimated = 0
             for i in w.modules.indices {
                 var m = w.modules[i]
                 if m.m != nil { kept += 1; continue }
@@ -104,13 +104,17 @@ public enum AdapterConversion {
                     m.a = matmul(transpose(q, rows: r, cols: r), m.a, rows: r, inner: r, cols: m.inFeatures)
                     m.m = q
                 case .kaiming:
+                    // One LU factorisation gives both A' = M⁻¹A and, above the exact limit, the estimate of σ_min.
                     let k = MixerFactory.kaiming(rank: r, generator: &g)
-                    let ratio = MixerDiagnostics(mixer: k, rank: r).conditionRatio
+                    let lu = LUFactorization(k, n: r)
+                    let diagnostics = MixerDiagnostics(mixer: k, rank: r, lu: lu)
+                    let ratio = diagnostics.conditionRatio
+                    if diagnostics.isEstimated { estimated += 1 }
                     summary.worstConditionRatio = min(summary.worstConditionRatio ?? .infinity, ratio)
-                    guard ratio >= minimumConditionRatio, let inv = LinearAlgebra.inverse(k, n: r) else {
-                        throw ConvertError(input, "module \(m.sourceName): the Kaiming mixer drawn with seed \(seed) is badly conditioned (σmin/σmax \(formatNumber(ratio)) < \(formatNumber(minimumConditionRatio))), so A' = M⁻¹A would lose the update; use --mixer orthogonal or identity, another --seed, or a lower --min-condition-ratio")
+                    guard ratio >= minimumConditionRatio, !lu.isSingular else {
+                        throw ConvertError(input, "module \(m.sourceName): the Kaiming mixer drawn with seed \(seed) is badly conditioned (σmin/σmax \(formatNumber(ratio))\(diagnostics.isEstimated ? ", estimated" : "") < \(formatNumber(minimumConditionRatio))), so A' = M⁻¹A would lose the update; use --mixer orthogonal or identity, another --seed, or a lower --min-condition-ratio")
                     }
-                    m.a = matmul(inv, m.a, rows: r, inner: r, cols: m.inFeatures)
+                    m.a = lu.solve(m.a, columns: m.inFeatures)
                     m.m = k
                 }
                 m.mType = m.aType
@@ -119,7 +123,8 @@ public enum AdapterConversion {
             if kept > 0 { summary.notes.append("\(kept) module\(kept == 1 ? " already has" : "s already have") a mixer, kept as it is") }
             if embeddings > 0 { summary.notes.append("\(embeddings) embedding module\(embeddings == 1 ? "" : "s") left without a mixer (MoSLoRA mixes linear and convolution layers)") }
             if mixer == .kaiming, let worst = summary.worstConditionRatio {
-                summary.notes.append("worst Kaiming mixer σmin/σmax \(formatNumber(worst)): the update keeps about the output dtype's precision divided by this")
+                let how = estimated == 0 ? "" : " (estimated for \(estimated) mixer\(estimated == 1 ? "" : "s") of rank above \(LinearAlgebra.exactDiagnosticsRankLimit))"
+                summary.notes.append("worst Kaiming mixer σmin/σmax \(formatNumber(worst))\(how): the update keeps about the output dtype's precision divided by this")
             }
         }
     }

@@ -238,10 +238,11 @@ public struct AdapterReport: Sendable {
         guard let worst = lines.min(by: { $0.diagnostics!.conditionRatio < $1.diagnostics!.conditionRatio }) else { return nil }
         let ratio = worst.diagnostics!.conditionRatio
         let bad = lines.filter { $0.diagnostics!.conditionRatio < Self.conditionWarningThreshold }.count
+        let estimate = worst.diagnostics!.isEstimated ? " (estimated)" : ""
         if bad > 0 {
-            return ("\(bad) mixer\(bad == 1 ? " is" : "s are") nearly singular (σ_min/σ_max down to \(formatShort(ratio)) in \(worst.module.name), below \(formatShort(Self.conditionWarningThreshold))): inverting M is unsafe (rounding grows by about 1/\(formatShort(ratio))); folding it into A or B (moslora-to-lora, to-peft) is still exact", true)
+            return ("\(bad) mixer\(bad == 1 ? " is" : "s are") nearly singular (σ_min/σ_max down to \(formatShort(ratio))\(estimate) in \(worst.module.name), below \(formatShort(Self.conditionWarningThreshold))): inverting M is unsafe (rounding grows by about 1/\(formatShort(ratio))); folding it into A or B (moslora-to-lora, to-peft) is still exact", true)
         }
-        return ("every mixer is well conditioned (σ_min/σ_max ≥ \(formatShort(ratio))): inverting M is safe and folding it is exact", false)
+        return ("every mixer is well conditioned (σ_min/σ_max ≥ \(formatShort(ratio))\(estimate)): inverting M is safe and folding it is exact", false)
     }
 
     // MARK: - Output
@@ -286,9 +287,12 @@ public struct AdapterReport: Sendable {
             }
             lines.append("")
             lines.append("  mixers (\(diags.count) module\(diags.count == 1 ? "" : "s"))")
+            let estimated = diags.filter(\.isEstimated).count
+            let note = estimated == 0 ? "" : estimated == diags.count ? "  (estimated: rank above \(LinearAlgebra.exactDiagnosticsRankLimit))"
+                : "  (estimated for \(estimated) of rank above \(LinearAlgebra.exactDiagnosticsRankLimit))"
             lines.append("    ‖M − I‖_F / √r     \(range(diags.map(\.distanceFromIdentity)))")
-            lines.append("    ‖MᵀM − I‖_F        \(range(diags.map(\.orthogonalityError)))")
-            lines.append("    σ_min / σ_max      \(range(diags.map(\.conditionRatio)))")
+            lines.append("    ‖MᵀM − I‖_F        \(range(diags.map(\.orthogonalityError)))\(note)")
+            lines.append("    σ_min / σ_max      \(range(diags.map(\.conditionRatio)))\(note)")
             if let v = mixerVerdict, !v.isWarning { lines += wrapped("    verdict            ", [v.text]) }
         }
         lines.append("")
@@ -373,6 +377,7 @@ public struct AdapterReport: Sendable {
                     ("distance_from_identity", .real(d.distanceFromIdentity)),
                     ("orthogonality_error", .real(d.orthogonalityError)),
                     ("condition_ratio", .real(d.conditionRatio)),
+                    ("estimated", .bool(d.isEstimated)),
                 ]))
             }
             return .object(mo)

@@ -1,55 +1,34 @@
+import CLinearAlgebra
+
 /// Small dense linear algebra in Float64 for rank-sized matrices (r ≤ a few hundred): mixer
 /// diagnostics, inversion, QR and SVD for conversions. Row-major storage throughout.
 public enum LinearAlgebra {
     /// The thin SVD of a (rows × cols) matrix: U (rows × k), S (k, descending), V (cols × k), k = min(rows, cols).
     ///
-    /// One-sided Jacobi (Hestenes): accurate for small singular values, which is what a user
-    /// deciding whether a mixer can be inverted needs.
+    /// One-sided Jacobi (Hestenes), in the C kernel with vectorised column operations: accurate for
+    /// small singular values. O(r³) per sweep, a few sweeps: resize's r × r cores and small matrices;
+    /// mixer diagnostics use `bidiagonalSummary` or the estimates instead.
     public static func svd(_ a: [Double], rows: Int, cols: Int) -> (u: [Double], s: [Double], v: [Double]) {
         if rows < cols {
             let t = svd(transpose(a, rows: rows, cols: cols), rows: cols, cols: rows)
             return (t.v, t.s, t.u)
         }
         let m = rows, n = cols
-        // Work on columns: u[j] is column j of A, v[j] column j of the identity.
-        var u = (0..<n).map { j in (0..<m).map { a[$0 * n + j] } }
-        var v = (0..<n).map { j in (0..<n).map { $0 == j ? 1.0 : 0.0 } }
-        for _ in 0..<60 {
-            var rotated = false
-            for p in 0..<n {
-                for q in (p + 1)..<max(p + 1, n) {
-                    var alpha = 0.0, beta = 0.0, gamma = 0.0
-                    for i in 0..<m {
-                        alpha += u[p][i] * u[p][i]
-                        beta += u[q][i] * u[q][i]
-                        gamma += u[p][i] * u[q][i]
-                    }
-                    if gamma == 0 || abs(gamma) <= 1e-15 * (alpha * beta).squareRoot() { continue }
-                    rotated = true
-                    let zeta = (beta - alpha) / (2 * gamma)
-                    let t = (zeta >= 0 ? 1.0 : -1.0) / (abs(zeta) + (1 + zeta * zeta).squareRoot())
-                    let c = 1 / (1 + t * t).squareRoot(), s = c * t
-                    for i in 0..<m {
-                        let x = u[p][i], y = u[q][i]
-                        u[p][i] = c * x - s * y
-                        u[q][i] = s * x + c * y
-                    }
-                    for i in 0..<n {
-                        let x = v[p][i], y = v[q][i]
-                        v[p][i] = c * x - s * y
-                        v[q][i] = s * x + c * y
-                    }
-                }
-            }
-            if !rotated { break }
+        // Work on columns, stored one after another: u holds column j of A at j·m, v the identity.
+        var u = [Double](repeating: 0, count: m * n)
+        for i in 0..<m { for j in 0..<n { u[j * m + i] = a[i * n + j] } }
+        var v = [Double](repeating: 0, count: n * n)
+        for j in 0..<n { v[j * n + j] = 1 }
+        u.withUnsafeMutableBufferPointer { up in
+            v.withUnsafeMutableBufferPointer { vp in _ = la_jacobi_svd(up.baseAddress, m, n, vp.baseAddress, 60) }
         }
-        var sigma = u.map { col in col.reduce(0) { $0 + $1 * $1 }.squareRoot() }
+        var sigma = (0..<n).map { j in u[(j * m)..<((j + 1) * m)].reduce(0) { $0 + $1 * $1 }.squareRoot() }
         let order = (0..<n).sorted { sigma[$0] > sigma[$1] }
         var uOut = [Double](repeating: 0, count: m * n), vOut = [Double](repeating: 0, count: n * n)
         for (k, j) in order.enumerated() {
             let s = sigma[j]
-            for i in 0..<m { uOut[i * n + k] = s > 0 ? u[j][i] / s : 0 }
-            for i in 0..<n { vOut[i * n + k] = v[j][i] }
+            for i in 0..<m { uOut[i * n + k] = s > 0 ? u[j * m + i] / s : 0 }
+            for i in 0..<n { vOut[i * n + k] = v[j * n + i] }
         }
         sigma = order.map { sigma[$0] }
         return (uOut, sigma, vOut)
@@ -121,22 +100,61 @@ public enum LinearAlgebra {
 }
 
 /// How far a mixer is from the identity and from orthogonal, and how well it can be inverted.
+///
+/// Exact up to rank `LinearAlgebra.exactDiagnosticsRankLimit` (one bidiagonalisation, O(r³) with a
+/// small constant); above it ‖MᵀM − I‖_F and σ_min/σ_max are estimates (`isEstimated`), so that a
+/// rank-5000 mixer takes seconds, not hours.
 public struct MixerDiagnostics: Sendable {
-    /// ‖M − I‖_F / √r.
+    /// ‖M − I‖_F / √r (always exact).
     public let distanceFromIdentity: Double
     /// ‖MᵀM − I‖_F.
     public let orthogonalityError: Double
     /// σ_min / σ_max (0 for a singular mixer): the inverse's relative accuracy is about ε / this.
     public let conditionRatio: Double
+    /// Whether `orthogonalityError` and `conditionRatio` are estimates: σ_max by Lanczos on MᵀM, σ_min by
+    /// Lanczos on (MᵀM)⁻¹ through an LU factorisation, ‖MᵀM − I‖_F from 32 random probes.
+    public let isEstimated: Bool
 
-    public init(mixer m: [Double], rank r: Int) {
-        var diff = m
-        for i in 0..<r { diff[i * r + i] -= 1 }
-        distanceFromIdentity = LinearAlgebra.frobenius(diff) / Double(r).squareRoot()
-        var mtm = matmul(transpose(m, rows: r, cols: r), m, rows: r, inner: r, cols: r)
-        for i in 0..<r { mtm[i * r + i] -= 1 }
-        orthogonalityError = LinearAlgebra.frobenius(mtm)
-        let s = LinearAlgebra.singularValues(m, rows: r, cols: r)
-        conditionRatio = (s.first ?? 0) > 0 ? (s.last ?? 0) / s[0] : 0
+    /// How the values that need a decomposition are found.
+    public enum Method: Sendable {
+        /// Exact up to `LinearAlgebra.exactDiagnosticsRankLimit`, estimated above.
+        case automatic
+        /// Exact at any rank (O(r³), memory-bound: minutes at rank 5000).
+        case exact
+        /// Estimated at any rank.
+        case estimated
+    }
+
+    public init(mixer m: [Double], rank r: Int, method: Method = .automatic) {
+        self.init(mixer: m, rank: r, lu: nil, method: method)
+    }
+
+    /// With the LU factorisation of M when the caller has one (reused for the estimate of σ_min).
+    init(mixer m: [Double], rank r: Int, lu: LUFactorization?, method: Method = .automatic) {
+        var squares = 0.0
+        for i in 0..<r {
+            for j in 0..<r {
+                let v = m[i * r + j] - (i == j ? 1 : 0)
+                squares += v * v
+            }
+        }
+        distanceFromIdentity = squares.squareRoot() / Double(r).squareRoot()
+        guard m.allSatisfy(\.isFinite) else {
+            // Nothing to decompose: NaN or ∞ makes every norm meaningless (and the report lists the values).
+            orthogonalityError = .nan
+            conditionRatio = 0
+            isEstimated = false
+            return
+        }
+        let summary: (max: Double, min: Double, gramError: Double)
+        if method == .exact || (method == .automatic && r <= LinearAlgebra.exactDiagnosticsRankLimit) {
+            summary = LinearAlgebra.bidiagonalSummary(m, n: r)
+            isEstimated = false
+        } else {
+            summary = LinearAlgebra.estimatedSummary(m, n: r, lu: lu)
+            isEstimated = true
+        }
+        orthogonalityError = summary.gramError
+        conditionRatio = summary.max > 0 ? summary.min / summary.max : 0
     }
 }

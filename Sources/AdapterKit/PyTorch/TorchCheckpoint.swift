@@ -7,8 +7,8 @@ import Foundation
 /// single wrapper entry such as `{"state_dict": {...}}` is unwrapped. Stored storages are read from a
 /// memory map; strided views are made contiguous when read.
 ///
-/// A deflated storage is inflated at most once while the tensors viewing it are read, and only as far
-/// as the furthest byte any of its views needs (bytes before the nearest one are not kept); it is freed
+/// A deflated storage is inflated at most once while the tensors viewing it are read, only as far as
+/// the furthest byte any of its views needs, and only the bytes some view touches are kept; it is freed
 /// when every view has been read or released. A few bytes of file can declare gigabytes of storage, so
 /// the cost of reading is bounded by what the tensors use, never by what the storage claims.
 public final class TorchCheckpoint: TensorStore {
@@ -117,6 +117,8 @@ public final class TorchCheckpoint: TensorStore {
 
     /// Whether inflated storage bytes are held now (views of them not yet all read or released).
     var inflatedStoragesHeld: Bool { inflatedStorages.holdsAny }
+    /// How many inflated storage bytes are held now.
+    var inflatedBytesHeld: Int { inflatedStorages.heldBytes }
 
     public var metadataPairs: [(key: String, value: String)] { [] }
 
@@ -147,7 +149,7 @@ public final class TorchCheckpoint: TensorStore {
         case .stored:
             return try archive.withContents(of: r.member) { try view($0, first: 0) }
         case .deflated:
-            return try inflatedStorages.withStorage(r.member.name, viewer: name) { try view($0, first: $1) }
+            return try inflatedStorages.withStorage(r.member.name, viewer: name, range: r.byteRange) { try view($0, first: $1) }
         }
     }
 
@@ -328,31 +330,62 @@ public final class TorchCheckpoint: TensorStore {
     }
 }
 
-/// The deflated storages of a checkpoint, each inflated once on first use and only over the bytes its
-/// views need, then freed when every view has been read or released.
+/// The deflated storages of a checkpoint, each inflated once on first use, as far as the furthest
+/// byte its views need, keeping only the bytes some view touches; freed when every view has been read
+/// or released.
 final class InflatedStorages: @unchecked Sendable {
     /// What the views of one deflated storage need of it.
     struct Span {
         let member: ZipArchive.Entry
-        /// From the lowest byte any view touches to just past the highest.
-        var bytes: Range<Int>?
+        /// Each view's bytes, from its first element to just past its last.
+        var ranges: [Range<Int>] = []
         var viewers: Set<String> = []
 
         init(member: ZipArchive.Entry) { self.member = member }
 
         mutating func add(_ range: Range<Int>, viewer: String) {
-            bytes = bytes.map { min($0.lowerBound, range.lowerBound)..<max($0.upperBound, range.upperBound) } ?? range
+            ranges.append(range)
             viewers.insert(viewer)
         }
     }
 
     private struct Slot {
-        let span: Span
+        let member: ZipArchive.Entry
+        /// The bytes kept: the views' ranges sorted and merged where they overlap or touch.
+        let intervals: [Range<Int>]
+        /// Where each interval starts in the buffer.
+        let offsets: [Int]
         var buffer: UnsafeMutableRawBufferPointer?
         /// Views not yet read or released: the buffer is kept until there are none.
         var pending: Set<String>
         /// Reads in progress.
         var users = 0
+
+        init(_ span: Span) {
+            member = span.member
+            var merged: [Range<Int>] = []
+            for r in span.ranges.sorted(by: { $0.lowerBound < $1.lowerBound }) {
+                if let last = merged.last, r.lowerBound <= last.upperBound {
+                    merged[merged.count - 1] = last.lowerBound..<max(last.upperBound, r.upperBound)
+                } else {
+                    merged.append(r)
+                }
+            }
+            intervals = merged
+            var at = 0
+            offsets = merged.map { r in defer { at += r.count }; return at }
+            pending = span.viewers
+        }
+
+        /// The interval holding `range` (each view's range lies inside one).
+        func interval(holding range: Range<Int>) -> Int {
+            var lo = 0, hi = intervals.count - 1
+            while lo < hi {
+                let mid = (lo + hi + 1) / 2
+                if intervals[mid].lowerBound <= range.lowerBound { lo = mid } else { hi = mid - 1 }
+            }
+            return lo
+        }
     }
 
     private let archive: ZipArchive
@@ -361,17 +394,17 @@ final class InflatedStorages: @unchecked Sendable {
 
     init(archive: ZipArchive, spans: [String: Span]) {
         self.archive = archive
-        slots = spans.mapValues { Slot(span: $0, pending: $0.viewers) }
+        slots = spans.mapValues { Slot($0) }
     }
 
     deinit {
         for slot in slots.values { slot.buffer?.deallocate() }
     }
 
-    /// Calls `body` with the storage's bytes from the first byte its views need, and that byte's offset.
-    func withStorage<R>(_ member: String, viewer: String, _ body: (UnsafeRawBufferPointer, Int) throws -> R) throws -> R {
+    /// Calls `body` with the kept bytes around the view's `range` and the storage offset of their first byte.
+    func withStorage<R>(_ member: String, viewer: String, range: Range<Int>, _ body: (UnsafeRawBufferPointer, Int) throws -> R) throws -> R {
         lock.lock()
-        guard var slot = slots[member], let bytes = slot.span.bytes else {
+        guard var slot = slots[member], !slot.intervals.isEmpty else {
             lock.unlock()
             preconditionFailure("a deflated storage without views was read")
         }
@@ -380,7 +413,7 @@ final class InflatedStorages: @unchecked Sendable {
             buffer = b
         } else {
             // Inflated under the lock: a second reader of the same storage waits for it instead of inflating it again.
-            do { buffer = try archive.inflate(slot.span.member, keeping: bytes) } catch {
+            do { buffer = try archive.inflate(slot.member, keeping: slot.intervals) } catch {
                 lock.unlock()
                 throw error
             }
@@ -390,7 +423,9 @@ final class InflatedStorages: @unchecked Sendable {
         slots[member] = slot
         lock.unlock()
         defer { finish(member, viewer: viewer, reading: true) }
-        return try body(UnsafeRawBufferPointer(rebasing: buffer[0..<bytes.count]), bytes.lowerBound)
+        let k = slot.interval(holding: range)
+        let kept = UnsafeRawBufferPointer(rebasing: buffer[slot.offsets[k]..<(slot.offsets[k] + slot.intervals[k].count)])
+        return try body(kept, slot.intervals[k].lowerBound)
     }
 
     /// The view will not be read again (a caller's `release`).
@@ -416,5 +451,12 @@ final class InflatedStorages: @unchecked Sendable {
         lock.lock()
         defer { lock.unlock() }
         return slots.values.contains { $0.buffer != nil }
+    }
+
+    /// Bytes of inflated storage held now.
+    var heldBytes: Int {
+        lock.lock()
+        defer { lock.unlock() }
+        return slots.values.reduce(0) { $0 + ($1.buffer?.count ?? 0) }
     }
 }

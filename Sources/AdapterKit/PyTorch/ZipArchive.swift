@@ -113,7 +113,7 @@ public final class ZipArchive: @unchecked Sendable {
             }
             return try body(raw)
         case .deflated:
-            let buffer = try inflate(entry, keeping: 0..<entry.uncompressedSize)
+            let buffer = try inflate(entry, keeping: [0..<entry.uncompressedSize])
             defer { buffer.deallocate() }
             return try body(UnsafeRawBufferPointer(buffer))
         }
@@ -138,19 +138,22 @@ public final class ZipArchive: @unchecked Sendable {
         return inflated
     }
 
-    /// Inflates a deflated member from its start up to `range.upperBound` and no further, keeping only the
-    /// bytes in `range` (those before it pass through a small scratch buffer); the caller deallocates the
-    /// result, which holds `range.count` bytes (at least one byte is allocated).
+    /// Inflates a deflated member from its start up to the end of the last of `ranges` and no further,
+    /// keeping only the bytes inside them (the others pass through a small scratch buffer): the result,
+    /// which the caller deallocates, holds the ranges' bytes one after another. The ranges must be
+    /// sorted, disjoint and inside the member; at least one byte is allocated.
     ///
-    /// A range that reaches the member's end inflates it all: the stream must then end exactly at the
-    /// declared size and the CRC-32 must match. A shorter range stops early, so the CRC-32 (of the whole
-    /// member) cannot be checked; the deflate stream is still checked as far as it is read.
-    public func inflate(_ entry: Entry, keeping range: Range<Int>) throws -> UnsafeMutableRawBufferPointer {
-        precondition(entry.method == .deflated && range.lowerBound >= 0 && range.upperBound <= entry.uncompressedSize)
-        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: max(range.count, 1), alignment: 64)
+    /// Ranges that reach the member's end inflate it all: the stream must then end exactly at the
+    /// declared size and the CRC-32 must match. Otherwise inflating stops early, so the CRC-32 (of the
+    /// whole member) cannot be checked; the deflate stream is still checked as far as it is read.
+    public func inflate(_ entry: Entry, keeping ranges: [Range<Int>]) throws -> UnsafeMutableRawBufferPointer {
+        precondition(entry.method == .deflated)
+        precondition(zip(ranges, ranges.dropFirst()).allSatisfy { $0.upperBound <= $1.lowerBound })
+        precondition((ranges.first?.lowerBound ?? 0) >= 0 && (ranges.last?.upperBound ?? 0) <= entry.uncompressedSize)
+        let total = ranges.reduce(0) { $0 + $1.count }
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: max(total, 1), alignment: 64)
         do {
-            try inflate(entry, from: entry.dataOffset..<(entry.dataOffset + entry.compressedSize), keeping: range,
-                        into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<range.count]))
+            try inflate(entry, from: entry.dataOffset..<(entry.dataOffset + entry.compressedSize), keeping: ranges, into: buffer)
         } catch {
             buffer.deallocate()
             if error is ZipError, (try? descriptor.status().size) != fileSize { throw changedWhileReading(entry) }
@@ -200,20 +203,21 @@ public final class ZipArchive: @unchecked Sendable {
         guard UInt32(truncatingIfNeeded: crc) == entry.crc32 else { throw crcMismatch(entry, crc) }
     }
 
-    /// Inflates raw deflate data up to `range.upperBound` bytes of output, writing the bytes of `range`
-    /// into `out` (which holds exactly `range.count`). Up to the declared size, the stream must end
-    /// exactly there (more or fewer bytes is an error) and its CRC-32 must match.
-    private func inflate(_ entry: Entry, from input: Range<Int>, keeping range: Range<Int>,
+    /// Inflates raw deflate data up to the end of the last range, writing the bytes inside the ranges
+    /// one after another into `out`. Up to the declared size, the stream must end exactly there (more
+    /// or fewer bytes is an error) and its CRC-32 must match.
+    private func inflate(_ entry: Entry, from input: Range<Int>, keeping ranges: [Range<Int>],
                          into out: UnsafeMutableRawBufferPointer) throws {
         var stream = z_stream()
         guard inflateInit2_(&stream, -MAX_WBITS, zlibVersion(), Int32(MemoryLayout<z_stream>.size)) == Z_OK else {
             throw ZipError(file: path, member: entry.name, problem: "zlib could not start inflating")
         }
         defer { inflateEnd(&stream) }
-        let whole = range.upperBound == entry.uncompressedSize
+        let end = ranges.last?.upperBound ?? 0
+        let whole = end == entry.uncompressedSize
         var crc = CZlib.crc32(0, nil, 0)
         let scratchSize = 64 << 10
-        let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: range.lowerBound > 0 ? scratchSize : 1, alignment: 64)
+        let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: scratchSize, alignment: 64)
         defer { scratch.deallocate() }
         // The compressed bytes come out of the map in chunks, through guarded copies (a file truncated
         // meanwhile is an error, not a SIGBUS); a chunk is refilled only once zlib has used it all.
@@ -223,6 +227,8 @@ public final class ZipArchive: @unchecked Sendable {
         stream.avail_in = 0
         var produced = 0  // bytes of output so far, from the member's start
         defer { countInflated(produced) }
+        var k = 0         // the range being filled or waited for
+        var kept = 0      // bytes written to `out` so far
         var extra: UInt8 = 0
         while true {
             if stream.avail_in == 0 && copied < input.count {
@@ -234,20 +240,25 @@ public final class ZipArchive: @unchecked Sendable {
                 stream.avail_in = uInt(n)
                 copied += n
             }
-            // Where this call's output goes: the scratch buffer before the range, `out` inside it.
+            while k < ranges.count && produced >= ranges[k].upperBound { k += 1 }
+            // Where this call's output goes: `out` inside a range, the scratch buffer between them.
             let target: UnsafeMutableRawPointer?
             let room: Int
-            if produced < range.lowerBound {
+            let keeping: Bool
+            if k < ranges.count && produced >= ranges[k].lowerBound {
+                target = out.baseAddress.map { $0 + kept }
+                room = min(ranges[k].upperBound - produced, 1 << 30)
+                keeping = true
+            } else if produced < end {
                 target = scratch.baseAddress
-                room = min(range.lowerBound - produced, scratchSize)
-            } else if produced < range.upperBound {
-                target = out.baseAddress.map { $0 + (produced - range.lowerBound) }
-                room = min(range.upperBound - produced, 1 << 30)
+                room = min((k < ranges.count ? ranges[k].lowerBound : end) - produced, scratchSize)
+                keeping = false
             } else if !whole {
                 return  // every byte the caller needs is there; the rest of the member is not read
             } else {
                 target = nil
                 room = 0
+                keeping = false
             }
             let result: Int32
             if let target, room > 0 {
@@ -257,6 +268,7 @@ public final class ZipArchive: @unchecked Sendable {
                 let n = room - Int(stream.avail_out)
                 if whole, n > 0 { crc = Self.crc32(crc, UnsafeRawBufferPointer(start: target, count: n)) }
                 produced += n
+                if keeping { kept += n }
             } else {
                 // The declared size is reached: one more byte of output means the header lied.
                 result = withUnsafeMutablePointer(to: &extra) { p in

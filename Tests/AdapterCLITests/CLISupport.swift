@@ -35,12 +35,16 @@ func adapter(_ arguments: String...) throws -> CLIResult {
 }
 
 func adapter(_ arguments: [String], environment: [String: String] = [:]) throws -> CLIResult {
+    try runCapturing(adapterBinary, arguments,
+                     environment: environment.isEmpty ? nil : ProcessInfo.processInfo.environment.merging(environment) { $1 })
+}
+
+/// Runs a program with no standard input and captures its output and status.
+func runCapturing(_ executable: String, _ arguments: [String], environment: [String: String]? = nil) throws -> CLIResult {
     let p = Process()
-    p.executableURL = URL(fileURLWithPath: adapterBinary)
+    p.executableURL = URL(fileURLWithPath: executable)
     p.arguments = arguments
-    if !environment.isEmpty {
-        p.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
-    }
+    if let environment { p.environment = environment }
     let out = Pipe(), err = Pipe()
     p.standardOutput = out
     p.standardError = err

@@ -3,19 +3,7 @@ import Testing
 
 /// Runs `adapter` through /bin/sh so that the shell can close or redirect its standard streams.
 private func shell(_ script: String) throws -> CLIResult {
-    let p = Process()
-    p.executableURL = URL(fileURLWithPath: "/bin/sh")
-    p.arguments = ["-c", script]
-    p.environment = ["ADAPTER": adapterBinary, "FIX": packageRoot + "/Fixtures"]
-    let out = Pipe(), err = Pipe()
-    p.standardOutput = out
-    p.standardError = err
-    p.standardInput = FileHandle.nullDevice
-    try p.run()
-    let o = out.fileHandleForReading.readDataToEndOfFile()
-    let e = err.fileHandleForReading.readDataToEndOfFile()
-    p.waitUntilExit()
-    return CLIResult(status: p.terminationStatus, stdout: String(decoding: o, as: UTF8.self), stderr: String(decoding: e, as: UTF8.self))
+    try runCapturing("/bin/sh", ["-c", script], environment: ["ADAPTER": adapterBinary, "FIX": packageRoot + "/Fixtures"])
 }
 
 @Suite("standard output and error that are full or closed (the built binary)")

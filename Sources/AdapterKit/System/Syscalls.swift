@@ -239,6 +239,9 @@ public final class MappedFile: @unchecked Sendable {
         return adapter_guarded_copy(destination, base + range.lowerBound, range.count) == 0
     }
 
+    /// Whether a fault inside `copy` is recovered (false only in ThreadSanitizer test builds).
+    public static var guardedCopyRecovers: Bool { adapter_guarded_copy_recovers() == 1 }
+
     /// Hints that `range` will be read soon, in order.
     public func willNeed(_ range: Range<Int>) {
         advise(range, MADV_WILLNEED)

@@ -9,4 +9,8 @@
 /// still terminates it as before.
 int adapter_guarded_copy(void *destination, const void *source, size_t count);
 
+/// 1 when a fault inside `adapter_guarded_copy` is recovered; 0 in a ThreadSanitizer build, whose
+/// runtime makes SIGBUS fatal whatever handler is installed (test builds only).
+int adapter_guarded_copy_recovers(void);
+
 #endif

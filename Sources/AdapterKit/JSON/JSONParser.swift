@@ -364,17 +364,8 @@ public struct JSONParser {
     mutating func uint64Value() -> UInt64? {
         let start = position
         skipValue()
-        var value: UInt64 = 0
         guard position > start else { return nil }
-        for i in start..<position {
-            let byte = bytes[i]
-            guard byte >= 0x30 && byte <= 0x39 else { return nil }
-            let (m, o1) = value.multipliedReportingOverflow(by: 10)
-            let (a, o2) = m.addingReportingOverflow(UInt64(byte - 0x30))
-            if o1 || o2 { return nil }
-            value = a
-        }
-        return value
+        return JSONValue.decimalUInt64(bytes[start..<position])
     }
 
     private mutating func parseHex4() throws(Failure) -> UInt32 {

@@ -38,8 +38,14 @@ public enum JSONValue: Sendable, Equatable {
     /// exponent) and fits.
     public var uint64: UInt64? {
         guard case .number(let text) = self else { return nil }
+        return Self.decimalUInt64(text.utf8)
+    }
+
+    /// Decimal digits only (no sign, fraction or exponent) as a UInt64, or nil when anything else
+    /// is there or the value overflows. Shared by the parser's fast path and `uint64`.
+    static func decimalUInt64<S: Sequence>(_ digits: S) -> UInt64? where S.Element == UInt8 {
         var value: UInt64 = 0
-        for byte in text.utf8 {
+        for byte in digits {
             guard byte >= 0x30 && byte <= 0x39 else { return nil }
             let (m, o1) = value.multipliedReportingOverflow(by: 10)
             let (a, o2) = m.addingReportingOverflow(UInt64(byte - 0x30))

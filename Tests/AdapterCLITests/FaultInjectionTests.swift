@@ -37,7 +37,7 @@ private func editIndex(_ folder: String, _ change: (inout [String: Any]) -> Void
 private func rewrite(_ path: String, _ change: (String, DType, [Int], [UInt8]) -> (shape: [Int], bytes: [UInt8])?) throws {
     let file = try SafetensorsFile(path: path)
     var tensors: [String: (DType, [Int], [UInt8])] = [:]
-    for t in file.tensorInfos {
+    for t in file.entries {
         let bytes = try file.withBytes(of: t.name) { Array($0) }
         let replaced = change(t.name, t.dtype, t.shape, bytes)
         tensors[t.name] = (t.dtype, replaced?.shape ?? t.shape, replaced?.bytes ?? bytes)

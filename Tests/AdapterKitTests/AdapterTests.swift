@@ -97,7 +97,7 @@ struct AdapterLayoutTests {
     func peftPR() throws {
         let a = try load("moslora-peft-pr")
         #expect(a.modules.allSatisfy { $0.mixer?.name.hasSuffix(".lora_mixer.weight") == true })
-        #expect(a.modules[0].a.info.dtype == .bf16)
+        #expect(a.modules[0].a.entry.dtype == .bf16)
     }
 
     @Test("GPT-2 Conv1D: fan_in_fan_out transposes the update; lora_B.bias is kept")

@@ -91,7 +91,7 @@ struct ConfigStrictnessTests {
         let folder = try peftLora(dir, [:])
         let store = try SafetensorsFile(path: folder + "/adapter_model.safetensors")
         var tensors: [(name: String, dtype: DType, shape: [Int], bytes: [UInt8])] = []
-        for t in store.tensorInfos {
+        for t in store.entries {
             let bytes = try store.withBytes(of: t.name) { Array($0) }
             tensors.append((t.name, t.dtype, t.shape, bytes))
             tensors.append((String(t.name.dropFirst("base_model.model.".count)), t.dtype, t.shape, bytes))

@@ -44,7 +44,7 @@ private func updates(_ adapter: Adapter, component: String? = nil) throws -> [St
         let delta = product(b, ma, o, r, n).map { $0 * m.scale }
         let size = abs(m.scale) * norm(b) * norm(a) * (mix.map(norm) ?? Double(r).squareRoot())
         // Keys comparable across layouts: component-free base name with dots as underscores (kohya's form).
-        out[m.baseName.replacingOccurrences(of: ".", with: "_")] = Update(rows: o, cols: n, delta: delta, factorSize: size, dtype: m.a.info.dtype)
+        out[m.baseName.replacingOccurrences(of: ".", with: "_")] = Update(rows: o, cols: n, delta: delta, factorSize: size, dtype: m.a.entry.dtype)
     }
     return out
 }
@@ -243,7 +243,7 @@ struct ConvertMoSLoRATests {
             #expect(after.warnings.isEmpty, "\(after.warnings)")
         }
         // The BF16 fixture stays BF16.
-        #expect(try load(dir.file("moslora-peft-pr")).modules.allSatisfy { $0.a.info.dtype == .bf16 && $0.b.info.dtype == .bf16 })
+        #expect(try load(dir.file("moslora-peft-pr")).modules.allSatisfy { $0.a.entry.dtype == .bf16 && $0.b.entry.dtype == .bf16 })
     }
 
     @Test("round trip: lora → moslora (orthogonal) → lora gives the original updates")
@@ -263,7 +263,7 @@ struct ConvertMoSLoRATests {
         _ = try AdapterConversion.loraToMoSLoRA(input: adapterPath("peft-lora"), output: dir.file("out"), options: options(dtype: .bf16))
         let before = try load(adapterPath("peft-lora")), after = try load(dir.file("out"))
         for (m, n) in zip(before.modules, after.modules) {
-            #expect(n.a.info.dtype == .bf16 && n.b.info.dtype == .bf16 && n.mixer?.info.dtype == .bf16)
+            #expect(n.a.entry.dtype == .bf16 && n.b.entry.dtype == .bf16 && n.mixer?.entry.dtype == .bf16)
             let want = try m.a.floats().map { ElementConversion.floatToBF16($0) }
             let got = try tensorBytes(dir.file("out/adapter_model.safetensors"), n.a.name).withUnsafeBytes { Array($0.bindMemory(to: UInt16.self)) }
             #expect(got == want)
@@ -368,7 +368,7 @@ struct ConvertLayoutTests {
         // peft-lora without its layer-0 modules.
         let source = try SafetensorsFile(path: adapterPath("peft-lora") + "/adapter_model.safetensors")
         try FileManager.default.createDirectory(atPath: dir.file("l1"), withIntermediateDirectories: true)
-        try writeSafetensors(dir.file("l1/adapter_model.safetensors"), try source.tensorInfos.filter { $0.name.contains("layers.1.") }.map { t in
+        try writeSafetensors(dir.file("l1/adapter_model.safetensors"), try source.entries.filter { $0.name.contains("layers.1.") }.map { t in
             (t.name, t.dtype, t.shape, try source.withBytes(of: t.name) { Array($0) })
         })
         try FileManager.default.copyItem(atPath: adapterPath("peft-lora") + "/adapter_config.json", toPath: dir.file("l1/adapter_config.json"))

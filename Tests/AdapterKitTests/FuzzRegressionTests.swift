@@ -39,7 +39,7 @@ enum FuzzReplay {
 
     static func torch(_ bytes: [UInt8], in dir: TempDir) throws {
         let checkpoint = try TorchCheckpoint(path: dir.write("input.pt", bytes))
-        for t in checkpoint.tensorInfos { _ = try checkpoint.withBytes(of: t.name) { $0.count } }
+        for t in checkpoint.entries { _ = try checkpoint.withBytes(of: t.name) { $0.count } }
     }
 
     static func pickle(_ bytes: [UInt8]) throws {
@@ -145,7 +145,7 @@ extension FuzzFixTests {
         #expect(DispatchTime.now().uptimeNanoseconds - start.uptimeNanoseconds < 5_000_000_000)
         // Views that only reorder elements stay readable.
         let noncontiguous = try TorchCheckpoint(path: fixture("pytorch/noncontig.pt"))
-        #expect(!noncontiguous.tensorInfos.isEmpty)
+        #expect(!noncontiguous.entries.isEmpty)
     }
 }
 

@@ -61,7 +61,7 @@ struct MergeReferenceTests {
         #expect(merged.tensorNames.sorted() == original.tensorNames.sorted())
         for (info, file) in merged.tensors {
             let got = try merged.files[file].doubles(info.name)
-            #expect(info.dtype == original.tensor(info.name)!.info.dtype)
+            #expect(info.dtype == original.tensor(info.name)!.entry.dtype)
             if let e = expected.info(info.name) {
                 let want = try expected.doubles(e.name)
                 let delta = try SafetensorsFile(path: fixture("expected/\(pair).delta.safetensors")).doubles(e.name)

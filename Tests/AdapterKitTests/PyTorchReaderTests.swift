@@ -25,9 +25,9 @@ private let payloadMarker = "/tmp/adapter-pytorch-fixture-pwned"
 private func expectMatchesTorch(_ file: String, expected: String, sourceLocation: SourceLocation = #_sourceLocation) throws {
     let checkpoint = try TorchCheckpoint(path: pt(file))
     let reference = try SafetensorsFile(path: pt(expected))
-    #expect(Set(checkpoint.tensorInfos.map(\.name)) == Set(reference.tensorInfos.map(\.name)), sourceLocation: sourceLocation)
-    for r in reference.tensorInfos {
-        let t = try #require(checkpoint.info(r.name), sourceLocation: sourceLocation)
+    #expect(Set(checkpoint.entries.map(\.name)) == Set(reference.entries.map(\.name)), sourceLocation: sourceLocation)
+    for r in reference.entries {
+        let t = try #require(checkpoint.entry(r.name), sourceLocation: sourceLocation)
         #expect(t.dtype == r.dtype, "\(r.name)", sourceLocation: sourceLocation)
         #expect(t.shape == r.shape, "\(r.name)", sourceLocation: sourceLocation)
         #expect(t.byteCount == r.byteCount, "\(r.name)", sourceLocation: sourceLocation)
@@ -41,7 +41,7 @@ private func refusal(_ file: String, readAll: Bool = false) -> String? {
     do {
         let c = try TorchCheckpoint(path: file)
         if readAll {
-            for t in c.tensorInfos { _ = try c.withBytes(of: t.name) { $0.count } }
+            for t in c.entries { _ = try c.withBytes(of: t.name) { $0.count } }
         }
         return nil
     } catch {
@@ -61,10 +61,10 @@ struct PyTorchReaderTests {
     func everyDtype() throws {
         try expectMatchesTorch("dtypes.pt", expected: "dtypes.expected.safetensors")
         let c = try TorchCheckpoint(path: pt("dtypes.pt"))
-        #expect(c.tensorInfos.map(\.name) == ["f32", "f64", "f16", "bf16", "i64", "i32", "i16", "i8", "u8", "bool", "scalar", "empty"])
-        #expect(c.tensorInfos.map(\.dtype) == [.f32, .f64, .f16, .bf16, .i64, .i32, .i16, .i8, .u8, .bool, .f32, .f32])
-        #expect(c.info("scalar")?.shape == [])
-        #expect(c.info("empty")?.shape == [0, 3])
+        #expect(c.entries.map(\.name) == ["f32", "f64", "f16", "bf16", "i64", "i32", "i16", "i8", "u8", "bool", "scalar", "empty"])
+        #expect(c.entries.map(\.dtype) == [.f32, .f64, .f16, .bf16, .i64, .i32, .i16, .i8, .u8, .bool, .f32, .f32])
+        #expect(c.entry("scalar")?.shape == [])
+        #expect(c.entry("empty")?.shape == [0, 3])
         #expect(c.archiveName == "dtypes")
     }
 
@@ -81,7 +81,7 @@ struct PyTorchReaderTests {
     func untypedStorages() throws {
         try expectMatchesTorch("dtypes_v3.pt", expected: "dtypes_v3.expected.safetensors")
         let c = try TorchCheckpoint(path: pt("dtypes_v3.pt"))
-        #expect(c.tensorInfos.map(\.dtype) == [.u16, .f8E4M3, .f8E5M2])
+        #expect(c.entries.map(\.dtype) == [.u16, .f8E4M3, .f8E5M2])
     }
 
     @Test("reads several tensors sharing one storage, with storage offsets")
@@ -96,7 +96,7 @@ struct PyTorchReaderTests {
     func nonContiguous() throws {
         try expectMatchesTorch("noncontig.pt", expected: "noncontig.expected.safetensors")
         let c = try TorchCheckpoint(path: pt("noncontig.pt"))
-        #expect(c.info("transposed")?.shape == [4, 3])
+        #expect(c.entry("transposed")?.shape == [4, 3])
         #expect(try c.floats("transposed") == [0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11])
     }
 
@@ -114,7 +114,7 @@ struct PyTorchReaderTests {
     func nestedStateDict() throws {
         try expectMatchesTorch("nested.pt", expected: "nested.expected.safetensors")
         let c = try TorchCheckpoint(path: pt("nested.pt"))
-        #expect(c.tensorInfos.map(\.name) == ["weight", "bias"])
+        #expect(c.entries.map(\.name) == ["weight", "bias"])
         #expect(c.unwrappedKey == "state_dict")
     }
 
@@ -128,14 +128,14 @@ struct PyTorchReaderTests {
         try expectMatchesTorch("adapter_model.bin", expected: "adapter_model.expected.safetensors")
         let c = try TorchCheckpoint(path: pt("adapter_model.bin"))
         #expect(c.archiveName == "archive")
-        #expect(c.tensorInfos.map(\.name) == [
+        #expect(c.entries.map(\.name) == [
             "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
             "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight",
             "base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight",
             "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight",
         ])
-        #expect(c.info("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight")?.shape == [4, 16])
-        let store: any TensorStore = c
+        #expect(c.entry("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight")?.shape == [4, 16])
+        let store: any TensorContainer = c
         #expect(try store.floats("base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight").count == 64)
     }
 
@@ -317,7 +317,7 @@ struct TorchTruncationTests {
         // Another process rewrites the file in place: it first becomes (almost) empty.
         #expect(truncate(path, 64) == 0)
         var refused = 0
-        for t in checkpoint.tensorInfos {
+        for t in checkpoint.entries {
             do {
                 _ = try checkpoint.withBytes(of: t.name) { $0.count }
             } catch {
@@ -327,7 +327,7 @@ struct TorchTruncationTests {
                 refused += 1
             }
         }
-        #expect(refused == checkpoint.tensorInfos.filter { $0.byteCount > 0 }.count)
+        #expect(refused == checkpoint.entries.filter { $0.byteCount > 0 }.count)
     }
 
     @Test("a guarded copy from pages a truncation removed returns false instead of raising SIGBUS")

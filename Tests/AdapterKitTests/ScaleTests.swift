@@ -115,8 +115,8 @@ struct LargeHeaderTests {
         header += "}"
         let path = dir.write("big.safetensors", safetensorsBytes(header: header, data: [UInt8](repeating: 0, count: 2 * n)))
         let file = try SafetensorsFile(path: path)
-        #expect(file.tensorInfos.count == n)
-        #expect(file.tensorInfos.last?.name == "model.layers.585.experts.479.w")
+        #expect(file.entries.count == n)
+        #expect(file.entries.last?.name == "model.layers.585.experts.479.w")
         #expect(file.info("model.layers.1.experts.0.w")?.dataOffsets == 1024..<1026)
         #expect(file.metadataPairs.map(\.key) == ["format"])
     }

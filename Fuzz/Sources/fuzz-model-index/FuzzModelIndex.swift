@@ -11,7 +11,7 @@ public func fuzzModelIndex(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 
     withInput(data, size) { bytes in
         _ = Scratch.write(bytes, as: "model.safetensors.index.json", in: "model")
         if let checkpoint = try? Checkpoint(path: Scratch.folder + "/model") {
-            precondition(checkpoint.tensors.count == checkpoint.files.reduce(0) { $0 + $1.tensorInfos.count })
+            precondition(checkpoint.tensors.count == checkpoint.files.reduce(0) { $0 + $1.entries.count })
         }
     }
     return 0

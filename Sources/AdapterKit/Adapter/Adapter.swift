@@ -22,7 +22,7 @@ public final class Adapter: Sendable {
     public let path: String
     public let format: AdapterFormat
     /// The tensor file.
-    public let store: any TensorStore
+    public let store: any TensorContainer
     /// The config file read, if any, and its contents.
     public let configPath: String?
     public let config: JSONObject?
@@ -47,7 +47,7 @@ public final class Adapter: Sendable {
         return seen
     }
 
-    init(path: String, format: AdapterFormat, store: any TensorStore, configPath: String?, config: JSONObject?,
+    init(path: String, format: AdapterFormat, store: any TensorContainer, configPath: String?, config: JSONObject?,
          modules: [LoRAModule], replacements: [Replacement], unknownKeys: [String], warnings: [String]) {
         self.path = path
         self.format = format

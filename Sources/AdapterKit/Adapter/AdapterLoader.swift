@@ -5,12 +5,12 @@ enum AdapterLoader {
         var weights: String
         var configPath: String?
         var config: JSONObject?
-        var store: any TensorStore
+        var store: any TensorContainer
     }
 
     struct Loaded {
         var format: AdapterFormat
-        var store: any TensorStore
+        var store: any TensorContainer
         var configPath: String?
         var config: JSONObject?
         var modules: [LoRAModule]
@@ -39,7 +39,7 @@ enum AdapterLoader {
                 return located
             }
             let store = try files.open(path)
-            guard let format = detectFormat(store.tensorInfos.lazy.map(\.name)) else {
+            guard let format = detectFormat(store.entries.lazy.map(\.name)) else {
                 throw InputError(path, "no LoRA or MoSLoRA keys found: this is not an adapter")
             }
             return Located(format: format, weights: path, configPath: nil, config: nil, store: store)
@@ -63,7 +63,7 @@ enum AdapterLoader {
                 throw InputError(folder, "adapter_config.json is here but neither adapter_model.safetensors nor adapter_model.bin")
             }
             let store = try files.open(weights)
-            let byKeys = detectFormat(store.tensorInfos.lazy.map(\.name))
+            let byKeys = detectFormat(store.entries.lazy.map(\.name))
             let format: AdapterFormat = byKeys == .mytransformers ? .mytransformers : .peft
             return Located(format: format, weights: weights, configPath: configPath, config: config, store: store)
         }
@@ -88,7 +88,7 @@ enum AdapterLoader {
             if let type = FileSystem.type(weights), type != .regular && type != .directory {
                 throw InputError(weights, "not a regular file but \(type.phrase)")
             }
-            guard let store = try? files.open(weights), let format = detectFormat(store.tensorInfos.lazy.map(\.name)) else { continue }
+            guard let store = try? files.open(weights), let format = detectFormat(store.entries.lazy.map(\.name)) else { continue }
             let configPath = file("config.json")
             let config = try configPath.flatMap { try readJSONFile($0).objectValue }
             return Located(format: format, weights: weights, configPath: format == .mytransformers ? configPath : nil,
@@ -179,7 +179,7 @@ enum AdapterLoader {
         var parts: [String: Parts] = [:]
         let rules = suffixes(format)
 
-        for info in store.tensorInfos {
+        for info in store.entries {
             let key = info.name
             if let rule = rules.first(where: { key.hasSuffix($0.suffix) && key.count > $0.suffix.count }) {
                 let module = String(key.dropLast(rule.suffix.count))
@@ -187,12 +187,12 @@ enum AdapterLoader {
                 if parts[module, default: Parts()].tensors[rule.role] != nil {
                     problems.append("module \(module) has two tensors for one role (\(key))")
                 }
-                parts[module, default: Parts()].tensors[rule.role] = TensorRef(store: store, info: info)
+                parts[module, default: Parts()].tensors[rule.role] = TensorRef(store: store, entry: info)
                 parts[module, default: Parts()].keys.append(key)
                 continue
             }
             if let replaced = settings.replacementTarget(key) {
-                replacements.append(Replacement(tensor: TensorRef(store: store, info: info), baseName: replaced))
+                replacements.append(Replacement(tensor: TensorRef(store: store, entry: info), baseName: replaced))
                 continue
             }
             unknown.append(key)
@@ -301,14 +301,14 @@ enum AdapterLoader {
         if let mixer = m.mixer, mixer.shape != [r, r] {
             return "module \(m.name): mixer has shape \(mixer.shape), expected (\(r), \(r))"
         }
-        if let mag = m.magnitude, mag.info.elementCount != m.outFeatures {
-            return "module \(m.name): DoRA magnitude has \(mag.info.elementCount) elements for \(m.outFeatures) outputs"
+        if let mag = m.magnitude, mag.entry.elementCount != m.outFeatures {
+            return "module \(m.name): DoRA magnitude has \(mag.entry.elementCount) elements for \(m.outFeatures) outputs"
         }
-        if let bias = m.bias, bias.info.elementCount != m.outFeatures {
-            return "module \(m.name): lora_B.bias has \(bias.info.elementCount) elements for \(m.outFeatures) outputs"
+        if let bias = m.bias, bias.entry.elementCount != m.outFeatures {
+            return "module \(m.name): lora_B.bias has \(bias.entry.elementCount) elements for \(m.outFeatures) outputs"
         }
-        for t in [m.a, m.b] + [m.mixer, m.magnitude, m.bias].compactMap({ $0 }) where !t.info.dtype.isReadableAsFloat {
-            return "module \(m.name): tensor \(t.name) has dtype \(t.info.dtype.rawValue), not a float type"
+        for t in [m.a, m.b] + [m.mixer, m.magnitude, m.bias].compactMap({ $0 }) where !t.entry.dtype.isReadableAsFloat {
+            return "module \(m.name): tensor \(t.name) has dtype \(t.entry.dtype.rawValue), not a float type"
         }
         return nil
     }

@@ -372,7 +372,7 @@ struct AdapterSettings {
             fallthrough
         case .kohya:
             guard let alphaTensor else { return (1, Double(r)) }
-            guard alphaTensor.info.elementCount == 1, let v = try alphaTensor.doubles().first, v.isFinite else {
+            guard alphaTensor.entry.elementCount == 1, let v = try alphaTensor.doubles().first, v.isFinite else {
                 throw InputError(configPath, "module \(module.name): alpha is not one finite number")
             }
             // sd-scripts (networks/lora.py) reads alpha 0 as alpha = rank.

@@ -22,13 +22,13 @@ public enum LayerKind: String, Sendable {
 
 /// A tensor of an adapter file, read only when used.
 public struct TensorRef: Sendable {
-    public let store: any TensorStore
-    public let info: TensorInfo
-    public var name: String { info.name }
-    public var shape: [Int] { info.shape }
+    public let store: any TensorContainer
+    public let entry: TensorEntry
+    public var name: String { entry.name }
+    public var shape: [Int] { entry.shape }
 
-    public func floats() throws -> [Float] { try store.floats(info.name) }
-    public func doubles() throws -> [Double] { try store.doubles(info.name) }
+    public func floats() throws -> [Float] { try store.floats(entry.name) }
+    public func doubles() throws -> [Double] { try store.doubles(entry.name) }
 }
 
 /// How the stored factors relate to PEFT's orientation.

@@ -19,7 +19,7 @@ public final class Checkpoint: Sendable {
     /// Whether `path` is a folder.
     public let isFolder: Bool
     /// The tensor files, in shard order.
-    public let files: [any TensorStore]
+    public let files: [any TensorContainer]
     /// Names of the tensor files relative to the folder (the file name for a single file).
     public let fileNames: [String]
     /// The shard index file name, when the checkpoint is sharded.
@@ -31,7 +31,7 @@ public final class Checkpoint: Sendable {
     /// sees every name and does not follow links.
     public let otherEntries: [String]
     /// Tensors in order: by file, then as each file lists them.
-    public let tensors: [(info: TensorInfo, file: Int)]
+    public let tensors: [(entry: TensorEntry, file: Int)]
     /// What is odd about the folder but not wrong (a stray adapter config), for a warning line each.
     public let warnings: [String]
     /// Position in `tensors` by name, for several files (nil for one: its own index answers).
@@ -68,12 +68,12 @@ public final class Checkpoint: Sendable {
                                   indexPath: joinPath(path, indexName))
             }
         }
-        var all: [(info: TensorInfo, file: Int)] = []
-        all.reserveCapacity(files.reduce(0) { $0 + $1.tensorInfos.count })
+        var all: [(entry: TensorEntry, file: Int)] = []
+        all.reserveCapacity(files.reduce(0) { $0 + $1.entries.count })
         // One file has no duplicates (its reader refused them) and is looked up through its own index.
         var lookup: [String: Int]? = files.count == 1 ? nil : [:]
         for (i, f) in files.enumerated() {
-            for t in f.tensorInfos {
+            for t in f.entries {
                 if lookup != nil {
                     if let other = lookup?.updateValue(all.count, forKey: t.name) {
                         throw InputError(f.path, "tensor \"\(t.name)\" is also in \(fileNames[all[other].file]); a tensor may be in one shard only")
@@ -87,7 +87,7 @@ public final class Checkpoint: Sendable {
         // A model folder may hold an adapter config by mistake (a training run saved into it); it
         // is read as the model its tensors are, by inspect as by merge, and the config is named.
         var warnings: [String] = []
-        if isFolder && AdapterLoader.detectFormat(all.map(\.info.name)) == nil {
+        if isFolder && AdapterLoader.detectFormat(all.map(\.entry.name)) == nil {
             for config in ["adapter_config.json", "lora_config.json"] where otherEntries.contains(config) {
                 warnings.append("the folder holds \(config) but no adapter weights, and its tensors are a model's: read as a model; \(config) is not used")
             }
@@ -96,12 +96,12 @@ public final class Checkpoint: Sendable {
     }
 
     /// The tensor named `name` and the index of its file.
-    public func tensor(_ name: String) -> (info: TensorInfo, file: Int)? {
-        guard let lookup else { return files.first?.info(name).map { ($0, 0) } }
+    public func tensor(_ name: String) -> (entry: TensorEntry, file: Int)? {
+        guard let lookup else { return files.first?.entry(name).map { ($0, 0) } }
         return lookup[name].map { tensors[$0] }
     }
 
-    public var tensorNames: [String] { tensors.map(\.info.name) }
+    public var tensorNames: [String] { tensors.map(\.entry.name) }
 
     /// Every file a merge reads: the tensor files (shards through the index), the index, and the
     /// other files copied. OUT may not be, be inside, or contain any of them.
@@ -120,8 +120,8 @@ public final class Checkpoint: Sendable {
         return (fileNames + (indexFileName.map { [$0] } ?? []) + read).map { joinPath(path, $0) }
     }
 
-    public var parameterCount: Int { tensors.reduce(0) { $0 + $1.info.elementCount } }
-    public var byteCount: Int { tensors.reduce(0) { $0 + $1.info.byteCount } }
+    public var parameterCount: Int { tensors.reduce(0) { $0 + $1.entry.elementCount } }
+    public var byteCount: Int { tensors.reduce(0) { $0 + $1.entry.byteCount } }
 
     // MARK: - Folder layout
 
@@ -234,7 +234,7 @@ public final class Checkpoint: Sendable {
 
     /// Checks the index against the shards' headers: every listed tensor is in the shard named,
     /// every tensor of a shard is listed, and `total_size` is the sum of tensor bytes.
-    static func validate(index map: [(tensor: String, file: String)], total: Int?, files: [any TensorStore], names: [String], indexPath: String) throws {
+    static func validate(index map: [(tensor: String, file: String)], total: Int?, files: [any TensorContainer], names: [String], indexPath: String) throws {
         var fileOf: [String: String] = [:]
         for (tensor, file) in map {
             guard fileOf[tensor] == nil else { throw InputError(indexPath, "tensor \"\(tensor)\" is listed twice") }
@@ -242,7 +242,7 @@ public final class Checkpoint: Sendable {
         }
         var sum = 0
         for (store, name) in zip(files, names) {
-            for t in store.tensorInfos {
+            for t in store.entries {
                 guard let listed = fileOf[t.name] else {
                     throw InputError(indexPath, "shard \(name) holds tensor \"\(t.name)\", which the index does not list")
                 }
@@ -307,12 +307,12 @@ enum TensorFileKind: Equatable {
 /// whether a path is an adapter, then reads it as one or as a model): each path is opened, and its
 /// header parsed, on first use only. Not shared between threads.
 public final class TensorFiles {
-    private var opened: [String: any TensorStore] = [:]
+    private var opened: [String: any TensorContainer] = [:]
 
     public init() {}
 
     /// The file at `path`, opened now or earlier; failures are not remembered.
-    public func open(_ path: String) throws -> any TensorStore {
+    public func open(_ path: String) throws -> any TensorContainer {
         if let store = opened[path] { return store }
         let store = try openTensorFile(path)
         opened[path] = store
@@ -323,7 +323,7 @@ public final class TensorFiles {
 /// Opens a tensor file, deciding by its structure: safetensors, a PyTorch zip checkpoint, or a
 /// legacy torch.save pickle (which gets its own refusal). A file that is none of these is refused
 /// with the safetensors rule it breaks and a word that it is not a PyTorch checkpoint either.
-public func openTensorFile(_ path: String) throws -> any TensorStore {
+public func openTensorFile(_ path: String) throws -> any TensorContainer {
     let fd: FileDescriptor
     do { fd = try FileDescriptor.openForReading(path) } catch let e as SystemError { throw InputError(path, e.reason) }
     let status = try fd.status()

@@ -67,9 +67,10 @@ public enum SafetensorsExport {
         }
     }
 
-    private static func write(_ store: any TensorStore, to path: String, descriptor: FileDescriptor? = nil) throws -> (Int, Int) {
-        let specs = store.tensorInfos.map(TensorSpec.init)
-        let metadata = store is SafetensorsFile ? (store.metadataPairs.isEmpty ? nil : store.metadataPairs) : [("format", "pt")]
+    private static func write(_ store: any TensorContainer, to path: String, descriptor: FileDescriptor? = nil) throws -> (Int, Int) {
+        let specs = store.entries.map(TensorSpec.init)
+        // A rewritten safetensors file keeps non-empty metadata only (what `inspect` shows).
+        let metadata = store.format == .safetensors ? (store.metadataPairs.isEmpty ? nil : store.metadataPairs) : store.metadataForSafetensors
         let layout = try SafetensorsLayout(tensors: specs, metadata: metadata, file: path)
         let fd = try descriptor ?? FileDescriptor.createExclusive(path)
         let writer = try SafetensorsWriter(layout: layout, output: fd)

@@ -136,7 +136,7 @@ enum AdapterWriter {
         }
         if !w.replacements.isEmpty && !sourceIsPEFT { try refuseReplacements(w, .peft) }
         for r in w.replacements {
-            let info = r.tensor.info
+            let info = r.tensor.entry
             if let d = dtype, d != info.dtype {
                 tensors.append(OutputTensor(name: info.name, dtype: try outputType(info.dtype, d, tensor: info.name), shape: info.shape, values: try r.tensor.doubles()))
             } else {

@@ -180,8 +180,8 @@ struct WorkingAdapter {
             sourceName: m.name, baseName: m.baseName, component: m.component, kind: m.kind,
             a: f.a, m: f.m, b: f.b, rank: m.rank, inShape: inShape, outFeatures: m.outFeatures, scale: m.scale,
             magnitude: try m.magnitude?.doubles(), bias: try m.bias?.doubles(),
-            aType: m.a.info.dtype, bType: m.b.info.dtype, mType: m.mixer?.info.dtype,
-            magnitudeType: m.magnitude?.info.dtype, biasType: m.bias?.info.dtype)
+            aType: m.a.entry.dtype, bType: m.b.entry.dtype, mType: m.mixer?.entry.dtype,
+            magnitudeType: m.magnitude?.entry.dtype, biasType: m.bias?.entry.dtype)
     }
 
     /// Gives kohya modules (whose names lost their dots) their dotted names from a base model's keys.

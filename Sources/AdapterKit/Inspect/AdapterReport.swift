@@ -22,7 +22,7 @@ public struct AdapterReport: Sendable {
         var diagnostics: [String: MixerDiagnostics] = [:]
         var bad: [(String, Int, Int)] = []
         var params = 0
-        for t in adapter.store.tensorInfos {
+        for t in adapter.store.entries {
             params += t.elementCount
             guard t.dtype.isReadableAsFloat, t.elementCount > 0 else { continue }
             var nan = 0, inf = 0
@@ -51,7 +51,7 @@ public struct AdapterReport: Sendable {
 
     public var dtypes: [DType] {
         var set = Set<DType>()
-        for m in adapter.modules { set.insert(m.a.info.dtype); set.insert(m.b.info.dtype) }
+        for m in adapter.modules { set.insert(m.a.entry.dtype); set.insert(m.b.entry.dtype) }
         return DType.allCases.filter(set.contains)
     }
 
@@ -139,7 +139,7 @@ public struct AdapterReport: Sendable {
         (try? FileDescriptor.openForReading(adapter.store.path).status().size) ?? 0
     }
 
-    public var tensorCount: Int { adapter.store.tensorInfos.count }
+    public var tensorCount: Int { adapter.store.entries.count }
 
     /// The base model the adapter names, if any.
     public var baseModel: String? {
@@ -271,7 +271,7 @@ public struct AdapterReport: Sendable {
         lines.append("  modules     \(adapter.modules.count)\(adapter.replacements.isEmpty ? "" : ", and \(adapter.replacements.count) full tensor replacement\(adapter.replacements.count == 1 ? "" : "s")")")
         lines.append("")
         lines += table()
-        for r in adapter.replacements { lines.append("  replaces \(r.baseName) (\(r.tensor.info.dtype.rawValue) \(r.tensor.shape))") }
+        for r in adapter.replacements { lines.append("  replaces \(r.baseName) (\(r.tensor.entry.dtype.rawValue) \(r.tensor.shape))") }
         let training = self.training
         if !training.isEmpty {
             lines.append("")
@@ -328,7 +328,7 @@ public struct AdapterReport: Sendable {
                 name, String(ms.count), values(ms.map(\.kind.rawValue)) { $0 }, values(ms.map(\.rank)) { String($0) },
                 alphas.count == ms.count ? values(alphas, formatShort) : "-", values(ms.map(\.scale), formatShort),
                 mixers == 0 ? "no" : mixers == ms.count ? "yes" : "\(mixers)/\(ms.count)",
-                values(ms.map(\.a.info.dtype.rawValue)) { $0 },
+                values(ms.map(\.a.entry.dtype.rawValue)) { $0 },
             ])
         }
         let numeric: Set<Int> = Set([1, 2, 4, 5, 6].map { $0 + (hasComponents ? 1 : 0) }).subtracting([2 + (hasComponents ? 1 : 0)])
@@ -368,7 +368,7 @@ public struct AdapterReport: Sendable {
                 ("name", .string(m.name)), ("kind", .string(m.kind.rawValue)), ("rank", .integer(m.rank)),
                 ("alpha", m.alpha.map { .real($0) } ?? .null),
                 ("scale", .real(m.scale)), ("mixer", .bool(m.hasMixer)), ("in", .integer(m.inFeatures)), ("out", .integer(m.outFeatures)),
-                ("target", .string(m.baseName)), ("dtype", .string(m.a.info.dtype.rawValue)),
+                ("target", .string(m.baseName)), ("dtype", .string(m.a.entry.dtype.rawValue)),
                 ("dora", .bool(m.magnitude != nil)), ("bias", .bool(m.bias != nil)),
             ])
             if let c = m.component { mo["component"] = .string(c) }

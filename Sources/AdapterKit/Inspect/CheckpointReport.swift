@@ -8,8 +8,8 @@ public struct CheckpointReport: Sendable {
     private let checkpoint: Checkpoint
 
     /// Every tensor with the name of its file (built on each use).
-    public var tensors: [(info: TensorInfo, file: String)] {
-        checkpoint.tensors.map { ($0.info, files[$0.file]) }
+    public var tensors: [(entry: TensorEntry, file: String)] {
+        checkpoint.tensors.map { ($0.entry, files[$0.file]) }
     }
 
     public init(_ checkpoint: Checkpoint) {
@@ -25,13 +25,13 @@ public struct CheckpointReport: Sendable {
         indexMetadata = checkpoint.indexMetadata
     }
 
-    public var parameterCount: Int { checkpoint.tensors.reduce(0) { $0 + $1.info.elementCount } }
-    public var byteCount: Int { checkpoint.tensors.reduce(0) { $0 + $1.info.byteCount } }
+    public var parameterCount: Int { checkpoint.tensors.reduce(0) { $0 + $1.entry.elementCount } }
+    public var byteCount: Int { checkpoint.tensors.reduce(0) { $0 + $1.entry.byteCount } }
 
     /// Tensor counts per dtype, in the reference's dtype order.
     public var dtypeCounts: [(dtype: DType, count: Int)] {
         var counts = [Int](repeating: 0, count: DType.allCases.count)
-        for t in checkpoint.tensors { counts[t.info.dtype.writerRank] += 1 }
+        for t in checkpoint.tensors { counts[t.entry.dtype.writerRank] += 1 }
         return zip(DType.allCases, counts).filter { $0.1 > 0 }.map { ($0.0, $0.1) }
     }
 
@@ -48,9 +48,9 @@ public struct CheckpointReport: Sendable {
         o["dtypes"] = .object(JSONObject(dtypeCounts.map { ($0.dtype.rawValue, .integer($0.count)) }))
         o["tensors"] = .array(checkpoint.tensors.map { t in
             .object(JSONObject([
-                ("name", .string(t.info.name)),
-                ("dtype", .string(t.info.dtype.rawValue)),
-                ("shape", .array(t.info.shape.map { .integer($0) })),
+                ("name", .string(t.entry.name)),
+                ("dtype", .string(t.entry.dtype.rawValue)),
+                ("shape", .array(t.entry.shape.map { .integer($0) })),
                 ("file", .string(files[t.file])),
             ]))
         })
@@ -73,12 +73,12 @@ public struct CheckpointReport: Sendable {
         if showTensors && !checkpoint.tensors.isEmpty {
             let tensors = self.tensors
             lines.append("")
-            let nameWidth = min(80, tensors.map { $0.info.name.count }.max() ?? 4)
-            let shapes = tensors.map { "[" + $0.info.shape.map(String.init).joined(separator: ", ") + "]" }
+            let nameWidth = min(80, tensors.map { $0.entry.name.count }.max() ?? 4)
+            let shapes = tensors.map { "[" + $0.entry.shape.map(String.init).joined(separator: ", ") + "]" }
             let shapeWidth = max(5, shapes.map(\.count).max() ?? 5)
             lines.append(pad("name", nameWidth) + "  " + pad("dtype", 7) + "  " + pad("shape", shapeWidth) + "  file")
             for (t, shape) in zip(tensors, shapes) {
-                lines.append(pad(t.info.name, nameWidth) + "  " + pad(t.info.dtype.rawValue, 7) + "  " + pad(shape, shapeWidth) + "  " + t.file)
+                lines.append(pad(t.entry.name, nameWidth) + "  " + pad(t.entry.dtype.rawValue, 7) + "  " + pad(shape, shapeWidth) + "  " + t.file)
             }
         }
         return lines.joined(separator: "\n")

@@ -20,7 +20,7 @@ public struct MergeTerm: Sendable {
 /// What happens to one base tensor.
 public struct TensorPlan: Sendable {
     public let baseName: String
-    public let base: TensorInfo
+    public let base: TensorEntry
     /// The shard the tensor is in.
     public let file: Int
     /// Low-rank updates, summed exactly.
@@ -88,7 +88,7 @@ public struct MergePlan: Sendable {
         var changes: [String: TensorPlan] = [:]
         var skipped: [String: Int] = [:]
         let resolver = BaseNameResolver(base)
-        if base.files.count > 1, let file = base.files.first(where: { !($0 is SafetensorsFile) }) {
+        if base.files.count > 1, let file = base.files.first(where: { $0.format != .safetensors }) {
             throw InputError(file.path, "sharded PyTorch checkpoints are not supported as a base; convert the shards first: adapter convert to-safetensors")
         }
         otherFiles = try Self.otherFiles(of: base, skip: options.skipFiles)
@@ -126,8 +126,8 @@ public struct MergePlan: Sendable {
                     problems.append("\(label)\(r.baseName) is replaced after another adapter updated it; list the replacing adapter first")
                     continue
                 }
-                if !r.tensor.info.dtype.isReadableAsFloat || !p.base.dtype.isMergeable {
-                    problems.append("\(label)\(r.tensor.name): cannot convert \(r.tensor.info.dtype.rawValue) to \(p.base.dtype.rawValue)")
+                if !r.tensor.entry.dtype.isReadableAsFloat || !p.base.dtype.isMergeable {
+                    problems.append("\(label)\(r.tensor.name): cannot convert \(r.tensor.entry.dtype.rawValue) to \(p.base.dtype.rawValue)")
                     continue
                 }
                 if r.tensor.shape != p.base.shape {

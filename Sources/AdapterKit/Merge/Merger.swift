@@ -92,7 +92,7 @@ public final class Merger {
     public func run() throws -> MergeSummary {
         let start = DispatchTime.now()
         let base = plan.base
-        total = plan.base.tensors.reduce(0) { $0 + $1.info.byteCount }
+        total = plan.base.tensors.reduce(0) { $0 + $1.entry.byteCount }
         summary.notes = plan.notes
         for (c, n) in plan.skipped.sorted(by: { $0.key < $1.key }) {
             summary.notes.append("skipped \(n) \(c) module\(n == 1 ? "" : "s") (not selected with --component)")
@@ -139,8 +139,8 @@ public final class Merger {
 
     /// The output file name of a base file: safetensors keep theirs; a PyTorch `pytorch_model.bin`
     /// becomes `model.safetensors` (merges always write safetensors).
-    static func outputName(_ name: String, _ store: any TensorStore) -> String {
-        guard !(store is SafetensorsFile) else { return name }
+    static func outputName(_ name: String, _ store: any TensorContainer) -> String {
+        guard store.format != .safetensors else { return name }
         if name == "pytorch_model.bin" { return "model.safetensors" }
         let stem = name.hasSuffix(".bin") || name.hasSuffix(".pt") ? String(name[..<name.lastIndex(of: ".")!]) : name
         return stem + ".safetensors"
@@ -183,7 +183,7 @@ public final class Merger {
         metadata["total_size"] = .integer(totalSize)
         // transformers 5 also records the parameter count.
         if metadata["total_parameters"] != nil {
-            metadata["total_parameters"] = .integer(plan.base.tensors.reduce(0) { $0 + (plan.changes[$1.info.name]?.outputShape ?? $1.info.shape).reduce(1, *) })
+            metadata["total_parameters"] = .integer(plan.base.tensors.reduce(0) { $0 + (plan.changes[$1.entry.name]?.outputShape ?? $1.entry.shape).reduce(1, *) })
         }
         root["metadata"] = .object(metadata)
         let text = JSONWriter.pretty(.object(sortedKeys(root)), indent: 2) + "\n"
@@ -205,14 +205,12 @@ public final class Merger {
     private func writeShard(_ index: Int, to path: String, descriptor: FileDescriptor? = nil) throws -> Bool {
         let store = plan.base.files[index]
         var shapeChanged = false
-        let specs = store.tensorInfos.map { t -> TensorSpec in
+        let specs = store.entries.map { t -> TensorSpec in
             let shape = plan.changes[t.name]?.outputShape ?? t.shape
             if shape != t.shape { shapeChanged = true }
             return TensorSpec(name: t.name, dtype: t.dtype, shape: shape)
         }
-        let safetensors = store as? SafetensorsFile
-        // A PyTorch base gets the metadata torch's own safetensors export writes.
-        let metadata: [(key: String, value: String)]? = safetensors.map { $0.header.hasMetadata ? $0.header.metadata : nil } ?? [("format", "pt")]
+        let metadata = store.metadataForSafetensors
         let layout = try SafetensorsLayout(tensors: specs, metadata: metadata, file: path)
         let fd = try descriptor ?? FileDescriptor.createExclusive(path)
         let writer = try SafetensorsWriter(layout: layout, output: fd)
@@ -221,18 +219,16 @@ public final class Merger {
         let progress = options.progress
         let total = self.total
         for t in layout.tensors {
-            let original = store.info(t.name)!
             if let change = plan.changes[t.name] {
                 try writeChanged(change, store: store, writer: writer)
                 store.release(t.name)
                 summary.tensorsChanged += 1
-            } else if let safetensors {
-                safetensors.prefetch(original)
-                let range = safetensors.fileRange(of: original)
-                let file = Handoff(value: safetensors)
+            } else if let region = store.region(of: t.name) {
+                store.prefetch(t.name)
+                let file = Handoff(value: store)
                 pipeline.submit {
-                    try handoff.value.append(copyingFrom: file.value.descriptor, offset: range.lowerBound, count: range.count)
-                    file.value.release(original)
+                    try handoff.value.append(region)
+                    file.value.release(t.name)
                 }
                 summary.tensorsCopied += 1
             } else {
@@ -255,7 +251,7 @@ public final class Merger {
 
     // MARK: - Changed tensors
 
-    private func writeChanged(_ p: TensorPlan, store: any TensorStore, writer: SafetensorsWriter) throws {
+    private func writeChanged(_ p: TensorPlan, store: any TensorContainer, writer: any TensorFileWriter) throws {
         let dtype = p.base.dtype
         if !p.biasTerms.isEmpty {
             try writeBias(p, store: store, writer: writer)
@@ -267,7 +263,7 @@ public final class Merger {
         if let r = p.replacement {
             // An F64 replacement is kept in Float64 whatever the base dtype: going through Float32
             // would round it twice.
-            if dtype == .f64 || r.tensor.info.dtype == .f64 { replacementDoubles = try r.tensor.doubles() } else { replacementValues = try r.tensor.floats() }
+            if dtype == .f64 || r.tensor.entry.dtype == .f64 { replacementDoubles = try r.tensor.doubles() } else { replacementValues = try r.tensor.floats() }
             if (replacementValues?.contains { !$0.isFinite } ?? false) || (replacementDoubles?.contains { !$0.isFinite } ?? false) {
                 throw MergeError(tensor: p.baseName, problem: "the replacement \(r.tensor.name) holds NaN or infinity")
             }
@@ -322,11 +318,10 @@ public final class Merger {
         } else {
             let factors = UpdateFactors(l: l, r: r, rows: rows, cols: cols, k: k, magnitude: magnitude)
             defer { factors.deallocate() }
-            if p.replacement == nil, let file = store as? SafetensorsFile {
+            if p.replacement == nil, let region = store.region(of: p.baseName) {
                 // Read rows with pread: a copy from the page cache costs less than faulting in and
                 // later dropping a mapping.
-                let offset = file.fileRange(of: p.base).lowerBound
-                try mergeInBlocks(p, source: .file(file.descriptor, offset), sourceType: dtype, factors: factors, writer: writer, statistics: &stats)
+                try mergeInBlocks(p, source: .file(region.descriptor, region.range.lowerBound), sourceType: dtype, factors: factors, writer: writer, statistics: &stats)
             } else {
                 try source { src, srcType in
                     try mergeInBlocks(p, source: .memory(src), sourceType: srcType, factors: factors, writer: writer, statistics: &stats)
@@ -339,14 +334,14 @@ public final class Merger {
     }
 
     /// Queues a small computed tensor for writing.
-    private func submit(_ bytes: [UInt8], _ writer: SafetensorsWriter) {
+    private func submit(_ bytes: [UInt8], _ writer: any TensorFileWriter) {
         let handoff = Handoff(value: writer)
         pipeline.submit { try bytes.withUnsafeBytes { try handoff.value.append($0) } }
     }
 
     /// Computes row blocks into pipeline buffers; each block is written while the next is computed.
     private func mergeInBlocks(_ p: TensorPlan, source: RowSource, sourceType: DType, factors: UpdateFactors,
-                               writer: SafetensorsWriter, statistics: inout UpdateStatistics?) throws {
+                               writer: any TensorFileWriter, statistics: inout UpdateStatistics?) throws {
         let dtype = p.base.dtype
         let rowBytes = factors.cols * dtype.byteSize
         let sourceRowBytes = factors.cols * sourceType.byteSize
@@ -419,7 +414,7 @@ public final class Merger {
         return (l, r, k)
     }
 
-    private func writeBias(_ p: TensorPlan, store: any TensorStore, writer: SafetensorsWriter) throws {
+    private func writeBias(_ p: TensorPlan, store: any TensorContainer, writer: any TensorFileWriter) throws {
         var values = try store.doubles(p.baseName)
         for (bias, factor, module) in p.biasTerms {
             let b = try bias.doubles()

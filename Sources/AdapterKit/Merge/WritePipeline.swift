@@ -64,7 +64,7 @@ final class WritePipeline: @unchecked Sendable {
     }
 
     /// Writes `count` bytes of an acquired buffer with `writer`, then recycles the buffer.
-    func write(_ buffer: UnsafeMutableRawBufferPointer, count: Int, with writer: SafetensorsWriter) {
+    func write(_ buffer: UnsafeMutableRawBufferPointer, count: Int, with writer: any TensorFileWriter) {
         let job = Job(buffer: buffer, count: count, writer: writer)
         queue.async {
             defer { self.recycle(job.buffer) }
@@ -90,7 +90,7 @@ final class WritePipeline: @unchecked Sendable {
     private struct Job: @unchecked Sendable {
         let buffer: UnsafeMutableRawBufferPointer
         let count: Int
-        let writer: SafetensorsWriter
+        let writer: any TensorFileWriter
     }
 }
 

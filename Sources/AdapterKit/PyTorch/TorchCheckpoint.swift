@@ -11,7 +11,7 @@ import Foundation
 /// the furthest byte any of its views needs, and only the bytes some view touches are kept; it is freed
 /// when every view has been read or released. A few bytes of file can declare gigabytes of storage, so
 /// the cost of reading is bounded by what the tensors use, never by what the storage claims.
-public final class TorchCheckpoint: TensorStore {
+public final class TorchCheckpoint: TensorContainer {
     /// A tensor and the member holding its storage.
     struct Record: Sendable {
         let tensor: TorchTensorReference
@@ -25,7 +25,8 @@ public final class TorchCheckpoint: TensorStore {
     public let path: String
     /// The archive's top-level folder name (`archive`, or the file stem torch used), without the slash.
     public let archiveName: String
-    public let tensorInfos: [TensorInfo]
+    public let entries: [TensorEntry]
+    public var format: ContainerFormat { .pytorch }
     /// Wrapper key that was unwrapped (`state_dict`, `model`, ...), if any.
     public let unwrappedKey: String?
     let archive: ZipArchive
@@ -89,25 +90,25 @@ public final class TorchCheckpoint: TensorStore {
         let (found, wrapper) = try Self.collectTensors(root, path: path, pickleBytes: pickle.count)
         self.unwrappedKey = wrapper
         var records: [String: Record] = [:]
-        var infos: [TensorInfo] = []
+        var infos: [TensorEntry] = []
         var lookup: [String: Int] = [:]
-        var offset = 0
+        var total = 0  // the sum of the tensors' sizes, which must fit in an Int
         var spans: [String: InflatedStorages.Span] = [:]
         for (tensorName, t) in found {
             guard records[tensorName] == nil else { throw InputError(path, "tensor name \(quotedForMessage(tensorName)) occurs twice after joining nested keys") }
             let record = try Self.validate(t, name: tensorName, archive: archive, prefix: prefix, path: path)
             let bytes = try Self.byteCount(t, name: tensorName, path: path)
-            guard let end = offset.addingReportingOverflowChecked(bytes) else { throw InputError(path, "tensor sizes overflow") }
+            guard let end = total.addingReportingOverflowChecked(bytes) else { throw InputError(path, "tensor sizes overflow") }
             lookup[tensorName] = infos.count
-            infos.append(TensorInfo(name: tensorName, dtype: t.dtype, shape: t.shape, dataOffsets: offset..<end))
+            infos.append(TensorEntry(name: tensorName, shape: t.shape, encoding: .plain(t.dtype), byteCount: bytes))
             records[tensorName] = record
-            offset = end
+            total = end
             if record.member.method == .deflated, bytes > 0 {
                 spans[record.member.name, default: InflatedStorages.Span(member: record.member)].add(record.byteRange, viewer: tensorName)
             }
         }
         self.records = records
-        self.tensorInfos = infos
+        self.entries = infos
         self.lookup = lookup
         self.inflatedStorages = InflatedStorages(archive: archive, spans: spans)
     }
@@ -121,16 +122,22 @@ public final class TorchCheckpoint: TensorStore {
     var inflatedBytesHeld: Int { inflatedStorages.heldBytes }
 
     public var metadataPairs: [(key: String, value: String)] { [] }
+    /// What torch's own safetensors export (`save_file(state_dict, …, metadata={"format": "pt"})`) writes.
+    public var metadataForSafetensors: [(key: String, value: String)]? { [("format", "pt")] }
 
-    public func info(_ name: String) -> TensorInfo? {
-        lookup[name].map { tensorInfos[$0] }
+    public func entry(_ name: String) -> TensorEntry? {
+        lookup[name].map { entries[$0] }
     }
+
+    /// Stored members are checked (CRC) as they are read, and views may be strided: bytes come
+    /// through `withBytes` only.
+    public func region(of name: String) -> FileRegion? { nil }
 
     /// Calls `body` with the tensor's little-endian, row-major bytes: the storage slice when the tensor is
     /// contiguous (mapped when stored, inflated once when deflated), otherwise a buffer the elements are
     /// gathered into.
     public func withBytes<R>(of name: String, _ body: (UnsafeRawBufferPointer) throws -> R) throws -> R {
-        guard let r = records[name], let info = info(name) else {
+        guard let r = records[name], let info = entry(name) else {
             throw TensorReadError(file: path, tensor: name, problem: "no such tensor")
         }
         if info.byteCount == 0 { return try body(UnsafeRawBufferPointer(start: nil, count: 0)) }

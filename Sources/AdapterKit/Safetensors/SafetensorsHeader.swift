@@ -16,6 +16,8 @@ public struct TensorInfo: Sendable, Hashable {
     /// Number of elements (1 for a scalar).
     public var elementCount: Int { shape.reduce(1, *) }
     public var byteCount: Int { dataOffsets.count }
+    /// The container-neutral view: a safetensors tensor is always plainly encoded.
+    public var entry: TensorEntry { TensorEntry(name: name, shape: shape, encoding: .plain(dtype), byteCount: byteCount) }
 }
 
 /// Why a safetensors file was refused: the file, the tensor where there is one, and the rule.

@@ -13,6 +13,10 @@ public struct TensorSpec: Sendable, Hashable {
     public init(_ info: TensorInfo) {
         self.init(name: info.name, dtype: info.dtype, shape: info.shape)
     }
+
+    public init(_ entry: TensorEntry) {
+        self.init(name: entry.name, dtype: entry.dtype, shape: entry.shape)
+    }
 }
 
 /// Why a set of tensors cannot be written.
@@ -87,7 +91,7 @@ public struct SafetensorsLayout: Sendable {
 ///
 /// Holds no tensor data itself; the caller pushes bytes in chunks of any size. `finish` checks
 /// that every byte of every tensor arrived.
-public final class SafetensorsWriter {
+public final class SafetensorsWriter: TensorFileWriter {
     public let layout: SafetensorsLayout
     let output: FileDescriptor
     private var written = 0
@@ -140,6 +144,11 @@ public final class SafetensorsWriter {
         try flush()
         try output.copy(from: source, offset: offset, count: count)
         written += count
+    }
+
+    /// Appends a region of another file, in the kernel where possible.
+    func append(_ region: FileRegion) throws {
+        try append(copyingFrom: region.descriptor, offset: region.range.lowerBound, count: region.range.count)
     }
 
     /// Flushes and checks that the file is complete.

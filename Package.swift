@@ -25,7 +25,9 @@ let package = Package(
         .target(name: "CLinearAlgebra"),
         .target(
             name: "AdapterKit",
-            dependencies: ["CZlib", "CMergeKernel", "CGuardedRead", "CLinearAlgebra"]
+            dependencies: ["CZlib", "CMergeKernel", "CGuardedRead", "CLinearAlgebra"],
+            // The fault-injection hooks (System/TestHooks.swift) exist in debug builds only.
+            swiftSettings: [.define("ADAPTER_TEST_HOOKS", .when(configuration: .debug))]
         ),
         .executableTarget(
             name: "AdapterCLI",

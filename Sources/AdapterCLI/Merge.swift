@@ -63,7 +63,7 @@ struct Merge: ParsableCommand {
             inputs.append(MergeInput(adapter: try Adapter(path: path), weight: w))
         }
         let checkpoint = try Checkpoint(path: base)
-        try Merger.checkOutput(out, kind: checkpoint.isFolder ? .folder : .file,
+        try OutputRules.check(out, kind: checkpoint.isFolder ? .folder : .file,
                                inputs: [base] + checkpoint.inputFiles + inputs.flatMap { [$0.adapter.path] + $0.adapter.inputFiles }, force: force)
         let plan = try MergePlan(base: checkpoint, inputs: inputs,
                                  options: MergeOptions(allowUnknown: allowUnknown, components: components.isEmpty ? nil : components,
@@ -81,7 +81,7 @@ struct Merge: ParsableCommand {
         for input in inputs where !quiet {
             for w in input.adapter.warnings { writeError("adapter: warning: \(input.adapter.path): \(w)") }
         }
-        let summary = try Merger(plan: plan, output: out, options: options).run()
+        let summary = try plan.write(to: out, options: options)
         progress.finish()
         if report {
             try writeOutput("tensor\tmodules\tmax_abs_delta\tsurvived")

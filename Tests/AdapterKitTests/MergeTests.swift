@@ -28,7 +28,7 @@ func merge(base: String, adapters: [(String, Double)], out: String, components: 
     var options = MergeRunOptions()
     options.report = report
     options.sync = false
-    let summary = try Merger(plan: plan, output: out, options: options).run()
+    let summary = try plan.write(to: out, options: options)
     return (try Checkpoint(path: out), summary)
 }
 

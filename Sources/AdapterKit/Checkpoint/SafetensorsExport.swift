@@ -19,7 +19,7 @@ public enum SafetensorsExport {
         guard inputKind == .file || inputKind == .directory else { throw InputError(input, "no such file or folder") }
         // Every file of an input folder is read (converted or copied), through links too.
         let read = inputKind == .directory ? ((try? FileSystem.contents(ofDirectory: input)) ?? []).map { joinPath(input, $0) } : []
-        try Merger.checkOutput(output, kind: inputKind == .directory ? .folder : .file, inputs: [input] + read, force: force)
+        try OutputRules.check(output, kind: inputKind == .directory ? .folder : .file, inputs: [input] + read, force: force)
         let out = try TemporaryOutput(target: output, kind: inputKind == .directory ? .folder : .file)
         do {
             let result: Result

@@ -203,7 +203,7 @@ public enum AdapterConversion {
         }
         let adapter = try Adapter(path: input)
         let baseFiles = try options.base.map { [$0] + (try Checkpoint(path: $0).inputFiles) } ?? []
-        try Merger.checkOutput(output, kind: layout == .kohya ? .file : .folder, inputs: [input] + adapter.inputFiles + baseFiles,
+        try OutputRules.check(output, kind: layout == .kohya ? .file : .folder, inputs: [input] + adapter.inputFiles + baseFiles,
                                force: options.force)
         var w = try WorkingAdapter(adapter, options: options)
         summary.notes += w.notes

@@ -10,39 +10,6 @@ public struct MergeInput: Sendable {
     }
 }
 
-/// One module's contribution to a base tensor.
-public struct MergeTerm: Sendable {
-    public let module: LoRAModule
-    /// scale × adapter weight.
-    public let factor: Double
-}
-
-/// What happens to one base tensor.
-public struct TensorPlan: Sendable {
-    public let baseName: String
-    public let base: TensorEntry
-    /// The shard the tensor is in.
-    public let file: Int
-    /// Low-rank updates, summed exactly.
-    public var terms: [MergeTerm] = []
-    /// A full tensor replacing the base values before any update.
-    public var replacement: Replacement?
-    /// DoRA: the module whose magnitude rescales the rows (at most one per tensor).
-    public var dora: MergeTerm?
-    /// `lora_B.bias` updates to this (bias) tensor: b += factor · bias.
-    public var biasTerms: [(bias: TensorRef, factor: Double, module: String)] = []
-
-    /// The shape written: the replacement's when there is one.
-    public var outputShape: [Int] { replacement?.tensor.shape ?? base.shape }
-
-    public var isUnchanged: Bool { terms.isEmpty && replacement == nil && dora == nil && biasTerms.isEmpty }
-
-    /// The module names that touch this tensor, for messages and reports.
-    public var moduleNames: [String] {
-        terms.map(\.module.name) + biasTerms.map(\.module) + (replacement.map { [$0.tensor.name] } ?? [])
-    }
-}
-
 /// Options of a merge.
 public struct MergeOptions: Sendable {
     public var allowUnknown = false
@@ -63,8 +30,8 @@ public struct MergeOptions: Sendable {
 public struct MergePlan: Sendable {
     public let base: Checkpoint
     public let inputs: [MergeInput]
-    /// Plans for the tensors that change, by base name.
-    public let changes: [String: TensorPlan]
+    /// The edits of the tensors that change, by base name.
+    public let changes: [String: TensorEdit]
 
     /// The dtypes of the tensors an update changes (sorted), for notices about rounding.
     public var changedTensorDTypes: [DType] {
@@ -78,6 +45,17 @@ public struct MergePlan: Sendable {
 
     public var moduleCount: Int { changes.values.reduce(0) { $0 + $1.terms.count } }
 
+    /// A plan made of edits already resolved (by a name map that places updates on rows of fused
+    /// or expert tensors); the edits are not checked again.
+    init(base: Checkpoint, inputs: [MergeInput], edits: [TensorEdit], notes: [String] = []) throws {
+        self.base = base
+        self.inputs = inputs
+        self.changes = Dictionary(edits.map { ($0.baseName, $0) }, uniquingKeysWith: { a, _ in a })
+        self.skipped = [:]
+        self.notes = notes
+        self.otherFiles = try Self.otherFiles(of: base, skip: [])
+    }
+
     /// Maps every module to exactly one base tensor and checks shapes, dtypes, mixers and
     /// unknown keys; throws a `ProblemList` with every failure.
     public init(base: Checkpoint, inputs: [MergeInput], options: MergeOptions = MergeOptions()) throws {
@@ -85,7 +63,7 @@ public struct MergePlan: Sendable {
         self.inputs = inputs
         var problems: [String] = []
         var notes: [String] = []
-        var changes: [String: TensorPlan] = [:]
+        var changes: [String: TensorEdit] = [:]
         var skipped: [String: Int] = [:]
         let resolver = BaseNameResolver(base)
         if base.files.count > 1, let file = base.files.first(where: { $0.format != .safetensors }) {
@@ -93,10 +71,10 @@ public struct MergePlan: Sendable {
         }
         otherFiles = try Self.otherFiles(of: base, skip: options.skipFiles)
 
-        func plan(_ name: String) -> TensorPlan? {
+        func plan(_ name: String) -> TensorEdit? {
             if let p = changes[name] { return p }
             guard let (info, file) = base.tensor(name) else { return nil }
-            return TensorPlan(baseName: name, base: info, file: file)
+            return TensorEdit(baseName: name, base: info, file: file)
         }
 
         for input in inputs {

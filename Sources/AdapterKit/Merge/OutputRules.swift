@@ -1,11 +1,11 @@
 /// The rules for OUT shared by every command that writes (merge, convert, resize, to-safetensors).
-extension Merger {
+public enum OutputRules {
     /// Checks OUT before anything is written: its folder exists; it does not exist unless
     /// `force`; it is not, is not inside, and does not contain any of `inputs` (the paths given
     /// and every file the run reads through them: configs beside an adapter's weights, shards
     /// through an index, the index itself); and with `force`, what is there is something this
     /// tool could have written (`replaceRefusal`).
-    public static func checkOutput(_ output: String, kind: OutputKind, inputs: [String], force: Bool) throws {
+    public static func check(_ output: String, kind: OutputKind, inputs: [String], force: Bool) throws {
         guard !output.isEmpty else { throw InputError(output, "empty output path") }
         let parent = parentPath(output)
         guard FileSystem.kind(parent) == .directory, let realParent = FileSystem.realPath(parent) else {

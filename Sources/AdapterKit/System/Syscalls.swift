@@ -487,7 +487,7 @@ public enum FileSystem {
 
     /// glibc's renameat2 (2.28 and later), found at run time: Swift's Glibc module does not declare it.
     private static let renameat2Function: Renameat2? = {
-        guard TestHook.environment["ADAPTER_TEST_RENAMEAT2"] != "unsupported",
+        guard !TestHook.renameat2Unsupported,
               let handle = dlopen(nil, RTLD_NOW), let symbol = dlsym(handle, "renameat2") else { return nil }
         return unsafeBitCast(symbol, to: Renameat2.self)
     }()

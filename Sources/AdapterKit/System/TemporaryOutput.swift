@@ -146,7 +146,7 @@ public final class TemporaryOutput: @unchecked Sendable {
     /// The new output over an existing target; the old one is removed once the new one is in place.
     private func replace() throws {
         // Checked before the run began; checked again here, in case it changed meanwhile.
-        if let refusal = Merger.replaceRefusal(target, kind: kind) {
+        if let refusal = OutputRules.replaceRefusal(target, kind: kind) {
             throw InputError(target, refusal + "; nothing was replaced")
         }
         // The old output is locked too while it sits under the temporary name.

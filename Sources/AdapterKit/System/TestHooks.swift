@@ -1,7 +1,9 @@
 import Foundation
 
-/// Hooks for the fault-injection tests only. Each is off unless its environment variable is set,
-/// and then only slows the run down or makes it wait; none changes what is written.
+/// Hooks for the fault-injection tests only, compiled into debug builds (what `swift test` runs)
+/// and absent from release builds, which read none of these variables. Each is off unless its
+/// environment variable is set, and then only slows the run down or makes it wait; none changes
+/// what is written.
 ///
 /// - `ADAPTER_TEST_DELAY_PER_TENSOR_MS=N`: the merge pauses N ms after each tensor, so a signal
 ///   can land mid-merge on tiny inputs.
@@ -17,7 +19,11 @@ public enum TestHook {
     /// `moved-aside` the same without it.
     public static let phases = ["before-fsync", "after-fsync", "before-replace", "moved-aside", "exchanged", "before-remove-old", "committed"]
 
+#if ADAPTER_TEST_HOOKS
     static let environment = ProcessInfo.processInfo.environment
+
+    /// Whether to behave as if `renameat2` did not exist.
+    static let renameat2Unsupported = environment["ADAPTER_TEST_RENAMEAT2"] == "unsupported"
 
     static let delayPerTensorMS: Int =
         environment["ADAPTER_TEST_DELAY_PER_TENSOR_MS"].flatMap { Int($0) }.map { min(max($0, 0), 10_000) } ?? 0
@@ -41,4 +47,9 @@ public enum TestHook {
             waited += 2
         }
     }
+#else
+    static let renameat2Unsupported = false
+    @inline(__always) static func afterTensor() {}
+    @inline(__always) static func phase(_ name: String) {}
+#endif
 }

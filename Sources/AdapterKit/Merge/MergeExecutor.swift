@@ -1,0 +1,255 @@
+import Foundation
+
+/// Writes the tensors of a merge's output, one at a time, into a tensor file writer: unchanged
+/// tensors are copied (in the kernel where the container gives a file region), changed ones run
+/// their `TensorEdit` through one row-block loop. Writes go through the pipeline's queue while
+/// this thread computes the next block; memory in flight is the pipeline's buffers plus one block
+/// of input rows, whatever the tensor's size.
+final class MergeExecutor {
+    let options: MergeRunOptions
+    let pipeline: WritePipeline
+    /// Per-tensor statistics, when `options.report`.
+    private(set) var reports: [MergeSummary.TensorReport] = []
+    /// Rows read from the base for the block being computed.
+    private var inputBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 8 << 20, alignment: 64)
+
+    /// Where a tensor's rows come from.
+    enum RowSource {
+        case memory(UnsafeRawPointer)
+        case file(FileRegion)
+    }
+
+    init(options: MergeRunOptions, pipeline: WritePipeline) {
+        self.options = options
+        self.pipeline = pipeline
+    }
+
+    deinit { inputBuffer.deallocate() }
+
+    /// Copies a tensor unchanged.
+    func copy(_ name: String, from store: any TensorContainer, to writer: any TensorFileWriter) throws {
+        let handoff = Handoff(value: writer)
+        if let region = store.region(of: name) {
+            store.prefetch(name)
+            let file = Handoff(value: store)
+            pipeline.submit {
+                try handoff.value.append(region)
+                file.value.release(name)
+            }
+        } else {
+            let bytes = try store.withBytes(of: name) { Array($0) }
+            pipeline.submit { try bytes.withUnsafeBytes { try handoff.value.append($0) } }
+            store.release(name)
+        }
+    }
+
+    /// Writes a changed tensor: its edit applied to the base's values.
+    func write(_ p: TensorEdit, from store: any TensorContainer, to writer: any TensorFileWriter) throws {
+        defer { store.release(p.baseName) }
+        let dtype = p.base.dtype
+        if !p.biasTerms.isEmpty {
+            try writeBias(p, store: store, writer: writer)
+            return
+        }
+        // The source values: the base tensor, or a replacement widened without rounding.
+        var replacementValues: [Float]? = nil
+        var replacementDoubles: [Double]? = nil
+        if let r = p.replacement {
+            // An F64 replacement is kept in Float64 whatever the base dtype: going through Float32
+            // would round it twice.
+            if dtype == .f64 || r.tensor.entry.dtype == .f64 { replacementDoubles = try r.tensor.doubles() } else { replacementValues = try r.tensor.floats() }
+            if (replacementValues?.contains { !$0.isFinite } ?? false) || (replacementDoubles?.contains { !$0.isFinite } ?? false) {
+                throw MergeError(tensor: p.baseName, problem: "the replacement \(r.tensor.name) holds NaN or infinity")
+            }
+        }
+        let rows = p.rows, cols = p.columns
+        if p.terms.isEmpty {
+            // Replacement only: convert into the base dtype with one rounding.
+            let n = rows * cols
+            var bytes = [UInt8](repeating: 0, count: n * dtype.byteSize)
+            bytes.withUnsafeMutableBytes { dst in
+                if let d = replacementDoubles { d.withUnsafeBufferPointer { ElementConversion.fromDouble(dtype, $0.baseAddress!, dst.baseAddress!, count: n) } }
+                if let f = replacementValues { f.withUnsafeBufferPointer { ElementConversion.fromFloat(dtype, $0.baseAddress!, dst.baseAddress!, count: n) } }
+            }
+            try checkFinite(bytes, dtype: dtype, tensor: p.baseName)
+            submit(bytes, writer)
+            return
+        }
+        let magnitude = try p.dora.map { try $0.module.magnitude!.doubles() }
+        var stats: UpdateStatistics? = options.report ? UpdateStatistics() : nil
+
+        func source(_ body: (UnsafeRawPointer, DType) throws -> Void) throws {
+            if let v = replacementValues { try v.withUnsafeBytes { try body($0.baseAddress!, .f32) }; return }
+            if let v = replacementDoubles { try v.withUnsafeBytes { try body($0.baseAddress!, .f64) }; return }
+            try store.withBytes(of: p.baseName) { raw in try body(raw.baseAddress ?? UnsafeRawPointer(bitPattern: 8)!, dtype) }
+        }
+
+        if dtype == .f64 || replacementDoubles != nil {
+            // Float64 accumulation: F64 bases, and F64 replacements into any base (rounded once at the end).
+            var out = [UInt8](repeating: 0, count: rows * cols * 8)
+            var finite = true
+            try source { src, srcType in
+                for segment in p.segments {
+                    let (l, r, k) = try UpdateCompiler.factors(segment.terms.map { p.terms[$0] }, rows: segment.rows, viewRows: rows, cols: cols, tensor: p.baseName)
+                    let first = segment.rows.lowerBound
+                    finite = out.withUnsafeMutableBytes { dst in
+                        MergeKernel.mergeRowsF64(source: src + first * cols * srcType.byteSize, sourceType: srcType, destination: dst.baseAddress! + first * cols * 8,
+                                                 rows: 0..<segment.rows.count, cols: cols, l: l, r: r, k: k, magnitude: magnitude, statistics: &stats)
+                    } && finite
+                }
+            }
+            guard finite else { throw nonFinite(p) }
+            if dtype != .f64 {
+                var narrow = [UInt8](repeating: 0, count: rows * cols * dtype.byteSize)
+                out.withUnsafeBytes { src in
+                    narrow.withUnsafeMutableBytes { dst in
+                        ElementConversion.fromDouble(dtype, src.baseAddress!.assumingMemoryBound(to: Double.self), dst.baseAddress!, count: rows * cols)
+                    }
+                }
+                try checkFinite(narrow, dtype: dtype, tensor: p.baseName)
+                out = narrow
+            }
+            submit(out, writer)
+        } else {
+            // Float32: the fused kernel, one row block at a time. Rows are read with pread where the
+            // container gives a file region: a copy from the page cache costs less than faulting in
+            // and later dropping a mapping.
+            let region = p.replacement == nil ? store.region(of: p.baseName) : nil
+            func run(_ source: RowSource, _ sourceType: DType) throws {
+                for segment in p.segments {
+                    try mergeInBlocks(p, rows: segment.rows, terms: segment.terms.map { p.terms[$0] }, source: source, sourceType: sourceType,
+                                      magnitude: magnitude, writer: writer, statistics: &stats)
+                }
+            }
+            if let region {
+                try run(.file(region), dtype)
+            } else {
+                try source { src, srcType in try run(.memory(src), srcType) }
+            }
+        }
+        if let stats {
+            reports.append(.init(tensor: p.baseName, modules: p.terms.map(\.module.name), statistics: stats))
+        }
+    }
+
+    /// Queues a small computed tensor for writing.
+    private func submit(_ bytes: [UInt8], _ writer: any TensorFileWriter) {
+        let handoff = Handoff(value: writer)
+        pipeline.submit { try bytes.withUnsafeBytes { try handoff.value.append($0) } }
+    }
+
+    /// Computes the blocks of `rows` into pipeline buffers; each block is written while the next is
+    /// computed. Rows no term covers are converted (or copied) unchanged, never added to.
+    private func mergeInBlocks(_ p: TensorEdit, rows: Range<Int>, terms: [MergeTerm], source: RowSource, sourceType: DType,
+                               magnitude: [Double]?, writer: any TensorFileWriter, statistics: inout UpdateStatistics?) throws {
+        let dtype = p.base.dtype
+        let cols = p.columns
+        let rowBytes = cols * dtype.byteSize
+        let sourceRowBytes = cols * sourceType.byteSize
+        let factors: UpdateFactors? = try terms.isEmpty ? nil : {
+            let (l, r, k) = try UpdateCompiler.factors(terms, rows: rows, viewRows: p.rows, cols: cols, tensor: p.baseName)
+            return UpdateFactors(l: l, r: r, rows: rows.count, cols: cols, k: k, magnitude: magnitude)
+        }()
+        defer { factors?.deallocate() }
+        let blockRows = max(1, min(rows.count, pipeline.blockBytes / max(1, rowBytes)))
+        var row = rows.lowerBound
+        while row < rows.upperBound {
+            let end = min(rows.upperBound, row + blockRows)
+            let buffer = try pipeline.acquire(bytes: (end - row) * rowBytes)
+            // The kernel indexes rows from the block's start: shift the pointers to the block.
+            let src: UnsafeRawPointer
+            switch source {
+            case .memory(let base):
+                src = base + row * sourceRowBytes
+            case .file(let region):
+                let count = (end - row) * sourceRowBytes
+                if inputBuffer.count < count {
+                    inputBuffer.deallocate()
+                    inputBuffer = .allocate(byteCount: count, alignment: 64)
+                }
+                let got = try region.descriptor.read(into: UnsafeMutableRawBufferPointer(rebasing: inputBuffer[0..<count]),
+                                                     at: region.range.lowerBound + row * sourceRowBytes)
+                guard got == count else {
+                    pipeline.giveBack(buffer)
+                    throw InputError(region.path, "the file shrank while being read")
+                }
+                src = UnsafeRawPointer(inputBuffer.baseAddress!)
+            }
+            if let factors {
+                let shifted = UpdateFactors(shifting: factors, by: row - rows.lowerBound)
+                let result = MergeKernel.merge(source: src, sourceType: sourceType, destination: buffer.baseAddress!, destinationType: dtype,
+                                               rows: 0..<(end - row), factors: shifted, wantStatistics: statistics != nil, threads: options.threads)
+                guard result.finite else {
+                    pipeline.giveBack(buffer)
+                    throw nonFinite(p)
+                }
+                if let s = result.statistics { statistics!.add(s) }
+            } else if sourceType == dtype {
+                buffer.baseAddress!.copyMemory(from: src, byteCount: (end - row) * rowBytes)
+            } else {
+                // Rows of a replacement that no term covers: one rounding into the base dtype.
+                let n = (end - row) * cols
+                withUnsafeTemporaryAllocation(of: Float.self, capacity: max(1, n)) { tmp in
+                    ElementConversion.toFloat(sourceType, src, tmp.baseAddress!, count: n)
+                    ElementConversion.fromFloat(dtype, tmp.baseAddress!, buffer.baseAddress!, count: n)
+                }
+            }
+            pipeline.write(buffer, count: (end - row) * rowBytes, with: writer)
+            row = end
+        }
+    }
+
+    private func nonFinite(_ p: TensorEdit) -> MergeError {
+        MergeError(tensor: p.baseName, problem: "the merged values hold NaN or infinity (or overflow \(p.base.dtype.rawValue)); modules: \(p.moduleNames.joined(separator: ", "))")
+    }
+
+    private func writeBias(_ p: TensorEdit, store: any TensorContainer, writer: any TensorFileWriter) throws {
+        var values = try store.doubles(p.baseName)
+        for (bias, factor, module) in p.biasTerms {
+            let b = try bias.doubles()
+            for (i, v) in b.enumerated() {
+                guard v.isFinite else { throw MergeError(tensor: p.baseName, problem: "module \(module) has a NaN or infinite lora_B.bias") }
+                values[i] += factor * v
+            }
+        }
+        var bytes = [UInt8](repeating: 0, count: values.count * p.base.dtype.byteSize)
+        bytes.withUnsafeMutableBytes { dst in
+            values.withUnsafeBufferPointer { ElementConversion.fromDouble(p.base.dtype, $0.baseAddress!, dst.baseAddress!, count: values.count) }
+        }
+        try checkFinite(bytes, dtype: p.base.dtype, tensor: p.baseName)
+        submit(bytes, writer)
+    }
+
+    /// Checks stored values in chunks: a replaced lm_head must not cost another copy of itself in Float64.
+    private func checkFinite(_ bytes: [UInt8], dtype: DType, tensor: String) throws {
+        let n = bytes.count / dtype.byteSize
+        let chunk = 4096
+        let finite = bytes.withUnsafeBytes { raw in
+            withUnsafeTemporaryAllocation(of: Double.self, capacity: chunk) { tmp in
+                var i = 0
+                while i < n {
+                    let m = min(chunk, n - i)
+                    ElementConversion.toDouble(dtype, raw.baseAddress! + i * dtype.byteSize, tmp.baseAddress!, count: m)
+                    if tmp[0..<m].contains(where: { !$0.isFinite }) { return false }
+                    i += m
+                }
+                return true
+            }
+        }
+        if !finite {
+            throw MergeError(tensor: tensor, problem: "the result holds NaN or infinity (or overflows \(dtype.rawValue))")
+        }
+    }
+}
+
+extension UpdateFactors {
+    /// The same factors seen from row `offset` on (L's rows shifted; R and magnitudes shared).
+    init(shifting f: UpdateFactors, by offset: Int) {
+        self.rows = f.rows - offset
+        self.cols = f.cols
+        self.k = f.k
+        self.l = UnsafeMutableBufferPointer(rebasing: f.l[(offset * f.k)...])
+        self.panels = f.panels
+        self.magnitude = f.magnitude.map { Array($0[offset...]) }
+    }
+}

@@ -1,0 +1,50 @@
+import Dispatch
+import Foundation
+
+/// Options of a merge run.
+public struct MergeRunOptions: Sendable {
+    /// Replace an existing OUT (only after the new one is complete).
+    public var force = false
+    /// Collect per-tensor statistics for `--report`.
+    public var report = false
+    /// Worker threads for the kernel.
+    public var threads = max(1, ProcessInfo.processInfo.activeProcessorCount)
+    /// fsync each output file before it is renamed into place.
+    public var sync = true
+    /// Called with (bytes written, total bytes) as the merge progresses.
+    public var progress: (@Sendable (Int, Int) -> Void)? = nil
+
+    public init() {}
+}
+
+/// What a merge did.
+public struct MergeSummary: Sendable {
+    public struct TensorReport: Sendable {
+        public let tensor: String
+        public let modules: [String]
+        public let statistics: UpdateStatistics
+    }
+
+    public var modulesMerged = 0
+    public var tensorsChanged = 0
+    public var tensorsCopied = 0
+    public var filesCopied = 0
+    public var bytesWritten = 0
+    public var seconds = 0.0
+    public var reports: [TensorReport] = []
+    public var notes: [String] = []
+
+    /// "merged 64 modules into 64 tensors, copied 227 tensors, wrote 2.00 GiB in 3.1 s"
+    public var line: String {
+        "merged \(modulesMerged) module\(modulesMerged == 1 ? "" : "s") into \(tensorsChanged) tensor\(tensorsChanged == 1 ? "" : "s"), copied \(tensorsCopied) tensor\(tensorsCopied == 1 ? "" : "s")"
+            + (filesCopied > 0 ? " and \(filesCopied) other file\(filesCopied == 1 ? "" : "s")" : "")
+            + ", wrote \(formatBytes(bytesWritten, exact: false)) in \(formatFixed(seconds, 2)) s"
+    }
+}
+
+/// A merge stopped by a result it must not write.
+public struct MergeError: Error, Sendable, CustomStringConvertible {
+    public let tensor: String
+    public let problem: String
+    public var description: String { "merge stopped at tensor \(tensor): \(problem); nothing was written" }
+}

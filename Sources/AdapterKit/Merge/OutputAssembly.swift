@@ -1,0 +1,207 @@
+import Dispatch
+import Foundation
+
+extension MergePlan {
+    /// Writes the merged model to `output`: every shard through the executor, the folder's other
+    /// files copied, the index, fsync, then the atomic replace protocol. On any error the
+    /// temporaries are removed and nothing appears at (or changes at) `output`.
+    ///
+    /// The output rules are checked here too (`OutputRules.check`), so no caller can skip them.
+    public func write(to output: String, options: MergeRunOptions = MergeRunOptions()) throws -> MergeSummary {
+        try OutputRules.check(output, kind: base.isFolder ? .folder : .file, inputs: inputFiles, force: options.force)
+        var assembly = OutputAssembly(plan: self, output: output, options: options)
+        return try assembly.run()
+    }
+
+    /// Every file this merge reads: OUT may not be, be inside, or contain any of them.
+    public var inputFiles: [String] {
+        [base.path] + base.inputFiles + inputs.flatMap { [$0.adapter.path] + $0.adapter.inputFiles }
+    }
+}
+
+/// The output side of a merge: a temporary file or folder beside OUT, the shards written in base
+/// order, the other files and the index, then fsync and commit. The bytes of each tensor are the
+/// executor's business.
+struct OutputAssembly {
+    let plan: MergePlan
+    let output: String
+    let options: MergeRunOptions
+    private var summary = MergeSummary()
+    private var written = 0
+    private let total: Int
+    /// Shards written, to be flushed together at the end.
+    private var shardPaths: [String] = []
+    /// Four 8 MiB buffers: writes of one block overlap the computation of the next.
+    private let pipeline = WritePipeline(buffers: 4, blockBytes: 8 << 20)
+    private let executor: MergeExecutor
+
+    init(plan: MergePlan, output: String, options: MergeRunOptions) {
+        self.plan = plan
+        self.output = output
+        self.options = options
+        total = plan.base.tensors.reduce(0) { $0 + $1.entry.byteCount }
+        executor = MergeExecutor(options: options, pipeline: pipeline)
+    }
+
+    mutating func run() throws -> MergeSummary {
+        let start = DispatchTime.now()
+        let base = plan.base
+        summary.notes = plan.notes
+        for (c, n) in plan.skipped.sorted(by: { $0.key < $1.key }) {
+            summary.notes.append("skipped \(n) \(c) module\(n == 1 ? "" : "s") (not selected with --component)")
+        }
+        let out = try TemporaryOutput(target: output, kind: base.isFolder ? .folder : .file)
+        summary.notes += out.notes
+        do {
+            if base.isFolder {
+                if let other = plan.otherFiles {
+                    try other.copy(into: out.temporaryPath, sync: options.sync)
+                    summary.filesCopied = other.fileCount
+                    if let note = other.note { summary.notes.append(note) }
+                }
+                var shapesChanged = false
+                for (i, name) in base.fileNames.enumerated() {
+                    try Self.makeParentFolders(of: name, in: out.temporaryPath)
+                    shapesChanged = try writeShard(i, to: joinPath(out.temporaryPath, Self.outputName(name, base.files[i]))) || shapesChanged
+                }
+                if let indexName = base.indexFileName {
+                    try writeIndex(from: joinPath(base.path, indexName), to: joinPath(out.temporaryPath, indexName), regenerate: shapesChanged)
+                }
+                try pipeline.drain()
+                TestHook.phase("before-fsync")
+                try syncWrittenFiles()
+                if options.sync { FileSystem.syncDirectory(out.temporaryPath) }
+            } else {
+                _ = try writeShard(0, to: out.temporaryPath, descriptor: out.file)
+                try pipeline.drain()
+                TestHook.phase("before-fsync")
+                try syncWrittenFiles()
+            }
+            TestHook.phase("after-fsync")
+            try out.commit(replacing: options.force)
+        } catch {
+            try? pipeline.drain()  // let queued writes finish before their files are removed
+            out.discard()
+            throw error
+        }
+        summary.reports = executor.reports
+        summary.bytesWritten = written
+        summary.seconds = Double(DispatchTime.now().uptimeNanoseconds - start.uptimeNanoseconds) / 1e9
+        summary.modulesMerged = plan.moduleCount
+        return summary
+    }
+
+    /// fsyncs every shard once all are written: one flush of everything, as `cp && sync` does,
+    /// instead of a flush per shard that would stall the pipeline; still before any rename.
+    private func syncWrittenFiles() throws {
+        guard options.sync else { return }
+        for path in shardPaths {
+            try FileDescriptor.openForReading(path).sync()
+        }
+    }
+
+    /// The output file name of a base file: safetensors keep theirs; a PyTorch `pytorch_model.bin`
+    /// becomes `model.safetensors` (merges always write safetensors).
+    static func outputName(_ name: String, _ store: any TensorContainer) -> String {
+        switch store.format {
+        case .safetensors:
+            return name
+        case .pytorch:
+            if name == "pytorch_model.bin" { return "model.safetensors" }
+            let stem = name.hasSuffix(".bin") || name.hasSuffix(".pt") ? String(name[..<name.lastIndex(of: ".")!]) : name
+            return stem + ".safetensors"
+        }
+    }
+
+    /// Creates the folders a shard named `sub/shard.safetensors` goes into, when the other files
+    /// did not bring them (a subfolder that is a link is not copied).
+    static func makeParentFolders(of name: String, in folder: String) throws {
+        var path = folder
+        for part in name.split(separator: "/").dropLast() {
+            path = joinPath(path, String(part))
+            if FileSystem.type(path, following: false) != .directory { try FileSystem.makeDirectory(path) }
+        }
+    }
+
+    /// Copies one regular file (the index, when it is kept as it is).
+    private func copyFile(_ source: String, to target: String) throws {
+        let input = try FileDescriptor.openForReading(source)
+        let outFD = try FileDescriptor.createExclusive(target)
+        try outFD.copy(from: input, offset: 0, count: try input.status().size)
+        if options.sync { try outFD.sync() }
+    }
+
+    /// Writes the index: the original bytes when no tensor changed size, otherwise the same map
+    /// with a recomputed total_size, formatted as transformers writes it.
+    private func writeIndex(from source: String, to target: String, regenerate: Bool) throws {
+        if !regenerate {
+            try copyFile(source, to: target)
+            return
+        }
+        guard var root = try readJSONFile(source).objectValue else { throw InputError(source, "the index is not a JSON object") }
+        var totalSize = 0
+        var parameters = 0
+        for (entry, _) in plan.base.tensors {
+            let shape = plan.changes[entry.name]?.outputShape ?? entry.shape
+            let elements = shape.reduce(1, *)
+            totalSize += entry.encoding.byteCount(elements: elements) ?? 0
+            parameters += elements
+        }
+        var metadata = root["metadata"]?.objectValue ?? JSONObject()
+        metadata["total_size"] = .integer(totalSize)
+        // transformers 5 also records the parameter count.
+        if metadata["total_parameters"] != nil {
+            metadata["total_parameters"] = .integer(parameters)
+        }
+        root["metadata"] = .object(metadata)
+        let text = JSONWriter.pretty(.object(sortedKeys(root)), indent: 2) + "\n"
+        let fd = try FileDescriptor.createExclusive(target)
+        try fd.writeAll(Array(text.utf8))
+        if options.sync { try fd.sync() }
+    }
+
+    private func sortedKeys(_ o: JSONObject) -> JSONObject {
+        JSONObject(o.members.sorted { Array($0.key.utf8).lexicographicallyPrecedes(Array($1.key.utf8)) }.map { member in
+            if case .object(let inner) = member.value { return (member.key, .object(sortedKeys(inner))) }
+            return member
+        })
+    }
+
+    /// Writes shard `index` of the base with its changes; returns whether any tensor changed shape.
+    ///
+    /// The writer is used only from the pipeline's queue once created; this thread computes.
+    private mutating func writeShard(_ index: Int, to path: String, descriptor: FileDescriptor? = nil) throws -> Bool {
+        let store = plan.base.files[index]
+        var shapeChanged = false
+        let specs = store.entries.map { t -> TensorSpec in
+            let shape = plan.changes[t.name]?.outputShape ?? t.shape
+            if shape != t.shape { shapeChanged = true }
+            return TensorSpec(name: t.name, dtype: t.dtype, shape: shape)
+        }
+        let layout = try SafetensorsLayout(tensors: specs, metadata: store.metadataForSafetensors, file: path)
+        let fd = try descriptor ?? FileDescriptor.createExclusive(path)
+        let writer = try SafetensorsWriter(layout: layout, output: fd)
+        written += layout.headerBytes.count
+        let handoff = Handoff(value: writer as any TensorFileWriter)
+        let progress = options.progress
+        let total = self.total
+        for t in layout.tensors {
+            if let edit = plan.changes[t.name] {
+                try executor.write(edit, from: store, to: writer)
+                summary.tensorsChanged += 1
+            } else {
+                try executor.copy(t.name, from: store, to: writer)
+                summary.tensorsCopied += 1
+            }
+            written += t.byteCount
+            TestHook.afterTensor()
+            let done = written
+            if let progress { pipeline.submit { progress(done, total) } }
+        }
+        // No barrier here: the next shard is computed while this one's last blocks are written.
+        pipeline.submit { try handoff.value.finish() }
+        shardPaths.append(path)
+        if let e = pipeline.error { throw e }
+        return shapeChanged
+    }
+}

@@ -1,0 +1,104 @@
+/// Which rows of a tensor's 2-D view an update lands on.
+///
+/// The 2-D view is `rows × columns` of the tensor's row-major elements (`TensorEdit.columns`): a
+/// row range is a fused tensor's slice (q, k or v of a `qkv` weight) or one expert of a 3-D
+/// expert tensor seen as [E·out, in].
+public enum RowPlacement: Hashable, Sendable {
+    case all
+    case range(Range<Int>)
+
+    /// The rows covered in a view of `rows` rows.
+    func rows(of rows: Int) -> Range<Int> {
+        switch self {
+        case .all: 0..<rows
+        case .range(let r): r
+        }
+    }
+}
+
+/// One module's low-rank contribution to a base tensor: factor · B·M·A on the placed rows.
+public struct MergeTerm: Sendable {
+    public let module: LoRAModule
+    /// scale × adapter weight.
+    public let factor: Double
+    public var rows: RowPlacement = .all
+
+    public init(module: LoRAModule, factor: Double, rows: RowPlacement = .all) {
+        self.module = module
+        self.factor = factor
+        self.rows = rows
+    }
+}
+
+/// What a merge does to one base tensor, as explicit steps applied in order: replace the values
+/// (`modules_to_save`), add every low-rank term on its rows (summed exactly, rounded once), rescale
+/// rows to a DoRA magnitude; or, for a bias, add `lora_B.bias` terms.
+public struct TensorEdit: Sendable {
+    public let baseName: String
+    public let base: TensorEntry
+    /// The shard the tensor is in.
+    public let file: Int
+    /// A full tensor replacing the base values before any update.
+    public var replacement: Replacement?
+    /// Low-rank updates.
+    public var terms: [MergeTerm] = []
+    /// DoRA: the module whose magnitude rescales the rows (at most one per tensor, on all rows).
+    public var dora: MergeTerm?
+    /// `lora_B.bias` updates to this (bias) tensor: b += factor · bias.
+    public var biasTerms: [(bias: TensorRef, factor: Double, module: String)] = []
+    /// Columns of the 2-D view the terms act on; nil for the default, every dimension after the
+    /// first (a convolution's [out, in·k·k]).
+    public var viewColumns: Int? = nil
+
+    public init(baseName: String, base: TensorEntry, file: Int) {
+        self.baseName = baseName
+        self.base = base
+        self.file = file
+    }
+
+    /// The shape written: the replacement's when there is one.
+    public var outputShape: [Int] { replacement?.tensor.shape ?? base.shape }
+
+    /// Columns of the 2-D view.
+    public var columns: Int {
+        if let viewColumns { return viewColumns }
+        let shape = outputShape
+        return shape.count > 1 ? shape.dropFirst().reduce(1, *) : 1
+    }
+
+    /// Rows of the 2-D view.
+    public var rows: Int {
+        let c = columns
+        return c == 0 ? (outputShape.first ?? 1) : outputShape.reduce(1, *) / c
+    }
+
+    public var isUnchanged: Bool { terms.isEmpty && replacement == nil && dora == nil && biasTerms.isEmpty }
+
+    /// The module names that touch this tensor, for messages and reports.
+    public var moduleNames: [String] {
+        terms.map(\.module.name) + biasTerms.map(\.module) + (replacement.map { [$0.tensor.name] } ?? [])
+    }
+
+    /// The view's rows cut where the set of terms changes: each piece with the indices (into
+    /// `terms`) of the terms on it, in order. Terms on all rows give one piece.
+    var segments: [(rows: Range<Int>, terms: [Int])] {
+        let n = rows
+        var cuts: Set<Int> = [0, n]
+        for t in terms {
+            let r = t.rows.rows(of: n)
+            cuts.insert(r.lowerBound)
+            cuts.insert(r.upperBound)
+        }
+        let points = cuts.sorted()
+        var out: [(rows: Range<Int>, terms: [Int])] = []
+        for (lo, hi) in zip(points, points.dropFirst()) where lo < hi {
+            let on = terms.indices.filter { terms[$0].rows.rows(of: n).contains(lo) }
+            if let last = out.last, last.terms == on, last.rows.upperBound == lo {
+                out[out.count - 1].rows = last.rows.lowerBound..<hi
+            } else {
+                out.append((lo..<hi, on))
+            }
+        }
+        return out
+    }
+}

@@ -1,0 +1,101 @@
+import Foundation
+import Testing
+@testable import AdapterKit
+
+/// Updates placed on row ranges of a tensor's 2-D view (a fused qkv weight's q and v rows), the
+/// seam name maps for fused and expert tensors build on: each piece gets exactly the terms on it,
+/// rows no term covers are written bit for bit, and the values equal a Float64 reference computed
+/// here with plain loops.
+@Suite("merge: updates placed on row ranges")
+struct PlacementTests {
+    /// Deterministic values in [-1, 1).
+    static func values(_ n: Int, seed: UInt64) -> [Float] {
+        var x = seed
+        return (0..<n).map { _ in
+            x = x &* 6364136223846793005 &+ 1442695040888963407
+            return Float(Int64(bitPattern: x >> 11) % 1_000_000) / 1_000_000
+        }
+    }
+
+    static func bf16Bytes(_ values: [Float]) -> [UInt8] {
+        values.flatMap { v -> [UInt8] in let h = ElementConversion.floatToBF16(v); return [UInt8(h & 0xFF), UInt8(h >> 8)] }
+    }
+
+    @Test("q, v and a whole-tensor term on a fused [12, 8] weight, in F32, BF16 and F64")
+    func fusedRows() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let rows = 12, cols = 8, r = 2
+        var w = Self.values(rows * cols, seed: 1)
+        for j in 0..<cols { w[5 * cols + j] = -0.0 }  // a row of negative zeros in the untouched k rows
+        try writeSafetensors(dir.file("base.safetensors"), [
+            ("fused.weight", .f32, [rows, cols], floatBytes(w)),
+            ("fused_bf16.weight", .bf16, [rows, cols], Self.bf16Bytes(w)),
+            ("fused_f64.weight", .f64, [rows, cols], doubleBytes(w.map(Double.init))),
+        ])
+        // One PEFT adapter: q and v (4 outputs each) and `all` (12 outputs), rank 2, alpha 4 → scale 2.
+        try FileManager.default.createDirectory(atPath: dir.file("ad"), withIntermediateDirectories: true)
+        _ = dir.write("ad/adapter_config.json", text: #"{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q", "v", "all"]}"#)
+        let a = ["q": Self.values(r * cols, seed: 2), "v": Self.values(r * cols, seed: 3), "all": Self.values(r * cols, seed: 4)]
+        let b = ["q": Self.values(4 * r, seed: 5), "v": Self.values(4 * r, seed: 6), "all": Self.values(rows * r, seed: 7)]
+        try writeSafetensors(dir.file("ad/adapter_model.safetensors"), ["q", "v", "all"].flatMap { m in [
+            ("base_model.model.\(m).lora_A.weight", DType.f32, [r, cols], floatBytes(a[m]!)),
+            ("base_model.model.\(m).lora_B.weight", DType.f32, [m == "all" ? rows : 4, r], floatBytes(b[m]!)),
+        ] })
+        let adapter = try Adapter(path: dir.file("ad"))
+        let module = Dictionary(adapter.modules.map { ($0.baseName, $0) }, uniquingKeysWith: { x, _ in x })
+        let base = try Checkpoint(path: dir.file("base.safetensors"))
+        let placed = [MergeTerm(module: module["q"]!, factor: 2, rows: .range(0..<4)), MergeTerm(module: module["v"]!, factor: 2, rows: .range(8..<12))]
+        func edit(_ name: String, _ terms: [MergeTerm]) -> TensorEdit {
+            var e = TensorEdit(baseName: name, base: base.tensor(name)!.entry, file: 0)
+            e.terms = terms
+            return e
+        }
+        let edits = [edit("fused.weight", placed + [MergeTerm(module: module["all"]!, factor: 2)]),
+                     edit("fused_bf16.weight", placed), edit("fused_f64.weight", placed)]
+        #expect(edits[0].segments.map(\.rows) == [0..<4, 4..<8, 8..<12])
+        #expect(edits[0].segments.map(\.terms) == [[0, 2], [2], [1, 2]])
+        #expect(edits[1].segments.map(\.terms) == [[0], [], [1]])
+
+        let plan = try MergePlan(base: base, inputs: [MergeInput(adapter: adapter)], edits: edits)
+        var options = MergeRunOptions()
+        options.sync = false
+        _ = try plan.write(to: dir.file("out.safetensors"), options: options)
+        let out = try SafetensorsFile(path: dir.file("out.safetensors"))
+
+        // The reference: W + Σ 2·B·A over each term's rows, in Float64 with plain loops.
+        func expected(withAll: Bool) -> [Double] {
+            var e = w.map(Double.init)
+            func add(_ m: String, firstRow: Int, count: Int) {
+                for i in 0..<count { for j in 0..<cols {
+                    var d = 0.0
+                    for t in 0..<r { d += Double(b[m]![i * r + t]) * Double(a[m]![t * cols + j]) }
+                    e[(firstRow + i) * cols + j] += 2 * d
+                } }
+            }
+            add("q", firstRow: 0, count: 4)
+            add("v", firstRow: 8, count: 4)
+            if withAll { add("all", firstRow: 0, count: rows) }
+            return e
+        }
+        let f32 = try out.doubles("fused.weight"), ref = expected(withAll: true)
+        for i in 0..<(rows * cols) { #expect(ulpDistance(f32[i], ref[i], .f32) <= 4, "fused.weight[\(i)]: \(f32[i]) vs \(ref[i])") }
+
+        let bf16 = try out.doubles("fused_bf16.weight"), refPlaced = expected(withAll: false)
+        for i in 0..<(rows * cols) where !(4 * cols..<8 * cols).contains(i) {
+            #expect(ulpDistance(bf16[i], refPlaced[i], .bf16) <= 1, "fused_bf16.weight[\(i)]: \(bf16[i]) vs \(refPlaced[i])")
+        }
+        let f64 = try out.doubles("fused_f64.weight")
+        for i in 0..<(rows * cols) { #expect(abs(f64[i] - refPlaced[i]) <= 1e-12 * max(1, abs(refPlaced[i])), "fused_f64.weight[\(i)]") }
+
+        // Rows 4..<8 (k) are not touched: the same bytes, negative zeros included.
+        for name in ["fused_bf16.weight", "fused_f64.weight"] {
+            let size = name.hasSuffix("f64.weight") ? 8 : 2
+            let before = try base.files[0].withBytes(of: name) { Array($0[(4 * cols * size)..<(8 * cols * size)]) }
+            let after = try out.withBytes(of: name) { Array($0[(4 * cols * size)..<(8 * cols * size)]) }
+            #expect(before == after, "\(name): untouched rows changed")
+        }
+        let negativeZeros = try out.floats("fused_bf16.weight")[(5 * cols)..<(6 * cols)]
+        #expect(negativeZeros.allSatisfy { $0 == 0 && $0.sign == .minus })
+    }
+}

@@ -37,11 +37,11 @@ struct BaseNameIndexTests {
             "llama.layers.0.q.weight", "model.layers.1.q.weight", "other.layers.1.q.weight", "deep.er.layers.2.q.weight",
             ".layers.3.q.weight", "layers.4.q.weight", "x.layers.5.q.bias",
         ])
-        let resolver = BaseNameResolver(try Checkpoint(path: base))
+        let resolver = NameMap(base: try Checkpoint(path: base))
         let adapter = try Adapter(path: try tinyPEFTAdapter(dir, "a", modules: [
             "model.layers.0.q", "model.layers.1.q", "model.layers.2.q", "model.layers.3.q", "m.layers.4.q", "model.layers.5.q",
         ]))
-        let found = Dictionary(uniqueKeysWithValues: adapter.modules.map { ($0.baseName, resolver.weightName(for: $0, format: .peft)) })
+        let found = Dictionary(uniqueKeysWithValues: adapter.modules.map { ($0.baseName, resolver.target(for: $0, format: .peft)?.tensor) })
         #expect(found["model.layers.0.q"] == "llama.layers.0.q.weight")  // the rest of the path after the first component
         #expect(found["model.layers.1.q"] == "model.layers.1.q.weight")  // found directly (the fallback would see two)
         #expect(found["model.layers.2.q"] == .some(nil))                 // deep.er.layers.2: the first component is "deep" only
@@ -55,9 +55,9 @@ struct BaseNameIndexTests {
         let dir = TempDir()
         defer { dir.remove() }
         let base = try tinyBase(dir, "base.safetensors", tensors: ["a.layers.0.q.weight", "b.layers.0.q.weight"])
-        let resolver = BaseNameResolver(try Checkpoint(path: base))
+        let resolver = NameMap(base: try Checkpoint(path: base))
         let adapter = try Adapter(path: try tinyPEFTAdapter(dir, "a", modules: ["c.layers.0.q"]))
-        #expect(resolver.weightName(for: adapter.modules[0], format: .peft) == nil)
+        #expect(resolver.target(for: adapter.modules[0], format: .peft) == nil)
     }
 
     @Test("20,000 unmatched modules against a 20,000-tensor base are all listed as problems", .timeLimit(.minutes(1)))

@@ -290,32 +290,8 @@ struct AdapterSettings {
 
     /// The component and base-model name of a stored module name.
     func baseName(of module: String) -> (component: String?, name: String) {
-        switch format {
-        case .peft:
-            return (nil, module.hasPrefix("base_model.model.") ? String(module.dropFirst("base_model.model.".count)) : module)
-        case .kohya:
-            for (prefix, component) in Self.kohyaPrefixes where module.hasPrefix(prefix) {
-                return (component, String(module.dropFirst(prefix.count)))
-            }
-            return (nil, module)
-        case .diffusers:
-            for (prefix, component) in Self.diffusersPrefixes where module.hasPrefix(prefix) {
-                return (component, String(module.dropFirst(prefix.count)))
-            }
-            return (nil, module)
-        case .mlx, .paddle, .mytransformers:
-            return (nil, module)
-        }
+        NameMap.component(of: module, format: format)
     }
-
-    static let kohyaPrefixes: [(String, String)] = [
-        ("lora_unet_", "unet"), ("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2"), ("lora_te3_", "text_encoder_3"),
-        ("lora_te_", "text_encoder"), ("lora_transformer_", "transformer"),
-    ]
-    static let diffusersPrefixes: [(String, String)] = [
-        ("unet.", "unet"), ("text_encoder_2.", "text_encoder_2"), ("text_encoder_3.", "text_encoder_3"), ("text_encoder.", "text_encoder"),
-        ("transformer.", "transformer"),
-    ]
 
     /// For a key that is a full tensor replacing a base tensor, the base tensor's name.
     func replacementTarget(_ key: String) -> String? {

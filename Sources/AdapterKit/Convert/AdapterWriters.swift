@@ -255,18 +255,6 @@ enum AdapterWriter {
 
     // MARK: - kohya
 
-    /// The kohya prefix for a component. Modules of a single model (LLMs, PEFT and mlx inputs) get
-    /// `lora_unet_`, the prefix kohya-style loaders use for the main network.
-    static func kohyaPrefix(_ component: String?, components: [String?]) -> String {
-        switch component {
-        case "text_encoder": components.contains("text_encoder_2") ? "lora_te1_" : "lora_te_"
-        case "text_encoder_2": "lora_te2_"
-        case "text_encoder_3": "lora_te3_"
-        case "transformer": "lora_transformer_"
-        default: "lora_unet_"
-        }
-    }
-
     /// Writes one kohya safetensors file: lora_down / lora_up / lora_mixer / alpha per module.
     static func writeKohya(_ w: WorkingAdapter, file: FileDescriptor, dtype: DType?, sync: Bool) throws -> [String] {
         try refuseReplacements(w, .kohya)
@@ -281,7 +269,7 @@ enum AdapterWriter {
             }
             if m.magnitude != nil { throw ConvertError(w.source.path, "module \(m.sourceName) is DoRA, which kohya's LoRA layout cannot hold") }
             if m.bias != nil { throw ConvertError(w.source.path, "module \(m.sourceName) has a lora_B.bias, which kohya cannot hold") }
-            let name = w.source.format == .kohya ? m.sourceName : kohyaPrefix(m.component, components: components) + m.baseName.replacingDots()
+            let name = w.source.format == .kohya ? m.sourceName : KohyaNames.prefix(for: m.component, components: components) + KohyaNames.key(m.baseName)
             guard seen.insert(name).inserted else {
                 throw ConvertError(w.source.path, "two modules share the kohya name \(name) once dots become underscores")
             }

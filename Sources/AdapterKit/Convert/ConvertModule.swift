@@ -190,16 +190,10 @@ struct WorkingAdapter {
         guard let base else {
             throw ConvertError(source.path, "kohya module names lost their dots (lora_unet_down_blocks_0_…) and cannot be mapped back without the base model; pass --base MODEL")
         }
-        let checkpoint = try Checkpoint(path: base)
-        var map: [String: String?] = [:]
-        for name in checkpoint.tensorNames where name.hasSuffix(".weight") {
-            let module = String(name.dropLast(".weight".count))
-            let key = module.replacingDots()
-            map[key] = map[key] == nil ? .some(module) : .some(nil)
-        }
+        let names = NameMap(base: try Checkpoint(path: base))
         var missing: [String] = []
         for i in modules.indices {
-            if let found = map[modules[i].baseName], let dotted = found {
+            if let dotted = names.dottedModule(forKohya: modules[i].baseName) {
                 modules[i].baseName = dotted
             } else {
                 missing.append(modules[i].sourceName)
@@ -217,14 +211,14 @@ struct WorkingAdapter {
     mutating func mapPaddleNames(base: String?) throws {
         guard source.format == .paddle else { return }
         if let base {
-            let resolver = BaseNameResolver(try Checkpoint(path: base))
+            let names = NameMap(base: try Checkpoint(path: base))
             let byName = Dictionary(source.modules.map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first })
             var missing: [String] = []
             for i in modules.indices {
                 let probe = modules[i]
                 let module = byName[probe.sourceName]
-                if let module, let found = resolver.weightName(for: module, format: .paddle), found.hasSuffix(".weight") {
-                    modules[i].baseName = String(found.dropLast(".weight".count))
+                if let module, let found = names.target(for: module, format: .paddle) {
+                    modules[i].baseName = String(found.tensor.dropLast(".weight".count))
                 } else {
                     missing.append(probe.sourceName)
                 }

@@ -65,7 +65,7 @@ public struct MergePlan: Sendable {
         var notes: [String] = []
         var changes: [String: TensorEdit] = [:]
         var skipped: [String: Int] = [:]
-        let resolver = BaseNameResolver(base)
+        let names = NameMap(base: base)
         if base.files.count > 1, let file = base.files.first(where: { $0.format != .safetensors }) {
             throw InputError(file.path, "sharded PyTorch checkpoints are not supported as a base; convert the shards first: adapter convert to-safetensors")
         }
@@ -122,17 +122,28 @@ public struct MergePlan: Sendable {
                     skipped[c, default: 0] += 1
                     continue
                 }
-                guard let target = resolver.weightName(for: module, format: adapter.format) else {
+                guard let placed = names.target(for: module, format: adapter.format) else {
                     problems.append("\(label)module \(module.name): no base tensor \(module.baseName).weight\(adapter.format == .kohya ? " (kohya names are matched from the base's keys)" : "")")
                     continue
                 }
+                let target = placed.tensor
                 guard var p = plan(target) else { continue }
-                let term = MergeTerm(module: module, factor: module.scale * input.weight)
+                let term = MergeTerm(module: module, factor: module.scale * input.weight, rows: placed.rows)
                 let expected = module.expectedBaseShape
-                let actual = p.replacement?.tensor.shape ?? p.base.shape
-                if expected != actual {
-                    problems.append("\(label)module \(module.name): update has shape \(expected) (\(module.kind.rawValue)) but \(target) has shape \(actual)")
-                    continue
+                switch placed.rows {
+                case .all:
+                    let actual = p.replacement?.tensor.shape ?? p.base.shape
+                    if expected != actual {
+                        problems.append("\(label)module \(module.name): update has shape \(expected) (\(module.kind.rawValue)) but \(target) has shape \(actual)")
+                        continue
+                    }
+                case .range(let rows):
+                    // A slice of the tensor's 2-D view: the update is rows × the view's columns.
+                    let slice = [rows.count, p.columns]
+                    if rows.upperBound > p.rows || expected.count != 2 || expected != slice || module.kind.isTransposed {
+                        problems.append("\(label)module \(module.name): update has shape \(expected) (\(module.kind.rawValue)) but rows \(rows.lowerBound)..<\(rows.upperBound) of \(target) are \(slice)")
+                        continue
+                    }
                 }
                 if !p.base.dtype.isMergeable {
                     problems.append("\(label)module \(module.name): base tensor \(target) has dtype \(p.base.dtype.rawValue); merges need F32, F64, F16 or BF16")
@@ -170,8 +181,8 @@ public struct MergePlan: Sendable {
             }
         }
         // The replacement must come before the updates: re-check shapes against it.
-        for (name, p) in changes where p.replacement != nil {
-            for t in p.terms where t.module.expectedBaseShape != p.outputShape {
+        for (name, p) in changes.sorted(by: { $0.key.utf8.lexicographicallyPrecedes($1.key.utf8) }) where p.replacement != nil {
+            for t in p.terms where t.rows == .all && t.module.expectedBaseShape != p.outputShape {
                 problems.append("module \(t.module.name): update has shape \(t.module.expectedBaseShape) but the replaced \(name) has shape \(p.outputShape)")
             }
         }
@@ -218,54 +229,5 @@ extension MergePlan {
             throw InputError(base.path, "\(stray.count) tensor files are not part of the merge (\(shown)); copied into OUT they would be unmerged weights a loader may pick up: remove them or pass --skip-file for each")
         }
         return other
-    }
-}
-
-/// Finds the base tensor a module adapts, per layout. The base's names are indexed once, so
-/// resolving every module costs time linear in modules + base tensors.
-struct BaseNameResolver {
-    let base: Checkpoint
-    /// kohya: base keys without `.weight`, dots replaced by underscores → base key (nil when two collide).
-    let underscored: [String: String?]
-    /// Base names by what follows their first component (`model.layers.0.q.weight` under
-    /// `layers.0.q.weight`) → the name (nil when two share it).
-    let byRest: [String: String?]
-
-    init(_ base: Checkpoint) {
-        self.base = base
-        var map: [String: String?] = [:]
-        var rest: [String: String?] = [:]
-        for (info, _) in base.tensors {
-            let name = info.name
-            guard name.hasSuffix(".weight") else { continue }
-            let key = String(name.dropLast(".weight".count)).replacingDots()
-            map[key] = map[key] == nil ? .some(name) : .some(nil)
-            if let dot = name.firstIndex(of: ".") {
-                let after = String(name[name.index(after: dot)...])
-                rest[after] = rest[after] == nil ? .some(name) : .some(nil)
-            }
-        }
-        underscored = map
-        byRest = rest
-    }
-
-    func weightName(for module: LoRAModule, format: AdapterFormat) -> String? {
-        if format == .kohya {
-            return underscored[module.baseName] ?? nil
-        }
-        let name = module.baseName
-        let candidates = [name + ".weight", "model." + name + ".weight",
-                          name.hasPrefix("model.") ? String(name.dropFirst(6)) + ".weight" : nil]
-        for c in candidates.compactMap({ $0 }) where base.tensor(c) != nil { return c }
-        // Another top-level name for the same model (PaddleNLP's `llama.` for `model.`): the rest
-        // of the path must match exactly one base tensor, whatever its first component.
-        guard let dot = name.firstIndex(of: ".") else { return nil }
-        return byRest[String(name[name.index(after: dot)...]) + ".weight"] ?? nil
-    }
-}
-
-extension String {
-    func replacingDots() -> String {
-        String(map { $0 == "." ? "_" : $0 })
     }
 }

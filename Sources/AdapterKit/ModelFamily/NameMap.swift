@@ -1,0 +1,152 @@
+/// Where an adapter module's update lands in a base model: a tensor and the rows of its 2-D view.
+public struct UpdateTarget: Sendable, Hashable {
+    public let tensor: String
+    public let rows: RowPlacement
+}
+
+/// Adapter module names → base tensors, per adapter layout, as tables of rules.
+///
+/// Two halves: the adapter side (`component(of:format:)`: a stored module name → its component
+/// and its name in base-model terms, from each layout's prefix table) and the base side
+/// (`target(for:format:)`: that name → the base tensor, by each layout's ordered lookup rules
+/// against an index of the base's names built once). A new model family (expert tensors, fused
+/// projections, llama.cpp names, diffusion single-file layouts) is a new rule that may also return
+/// a row placement; the merge plan and the converters only ask this map.
+public struct NameMap: Sendable {
+    /// One way to find a module's weight among the base's tensors.
+    enum Rule: Sendable {
+        /// `<name>.weight`.
+        case exact
+        /// `<prefix><name>.weight` (`model.` for adapters saved without the top-level name).
+        case adding(String)
+        /// `<name without prefix>.weight` (adapters saved with a top-level name the base lacks).
+        case removing(String)
+        /// The one base weight whose path after its first component equals the module's after
+        /// its first component (PaddleNLP's `llama.` for transformers' `model.`).
+        case anyFirstComponent
+        /// kohya: the base weight whose path with dots replaced by underscores is the module's.
+        case underscored
+    }
+
+    /// The lookup rules per layout, tried in order; the first that finds a tensor wins.
+    static func rules(_ format: AdapterFormat) -> [Rule] {
+        switch format {
+        case .kohya: [.underscored]
+        case .peft, .diffusers, .mlx, .paddle, .mytransformers: [.exact, .adding("model."), .removing("model."), .anyFirstComponent]
+        }
+    }
+
+    let base: Checkpoint
+    /// kohya: base keys without `.weight`, dots replaced by underscores → base key (nil when two collide).
+    let underscored: [String: String?]
+    /// Base names by what follows their first component (`model.layers.0.q.weight` under
+    /// `layers.0.q.weight`) → the name (nil when two share it).
+    let byRest: [String: String?]
+
+    /// Indexes the base's weight names once: resolving every module then costs time linear in
+    /// modules + base tensors.
+    public init(base: Checkpoint) {
+        self.base = base
+        var map: [String: String?] = [:]
+        var rest: [String: String?] = [:]
+        for (entry, _) in base.tensors {
+            let name = entry.name
+            guard name.hasSuffix(".weight") else { continue }
+            let key = KohyaNames.key(String(name.dropLast(".weight".count)))
+            map[key] = map[key] == nil ? .some(name) : .some(nil)
+            if let dot = name.firstIndex(of: ".") {
+                let after = String(name[name.index(after: dot)...])
+                rest[after] = rest[after] == nil ? .some(name) : .some(nil)
+            }
+        }
+        underscored = map
+        byRest = rest
+    }
+
+    /// The base tensor (and rows) a module's update lands on, or nil when no rule finds exactly one.
+    public func target(for module: LoRAModule, format: AdapterFormat) -> UpdateTarget? {
+        weightName(forModule: module.baseName, format: format).map { UpdateTarget(tensor: $0, rows: .all) }
+    }
+
+    /// The base weight for a module name in base-model terms.
+    func weightName(forModule name: String, format: AdapterFormat) -> String? {
+        for rule in Self.rules(format) {
+            switch rule {
+            case .exact:
+                if base.tensor(name + ".weight") != nil { return name + ".weight" }
+            case .adding(let prefix):
+                if base.tensor(prefix + name + ".weight") != nil { return prefix + name + ".weight" }
+            case .removing(let prefix):
+                if name.hasPrefix(prefix), base.tensor(String(name.dropFirst(prefix.count)) + ".weight") != nil {
+                    return String(name.dropFirst(prefix.count)) + ".weight"
+                }
+            case .anyFirstComponent:
+                guard let dot = name.firstIndex(of: ".") else { continue }
+                if let found = byRest[String(name[name.index(after: dot)...]) + ".weight"] { return found }
+            case .underscored:
+                if let found = underscored[name] { return found }
+            }
+        }
+        return nil
+    }
+
+    /// A kohya module name (underscores) as the dotted module path of this base, when exactly one fits.
+    func dottedModule(forKohya name: String) -> String? {
+        (underscored[name] ?? nil).map { String($0.dropLast(".weight".count)) }
+    }
+
+    // MARK: - The adapter side
+
+    /// The component and base-model name of a stored module name, by the layout's prefix table.
+    static func component(of module: String, format: AdapterFormat) -> (component: String?, name: String) {
+        switch format {
+        case .peft:
+            return (nil, module.hasPrefix("base_model.model.") ? String(module.dropFirst("base_model.model.".count)) : module)
+        case .kohya:
+            for (prefix, component) in KohyaNames.prefixes where module.hasPrefix(prefix) {
+                return (component, String(module.dropFirst(prefix.count)))
+            }
+            return (nil, module)
+        case .diffusers:
+            for (prefix, component) in diffusersPrefixes where module.hasPrefix(prefix) {
+                return (component, String(module.dropFirst(prefix.count)))
+            }
+            return (nil, module)
+        case .mlx, .paddle, .mytransformers:
+            return (nil, module)
+        }
+    }
+
+    /// diffusers' component prefixes (longest first where one is a prefix of another).
+    static let diffusersPrefixes: [(String, String)] = [
+        ("unet.", "unet"), ("text_encoder_2.", "text_encoder_2"), ("text_encoder_3.", "text_encoder_3"), ("text_encoder.", "text_encoder"),
+        ("transformer.", "transformer"),
+    ]
+}
+
+/// kohya's names, read and written: a component prefix, then the module path with dots replaced
+/// by underscores (which is why a base model is needed to get the dots back).
+enum KohyaNames {
+    /// Read: stored prefix → component.
+    static let prefixes: [(String, String)] = [
+        ("lora_unet_", "unet"), ("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2"), ("lora_te3_", "text_encoder_3"),
+        ("lora_te_", "text_encoder"), ("lora_transformer_", "transformer"),
+    ]
+
+    /// Write: the prefix for a component. Modules of a single model (LLMs, PEFT and mlx inputs) get
+    /// `lora_unet_`, the prefix kohya-style loaders use for the main network.
+    static func prefix(for component: String?, components: [String?]) -> String {
+        switch component {
+        case "text_encoder": components.contains("text_encoder_2") ? "lora_te1_" : "lora_te_"
+        case "text_encoder_2": "lora_te2_"
+        case "text_encoder_3": "lora_te3_"
+        case "transformer": "lora_transformer_"
+        default: "lora_unet_"
+        }
+    }
+
+    /// A dotted module path as kohya writes it.
+    static func key(_ dotted: String) -> String {
+        String(dotted.map { $0 == "." ? "_" : $0 })
+    }
+}

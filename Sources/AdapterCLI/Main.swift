@@ -28,24 +28,25 @@ struct AdapterCommand: ParsableCommand {
             try command.run()
         } catch let code as ExitCode {
             Foundation.exit(code.rawValue)
-        } catch where String(reflecting: type(of: error)).hasPrefix("ArgumentParser.") {
-            // Help requested of a command without its own run, or a parse-level error.
-            exitForParser(error)
         } catch let interrupted as OutputInterrupted {
             // A signal during a commit, acted on once OUT was consistent again.
             writeError("adapter: " + interrupted.message)
             Foundation.exit(128 + interrupted.signal)
-        } catch {
-            // If a signal's cleanup is under way (this error may be its doing), this waits for it
-            // to report and end the process.
+        } catch let failure as AdapterError {
+            // A refused input or operation: status 1. If a signal's cleanup is under way (this
+            // error may be its doing), this waits for it to report and end the process.
             TemporaryOutputRegistry.shared.removeAll()
-            if let e = error as? SystemError, e.path == "standard output" {
+            if let e = failure as? SystemError, e.path == "standard output" {
                 let done = TemporaryOutputRegistry.shared.hasCommitted ? "; the output itself was written completely" : ""
                 writeError("adapter: error: cannot write to standard output: \(e.reason)\(done)")
                 Foundation.exit(1)
             }
-            writeError("adapter: error: \(oneLine(String(describing: error)))")
+            writeError("adapter: error: \(oneLine(String(describing: failure)))")
             Foundation.exit(1)
+        } catch {
+            // Not the library's: argument-parser's (help asked of a command without its own
+            // run, a validation failure), which it maps to 0 or usage.
+            exitForParser(error)
         }
     }
 }

@@ -24,8 +24,8 @@ struct Merge: ParsableCommand {
     @Option(parsing: .unconditional, help: "Multiply the adapter's update (−1 un-merges an adapter merged before).")
     var weight: Double = 1
 
-    @Option(name: .customLong("add"), help: ArgumentHelp("Merge a further adapter in the same pass, optionally weighted.", valueName: "adapter[:weight]"))
-    var additional: [String] = []
+    @Option(name: .customLong("add"), help: ArgumentHelp("Merge a further adapter in the same pass, optionally weighted (a path holding a colon takes an explicit weight: a:b:1).", valueName: "adapter[:weight]"))
+    var additional: [WeightedAdapter] = []
 
     @Option(name: .customLong("component"), help: "For kohya / diffusers adapters holding several models: the part to merge (unet, text_encoder, text_encoder_2, transformer). Repeatable.")
     var components: [String] = []
@@ -33,8 +33,9 @@ struct Merge: ParsableCommand {
     @Option(name: .customLong("skip-file"), help: ArgumentHelp("Leave a file (or folder) of a model-folder BASE out of OUT, relative to the folder; a tensor file that is not part of the merge (a stray model.safetensors beside the shards) is refused unless named here. Repeatable.", valueName: "name"))
     var skipFiles: [String] = []
 
-    @Flag(help: "Merge even when the adapter has keys that are not understood (they are skipped).")
-    var allowUnknown = false
+    @Flag(name: [.customLong("drop-unknown"), .customLong("allow-unknown")],
+          help: "Merge even when the adapter has keys that are not understood (they are left out). --allow-unknown is the same flag.")
+    var dropUnknown = false
 
     @Flag(help: "Replace OUT if it exists (only once the new output is complete).")
     var force = false
@@ -58,15 +59,14 @@ struct Merge: ParsableCommand {
 
     func run() throws {
         var inputs = [MergeInput(adapter: try Adapter(path: adapter), weight: weight)]
-        for spec in additional {
-            let (path, w) = parseWeighted(spec)
-            inputs.append(MergeInput(adapter: try Adapter(path: path), weight: w))
+        for extra in additional {
+            inputs.append(MergeInput(adapter: try Adapter(path: extra.path), weight: extra.weight))
         }
         let checkpoint = try Checkpoint(path: base)
         try OutputRules.check(out, kind: checkpoint.isFolder ? .folder : .file,
                                inputs: [base] + checkpoint.inputFiles + inputs.flatMap { [$0.adapter.path] + $0.adapter.inputFiles }, force: force)
         let plan = try MergePlan(base: checkpoint, inputs: inputs,
-                                 options: MergeOptions(allowUnknown: allowUnknown, components: components.isEmpty ? nil : components,
+                                 options: MergeOptions(dropUnknown: dropUnknown, components: components.isEmpty ? nil : components,
                                                        skipFiles: skipFiles))
         var options = MergeRunOptions()
         options.force = force
@@ -100,12 +100,25 @@ struct Merge: ParsableCommand {
     }
 }
 
-/// "path:0.5" → (path, 0.5); a path whose last colon is not followed by a number is kept whole.
-func parseWeighted(_ spec: String) -> (String, Double) {
-    if let colon = spec.lastIndex(of: ":"), let w = Double(spec[spec.index(after: colon)...]), w.isFinite {
-        return (String(spec[..<colon]), w)
+/// `--add PATH[:WEIGHT]`: "path:0.5" is (path, 0.5), "path" is (path, 1). After the last colon
+/// must come a finite number, so "x:abc" is a usage error, not a path "x:abc" that fails later; a
+/// path that holds a colon is given with its weight ("a:b:1").
+struct WeightedAdapter: ExpressibleByArgument {
+    let path: String
+    let weight: Double
+
+    init?(argument: String) {
+        guard let colon = argument.lastIndex(of: ":") else {
+            guard !argument.isEmpty else { return nil }
+            (path, weight) = (argument, 1)
+            return
+        }
+        let number = argument[argument.index(after: colon)...]
+        guard let w = Double(number), w.isFinite, colon != argument.startIndex else { return nil }
+        (path, weight) = (String(argument[..<colon]), w)
     }
-    return (spec, 1)
+
+    static var defaultCompletionKind: CompletionKind { .file() }
 }
 
 /// A one-line progress bar on a terminal: bytes, rate, time left.

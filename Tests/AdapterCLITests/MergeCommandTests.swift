@@ -256,3 +256,44 @@ struct MergeReportTests {
         }
     }
 }
+
+@Suite("merge: --add weights and the unknown-keys flag")
+struct MergeArgumentTests {
+    @Test("--add x:abc is a usage error (status 2), not a path that fails later")
+    func badWeight() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        for spec in ["x:abc", ":0.5", "x:inf", ""] {
+            let r = try adapter("merge", "--add", spec, fixture("models/tiny-llama-f32.safetensors"), fixture("adapters/peft-lora"), dir.file("o.safetensors"))
+            #expect(r.status == 2, "\(spec): \(r.stderr)")
+            #expect(r.stderr.contains("--add"), "\(spec): \(r.stderr)")
+            #expect(!FileManager.default.fileExists(atPath: dir.file("o.safetensors")))
+        }
+    }
+
+    @Test("a path holding a colon is given with its weight; a weight of 0 changes nothing it touches")
+    func pathWithColon() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        try FileManager.default.copyItem(atPath: fixture("adapters/peft-lora"), toPath: dir.file("odd:name"))
+        let plain = try adapter("merge", "--quiet", fixture("models/tiny-llama-f32.safetensors"), fixture("adapters/peft-lora"), dir.file("a.safetensors"))
+        #expect(plain.status == 0, "\(plain.stderr)")
+        let colon = try adapter("merge", "--quiet", "--add", dir.file("odd:name") + ":0", fixture("models/tiny-llama-f32.safetensors"),
+                                fixture("adapters/peft-lora"), dir.file("b.safetensors"))
+        #expect(colon.status == 0, "\(colon.stderr)")
+        #expect(FileManager.default.contents(atPath: dir.file("a.safetensors")) == FileManager.default.contents(atPath: dir.file("b.safetensors")))
+    }
+
+    @Test("--drop-unknown and --allow-unknown are one flag")
+    func oneFlag() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let refused = try adapter("merge", fixture("models/tiny-llama-f32.safetensors"), fixture("adapters/peft-unknown"), dir.file("r.safetensors"))
+        expectOneLineError(refused, containing: "use --drop-unknown to merge without them")
+        for flag in ["--drop-unknown", "--allow-unknown"] {
+            let r = try adapter("merge", "--quiet", flag, fixture("models/tiny-llama-f32.safetensors"), fixture("adapters/peft-unknown"), dir.file(flag + ".safetensors"))
+            #expect(r.status == 0, "\(flag): \(r.stderr)")
+        }
+        #expect(FileManager.default.contents(atPath: dir.file("--drop-unknown.safetensors")) == FileManager.default.contents(atPath: dir.file("--allow-unknown.safetensors")))
+    }
+}

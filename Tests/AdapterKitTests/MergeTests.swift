@@ -24,7 +24,7 @@ func adapterPath(_ name: String) -> String {
 func merge(base: String, adapters: [(String, Double)], out: String, components: [String]? = nil, report: Bool = false,
            allowUnknown: Bool = false) throws -> (Checkpoint, MergeSummary) {
     let inputs = try adapters.map { MergeInput(adapter: try Adapter(path: $0.0), weight: $0.1) }
-    let plan = try MergePlan(base: try Checkpoint(path: base), inputs: inputs, options: MergeOptions(allowUnknown: allowUnknown, components: components))
+    let plan = try MergePlan(base: try Checkpoint(path: base), inputs: inputs, options: MergeOptions(dropUnknown: allowUnknown, components: components))
     var options = MergeRunOptions()
     options.report = report
     options.sync = false

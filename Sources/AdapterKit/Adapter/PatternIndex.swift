@@ -1,7 +1,7 @@
 import Foundation
 
 /// Matching a `rank_pattern` / `alpha_pattern` with many keys would cost too much: refused.
-struct PatternCostError: Error, CustomStringConvertible {
+struct PatternCostError: Error, Sendable, CustomStringConvertible {
     let field: String
     let detail: String
     var description: String { "\(field): \(detail)" }

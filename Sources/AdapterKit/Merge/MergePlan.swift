@@ -12,15 +12,15 @@ public struct MergeInput: Sendable {
 
 /// Options of a merge.
 public struct MergeOptions: Sendable {
-    public var allowUnknown = false
+    public var dropUnknown = false
     /// Restricts multi-model adapters (kohya, diffusers) to these components (`unet`, `text_encoder`, …).
     public var components: [String]? = nil
     /// Files (or folders) of a folder base to leave out of OUT, relative to the folder: a stray
     /// tensor file that is not part of the merge is refused unless it is named here.
     public var skipFiles: [String] = []
 
-    public init(allowUnknown: Bool = false, components: [String]? = nil, skipFiles: [String] = []) {
-        self.allowUnknown = allowUnknown
+    public init(dropUnknown: Bool = false, components: [String]? = nil, skipFiles: [String] = []) {
+        self.dropUnknown = dropUnknown
         self.components = components
         self.skipFiles = skipFiles
     }
@@ -80,8 +80,8 @@ public struct MergePlan: Sendable {
         for input in inputs {
             let adapter = input.adapter
             let label = inputs.count > 1 ? "\(adapter.path): " : ""
-            if !adapter.unknownKeys.isEmpty && !options.allowUnknown {
-                problems.append("\(label)\(adapter.unknownKeys.count) unknown key\(adapter.unknownKeys.count == 1 ? "" : "s") (\(adapter.unknownKeys.prefix(3).joined(separator: ", "))); use --allow-unknown to merge without them")
+            if !adapter.unknownKeys.isEmpty && !options.dropUnknown {
+                problems.append("\(label)\(adapter.unknownKeys.count) unknown key\(adapter.unknownKeys.count == 1 ? "" : "s") (\(adapter.unknownKeys.prefix(3).joined(separator: ", "))); use --drop-unknown to merge without them")
             }
             let components = adapter.components
             var selected = options.components

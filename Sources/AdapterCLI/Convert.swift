@@ -8,7 +8,8 @@ extension DType: ExpressibleByArgument {
         self = d
     }
 
-    public static var allValueStrings: [String] { ["F32", "F16", "BF16", "F64"] }
+    /// The dtypes factors can be written in: those a merge computes in.
+    public static var allValueStrings: [String] { allCases.filter(\.isMergeable).map(\.rawValue) }
 }
 
 extension MixerInit: ExpressibleByArgument {}

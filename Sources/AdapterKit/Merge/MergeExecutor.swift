@@ -63,16 +63,11 @@ final class MergeExecutor {
             }
         }
         let rows = p.rows, cols = p.columns
+        guard let codec = RowCodec(p.base.encoding) else { preconditionFailure("the plan admits only encodings with a codec") }
         if p.terms.isEmpty {
             // Replacement only: convert into the base dtype with one rounding.
-            let n = rows * cols
-            var bytes = [UInt8](repeating: 0, count: n * dtype.byteSize)
-            bytes.withUnsafeMutableBytes { dst in
-                if let d = replacementDoubles { d.withUnsafeBufferPointer { ElementConversion.fromDouble(dtype, $0.baseAddress!, dst.baseAddress!, count: n) } }
-                if let f = replacementValues { f.withUnsafeBufferPointer { ElementConversion.fromFloat(dtype, $0.baseAddress!, dst.baseAddress!, count: n) } }
-            }
-            try checkFinite(bytes, dtype: dtype, tensor: p.baseName)
-            submit(bytes, writer)
+            if let d = replacementDoubles { submit(try codec.encode(d, tensor: p.baseName), writer) }
+            if let f = replacementValues { submit(try codec.encode(f, tensor: p.baseName), writer) }
             return
         }
         let magnitude = try p.dora.map { try $0.module.magnitude!.doubles() }
@@ -100,13 +95,14 @@ final class MergeExecutor {
             }
             guard finite else { throw nonFinite(p) }
             if dtype != .f64 {
-                var narrow = [UInt8](repeating: 0, count: rows * cols * dtype.byteSize)
-                out.withUnsafeBytes { src in
-                    narrow.withUnsafeMutableBytes { dst in
-                        ElementConversion.fromDouble(dtype, src.baseAddress!.assumingMemoryBound(to: Double.self), dst.baseAddress!, count: rows * cols)
-                    }
+                let count = rows * cols
+                var narrow = [UInt8](repeating: 0, count: codec.byteCount(count))
+                let finite = count == 0 || out.withUnsafeBytes { src in
+                    narrow.withUnsafeMutableBytes { codec.encode(src.baseAddress!.assumingMemoryBound(to: Double.self), count: count, into: $0.baseAddress!) }
                 }
-                try checkFinite(narrow, dtype: dtype, tensor: p.baseName)
+                guard finite else {
+                    throw MergeError(tensor: p.baseName, problem: "the result holds NaN or infinity (or overflows \(dtype.rawValue))")
+                }
                 out = narrow
             }
             submit(out, writer)
@@ -189,9 +185,14 @@ final class MergeExecutor {
             } else {
                 // Rows of a replacement that no term covers: one rounding into the base dtype.
                 let n = (end - row) * cols
-                withUnsafeTemporaryAllocation(of: Float.self, capacity: max(1, n)) { tmp in
-                    ElementConversion.toFloat(sourceType, src, tmp.baseAddress!, count: n)
-                    ElementConversion.fromFloat(dtype, tmp.baseAddress!, buffer.baseAddress!, count: n)
+                guard let from = RowCodec(.plain(sourceType)), let to = RowCodec(p.base.encoding) else { preconditionFailure("plain float rows") }
+                let finite = withUnsafeTemporaryAllocation(of: Float.self, capacity: max(1, n)) { tmp in
+                    from.decode(src, count: n, into: tmp.baseAddress!)
+                    return to.encode(tmp.baseAddress!, count: n, into: buffer.baseAddress!)
+                }
+                guard finite else {
+                    pipeline.giveBack(buffer)
+                    throw nonFinite(p)
                 }
             }
             pipeline.write(buffer, count: (end - row) * rowBytes, with: writer)
@@ -212,33 +213,8 @@ final class MergeExecutor {
                 values[i] += factor * v
             }
         }
-        var bytes = [UInt8](repeating: 0, count: values.count * p.base.dtype.byteSize)
-        bytes.withUnsafeMutableBytes { dst in
-            values.withUnsafeBufferPointer { ElementConversion.fromDouble(p.base.dtype, $0.baseAddress!, dst.baseAddress!, count: values.count) }
-        }
-        try checkFinite(bytes, dtype: p.base.dtype, tensor: p.baseName)
-        submit(bytes, writer)
-    }
-
-    /// Checks stored values in chunks: a replaced lm_head must not cost another copy of itself in Float64.
-    private func checkFinite(_ bytes: [UInt8], dtype: DType, tensor: String) throws {
-        let n = bytes.count / dtype.byteSize
-        let chunk = 4096
-        let finite = bytes.withUnsafeBytes { raw in
-            withUnsafeTemporaryAllocation(of: Double.self, capacity: chunk) { tmp in
-                var i = 0
-                while i < n {
-                    let m = min(chunk, n - i)
-                    ElementConversion.toDouble(dtype, raw.baseAddress! + i * dtype.byteSize, tmp.baseAddress!, count: m)
-                    if tmp[0..<m].contains(where: { !$0.isFinite }) { return false }
-                    i += m
-                }
-                return true
-            }
-        }
-        if !finite {
-            throw MergeError(tensor: tensor, problem: "the result holds NaN or infinity (or overflows \(dtype.rawValue))")
-        }
+        guard let codec = RowCodec(p.base.encoding) else { preconditionFailure("the plan admits only encodings with a codec") }
+        submit(try codec.encode(values, tensor: p.baseName), writer)
     }
 }
 

@@ -104,7 +104,7 @@ public struct MergePlan: Sendable {
                     problems.append("\(label)\(r.baseName) is replaced after another adapter updated it; list the replacing adapter first")
                     continue
                 }
-                if !r.tensor.entry.dtype.isReadableAsFloat || !p.base.dtype.isMergeable {
+                if !r.tensor.entry.dtype.isReadableAsFloat || RowCodec(p.base.encoding) == nil {
                     problems.append("\(label)\(r.tensor.name): cannot convert \(r.tensor.entry.dtype.rawValue) to \(p.base.dtype.rawValue)")
                     continue
                 }
@@ -145,7 +145,7 @@ public struct MergePlan: Sendable {
                         continue
                     }
                 }
-                if !p.base.dtype.isMergeable {
+                if RowCodec(p.base.encoding) == nil {
                     problems.append("\(label)module \(module.name): base tensor \(target) has dtype \(p.base.dtype.rawValue); merges need F32, F64, F16 or BF16")
                     continue
                 }
@@ -171,7 +171,7 @@ public struct MergePlan: Sendable {
                         problems.append("\(label)module \(module.name): has lora_B.bias but the base has no \(biasName)")
                         continue
                     }
-                    guard bp.base.shape == [module.outFeatures], bp.base.dtype.isMergeable else {
+                    guard bp.base.shape == [module.outFeatures], RowCodec(bp.base.encoding) != nil else {
                         problems.append("\(label)module \(module.name): \(biasName) has shape \(bp.base.shape) \(bp.base.dtype.rawValue), expected [\(module.outFeatures)]")
                         continue
                     }

@@ -41,11 +41,7 @@ public final class Adapter: Sendable {
     public var hasMixer: Bool { modules.contains { $0.hasMixer } }
 
     /// The components (`unet`, `text_encoder`, …) the modules belong to, in first-seen order.
-    public var components: [String] {
-        var seen: [String] = []
-        for m in modules { if let c = m.component, !seen.contains(c) { seen.append(c) } }
-        return seen
-    }
+    public var components: [String] { firstSeen(modules.compactMap(\.component)) }
 
     init(path: String, format: AdapterFormat, store: any TensorContainer, configPath: String?, config: JSONObject?,
          modules: [LoRAModule], replacements: [Replacement], unknownKeys: [String], warnings: [String]) {

@@ -252,7 +252,7 @@ enum AdapterLoader {
         }
 
         if !unknown.isEmpty {
-            warnings.append("\(unknown.count) unknown key\(unknown.count == 1 ? "" : "s") (not LoRA factors): \(unknown.prefix(3).joined(separator: ", "))\(unknown.count > 3 ? ", …" : "")")
+            warnings.append("\(unknownKeysPhrase(unknown)): not LoRA factors")
         }
         let withMixer = modules.filter(\.hasMixer).count
         if withMixer > 0 && withMixer < modules.count {

@@ -455,10 +455,3 @@ struct PatternRule<T> {
     }
 }
 
-/// A number for messages: integers without a fraction, others with up to 6 significant digits.
-func formatNumber(_ v: Double) -> String {
-    if v.isFinite, v.rounded() == v, abs(v) < 1e15 { return String(Int64(v)) }
-    var s = String(v)
-    if s.count > 10, let d = Double(s) { s = String(Float(d)) }
-    return s
-}

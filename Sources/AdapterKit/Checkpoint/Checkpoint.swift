@@ -160,7 +160,7 @@ public final class Checkpoint: Sendable {
             try checkInside(folder: folder, file: file, indexPath: indexPath)
             shards.append(file)
         }
-        shards.sort { Array($0.utf8).lexicographicallyPrecedes(Array($1.utf8)) }
+        shards.sort { $0.precedesInBytes($1) }
         return FolderLayout(shards: shards, index: indexName, weightMap: map, totalSize: total, metadata: metadata)
     }
 

@@ -88,11 +88,11 @@ enum AdapterWriter {
     /// Keys in sorted order when the input had them sorted (PEFT and mlx write `sort_keys`), else as they were.
     static func keepingOrder(_ o: JSONObject, sorted: Bool) -> JSONObject {
         guard sorted else { return o }
-        return JSONObject(o.members.sorted { Array($0.key.utf8).lexicographicallyPrecedes(Array($1.key.utf8)) })
+        return JSONObject(o.members.sorted { $0.key.precedesInBytes($1.key) })
     }
 
     static func isSorted(_ o: JSONObject) -> Bool {
-        zip(o.keys, o.keys.dropFirst()).allSatisfy { !Array($1.utf8).lexicographicallyPrecedes(Array($0.utf8)) }
+        zip(o.keys, o.keys.dropFirst()).allSatisfy { !$1.precedesInBytes($0) }
     }
 
     static func refuseReplacements(_ w: WorkingAdapter, _ layout: TargetLayout) throws {
@@ -304,7 +304,7 @@ enum AdapterWriter {
         if w.resized, let raw = meta.first(where: { $0.key == "ss_network_args" })?.value {
             set("ss_network_args", try resizedNetworkArgs(raw, w.modules, path: w.source.path))
         }
-        meta.sort { Array($0.key.utf8).lexicographicallyPrecedes(Array($1.key.utf8)) }
+        meta.sort { $0.key.precedesInBytes($1.key) }
         try writeFile(file.path, tensors, metadata: meta, sync: sync, descriptor: file)
         return []
     }

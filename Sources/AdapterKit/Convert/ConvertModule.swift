@@ -150,11 +150,11 @@ struct WorkingAdapter {
         source = adapter
         replacements = adapter.replacements
         if !adapter.unknownKeys.isEmpty {
-            let shown = adapter.unknownKeys.prefix(3).joined(separator: ", ") + (adapter.unknownKeys.count > 3 ? ", …" : "")
+            let shown = listed(adapter.unknownKeys)
             guard options.dropUnknown else {
                 throw ConvertError(adapter.path, "\(adapter.unknownKeys.count) key\(adapter.unknownKeys.count == 1 ? " is" : "s are") not understood and would be lost (\(shown)); pass --drop-unknown to leave them out")
             }
-            notes.append("left out \(adapter.unknownKeys.count) unknown key\(adapter.unknownKeys.count == 1 ? "" : "s") (\(shown))")
+            notes.append("left out \(unknownKeysPhrase(adapter.unknownKeys))")
         }
         var selected = adapter.modules
         if let component = options.component {
@@ -164,7 +164,7 @@ struct WorkingAdapter {
             }
             selected = selected.filter { $0.component == component }
             let skipped = adapter.modules.count - selected.count
-            if skipped > 0 { notes.append("left out \(skipped) module\(skipped == 1 ? "" : "s") of other components") }
+            if skipped > 0 { notes.append("left out \(plural(skipped, "module")) of other components") }
         }
         modules = try selected.map { try Self.read($0) }
     }
@@ -243,31 +243,9 @@ struct WorkingAdapter {
 
     /// Refuses several components in a single-model layout.
     func requireSingleComponent(_ layout: TargetLayout) throws {
-        var seen: [String] = []
-        for m in modules { if let c = m.component, !seen.contains(c) { seen.append(c) } }
+        let seen = firstSeen(modules.compactMap(\.component))
         if seen.count > 1 {
             throw ConvertError(source.path, "the adapter holds several models (\(seen.joined(separator: ", "))) and \(layout.rawValue) holds one; choose one with --component")
         }
     }
 }
-
-// MARK: - Small helpers
-
-/// The most common value (ties: the first seen).
-func mostCommon<T: Hashable>(_ values: [T]) -> T? {
-    var counts: [T: Int] = [:]
-    var order: [T] = []
-    for v in values {
-        if counts[v] == nil { order.append(v) }
-        counts[v, default: 0] += 1
-    }
-    return order.max { counts[$0]! < counts[$1]! || (counts[$0]! == counts[$1]! && order.firstIndex(of: $0)! > order.firstIndex(of: $1)!) }
-}
-
-/// A JSON number as Python writes an int or a float: `8`, `2.5`.
-func jsonNumber(_ v: Double) -> JSONValue {
-    if v.isFinite, v.rounded() == v, abs(v) < 1e15 { return .number(String(Int64(v))) }
-    return .number(v.description)
-}
-
-func jsonInt(_ v: Int) -> JSONValue { .number(String(v)) }

@@ -412,18 +412,3 @@ public func formatShort(_ v: Double) -> String {
     return s
 }
 
-/// A number with about four significant digits, for diagnostics.
-public func formatSig(_ v: Double) -> String {
-    guard v.isFinite else { return String(v) }
-    if v == 0 { return "0" }
-    let magnitude = abs(v)
-    if magnitude >= 1000 || magnitude < 0.001 {
-        var e = 0
-        var m = magnitude
-        while m >= 10 { m /= 10; e += 1 }
-        while m < 1 { m *= 10; e -= 1 }
-        return (v < 0 ? "-" : "") + formatFixed(m, 3) + "e" + String(e)
-    }
-    let digits = magnitude >= 100 ? 1 : magnitude >= 10 ? 2 : magnitude >= 1 ? 3 : 4
-    return formatFixed(v, digits)
-}

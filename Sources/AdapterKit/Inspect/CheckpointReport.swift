@@ -121,24 +121,3 @@ public func formatCount(_ n: Int) -> String {
     return String(n)
 }
 
-/// Bytes in binary units: "13.50 GiB (14495514624)", or without the exact count "13.50 GiB".
-public func formatBytes(_ n: Int, exact: Bool = true) -> String {
-    let units: [(Double, String)] = [(0x1p40, "TiB"), (0x1p30, "GiB"), (0x1p20, "MiB"), (0x1p10, "KiB")]
-    for (scale, unit) in units where Double(n) >= scale {
-        return formatFixed(Double(n) / scale, 2) + " " + unit + (exact ? " (\(n))" : "")
-    }
-    return "\(n) B"
-}
-
-/// A fixed-point rendering without Foundation's locale-dependent formatting.
-public func formatFixed(_ v: Double, _ digits: Int) -> String {
-    guard v.isFinite else { return String(v) }
-    var scale = 1.0
-    for _ in 0..<digits { scale *= 10 }
-    let scaled = (abs(v) * scale).rounded()
-    let whole = Int(scaled / scale)
-    var frac = String(Int(scaled - Double(whole) * scale))
-    while frac.count < digits { frac = "0" + frac }
-    let sign = v < 0 && scaled != 0 ? "-" : ""
-    return digits == 0 ? sign + String(whole) : sign + String(whole) + "." + frac
-}

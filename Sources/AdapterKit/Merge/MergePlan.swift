@@ -81,7 +81,7 @@ public struct MergePlan: Sendable {
             let adapter = input.adapter
             let label = inputs.count > 1 ? "\(adapter.path): " : ""
             if !adapter.unknownKeys.isEmpty && !options.dropUnknown {
-                problems.append("\(label)\(adapter.unknownKeys.count) unknown key\(adapter.unknownKeys.count == 1 ? "" : "s") (\(adapter.unknownKeys.prefix(3).joined(separator: ", "))); use --drop-unknown to merge without them")
+                problems.append("\(label)\(unknownKeysPhrase(adapter.unknownKeys)); use --drop-unknown to merge without them")
             }
             let components = adapter.components
             var selected = options.components
@@ -181,7 +181,7 @@ public struct MergePlan: Sendable {
             }
         }
         // The replacement must come before the updates: re-check shapes against it.
-        for (name, p) in changes.sorted(by: { $0.key.utf8.lexicographicallyPrecedes($1.key.utf8) }) where p.replacement != nil {
+        for (name, p) in changes.sorted(by: { $0.key.precedesInBytes($1.key) }) where p.replacement != nil {
             for t in p.terms where t.rows == .all && t.module.expectedBaseShape != p.outputShape {
                 problems.append("module \(t.module.name): update has shape \(t.module.expectedBaseShape) but the replaced \(name) has shape \(p.outputShape)")
             }

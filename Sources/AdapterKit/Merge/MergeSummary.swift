@@ -36,8 +36,8 @@ public struct MergeSummary: Sendable {
 
     /// "merged 64 modules into 64 tensors, copied 227 tensors, wrote 2.00 GiB in 3.1 s"
     public var line: String {
-        "merged \(modulesMerged) module\(modulesMerged == 1 ? "" : "s") into \(tensorsChanged) tensor\(tensorsChanged == 1 ? "" : "s"), copied \(tensorsCopied) tensor\(tensorsCopied == 1 ? "" : "s")"
-            + (filesCopied > 0 ? " and \(filesCopied) other file\(filesCopied == 1 ? "" : "s")" : "")
+        "merged \(plural(modulesMerged, "module")) into \(plural(tensorsChanged, "tensor")), copied \(plural(tensorsCopied, "tensor"))"
+            + (filesCopied > 0 ? " and \(plural(filesCopied, "other file"))" : "")
             + ", wrote \(formatBytes(bytesWritten, exact: false)) in \(formatFixed(seconds, 2)) s"
     }
 }

@@ -48,7 +48,7 @@ struct OutputAssembly {
         let base = plan.base
         summary.notes = plan.notes
         for (c, n) in plan.skipped.sorted(by: { $0.key < $1.key }) {
-            summary.notes.append("skipped \(n) \(c) module\(n == 1 ? "" : "s") (not selected with --component)")
+            summary.notes.append("skipped \(plural(n, "\(c) module")) (not selected with --component)")
         }
         let out = try TemporaryOutput(target: output, kind: base.isFolder ? .folder : .file)
         summary.notes += out.notes
@@ -161,7 +161,7 @@ struct OutputAssembly {
     }
 
     private func sortedKeys(_ o: JSONObject) -> JSONObject {
-        JSONObject(o.members.sorted { Array($0.key.utf8).lexicographicallyPrecedes(Array($1.key.utf8)) }.map { member in
+        JSONObject(o.members.sorted { $0.key.precedesInBytes($1.key) }.map { member in
             if case .object(let inner) = member.value { return (member.key, .object(sortedKeys(inner))) }
             return member
         })

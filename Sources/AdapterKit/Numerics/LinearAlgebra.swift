@@ -158,3 +158,22 @@ public struct MixerDiagnostics: Sendable {
         conditionRatio = summary.max > 0 ? summary.min / summary.max : 0
     }
 }
+
+/// The transpose of a row-major (rows × cols) matrix.
+func transpose(_ x: [Double], rows: Int, cols: Int) -> [Double] {
+    var out = [Double](repeating: 0, count: x.count)
+    for i in 0..<rows { for j in 0..<cols { out[j * rows + i] = x[i * cols + j] } }
+    return out
+}
+
+/// Row-major (rows × inner) · (inner × cols) in Float64.
+func matmul(_ x: [Double], _ y: [Double], rows: Int, inner: Int, cols: Int) -> [Double] {
+    var out = [Double](repeating: 0, count: rows * cols)
+    for i in 0..<rows {
+        for k in 0..<inner {
+            let v = x[i * inner + k]
+            for j in 0..<cols { out[i * cols + j] += v * y[k * cols + j] }
+        }
+    }
+    return out
+}

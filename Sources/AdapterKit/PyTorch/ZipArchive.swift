@@ -302,36 +302,6 @@ public final class ZipArchive: @unchecked Sendable {
     }
 }
 
-/// A name from a file, quoted for a one-line message: control characters escaped, long names cut.
-func quotedForMessage(_ s: String) -> String {
-    var out = "\""
-    var count = 0
-    for scalar in s.unicodeScalars {
-        count += 1
-        if count > 200 {
-            out += "..."
-            break
-        }
-        switch scalar {
-        case "\"": out += "\\\""
-        case "\\": out += "\\\\"
-        default:
-            let v = scalar.value
-            if v < 0x20 || v == 0x7f || (0x80..<0xa0).contains(v) || v == 0x2028 || v == 0x2029 {
-                out += "\\u{" + String(v, radix: 16) + "}"
-            } else {
-                out.unicodeScalars.append(scalar)
-            }
-        }
-    }
-    return out + "\""
-}
-
-func hex(_ v: UInt32) -> String {
-    let s = String(v, radix: 16)
-    return "0x" + String(repeating: "0", count: max(0, 8 - s.count)) + s
-}
-
 // MARK: - Header parsing
 
 /// Little-endian reads over the mapped file; every read is bounds-checked and returns nil when out of
@@ -565,16 +535,3 @@ struct ZipReader {
     }
 }
 
-extension Int {
-    /// `self + other`, or nil on overflow.
-    func addingReportingOverflowChecked(_ other: Int) -> Int? {
-        let (v, o) = addingReportingOverflow(other)
-        return o ? nil : v
-    }
-
-    /// `self * other`, or nil on overflow.
-    func multipliedReportingOverflowChecked(_ other: Int) -> Int? {
-        let (v, o) = multipliedReportingOverflow(by: other)
-        return o ? nil : v
-    }
-}

@@ -46,7 +46,7 @@ public struct SafetensorsLayout: Sendable {
         }
         let ordered = specs.sorted { a, b in
             if a.dtype != b.dtype { return a.dtype < b.dtype }
-            return a.name.utf8.lexicographicallyPrecedes(b.name.utf8)
+            return a.name.precedesInBytes(b.name)
         }
         var offset = 0
         var infos: [TensorInfo] = []

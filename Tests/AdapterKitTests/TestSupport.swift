@@ -55,14 +55,12 @@ func readBytes(_ path: String) -> [UInt8] {
 @discardableResult
 func writeSafetensors(_ path: String, _ tensors: [(name: String, dtype: DType, shape: [Int], bytes: [UInt8])],
                       metadata: [(key: String, value: String)]? = ["format": "pt"].map { ($0.key, $0.value) }) throws -> String {
-    let layout = try SafetensorsLayout(tensors: tensors.map { TensorSpec(name: $0.name, dtype: $0.dtype, shape: $0.shape) }, metadata: metadata)
-    let fd = try FileDescriptor.createExclusive(path)
-    let writer = try SafetensorsWriter(layout: layout, output: fd)
     let byName = Dictionary(tensors.map { ($0.name, $0.bytes) }, uniquingKeysWith: { first, _ in first })
-    for t in layout.tensors {
+    try SafetensorsWriter.write(into: try FileDescriptor.createExclusive(path), path: path,
+                                tensors: tensors.map { TensorSpec(name: $0.name, dtype: $0.dtype, shape: $0.shape) },
+                                metadata: metadata, sync: false) { t, writer in
         try byName[t.name]!.withUnsafeBytes { try writer.append($0) }
     }
-    try writer.finish()
     return path
 }
 

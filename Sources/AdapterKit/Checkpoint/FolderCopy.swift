@@ -143,11 +143,7 @@ public struct FolderCopy: Sendable {
             case .folder(let rel):
                 try FileSystem.makeDirectory(base.appending(rel))
             case .file(let rel, let source):
-                // Not following a link: what was checked to be a regular file must still be one.
-                let input = try FileDescriptor.openForReading(source, followingLink: false)
-                let output = try FileDescriptor.createExclusive(base.appending(rel))
-                try output.copy(from: input, offset: 0, count: try input.status().size)
-                if sync { try output.sync() }
+                try FileDescriptor.copyFile(source, to: base.appending(rel), followingLink: false, sync: sync)
             }
         }
     }

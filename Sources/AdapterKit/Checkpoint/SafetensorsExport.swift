@@ -71,15 +71,11 @@ public enum SafetensorsExport {
         let specs = store.entries.map(TensorSpec.init)
         // A rewritten safetensors file keeps non-empty metadata only (what `inspect` shows).
         let metadata = store.format == .safetensors ? (store.metadataPairs.isEmpty ? nil : store.metadataPairs) : store.metadataForSafetensors
-        let layout = try SafetensorsLayout(tensors: specs, metadata: metadata, file: path)
-        let fd = try descriptor ?? FileDescriptor.createExclusive(path)
-        let writer = try SafetensorsWriter(layout: layout, output: fd)
-        for t in layout.tensors {
+        let layout = try SafetensorsWriter.write(into: try descriptor ?? FileDescriptor.createExclusive(path), path: path,
+                                                 tensors: specs, metadata: metadata, sync: true) { t, writer in
             try store.withBytes(of: t.name) { try writer.append($0) }
             store.release(t.name)
         }
-        try writer.finish()
-        try fd.sync()
         return (layout.tensors.count, layout.fileSize)
     }
 }

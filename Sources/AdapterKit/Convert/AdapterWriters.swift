@@ -50,17 +50,13 @@ enum AdapterWriter {
     /// Writes a safetensors file at `path`, or into `descriptor` (an output's temporary file) when given.
     static func writeFile(_ path: String, _ tensors: [OutputTensor], metadata: [(key: String, value: String)]?, sync: Bool,
                           descriptor: FileDescriptor? = nil) throws {
-        let layout = try SafetensorsLayout(tensors: tensors.map { TensorSpec(name: $0.name, dtype: $0.dtype, shape: $0.shape) },
-                                           metadata: metadata, file: path)
         var byName: [String: Int] = [:]
         for (i, t) in tensors.enumerated() { byName[t.name] = i }
-        let fd = try descriptor ?? FileDescriptor.createExclusive(path)
-        let writer = try SafetensorsWriter(layout: layout, output: fd)
-        for info in layout.tensors {
+        try SafetensorsWriter.write(into: try descriptor ?? FileDescriptor.createExclusive(path), path: path,
+                                    tensors: tensors.map { TensorSpec(name: $0.name, dtype: $0.dtype, shape: $0.shape) },
+                                    metadata: metadata, sync: sync) { info, writer in
             try tensors[byName[info.name]!].bytes.withUnsafeBytes { try writer.append($0) }
         }
-        try writer.finish()
-        if sync { try fd.sync() }
     }
 
     /// Writes a JSON config, refusing any number that is not finite: `inf` and `nan` are not

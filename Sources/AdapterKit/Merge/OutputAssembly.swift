@@ -123,19 +123,11 @@ struct OutputAssembly {
         }
     }
 
-    /// Copies one regular file (the index, when it is kept as it is).
-    private func copyFile(_ source: String, to target: String) throws {
-        let input = try FileDescriptor.openForReading(source)
-        let outFD = try FileDescriptor.createExclusive(target)
-        try outFD.copy(from: input, offset: 0, count: try input.status().size)
-        if options.sync { try outFD.sync() }
-    }
-
     /// Writes the index: the original bytes when no tensor changed size, otherwise the same map
     /// with a recomputed total_size, formatted as transformers writes it.
     private func writeIndex(from source: String, to target: String, regenerate: Bool) throws {
         if !regenerate {
-            try copyFile(source, to: target)
+            try FileDescriptor.copyFile(RawPath(source), to: RawPath(target), followingLink: true, sync: options.sync)
             return
         }
         guard var root = try readJSONFile(source).objectValue else { throw InputError(source, "the index is not a JSON object") }

@@ -161,6 +161,23 @@ public final class SafetensorsWriter: TensorFileWriter {
 }
 
 extension SafetensorsWriter {
+    /// Writes a whole safetensors file into `output` (an open, empty file): the header, then
+    /// `data` once per tensor in layout order, appending exactly that tensor's bytes; checks that
+    /// every byte arrived and fsyncs when asked. The one way whole files are written (adapters,
+    /// exports, the atomic `write(to:)`).
+    @discardableResult
+    static func write(
+        into output: FileDescriptor, path: String, tensors: [TensorSpec], metadata: [(key: String, value: String)]?, sync: Bool,
+        data: (TensorInfo, SafetensorsWriter) throws -> Void
+    ) throws -> SafetensorsLayout {
+        let layout = try SafetensorsLayout(tensors: tensors, metadata: metadata, file: path)
+        let writer = try SafetensorsWriter(layout: layout, output: output)
+        for t in layout.tensors { try data(t, writer) }
+        try writer.finish()
+        if sync { try output.sync() }
+        return layout
+    }
+
     /// Writes a whole safetensors file: under a temporary name beside `path`, renamed into place
     /// only when every tensor's bytes were given. `data` is called once per tensor, in layout
     /// order, and appends exactly that tensor's bytes. On any error nothing appears at `path`.
@@ -168,14 +185,9 @@ extension SafetensorsWriter {
         to path: String, tensors: [TensorSpec], metadata: [(key: String, value: String)]?, replacing: Bool = false, sync: Bool = true,
         data: (TensorInfo, SafetensorsWriter) throws -> Void
     ) throws {
-        let layout = try SafetensorsLayout(tensors: tensors, metadata: metadata, file: path)
         let out = try TemporaryOutput(target: path, kind: .file)
         do {
-            let fd = out.file!
-            let writer = try SafetensorsWriter(layout: layout, output: fd)
-            for t in layout.tensors { try data(t, writer) }
-            try writer.finish()
-            if sync { try fd.sync() }
+            try write(into: out.file!, path: path, tensors: tensors, metadata: metadata, sync: sync, data: data)
             try out.commit(replacing: replacing)
         } catch {
             out.discard()

@@ -88,6 +88,17 @@ public final class FileDescriptor: @unchecked Sendable {
         return FileDescriptor(rawValue: fd, path: path.display)
     }
 
+    /// Copies the regular file at `source` to a new file at `target` (which must not exist), in
+    /// the kernel where possible, fsyncing it with `sync`. The one file copier: a folder's other
+    /// files (whose links are not followed: what was checked to be a regular file must still be
+    /// one), an index kept as it was (a Hub cache's index is a link into its blobs).
+    static func copyFile(_ source: RawPath, to target: RawPath, followingLink: Bool, sync: Bool) throws {
+        let input = try openForReading(source, followingLink: followingLink)
+        let output = try createExclusive(target)
+        try output.copy(from: input, offset: 0, count: try input.status().size)
+        if sync { try output.sync() }
+    }
+
     /// Opens whatever is at `path` (a file or a folder) only to lock it: never follows a final
     /// symbolic link, and never blocks on a FIFO.
     public static func openForLocking(_ path: String) throws -> FileDescriptor {

@@ -49,7 +49,7 @@ for (rows, cols) in [(4096, 4096), (11008, 4096)] {
             let start = DispatchTime.now().uptimeNanoseconds
             let ok = w.withUnsafeBytes { src in
                 out.withUnsafeMutableBytes { dst in
-                    LowRankUpdate.apply(source: src.baseAddress!, destination: dst.baseAddress!, dtype: .bf16, rows: rows, cols: cols,
+                    LowRankUpdate.apply(source: src, destination: dst, dtype: .bf16, rows: rows, cols: cols,
                                         l: l, r: r, k: k, threads: threads)
                 }
             }

@@ -363,17 +363,20 @@ struct UncheckedPointer: @unchecked Sendable {
 
 /// The fused kernel on tensors already in memory, for library users and the benchmark.
 public enum LowRankUpdate {
-    /// destination = round(source + L·R) in `dtype` (F32, F16 or BF16), L (rows × k) and R (k × cols)
-    /// given in Float64 and rounded to Float32 once. Returns false when a result is not finite.
+    /// destination = round(source + L·R) in `dtype` (F32, F16 or BF16) for a (rows × cols) tensor
+    /// whose bytes `source` and `destination` hold exactly, L (rows × k) and R (k × cols) given in
+    /// Float64 and rounded to Float32 once. Returns false when a result is not finite.
     public static func apply(
-        source: UnsafeRawPointer, destination: UnsafeMutableRawPointer, dtype: DType, rows: Int, cols: Int,
+        source: UnsafeRawBufferPointer, destination: UnsafeMutableRawBufferPointer, dtype: DType, rows: Int, cols: Int,
         l: [Double], r: [Double], k: Int, threads: Int = 1
     ) -> Bool {
         precondition(dtype == .f32 || dtype == .f16 || dtype == .bf16, "LowRankUpdate.apply needs F32, F16 or BF16")
         precondition(l.count == rows * k && r.count == k * cols, "L must be rows × k and R k × cols")
+        precondition(source.count == rows * cols * dtype.byteSize && destination.count == source.count, "the buffers must hold rows × cols elements")
+        guard rows * cols > 0, let src = source.baseAddress, let dst = destination.baseAddress else { return true }
         let factors = UpdateFactors(l: l, r: r, rows: rows, cols: cols, k: k, magnitude: nil)
         defer { factors.deallocate() }
-        return MergeKernel.merge(source: source, sourceType: dtype, destination: destination, destinationType: dtype,
+        return MergeKernel.merge(source: src, sourceType: dtype, destination: dst, destinationType: dtype,
                                  rows: 0..<rows, factors: factors, wantStatistics: false, threads: threads).finite
     }
 

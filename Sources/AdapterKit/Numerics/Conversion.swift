@@ -72,7 +72,7 @@ public enum ElementConversion {
     // MARK: - Bulk conversion
 
     /// Converts `count` elements of `dtype` at `source` (any alignment) to Float32.
-    public static func toFloat(_ dtype: DType, _ source: UnsafeRawPointer, _ destination: UnsafeMutablePointer<Float>, count: Int) {
+    static func toFloat(_ dtype: DType, _ source: UnsafeRawPointer, _ destination: UnsafeMutablePointer<Float>, count: Int) {
         switch dtype {
         case .f32:
             UnsafeMutableRawPointer(destination).copyMemory(from: source, byteCount: count * 4)
@@ -111,7 +111,7 @@ public enum ElementConversion {
     }
 
     /// Converts `count` Float32 values to `dtype` at `destination` (any alignment), rounding once.
-    public static func fromFloat(_ dtype: DType, _ source: UnsafePointer<Float>, _ destination: UnsafeMutableRawPointer, count: Int) {
+    static func fromFloat(_ dtype: DType, _ source: UnsafePointer<Float>, _ destination: UnsafeMutableRawPointer, count: Int) {
         switch dtype {
         case .f32:
             destination.copyMemory(from: source, byteCount: count * 4)
@@ -145,7 +145,7 @@ public enum ElementConversion {
     }
 
     /// Reads `count` elements of `dtype` as Float64 (exact for every readable float type).
-    public static func toDouble(_ dtype: DType, _ source: UnsafeRawPointer, _ destination: UnsafeMutablePointer<Double>, count: Int) {
+    static func toDouble(_ dtype: DType, _ source: UnsafeRawPointer, _ destination: UnsafeMutablePointer<Double>, count: Int) {
         if dtype == .f64 {
             UnsafeMutableRawPointer(destination).copyMemory(from: source, byteCount: count * 8)
             return
@@ -163,7 +163,7 @@ public enum ElementConversion {
     }
 
     /// Writes Float64 values as `dtype`, rounding once (no double rounding through Float32 for F64).
-    public static func fromDouble(_ dtype: DType, _ source: UnsafePointer<Double>, _ destination: UnsafeMutableRawPointer, count: Int) {
+    static func fromDouble(_ dtype: DType, _ source: UnsafePointer<Double>, _ destination: UnsafeMutableRawPointer, count: Int) {
         switch dtype {
         case .f64:
             destination.copyMemory(from: source, byteCount: count * 8)

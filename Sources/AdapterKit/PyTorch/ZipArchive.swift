@@ -146,7 +146,7 @@ public final class ZipArchive: @unchecked Sendable {
     /// Ranges that reach the member's end inflate it all: the stream must then end exactly at the
     /// declared size and the CRC-32 must match. Otherwise inflating stops early, so the CRC-32 (of the
     /// whole member) cannot be checked; the deflate stream is still checked as far as it is read.
-    public func inflate(_ entry: Entry, keeping ranges: [Range<Int>]) throws -> UnsafeMutableRawBufferPointer {
+    func inflate(_ entry: Entry, keeping ranges: [Range<Int>]) throws -> UnsafeMutableRawBufferPointer {
         precondition(entry.method == .deflated)
         precondition(zip(ranges, ranges.dropFirst()).allSatisfy { $0.upperBound <= $1.lowerBound })
         precondition((ranges.first?.lowerBound ?? 0) >= 0 && (ranges.last?.upperBound ?? 0) <= entry.uncompressedSize)

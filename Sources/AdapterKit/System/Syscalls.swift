@@ -213,9 +213,10 @@ public final class FileDescriptor: @unchecked Sendable {
     }
 }
 
-/// A read-only memory map of a whole file. Pages are touched only when read.
-public final class MappedFile: @unchecked Sendable {
-    public let base: UnsafeRawPointer?
+/// A read-only memory map of a whole file. Pages are touched only when read, and only through
+/// guarded copies (`copy`) or scoped views: the mapping's address never leaves this type.
+final class MappedFile: @unchecked Sendable {
+    private let base: UnsafeRawPointer?
     public let count: Int
     public let path: String
 
@@ -236,7 +237,7 @@ public final class MappedFile: @unchecked Sendable {
     }
 
     /// The bytes in `range`; the caller has validated the range against `count`.
-    public func bytes(_ range: Range<Int>) -> UnsafeRawBufferPointer {
+    func bytes(_ range: Range<Int>) -> UnsafeRawBufferPointer {
         precondition(range.lowerBound >= 0 && range.upperBound <= count)
         guard let base else { return UnsafeRawBufferPointer(start: nil, count: 0) }
         return UnsafeRawBufferPointer(start: base + range.lowerBound, count: range.count)

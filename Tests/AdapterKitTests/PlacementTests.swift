@@ -99,3 +99,36 @@ struct PlacementTests {
         #expect(negativeZeros.allSatisfy { $0 == 0 && $0.sign == .minus })
     }
 }
+
+/// One module model: a module whose factors are held in memory (what conversions make) merges
+/// exactly as the same module read from its file.
+@Suite("merge: held and stored modules are one model")
+struct HeldModuleTests {
+    @Test("the MoSLoRA fixture merged from held factors gives the bytes of the merge from the file")
+    func heldEqualsStored() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let base = try Checkpoint(path: fixture("models/tiny-llama-f16.safetensors"))
+        let adapter = try Adapter(path: fixture("adapters/moslora-original"))
+        let held = try WorkingAdapter(adapter, options: ConvertOptions()).modules
+        #expect(held.allSatisfy { $0.a.store == nil && $0.b.store == nil && $0.orientation == .peft })
+        let names = NameMap(base: base)
+        func edits(_ modules: [LoRAModule]) -> [TensorEdit] {
+            modules.map { m in
+                let target = names.target(for: m, format: adapter.format)!.tensor
+                var e = TensorEdit(baseName: target, base: base.tensor(target)!.entry, file: 0)
+                e.terms = [MergeTerm(module: m, factor: m.scale)]
+                return e
+            }
+        }
+        var options = MergeRunOptions()
+        options.sync = false
+        for (label, modules) in [("stored", adapter.modules), ("held", held)] {
+            _ = try MergePlan(base: base, inputs: [MergeInput(adapter: adapter)], edits: edits(modules))
+                .write(to: dir.file(label + ".safetensors"), options: options)
+        }
+        let stored = readBytes(dir.file("stored.safetensors")), fromHeld = readBytes(dir.file("held.safetensors"))
+        #expect(!stored.isEmpty && stored == fromHeld)
+        #expect(stored != readBytes(fixture("models/tiny-llama-f16.safetensors")))
+    }
+}

@@ -20,15 +20,73 @@ public enum LayerKind: String, Sendable {
     public var isTransposed: Bool { self == .linearFanInFanOut || self == .embedding }
 }
 
-/// A tensor of an adapter file, read only when used.
+/// A tensor of an adapter: stored in a container and read only when used, or held in memory as
+/// Float64 values (what a conversion computes). Merges and conversions see the same type, so a
+/// module is one model whether its factors are on disk or were just made.
 public struct TensorRef: Sendable {
-    public let store: any TensorContainer
+    enum Storage: Sendable {
+        case stored(any TensorContainer)
+        case held([Double])
+    }
+
+    let storage: Storage
     public let entry: TensorEntry
     public var name: String { entry.name }
     public var shape: [Int] { entry.shape }
+    /// The stored dtype (for held values: the dtype they are to be written in).
+    public var dtype: DType { entry.dtype }
 
-    public func floats() throws -> [Float] { try store.floats(entry.name) }
-    public func doubles() throws -> [Double] { try store.doubles(entry.name) }
+    /// A stored tensor.
+    public init(store: any TensorContainer, entry: TensorEntry) {
+        storage = .stored(store)
+        self.entry = entry
+    }
+
+    /// Values held in memory, row-major in `shape`, to be written as `dtype`.
+    init(name: String, held values: [Double], shape: [Int], dtype: DType) {
+        precondition(values.count == shape.reduce(1, *), "held values must fill the shape")
+        storage = .held(values)
+        entry = TensorEntry(name: name, shape: shape, encoding: .plain(dtype), byteCount: TensorEncoding.plain(dtype).byteCount(elements: values.count) ?? 0)
+    }
+
+    /// The container a stored tensor comes from (nil for held values).
+    public var store: (any TensorContainer)? {
+        if case .stored(let s) = storage { return s }
+        return nil
+    }
+
+    /// The file the tensor is from, for messages ("<computed>" for held values).
+    public var path: String { store?.path ?? "<computed>" }
+
+    /// The values of a held tensor (conversions hold every factor; a stored one traps).
+    var held: [Double] {
+        guard case .held(let v) = storage else { preconditionFailure("\(name) is stored, not held") }
+        return v
+    }
+
+    /// The same tensor with new values and shape, keeping its name and dtype.
+    func holding(_ values: [Double], shape: [Int]) -> TensorRef {
+        TensorRef(name: name, held: values, shape: shape, dtype: dtype)
+    }
+
+    public func floats() throws -> [Float] {
+        switch storage {
+        case .stored(let s): try s.floats(entry.name)
+        case .held(let v): v.map { Float($0) }
+        }
+    }
+
+    public func doubles() throws -> [Double] {
+        switch storage {
+        case .stored(let s): try s.doubles(entry.name)
+        case .held(let v): v
+        }
+    }
+
+    /// Lets go of a stored tensor's pages after use.
+    func release() {
+        if case .stored(let s) = storage { s.release(entry.name) }
+    }
 }
 
 /// How the stored factors relate to PEFT's orientation.
@@ -44,14 +102,14 @@ public struct LoRAModule: Sendable {
     /// The module path as stored, without the `lora_*` suffix.
     public let name: String
     /// The module path in base-model terms (prefixes such as `base_model.model.` removed).
-    public let baseName: String
+    public var baseName: String
     /// Which part of a multi-model adapter this belongs to (`unet`, `text_encoder`, …), nil for one model.
     public let component: String?
     public var kind: LayerKind
-    public let a: TensorRef
-    public let mixer: TensorRef?
-    public let b: TensorRef
-    public let orientation: FactorOrientation
+    public var a: TensorRef
+    public var mixer: TensorRef?
+    public var b: TensorRef
+    public var orientation: FactorOrientation
     public var scale: Double
     /// The alpha the scale came from (config, pattern, alpha tensor or metadata; r where alpha is
     /// assumed to equal r); nil where the layout stores a scale itself (mlx-lm).

@@ -110,22 +110,22 @@ enum AdapterWriter {
             throw ConvertError(w.source.path, "PEFT's fan_in_fan_out is one flag for the whole adapter, but the modules mix both orientations")
         }
         for m in w.modules {
-            let name = sourceIsPEFT ? m.sourceName : "base_model.model." + m.baseName
+            let name = sourceIsPEFT ? m.name : "base_model.model." + m.baseName
             let isConv = m.kind == .conv1x1 || m.kind == .convKxK
             let aName = m.kind == .embedding ? name + ".lora_embedding_A" : name + ".lora_A.weight"
             let bName = m.kind == .embedding ? name + ".lora_embedding_B" : name + ".lora_B.weight"
-            tensors.append(OutputTensor(name: aName, dtype: try outputType(m.aType, dtype, tensor: aName), shape: [m.rank] + m.inShape, values: m.a))
+            tensors.append(OutputTensor(name: aName, dtype: try outputType(m.aType, dtype, tensor: aName), shape: [m.rank] + m.inShape, values: m.heldA))
             tensors.append(OutputTensor(name: bName, dtype: try outputType(m.bType, dtype, tensor: bName),
-                                        shape: isConv ? [m.outFeatures, m.rank, 1, 1] : [m.outFeatures, m.rank], values: m.b))
-            if let mixer = m.m {
+                                        shape: isConv ? [m.outFeatures, m.rank, 1, 1] : [m.outFeatures, m.rank], values: m.heldB))
+            if let mixer = m.heldMixer {
                 let mName = name + (style == .loraAB ? ".lora_AB.weight" : ".lora_mixer.weight")
-                tensors.append(OutputTensor(name: mName, dtype: try outputType(m.mType ?? m.aType, dtype, tensor: mName), shape: [m.rank, m.rank], values: mixer))
+                tensors.append(OutputTensor(name: mName, dtype: try outputType(m.mixerType ?? m.aType, dtype, tensor: mName), shape: [m.rank, m.rank], values: mixer))
             }
-            if let mag = m.magnitude {
+            if let mag = m.magnitude?.held {
                 let n = name + ".lora_magnitude_vector"
                 tensors.append(OutputTensor(name: n, dtype: try outputType(m.magnitudeType ?? m.bType, dtype, tensor: n), shape: [mag.count], values: mag))
             }
-            if let bias = m.bias {
+            if let bias = m.bias?.held {
                 let n = name + ".lora_B.bias"
                 tensors.append(OutputTensor(name: n, dtype: try outputType(m.biasType ?? m.bType, dtype, tensor: n), shape: [bias.count], values: bias))
             }
@@ -136,7 +136,7 @@ enum AdapterWriter {
             if let d = dtype, d != info.dtype {
                 tensors.append(OutputTensor(name: info.name, dtype: try outputType(info.dtype, d, tensor: info.name), shape: info.shape, values: try r.tensor.doubles()))
             } else {
-                let bytes = try r.tensor.store.withBytes(of: info.name) { Array($0) }
+                let bytes = try r.tensor.store!.withBytes(of: info.name) { Array($0) }
                 tensors.append(OutputTensor(name: info.name, dtype: info.dtype, shape: info.shape, bytes: bytes))
             }
         }
@@ -199,7 +199,7 @@ enum AdapterWriter {
         c["fan_in_fan_out"] = .bool(w.modules.contains { $0.kind == .linearFanInFanOut })
         if w.modules.contains(where: { $0.bias != nil }) { c["lora_bias"] = .bool(true) } else if c["lora_bias"] != nil { c["lora_bias"] = .bool(false) }
         for k in mixerConfigKeys { c[k] = nil }
-        let withMixer = w.modules.filter { $0.m != nil }
+        let withMixer = w.modules.filter { $0.heldMixer != nil }
         if withMixer.isEmpty {
             c["peft_type"] = .string("LORA")
         } else if style == .loraAB {
@@ -260,28 +260,28 @@ enum AdapterWriter {
         for m in w.modules {
             switch m.kind {
             case .embedding, .linearFanInFanOut:
-                throw ConvertError(w.source.path, "module \(m.sourceName) is \(m.kind == .embedding ? "an embedding" : "a fan_in_fan_out (Conv1D) layer"), which kohya cannot hold")
+                throw ConvertError(w.source.path, "module \(m.name) is \(m.kind == .embedding ? "an embedding" : "a fan_in_fan_out (Conv1D) layer"), which kohya cannot hold")
             default: break
             }
-            if m.magnitude != nil { throw ConvertError(w.source.path, "module \(m.sourceName) is DoRA, which kohya's LoRA layout cannot hold") }
-            if m.bias != nil { throw ConvertError(w.source.path, "module \(m.sourceName) has a lora_B.bias, which kohya cannot hold") }
-            let name = w.source.format == .kohya ? m.sourceName : KohyaNames.prefix(for: m.component, components: components) + KohyaNames.key(m.baseName)
+            if m.magnitude != nil { throw ConvertError(w.source.path, "module \(m.name) is DoRA, which kohya's LoRA layout cannot hold") }
+            if m.bias != nil { throw ConvertError(w.source.path, "module \(m.name) has a lora_B.bias, which kohya cannot hold") }
+            let name = w.source.format == .kohya ? m.name : KohyaNames.prefix(for: m.component, components: components) + KohyaNames.key(m.baseName)
             guard seen.insert(name).inserted else {
                 throw ConvertError(w.source.path, "two modules share the kohya name \(name) once dots become underscores")
             }
             let isConv = m.kind == .conv1x1 || m.kind == .convKxK
             let aType = try outputType(m.aType, dtype, tensor: name)
-            tensors.append(OutputTensor(name: name + ".lora_down.weight", dtype: aType, shape: [m.rank] + m.inShape, values: m.a))
+            tensors.append(OutputTensor(name: name + ".lora_down.weight", dtype: aType, shape: [m.rank] + m.inShape, values: m.heldA))
             tensors.append(OutputTensor(name: name + ".lora_up.weight", dtype: try outputType(m.bType, dtype, tensor: name),
-                                        shape: isConv ? [m.outFeatures, m.rank, 1, 1] : [m.outFeatures, m.rank], values: m.b))
-            if let mixer = m.m {
-                tensors.append(OutputTensor(name: name + ".lora_mixer.weight", dtype: try outputType(m.mType ?? m.aType, dtype, tensor: name),
+                                        shape: isConv ? [m.outFeatures, m.rank, 1, 1] : [m.outFeatures, m.rank], values: m.heldB))
+            if let mixer = m.heldMixer {
+                tensors.append(OutputTensor(name: name + ".lora_mixer.weight", dtype: try outputType(m.mixerType ?? m.aType, dtype, tensor: name),
                                             shape: [m.rank, m.rank], values: mixer))
             }
             // alpha = scale·r, stored in Float32 (Float64 for F64 output): a BF16 or F16 alpha would
             // round the scale itself (16·√8 is not a BF16 number). Never an infinite alpha.
             guard (m.scale * Double(m.rank)).isFinite, aType == .f64 || abs(m.scale * Double(m.rank)) <= Double(Float.greatestFiniteMagnitude) else {
-                throw ConvertError(w.source.path, "module \(m.sourceName): alpha = scale·r = \(m.scale * Double(m.rank)) is not a finite number")
+                throw ConvertError(w.source.path, "module \(m.name): alpha = scale·r = \(m.scale * Double(m.rank)) is not a finite number")
             }
             tensors.append(OutputTensor(name: name + ".alpha", dtype: aType == .f64 ? .f64 : .f32, shape: [], values: [m.scale * Double(m.rank)]))
         }
@@ -296,7 +296,7 @@ enum AdapterWriter {
         let alpha = mostCommon(w.modules.map { $0.scale * Double($0.rank) }) ?? 0
         set("ss_network_dim", String(rank))
         set("ss_network_alpha", Double(Float(alpha)).description)
-        set("ss_adapter_algorithm", w.modules.contains { $0.m != nil } ? "moslora" : nil)
+        set("ss_adapter_algorithm", w.modules.contains { $0.heldMixer != nil } ? "moslora" : nil)
         if w.resized, let raw = meta.first(where: { $0.key == "ss_network_args" })?.value {
             set("ss_network_args", try resizedNetworkArgs(raw, w.modules, path: w.source.path))
         }
@@ -308,7 +308,7 @@ enum AdapterWriter {
     /// kohya's `ss_network_args` after a resize: `conv_dim` / `conv_alpha` (and LyCORIS' `dim` /
     /// `alpha`) state ranks the file no longer has, so they are set to the new most common values
     /// (removed where no module of that kind is left); every other argument is kept.
-    static func resizedNetworkArgs(_ raw: String, _ modules: [WorkingModule], path: String) throws -> String? {
+    static func resizedNetworkArgs(_ raw: String, _ modules: [LoRAModule], path: String) throws -> String? {
         guard case .object(var args)? = try? JSONParser.parse(Array(raw.utf8)) else {
             return nil  // not the JSON object kohya writes: dropped rather than kept stale
         }
@@ -338,17 +338,17 @@ enum AdapterWriter {
         for m in w.modules {
             switch m.kind {
             case .linear: break
-            case .embedding: throw ConvertError(w.source.path, "module \(m.sourceName) is an embedding; writing mlx-lm's LoRAEmbedding layout is not supported yet")
-            case .conv1x1, .convKxK: throw ConvertError(w.source.path, "module \(m.sourceName) is a convolution; mlx-lm's LoRA layout holds linear layers only")
-            case .linearFanInFanOut: throw ConvertError(w.source.path, "module \(m.sourceName) is a fan_in_fan_out (Conv1D) layer; mlx-lm's LoRA layout holds nn.Linear layers only")
+            case .embedding: throw ConvertError(w.source.path, "module \(m.name) is an embedding; writing mlx-lm's LoRAEmbedding layout is not supported yet")
+            case .conv1x1, .convKxK: throw ConvertError(w.source.path, "module \(m.name) is a convolution; mlx-lm's LoRA layout holds linear layers only")
+            case .linearFanInFanOut: throw ConvertError(w.source.path, "module \(m.name) is a fan_in_fan_out (Conv1D) layer; mlx-lm's LoRA layout holds nn.Linear layers only")
             }
-            if m.bias != nil { throw ConvertError(w.source.path, "module \(m.sourceName) has a lora_B.bias, which mlx-lm cannot hold") }
+            if m.bias != nil { throw ConvertError(w.source.path, "module \(m.name) has a lora_B.bias, which mlx-lm cannot hold") }
         }
         let dora = w.modules.filter { $0.magnitude != nil }.count
         if dora != 0 && dora != w.modules.count {
             throw ConvertError(w.source.path, "only \(dora) of \(w.modules.count) modules are DoRA; mlx-lm's fine_tune_type is one for all")
         }
-        let folded = w.modules.filter { $0.m != nil }.count
+        let folded = w.modules.filter { $0.heldMixer != nil }.count
         if folded > 0 { notes.append("mlx-lm has no mixer: folded the mixer into A (A' = M·A) in \(folded) module\(folded == 1 ? "" : "s")") }
         let rank = w.modules.map(\.rank).max() ?? 0
         let padded = w.modules.filter { $0.rank < rank }.count
@@ -360,17 +360,17 @@ enum AdapterWriter {
         var tensors: [OutputTensor] = []
         for m in w.modules {
             let r = m.rank, n = m.inFeatures, out = m.outFeatures
-            let ma = m.mixedA
+            let ma = m.heldMixedA
             // lora_a (in, rank): Aᵀ with zero columns beyond r; lora_b (rank, out): Bᵀ·(s/scale) with zero rows.
             var la = [Double](repeating: 0, count: n * rank)
             for i in 0..<r { for j in 0..<n { la[j * rank + i] = ma[i * n + j] } }
             let ratio = m.scale / scale
             var lb = [Double](repeating: 0, count: rank * out)
-            for i in 0..<out { for j in 0..<r { lb[j * out + i] = ratio == 1 ? m.b[i * r + j] : m.b[i * r + j] * ratio } }
-            tensors.append(OutputTensor(name: m.baseName + ".lora_a", dtype: try outputType(m.aType, dtype, tensor: m.sourceName), shape: [n, rank], values: la))
-            tensors.append(OutputTensor(name: m.baseName + ".lora_b", dtype: try outputType(m.bType, dtype, tensor: m.sourceName), shape: [rank, out], values: lb))
-            if let mag = m.magnitude {
-                tensors.append(OutputTensor(name: m.baseName + ".m", dtype: try outputType(m.magnitudeType ?? m.bType, dtype, tensor: m.sourceName),
+            for i in 0..<out { for j in 0..<r { lb[j * out + i] = ratio == 1 ? m.heldB[i * r + j] : m.heldB[i * r + j] * ratio } }
+            tensors.append(OutputTensor(name: m.baseName + ".lora_a", dtype: try outputType(m.aType, dtype, tensor: m.name), shape: [n, rank], values: la))
+            tensors.append(OutputTensor(name: m.baseName + ".lora_b", dtype: try outputType(m.bType, dtype, tensor: m.name), shape: [rank, out], values: lb))
+            if let mag = m.magnitude?.held {
+                tensors.append(OutputTensor(name: m.baseName + ".m", dtype: try outputType(m.magnitudeType ?? m.bType, dtype, tensor: m.name),
                                             shape: [mag.count], values: mag))
             }
         }

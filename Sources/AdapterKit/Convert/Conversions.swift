@@ -92,17 +92,17 @@ public enum AdapterConversion {
             var kept = 0, embeddings = 0, estimated = 0
             for i in w.modules.indices {
                 var m = w.modules[i]
-                if m.m != nil { kept += 1; continue }
+                if m.heldMixer != nil { kept += 1; continue }
                 if m.kind == .embedding { embeddings += 1; continue }
                 let r = m.rank
                 var g = SeededGenerator.forModule(m.baseName, seed: seed)
                 switch mixer {
                 case .identity:
-                    m.m = (0..<(r * r)).map { $0 / r == $0 % r ? 1 : 0 }
+                    m.heldMixer = (0..<(r * r)).map { $0 / r == $0 % r ? 1 : 0 }
                 case .orthogonal:
                     let q = MixerFactory.orthogonal(rank: r, generator: &g)
-                    m.a = matmul(transpose(q, rows: r, cols: r), m.a, rows: r, inner: r, cols: m.inFeatures)
-                    m.m = q
+                    m.heldA = matmul(transpose(q, rows: r, cols: r), m.heldA, rows: r, inner: r, cols: m.inFeatures)
+                    m.heldMixer = q
                 case .kaiming:
                     // One LU factorisation gives both A' = M⁻¹A and, above the exact limit, the estimate of σ_min.
                     let k = MixerFactory.kaiming(rank: r, generator: &g)
@@ -112,12 +112,11 @@ public enum AdapterConversion {
                     if diagnostics.isEstimated { estimated += 1 }
                     summary.worstConditionRatio = min(summary.worstConditionRatio ?? .infinity, ratio)
                     guard ratio >= minimumConditionRatio, !lu.isSingular else {
-                        throw ConvertError(input, "module \(m.sourceName): the Kaiming mixer drawn with seed \(seed) is badly conditioned (σmin/σmax \(formatNumber(ratio))\(diagnostics.isEstimated ? ", estimated" : "") < \(formatNumber(minimumConditionRatio))), so A' = M⁻¹A would lose the update; use --mixer orthogonal or identity, another --seed, or a lower --min-condition-ratio")
+                        throw ConvertError(input, "module \(m.name): the Kaiming mixer drawn with seed \(seed) is badly conditioned (σmin/σmax \(formatNumber(ratio))\(diagnostics.isEstimated ? ", estimated" : "") < \(formatNumber(minimumConditionRatio))), so A' = M⁻¹A would lose the update; use --mixer orthogonal or identity, another --seed, or a lower --min-condition-ratio")
                     }
-                    m.a = lu.solve(m.a, columns: m.inFeatures)
-                    m.m = k
+                    m.heldA = lu.solve(m.heldA, columns: m.inFeatures)
+                    m.heldMixer = k
                 }
-                m.mType = m.aType
                 w.modules[i] = m
             }
             if kept > 0 { summary.notes.append("\(kept) module\(kept == 1 ? " already has" : "s already have") a mixer, kept as it is") }
@@ -136,14 +135,13 @@ public enum AdapterConversion {
         return try convert(input: input, output: output, layout: .peft, style: .loraAB, options: options, summary: &summary) { w, summary in
             var folded = 0
             for i in w.modules.indices {
-                guard let mixer = w.modules[i].m else { continue }
+                guard let mixer = w.modules[i].heldMixer else { continue }
                 let r = w.modules[i].rank
                 switch side {
-                case .a: w.modules[i].a = matmul(mixer, w.modules[i].a, rows: r, inner: r, cols: w.modules[i].inFeatures)
-                case .b: w.modules[i].b = matmul(w.modules[i].b, mixer, rows: w.modules[i].outFeatures, inner: r, cols: r)
+                case .a: w.modules[i].heldA = matmul(mixer, w.modules[i].heldA, rows: r, inner: r, cols: w.modules[i].inFeatures)
+                case .b: w.modules[i].heldB = matmul(w.modules[i].heldB, mixer, rows: w.modules[i].outFeatures, inner: r, cols: r)
                 }
-                w.modules[i].m = nil
-                w.modules[i].mType = nil
+                w.modules[i].heldMixer = nil
                 folded += 1
             }
             if folded == 0 { summary.notes.append("no module has a mixer; the factors are written unchanged") }
@@ -174,11 +172,10 @@ public enum AdapterConversion {
             guard layout != .mlx else { return }  // the mlx writer folds and says so
             var folded = 0
             for i in w.modules.indices {
-                guard let mixer = w.modules[i].m else { continue }
+                guard let mixer = w.modules[i].heldMixer else { continue }
                 let r = w.modules[i].rank
-                w.modules[i].a = matmul(mixer, w.modules[i].a, rows: r, inner: r, cols: w.modules[i].inFeatures)
-                w.modules[i].m = nil
-                w.modules[i].mType = nil
+                w.modules[i].heldA = matmul(mixer, w.modules[i].heldA, rows: r, inner: r, cols: w.modules[i].inFeatures)
+                w.modules[i].heldMixer = nil
                 folded += 1
             }
             if folded > 0 {
@@ -218,7 +215,7 @@ public enum AdapterConversion {
         summary.notes += try write(w, layout: layout, style: style, output: output, options: options)
         summary.modules = w.modules.count
         summary.layout = layout
-        summary.mixers = layout == .mlx ? 0 : w.modules.filter { $0.m != nil }.count
+        summary.mixers = layout == .mlx ? 0 : w.modules.filter { $0.heldMixer != nil }.count
         summary.mixerStyle = style
         summary.notes.append(summary.loadedBy)
         return summary

@@ -91,55 +91,60 @@ public enum TargetLayout: String, Sendable, CaseIterable {
     case peft, kohya, mlx
 }
 
-/// One module held in memory in PEFT orientation as Float64: Δ = scale · B·M·A.
-///
-/// Adapter factors are small (r × in), so converting whole modules in memory is cheap; every
-/// output tensor is rounded once from these Float64 values.
-struct WorkingModule {
-    /// The module's stored name in the input (with its layout's prefix).
-    var sourceName: String
-    /// Dotted base-model name when known (kohya inputs hold underscores until mapped with a base).
-    var baseName: String
-    var component: String?
-    var kind: LayerKind
-    /// r × in (in = in·k·k for convolutions).
-    var a: [Double]
-    /// r × r.
-    var m: [Double]?
-    /// out × r.
-    var b: [Double]
-    var rank: Int
+/// Conversions hold every module in memory, in PEFT orientation, as Float64 (`TensorRef`s with held
+/// values): adapter factors are small (r × in), and every output tensor is then rounded once from
+/// these values. These accessors read and replace the held factors; shapes follow the values.
+extension LoRAModule {
     /// A's dimensions after the rank in PEFT orientation: [in] or [in, k, k].
-    var inShape: [Int]
-    var outFeatures: Int
-    var scale: Double
-    var magnitude: [Double]?
-    var bias: [Double]?
-    /// The input dtype of each part, kept unless `--dtype` says otherwise.
-    var aType: DType
-    var bType: DType
-    var mType: DType?
-    var magnitudeType: DType?
-    var biasType: DType?
+    var inShape: [Int] { orientation == .peft ? Array(a.shape.dropFirst()) : [inFeatures] }
 
-    var inFeatures: Int { inShape.reduce(1, *) }
+    var aType: DType { a.dtype }
+    var bType: DType { b.dtype }
+    var mixerType: DType? { mixer?.dtype }
+    var magnitudeType: DType? { magnitude?.dtype }
+    var biasType: DType? { bias?.dtype }
 
-    /// M·A (A without a mixer).
-    var mixedA: [Double] {
-        guard let m else { return a }
-        return matmul(m, a, rows: rank, inner: rank, cols: inFeatures)
+    /// A (r × in), held; setting it may change the rank.
+    var heldA: [Double] {
+        get { a.held }
+        set { a = a.holding(newValue, shape: [newValue.count / max(1, inFeatures)] + inShape) }
+    }
+
+    /// B (out × r), held; set after A when the rank changes.
+    var heldB: [Double] {
+        get { b.held }
+        set {
+            let out = outFeatures, k = newValue.count / max(1, out)
+            b = b.holding(newValue, shape: b.shape.count == 4 ? [out, k, 1, 1] : [out, k])
+        }
+    }
+
+    /// M (r × r), held, or nil; a new mixer is written in A's dtype.
+    var heldMixer: [Double]? {
+        get { mixer?.held }
+        set {
+            guard let v = newValue else { mixer = nil; return }
+            let r = Int(Double(v.count).squareRoot())
+            mixer = TensorRef(name: mixer?.name ?? name + ".mixer", held: v, shape: [r, r], dtype: mixer?.dtype ?? a.dtype)
+        }
+    }
+
+    /// M·A (A without a mixer), from held factors.
+    var heldMixedA: [Double] {
+        guard let m = heldMixer else { return heldA }
+        return matmul(m, heldA, rows: rank, inner: rank, cols: inFeatures)
     }
 
     /// The dense update scale·B·M·A (out × in), for checks and tests.
     func denseUpdate() -> [Double] {
-        matmul(b, mixedA, rows: outFeatures, inner: rank, cols: inFeatures).map { $0 * scale }
+        matmul(heldB, heldMixedA, rows: outFeatures, inner: rank, cols: inFeatures).map { $0 * scale }
     }
 }
 
 /// An adapter read into memory for conversion.
 struct WorkingAdapter {
     let source: Adapter
-    var modules: [WorkingModule]
+    var modules: [LoRAModule]
     var replacements: [Replacement]
     var notes: [String] = []
     /// Set by resize: ranks changed, so rank-stating metadata (kohya `ss_network_args`) is rewritten.
@@ -169,19 +174,22 @@ struct WorkingAdapter {
         modules = try selected.map { try Self.read($0) }
     }
 
-    private static func read(_ m: LoRAModule) throws -> WorkingModule {
+    /// The module with every factor held in PEFT orientation.
+    private static func read(_ m: LoRAModule) throws -> LoRAModule {
         let f = try m.factors()
-        let inShape: [Int] = m.orientation == .peft ? Array(m.a.shape.dropFirst()) : [m.inFeatures]
         // NaN or infinity would make every transform (inverse, QR, SVD) meaningless: refuse up front.
         for (part, values) in [("A", f.a), ("B", f.b), ("mixer", f.m ?? [])] where values.contains(where: { !$0.isFinite }) {
-            throw ConvertError(m.a.store.path, "module \(m.name): its \(part) factor holds NaN or infinity")
+            throw ConvertError(m.a.path, "module \(m.name): its \(part) factor holds NaN or infinity")
         }
-        return WorkingModule(
-            sourceName: m.name, baseName: m.baseName, component: m.component, kind: m.kind,
-            a: f.a, m: f.m, b: f.b, rank: m.rank, inShape: inShape, outFeatures: m.outFeatures, scale: m.scale,
-            magnitude: try m.magnitude?.doubles(), bias: try m.bias?.doubles(),
-            aType: m.a.entry.dtype, bType: m.b.entry.dtype, mType: m.mixer?.entry.dtype,
-            magnitudeType: m.magnitude?.entry.dtype, biasType: m.bias?.entry.dtype)
+        let r = m.rank, out = m.outFeatures
+        var held = m
+        held.a = m.a.holding(f.a, shape: [r] + m.inShape)
+        held.b = m.b.holding(f.b, shape: m.orientation == .peft ? m.b.shape : [out, r])
+        held.mixer = f.m.map { m.mixer!.holding($0, shape: [r, r]) }
+        held.magnitude = try m.magnitude.map { $0.holding(try $0.doubles(), shape: $0.shape) }
+        held.bias = try m.bias.map { $0.holding(try $0.doubles(), shape: $0.shape) }
+        held.orientation = .peft
+        return held
     }
 
     /// Gives kohya modules (whose names lost their dots) their dotted names from a base model's keys.
@@ -196,7 +204,7 @@ struct WorkingAdapter {
             if let dotted = names.dottedModule(forKohya: modules[i].baseName) {
                 modules[i].baseName = dotted
             } else {
-                missing.append(modules[i].sourceName)
+                missing.append(modules[i].name)
             }
         }
         guard missing.isEmpty else {
@@ -216,11 +224,11 @@ struct WorkingAdapter {
             var missing: [String] = []
             for i in modules.indices {
                 let probe = modules[i]
-                let module = byName[probe.sourceName]
+                let module = byName[probe.name]
                 if let module, let found = names.target(for: module, format: .paddle) {
                     modules[i].baseName = String(found.tensor.dropLast(".weight".count))
                 } else {
-                    missing.append(probe.sourceName)
+                    missing.append(probe.name)
                 }
             }
             guard missing.isEmpty else {

@@ -23,17 +23,17 @@ struct ModuleSVD {
 
     /// Computed without the out × in product: B = Q_B·R_B and (M·A)ᵀ = Q_A·R_A give
     /// B·M·A = Q_B·(R_B·R_Aᵀ)·Q_Aᵀ, and only the r × r core needs an SVD.
-    init(_ m: WorkingModule) {
+    init(_ m: LoRAModule) {
         let r = m.rank, out = m.outFeatures, n = m.inFeatures
-        let ma = m.mixedA
+        let ma = m.heldMixedA
         guard out >= r && n >= r else {
             // A factor narrower than the rank (rare: tiny layers): the product is at most r wide, so form it.
-            let dense = matmul(m.b, ma, rows: out, inner: r, cols: n)
+            let dense = matmul(m.heldB, ma, rows: out, inner: r, cols: n)
             let full = LinearAlgebra.svd(dense, rows: out, cols: n)
             (u, s, v) = (full.u, full.s, full.v)
             return
         }
-        let qb = LinearAlgebra.qr(m.b, rows: out, cols: r)
+        let qb = LinearAlgebra.qr(m.heldB, rows: out, cols: r)
         let qa = LinearAlgebra.qr(transpose(ma, rows: r, cols: n), rows: n, cols: r)
         let core = matmul(qb.r, transpose(qa.r, rows: r, cols: r), rows: r, inner: r, cols: r)
         let c = LinearAlgebra.svd(core, rows: r, cols: r)
@@ -107,17 +107,14 @@ extension AdapterConversion {
                     for y in 0..<out { b[y * k + j] = f * svd.u[y * c + j] }
                 }
                 var new = m
-                new.a = a
-                new.b = b
-                new.rank = k
+                new.heldA = a
+                new.heldB = b
                 if form == .moslora {
                     var d = [Double](repeating: 0, count: k * k)
                     for j in 0..<k { d[j * k + j] = svd.s[j] }
-                    new.m = d
-                    new.mType = m.mType ?? m.aType
+                    new.heldMixer = d
                 } else {
-                    new.m = nil
-                    new.mType = nil
+                    new.heldMixer = nil
                 }
                 if m.magnitude != nil { dora += 1 }
                 w.modules[i] = new

@@ -24,7 +24,7 @@ enum UpdateCompiler {
             let (ma, b) = try m.mixedA()  // M·A formed once per module
             // The factors are copied out: drop their mapped pages, so memory stays flat however
             // large the adapter is.
-            for t in [m.a, m.b] + (m.mixer.map { [$0] } ?? []) { t.store.release(t.name) }
+            for t in [m.a, m.b] + (m.mixer.map { [$0] } ?? []) { t.release() }
             for v in ma + b where !v.isFinite {
                 throw MergeError(tensor: tensor, problem: "module \(m.name) has NaN or infinite factors")
             }

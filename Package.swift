@@ -41,8 +41,11 @@ let package = Package(
             dependencies: ["AdapterKit"],
             path: "Benchmarks/KernelBench"
         ),
-        .testTarget(name: "AdapterKitTests", dependencies: ["AdapterKit"]),
-        .testTarget(name: "AdapterCLITests", dependencies: ["AdapterKit"]),
+        // What both test targets share: fixtures, temporary folders, running programs.
+        .target(name: "AdapterTestSupport", path: "Tests/TestSupport"),
+        .testTarget(name: "AdapterKitTests", dependencies: ["AdapterKit", "AdapterTestSupport"]),
+        // Runs the built binary; the library is used only to make and read test files.
+        .testTarget(name: "AdapterCLITests", dependencies: ["AdapterKit", "AdapterTestSupport"]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -1,16 +1,6 @@
 import Foundation
 import Testing
-
-let packageRoot: String = {
-    var url = URL(fileURLWithPath: #filePath)
-    while url.path != "/" {
-        url.deleteLastPathComponent()
-        if FileManager.default.fileExists(atPath: url.appendingPathComponent("Package.swift").path) { return url.path }
-    }
-    fatalError("Package.swift not found")
-}()
-
-func fixture(_ relative: String) -> String { packageRoot + "/Fixtures/" + relative }
+@_exported import AdapterTestSupport
 
 /// The built `adapter` executable, beside the test bundle.
 let adapterBinary: String = {
@@ -23,11 +13,7 @@ let adapterBinary: String = {
     return packageRoot + "/.build/debug/adapter"
 }()
 
-struct CLIResult {
-    let status: Int32
-    let stdout: String
-    let stderr: String
-}
+typealias CLIResult = ProcessResult
 
 /// Runs `adapter` with arguments, no standard input, and captures everything.
 func adapter(_ arguments: String...) throws -> CLIResult {
@@ -41,34 +27,7 @@ func adapter(_ arguments: [String], environment: [String: String] = [:]) throws 
 
 /// Runs a program with no standard input and captures its output and status.
 func runCapturing(_ executable: String, _ arguments: [String], environment: [String: String]? = nil) throws -> CLIResult {
-    let p = Process()
-    p.executableURL = URL(fileURLWithPath: executable)
-    p.arguments = arguments
-    if let environment { p.environment = environment }
-    let out = Pipe(), err = Pipe()
-    p.standardOutput = out
-    p.standardError = err
-    p.standardInput = FileHandle.nullDevice
-    try p.run()
-    let o = out.fileHandleForReading.readDataToEndOfFile()
-    let e = err.fileHandleForReading.readDataToEndOfFile()
-    p.waitUntilExit()
-    return CLIResult(status: p.terminationStatus, stdout: String(decoding: o, as: UTF8.self), stderr: String(decoding: e, as: UTF8.self))
-}
-
-struct TempDir {
-    let path: String
-    init() {
-        path = NSTemporaryDirectory() + "adapter-cli-test-" + UUID().uuidString
-        try! FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
-    }
-    func file(_ name: String) -> String { path + "/" + name }
-    func write(_ name: String, _ bytes: [UInt8]) -> String {
-        let p = file(name)
-        precondition(FileManager.default.createFile(atPath: p, contents: Data(bytes)))
-        return p
-    }
-    func remove() { try? FileManager.default.removeItem(atPath: path) }
+    try runProcess(executable, arguments, environment: environment)
 }
 
 func parseJSONObject(_ text: String) -> [String: Any]? {
@@ -84,23 +43,6 @@ func expectOneLineError(_ r: CLIResult, containing text: String, sourceLocation:
     #expect(r.stderr.contains(text), "stderr: \(r.stderr)", sourceLocation: sourceLocation)
     #expect(!r.stderr.contains("Fatal error"), sourceLocation: sourceLocation)
 }
-
-/// Whether `python3 -c "import safetensors, numpy"` works: some tests make their inputs or check
-/// their outputs with the reference library, and skip (saying so) without it.
-let pythonReferenceAvailable: Bool = {
-    let p = Process()
-    p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-    p.arguments = ["python3", "-c", "import safetensors, numpy"]
-    p.standardOutput = FileHandle.nullDevice
-    p.standardError = FileHandle.nullDevice
-    p.standardInput = FileHandle.nullDevice
-    guard (try? p.run()) != nil else { return false }
-    p.waitUntilExit()
-    return p.terminationStatus == 0
-}()
-
-/// Shown when a test that needs the Python reference is skipped.
-let pythonReferenceMissing: Comment = "skipped: needs python3 with numpy and safetensors (pip install numpy safetensors)"
 
 /// Every file under `path` (or the file itself): relative name → bytes, link target for links.
 func snapshot(_ path: String) -> [String: Data] {

@@ -132,3 +132,24 @@ struct HeldModuleTests {
         #expect(stored != readBytes(fixture("models/tiny-llama-f16.safetensors")))
     }
 }
+
+@Suite("factor orientation: the one place stored factors are transposed")
+struct FactorOrientationTests {
+    @Test("fromPEFT then toPEFT gives the factors back in both orientations; padding adds zero rank")
+    func roundTrip() {
+        let r = 3, n = 5, out = 4
+        let a = (0..<(r * n)).map { Double($0) + 0.5 }, b = (0..<(out * r)).map { -Double($0) - 0.25 }
+        for o in [FactorOrientation.peft, .transposed] {
+            let (sa, sb) = o.fromPEFT(a: a, b: b, rank: r, inFeatures: n, outFeatures: out, paddedRank: r)
+            let back = o.toPEFT(a: sa, m: nil, b: sb, rank: r, inFeatures: n, outFeatures: out)
+            #expect(back.a == a && back.b == b, "\(o)")
+            let (pa, pb) = o.fromPEFT(a: a, b: b, rank: r, inFeatures: n, outFeatures: out, paddedRank: r + 2)
+            let padded = o.toPEFT(a: pa, m: nil, b: pb, rank: r + 2, inFeatures: n, outFeatures: out)
+            // B·A is unchanged by the zero rows of A and columns of B.
+            let dense = matmul(b, a, rows: out, inner: r, cols: n), paddedDense = matmul(padded.b, padded.a, rows: out, inner: r + 2, cols: n)
+            #expect(dense == paddedDense, "\(o)")
+        }
+        #expect(FactorOrientation.transposed.fromPEFT(a: a, b: b, rank: r, inFeatures: n, outFeatures: out, paddedRank: r).a
+                == transpose(a, rows: r, cols: n))
+    }
+}

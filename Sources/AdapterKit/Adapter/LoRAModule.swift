@@ -97,6 +97,36 @@ public enum FactorOrientation: Sendable {
     case transposed
 }
 
+extension FactorOrientation {
+    /// The one place stored factors turn into PEFT orientation: A (r × in), M (r × r), B (out × r).
+    func toPEFT(a: [Double], m: [Double]?, b: [Double], rank r: Int, inFeatures: Int, outFeatures: Int) -> (a: [Double], m: [Double]?, b: [Double]) {
+        switch self {
+        case .peft:
+            return (a, m, b)
+        case .transposed:
+            return (transpose(a, rows: inFeatures, cols: r), m.map { transpose($0, rows: r, cols: r) }, transpose(b, rows: r, cols: outFeatures))
+        }
+    }
+
+    /// And back: PEFT-orientation A (r × in) and B (out × r) in this orientation, with the rank
+    /// padded to `paddedRank` by zero rows and columns (exact: they add nothing).
+    func fromPEFT(a: [Double], b: [Double], rank r: Int, inFeatures n: Int, outFeatures out: Int, paddedRank: Int) -> (a: [Double], b: [Double]) {
+        precondition(paddedRank >= r)
+        switch self {
+        case .peft:
+            var pa = [Double](repeating: 0, count: paddedRank * n), pb = [Double](repeating: 0, count: out * paddedRank)
+            for i in 0..<r { for j in 0..<n { pa[i * n + j] = a[i * n + j] } }
+            for i in 0..<out { for j in 0..<r { pb[i * paddedRank + j] = b[i * r + j] } }
+            return (pa, pb)
+        case .transposed:
+            var pa = [Double](repeating: 0, count: n * paddedRank), pb = [Double](repeating: 0, count: paddedRank * out)
+            for i in 0..<r { for j in 0..<n { pa[j * paddedRank + i] = a[i * n + j] } }
+            for i in 0..<out { for j in 0..<r { pb[j * out + i] = b[i * r + j] } }
+            return (pa, pb)
+        }
+    }
+}
+
 /// One adapted layer, normalised: Δ = scale · B·M·A in PEFT orientation.
 public struct LoRAModule: Sendable {
     /// The module path as stored, without the `lora_*` suffix.
@@ -148,15 +178,7 @@ public struct LoRAModule: Sendable {
     /// The factors in PEFT orientation as row-major Float64 matrices: A (r × in), M (r × r) or nil, B (out × r).
     public func factors() throws -> (a: [Double], m: [Double]?, b: [Double]) {
         let r = rank
-        var a = try self.a.doubles()
-        var b = try self.b.doubles()
-        var m = try mixer?.doubles()
-        if orientation == .transposed {
-            a = transpose(a, rows: inFeatures, cols: r)
-            b = transpose(b, rows: r, cols: outFeatures)
-            if let mm = m { m = transpose(mm, rows: r, cols: r) }
-        }
-        return (a, m, b)
+        return orientation.toPEFT(a: try a.doubles(), m: try mixer?.doubles(), b: try b.doubles(), rank: r, inFeatures: inFeatures, outFeatures: outFeatures)
     }
 
     /// The mixed factor M·A (r × in) in Float64; A itself without a mixer.

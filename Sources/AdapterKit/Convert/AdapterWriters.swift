@@ -362,11 +362,9 @@ enum AdapterWriter {
             let r = m.rank, n = m.inFeatures, out = m.outFeatures
             let ma = m.heldMixedA
             // lora_a (in, rank): Aᵀ with zero columns beyond r; lora_b (rank, out): Bᵀ·(s/scale) with zero rows.
-            var la = [Double](repeating: 0, count: n * rank)
-            for i in 0..<r { for j in 0..<n { la[j * rank + i] = ma[i * n + j] } }
             let ratio = m.scale / scale
-            var lb = [Double](repeating: 0, count: rank * out)
-            for i in 0..<out { for j in 0..<r { lb[j * out + i] = ratio == 1 ? m.heldB[i * r + j] : m.heldB[i * r + j] * ratio } }
+            let (la, lb) = FactorOrientation.transposed.fromPEFT(a: ma, b: ratio == 1 ? m.heldB : m.heldB.map { $0 * ratio },
+                                                                 rank: r, inFeatures: n, outFeatures: out, paddedRank: rank)
             tensors.append(OutputTensor(name: m.baseName + ".lora_a", dtype: try outputType(m.aType, dtype, tensor: m.name), shape: [n, rank], values: la))
             tensors.append(OutputTensor(name: m.baseName + ".lora_b", dtype: try outputType(m.bType, dtype, tensor: m.name), shape: [rank, out], values: lb))
             if let mag = m.magnitude?.held {

@@ -142,11 +142,10 @@ final class MergeExecutor {
         let cols = p.columns
         let rowBytes = cols * dtype.byteSize
         let sourceRowBytes = cols * sourceType.byteSize
-        let factors: UpdateFactors? = try terms.isEmpty ? nil : {
+        let factors: UpdateFactorStorage? = try terms.isEmpty ? nil : {
             let (l, r, k) = try UpdateCompiler.factors(terms, rows: rows, viewRows: p.rows, cols: cols, tensor: p.baseName)
-            return UpdateFactors(l: l, r: r, rows: rows.count, cols: cols, k: k, magnitude: magnitude)
+            return UpdateFactorStorage(l: l, r: r, rows: rows.count, cols: cols, k: k, magnitude: magnitude)
         }()
-        defer { factors?.deallocate() }
         let blockRows = max(1, min(rows.count, pipeline.blockBytes / max(1, rowBytes)))
         var row = rows.lowerBound
         while row < rows.upperBound {
@@ -172,9 +171,12 @@ final class MergeExecutor {
                 src = UnsafeRawPointer(inputBuffer.baseAddress!)
             }
             if let factors {
-                let shifted = UpdateFactors(shifting: factors, by: row - rows.lowerBound)
-                let result = MergeKernel.merge(source: src, sourceType: sourceType, destination: buffer.baseAddress!, destinationType: dtype,
-                                               rows: 0..<(end - row), factors: shifted, wantStatistics: statistics != nil, threads: options.threads)
+                // The kernel indexes rows from the block's start: the factors seen from its first row.
+                let result = withExtendedLifetime(factors) {
+                    MergeKernel.merge(source: src, sourceType: sourceType, destination: buffer.baseAddress!, destinationType: dtype,
+                                      rows: 0..<(end - row), factors: factors.rows(from: row - rows.lowerBound),
+                                      wantStatistics: statistics != nil, threads: options.threads)
+                }
                 guard result.finite else {
                     pipeline.giveBack(buffer)
                     throw nonFinite(p)
@@ -215,17 +217,5 @@ final class MergeExecutor {
         }
         guard let codec = RowCodec(p.base.encoding) else { preconditionFailure("the plan admits only encodings with a codec") }
         submit(try codec.encode(values, tensor: p.baseName), writer)
-    }
-}
-
-extension UpdateFactors {
-    /// The same factors seen from row `offset` on (L's rows shifted; R and magnitudes shared).
-    init(shifting f: UpdateFactors, by offset: Int) {
-        self.rows = f.rows - offset
-        self.cols = f.cols
-        self.k = f.k
-        self.l = UnsafeMutableBufferPointer(rebasing: f.l[(offset * f.k)...])
-        self.panels = f.panels
-        self.magnitude = f.magnitude.map { Array($0[offset...]) }
     }
 }

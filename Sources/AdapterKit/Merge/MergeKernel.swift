@@ -83,17 +83,17 @@ public struct UpdateStatistics: Sendable {
     public var survival: Double { updateSquared > 0 ? (appliedSquared / updateSquared).squareRoot() : 1 }
 }
 
-/// The low-rank update of one tensor in the kernel's layout: W' = W + L·R, L (rows × k) and
-/// R (k × cols) stored in panels of eight columns (k × 8 floats each) so the inner loop reads
-/// memory in order.
-struct UpdateFactors: @unchecked Sendable {
+/// The low-rank update of one tensor in the kernel's layout, owning its buffers (freed when it
+/// goes): W' = W + L·R, L (rows × k) and R (k × cols) stored in panels of eight columns (k × 8
+/// floats each) so the inner loop reads memory in order.
+final class UpdateFactorStorage: @unchecked Sendable {
     let rows: Int
     let cols: Int
     let k: Int
-    let l: UnsafeMutableBufferPointer<Float>
-    let panels: UnsafeMutableBufferPointer<Float>
+    private let l: UnsafeMutableBufferPointer<Float>
+    private let panels: UnsafeMutableBufferPointer<Float>
     /// DoRA magnitudes per row.
-    let magnitude: [Double]?
+    private let magnitude: [Double]?
 
     /// Builds L and R from Float64 factors (rows × k) and (k × cols), rounding each to Float32 once.
     init(l lf: [Double], r rf: [Double], rows: Int, cols: Int, k: Int, magnitude: [Double]?) {
@@ -115,10 +115,27 @@ struct UpdateFactors: @unchecked Sendable {
         }
     }
 
-    func deallocate() {
+    deinit {
         l.deallocate()
         panels.deallocate()
     }
+
+    /// The factors of rows `offset...`, valid while this storage lives (the caller keeps it).
+    func rows(from offset: Int) -> UpdateFactors {
+        UpdateFactors(rows: rows - offset, cols: cols, k: k, l: UnsafeMutableBufferPointer(rebasing: l[(offset * k)...]), panels: panels,
+                      magnitude: magnitude.map { Array($0[offset...]) })
+    }
+}
+
+/// A view of `UpdateFactorStorage` from some row on: what the kernel reads. It owns nothing.
+struct UpdateFactors: @unchecked Sendable {
+    let rows: Int
+    let cols: Int
+    let k: Int
+    let l: UnsafeMutableBufferPointer<Float>
+    let panels: UnsafeMutableBufferPointer<Float>
+    /// DoRA magnitudes per row.
+    let magnitude: [Double]?
 }
 
 /// The fused merge kernel: read W rows, add the rank-k update in Float32 registers, round once
@@ -374,10 +391,11 @@ public enum LowRankUpdate {
         precondition(l.count == rows * k && r.count == k * cols, "L must be rows × k and R k × cols")
         precondition(source.count == rows * cols * dtype.byteSize && destination.count == source.count, "the buffers must hold rows × cols elements")
         guard rows * cols > 0, let src = source.baseAddress, let dst = destination.baseAddress else { return true }
-        let factors = UpdateFactors(l: l, r: r, rows: rows, cols: cols, k: k, magnitude: nil)
-        defer { factors.deallocate() }
-        return MergeKernel.merge(source: src, sourceType: dtype, destination: dst, destinationType: dtype,
-                                 rows: 0..<rows, factors: factors, wantStatistics: false, threads: threads).finite
+        let storage = UpdateFactorStorage(l: l, r: r, rows: rows, cols: cols, k: k, magnitude: nil)
+        return withExtendedLifetime(storage) {
+            MergeKernel.merge(source: src, sourceType: dtype, destination: dst, destinationType: dtype,
+                              rows: 0..<rows, factors: storage.rows(from: 0), wantStatistics: false, threads: threads).finite
+        }
     }
 
     /// Whether the AVX2 + FMA path runs on this machine.

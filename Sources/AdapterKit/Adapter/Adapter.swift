@@ -1,10 +1,11 @@
 /// Refusals found while reading an adapter or planning a merge: all of them, reported together.
 public struct ProblemList: Error, Sendable, CustomStringConvertible {
-    public let path: String
+    /// What the problems concern: a file, or a merge's preflight (all its inputs at once).
+    public let subject: String
     public let problems: [String]
 
-    public init(path: String, problems: [String]) {
-        self.path = path
+    public init(subject: String, problems: [String]) {
+        self.subject = subject
         self.problems = problems
     }
 
@@ -12,7 +13,7 @@ public struct ProblemList: Error, Sendable, CustomStringConvertible {
     public var description: String {
         let shown = problems.prefix(10).joined(separator: "; ")
         let more = problems.count > 10 ? "; and \(problems.count - 10) more" : ""
-        return "\(path): \(problems.count) problem\(problems.count == 1 ? "" : "s"): \(shown)\(more)"
+        return "\(subject): \(plural(problems.count, "problem")): \(shown)\(more)"
     }
 }
 

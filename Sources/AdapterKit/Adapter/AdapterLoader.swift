@@ -246,7 +246,7 @@ enum AdapterLoader {
                 firstName[key] = m.name
             }
         }
-        guard problems.isEmpty else { throw ProblemList(path: located.weights, problems: problems) }
+        guard problems.isEmpty else { throw ProblemList(subject: located.weights, problems: problems) }
         guard !modules.isEmpty || !replacements.isEmpty else {
             throw InputError(located.weights, "no LoRA modules found (\(unknown.count) keys, none understood)")
         }

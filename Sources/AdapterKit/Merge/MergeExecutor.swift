@@ -89,7 +89,8 @@ final class MergeExecutor {
                     let first = segment.rows.lowerBound
                     finite = out.withUnsafeMutableBytes { dst in
                         MergeKernel.mergeRowsF64(source: src + first * cols * srcType.byteSize, sourceType: srcType, destination: dst.baseAddress! + first * cols * 8,
-                                                 rows: 0..<segment.rows.count, cols: cols, l: l, r: r, k: k, magnitude: magnitude, statistics: &stats)
+                                                 rows: 0..<segment.rows.count, cols: cols, l: l, r: r, k: k,
+                                                 magnitude: magnitude.map { Array($0[segment.rows]) }, statistics: &stats)
                     } && finite
                 }
             }
@@ -144,7 +145,7 @@ final class MergeExecutor {
         let sourceRowBytes = cols * sourceType.byteSize
         let factors: UpdateFactorStorage? = try terms.isEmpty ? nil : {
             let (l, r, k) = try UpdateCompiler.factors(terms, rows: rows, viewRows: p.rows, cols: cols, tensor: p.baseName)
-            return UpdateFactorStorage(l: l, r: r, rows: rows.count, cols: cols, k: k, magnitude: magnitude)
+            return UpdateFactorStorage(l: l, r: r, rows: rows.count, cols: cols, k: k, magnitude: magnitude.map { Array($0[rows]) })
         }()
         let blockRows = max(1, min(rows.count, pipeline.blockBytes / max(1, rowBytes)))
         var row = rows.lowerBound

@@ -189,7 +189,7 @@ public struct MergePlan: Sendable {
         if changes.isEmpty && problems.isEmpty {
             problems.append("no module of the adapter applies to this base")
         }
-        guard problems.isEmpty else { throw ProblemList(path: "preflight", problems: problems) }
+        guard problems.isEmpty else { throw ProblemList(subject: "preflight", problems: problems) }
         self.changes = changes
         self.skipped = skipped
         self.notes = notes

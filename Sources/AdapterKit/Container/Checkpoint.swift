@@ -36,6 +36,8 @@ public final class Checkpoint: Sendable {
     public let warnings: [String]
     /// Position in `tensors` by name, for several files (nil for one: its own index answers).
     private let lookup: [String: Int]?
+    /// Entries whose logical encoding is not their file's plain one (block-scaled FP8), by name.
+    private let scaledEntries: [String: TensorEntry]
 
     /// Opens a file or folder and validates it (the index against the shards); tensor files already
     /// opened through `opened` are not opened (nor their headers parsed) again.
@@ -82,11 +84,14 @@ public final class Checkpoint: Sendable {
                 all.append((t, i))
             }
         }
-        tensors = all
         self.lookup = lookup
+        var warnings: [String] = []
+        Self.recogniseScaledFP8(&all, lookup: lookup, block: isFolder ? Self.weightBlockSize(folder: path) : nil, warnings: &warnings)
+        tensors = all
+        scaledEntries = Dictionary(all.lazy.filter { if case .plain = $0.entry.encoding { false } else { true } }.map { ($0.entry.name, $0.entry) },
+                                   uniquingKeysWith: { a, _ in a })
         // A model folder may hold an adapter config by mistake (a training run saved into it); it
         // is read as the model its tensors are, by inspect as by merge, and the config is named.
-        var warnings: [String] = []
         if isFolder && AdapterLoader.detectFormat(all.map(\.entry.name)) == nil {
             for config in ["adapter_config.json", "lora_config.json"] where otherEntries.contains(config) {
                 warnings.append("the folder holds \(config) but no adapter weights, and its tensors are a model's: read as a model; \(config) is not used")
@@ -95,9 +100,43 @@ public final class Checkpoint: Sendable {
         self.warnings = warnings
     }
 
+    /// Marks block-scaled FP8 weights: an F8 2-D `X.weight` with an F32 `X.weight_scale_inv` of one
+    /// scale per block, in any shard. The block is the config's `weight_block_size`, else 128×128;
+    /// a scale tensor whose shape does not fit is named in a warning and the weight stays plain.
+    static func recogniseScaledFP8(_ all: inout [(entry: TensorEntry, file: Int)], lookup: [String: Int]?, block configured: [Int]?,
+                                   warnings: inout [String]) {
+        guard all.contains(where: { $0.entry.dtype == .f8E4M3 || $0.entry.dtype == .f8E5M2 }) else { return }
+        let position = lookup ?? Dictionary(all.enumerated().map { ($1.entry.name, $0) }, uniquingKeysWith: { a, _ in a })
+        let block = configured ?? [128, 128]
+        for i in all.indices {
+            let e = all[i].entry
+            guard e.dtype == .f8E4M3 || e.dtype == .f8E5M2, e.shape.count == 2, let j = position[e.name + "_scale_inv"] else { continue }
+            let scale = all[j].entry
+            let expected = [(e.shape[0] + block[0] - 1) / block[0], (e.shape[1] + block[1] - 1) / block[1]]
+            guard scale.dtype == .f32, scale.shape == expected else {
+                warnings.append("\(scale.name) is \(scale.dtype.rawValue) \(scale.shape), not the F32 \(expected) that \(block[0])×\(block[1]) block scales of \(e.name) \(e.shape) need: \(e.name) is read as plain \(e.dtype.rawValue)")
+                continue
+            }
+            all[i].entry = TensorEntry(name: e.name, shape: e.shape, encoding: .blockScaledFP8(e.dtype, scale: scale.name, block: block), byteCount: e.byteCount)
+        }
+    }
+
+    /// `quantization_config.weight_block_size` of a model folder's config.json (two positive
+    /// integers), nil when absent or not readable.
+    static func weightBlockSize(folder: String) -> [Int]? {
+        guard let config = try? readJSONFile(joinPath(folder, "config.json")).objectValue,
+              let q = config["quantization_config"]?.objectValue, let sizes = q["weight_block_size"]?.arrayValue,
+              sizes.count == 2 else { return nil }
+        let block = sizes.compactMap { $0.uint64 }.filter { $0 > 0 && $0 <= 1 << 20 }.map { Int($0) }
+        return block.count == 2 ? block : nil
+    }
+
     /// The tensor named `name` and the index of its file.
     public func tensor(_ name: String) -> (entry: TensorEntry, file: Int)? {
-        guard let lookup else { return files.first?.entry(name).map { ($0, 0) } }
+        guard let lookup else {
+            if let scaled = scaledEntries[name] { return (scaled, 0) }
+            return files.first?.entry(name).map { ($0, 0) }
+        }
         return lookup[name].map { tensors[$0] }
     }
 

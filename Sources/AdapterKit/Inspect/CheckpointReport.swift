@@ -35,6 +35,19 @@ public struct CheckpointReport: Sendable {
         return zip(DType.allCases, counts).filter { $0.1 > 0 }.map { ($0.0, $0.1) }
     }
 
+    /// Tensors whose values need a scale tensor, by kind: "F8_E4M3 with 128×128 block scales × 61".
+    var scaledSummary: String? {
+        var counts: [String: Int] = [:]
+        var order: [String] = []
+        for t in checkpoint.tensors {
+            guard case .blockScaledFP8(let d, _, let block) = t.entry.encoding else { continue }
+            let kind = "\(d.rawValue) with \(block.map(String.init).joined(separator: "×")) block scales"
+            if counts[kind] == nil { order.append(kind) }
+            counts[kind, default: 0] += 1
+        }
+        return order.isEmpty ? nil : order.map { "\($0) × \(counts[$0]!)" }.joined(separator: ", ")
+    }
+
     /// The `--json` object. `adapter` is filled by the adapter report, null for checkpoints.
     public func json(adapter: JSONValue = .null) -> JSONValue {
         var o = JSONObject()
@@ -52,10 +65,21 @@ public struct CheckpointReport: Sendable {
                 ("dtype", .string(t.entry.dtype.rawValue)),
                 ("shape", .array(t.entry.shape.map { .integer($0) })),
                 ("file", .string(files[t.file])),
-            ]))
+            ] + Self.encodingMembers(t.entry.encoding)))
         })
         o["adapter"] = adapter
         return .object(o)
+    }
+
+    /// The JSON members that describe a scaled encoding (none for plain tensors, so their objects
+    /// stay as they were).
+    static func encodingMembers(_ e: TensorEncoding) -> [(String, JSONValue)] {
+        switch e {
+        case .plain: []
+        case .blockScaledFP8(_, let scale, let block):
+            [("encoding", .object(JSONObject([("kind", .string("block_scaled_fp8")), ("scale", .string(scale)),
+                                              ("block", .array(block.map { .integer($0) }))])))]
+        }
     }
 
     /// The human summary; with `tensors`, the full table too.
@@ -67,6 +91,7 @@ public struct CheckpointReport: Sendable {
         lines.append("  parameters  \(formatCount(parameterCount))")
         lines.append("  bytes       \(formatBytes(byteCount))")
         lines += wrapped("  dtypes      ", dtypeCounts.map { "\($0.dtype.rawValue) × \($0.count)" })
+        if let scaled = scaledSummary { lines.append("  encodings   " + scaled) }
         if !metadata.isEmpty {
             lines += wrapped("  metadata    ", metadata.map { "\($0.key)=\(truncated($0.value, 60))" })
         }

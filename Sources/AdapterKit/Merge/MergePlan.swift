@@ -146,7 +146,11 @@ public struct MergePlan: Sendable {
                     }
                 }
                 if RowCodec(p.base.encoding) == nil {
-                    problems.append("\(label)module \(module.name): base tensor \(target) has dtype \(p.base.dtype.rawValue); merges need F32, F64, F16 or BF16")
+                    if case .plain = p.base.encoding {
+                        problems.append("\(label)module \(module.name): base tensor \(target) has dtype \(p.base.dtype.rawValue); merges need F32, F64, F16 or BF16")
+                    } else {
+                        problems.append("\(label)module \(module.name): base tensor \(target) is \(p.base.encoding.name); merging into quantized weights is not supported yet")
+                    }
                     continue
                 }
                 if module.magnitude != nil {

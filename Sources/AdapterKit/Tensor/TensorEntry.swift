@@ -6,18 +6,22 @@
 public enum TensorEncoding: Hashable, Sendable {
     /// One element of the type per value, little-endian, row-major.
     case plain(DType)
+    /// FP8 codes (`dtype`, one byte each) whose value is code × the Float32 scale of its block:
+    /// `scale` names the scale tensor ([⌈rows/block[0]⌉, ⌈cols/block[1]⌉], edge blocks partial),
+    /// which may sit in another shard (DeepSeek-V3, Qwen3-FP8: `X.weight` + `X.weight_scale_inv`).
+    case blockScaledFP8(DType, scale: String, block: [Int])
 
     /// The element type the container records for the stored bytes.
     public var storedDType: DType {
         switch self {
-        case .plain(let d): d
+        case .plain(let d), .blockScaledFP8(let d, _, _): d
         }
     }
 
     /// The bytes `elements` values take, nil when that is not a whole number of bytes or overflows.
     public func byteCount(elements: Int) -> Int? {
         switch self {
-        case .plain(let d):
+        case .plain(let d), .blockScaledFP8(let d, _, _):
             let (bits, overflow) = elements.multipliedReportingOverflow(by: d.bits)
             return overflow || bits % 8 != 0 ? nil : bits / 8
         }
@@ -31,13 +35,15 @@ public enum TensorEncoding: Hashable, Sendable {
     public var isMergeable: Bool {
         switch self {
         case .plain(let d): d.isMergeable
+        case .blockScaledFP8: false  // recognised; its codec comes with quantized-base merges
         }
     }
 
-    /// The name users see: the dtype for plain tensors.
+    /// The name users see: the dtype for plain tensors, with the scales for scaled ones.
     public var name: String {
         switch self {
         case .plain(let d): d.rawValue
+        case .blockScaledFP8(let d, let scale, let block): "\(d.rawValue) with \(block.map(String.init).joined(separator: "×")) block scales (\(scale))"
         }
     }
 }

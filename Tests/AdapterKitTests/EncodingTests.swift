@@ -1,0 +1,72 @@
+import Foundation
+import Testing
+@testable import AdapterKit
+
+/// Block-scaled FP8 weights (DeepSeek-V3, Qwen3-FP8 layout) are recognised across shards as one
+/// logical tensor with its scale part: inspect names the encoding, and a merge into one is refused
+/// by name (no FP8 codec yet) instead of as an unknown dtype.
+@Suite("encodings: block-scaled FP8 recognised across shards")
+struct EncodingTests {
+    /// A two-shard folder: `a.weight` F8 [4, 8] in shard 1, its F32 scales in shard 2.
+    static func fp8Folder(_ dir: TempDir, block: [Int]?, scaleShape: [Int]) throws -> String {
+        let folder = dir.file("fp8")
+        try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
+        try writeSafetensors(folder + "/model-00001-of-00002.safetensors", [
+            ("a.weight", .f8E4M3, [4, 8], [UInt8](repeating: 0x38, count: 32)),  // 0x38 is 1.0 in E4M3
+            ("norm.weight", .bf16, [8], [UInt8](repeating: 0, count: 16)),
+        ])
+        try writeSafetensors(folder + "/model-00002-of-00002.safetensors", [
+            ("a.weight_scale_inv", .f32, scaleShape, floatBytes([Float](repeating: 0.5, count: scaleShape.reduce(1, *)))),
+        ])
+        _ = dir.write("fp8/model.safetensors.index.json", text: #"{"metadata": {}, "weight_map": {"a.weight": "model-00001-of-00002.safetensors", "norm.weight": "model-00001-of-00002.safetensors", "a.weight_scale_inv": "model-00002-of-00002.safetensors"}}"#)
+        let quant = block.map { #", "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [\#($0[0]), \#($0[1])]}"# } ?? ""
+        _ = dir.write("fp8/config.json", text: #"{"model_type": "llama""# + quant + "}")
+        return folder
+    }
+
+    @Test("the config's weight_block_size gives the block; the scale tensor may sit in another shard")
+    func recognised() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let checkpoint = try Checkpoint(path: try Self.fp8Folder(dir, block: [2, 4], scaleShape: [2, 2]))
+        #expect(checkpoint.tensor("a.weight")?.entry.encoding == .blockScaledFP8(.f8E4M3, scale: "a.weight_scale_inv", block: [2, 4]))
+        #expect(checkpoint.tensor("norm.weight")?.entry.encoding == .plain(.bf16))
+        #expect(checkpoint.warnings.isEmpty)
+        let report = CheckpointReport(checkpoint)
+        #expect(report.text(tensors: false).contains("encodings   F8_E4M3 with 2×4 block scales × 1"))
+        let json = JSONWriter.compact(report.json())
+        #expect(json.contains(#""encoding":{"kind":"block_scaled_fp8","scale":"a.weight_scale_inv","block":[2,4]}"#))
+    }
+
+    @Test("without a config the block is 128×128; a scale of the wrong shape is named and the weight stays plain")
+    func defaultsAndMismatch() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let single = try writeSafetensors(dir.file("one.safetensors"), [
+            ("w.weight", .f8E4M3, [200, 130], [UInt8](repeating: 0, count: 200 * 130)),
+            ("w.weight_scale_inv", .f32, [2, 2], floatBytes([1, 1, 1, 1])),
+        ])
+        #expect(try Checkpoint(path: single).tensor("w.weight")?.entry.encoding == .blockScaledFP8(.f8E4M3, scale: "w.weight_scale_inv", block: [128, 128]))
+        let odd = try Checkpoint(path: try Self.fp8Folder(dir, block: [2, 4], scaleShape: [3, 2]))
+        #expect(odd.tensor("a.weight")?.entry.encoding == .plain(.f8E4M3))
+        #expect(odd.warnings.contains { $0.contains("a.weight_scale_inv is F32 [3, 2], not the F32 [2, 2] that 2×4 block scales of a.weight [4, 8] need") })
+    }
+
+    @Test("a merge into a block-scaled FP8 weight is refused by its encoding, before a byte is written")
+    func mergeRefused() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let folder = try Self.fp8Folder(dir, block: [2, 4], scaleShape: [2, 2])
+        // One PEFT module on `a`: A [1, 8], B [4, 1].
+        try FileManager.default.createDirectory(atPath: dir.file("ad"), withIntermediateDirectories: true)
+        try writeSafetensors(dir.file("ad/adapter_model.safetensors"), [
+            ("base_model.model.a.lora_A.weight", .f32, [1, 8], floatBytes([Float](repeating: 0.1, count: 8))),
+            ("base_model.model.a.lora_B.weight", .f32, [4, 1], floatBytes([Float](repeating: 0.1, count: 4))),
+        ])
+        _ = dir.write("ad/adapter_config.json", text: #"{"peft_type": "LORA", "r": 1, "lora_alpha": 1}"#)
+        let error = #expect(throws: ProblemList.self) {
+            try MergePlan(base: try Checkpoint(path: folder), inputs: [MergeInput(adapter: try Adapter(path: dir.file("ad")))])
+        }
+        #expect(error?.problems == ["module base_model.model.a: base tensor a.weight is F8_E4M3 with 2×4 block scales (a.weight_scale_inv); merging into quantized weights is not supported yet"])
+    }
+}

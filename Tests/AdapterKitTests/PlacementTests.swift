@@ -153,3 +153,46 @@ struct FactorOrientationTests {
                 == transpose(a, rows: r, cols: n))
     }
 }
+
+/// One expert of a fused 3-D expert tensor [E, out, in]: the edit's view is [E·out, in] and the
+/// expert's update lands on rows e·out..<(e+1)·out; the other experts are untouched.
+@Suite("merge: one expert of a 3-D tensor")
+struct ExpertSliceTests {
+    @Test("expert 1 of a [3, 4, 8] BF16 tensor gets its update; experts 0 and 2 keep their bytes")
+    func expertSlice() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let experts = 3, out = 4, cols = 8, r = 2
+        let w = PlacementTests.values(experts * out * cols, seed: 11)
+        try writeSafetensors(dir.file("base.safetensors"), [("experts.down_proj", .bf16, [experts, out, cols], PlacementTests.bf16Bytes(w))])
+        try FileManager.default.createDirectory(atPath: dir.file("ad"), withIntermediateDirectories: true)
+        _ = dir.write("ad/adapter_config.json", text: #"{"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["e1"]}"#)
+        let a = PlacementTests.values(r * cols, seed: 12), b = PlacementTests.values(out * r, seed: 13)
+        try writeSafetensors(dir.file("ad/adapter_model.safetensors"), [
+            ("base_model.model.e1.lora_A.weight", .f32, [r, cols], floatBytes(a)),
+            ("base_model.model.e1.lora_B.weight", .f32, [out, r], floatBytes(b)),
+        ])
+        let adapter = try Adapter(path: dir.file("ad"))
+        let base = try Checkpoint(path: dir.file("base.safetensors"))
+        var edit = TensorEdit(baseName: "experts.down_proj", base: base.tensor("experts.down_proj")!.entry, file: 0)
+        edit.viewColumns = cols
+        edit.terms = [MergeTerm(module: adapter.modules[0], factor: 1, rows: .range(out..<(2 * out)))]
+        #expect(edit.rows == experts * out && edit.columns == cols)
+        var options = MergeRunOptions()
+        options.sync = false
+        _ = try MergePlan(base: base, inputs: [MergeInput(adapter: adapter)], edits: [edit]).write(to: dir.file("out.safetensors"), options: options)
+        let merged = try SafetensorsFile(path: dir.file("out.safetensors")).doubles("experts.down_proj")
+        let original = try base.files[0].doubles("experts.down_proj")
+        for e in 0..<experts {
+            for i in 0..<out {
+                for j in 0..<cols {
+                    let k = (e * out + i) * cols + j
+                    guard e == 1 else { #expect(merged[k].bitPattern == original[k].bitPattern); continue }
+                    var d = 0.0
+                    for t in 0..<r { d += Double(b[i * r + t]) * Double(a[t * cols + j]) }
+                    #expect(ulpDistance(merged[k], original[k] + d, .bf16) <= 1, "expert 1 [\(i), \(j)]")
+                }
+            }
+        }
+    }
+}

@@ -128,6 +128,13 @@ public struct MergePlan: Sendable {
                 }
                 let target = placed.tensor
                 guard var p = plan(target) else { continue }
+                if let columns = placed.viewColumns {
+                    if let other = p.viewColumns, other != columns {
+                        problems.append("\(label)module \(module.name): \(target) is viewed with \(other) columns by another update, \(columns) by this one")
+                        continue
+                    }
+                    p.viewColumns = columns
+                }
                 let term = MergeTerm(module: module, factor: module.scale * input.weight, rows: placed.rows)
                 let expected = module.expectedBaseShape
                 switch placed.rows {

@@ -2,6 +2,9 @@
 public struct UpdateTarget: Sendable, Hashable {
     public let tensor: String
     public let rows: RowPlacement
+    /// Columns of the tensor's 2-D view the rows are counted in (nil: every dimension after the
+    /// first); a 3-D expert tensor [E, out, in] is viewed as [E·out, in].
+    public var viewColumns: Int? = nil
 }
 
 /// Adapter module names → base tensors, per adapter layout, as tables of rules.

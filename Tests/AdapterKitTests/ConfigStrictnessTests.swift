@@ -108,7 +108,7 @@ struct ConfigStrictnessTests {
         let dir = TempDir()
         defer { dir.remove() }
         let config = JSONObject([("r", .integer(4)), ("alpha_pattern", .object(JSONObject([("q", .real(.infinity))])))])
-        let error = #expect(throws: ConvertError.self) {
+        let error = #expect(throws: InputError.self) {
             try AdapterWriter.writeConfig(dir.file("adapter_config.json"), config, indent: 2, sync: false)
         }
         #expect(error?.description.contains("alpha_pattern.q would be written as inf") == true, "\(String(describing: error))")

@@ -192,7 +192,7 @@ struct ConvertMoSLoRATests {
     func kaimingRefusal() throws {
         let dir = TempDir()
         defer { dir.remove() }
-        let error = #expect(throws: ConvertError.self) {
+        let error = #expect(throws: InputError.self) {
             try AdapterConversion.loraToMoSLoRA(input: adapterPath("peft-lora"), output: dir.file("out"), mixer: .kaiming, seed: 3,
                                                 minimumConditionRatio: 0.999, options: options())
         }
@@ -470,7 +470,7 @@ struct ConvertLayoutTests {
             ("base_model.model.x.lora_A.weight", .f32, [1, 2], floatBytes([1, .nan])),
             ("base_model.model.x.lora_B.weight", .f32, [2, 1], floatBytes([1, 2])),
         ])
-        let error = #expect(throws: ConvertError.self) {
+        let error = #expect(throws: InputError.self) {
             try AdapterConversion.resize(input: dir.file("nan.safetensors"), output: dir.file("out"), target: .rank(1), options: options())
         }
         #expect(error?.problem.contains("NaN") == true)
@@ -626,7 +626,7 @@ struct ConvertResizeTests {
         #expect(meta["ss_network_args"] == #"{"conv_dim":"3","conv_alpha":"0.75"}"#, "\(meta["ss_network_args"] ?? "none")")
         #expect(meta["ss_network_dim"] == "3")
         #expect(meta["ss_sd_model_name"] == "tiny-unet")
-        #expect(throws: ConvertError.self) {
+        #expect(throws: InputError.self) {
             try AdapterConversion.resize(input: adapterPath("mlx"), output: dir.file("m"), target: .rank(2), form: .moslora, options: options())
         }
         #expect(!FileManager.default.fileExists(atPath: dir.file("m")))

@@ -223,7 +223,7 @@ struct PatternWriterTests {
         let input = try tinyPEFTAdapter(dir, "in", modules: ["model.x", "x", "model.y"], config: ", \"alpha_pattern\": {\"model.x\": 1, \"x\": 3, \"y\": 1}")
         var options = ConvertOptions()
         options.sync = false
-        let error = #expect(throws: ConvertError.self) {
+        let error = #expect(throws: InputError.self) {
             try AdapterConversion.convertLayout(input: input, output: dir.file("out"), to: .peft, options: options)
         }
         #expect(error?.description.contains("module x cannot be given its own rank or alpha: PEFT's pattern rule would also apply it to model.x") == true, "\(String(describing: error))")

@@ -42,7 +42,7 @@ enum AdapterWriter {
     static func outputType(_ input: DType, _ requested: DType?, tensor: String) throws -> DType {
         let t = requested ?? input
         guard t.isMergeable else {
-            throw ConvertError(tensor, "dtype \(t.rawValue) cannot be written (F32, F16, BF16, F64 can); pass --dtype")
+            throw InputError.conversion(tensor, "dtype \(t.rawValue) cannot be written (F32, F16, BF16, F64 can); pass --dtype")
         }
         return t
     }
@@ -65,7 +65,7 @@ enum AdapterWriter {
         func check(_ v: JSONValue, _ at: String) throws {
             switch v {
             case .number(let text):
-                guard let d = Double(text), d.isFinite else { throw ConvertError(path, "\(at) would be written as \(text), which is not a finite JSON number") }
+                guard let d = Double(text), d.isFinite else { throw InputError.conversion(path, "\(at) would be written as \(text), which is not a finite JSON number") }
             case .array(let a): for (i, x) in a.enumerated() { try check(x, "\(at)[\(i)]") }
             case .object(let o): for (k, x) in o.members { try check(x, at.isEmpty ? k : "\(at).\(k)") }
             default: break
@@ -93,7 +93,7 @@ enum AdapterWriter {
 
     static func refuseReplacements(_ w: WorkingAdapter, _ layout: TargetLayout) throws {
         if let r = w.replacements.first {
-            throw ConvertError(w.source.path, "\(layout.rawValue) cannot hold full tensors such as \(r.tensor.name) (modules_to_save)")
+            throw InputError.conversion(w.source.path, "\(layout.rawValue) cannot hold full tensors such as \(r.tensor.name) (modules_to_save)")
         }
     }
 
@@ -107,7 +107,7 @@ enum AdapterWriter {
         var tensors: [OutputTensor] = []
         let kinds = Set(w.modules.map(\.kind))
         if kinds.contains(.linearFanInFanOut) && kinds.contains(.linear) {
-            throw ConvertError(w.source.path, "PEFT's fan_in_fan_out is one flag for the whole adapter, but the modules mix both orientations")
+            throw InputError.conversion(w.source.path, "PEFT's fan_in_fan_out is one flag for the whole adapter, but the modules mix both orientations")
         }
         for m in w.modules {
             let name = sourceIsPEFT ? m.name : "base_model.model." + m.baseName
@@ -185,10 +185,10 @@ enum AdapterWriter {
                 }
             }
         } catch let e as PatternCostError {
-            throw ConvertError(w.source.path, e.description)
+            throw InputError.conversion(w.source.path, e.description)
         }
         if let k = keys.indices.first(where: { hits[$0] != 1 }) {
-            throw ConvertError(w.source.path, "module \(keys[k]) cannot be given its own rank or alpha: PEFT's pattern rule would also apply it to \(others[k].joined(separator: ", "))")
+            throw InputError.conversion(w.source.path, "module \(keys[k]) cannot be given its own rank or alpha: PEFT's pattern rule would also apply it to \(others[k].joined(separator: ", "))")
         }
         c["r"] = jsonInt(r)
         c["lora_alpha"] = jsonNumber(alpha)
@@ -260,14 +260,14 @@ enum AdapterWriter {
         for m in w.modules {
             switch m.kind {
             case .embedding, .linearFanInFanOut:
-                throw ConvertError(w.source.path, "module \(m.name) is \(m.kind == .embedding ? "an embedding" : "a fan_in_fan_out (Conv1D) layer"), which kohya cannot hold")
+                throw InputError.conversion(w.source.path, "module \(m.name) is \(m.kind == .embedding ? "an embedding" : "a fan_in_fan_out (Conv1D) layer"), which kohya cannot hold")
             default: break
             }
-            if m.magnitude != nil { throw ConvertError(w.source.path, "module \(m.name) is DoRA, which kohya's LoRA layout cannot hold") }
-            if m.bias != nil { throw ConvertError(w.source.path, "module \(m.name) has a lora_B.bias, which kohya cannot hold") }
+            if m.magnitude != nil { throw InputError.conversion(w.source.path, "module \(m.name) is DoRA, which kohya's LoRA layout cannot hold") }
+            if m.bias != nil { throw InputError.conversion(w.source.path, "module \(m.name) has a lora_B.bias, which kohya cannot hold") }
             let name = w.source.format == .kohya ? m.name : KohyaNames.prefix(for: m.component, components: components) + KohyaNames.key(m.baseName)
             guard seen.insert(name).inserted else {
-                throw ConvertError(w.source.path, "two modules share the kohya name \(name) once dots become underscores")
+                throw InputError.conversion(w.source.path, "two modules share the kohya name \(name) once dots become underscores")
             }
             let isConv = m.kind == .conv1x1 || m.kind == .convKxK
             let aType = try outputType(m.aType, dtype, tensor: name)
@@ -281,7 +281,7 @@ enum AdapterWriter {
             // alpha = scale·r, stored in Float32 (Float64 for F64 output): a BF16 or F16 alpha would
             // round the scale itself (16·√8 is not a BF16 number). Never an infinite alpha.
             guard (m.scale * Double(m.rank)).isFinite, aType == .f64 || abs(m.scale * Double(m.rank)) <= Double(Float.greatestFiniteMagnitude) else {
-                throw ConvertError(w.source.path, "module \(m.name): alpha = scale·r = \(m.scale * Double(m.rank)) is not a finite number")
+                throw InputError.conversion(w.source.path, "module \(m.name): alpha = scale·r = \(m.scale * Double(m.rank)) is not a finite number")
             }
             tensors.append(OutputTensor(name: name + ".alpha", dtype: aType == .f64 ? .f64 : .f32, shape: [], values: [m.scale * Double(m.rank)]))
         }
@@ -338,15 +338,15 @@ enum AdapterWriter {
         for m in w.modules {
             switch m.kind {
             case .linear: break
-            case .embedding: throw ConvertError(w.source.path, "module \(m.name) is an embedding; writing mlx-lm's LoRAEmbedding layout is not supported yet")
-            case .conv1x1, .convKxK: throw ConvertError(w.source.path, "module \(m.name) is a convolution; mlx-lm's LoRA layout holds linear layers only")
-            case .linearFanInFanOut: throw ConvertError(w.source.path, "module \(m.name) is a fan_in_fan_out (Conv1D) layer; mlx-lm's LoRA layout holds nn.Linear layers only")
+            case .embedding: throw InputError.conversion(w.source.path, "module \(m.name) is an embedding; writing mlx-lm's LoRAEmbedding layout is not supported yet")
+            case .conv1x1, .convKxK: throw InputError.conversion(w.source.path, "module \(m.name) is a convolution; mlx-lm's LoRA layout holds linear layers only")
+            case .linearFanInFanOut: throw InputError.conversion(w.source.path, "module \(m.name) is a fan_in_fan_out (Conv1D) layer; mlx-lm's LoRA layout holds nn.Linear layers only")
             }
-            if m.bias != nil { throw ConvertError(w.source.path, "module \(m.name) has a lora_B.bias, which mlx-lm cannot hold") }
+            if m.bias != nil { throw InputError.conversion(w.source.path, "module \(m.name) has a lora_B.bias, which mlx-lm cannot hold") }
         }
         let dora = w.modules.filter { $0.magnitude != nil }.count
         if dora != 0 && dora != w.modules.count {
-            throw ConvertError(w.source.path, "only \(dora) of \(w.modules.count) modules are DoRA; mlx-lm's fine_tune_type is one for all")
+            throw InputError.conversion(w.source.path, "only \(dora) of \(w.modules.count) modules are DoRA; mlx-lm's fine_tune_type is one for all")
         }
         let folded = w.modules.filter { $0.heldMixer != nil }.count
         if folded > 0 { notes.append("mlx-lm has no mixer: folded the mixer into A (A' = M·A) in \(folded) module\(folded == 1 ? "" : "s")") }

@@ -112,7 +112,7 @@ public enum AdapterConversion {
                     if diagnostics.isEstimated { estimated += 1 }
                     summary.worstConditionRatio = min(summary.worstConditionRatio ?? .infinity, ratio)
                     guard ratio >= minimumConditionRatio, !lu.isSingular else {
-                        throw ConvertError(input, "module \(m.name): the Kaiming mixer drawn with seed \(seed) is badly conditioned (σmin/σmax \(formatNumber(ratio))\(diagnostics.isEstimated ? ", estimated" : "") < \(formatNumber(minimumConditionRatio))), so A' = M⁻¹A would lose the update; use --mixer orthogonal or identity, another --seed, or a lower --min-condition-ratio")
+                        throw InputError.conversion(input, "module \(m.name): the Kaiming mixer drawn with seed \(seed) is badly conditioned (σmin/σmax \(formatNumber(ratio))\(diagnostics.isEstimated ? ", estimated" : "") < \(formatNumber(minimumConditionRatio))), so A' = M⁻¹A would lose the update; use --mixer orthogonal or identity, another --seed, or a lower --min-condition-ratio")
                     }
                     m.heldA = lu.solve(m.heldA, columns: m.inFeatures)
                     m.heldMixer = k
@@ -159,7 +159,7 @@ public enum AdapterConversion {
                                      options: ConvertOptions = ConvertOptions()) throws -> ConvertSummary {
         var summary = ConvertSummary()
         if keepMixer && layout == .mlx {
-            throw ConvertError(input, "mlx-lm has no mixer, so --keep-mixer cannot be honoured; the mixer is always folded into A for mlx")
+            throw InputError.conversion(input, "mlx-lm has no mixer, so --keep-mixer cannot be honoured; the mixer is always folded into A for mlx")
         }
         var style = MixerKeyStyle.loraAB
         return try convert(input: input, output: output, layout: layout, style: { style }, options: options, summary: &summary) { w, summary in
@@ -196,7 +196,7 @@ public enum AdapterConversion {
     static func convert(input: String, output: String, layout: TargetLayout, style: () -> MixerKeyStyle, options: ConvertOptions,
                         summary: inout ConvertSummary, transform: (inout WorkingAdapter, inout ConvertSummary) throws -> Void) throws -> ConvertSummary {
         if let d = options.dtype, !d.isMergeable {
-            throw ConvertError(output, "--dtype \(d.rawValue) is not one of F32, F16, BF16, F64")
+            throw InputError.conversion(output, "--dtype \(d.rawValue) is not one of F32, F16, BF16, F64")
         }
         let adapter = try Adapter(path: input)
         let baseFiles = try options.base.map { [$0] + (try Checkpoint(path: $0).inputFiles) } ?? []
@@ -204,7 +204,7 @@ public enum AdapterConversion {
                                force: options.force)
         var w = try WorkingAdapter(adapter, options: options)
         summary.notes += w.notes
-        guard !w.modules.isEmpty || !w.replacements.isEmpty else { throw ConvertError(input, "no modules to convert") }
+        guard !w.modules.isEmpty || !w.replacements.isEmpty else { throw InputError.conversion(input, "no modules to convert") }
         if layout != .kohya {
             try w.requireSingleComponent(layout)
             try w.mapKohyaNames(base: options.base)

@@ -73,17 +73,11 @@ public struct ConvertSummary: Sendable {
     }
 }
 
-/// A conversion refused, with the module and the reason.
-public struct ConvertError: Error, Sendable, CustomStringConvertible {
-    public let path: String
-    public let problem: String
-
-    public init(_ path: String, _ problem: String) {
-        self.path = path
-        self.problem = problem
+extension InputError {
+    /// A conversion refused: "PATH: cannot convert: PROBLEM; nothing was written".
+    static func conversion(_ path: String, _ problem: String) -> InputError {
+        InputError(path, "cannot convert: \(problem); nothing was written")
     }
-
-    public var description: String { "\(path): cannot convert: \(problem); nothing was written" }
 }
 
 /// The layouts the converter can write.
@@ -157,7 +151,7 @@ struct WorkingAdapter {
         if !adapter.unknownKeys.isEmpty {
             let shown = listed(adapter.unknownKeys)
             guard options.dropUnknown else {
-                throw ConvertError(adapter.path, "\(adapter.unknownKeys.count) key\(adapter.unknownKeys.count == 1 ? " is" : "s are") not understood and would be lost (\(shown)); pass --drop-unknown to leave them out")
+                throw InputError.conversion(adapter.path, "\(adapter.unknownKeys.count) key\(adapter.unknownKeys.count == 1 ? " is" : "s are") not understood and would be lost (\(shown)); pass --drop-unknown to leave them out")
             }
             notes.append("left out \(unknownKeysPhrase(adapter.unknownKeys))")
         }
@@ -165,7 +159,7 @@ struct WorkingAdapter {
         if let component = options.component {
             let components = adapter.components
             guard components.contains(component) else {
-                throw ConvertError(adapter.path, "no component \(component) (the adapter has \(components.isEmpty ? "none" : components.joined(separator: ", ")))")
+                throw InputError.conversion(adapter.path, "no component \(component) (the adapter has \(components.isEmpty ? "none" : components.joined(separator: ", ")))")
             }
             selected = selected.filter { $0.component == component }
             let skipped = adapter.modules.count - selected.count
@@ -179,7 +173,7 @@ struct WorkingAdapter {
         let f = try m.factors()
         // NaN or infinity would make every transform (inverse, QR, SVD) meaningless: refuse up front.
         for (part, values) in [("A", f.a), ("B", f.b), ("mixer", f.m ?? [])] where values.contains(where: { !$0.isFinite }) {
-            throw ConvertError(m.a.path, "module \(m.name): its \(part) factor holds NaN or infinity")
+            throw InputError.conversion(m.a.path, "module \(m.name): its \(part) factor holds NaN or infinity")
         }
         let r = m.rank, out = m.outFeatures
         var held = m
@@ -196,7 +190,7 @@ struct WorkingAdapter {
     mutating func mapKohyaNames(base: String?) throws {
         guard source.format == .kohya else { return }
         guard let base else {
-            throw ConvertError(source.path, "kohya module names lost their dots (lora_unet_down_blocks_0_…) and cannot be mapped back without the base model; pass --base MODEL")
+            throw InputError.conversion(source.path, "kohya module names lost their dots (lora_unet_down_blocks_0_…) and cannot be mapped back without the base model; pass --base MODEL")
         }
         let names = NameMap(base: try Checkpoint(path: base))
         var missing: [String] = []
@@ -208,7 +202,7 @@ struct WorkingAdapter {
             }
         }
         guard missing.isEmpty else {
-            throw ConvertError(source.path, "\(missing.count) kohya module\(missing.count == 1 ? "" : "s") match no single tensor of \(base) (\(missing.prefix(3).joined(separator: ", ")))")
+            throw InputError.conversion(source.path, "\(missing.count) kohya module\(missing.count == 1 ? "" : "s") match no single tensor of \(base) (\(missing.prefix(3).joined(separator: ", ")))")
         }
     }
 
@@ -232,7 +226,7 @@ struct WorkingAdapter {
                 }
             }
             guard missing.isEmpty else {
-                throw ConvertError(source.path, "\(missing.count) PaddleNLP module\(missing.count == 1 ? "" : "s") match no single tensor of \(base) (\(missing.prefix(3).joined(separator: ", ")))")
+                throw InputError.conversion(source.path, "\(missing.count) PaddleNLP module\(missing.count == 1 ? "" : "s") match no single tensor of \(base) (\(missing.prefix(3).joined(separator: ", ")))")
             }
             notes.append("PaddleNLP module names mapped to the names of \(base)")
             return
@@ -253,7 +247,7 @@ struct WorkingAdapter {
     func requireSingleComponent(_ layout: TargetLayout) throws {
         let seen = firstSeen(modules.compactMap(\.component))
         if seen.count > 1 {
-            throw ConvertError(source.path, "the adapter holds several models (\(seen.joined(separator: ", "))) and \(layout.rawValue) holds one; choose one with --component")
+            throw InputError.conversion(source.path, "the adapter holds several models (\(seen.joined(separator: ", "))) and \(layout.rawValue) holds one; choose one with --component")
         }
     }
 }

@@ -77,15 +77,15 @@ extension AdapterConversion {
                               options: ConvertOptions = ConvertOptions()) throws -> ConvertSummary {
         switch target {
         case .rank(let k) where k < 1:
-            throw ConvertError(input, "the rank must be at least 1")
+            throw InputError.conversion(input, "the rank must be at least 1")
         case .energy(let f) where !(f > 0 && f <= 1):
-            throw ConvertError(input, "the energy to keep must be in (0, 1]")
+            throw InputError.conversion(input, "the energy to keep must be in (0, 1]")
         default: break
         }
         let format = try AdapterLoader.locate(input).format
         let layout: TargetLayout = format == .kohya ? .kohya : format == .mlx ? .mlx : .peft
         if layout == .mlx && form == .moslora {
-            throw ConvertError(input, "mlx-lm cannot hold a mixer, so --form moslora cannot be written; use --form lora or convert to-peft first")
+            throw InputError.conversion(input, "mlx-lm cannot hold a mixer, so --form moslora cannot be written; use --form lora or convert to-peft first")
         }
         var summary = ConvertSummary()
         if ![.peft, .kohya, .mlx].contains(format) {

@@ -4,7 +4,6 @@
 public protocol AdapterError: Error, Sendable, CustomStringConvertible {}
 
 extension InputError: AdapterError {}
-extension ConvertError: AdapterError {}
 extension MergeError: AdapterError {}
 extension ProblemList: AdapterError {}
 extension SafetensorsError: AdapterError {}

@@ -73,8 +73,8 @@ public struct MergePlan: Sendable {
 
         func plan(_ name: String) -> TensorEdit? {
             if let p = changes[name] { return p }
-            guard let (info, file) = base.tensor(name) else { return nil }
-            return TensorEdit(baseName: name, base: info, file: file)
+            guard let (entry, file) = base.tensor(name) else { return nil }
+            return TensorEdit(baseName: name, base: entry, file: file)
         }
 
         for input in inputs {

@@ -49,7 +49,19 @@ struct EncodingTests {
         #expect(try Checkpoint(path: single).tensor("w.weight")?.entry.encoding == .blockScaledFP8(.f8E4M3, scale: "w.weight_scale_inv", block: [128, 128]))
         let odd = try Checkpoint(path: try Self.fp8Folder(dir, block: [2, 4], scaleShape: [3, 2]))
         #expect(odd.tensor("a.weight")?.entry.encoding == .plain(.f8E4M3))
-        #expect(odd.warnings.contains { $0.contains("a.weight_scale_inv is F32 [3, 2], not the F32 [2, 2] that 2×4 block scales of a.weight [4, 8] need") })
+        #expect(odd.warnings.contains { $0.contains("a.weight_scale_inv is F32 [3, 2], not the F32 or F8_E8M0 [2, 2] that 2×4 block scales of a.weight [4, 8] need") })
+    }
+
+    @Test("3-D expert weights with UE8M0 (F8_E8M0) scales per expert and block")
+    func expertsWithE8M0Scales() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let file = try writeSafetensors(dir.file("experts.safetensors"), [
+            ("mlp.experts.down_proj.weight", .f8E4M3, [2, 130, 256], [UInt8](repeating: 0, count: 2 * 130 * 256)),
+            ("mlp.experts.down_proj.weight_scale_inv", .f8E8M0, [2, 2, 2], [UInt8](repeating: 127, count: 8)),
+        ])
+        #expect(try Checkpoint(path: file).tensor("mlp.experts.down_proj.weight")?.entry.encoding
+                == .blockScaledFP8(.f8E4M3, scale: "mlp.experts.down_proj.weight_scale_inv", block: [128, 128]))
     }
 
     @Test("a merge into a block-scaled FP8 weight is refused by its encoding, before a byte is written")

@@ -100,9 +100,11 @@ public final class Checkpoint: Sendable {
         self.warnings = warnings
     }
 
-    /// Marks block-scaled FP8 weights: an F8 2-D `X.weight` with an F32 `X.weight_scale_inv` of one
-    /// scale per block, in any shard. The block is the config's `weight_block_size`, else 128×128;
-    /// a scale tensor whose shape does not fit is named in a warning and the weight stays plain.
+    /// Marks block-scaled FP8 weights: an F8 `X.weight` [N, K] (or experts [E, N, K]) with an
+    /// `X.weight_scale_inv` of one scale per block, [⌈N/b₀⌉, ⌈K/b₁⌉] (or [E, …]), Float32 or UE8M0
+    /// (F8_E8M0), in any shard; value = code × its block's scale, edge blocks partial (transformers'
+    /// `finegrained_fp8`). The block is the config's `weight_block_size`, else 128×128; a scale
+    /// tensor whose shape or dtype does not fit is named in a warning and the weight stays plain.
     static func recogniseScaledFP8(_ all: inout [(entry: TensorEntry, file: Int)], lookup: [String: Int]?, block configured: [Int]?,
                                    warnings: inout [String]) {
         guard all.contains(where: { $0.entry.dtype == .f8E4M3 || $0.entry.dtype == .f8E5M2 }) else { return }
@@ -110,11 +112,13 @@ public final class Checkpoint: Sendable {
         let block = configured ?? [128, 128]
         for i in all.indices {
             let e = all[i].entry
-            guard e.dtype == .f8E4M3 || e.dtype == .f8E5M2, e.shape.count == 2, let j = position[e.name + "_scale_inv"] else { continue }
+            guard e.dtype == .f8E4M3 || e.dtype == .f8E5M2, e.shape.count == 2 || e.shape.count == 3,
+                  let j = position[e.name + "_scale_inv"] else { continue }
             let scale = all[j].entry
-            let expected = [(e.shape[0] + block[0] - 1) / block[0], (e.shape[1] + block[1] - 1) / block[1]]
-            guard scale.dtype == .f32, scale.shape == expected else {
-                warnings.append("\(scale.name) is \(scale.dtype.rawValue) \(scale.shape), not the F32 \(expected) that \(block[0])×\(block[1]) block scales of \(e.name) \(e.shape) need: \(e.name) is read as plain \(e.dtype.rawValue)")
+            let n = e.shape[e.shape.count - 2], k = e.shape[e.shape.count - 1]
+            let expected = Array(e.shape.dropLast(2)) + [(n + block[0] - 1) / block[0], (k + block[1] - 1) / block[1]]
+            guard scale.dtype == .f32 || scale.dtype == .f8E8M0, scale.shape == expected else {
+                warnings.append("\(scale.name) is \(scale.dtype.rawValue) \(scale.shape), not the F32 or F8_E8M0 \(expected) that \(block[0])×\(block[1]) block scales of \(e.name) \(e.shape) need: \(e.name) is read as plain \(e.dtype.rawValue)")
                 continue
             }
             all[i].entry = TensorEntry(name: e.name, shape: e.shape, encoding: .blockScaledFP8(e.dtype, scale: scale.name, block: block), byteCount: e.byteCount)

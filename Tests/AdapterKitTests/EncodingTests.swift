@@ -82,3 +82,42 @@ struct EncodingTests {
         #expect(error?.problems == ["module base_model.model.a: base tensor a.weight is F8_E4M3 with 2×4 block scales (a.weight_scale_inv); merging into quantized weights is not supported yet"])
     }
 }
+
+/// `config.json` as transformers writes it for MoE and multimodal families: inspect names the
+/// family, the experts per layer and the sub-models.
+@Suite("model configs: family, experts and sub-models")
+struct ModelConfigTests {
+    static func describe(_ json: String) throws -> (ModelConfig?, [String]) {
+        let dir = TempDir()
+        defer { dir.remove() }
+        try FileManager.default.createDirectory(atPath: dir.file("m"), withIntermediateDirectories: true)
+        try writeSafetensors(dir.file("m/model.safetensors"), [("w.weight", .f32, [1], [0, 0, 0, 0])])
+        _ = dir.write("m/config.json", text: json)
+        let checkpoint = try Checkpoint(path: dir.file("m"))
+        return (checkpoint.config, checkpoint.warnings)
+    }
+
+    @Test("Qwen3-MoE, DeepSeek-V3, Llama 4, LLaVA and a dense LLaMA, in transformers' field names")
+    func families() throws {
+        let qwen = try Self.describe(#"{"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "num_experts": 128, "num_experts_per_tok": 8}"#).0
+        #expect(qwen?.summary == "qwen3_moe (Qwen3MoeForCausalLM), 128 experts per layer, 8 per token")
+        let deepseek = try Self.describe(#"{"model_type": "deepseek_v3", "n_routed_experts": 256, "num_experts_per_tok": 8, "n_shared_experts": 1, "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}"#).0
+        #expect(deepseek?.summary == "deepseek_v3, 256 experts per layer, 8 per token, 1 shared expert")
+        #expect(deepseek?.weightBlockSize == [128, 128])
+        let llama4 = try Self.describe(#"{"model_type": "llama4", "text_config": {"model_type": "llama4_text", "num_local_experts": 16, "num_experts_per_tok": 1}, "vision_config": {"model_type": "llama4_vision_model"}}"#).0
+        #expect(llama4?.summary == "llama4, 16 experts per layer, 1 per token; text llama4_text, vision llama4_vision_model")
+        let llava = try Self.describe(#"{"model_type": "llava", "architectures": ["LlavaForConditionalGeneration"], "text_config": {"model_type": "llama"}, "vision_config": {"model_type": "clip_vision_model"}}"#).0
+        #expect(llava?.summary == "llava (LlavaForConditionalGeneration); text llama, vision clip_vision_model")
+        #expect(llava?.isMixtureOfExperts == false)
+        let report = CheckpointReport(try Checkpoint(path: fixture("models/tiny-llama")))
+        #expect(report.text(tensors: false).contains("  model       llama (LlamaForCausalLM)\n"))
+        #expect(JSONWriter.compact(report.json()).contains(#""model":{"model_type":"llama","architectures":["LlamaForCausalLM"],"experts":null"#))
+    }
+
+    @Test("a config.json that is not JSON is a warning, not a refusal: the folder still opens")
+    func brokenConfig() throws {
+        let (config, warnings) = try Self.describe("{not json")
+        #expect(config == nil)
+        #expect(warnings.contains { $0.hasPrefix("config.json cannot be read") })
+    }
+}

@@ -32,6 +32,8 @@ public final class Checkpoint: Sendable {
     public let otherEntries: [String]
     /// Tensors in order: by file, then as each file lists them.
     public let tensors: [(entry: TensorEntry, file: Int)]
+    /// The folder's `config.json`, read (nil for a single file or without one).
+    public let config: ModelConfig?
     /// What is odd about the folder but not wrong (a stray adapter config), for a warning line each.
     public let warnings: [String]
     /// Position in `tensors` by name, for several files (nil for one: its own index answers).
@@ -86,7 +88,8 @@ public final class Checkpoint: Sendable {
         }
         self.lookup = lookup
         var warnings: [String] = []
-        Self.recogniseScaledFP8(&all, lookup: lookup, block: isFolder ? Self.weightBlockSize(folder: path) : nil, warnings: &warnings)
+        config = isFolder ? ModelConfig.read(folder: path, warnings: &warnings) : nil
+        Self.recogniseScaledFP8(&all, lookup: lookup, block: config?.weightBlockSize, warnings: &warnings)
         tensors = all
         scaledEntries = Dictionary(all.lazy.filter { if case .plain = $0.entry.encoding { false } else { true } }.map { ($0.entry.name, $0.entry) },
                                    uniquingKeysWith: { a, _ in a })
@@ -123,16 +126,6 @@ public final class Checkpoint: Sendable {
             }
             all[i].entry = TensorEntry(name: e.name, shape: e.shape, encoding: .blockScaledFP8(e.dtype, scale: scale.name, block: block), byteCount: e.byteCount)
         }
-    }
-
-    /// `quantization_config.weight_block_size` of a model folder's config.json (two positive
-    /// integers), nil when absent or not readable.
-    static func weightBlockSize(folder: String) -> [Int]? {
-        guard let config = try? readJSONFile(joinPath(folder, "config.json")).objectValue,
-              let q = config["quantization_config"]?.objectValue, let sizes = q["weight_block_size"]?.arrayValue,
-              sizes.count == 2 else { return nil }
-        let block = sizes.compactMap { $0.uint64 }.filter { $0 > 0 && $0 <= 1 << 20 }.map { Int($0) }
-        return block.count == 2 ? block : nil
     }
 
     /// The tensor named `name` and the index of its file.

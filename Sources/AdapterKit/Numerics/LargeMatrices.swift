@@ -90,36 +90,56 @@ extension LinearAlgebra {
     /// The largest and smallest singular value of a bidiagonal, from the off-diagonals of its
     /// Golub–Kahan matrix, by Sturm-count bisection to full relative precision.
     static func extremeSingularValues(golubKahan off: [Double], n: Int, singular: Bool) -> (Double, Double) {
-        let squares = off.map { $0 * $0 }
-        let pivmin = Double.leastNormalMagnitude * max(1, squares.max() ?? 1)
+        let count = SturmCount(diagonal: nil, offDiagonal: off)
         // Singular values below x: (eigenvalues of the 2n × 2n matrix below x) − n, for x > 0.
-        func below(_ x: Double) -> Int {
-            var count = 0
-            var q = -x
-            if q < 0 { count += 1 }
-            for b2 in squares {
-                if abs(q) < pivmin { q = -pivmin }
-                q = -x - b2 / q
-                if q < 0 { count += 1 }
-            }
-            return count - n
-        }
+        func below(_ x: Double) -> Int { count.eigenvalues(below: x) - n }
         var bound = 0.0
         for i in off.indices { bound = max(bound, abs(off[i]) + (i > 0 ? abs(off[i - 1]) : 0)) }
         guard bound > 0 else { return (0, 0) }
-        func bisect(_ lo: Double, _ hi: Double, _ isAbove: (Double) -> Bool) -> Double {
-            var lo = lo, hi = hi
-            for _ in 0..<2000 {
-                let mid = lo + (hi - lo) / 2
-                if mid <= lo || mid >= hi || hi - lo <= 2 * Double.ulpOfOne * hi { break }
-                if isAbove(mid) { hi = mid } else { lo = mid }
-            }
-            return hi
-        }
         // σ_max: the least x with every singular value below it; σ_min: the least x with one below it.
-        let largest = bisect(0, bound * (1 + 4 * Double.ulpOfOne), { below($0) >= n })
-        let smallest = singular ? 0 : bisect(0, largest, { below($0) >= 1 })
+        // Up to 2000 halvings: σ_min may be thousands of binades below the bound.
+        let largest = bisect(0, bound * (1 + 4 * Double.ulpOfOne), steps: 2000) { below($0) >= n }
+        let smallest = singular ? 0 : bisect(0, largest, steps: 2000) { below($0) >= 1 }
         return (largest, smallest)
+    }
+
+    /// The least x in (lo, hi] with `isAbove(x)` (monotone), to full relative precision or `steps`
+    /// halvings.
+    static func bisect(_ lo: Double, _ hi: Double, steps: Int, _ isAbove: (Double) -> Bool) -> Double {
+        var lo = lo, hi = hi
+        for _ in 0..<steps {
+            let mid = lo + (hi - lo) / 2
+            if mid <= lo || mid >= hi || hi - lo <= 2 * Double.ulpOfOne * max(abs(lo), abs(hi)) { break }
+            if isAbove(mid) { hi = mid } else { lo = mid }
+        }
+        return hi
+    }
+
+    /// Sturm counts of a symmetric tridiagonal matrix: how many eigenvalues lie below x, from the
+    /// signs of the LDLᵀ pivots of T − x·I, with tiny pivots replaced by −pivmin.
+    struct SturmCount {
+        /// The diagonal; nil for a zero diagonal (a Golub–Kahan matrix).
+        let diagonal: [Double]?
+        let squares: [Double]
+        let pivmin: Double
+
+        init(diagonal: [Double]?, offDiagonal: [Double]) {
+            self.diagonal = diagonal
+            squares = offDiagonal.map { $0 * $0 }
+            pivmin = Double.leastNormalMagnitude * max(1, squares.max() ?? 1)
+        }
+
+        func eigenvalues(below x: Double) -> Int {
+            var count = 0
+            var q = (diagonal?[0] ?? 0) - x
+            if q < 0 { count += 1 }
+            for i in squares.indices {
+                if abs(q) < pivmin { q = -pivmin }
+                q = (diagonal?[i + 1] ?? 0) - x - squares[i] / q
+                if q < 0 { count += 1 }
+            }
+            return count
+        }
     }
 
     /// The largest eigenvalue of a symmetric positive semi-definite operator of size n, estimated by
@@ -168,25 +188,8 @@ extension LinearAlgebra {
             lo = min(lo, a[i] - r)
             hi = max(hi, a[i] + r)
         }
-        let squares = b.prefix(n - 1).map { $0 * $0 }
-        let pivmin = Double.leastNormalMagnitude * max(1, squares.max() ?? 1)
-        func below(_ x: Double) -> Int {
-            var count = 0
-            var q = a[0] - x
-            if q < 0 { count += 1 }
-            for i in stride(from: 1, to: n, by: 1) {
-                if abs(q) < pivmin { q = -pivmin }
-                q = a[i] - x - squares[i - 1] / q
-                if q < 0 { count += 1 }
-            }
-            return count
-        }
-        for _ in 0..<200 {
-            let mid = lo + (hi - lo) / 2
-            if mid <= lo || mid >= hi || hi - lo <= 2 * Double.ulpOfOne * max(abs(lo), abs(hi)) { break }
-            if below(mid) >= n { hi = mid } else { lo = mid }
-        }
-        return hi
+        let count = SturmCount(diagonal: a, offDiagonal: Array(b.prefix(n - 1)))
+        return bisect(lo, hi, steps: 200) { count.eigenvalues(below: $0) >= n }
     }
 
     /// σ_max, σ_min (from an LU factorisation) and ‖AᵀA − I‖_F of a large n × n matrix, estimated:

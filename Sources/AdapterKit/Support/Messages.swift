@@ -26,10 +26,14 @@ func quotedForMessage(_ s: String) -> String {
     return out + "\""
 }
 
-func hex(_ v: UInt32) -> String {
+/// Eight lowercase hex digits: "00c0ffee".
+func hexDigits(_ v: UInt32) -> String {
     let s = String(v, radix: 16)
-    return "0x" + String(repeating: "0", count: max(0, 8 - s.count)) + s
+    return String(repeating: "0", count: 8 - s.count) + s
 }
+
+/// "0x00c0ffee", for checksums in messages.
+func hex(_ v: UInt32) -> String { "0x" + hexDigits(v) }
 
 /// A number for messages: integers without a fraction, others with up to 6 significant digits.
 func formatNumber(_ v: Double) -> String {

@@ -329,11 +329,11 @@ enum TemporaryName {
     static let longestSuffix = suffixes.map(\.utf8.count).max()!
 
     static func make(for name: String, pid: Int32 = FileSystem.processID, random: UInt32 = .random(in: 0...UInt32.max)) -> String {
-        let tail = marker + "\(pid)-" + hex8(random)
+        let tail = marker + "\(pid)-" + hexDigits(random)
         let budget = nameMax - longestSuffix - 1 - tail.utf8.count
         if name.utf8.count <= budget { return "." + name + tail }
         // Shortened at a character boundary; the hash of the whole name tells the long names apart.
-        let hash = "-" + hex8(fnv1a(Array(name.utf8)))
+        let hash = "-" + hexDigits(fnv1a(Array(name.utf8)))
         var prefix = ""
         var bytes = 0
         for scalar in name.unicodeScalars {
@@ -368,11 +368,6 @@ enum TemporaryName {
               let pid = Int32(parts[0]), pid > 0, parts[0].allSatisfy(\.isASCII),
               parts.dropFirst().allSatisfy({ $0.count == 8 && $0.allSatisfy(\.isHexDigit) }) else { return nil }
         return Parsed(pid: pid, targetName: parts.count == 2 ? stem : nil, suffix: suffix)
-    }
-
-    static func hex8(_ v: UInt32) -> String {
-        let s = String(v, radix: 16)
-        return String(repeating: "0", count: 8 - s.count) + s
     }
 
     static func fnv1a(_ bytes: [UInt8]) -> UInt32 {

@@ -26,6 +26,11 @@ struct OutputTensor {
         bytes = out
     }
 
+    /// A held factor, in its own shape.
+    init(name: String, dtype: DType, holding tensor: TensorRef) {
+        self.init(name: name, dtype: dtype, shape: tensor.shape, values: tensor.held)
+    }
+
     init(name: String, dtype: DType, shape: [Int], bytes: [UInt8]) {
         self.name = name
         self.dtype = dtype
@@ -111,15 +116,13 @@ enum AdapterWriter {
         }
         for m in w.modules {
             let name = sourceIsPEFT ? m.name : "base_model.model." + m.baseName
-            let isConv = m.kind == .conv1x1 || m.kind == .convKxK
             let aName = m.kind == .embedding ? name + ".lora_embedding_A" : name + ".lora_A.weight"
             let bName = m.kind == .embedding ? name + ".lora_embedding_B" : name + ".lora_B.weight"
-            tensors.append(OutputTensor(name: aName, dtype: try outputType(m.aType, dtype, tensor: aName), shape: [m.rank] + m.inShape, values: m.heldA))
-            tensors.append(OutputTensor(name: bName, dtype: try outputType(m.bType, dtype, tensor: bName),
-                                        shape: isConv ? [m.outFeatures, m.rank, 1, 1] : [m.outFeatures, m.rank], values: m.heldB))
-            if let mixer = m.heldMixer {
+            tensors.append(OutputTensor(name: aName, dtype: try outputType(m.aType, dtype, tensor: aName), holding: m.a))
+            tensors.append(OutputTensor(name: bName, dtype: try outputType(m.bType, dtype, tensor: bName), holding: m.b))
+            if let mixer = m.mixer {
                 let mName = name + (style == .loraAB ? ".lora_AB.weight" : ".lora_mixer.weight")
-                tensors.append(OutputTensor(name: mName, dtype: try outputType(m.mixerType ?? m.aType, dtype, tensor: mName), shape: [m.rank, m.rank], values: mixer))
+                tensors.append(OutputTensor(name: mName, dtype: try outputType(m.mixerType ?? m.aType, dtype, tensor: mName), holding: mixer))
             }
             if let mag = m.magnitude?.held {
                 let n = name + ".lora_magnitude_vector"
@@ -269,14 +272,13 @@ enum AdapterWriter {
             guard seen.insert(name).inserted else {
                 throw InputError.conversion(w.source.path, "two modules share the kohya name \(name) once dots become underscores")
             }
-            let isConv = m.kind == .conv1x1 || m.kind == .convKxK
             let aType = try outputType(m.aType, dtype, tensor: name)
-            tensors.append(OutputTensor(name: name + ".lora_down.weight", dtype: aType, shape: [m.rank] + m.inShape, values: m.heldA))
+            tensors.append(OutputTensor(name: name + ".lora_down.weight", dtype: aType, holding: m.a))
             tensors.append(OutputTensor(name: name + ".lora_up.weight", dtype: try outputType(m.bType, dtype, tensor: name),
-                                        shape: isConv ? [m.outFeatures, m.rank, 1, 1] : [m.outFeatures, m.rank], values: m.heldB))
-            if let mixer = m.heldMixer {
+                                        holding: m.b))
+            if let mixer = m.mixer {
                 tensors.append(OutputTensor(name: name + ".lora_mixer.weight", dtype: try outputType(m.mixerType ?? m.aType, dtype, tensor: name),
-                                            shape: [m.rank, m.rank], values: mixer))
+                                            holding: mixer))
             }
             // alpha = scale·r, stored in Float32 (Float64 for F64 output): a BF16 or F16 alpha would
             // round the scale itself (16·√8 is not a BF16 number). Never an infinite alpha.

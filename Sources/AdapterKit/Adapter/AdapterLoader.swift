@@ -198,6 +198,8 @@ enum AdapterLoader {
             unknown.append(key)
         }
 
+        let parameterOf = format == .peft && !settings.targetParameters.isEmpty
+            ? expertParameters(order.map { settings.baseName(of: $0).name }, targets: settings.targetParameters) : [:]
         var modules: [LoRAModule] = []
         for name in order {
             let p = parts[name]!
@@ -222,6 +224,19 @@ enum AdapterLoader {
             }
             var module = LoRAModule(name: name, baseName: baseName, component: component, kind: kind, a: a, mixer: p.tensors[.mixer], b: b,
                                     orientation: orientation, scale: 1, magnitude: p.tensors[.magnitude], bias: p.tensors[.biasB])
+            switch parameterOf[baseName] {
+            case nil: break
+            case .failure(let problem)?:
+                problems.append("module \(name): \(problem.text)")
+                continue
+            case .success(let (path, parameter))?:
+                do {
+                    module = try expertModule(module, path: path, parameter: parameter, settings: settings)
+                } catch let e as InputError {
+                    problems.append(e.problem)
+                    continue
+                }
+            }
             if let problem = shapeProblem(module) {
                 problems.append(problem)
                 continue
@@ -239,7 +254,7 @@ enum AdapterLoader {
         // Two stored names for one module (`base_model.model.X` and `X`): PEFT applies one; adding both would apply it twice.
         var firstName: [String: String] = [:]
         for m in modules {
-            let key = (m.component.map { $0 + ":" } ?? "") + m.baseName
+            let key = (m.component.map { $0 + ":" } ?? "") + m.baseName + (m.parameter.map { "." + $0.name } ?? "")
             if let other = firstName[key] {
                 problems.append("modules \(other) and \(m.name) are the same module \(m.baseName); keep one of them")
             } else {
@@ -279,6 +294,78 @@ enum AdapterLoader {
                       replacements: replacements, unknownKeys: unknown, warnings: warnings)
     }
 
+    struct Problem: Error { let text: String }
+
+    /// Which parameter each stored module of a `target_parameters` adapter adapts, by PEFT's rule:
+    /// a parameter `P.p` is targeted when it equals or ends with `.t` for an entry t; several
+    /// parameters of one module nest, the first in the class's order innermost, so with k of them
+    /// the stored module `P` + `.base_layer` × d adapts the (k − d)-th. Modules no entry names are
+    /// absent from the result (ordinary modules).
+    static func expertParameters(_ names: [String], targets: [String]) -> [String: Result<(path: String, parameter: String), Problem>] {
+        func strip(_ name: String) -> (path: String, depth: Int) {
+            var n = name, d = 0
+            while n.hasSuffix(".base_layer") { n.removeLast(".base_layer".count); d += 1 }
+            return (n, d)
+        }
+        func candidates(_ path: String) -> [String] {
+            var found: [String] = []
+            for t in targets {
+                let p = t.split(separator: ".").last.map(String.init) ?? t
+                let key = path + "." + p
+                if (key == t || key.hasSuffix("." + t)) && !found.contains(p) { found.append(p) }
+            }
+            return found
+        }
+        var result: [String: Result<(path: String, parameter: String), Problem>] = [:]
+        var depths: [String: Set<Int>] = [:]
+        for name in names { let (path, d) = strip(name); depths[path, default: []].insert(d) }
+        for name in names {
+            let (path, d) = strip(name)
+            let found = candidates(path)
+            if found.isEmpty { continue }
+            if found.count == 1 {
+                result[name] = d == 0 ? .success((path, found[0])) : .failure(Problem(text: "target_parameters names one parameter of \(path) (\(found[0])) but the module is nested \(d) deep"))
+                continue
+            }
+            // The parameters' order in their class: the fused expert tensors of every MoE family
+            // are registered gate_up_proj first, then down_proj.
+            let classOrder = ["gate_up_proj", "down_proj"]
+            guard found.allSatisfy(classOrder.contains) else {
+                result[name] = .failure(Problem(text: "target_parameters names \(found.joined(separator: ", ")) on \(path); their nesting order is known only for gate_up_proj and down_proj"))
+                continue
+            }
+            let ordered = classOrder.filter(found.contains)
+            guard depths[path] == Set(0..<ordered.count) else {
+                result[name] = .failure(Problem(text: "target_parameters names \(ordered.joined(separator: " and ")) on \(path) but the adapter stores \(plural(depths[path]?.count ?? 0, "nested module")); which one is which is not known"))
+                continue
+            }
+            result[name] = .success((path, ordered[ordered.count - 1 - d]))
+        }
+        return result
+    }
+
+    /// A stored module made a `target_parameters` module: its experts E = A's rows / the config's r.
+    static func expertModule(_ module: LoRAModule, path: String, parameter: String, settings: AdapterSettings) throws -> LoRAModule {
+        var m = module
+        m.baseName = path
+        let key = path + "." + parameter
+        guard module.orientation == .peft, module.kind == .linear else {
+            throw InputError(module.a.path, "module \(module.name) adapts parameter \(parameter) but its factors are not (r·E, in) and (out, r·E) matrices")
+        }
+        guard let (r, _, fromPattern) = try settings.parameterRank(key) else {
+            throw InputError(module.a.path, "module \(module.name): target_parameters without a PEFT config")
+        }
+        let rows = module.rank
+        guard r > 0, rows % r == 0 else {
+            throw InputError(module.a.path, "module \(module.name) (\(parameter)): A has \(rows) rows, not a multiple of the config's rank \(r) (\(fromPattern ? "rank_pattern" : "r")): expected r·E rows for E experts")
+        }
+        if module.magnitude != nil || module.bias != nil {
+            throw InputError(module.a.path, "module \(module.name) (\(parameter)): DoRA and lora_B.bias on target_parameters are not supported (PEFT has neither)")
+        }
+        m.parameter = ExpertParameter(name: parameter, experts: rows / r)
+        return m
+    }
+
     /// Checks that A, M and B agree (rank, mixer r×r, conv shapes); nil when they do.
     static func shapeProblem(_ m: LoRAModule) -> String? {
         let a = m.a.shape, b = m.b.shape
@@ -298,7 +385,11 @@ enum AdapterLoader {
         guard m.inFeatures > 0, m.outFeatures > 0 else {
             return "module \(m.name): A has shape \(a) and B \(b): a module needs at least one input and one output"
         }
-        if let mixer = m.mixer, mixer.shape != [r, r] {
+        if let mixer = m.mixer, let p = m.parameter {
+            if mixer.shape != [r, m.updateRank] {
+                return "module \(m.name): mixer has shape \(mixer.shape), expected (\(r), \(m.updateRank)): one r×r mixer per expert of \(p.experts), in row blocks"
+            }
+        } else if let mixer = m.mixer, mixer.shape != [r, r] {
             return "module \(m.name): mixer has shape \(mixer.shape), expected (\(r), \(r))"
         }
         if let mag = m.magnitude, mag.entry.elementCount != m.outFeatures {

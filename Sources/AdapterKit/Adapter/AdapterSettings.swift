@@ -81,6 +81,9 @@ struct PEFTFields {
     var alphaIndex = PatternIndex(field: "alpha_pattern", keys: [])
     var modulesToSave: [String] = []
     var targetModules: [String]?
+    /// `target_parameters`: parameters (not modules) adapted through PEFT's ParamWrapper, as
+    /// `module.path.parameter` names matched by suffix (`mlp.experts.gate_up_proj`).
+    var targetParameters: [String] = []
     /// Defaults taken, for messages: `lora_alpha missing: PEFT's default 8 assumed`.
     var assumptions: [String] = []
 
@@ -117,6 +120,7 @@ struct PEFTFields {
         alphaIndex = PatternIndex(field: f.prefix + "alpha_pattern", keys: alphaPattern.map(\.0))
         modulesToSave = try f.strings("modules_to_save") ?? []
         targetModules = try f.strings("target_modules", allowString: true)
+        targetParameters = try f.strings("target_parameters") ?? []
     }
 
     /// The rank and alpha PEFT gives module `name`: the first matching pattern key, else r and lora_alpha,
@@ -288,6 +292,14 @@ struct AdapterSettings {
         }
     }
 
+    /// PEFT's `target_parameters` (empty for other layouts).
+    var targetParameters: [String] { peft?.targetParameters ?? [] }
+
+    /// The rank and alpha PEFT gives the parameter `key` (`module.path.gate_up_proj`), nil without a PEFT config.
+    func parameterRank(_ key: String) throws -> (rank: Int, alpha: Double, rankFromPattern: Bool)? {
+        try peft?.rankAndAlpha(key)
+    }
+
     /// The component and base-model name of a stored module name.
     func baseName(of module: String) -> (component: String?, name: String) {
         NameMap.component(of: module, format: format)
@@ -318,9 +330,11 @@ struct AdapterSettings {
     /// The module's scale from the layout's rule, and the alpha it came from (nil where the
     /// layout stores a scale, as mlx-lm does).
     func scale(module: LoRAModule, alpha alphaTensor: TensorRef?, warnings: inout [String]) throws -> (scale: Double, alpha: Double?) {
-        let r = module.rank
+        let r = module.updateRank
         func peftRule(_ p: PEFTFields, _ path: String, rsLoRA: Bool) throws -> (Double, Double?) {
-            let (configRank, a, fromPattern) = try p.rankAndAlpha(module.baseName)
+            // A target_parameters module's patterns match `module.parameter`, as PEFT's current_key.
+            let key = module.parameter.map { module.baseName + "." + $0.name } ?? module.baseName
+            let (configRank, a, fromPattern) = try p.rankAndAlpha(key)
             if configRank != r {
                 let origin = fromPattern ? "rank_pattern" : p.rankGiven ? "r" : "PEFT's default r"
                 throw InputError(path, "module \(module.name): the config gives rank \(configRank) (\(origin)) but its tensors have rank \(r)")

@@ -27,6 +27,9 @@ public struct TensorRef: Sendable {
     enum Storage: Sendable {
         case stored(any TensorContainer)
         case held([Double])
+        /// Rows and columns of another tensor's 2-D view (first dimension × the rest), read from it
+        /// when used: one expert's factors inside a PEFT `target_parameters` module.
+        indirect case slice(of: TensorRef, rows: StridedRange, columns: StridedRange)
     }
 
     let storage: Storage
@@ -49,10 +52,36 @@ public struct TensorRef: Sendable {
         entry = TensorEntry(name: name, shape: shape, encoding: .plain(dtype), byteCount: TensorEncoding.plain(dtype).byteCount(elements: values.count) ?? 0)
     }
 
-    /// The container a stored tensor comes from (nil for held values).
+    /// The container a stored tensor (or the tensor a slice is of) comes from (nil for held values).
     public var store: (any TensorContainer)? {
-        if case .stored(let s) = storage { return s }
-        return nil
+        switch storage {
+        case .stored(let s): s
+        case .held: nil
+        case .slice(let parent, _, _): parent.store
+        }
+    }
+
+    /// Rows and columns of this tensor's 2-D view (first dimension × the rest) as a tensor of
+    /// shape [rows.count, columns.count], named `name`; nothing is read until it is used. A slice
+    /// of a slice is a slice of the original tensor.
+    func slice(rows: StridedRange, columns: StridedRange, name: String) -> TensorRef {
+        let (r0, c0) = (shape.first ?? 1, shape.dropFirst().reduce(1, *))
+        precondition(rows.isWithin(r0) && columns.isWithin(c0), "a slice must lie inside its tensor")
+        let storage: Storage
+        if case .slice(let parent, let pr, let pc) = self.storage {
+            storage = .slice(of: parent, rows: pr.composed(with: rows), columns: pc.composed(with: columns))
+        } else {
+            storage = .slice(of: self, rows: rows, columns: columns)
+        }
+        let shape = [rows.count, columns.count]
+        let encoding = TensorEncoding.plain(dtype)
+        return TensorRef(storage: storage, entry: TensorEntry(name: name, shape: shape, encoding: encoding,
+                                                             byteCount: encoding.byteCount(elements: rows.count * columns.count) ?? 0))
+    }
+
+    private init(storage: Storage, entry: TensorEntry) {
+        self.storage = storage
+        self.entry = entry
     }
 
     /// The file the tensor is from, for messages ("<computed>" for held values).
@@ -73,19 +102,88 @@ public struct TensorRef: Sendable {
         switch storage {
         case .stored(let s): try s.floats(entry.name)
         case .held(let v): v.map { Float($0) }
+        case .slice: try doubles().map { Float($0) }
         }
     }
 
     public func doubles() throws -> [Double] {
         switch storage {
-        case .stored(let s): try s.doubles(entry.name)
-        case .held(let v): v
+        case .stored(let s): return try s.doubles(entry.name)
+        case .held(let v): return v
+        case .slice(let parent, let rows, let columns):
+            return try parent.doubles(rows: rows, columns: columns)
         }
+    }
+
+    /// The elements of a slice, read from this (stored or held) tensor: only the rows and columns
+    /// asked for are decoded, so the experts of a large `target_parameters` factor are read once.
+    private func doubles(rows: StridedRange, columns: StridedRange) throws -> [Double] {
+        let width = shape.dropFirst().reduce(1, *)
+        var out = [Double](repeating: 0, count: rows.count * columns.count)
+        switch storage {
+        case .held(let v):
+            for i in 0..<rows.count {
+                for j in 0..<columns.count { out[i * columns.count + j] = v[rows[i] * width + columns[j]] }
+            }
+        case .stored(let s):
+            let dtype = entry.dtype
+            let size = dtype.byteSize
+            try s.withBytes(of: entry.name) { raw in
+                guard let base = raw.baseAddress else { return }
+                out.withUnsafeMutableBufferPointer { o in
+                    for i in 0..<rows.count {
+                        let row = rows[i] * width
+                        if columns.step == 1 {
+                            ElementConversion.toDouble(dtype, base + (row + columns.start) * size, o.baseAddress! + i * columns.count, count: columns.count)
+                        } else {
+                            for j in 0..<columns.count {
+                                ElementConversion.toDouble(dtype, base + (row + columns[j]) * size, o.baseAddress! + i * columns.count + j, count: 1)
+                            }
+                        }
+                    }
+                }
+            }
+        case .slice:
+            preconditionFailure("slices are always of a stored or held tensor")
+        }
+        return out
     }
 
     /// Lets go of a stored tensor's pages after use.
     func release() {
-        if case .stored(let s) = storage { s.release(entry.name) }
+        switch storage {
+        case .stored(let s): s.release(entry.name)
+        case .held: break
+        case .slice(let parent, _, _): parent.release()
+        }
+    }
+}
+
+/// `count` indices `start, start + step, …`: rows or columns of a slice.
+public struct StridedRange: Sendable, Hashable {
+    public let start: Int
+    public let step: Int
+    public let count: Int
+
+    public init(start: Int, step: Int = 1, count: Int) {
+        precondition(start >= 0 && step >= 1 && count >= 0)
+        self.start = start
+        self.step = step
+        self.count = count
+    }
+
+    public init(_ range: Range<Int>) { self.init(start: range.lowerBound, count: range.count) }
+
+    public static func all(_ n: Int) -> StridedRange { StridedRange(start: 0, count: n) }
+
+    public subscript(i: Int) -> Int { start + i * step }
+
+    /// Whether every index is below `n`.
+    func isWithin(_ n: Int) -> Bool { count == 0 || self[count - 1] < n }
+
+    /// The indices `self[inner[i]]`.
+    func composed(with inner: StridedRange) -> StridedRange {
+        StridedRange(start: self[inner.start], step: step * inner.step, count: inner.count)
     }
 }
 
@@ -130,7 +228,7 @@ extension FactorOrientation {
 /// One adapted layer, normalised: Δ = scale · B·M·A in PEFT orientation.
 public struct LoRAModule: Sendable {
     /// The module path as stored, without the `lora_*` suffix.
-    public let name: String
+    public var name: String
     /// The module path in base-model terms (prefixes such as `base_model.model.` removed).
     public var baseName: String
     /// Which part of a multi-model adapter this belongs to (`unet`, `text_encoder`, …), nil for one model.
@@ -148,8 +246,34 @@ public struct LoRAModule: Sendable {
     public var magnitude: TensorRef?
     /// `lora_B.bias` (out,), added as scale · bias to the base bias.
     public var bias: TensorRef?
+    /// PEFT `target_parameters` (its `ParamWrapper`): the module adapts one 3-D parameter of
+    /// `experts` experts, with A [r·E, in] (expert e in rows e·r..<(e+1)·r), B [out, r·E] (column
+    /// j·E + e is rank j of expert e) and a mixer, when there is one, [r·E, r] in row blocks like A.
+    public var parameter: ExpertParameter? = nil
 
     public var hasMixer: Bool { mixer != nil }
+
+    /// Rank of one update: r of each expert for a `target_parameters` module, else `rank`.
+    public var updateRank: Int { parameter.map { rank / $0.experts } ?? rank }
+
+    /// Expert `e`'s update of a `target_parameters` module as a module of its own, restricted to
+    /// the output rows `outputs` (the gate or the up half of a fused gate_up update): slices of
+    /// the stored factors, read only when used.
+    func expert(_ e: Int, outputs: Range<Int>? = nil, part: String? = nil) -> LoRAModule {
+        guard let p = parameter else { preconditionFailure("\(name) is not a target_parameters module") }
+        precondition(orientation == .peft && e >= 0 && e < p.experts)
+        let r = rank / p.experts
+        let out = outputs ?? 0..<outFeatures
+        let label = "\(name) (\(p.name)\(part.map { " " + $0 } ?? ""), expert \(e))"
+        var m = self
+        m.name = label
+        m.a = a.slice(rows: StridedRange(start: e * r, count: r), columns: .all(inFeatures), name: a.name + "[expert \(e)]")
+        m.b = b.slice(rows: StridedRange(out), columns: StridedRange(start: e, step: p.experts, count: r), name: b.name + "[expert \(e)]")
+        m.mixer = mixer.map { $0.slice(rows: StridedRange(start: e * r, count: r), columns: .all(r), name: $0.name + "[expert \(e)]") }
+        m.parameter = nil
+        m.kind = .linear
+        return m
+    }
 
     /// Rank r: rows of A in PEFT orientation.
     public var rank: Int { orientation == .peft ? a.shape.first ?? 0 : a.shape.last ?? 0 }
@@ -187,6 +311,14 @@ public struct LoRAModule: Sendable {
         guard let m = f.m else { return (f.a, f.b) }
         return (matmul(m, f.a, rows: rank, inner: rank, cols: inFeatures), f.b)
     }
+}
+
+/// The 3-D expert parameter a PEFT `target_parameters` module adapts.
+public struct ExpertParameter: Sendable, Hashable {
+    /// The parameter's name on its module (`gate_up_proj`, `down_proj`).
+    public let name: String
+    /// E: experts the factors hold.
+    public let experts: Int
 }
 
 /// A full tensor that replaces a base tensor (`modules_to_save`).

@@ -66,16 +66,18 @@ public struct MergePlan: Sendable {
         var changes: [String: TensorEdit] = [:]
         var skipped: [String: Int] = [:]
         let names = NameMap(base: base)
+        var unmapped = 0, familySpecific = false
         if base.files.count > 1, let file = base.files.first(where: { $0.format != .safetensors }) {
             throw InputError(file.path, "sharded PyTorch checkpoints are not supported as a base; convert the shards first: adapter convert to-safetensors")
         }
         otherFiles = try Self.otherFiles(of: base, skip: options.skipFiles)
 
-        func plan(_ name: String) -> TensorEdit? {
-            if let p = changes[name] { return p }
+        /// The untouched edit of a base tensor (nil when the base has none).
+        func fresh(_ name: String) -> TensorEdit? {
             guard let (entry, file) = base.tensor(name) else { return nil }
             return TensorEdit(baseName: name, base: entry, file: file)
         }
+        func plan(_ name: String) -> TensorEdit? { changes[name] ?? fresh(name) }
 
         for input in inputs {
             let adapter = input.adapter
@@ -122,74 +124,28 @@ public struct MergePlan: Sendable {
                     skipped[c, default: 0] += 1
                     continue
                 }
-                guard let placed = names.target(for: module, format: adapter.format) else {
-                    problems.append("\(label)module \(module.name): no base tensor \(module.baseName).weight\(adapter.format == .kohya ? " (kohya names are matched from the base's keys)" : "")")
+                let placements: [UpdatePlacement]
+                switch names.placements(for: module, format: adapter.format) {
+                case .success(let found): placements = found
+                case .failure(let problem):
+                    problems.append("\(label)module \(module.name): \(problem.text)")
+                    unmapped += 1
+                    // Names a family's rename or expert layout would have placed.
+                    familySpecific = familySpecific || ["experts", "language_model", "vision_tower", "visual", "multi_modal_projector"]
+                        .contains { module.baseName.contains($0) }
                     continue
                 }
-                let target = placed.tensor
-                guard var p = plan(target) else { continue }
-                if let columns = placed.viewColumns {
-                    if let other = p.viewColumns, other != columns {
-                        problems.append("\(label)module \(module.name): \(target) is viewed with \(other) columns by another update, \(columns) by this one")
-                        continue
+                for placement in placements {
+                    if let problem = Self.place(placement, weight: input.weight, into: &changes, fresh: fresh) {
+                        problems.append(label + problem)
                     }
-                    p.viewColumns = columns
-                }
-                let term = MergeTerm(module: module, factor: module.scale * input.weight, rows: placed.rows)
-                let expected = module.expectedBaseShape
-                switch placed.rows {
-                case .all:
-                    let actual = p.replacement?.tensor.shape ?? p.base.shape
-                    if expected != actual {
-                        problems.append("\(label)module \(module.name): update has shape \(expected) (\(module.kind.rawValue)) but \(target) has shape \(actual)")
-                        continue
-                    }
-                case .range(let rows):
-                    // A slice of the tensor's 2-D view: the update is rows × the view's columns.
-                    let slice = [rows.count, p.columns]
-                    if rows.upperBound > p.rows || expected.count != 2 || expected != slice || module.kind.isTransposed {
-                        problems.append("\(label)module \(module.name): update has shape \(expected) (\(module.kind.rawValue)) but rows \(rows.lowerBound)..<\(rows.upperBound) of \(target) are \(slice)")
-                        continue
-                    }
-                }
-                if RowCodec(p.base.encoding) == nil {
-                    if case .plain = p.base.encoding {
-                        problems.append("\(label)module \(module.name): base tensor \(target) has dtype \(p.base.dtype.rawValue); merges need F32, F64, F16 or BF16")
-                    } else {
-                        problems.append("\(label)module \(module.name): base tensor \(target) is \(p.base.encoding.name); merging into quantized weights is not supported yet")
-                    }
-                    continue
-                }
-                if module.magnitude != nil {
-                    if module.kind.isTransposed {
-                        problems.append("\(label)module \(module.name): DoRA on a \(module.kind.rawValue) layer is not supported")
-                        continue
-                    }
-                    if p.dora != nil || !p.terms.isEmpty {
-                        problems.append("\(label)module \(module.name): DoRA cannot be combined with another update of \(target)")
-                        continue
-                    }
-                    p.dora = term
-                } else if p.dora != nil {
-                    problems.append("\(label)module \(module.name): \(target) already has a DoRA update, which cannot be combined")
-                    continue
-                }
-                p.terms.append(term)
-                changes[target] = p
-                if let bias = module.bias {
-                    let biasName = String(target.dropLast(".weight".count)) + ".bias"
-                    guard var bp = plan(biasName) else {
-                        problems.append("\(label)module \(module.name): has lora_B.bias but the base has no \(biasName)")
-                        continue
-                    }
-                    guard bp.base.shape == [module.outFeatures], RowCodec(bp.base.encoding) != nil else {
-                        problems.append("\(label)module \(module.name): \(biasName) has shape \(bp.base.shape) \(bp.base.dtype.rawValue), expected [\(module.outFeatures)]")
-                        continue
-                    }
-                    bp.biasTerms.append((bias, module.scale * input.weight, module.name))
-                    changes[biasName] = bp
                 }
             }
+        }
+        if unmapped > 0 && names.family == nil && (base.config?.modelType != nil || familySpecific) {
+            let type = base.config?.modelType.map { "its model_type \(quotedForMessage($0)) is not a family with known renames" }
+                ?? "it has no config.json naming its model_type"
+            problems.append("\(plural(unmapped, "module")) did not map to the base, whose family is not known: \(type)")
         }
         // The replacement must come before the updates: re-check shapes against it.
         for (name, p) in changes.sorted(by: { $0.key.precedesInBytes($1.key) }) where p.replacement != nil {
@@ -208,6 +164,72 @@ public struct MergePlan: Sendable {
 }
 
 extension MergePlan {
+    /// Adds one placed update to the edits: checks its shape against the rows (and columns) it
+    /// lands on, the base's encoding, DoRA and `lora_B.bias`. Returns the problem, or nil.
+    static func place(_ placement: UpdatePlacement, weight: Double, into changes: inout [String: TensorEdit],
+                      fresh: (String) -> TensorEdit?) -> String? {
+        let module = placement.module, placed = placement.target
+        let target = placed.tensor
+        guard var p = changes[target] ?? fresh(target) else { return "module \(module.name): no base tensor \(target)" }
+        if let columns = placed.viewColumns {
+            if let other = p.viewColumns, other != columns {
+                return "module \(module.name): \(target) is viewed with \(other) columns by another update, \(columns) by this one"
+            }
+            p.viewColumns = columns
+        }
+        let term = MergeTerm(module: module, factor: module.scale * weight, rows: placed.rows, transposed: placed.transposed, columns: placed.columns)
+        let expected = module.expectedBaseShape
+        switch placed.rows {
+        case .all:
+            let actual = p.replacement?.tensor.shape ?? p.base.shape
+            if expected != actual || placed.transposed || placed.columns != nil {
+                return "module \(module.name): update has shape \(expected) (\(module.kind.rawValue)) but \(target) has shape \(actual)"
+            }
+        case .range(let rows):
+            // A slice of the tensor's 2-D view: the update is rows × the view's columns (or the
+            // columns it selects), transposed where the placement says so.
+            let width = placed.columns?.count ?? p.columns
+            let slice = [rows.count, width]
+            let update = placed.transposed ? [module.inFeatures, module.outFeatures] : expected
+            let fits = rows.upperBound <= p.rows && (placed.columns?.isWithin(p.columns) ?? true)
+            if !fits || expected.count != 2 || update != slice || module.kind.isTransposed {
+                let what = placed.columns.map { " (\($0.count) of its \(p.columns) columns)" } ?? ""
+                return "module \(module.name): update has shape \(expected) (\(module.kind.rawValue)\(placed.transposed ? ", stored transposed" : "")) but rows \(rows.lowerBound)..<\(rows.upperBound) of \(target) are \(slice)\(what)"
+            }
+            if module.magnitude != nil { return "module \(module.name): DoRA on a slice of \(target) is not supported" }
+        }
+        if RowCodec(p.base.encoding) == nil {
+            if case .plain = p.base.encoding {
+                return "module \(module.name): base tensor \(target) has dtype \(p.base.dtype.rawValue); merges need F32, F64, F16 or BF16"
+            }
+            return "module \(module.name): base tensor \(target) is \(p.base.encoding.name); merging into quantized weights is not supported yet"
+        }
+        if module.magnitude != nil {
+            if module.kind.isTransposed { return "module \(module.name): DoRA on a \(module.kind.rawValue) layer is not supported" }
+            if p.dora != nil || !p.terms.isEmpty { return "module \(module.name): DoRA cannot be combined with another update of \(target)" }
+            p.dora = term
+        } else if p.dora != nil {
+            return "module \(module.name): \(target) already has a DoRA update, which cannot be combined"
+        }
+        p.terms.append(term)
+        changes[target] = p
+        if let bias = module.bias {
+            guard placed.rows == .all, target.hasSuffix(".weight") else {
+                return "module \(module.name): lora_B.bias on a slice of \(target) is not supported"
+            }
+            let biasName = String(target.dropLast(".weight".count)) + ".bias"
+            guard var bp = changes[biasName] ?? fresh(biasName) else {
+                return "module \(module.name): has lora_B.bias but the base has no \(biasName)"
+            }
+            guard bp.base.shape == [module.outFeatures], RowCodec(bp.base.encoding) != nil else {
+                return "module \(module.name): \(biasName) has shape \(bp.base.shape) \(bp.base.dtype.rawValue), expected [\(module.outFeatures)]"
+            }
+            bp.biasTerms.append((bias, module.scale * weight, module.name))
+            changes[biasName] = bp
+        }
+        return nil
+    }
+
     /// A folder base's other files, found before a byte is written so that what cannot be copied (a
     /// FIFO) is refused first. A tensor file among them is not part of the merge: copied, it would
     /// put unmerged weights beside the merged ones (transformers loads a stray model.safetensors

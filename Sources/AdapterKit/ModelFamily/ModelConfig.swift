@@ -16,6 +16,11 @@ public struct ModelConfig: Sendable, Equatable {
     public let visionModelType: String?
     /// `quantization_config.weight_block_size` of block-scaled FP8 checkpoints (two positive integers).
     public let weightBlockSize: [Int]?
+    /// The (text) model's attention shape, for the q/k/v rows of a fused `qkv_proj`:
+    /// `num_attention_heads`, `num_key_value_heads` and `head_dim` (else hidden_size / heads).
+    public let attentionHeads: Int?
+    public let keyValueHeads: Int?
+    public let headDim: Int?
 
     /// Reads `config.json` of `folder`; nil when there is none. A file that is not a JSON object
     /// gives nil and a warning (the merge copies it unchanged; only the description is lost).
@@ -55,6 +60,13 @@ public struct ModelConfig: Sendable, Equatable {
         let block = root["quantization_config"]?.objectValue?["weight_block_size"]?.arrayValue?
             .compactMap { $0.uint64 }.filter { $0 > 0 && $0 <= 1 << 20 }.map { Int($0) }
         weightBlockSize = block?.count == 2 ? block : nil
+        let heads = count(root, ["num_attention_heads"]) ?? count(text, ["num_attention_heads"])
+        attentionHeads = heads
+        keyValueHeads = count(root, ["num_key_value_heads"]) ?? count(text, ["num_key_value_heads"]) ?? heads
+        let hidden = count(root, ["hidden_size"]) ?? count(text, ["hidden_size"])
+        var dim = count(root, ["head_dim"]) ?? count(text, ["head_dim"])
+        if dim == nil, let h = hidden, let n = heads, h % n == 0 { dim = h / n }
+        headDim = dim
     }
 
     public var isMixtureOfExperts: Bool { (experts ?? 0) > 1 }

@@ -5,6 +5,26 @@ public struct UpdateTarget: Sendable, Hashable {
     /// Columns of the tensor's 2-D view the rows are counted in (nil: every dimension after the
     /// first); a 3-D expert tensor [E, out, in] is viewed as [E·out, in].
     public var viewColumns: Int? = nil
+    /// The view holds the update transposed: its rows are the update's inputs and its columns the
+    /// outputs (gpt-oss and Llama 4 store experts as [E, in, out]).
+    public var transposed = false
+    /// The view's columns the update's columns land on (nil: all, in order): gpt-oss interleaves
+    /// gate and up along the last dimension, so the gate's outputs are columns 0, 2, 4, ….
+    public var columns: StridedRange? = nil
+
+    public init(tensor: String, rows: RowPlacement, viewColumns: Int? = nil, transposed: Bool = false, columns: StridedRange? = nil) {
+        self.tensor = tensor
+        self.rows = rows
+        self.viewColumns = viewColumns
+        self.transposed = transposed
+        self.columns = columns
+    }
+}
+
+/// One update placed: the module (or one expert's slice of a `target_parameters` module) and where it lands.
+public struct UpdatePlacement: Sendable {
+    public let module: LoRAModule
+    public let target: UpdateTarget
 }
 
 /// Adapter module names → base tensors, per adapter layout, as tables of rules.
@@ -40,6 +60,8 @@ public struct NameMap: Sendable {
     }
 
     let base: Checkpoint
+    /// The base's family (renames, expert layouts), nil when neither config.json nor its names tell.
+    let family: ModelFamily?
     /// kohya: base keys without `.weight`, dots replaced by underscores → base key (nil when two collide).
     let underscored: [String: String?]
     /// Base names by what follows their first component (`model.layers.0.q.weight` under
@@ -64,34 +86,69 @@ public struct NameMap: Sendable {
         }
         underscored = map
         byRest = rest
+        family = ModelFamily.of(base)
     }
 
-    /// The base tensor (and rows) a module's update lands on, or nil when no rule finds exactly one.
+    /// The base tensor (and rows) a whole module's update lands on, or nil when no rule finds
+    /// exactly one (conversions, which need a module's own weight).
     public func target(for module: LoRAModule, format: AdapterFormat) -> UpdateTarget? {
         weightName(forModule: module.baseName, format: format).map { UpdateTarget(tensor: $0, rows: .all) }
     }
 
+    /// Where a module's update lands: its own weight; or, for Mixture-of-Experts and fused
+    /// layouts, one placement per expert or per slice. Fails with the reason when nothing fits.
+    public func placements(for module: LoRAModule, format: AdapterFormat) -> Result<[UpdatePlacement], PlacementProblem> {
+        if let parameter = module.parameter { return parameterPlacements(module, parameter, format: format) }
+        if let t = weightName(forModule: module.baseName, format: format) {
+            return .success([UpdatePlacement(module: module, target: UpdateTarget(tensor: t, rows: .all))])
+        }
+        if format != .kohya {
+            if let expert = perExpertPlacement(module, format: format) { return expert }
+            if let fused = fusedDensePlacement(module, format: format) { return fused }
+        }
+        return .failure(PlacementProblem(text: "no base tensor \(module.baseName).weight\(format == .kohya ? " (kohya names are matched from the base's keys)" : "")"))
+    }
+
     /// The base weight for a module name in base-model terms.
     func weightName(forModule name: String, format: AdapterFormat) -> String? {
+        tensorName(forModule: name, suffix: ".weight", format: format)
+    }
+
+    /// The base tensor `<name><suffix>` by the layout's rules, then under the family's renames.
+    func tensorName(forModule name: String, suffix: String, format: AdapterFormat) -> String? {
+        if let found = lookup(name, suffix: suffix, format: format) { return found }
+        guard format != .kohya, let family else { return nil }
+        var found: String?
+        for candidate in family.renamed(name) {
+            guard let t = lookup(candidate, suffix: suffix, format: format) else { continue }
+            if found != nil && found != t { return nil }  // two renames reach two tensors: ambiguous
+            found = t
+        }
+        return found
+    }
+
+    private func lookup(_ name: String, suffix: String, format: AdapterFormat) -> String? {
         for rule in Self.rules(format) {
             switch rule {
             case .exact:
-                if base.tensor(name + ".weight") != nil { return name + ".weight" }
+                if base.tensor(name + suffix) != nil { return name + suffix }
             case .adding(let prefix):
-                if base.tensor(prefix + name + ".weight") != nil { return prefix + name + ".weight" }
+                if base.tensor(prefix + name + suffix) != nil { return prefix + name + suffix }
             case .removing(let prefix):
-                if name.hasPrefix(prefix), base.tensor(String(name.dropFirst(prefix.count)) + ".weight") != nil {
-                    return String(name.dropFirst(prefix.count)) + ".weight"
+                if name.hasPrefix(prefix), base.tensor(String(name.dropFirst(prefix.count)) + suffix) != nil {
+                    return String(name.dropFirst(prefix.count)) + suffix
                 }
             case .anyFirstComponent:
-                guard let dot = name.firstIndex(of: ".") else { continue }
-                if let found = byRest[String(name[name.index(after: dot)...]) + ".weight"] { return found }
+                guard suffix == ".weight", let dot = name.firstIndex(of: ".") else { continue }
+                if let found = byRest[String(name[name.index(after: dot)...]) + suffix] { return found }
             case .underscored:
                 if let found = underscored[name] { return found }
             }
         }
         return nil
     }
+
+    private func shape(_ tensor: String) -> [Int] { base.tensor(tensor)?.entry.shape ?? [] }
 
     /// A kohya module name (underscores) as the dotted module path of this base, when exactly one fits.
     func dottedModule(forKohya name: String) -> String? {

@@ -22,12 +22,22 @@ public struct MergeTerm: Sendable {
     /// scale × adapter weight.
     public let factor: Double
     public var rows: RowPlacement = .all
+    /// The placed rows hold the update transposed (`UpdateTarget.transposed`).
+    public var transposed = false
+    /// The view's columns the update's columns land on (nil: all).
+    public var columns: StridedRange? = nil
 
-    public init(module: LoRAModule, factor: Double, rows: RowPlacement = .all) {
+    public init(module: LoRAModule, factor: Double, rows: RowPlacement = .all, transposed: Bool = false, columns: StridedRange? = nil) {
         self.module = module
         self.factor = factor
         self.rows = rows
+        self.transposed = transposed
+        self.columns = columns
     }
+
+    /// Whether the view's rows index the update's inputs: a transposed layer (GPT-2 Conv1D,
+    /// embeddings) or a transposed placement (experts stored [E, in, out]).
+    var holdsTranspose: Bool { module.kind.isTransposed != transposed }
 }
 
 /// What a merge does to one base tensor, as explicit steps applied in order: replace the values

@@ -21,6 +21,10 @@ enum UpdateCompiler {
             precondition(placed.lowerBound <= rows.lowerBound && rows.upperBound <= placed.upperBound, "a term must cover the rows it is compiled for")
             let termRows = placed.count
             let first = rows.lowerBound - placed.lowerBound  // the piece's first row within the term's rows
+            // The term's columns in the view: all of them, or a strided selection.
+            let width = term.columns?.count ?? cols
+            let column = term.columns ?? .all(cols)
+            precondition(column.isWithin(cols), "a term's columns must lie inside the view")
             let (ma, b) = try m.mixedA()  // M·A formed once per module
             // The factors are copied out: drop their mapped pages, so memory stays flat however
             // large the adapter is.
@@ -28,12 +32,13 @@ enum UpdateCompiler {
             for v in ma + b where !v.isFinite {
                 throw MergeError(tensor: tensor, problem: "module \(m.name) has NaN or infinite factors")
             }
-            if m.kind.isTransposed {
+            if term.holdsTranspose {
+                // Rows index A's inputs (termRows of them), columns B's outputs (width of them).
                 for i in 0..<n { for t in 0..<rank { l[i * k + offset + t] = ma[t * termRows + first + i] } }
-                for t in 0..<rank { for j in 0..<cols { r[(offset + t) * cols + j] = term.factor * b[j * rank + t] } }
+                for t in 0..<rank { for j in 0..<width { r[(offset + t) * cols + column[j]] = term.factor * b[j * rank + t] } }
             } else {
                 for i in 0..<n { for t in 0..<rank { l[i * k + offset + t] = term.factor * b[(first + i) * rank + t] } }
-                for t in 0..<rank { for j in 0..<cols { r[(offset + t) * cols + j] = ma[t * cols + j] } }
+                for t in 0..<rank { for j in 0..<width { r[(offset + t) * cols + column[j]] = ma[t * width + j] } }
             }
             offset += rank
         }

@@ -1,0 +1,129 @@
+import AdapterTestSupport
+import Foundation
+import Testing
+
+@testable import AdapterKit
+
+@Suite("merge: Mixture-of-Experts, fused and multimodal models (transformers 5 + PEFT references)")
+struct ExpertMergeTests {
+    /// Fixtures/expected/moe/<case>.safetensors (made by Fixtures/make_moe_fixtures.py): the tensors
+    /// PEFT's merge_and_unload changed, as save_pretrained writes them, or a numpy Float64
+    /// reference for adapters PEFT no longer makes. The base is named in the file's metadata.
+    static let cases: [String] = {
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: fixture("expected/moe"))) ?? []
+        return names.filter { $0.hasSuffix(".safetensors") }.map { String($0.dropLast(".safetensors".count)) }.sorted()
+    }()
+
+    @Test("the references are present: target_parameters on per-expert, fused and transposed bases, per-expert adapters, shared experts, fused qkv, LLaVA, Qwen2-VL")
+    func present() {
+        #expect(Self.cases.count == 12)
+    }
+
+    @Test("every tensor the reference changed, the merge changes to the same values; nothing else changes", arguments: cases)
+    func matchesReference(_ name: String) throws {
+        let expected = try SafetensorsFile(path: fixture("expected/moe/\(name).safetensors"))
+        let baseName = try #require(expected.header.metadata.first { $0.key == "base" }?.value)
+        let dir = TempDir()
+        defer { dir.remove() }
+        let (merged, _) = try merge(base: modelPath(baseName), adapters: [(adapterPath("moe-" + name), 1)], out: dir.file("out"))
+        let base = try Checkpoint(path: modelPath(baseName))
+        for t in expected.header.tensors {
+            let want = try expected.doubles(t.name)
+            let (_, file) = try #require(merged.tensor(t.name), "\(t.name) is in the output")
+            let got = try merged.files[file].doubles(t.name)
+            let scale = want.map { abs($0) }.max()!
+            #expect(got.count == want.count)
+            let worst = zip(got, want).map { abs($0 - $1) }.max() ?? 0
+            #expect(worst <= 0x1p-20 * scale, "\(t.name): off by \(worst)")
+        }
+        let changed = Set(expected.header.tensors.map(\.name))
+        #expect(Set(merged.tensorNames) == Set(base.tensorNames))
+        for (info, file) in merged.tensors where !changed.contains(info.name) {
+            let (_, baseFile) = try #require(base.tensor(info.name))
+            let same = try merged.files[file].doubles(info.name) == base.files[baseFile].doubles(info.name)
+            #expect(same, "\(info.name) is unchanged")
+        }
+    }
+
+    @Test("a target_parameters adapter is read as E experts of rank r, its nested wrappers by the config")
+    func readsParameters() throws {
+        let adapter = try Adapter(path: adapterPath("moe-qwen3-moe-params"))
+        let experts = adapter.modules.filter { $0.parameter != nil }
+        #expect(experts.map(\.parameter!.name).sorted() == ["down_proj", "gate_up_proj"])
+        for m in experts {
+            #expect(m.parameter!.experts == 4)
+            #expect(m.updateRank == 2)
+            #expect(m.scale == 2)  // lora_alpha 4 / r 2, not / (r·E)
+        }
+        let gateUp = try #require(experts.first { $0.parameter!.name == "gate_up_proj" })
+        #expect(gateUp.name.hasSuffix(".experts.base_layer"))  // the first in class order is the innermost
+        // Expert 3's slice: rows 6..<8 of A, columns 3, 7 of B.
+        let e3 = gateUp.expert(3, outputs: 6..<12, part: "up")
+        let a = try gateUp.a.doubles(), b = try gateUp.b.doubles()
+        let inF = gateUp.inFeatures, width = gateUp.rank
+        #expect(try e3.a.doubles() == Array(a[6 * inF..<8 * inF]))
+        var columns: [Double] = []
+        for row in 6..<12 { columns += [b[row * width + 3], b[row * width + 7]] }
+        #expect(try e3.b.doubles() == columns)
+    }
+
+    @Test("the nesting of target_parameters wrappers follows PEFT's rule, and ambiguity is refused")
+    func nesting() {
+        let both = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+        let r = AdapterLoader.expertParameters(["model.mlp.experts.base_layer", "model.mlp.experts", "model.q_proj"], targets: both)
+        #expect((try? r["model.mlp.experts.base_layer"]?.get())?.parameter == "gate_up_proj")
+        #expect((try? r["model.mlp.experts"]?.get())?.parameter == "down_proj")
+        #expect(r["model.q_proj"] == nil)
+        let one = AdapterLoader.expertParameters(["model.mlp.experts"], targets: ["mlp.experts.down_proj"])
+        #expect((try? one["model.mlp.experts"]?.get())?.parameter == "down_proj")
+        // Two targeted but only one stored: which one it is cannot be told.
+        let missing = AdapterLoader.expertParameters(["model.mlp.experts"], targets: both)
+        #expect(throws: AdapterLoader.Problem.self) { try missing["model.mlp.experts"]!.get() }
+        let unknown = AdapterLoader.expertParameters(["model.mlp.experts.base_layer", "model.mlp.experts"], targets: ["mlp.experts.w_in", "mlp.experts.w_out"])
+        #expect(throws: AdapterLoader.Problem.self) { try unknown["model.mlp.experts"]!.get() }
+    }
+
+    @Test("an expert adapter that does not fit the base is refused, never skipped")
+    func refusals() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        // Four experts in the adapter, onto a base whose config is the same but with tensors of another
+        // family: Mixtral's per-expert names exist, Qwen's do not.
+        func refusal(_ base: String, _ adapter: String) throws -> String {
+            do {
+                try merge(base: modelPath(base), adapters: [(adapter.hasPrefix("/") ? adapter : adapterPath(adapter), 1)], out: dir.file("o"))
+                return ""
+            } catch {
+                #expect(!FileManager.default.fileExists(atPath: dir.file("o")))
+                return "\(error)"
+            }
+        }
+        let wrongFamily = try refusal("tiny-llava", "moe-qwen3-moe-params")
+        #expect(wrongFamily.contains("model.layers.0.mlp.experts.gate_up_proj") && wrongFamily.contains("one per expert"))
+        // The same factors read with r = 1 instead of 3: twelve experts, where the base has four.
+        let copy = dir.file("r1")
+        try FileManager.default.createDirectory(atPath: copy, withIntermediateDirectories: true)
+        try FileManager.default.copyItem(atPath: adapterPath("moe-mixtral-gate-up") + "/adapter_model.safetensors", toPath: copy + "/adapter_model.safetensors")
+        var config = try String(contentsOfFile: adapterPath("moe-mixtral-gate-up") + "/adapter_config.json", encoding: .utf8)
+        config = config.replacingOccurrences(of: "\"r\": 3", with: "\"r\": 1").replacingOccurrences(of: "\"lora_alpha\": 3", with: "\"lora_alpha\": 1")
+        try config.write(toFile: copy + "/adapter_config.json", atomically: true, encoding: .utf8)
+        let misfit = try refusal("tiny-mixtral", copy)
+        #expect(misfit.contains("holds 12 experts of gate_up_proj but the base has more") || misfit.contains("lacks model.layers.0.mlp.experts.4."), "\(misfit)")
+        // An unknown family with unmatched modules: the refusal says the family is not known.
+        let unknown = try refusal("tiny-llama-f32", "moe-llava")
+        #expect(unknown.contains("family is not known"), "\(unknown)")
+    }
+
+    @Test("the families are recognised from config.json, and from tensor names without one")
+    func families() throws {
+        #expect(NameMap(base: try Checkpoint(path: modelPath("tiny-mixtral"))).family?.name == "mixtral")
+        #expect(NameMap(base: try Checkpoint(path: modelPath("tiny-gpt-oss"))).family?.gateUpInterleaved == true)
+        #expect(NameMap(base: try Checkpoint(path: modelPath("tiny-llava"))).family?.renames.isEmpty == false)
+        #expect(NameMap(base: try Checkpoint(path: modelPath("tiny-qwen2-vl") + "/model.safetensors")).family?.name == "qwen2_vl")
+        #expect(NameMap(base: try Checkpoint(path: modelPath("tiny-llama-f32"))).family == nil)
+        let f = try #require(ModelFamily.named("llava"))
+        #expect(f.renamed("model.language_model.layers.0.q_proj") == ["language_model.model.layers.0.q_proj"])
+        #expect(f.renamed("language_model.model.layers.0.q_proj") == ["model.language_model.layers.0.q_proj"])
+        #expect(f.renamed("model.vision_tower.encoder.x") == ["vision_tower.vision_model.encoder.x", "vision_tower.encoder.x"])
+    }
+}

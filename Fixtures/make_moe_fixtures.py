@@ -112,6 +112,11 @@ def peft_case(case, family, config, seed=11):
     shutil.rmtree(folder, ignore_errors=True)
     pm.save_pretrained(folder)
     os.remove(os.path.join(folder, "README.md"))
+    # The config names the base by the path it was loaded from: keep the fixture's name only.
+    config_path = os.path.join(folder, "adapter_config.json")
+    config = json.load(open(config_path))
+    config["base_model_name_or_path"] = f"tiny-{family}"
+    json.dump(config, open(config_path, "w"), indent=2, sort_keys=True)
     merged = pm.merge_and_unload()
     with tempfile.TemporaryDirectory() as tmp:
         merged.save_pretrained(tmp)

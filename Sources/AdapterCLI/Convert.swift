@@ -16,6 +16,7 @@ extension MixerInit: ExpressibleByArgument {}
 extension MixerKeyStyle: ExpressibleByArgument {}
 extension FoldSide: ExpressibleByArgument {}
 extension ResizeForm: ExpressibleByArgument {}
+extension ExpertForm: ExpressibleByArgument {}
 
 /// What a command writes, for the help of its OUTPUT argument.
 protocol OutputKind {
@@ -155,7 +156,7 @@ struct ToPEFT: ParsableCommand {
         discussion: """
         Stock PEFT has no mixer: it would ignore lora_AB tensors and give another model, so every mixer \
         is folded exactly (A' = M·A). --keep-mixer writes the MoSLoRA layout instead (lora_AB, or \
-        lora_mixer when the input had it), for the MoSLoRA code; stock PEFT cannot load that.
+        lora_mixer when the input had it), for the MoSLoRA code; stock PEFT cannot load that.         --experts rewrites Mixture-of-Experts modules exactly, against --base MODEL: per-expert (one         module per expert and projection, named as the model stores its experts: what vLLM and SGLang         load) or fused (PEFT target_parameters on the fused 3-D parameters: what PEFT 0.17+ loads).
         """
     )
 
@@ -164,8 +165,13 @@ struct ToPEFT: ParsableCommand {
     @Flag(help: "Keep the mixers (MoSLoRA layout for the MoSLoRA code; stock PEFT cannot load it).")
     var keepMixer = false
 
+    @Option(help: "Rewrite expert modules: per-expert or fused (needs --base).")
+    var experts: ExpertForm?
+
     func run() throws {
-        io.finish(try AdapterConversion.convertLayout(input: io.input, output: io.output, to: .peft, keepMixer: keepMixer, options: io.options))
+        var options = io.options
+        options.experts = experts
+        io.finish(try AdapterConversion.convertLayout(input: io.input, output: io.output, to: .peft, keepMixer: keepMixer, options: options))
     }
 }
 

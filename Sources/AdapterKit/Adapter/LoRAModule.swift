@@ -253,6 +253,12 @@ public struct LoRAModule: Sendable {
 
     public var hasMixer: Bool { mixer != nil }
 
+    /// The name a report shows: the module path, and the parameter of a `target_parameters` module.
+    public var targetName: String { parameter.map { baseName + "." + $0.name } ?? baseName }
+
+    /// The layer kind, or "experts×E" for a `target_parameters` module.
+    public var kindDescription: String { parameter.map { "experts×\($0.experts)" } ?? kind.rawValue }
+
     /// Rank of one update: r of each expert for a `target_parameters` module, else `rank`.
     public var updateRank: Int { parameter.map { rank / $0.experts } ?? rank }
 

@@ -155,8 +155,9 @@ enum AdapterWriter {
         let source = w.source.format == .peft ? w.source.config : nil
         var c = source ?? freshPEFTConfig(w)
         let sorted = isSorted(c)
-        let ranks = w.modules.map(\.rank)
-        let alphas = w.modules.map { useRSLoRA ? $0.scale * Double($0.rank).squareRoot() : $0.scale * Double($0.rank) }
+        // A target_parameters module's r is each expert's, and its pattern key `module.parameter`.
+        let ranks = w.modules.map(\.updateRank)
+        let alphas = w.modules.map { useRSLoRA ? $0.scale * Double($0.updateRank).squareRoot() : $0.scale * Double($0.updateRank) }
         let r = mostCommon(ranks) ?? 8
         let alpha = mostCommon(alphas) ?? Double(r)
         // Members set as JSONObject's subscript would set them (a repeated name keeps its first place), in linear time.
@@ -169,13 +170,13 @@ enum AdapterWriter {
             }
         }
         for (i, m) in w.modules.enumerated() {
-            if ranks[i] != r { put(&rankMembers, &rankAt, m.baseName, jsonInt(ranks[i])) }
-            if alphas[i] != alpha { put(&alphaMembers, &alphaAt, m.baseName, jsonNumber(alphas[i])) }
+            if ranks[i] != r { put(&rankMembers, &rankAt, m.targetName, jsonInt(ranks[i])) }
+            if alphas[i] != alpha { put(&alphaMembers, &alphaAt, m.targetName, jsonNumber(alphas[i])) }
         }
         let rankPattern = JSONObject(rankMembers), alphaPattern = JSONObject(alphaMembers)
         // PEFT applies a pattern key K to module N when N matches `(.*\.)?K$`: each key must pick out its own
         // module only. Every module name is looked up once in an index of all the keys.
-        let names = w.modules.map(\.baseName)
+        let names = w.modules.map(\.targetName)
         let keys = rankPattern.keys + alphaPattern.keys
         let index = PatternIndex(field: "rank_pattern and alpha_pattern", keys: keys)
         var hits = [Int](repeating: 0, count: keys.count)
@@ -197,6 +198,21 @@ enum AdapterWriter {
         c["lora_alpha"] = jsonNumber(alpha)
         c["rank_pattern"] = .object(rankPattern)
         c["alpha_pattern"] = .object(alphaPattern)
+        if w.expertsConverted {
+            // The modules changed form: PEFT's two target lists say which are modules, which parameters.
+            var modules: [String] = [], parameters: [String] = []
+            for m in w.modules {
+                if let p = m.parameter {
+                    let t = m.baseName.split(separator: ".").suffix(2).joined(separator: ".") + "." + p.name
+                    if !parameters.contains(t) { parameters.append(t) }
+                } else {
+                    let leaf = String(m.baseName.split(separator: ".").last ?? Substring(m.baseName))
+                    if !modules.contains(leaf) { modules.append(leaf) }
+                }
+            }
+            c["target_modules"] = .array(modules.sorted().map { .string($0) })
+            c["target_parameters"] = parameters.isEmpty ? .null : .array(parameters.map { .string($0) })
+        }
         c["use_rslora"] = .bool(useRSLoRA)
         c["use_dora"] = .bool(w.modules.contains { $0.magnitude != nil })
         c["fan_in_fan_out"] = .bool(w.modules.contains { $0.kind == .linearFanInFanOut })

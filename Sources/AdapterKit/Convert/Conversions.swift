@@ -162,7 +162,8 @@ public enum AdapterConversion {
             throw InputError.conversion(input, "mlx-lm has no mixer, so --keep-mixer cannot be honoured; the mixer is always folded into A for mlx")
         }
         var style = MixerKeyStyle.loraAB
-        return try convert(input: input, output: output, layout: layout, style: { style }, options: options, summary: &summary) { w, summary in
+        return try convert(input: input, output: output, layout: layout, style: { style }, options: options, expertParameters: layout == .peft,
+                           summary: &summary) { w, summary in
             if keepMixer {
                 if w.source.format == .peft, w.source.modules.contains(where: { $0.mixer?.name.hasSuffix(".lora_mixer.weight") == true }) {
                     style = .loraMixer
@@ -173,8 +174,20 @@ public enum AdapterConversion {
             var folded = 0
             for i in w.modules.indices {
                 guard let mixer = w.modules[i].heldMixer else { continue }
-                let r = w.modules[i].rank
-                w.modules[i].heldA = matmul(mixer, w.modules[i].heldA, rows: r, inner: r, cols: w.modules[i].inFeatures)
+                let m = w.modules[i]
+                if let p = m.parameter {
+                    // One mixer per expert, in row blocks: A_e' = M_e·A_e.
+                    let r = m.updateRank, n = m.inFeatures, a = m.heldA
+                    var folded = [Double](repeating: 0, count: a.count)
+                    for e in 0..<p.experts {
+                        let block = matmul(Array(mixer[e * r * r..<(e + 1) * r * r]), Array(a[e * r * n..<(e + 1) * r * n]), rows: r, inner: r, cols: n)
+                        folded.replaceSubrange(e * r * n..<(e + 1) * r * n, with: block)
+                    }
+                    w.modules[i].heldA = folded
+                } else {
+                    let r = m.rank
+                    w.modules[i].heldA = matmul(mixer, m.heldA, rows: r, inner: r, cols: m.inFeatures)
+                }
                 w.modules[i].heldMixer = nil
                 folded += 1
             }
@@ -194,6 +207,7 @@ public enum AdapterConversion {
 
     /// As above, with the mixer key style decided once the modules are transformed.
     static func convert(input: String, output: String, layout: TargetLayout, style: () -> MixerKeyStyle, options: ConvertOptions,
+                        expertParameters: Bool = false,
                         summary: inout ConvertSummary, transform: (inout WorkingAdapter, inout ConvertSummary) throws -> Void) throws -> ConvertSummary {
         if let d = options.dtype, !d.isMergeable {
             throw InputError.conversion(output, "--dtype \(d.rawValue) is not one of F32, F16, BF16, F64")
@@ -210,6 +224,15 @@ public enum AdapterConversion {
             try w.mapKohyaNames(base: options.base)
         }
         try w.mapPaddleNames(base: options.base)
+        if let form = options.experts {
+            guard expertParameters else {
+                throw InputError.conversion(input, "--experts is a to-peft option (PEFT holds both forms)")
+            }
+            try w.convertExperts(form, base: options.base)
+        }
+        if !expertParameters, let m = w.modules.first(where: { $0.parameter != nil }) {
+            throw InputError.conversion(input, "module \(m.name) adapts \(m.parameter!.experts) experts of \(m.parameter!.name) through PEFT target_parameters, which this conversion does not rewrite; make it per-expert modules first: adapter convert to-peft --experts per-expert --base MODEL")
+        }
         try transform(&w, &summary)
         let style = style()
         summary.notes += try write(w, layout: layout, style: style, output: output, options: options)
@@ -217,6 +240,7 @@ public enum AdapterConversion {
         summary.layout = layout
         summary.mixers = layout == .mlx ? 0 : w.modules.filter { $0.heldMixer != nil }.count
         summary.mixerStyle = style
+        summary.experts = options.experts
         summary.notes.append(summary.loadedBy)
         return summary
     }

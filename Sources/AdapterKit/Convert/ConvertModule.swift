@@ -14,6 +14,8 @@ public struct ConvertOptions: Sendable {
     public var dropUnknown = false
     /// fsync the output before it is renamed into place.
     public var sync = true
+    /// `to-peft --experts`: rewrite Mixture-of-Experts modules per expert or fused (needs `base`).
+    public var experts: ExpertForm?
 
     public init() {}
 }
@@ -54,8 +56,14 @@ public struct ConvertSummary: Sendable {
         return "wrote \(modules) module\(modules == 1 ? "" : "s") as \(layout.rawValue) (\(what))"
     }
 
+    /// The form `--experts` wrote expert modules in, if it was given.
+    public var experts: ExpertForm?
+
     /// Which runtimes load the output as written.
     public var loadedBy: String {
+        if experts == .perExpert && mixers == 0 {
+            return "per-expert modules: loaded as written by vLLM and SGLang (and by PEFT on models whose experts are separate modules); transformers 5 fuses the experts, so stock PEFT cannot load these into it: --experts fused for PEFT"
+        }
         switch (layout, mixers > 0) {
         case (.peft, false):
             return "loaded as written by stock PEFT (PeftModel.from_pretrained) and the runtimes that read PEFT LoRA folders (transformers, vLLM)"
@@ -143,6 +151,8 @@ struct WorkingAdapter {
     var notes: [String] = []
     /// Set by resize: ranks changed, so rank-stating metadata (kohya `ss_network_args`) is rewritten.
     var resized = false
+    /// Set by `--experts`: target_parameters and target_modules are written from the modules.
+    var expertsConverted = false
 
     /// Reads every module's factors; applies the component selection.
     init(_ adapter: Adapter, options: ConvertOptions) throws {
@@ -179,7 +189,7 @@ struct WorkingAdapter {
         var held = m
         held.a = m.a.holding(f.a, shape: [r] + m.inShape)
         held.b = m.b.holding(f.b, shape: m.orientation == .peft ? m.b.shape : [out, r])
-        held.mixer = f.m.map { m.mixer!.holding($0, shape: [r, r]) }
+        held.mixer = f.m.map { m.mixer!.holding($0, shape: m.parameter == nil ? [r, r] : m.mixer!.shape) }
         held.magnitude = try m.magnitude.map { $0.holding(try $0.doubles(), shape: $0.shape) }
         held.bias = try m.bias.map { $0.holding(try $0.doubles(), shape: $0.shape) }
         held.orientation = .peft

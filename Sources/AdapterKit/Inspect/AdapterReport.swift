@@ -80,7 +80,7 @@ public struct AdapterReport: Sendable {
     func groups() -> [Group] {
         var byPattern: [(pattern: String, modules: [LoRAModule])] = []
         for m in adapter.modules {
-            let p = (m.component.map { $0 + ":" } ?? "") + Self.targetPattern(m.baseName)
+            let p = (m.component.map { $0 + ":" } ?? "") + Self.targetPattern(m.targetName)
             if let i = byPattern.firstIndex(where: { $0.pattern == p }) { byPattern[i].modules.append(m) } else { byPattern.append((p, [m])) }
         }
         let shortNames = Self.shortNames(byPattern.map { Self.targetPattern($0.modules[0].baseName) })
@@ -191,6 +191,45 @@ public struct AdapterReport: Sendable {
         return v.arrayValue?.compactMap(\.stringValue)
     }
 
+    /// PEFT's `target_parameters` (nil when absent or empty).
+    public var targetParameters: [String]? {
+        let t = adapter.config?["target_parameters"]?.arrayValue?.compactMap(\.stringValue) ?? []
+        return t.isEmpty ? nil : t
+    }
+
+    /// The expert index of a per-expert module name (`…experts.3.gate_proj` → 3).
+    static func expertIndex(_ name: String) -> Int? {
+        let parts = name.split(separator: ".")
+        guard parts.count >= 3, parts[parts.count - 3] == "experts" else { return nil }
+        return Int(parts[parts.count - 2])
+    }
+
+    /// "gate_up_proj, down_proj as target_parameters: 128 experts per layer of rank 16, in 48
+    /// layers", and / or "per-expert modules: experts 0–127 in 48 layers"; nil without experts.
+    public var expertSummary: String? {
+        var parts: [String] = []
+        let wrapped = adapter.modules.filter { $0.parameter != nil }
+        if !wrapped.isEmpty {
+            let names = wrapped.reduce(into: [String]()) { if !$0.contains($1.parameter!.name) { $0.append($1.parameter!.name) } }
+            let experts = Set(wrapped.map(\.parameter!.experts)).sorted().map(String.init).joined(separator: "/")
+            let ranks = Set(wrapped.map(\.updateRank)).sorted().map(String.init).joined(separator: "/")
+            let layers = Set(wrapped.map(\.baseName)).count
+            parts.append("\(names.joined(separator: ", ")) as target_parameters (PEFT ParamWrapper): \(experts) experts of rank \(ranks) each, on \(plural(layers, "expert module"))")
+        }
+        let perExpert = adapter.modules.compactMap { m in Self.expertIndex(m.baseName).map { (m, $0) } }
+        if !perExpert.isEmpty {
+            let indices = Set(perExpert.map(\.1))
+            let groups = Set(perExpert.map { m, _ in m.baseName.components(separatedBy: ".experts.").first ?? "" }).count
+            let shared = adapter.modules.filter { $0.baseName.contains("shared_expert") }.count
+            let sorted = indices.sorted()
+            let which = sorted.count <= 8 ? "experts " + sorted.map(String.init).joined(separator: ", ") : "\(sorted.count) experts (\(sorted[0])–\(sorted.last!))"
+            parts.append("per-expert modules: \(which) in \(plural(groups, "layer"))\(shared > 0 ? ", and \(plural(shared, "shared-expert module"))" : "")")
+        } else if adapter.modules.contains(where: { $0.baseName.contains("shared_expert") }) {
+            parts.append("shared-expert modules: \(adapter.modules.filter { $0.baseName.contains("shared_expert") }.count)")
+        }
+        return parts.isEmpty ? nil : parts.joined(separator: "; ")
+    }
+
     /// kohya's training metadata, as (label, value) lines in a fixed order; empty for other layouts.
     public var training: [(label: String, value: String)] {
         let m = metadata
@@ -268,6 +307,7 @@ public struct AdapterReport: Sendable {
         if let w = writtenBy { lines.append("  written by  \(w)") }
         lines.append("  scale       \(scaleRule)")
         if let t = targetModules { lines += wrapped("  targets     ", t) }
+        if let e = expertSummary { lines += wrapped("  experts     ", [e]) }
         lines.append("  modules     \(adapter.modules.count)\(adapter.replacements.isEmpty ? "" : ", and \(adapter.replacements.count) full tensor replacement\(adapter.replacements.count == 1 ? "" : "s")")")
         lines.append("")
         lines += table()
@@ -310,7 +350,7 @@ public struct AdapterReport: Sendable {
     func table() -> [String] {
         var byPattern: [(component: String?, pattern: String, modules: [LoRAModule])] = []
         for m in adapter.modules {
-            let p = Self.targetPattern(m.baseName)
+            let p = Self.targetPattern(m.targetName)
             if let i = byPattern.firstIndex(where: { $0.pattern == p && $0.component == m.component }) { byPattern[i].modules.append(m) } else {
                 byPattern.append((m.component, p, [m]))
             }
@@ -325,7 +365,7 @@ public struct AdapterReport: Sendable {
             let mixers = ms.filter(\.hasMixer).count
             let alphas = ms.compactMap(\.alpha)
             rows.append((hasComponents ? [component ?? "-"] : []) + [
-                name, String(ms.count), values(ms.map(\.kind.rawValue)) { $0 }, values(ms.map(\.rank)) { String($0) },
+                name, String(ms.count), values(ms.map(\.kindDescription)) { $0 }, values(ms.map(\.updateRank)) { String($0) },
                 alphas.count == ms.count ? values(alphas, formatShort) : "-", values(ms.map(\.scale), formatShort),
                 mixers == 0 ? "no" : mixers == ms.count ? "yes" : "\(mixers)/\(ms.count)",
                 values(ms.map(\.a.entry.dtype.rawValue)) { $0 },
@@ -361,6 +401,8 @@ public struct AdapterReport: Sendable {
         o["written_by"] = writtenBy.map { .string($0) } ?? .null
         o["scale_rule"] = .string(scaleRule)
         o["target_modules"] = targetModules.map { .array($0.map { .string($0) }) } ?? .null
+        o["target_parameters"] = targetParameters.map { .array($0.map { .string($0) }) } ?? .null
+        o["experts"] = expertSummary.map { .string($0) } ?? .null
         o["training"] = .object(JSONObject(training.map { ($0.label, JSONValue.string($0.value)) }))
         o["modules"] = .array(modules.map { line in
             let m = line.module
@@ -372,6 +414,13 @@ public struct AdapterReport: Sendable {
                 ("dora", .bool(m.magnitude != nil)), ("bias", .bool(m.bias != nil)),
             ])
             if let c = m.component { mo["component"] = .string(c) }
+            if let p = m.parameter {
+                mo["parameter"] = .string(p.name)
+                mo["experts"] = .integer(p.experts)
+                mo["rank_per_expert"] = .integer(m.updateRank)
+            } else if let e = Self.expertIndex(m.baseName) {
+                mo["expert"] = .integer(e)
+            }
             if let d = line.diagnostics {
                 mo["mixer_diagnostics"] = .object(JSONObject([
                     ("distance_from_identity", .real(d.distanceFromIdentity)),

@@ -56,6 +56,7 @@ public struct CheckpointReport: Sendable {
         o["metadata"] = .object(JSONObject(metadata.map { ($0.key, .string($0.value)) }))
         if let indexMetadata { o["index_metadata"] = .object(indexMetadata) }
         if let config = checkpoint.config { o["model"] = config.json }
+        o["layout"] = BaseLayout(checkpoint).json
         o["tensor_count"] = .integer(checkpoint.tensors.count)
         o["parameter_count"] = .integer(parameterCount)
         o["byte_count"] = .integer(byteCount)
@@ -88,6 +89,7 @@ public struct CheckpointReport: Sendable {
         var lines: [String] = []
         lines.append("\(path)")
         if let config = checkpoint.config { lines.append("  model       " + config.summary) }
+        lines += BaseLayout(checkpoint).lines.map { "  " + $0 }
         lines.append("  files       \(files.count == 1 ? files[0] : "\(files.count) shards (\(files.first!) … \(files.last!))")")
         lines.append("  tensors     \(checkpoint.tensors.count)")
         lines.append("  parameters  \(formatCount(parameterCount))")

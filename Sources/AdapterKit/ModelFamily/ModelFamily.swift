@@ -98,3 +98,86 @@ struct ModelFamily: Sendable {
         return out
     }
 }
+
+/// What `inspect` says of a base's layout: the family recognised, how its experts are stored, how
+/// many parameters are experts' and how many dense, and the multimodal key layout.
+struct BaseLayout: Sendable {
+    let family: String?
+    /// "per expert (2-D)", "fused [E, out, in]", "fused [E, in, out]" (with gpt-oss's interleave).
+    let expertStorage: String?
+    let expertsPerLayer: Int?
+    let expertLayers: Int
+    let expertParameters: Int
+    let denseParameters: Int
+    /// The multimodal prefix style: "hub (language_model.model.…)" or "transformers 5 (model.language_model.…)".
+    let keyLayout: String?
+
+    init(_ base: Checkpoint) {
+        let family = ModelFamily.of(base)
+        self.family = family?.name
+        var perExpert = Set<Int>(), layers = Set<String>(), fused = false, fusedExperts: Int?
+        var expert = 0, dense = 0
+        var hub = false, memory = false, qwenDisk = false
+        for (entry, _) in base.tensors {
+            let n = entry.name
+            if n.hasPrefix("language_model.model.") || n.hasPrefix("vision_tower.vision_model.") { hub = true }
+            if n.hasPrefix("model.language_model.") { memory = true }
+            if n.hasPrefix("visual.") { qwenDisk = true }
+            guard let range = n.range(of: ".experts.") else { dense += entry.elementCount; continue }
+            expert += entry.elementCount
+            layers.insert(String(n[..<range.lowerBound]))
+            let rest = n[range.upperBound...]
+            if let e = rest.split(separator: ".").first.flatMap({ Int($0) }) {
+                perExpert.insert(e)
+            } else if entry.shape.count == 3 {
+                fused = true
+                fusedExperts = entry.shape[0]
+            }
+        }
+        expertParameters = expert
+        denseParameters = dense
+        expertLayers = layers.count
+        if fused {
+            let transposed = family?.expertsTransposed == true
+            expertStorage = transposed ? "fused [E, in, out]" + (family?.gateUpInterleaved == true ? ", gate and up interleaved" : "") : "fused [E, out, in]"
+            expertsPerLayer = fusedExperts
+        } else if !perExpert.isEmpty {
+            expertStorage = "per expert (2-D)"
+            expertsPerLayer = perExpert.count
+        } else {
+            expertStorage = nil
+            expertsPerLayer = nil
+        }
+        if hub {
+            keyLayout = "hub (language_model.model.…)"
+        } else if memory {
+            keyLayout = "transformers 5 (model.language_model.…)"
+        } else if qwenDisk {
+            keyLayout = "Qwen2-VL on disk (model.… and visual.…)"
+        } else {
+            keyLayout = nil
+        }
+    }
+
+    var lines: [String] {
+        var out: [String] = []
+        if let family { out.append("family      \(family)") }
+        if let expertStorage, let expertsPerLayer {
+            out.append("experts     \(expertsPerLayer) per layer in \(plural(expertLayers, "layer")), stored \(expertStorage); \(formatCount(expertParameters)) expert parameters, \(formatCount(denseParameters)) dense")
+        }
+        if let keyLayout { out.append("key layout  \(keyLayout)") }
+        return out
+    }
+
+    var json: JSONValue {
+        .object(JSONObject([
+            ("family", family.map { .string($0) } ?? .null),
+            ("expert_storage", expertStorage.map { .string($0) } ?? .null),
+            ("experts_per_layer", expertsPerLayer.map { .integer($0) } ?? .null),
+            ("expert_layers", .integer(expertLayers)),
+            ("expert_parameters", .integer(expertParameters)),
+            ("dense_parameters", .integer(denseParameters)),
+            ("key_layout", keyLayout.map { .string($0) } ?? .null),
+        ]))
+    }
+}

@@ -127,3 +127,79 @@ struct ExpertMergeTests {
         #expect(f.renamed("model.vision_tower.encoder.x") == ["vision_tower.vision_model.encoder.x", "vision_tower.encoder.x"])
     }
 }
+
+@Suite("convert to-peft --experts: target_parameters ⇄ per-expert modules, exactly")
+struct ExpertConversionTests {
+    /// Converts `adapter` with `--experts form --base base`, merges the result into `base`, and
+    /// compares with the reference of `reference` (the unconverted adapter's PEFT or numpy merge).
+    func roundTrip(_ adapter: String, _ form: ExpertForm, base: String, reference: String) throws -> Adapter {
+        let dir = TempDir()
+        defer { dir.remove() }
+        var options = ConvertOptions()
+        options.experts = form
+        options.base = modelPath(base)
+        options.sync = false
+        let converted = dir.file("converted")
+        let summary = try AdapterConversion.convertLayout(input: adapterPath(adapter), output: converted, to: .peft, options: options)
+        #expect(summary.experts == form)
+        let (merged, _) = try merge(base: modelPath(base), adapters: [(converted, 1)], out: dir.file("merged"))
+        let expected = try SafetensorsFile(path: fixture("expected/moe/\(reference).safetensors"))
+        for t in expected.header.tensors {
+            let want = try expected.doubles(t.name)
+            let (_, file) = try #require(merged.tensor(t.name))
+            let got = try merged.files[file].doubles(t.name)
+            let scale = want.map { abs($0) }.max()!
+            #expect(zip(got, want).allSatisfy { abs($0 - $1) <= 0x1p-20 * scale }, "\(t.name)")
+        }
+        return try Adapter(path: converted)
+    }
+
+    @Test("Qwen3-MoE target_parameters → per-expert modules named as the checkpoint stores them: the same merge as PEFT's")
+    func qwenToPerExpert() throws {
+        let a = try roundTrip("moe-qwen3-moe-params", .perExpert, base: "tiny-qwen3-moe", reference: "qwen3-moe-params")
+        #expect(a.modules.allSatisfy { $0.parameter == nil })
+        #expect(a.modules.contains { $0.baseName == "model.layers.0.mlp.experts.3.up_proj" })
+        #expect(a.modules.count == 4 * 3 + 1)
+    }
+
+    @Test("per-expert modules → target_parameters: gate and up side by side, missing experts zero, the same merge")
+    func qwenToFused() throws {
+        let a = try roundTrip("moe-qwen3-moe-per-expert", .fused, base: "tiny-qwen3-moe", reference: "qwen3-moe-per-expert")
+        let gateUp = try #require(a.modules.first { $0.parameter?.name == "gate_up_proj" })
+        #expect(gateUp.name == "base_model.model.model.layers.0.mlp.experts.base_layer")
+        #expect(gateUp.parameter?.experts == 4 && gateUp.updateRank == 4)
+        #expect(a.modules.first { $0.parameter?.name == "down_proj" }?.name == "base_model.model.model.layers.0.mlp.experts")
+    }
+
+    @Test("Mixtral: w1/w3/w2 under block_sparse_moe on disk, mlp.experts.gate_up_proj in memory, both ways")
+    func mixtral() throws {
+        let perExpert = try roundTrip("moe-mixtral-gate-up", .perExpert, base: "tiny-mixtral", reference: "mixtral-gate-up")
+        #expect(perExpert.modules.contains { $0.baseName == "model.layers.0.block_sparse_moe.experts.2.w3" })
+        let fused = try roundTrip("moe-mixtral-per-expert", .fused, base: "tiny-mixtral", reference: "mixtral-per-expert")
+        #expect(fused.modules.map(\.baseName).sorted() == ["model.layers.0.mlp.experts", "model.layers.0.mlp.experts"])
+    }
+
+    @Test("what cannot be written exactly is refused with the reason, and nothing is written")
+    func refusals() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        func refusal(_ adapter: String, _ form: ExpertForm?, base: String?, to layout: TargetLayout = .peft) -> String {
+            var options = ConvertOptions()
+            options.experts = form
+            options.base = base.map(modelPath)
+            let out = dir.file("out")
+            do {
+                _ = try AdapterConversion.convertLayout(input: adapterPath(adapter), output: out, to: layout, options: options)
+                return ""
+            } catch {
+                #expect(!FileManager.default.fileExists(atPath: out))
+                return "\(error)"
+            }
+        }
+        #expect(refusal("moe-gpt-oss-params", .perExpert, base: "tiny-gpt-oss").contains("keeps these experts fused"))
+        #expect(refusal("moe-gpt-oss-per-expert", .fused, base: "tiny-gpt-oss").contains("[E, in, out]"))
+        #expect(refusal("moe-qwen3-moe-per-expert", .fused, base: nil).contains("--experts needs --base"))
+        #expect(refusal("moe-qwen3-moe-params", nil, base: nil, to: .kohya).contains("--experts per-expert"))
+        #expect(refusal("moe-qwen3-moe-params", nil, base: nil, to: .mlx).contains("target_parameters"))
+    }
+}

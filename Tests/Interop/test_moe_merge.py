@@ -118,3 +118,22 @@ def test_per_expert_adapter_gives_one_model_on_fused_and_per_expert_bases(tmp_pa
         assert torch.equal(sa[k], sb[k]), k
     assert not torch.equal(sa["model.layers.0.mlp.experts.gate_up_proj"], base.state_dict()["model.layers.0.mlp.experts.gate_up_proj"])
     assert_logits_match(run(ma), run(mb), run(base), "per-expert adapter, two base layouts")
+
+
+@pytest.mark.parametrize("case,family", [("qwen3-moe-per-expert", "qwen3-moe"), ("mixtral-per-expert", "mixtral")])
+def test_fused_conversion_loads_in_stock_peft(case, family, tmp_path):
+    """`convert to-peft --experts fused` of an older per-expert adapter: stock PEFT loads it into
+    the transformers 5 model (fused experts) and its merge equals the numpy float64 merge of the
+    per-expert adapter (Fixtures/expected/moe)."""
+    from safetensors.numpy import load_file
+
+    out = tmp_path / "fused"
+    adapter("convert", "to-peft", "--quiet", "--experts", "fused", "--base", MODELS / f"tiny-{family}", ADAPTERS / f"moe-{case}", out)
+    model = PeftModel.from_pretrained(load(MODELS / f"tiny-{family}", torch.float32, family), str(out)).merge_and_unload()
+    merged = tmp_path / "merged"
+    model.save_pretrained(merged)
+    got = load_file(str(merged / "model.safetensors"))
+    want = load_file(str(MODELS.parent / "expected" / "moe" / f"{case}.safetensors"))
+    for k, v in want.items():
+        scale = float(abs(v).max())
+        assert float(abs(got[k] - v).max()) <= 2 ** -20 * scale, k

@@ -28,6 +28,7 @@ import transformers as T
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+MULTIMODAL = ("llava", "qwen2-vl", "qwen2.5-vl", "gemma3")
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = os.path.join(HERE, "models")
 ADAPTERS = os.path.join(HERE, "adapters")
@@ -57,6 +58,15 @@ def build(family):
     elif family == "gpt-oss":
         m = T.GptOssForCausalLM(T.GptOssConfig(**text(intermediate_size=6, num_local_experts=4, num_experts_per_tok=2,
                                                       layer_types=["full_attention"])))
+    elif family == "deepseek-v3":
+        t = text(num_hidden_layers=2, num_key_value_heads=2, moe_intermediate_size=6, n_routed_experts=4, n_shared_experts=1,
+                 num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=4,
+                 qk_nope_head_dim=4, v_head_dim=8, n_group=1, topk_group=1)
+        t.pop("head_dim")
+        m = T.DeepseekV3ForCausalLM(T.DeepseekV3Config(**t))
+    elif family == "llama4":
+        m = T.Llama4ForCausalLM(T.Llama4TextConfig(**text(intermediate_size=6, intermediate_size_mlp=24, num_local_experts=4,
+                                                         num_experts_per_tok=1, moe_layers=[0])))
     elif family == "phi3":
         t = text(num_key_value_heads=2)
         t.pop("head_dim")
@@ -66,6 +76,18 @@ def build(family):
                                     image_size=16, patch_size=8)
         m = T.LlavaForConditionalGeneration(T.LlavaConfig(text_config=T.LlamaConfig(**text()).to_dict(),
                                                           vision_config=vision.to_dict(), image_token_index=63))
+    elif family == "gemma3":
+        m = T.Gemma3ForConditionalGeneration(T.Gemma3Config(
+            text_config=text(), vision_config=dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                                                   image_size=16, patch_size=8), mm_tokens_per_image=4, image_token_index=63))
+    elif family == "qwen2.5-vl":
+        t = text(rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]})
+        t.pop("head_dim")
+        m = T.Qwen2_5_VLForConditionalGeneration(T.Qwen2_5_VLConfig(
+            text_config=t, vision_config=dict(depth=1, hidden_size=16, out_hidden_size=16, intermediate_size=24, num_heads=2,
+                                              patch_size=2, spatial_merge_size=1, temporal_patch_size=1, in_channels=3,
+                                              fullatt_block_indexes=[0], window_size=4),
+            image_token_id=63, video_token_id=62, vision_start_token_id=61))
     elif family == "qwen2-vl":
         t = text(rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]})
         t.pop("head_dim")
@@ -104,7 +126,7 @@ def save_base(family):
 def peft_case(case, family, config, seed=11):
     """An adapter made by PEFT on `family`, and every tensor its merge changes on disk."""
     base = disk_tensors(os.path.join(MODELS, f"tiny-{family}"))
-    model = T.AutoModelForImageTextToText if family in ("llava", "qwen2-vl") else T.AutoModelForCausalLM
+    model = T.AutoModelForImageTextToText if family in MULTIMODAL else T.AutoModelForCausalLM
     m = model.from_pretrained(os.path.join(MODELS, f"tiny-{family}"), dtype=torch.float32)
     torch.manual_seed(seed)
     pm = peft.get_peft_model(m, config)
@@ -189,7 +211,7 @@ def fused_qwen3_moe():
 
 
 def main():
-    for family in ("qwen3-moe", "qwen2-moe", "mixtral", "gpt-oss", "phi3", "llava", "qwen2-vl"):
+    for family in ("qwen3-moe", "qwen2-moe", "mixtral", "gpt-oss", "deepseek-v3", "llama4", "phi3", "llava", "qwen2-vl", "qwen2.5-vl", "gemma3"):
         save_base(family)
     experts = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
     peft_case("qwen3-moe-params", "qwen3-moe", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], target_parameters=experts,
@@ -201,6 +223,16 @@ def main():
     peft_case("qwen2-moe-shared", "qwen2-moe", peft.LoraConfig(
         r=2, lora_alpha=4, target_modules=["shared_expert.gate_proj", "shared_expert.down_proj"], target_parameters=["mlp.experts.down_proj"],
         use_rslora=True, init_lora_weights=False))
+    peft_case("deepseek-v3-shared", "deepseek-v3", peft.LoraConfig(
+        # PEFT 0.21 reads gate_proj / up_proj as the experts' fused gate_up_proj too (and refuses one without the other).
+        r=2, lora_alpha=4, target_modules=["gate_proj", "up_proj", "q_b_proj"], target_parameters=experts,
+        init_lora_weights=False))
+    peft_case("llama4-params", "llama4", peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj", "shared_expert.gate_proj"],
+        target_parameters=["feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"], init_lora_weights=False))
+    peft_case("qwen2.5-vl", "qwen2.5-vl", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "qkv", "mlp.0", "up_proj"],
+                                                          init_lora_weights=False))
+    peft_case("gemma3", "gemma3", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "o_proj", "fc1"], init_lora_weights=False))
     peft_case("phi3-fused", "phi3", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["qkv_proj", "gate_up_proj"], init_lora_weights=False))
     peft_case("llava", "llava", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "linear_1"], init_lora_weights=False))
     peft_case("qwen2-vl", "qwen2-vl", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "qkv", "mlp.0"], init_lora_weights=False))

@@ -199,7 +199,8 @@ enum AdapterLoader {
         }
 
         let parameterOf = format == .peft && !settings.targetParameters.isEmpty
-            ? expertParameters(order.map { settings.baseName(of: $0).name }, targets: settings.targetParameters) : [:]
+            ? expertParameters(order.map { settings.baseName(of: $0).name }, targets: settings.targetParameters, isTargetModule: settings.isTargetModule)
+            : [:]
         var modules: [LoRAModule] = []
         for name in order {
             let p = parts[name]!
@@ -300,8 +301,12 @@ enum AdapterLoader {
     /// a parameter `P.p` is targeted when it equals or ends with `.t` for an entry t; several
     /// parameters of one module nest, the first in the class's order innermost, so with k of them
     /// the stored module `P` + `.base_layer` × d adapts the (k − d)-th. Modules no entry names are
-    /// absent from the result (ordinary modules).
-    static func expertParameters(_ names: [String], targets: [String]) -> [String: Result<(path: String, parameter: String), Problem>] {
+    /// absent from the result (ordinary modules), and so is a module `target_modules` names: a bare
+    /// entry (`gate_up_proj`, as PEFT 0.21 writes when it converts older configs) matches every
+    /// module path, but PEFT wraps only modules that have the parameter.
+    static func expertParameters(_ names: [String], targets: [String], isTargetModule: (String) -> Bool = { _ in false })
+        -> [String: Result<(path: String, parameter: String), Problem>]
+    {
         func strip(_ name: String) -> (path: String, depth: Int) {
             var n = name, d = 0
             while n.hasSuffix(".base_layer") { n.removeLast(".base_layer".count); d += 1 }
@@ -322,7 +327,7 @@ enum AdapterLoader {
         for name in names {
             let (path, d) = strip(name)
             let found = candidates(path)
-            if found.isEmpty { continue }
+            if found.isEmpty || (d == 0 && isTargetModule(path)) { continue }
             if found.count == 1 {
                 result[name] = d == 0 ? .success((path, found[0])) : .failure(Problem(text: "target_parameters names one parameter of \(path) (\(found[0])) but the module is nested \(d) deep"))
                 continue

@@ -84,6 +84,8 @@ struct PEFTFields {
     /// `target_parameters`: parameters (not modules) adapted through PEFT's ParamWrapper, as
     /// `module.path.parameter` names matched by suffix (`mlp.experts.gate_up_proj`).
     var targetParameters: [String] = []
+    /// `target_modules` given as one regular expression (PEFT full-matches it against module names).
+    var targetModulesPattern: String?
     /// Defaults taken, for messages: `lora_alpha missing: PEFT's default 8 assumed`.
     var assumptions: [String] = []
 
@@ -120,6 +122,7 @@ struct PEFTFields {
         alphaIndex = PatternIndex(field: f.prefix + "alpha_pattern", keys: alphaPattern.map(\.0))
         modulesToSave = try f.strings("modules_to_save") ?? []
         targetModules = try f.strings("target_modules", allowString: true)
+        targetModulesPattern = f.object["target_modules"]?.stringValue
         targetParameters = try f.strings("target_parameters") ?? []
     }
 
@@ -294,6 +297,20 @@ struct AdapterSettings {
 
     /// PEFT's `target_parameters` (empty for other layouts).
     var targetParameters: [String] { peft?.targetParameters ?? [] }
+
+    /// Whether PEFT's `target_modules` names the module `name` (model terms), by PEFT's rule: a
+    /// list entry equal to the name or to its last components, or one regular expression that
+    /// matches the whole name.
+    func isTargetModule(_ name: String) -> Bool {
+        guard let p = peft else { return false }
+        if let pattern = p.targetModulesPattern {
+            // Only to tell modules from wrapped parameters: a pattern too costly to run is not used
+            // (the module is then read as a parameter's, and a mismatch is refused, never skipped).
+            guard AdapterSettings.isSafePattern(pattern), let regex = try? Regex(pattern) else { return false }
+            return (try? regex.wholeMatch(in: name)) != nil
+        }
+        return (p.targetModules ?? []).contains { name == $0 || name.hasSuffix("." + $0) }
+    }
 
     /// The rank and alpha PEFT gives the parameter `key` (`module.path.gate_up_proj`), nil without a PEFT config.
     func parameterRank(_ key: String) throws -> (rank: Int, alpha: Double, rankFromPattern: Bool)? {

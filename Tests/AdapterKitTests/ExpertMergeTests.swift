@@ -203,3 +203,32 @@ struct ExpertConversionTests {
         #expect(refusal("moe-qwen3-moe-params", nil, base: nil, to: .mlx).contains("target_parameters"))
     }
 }
+
+@Suite("inspect: experts, targeted parameters, rank per expert; a base's family and expert storage")
+struct ExpertInspectTests {
+    @Test("a target_parameters adapter: experts line, kind experts×E, r per expert, JSON fields")
+    func adapter() throws {
+        let report = try AdapterReport(try Adapter(path: adapterPath("moe-qwen3-moe-params")))
+        let text = report.text()
+        #expect(text.contains("experts     gate_up_proj, down_proj as target_parameters (PEFT ParamWrapper): 4 experts of rank 2 each"))
+        #expect(text.contains("mlp.experts.gate_up_proj       1  experts×4  2      4      2"), "\(text)")
+        let json = JSONWriter.compact(report.json())
+        #expect(json.contains(#""parameter":"gate_up_proj""#) && json.contains(#""experts":4"#) && json.contains(#""rank_per_expert":2"#))
+        #expect(json.contains(#""target_parameters":["mlp.experts.gate_up_proj","mlp.experts.down_proj"]"#))
+        let perExpert = try AdapterReport(try Adapter(path: adapterPath("moe-qwen3-moe-per-expert"))).text()
+        #expect(perExpert.contains("per-expert modules: experts 0, 2 in 1 layer"))
+    }
+
+    @Test("a base: family, how experts are stored, expert and dense parameters, key layout")
+    func base() throws {
+        let oss = CheckpointReport(try Checkpoint(path: modelPath("tiny-gpt-oss"))).text(tensors: false)
+        #expect(oss.contains("family      gpt_oss"))
+        #expect(oss.contains("experts     4 per layer in 1 layer, stored fused [E, in, out], gate and up interleaved"))
+        let qwen = CheckpointReport(try Checkpoint(path: modelPath("tiny-qwen3-moe"))).text(tensors: false)
+        #expect(qwen.contains("stored per expert (2-D); 1.15 K (1152) expert parameters"))
+        let llava = CheckpointReport(try Checkpoint(path: modelPath("tiny-llava"))).text(tensors: false)
+        #expect(llava.contains("key layout  hub (language_model.model.…)"))
+        let json = JSONWriter.compact(CheckpointReport(try Checkpoint(path: modelPath("tiny-mixtral"))).json())
+        #expect(json.contains(#""layout":{"family":"mixtral","expert_storage":"per expert (2-D)","experts_per_layer":4"#), "\(json)")
+    }
+}

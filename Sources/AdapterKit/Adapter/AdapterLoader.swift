@@ -368,6 +368,7 @@ enum AdapterLoader {
             throw InputError(module.a.path, "module \(module.name) (\(parameter)): DoRA and lora_B.bias on target_parameters are not supported (PEFT has neither)")
         }
         m.parameter = ExpertParameter(name: parameter, experts: rows / r)
+        if module.b.store != nil { m.split = ExpertColumnSplit(module.b, experts: rows / r) }
         return m
     }
 

@@ -1,3 +1,5 @@
+import Foundation
+
 /// The layout an adapter was written in.
 public enum AdapterFormat: String, Sendable, CaseIterable {
     case peft, kohya, diffusers, mlx, paddle, mytransformers
@@ -30,6 +32,8 @@ public struct TensorRef: Sendable {
         /// Rows and columns of another tensor's 2-D view (first dimension × the rest), read from it
         /// when used: one expert's factors inside a PEFT `target_parameters` module.
         indirect case slice(of: TensorRef, rows: StridedRange, columns: StridedRange)
+        /// Expert e's columns j·E + e of a `target_parameters` B, from a split shared by all experts.
+        case expertColumns(ExpertColumnSplit, expert: Int)
     }
 
     let storage: Storage
@@ -58,7 +62,17 @@ public struct TensorRef: Sendable {
         case .stored(let s): s
         case .held: nil
         case .slice(let parent, _, _): parent.store
+        case .expertColumns(let split, _): split.parent.store
         }
+    }
+
+    /// Expert `e`'s columns of this B (shape [out, r]), read through `split` (made once per factor).
+    func expertColumns(_ e: Int, of split: ExpertColumnSplit, name: String) -> TensorRef {
+        split.register(e)
+        let shape = [split.rows, split.rank]
+        let encoding = TensorEncoding.plain(dtype)
+        return TensorRef(storage: .expertColumns(split, expert: e),
+                         entry: TensorEntry(name: name, shape: shape, encoding: encoding, byteCount: encoding.byteCount(elements: split.rows * split.rank) ?? 0))
     }
 
     /// Rows and columns of this tensor's 2-D view (first dimension × the rest) as a tensor of
@@ -68,7 +82,7 @@ public struct TensorRef: Sendable {
         let (r0, c0) = (shape.first ?? 1, shape.dropFirst().reduce(1, *))
         precondition(rows.isWithin(r0) && columns.isWithin(c0), "a slice must lie inside its tensor")
         let storage: Storage
-        if case .slice(let parent, let pr, let pc) = self.storage {
+        if case .slice(let parent, let pr, let pc) = self.storage, parent.isStoredOrHeld {
             storage = .slice(of: parent, rows: pr.composed(with: rows), columns: pc.composed(with: columns))
         } else {
             storage = .slice(of: self, rows: rows, columns: columns)
@@ -77,6 +91,13 @@ public struct TensorRef: Sendable {
         let encoding = TensorEncoding.plain(dtype)
         return TensorRef(storage: storage, entry: TensorEntry(name: name, shape: shape, encoding: encoding,
                                                              byteCount: encoding.byteCount(elements: rows.count * columns.count) ?? 0))
+    }
+
+    private var isStoredOrHeld: Bool {
+        switch storage {
+        case .stored, .held: true
+        case .slice, .expertColumns: false
+        }
     }
 
     private init(storage: Storage, entry: TensorEntry) {
@@ -102,7 +123,7 @@ public struct TensorRef: Sendable {
         switch storage {
         case .stored(let s): try s.floats(entry.name)
         case .held(let v): v.map { Float($0) }
-        case .slice: try doubles().map { Float($0) }
+        case .slice, .expertColumns: try doubles().map { Float($0) }
         }
     }
 
@@ -112,6 +133,8 @@ public struct TensorRef: Sendable {
         case .held(let v): return v
         case .slice(let parent, let rows, let columns):
             return try parent.doubles(rows: rows, columns: columns)
+        case .expertColumns(let split, let e):
+            return try split.block(e)
         }
     }
 
@@ -126,13 +149,17 @@ public struct TensorRef: Sendable {
                 for j in 0..<columns.count { out[i * columns.count + j] = v[rows[i] * width + columns[j]] }
             }
         case .stored(let s):
+            guard rows.count > 0, columns.count > 0 else { return out }
             let dtype = entry.dtype
             let size = dtype.byteSize
-            try s.withBytes(of: entry.name) { raw in
+            // Only the bytes from the first row asked for to the last are read (one expert's
+            // block of A rows is contiguous).
+            let first = rows[0] * width, last = rows[rows.count - 1] * width + width
+            try s.withBytes(of: entry.name, range: first * size..<last * size) { raw in
                 guard let base = raw.baseAddress else { return }
                 out.withUnsafeMutableBufferPointer { o in
                     for i in 0..<rows.count {
-                        let row = rows[i] * width
+                        let row = rows[i] * width - first
                         if columns.step == 1 {
                             ElementConversion.toDouble(dtype, base + (row + columns.start) * size, o.baseAddress! + i * columns.count, count: columns.count)
                         } else {
@@ -143,8 +170,12 @@ public struct TensorRef: Sendable {
                     }
                 }
             }
-        case .slice:
-            preconditionFailure("slices are always of a stored or held tensor")
+        case .slice, .expertColumns:
+            // A slice of a computed view: the view's values, then the rows and columns.
+            let v = try doubles()
+            for i in 0..<rows.count {
+                for j in 0..<columns.count { out[i * columns.count + j] = v[rows[i] * width + columns[j]] }
+            }
         }
         return out
     }
@@ -155,7 +186,63 @@ public struct TensorRef: Sendable {
         case .stored(let s): s.release(entry.name)
         case .held: break
         case .slice(let parent, _, _): parent.release()
+        case .expertColumns: break  // the split drops each expert's block once it has been read
         }
+    }
+}
+
+/// The experts' column blocks of one `target_parameters` B [out, r·E] (column j·E + e is rank j of
+/// expert e): strided in the file, so reading one expert means reading all of B. The first read
+/// decodes B once and splits it into E blocks [out, r]; each block is dropped once every slice
+/// made of it has been read, so memory goes down as the merge moves through the experts, and B
+/// is decoded once per merge instead of once per expert.
+final class ExpertColumnSplit: @unchecked Sendable {
+    let parent: TensorRef
+    let experts: Int
+    let rows: Int
+    let rank: Int
+    private let lock = NSLock()
+    private var blocks: [Int: [Double]] = [:]
+    private var pending: [Int: Int] = [:]
+    private var decoded = false
+
+    init(_ parent: TensorRef, experts: Int) {
+        self.parent = parent
+        self.experts = experts
+        rows = parent.shape.first ?? 0
+        rank = (parent.shape.dropFirst().reduce(1, *)) / max(1, experts)
+    }
+
+    /// A slice of expert `e` was made: its block is kept until that many reads.
+    func register(_ e: Int) {
+        lock.lock()
+        defer { lock.unlock() }
+        pending[e, default: 0] += 1
+    }
+
+    /// Expert e's block, row-major [out, r].
+    func block(_ e: Int) throws -> [Double] {
+        lock.lock()
+        defer { lock.unlock() }
+        if blocks[e] == nil {
+            let all = try parent.doubles()
+            parent.release()
+            // The first read splits every expert a slice was made for; a later miss (a block read
+            // more often than registered) splits only the one asked for.
+            let wanted = decoded ? [e] : (0..<experts).filter { $0 == e || (pending[$0] ?? 0) > 0 }
+            decoded = true
+            let width = rank * experts
+            for x in wanted {
+                var b = [Double](repeating: 0, count: rows * rank)
+                for i in 0..<rows { for j in 0..<rank { b[i * rank + j] = all[i * width + j * experts + x] } }
+                blocks[x] = b
+            }
+        }
+        let b = blocks[e]!
+        let left = (pending[e] ?? 1) - 1
+        pending[e] = left
+        if left <= 0 { blocks[e] = nil }
+        return b
     }
 }
 
@@ -250,6 +337,8 @@ public struct LoRAModule: Sendable {
     /// `experts` experts, with A [r·E, in] (expert e in rows e·r..<(e+1)·r), B [out, r·E] (column
     /// j·E + e is rank j of expert e) and a mixer, when there is one, [r·E, r] in row blocks like A.
     public var parameter: ExpertParameter? = nil
+    /// For a stored `target_parameters` B: the split its experts' columns are read through.
+    var split: ExpertColumnSplit? = nil
 
     public var hasMixer: Bool { mixer != nil }
 
@@ -274,9 +363,12 @@ public struct LoRAModule: Sendable {
         var m = self
         m.name = label
         m.a = a.slice(rows: StridedRange(start: e * r, count: r), columns: .all(inFeatures), name: a.name + "[expert \(e)]")
-        m.b = b.slice(rows: StridedRange(out), columns: StridedRange(start: e, step: p.experts, count: r), name: b.name + "[expert \(e)]")
+        let columns = split.map { b.expertColumns(e, of: $0, name: b.name + "[expert \(e)]") }
+            ?? b.slice(rows: .all(outFeatures), columns: StridedRange(start: e, step: p.experts, count: r), name: b.name + "[expert \(e)]")
+        m.b = outputs == nil ? columns : columns.slice(rows: StridedRange(out), columns: .all(r), name: b.name + "[expert \(e)]")
         m.mixer = mixer.map { $0.slice(rows: StridedRange(start: e * r, count: r), columns: .all(r), name: $0.name + "[expert \(e)]") }
         m.parameter = nil
+        m.split = nil
         m.kind = .linear
         return m
     }

@@ -34,6 +34,9 @@ public protocol TensorContainer: AnyObject, Sendable {
     func entry(_ name: String) -> TensorEntry?
     /// Calls `body` with the tensor's little-endian, row-major bytes.
     func withBytes<R>(of name: String, _ body: (UnsafeRawBufferPointer) throws -> R) throws -> R
+    /// Calls `body` with bytes `range` of the tensor's bytes (a block of rows of an expert factor),
+    /// reading no more than that where the container can.
+    func withBytes<R>(of name: String, range: Range<Int>, _ body: (UnsafeRawBufferPointer) throws -> R) throws -> R
     /// The file region holding the tensor's bytes as stored, when they are one (nil when they have
     /// to be decompressed or gathered: read them with `withBytes`).
     func region(of name: String) -> FileRegion?
@@ -45,6 +48,16 @@ public protocol TensorContainer: AnyObject, Sendable {
 
 extension TensorContainer {
     public func prefetch(_ name: String) {}
+
+    /// Reads the whole tensor and hands `body` the part asked for.
+    public func withBytes<R>(of name: String, range: Range<Int>, _ body: (UnsafeRawBufferPointer) throws -> R) throws -> R {
+        try withBytes(of: name) { all in
+            guard range.lowerBound >= 0, range.upperBound <= all.count else {
+                throw TensorReadError(file: path, tensor: name, problem: "bytes \(range) are outside its \(all.count) bytes")
+            }
+            return try body(UnsafeRawBufferPointer(rebasing: all[range]))
+        }
+    }
 
     /// The tensor's elements as Float32 (for adapter factors, which are small).
     public func floats(_ name: String) throws -> [Float] {

@@ -193,6 +193,7 @@ struct WorkingAdapter {
         held.magnitude = try m.magnitude.map { $0.holding(try $0.doubles(), shape: $0.shape) }
         held.bias = try m.bias.map { $0.holding(try $0.doubles(), shape: $0.shape) }
         held.orientation = .peft
+        held.split = nil  // experts are sliced from the held values from now on
         return held
     }
 

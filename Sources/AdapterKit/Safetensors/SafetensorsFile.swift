@@ -61,6 +61,23 @@ public final class SafetensorsFile: TensorContainer {
         return try body(UnsafeRawBufferPointer(target))
     }
 
+    /// Reads only bytes `range` of the tensor (checked against it), with the same file-change check.
+    public func withBytes<R>(of name: String, range: Range<Int>, _ body: (UnsafeRawBufferPointer) throws -> R) throws -> R {
+        guard let t = info(name) else { throw TensorReadError(file: path, tensor: name, problem: "no such tensor") }
+        let whole = fileRange(of: t)
+        guard range.lowerBound >= 0, range.upperBound <= whole.count else {
+            throw TensorReadError(file: path, tensor: name, problem: "bytes \(range) are outside its \(whole.count) bytes")
+        }
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: max(1, range.count), alignment: 64)
+        defer { buffer.deallocate() }
+        let target = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<range.count])
+        let got = range.isEmpty ? 0 : try descriptor.read(into: target, at: whole.lowerBound + range.lowerBound)
+        guard got == range.count, (try? descriptor.status().size) == fileSize else {
+            throw TensorReadError(file: path, tensor: name, problem: "the file changed while being read (it was \(fileSize) bytes when opened; now \((try? descriptor.status().size).map(String.init) ?? "unreadable")); nothing was written")
+        }
+        return try body(UnsafeRawBufferPointer(target))
+    }
+
     /// Nothing is held between reads.
     public func release(_ name: String) {}
 

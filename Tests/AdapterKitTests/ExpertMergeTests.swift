@@ -65,6 +65,8 @@ struct ExpertMergeTests {
         var columns: [Double] = []
         for row in 6..<12 { columns += [b[row * width + 3], b[row * width + 7]] }
         #expect(try e3.b.doubles() == columns)
+        #expect(try e3.b.doubles() == columns, "a block read more often than its slices were made is split again")
+        #expect(try gateUp.expert(0).b.doubles().count == 12 * 2)
     }
 
     @Test("the nesting of target_parameters wrappers follows PEFT's rule, and ambiguity is refused")
@@ -230,5 +232,41 @@ struct ExpertInspectTests {
         #expect(llava.contains("key layout  hub (language_model.model.…)"))
         let json = JSONWriter.compact(CheckpointReport(try Checkpoint(path: modelPath("tiny-mixtral"))).json())
         #expect(json.contains(#""layout":{"family":"mixtral","expert_storage":"per expert (2-D)","experts_per_layer":4"#), "\(json)")
+    }
+}
+
+@Suite("MoSLoRA mixers on expert modules are kept per expert")
+struct ExpertMixerTests {
+    @Test("per-expert MoSLoRA → fused (one r×r mixer per expert, in row blocks) → per-expert: every merge is the reference")
+    func mixersRoundTrip() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        var options = ConvertOptions()
+        options.sync = false
+        let mos = dir.file("mos")
+        _ = try AdapterConversion.loraToMoSLoRA(input: adapterPath("moe-qwen3-moe-per-expert"), output: mos, mixer: .orthogonal, seed: 3, options: options)
+        options.base = modelPath("tiny-qwen3-moe")
+        options.experts = .fused
+        let fused = dir.file("fused")
+        _ = try AdapterConversion.convertLayout(input: mos, output: fused, to: .peft, keepMixer: true, options: options)
+        let f = try Adapter(path: fused)
+        let gateUp = try #require(f.modules.first { $0.parameter?.name == "gate_up_proj" })
+        #expect(gateUp.mixer?.shape == [4 * 4, 4])  // E·R rows of R×R mixers, R = r_gate + r_up
+        options.experts = .perExpert
+        let back = dir.file("back")
+        _ = try AdapterConversion.convertLayout(input: fused, output: back, to: .peft, keepMixer: true, options: options)
+        // Back per expert: gate and up keep the fused rank R = 4 (their mixer block), down_proj r = 2.
+        #expect(try Adapter(path: back).modules.allSatisfy { $0.mixer?.shape == [$0.rank, $0.rank] && ($0.rank == 4) == !$0.baseName.hasSuffix("down_proj") })
+        let expected = try SafetensorsFile(path: fixture("expected/moe/qwen3-moe-per-expert.safetensors"))
+        for (name, adapter) in [("mos", mos), ("fused", fused), ("back", back)] {
+            let (merged, _) = try merge(base: modelPath("tiny-qwen3-moe"), adapters: [(adapter, 1)], out: dir.file("m-" + name))
+            for t in expected.header.tensors {
+                let want = try expected.doubles(t.name)
+                let (_, file) = try #require(merged.tensor(t.name))
+                let got = try merged.files[file].doubles(t.name)
+                let scale = want.map { abs($0) }.max()!
+                #expect(zip(got, want).allSatisfy { abs($0 - $1) <= 0x1p-18 * scale }, "\(name): \(t.name)")
+            }
+        }
     }
 }

@@ -43,7 +43,10 @@ public struct MergePlan: Sendable {
     /// For a folder base: its other files (config, tokenizer, …), copied into OUT unchanged.
     public let otherFiles: FolderCopy?
 
-    public var moduleCount: Int { changes.values.reduce(0) { $0 + $1.terms.count } }
+    /// Adapter modules merged (a `target_parameters` module counts once however many experts it holds).
+    public let moduleCount: Int
+    /// Low-rank updates added: one per module, or one per expert (and gate / up part) of an expert module.
+    public var updateCount: Int { changes.values.reduce(0) { $0 + $1.terms.count } }
 
     /// A plan made of edits already resolved (by a name map that places updates on rows of fused
     /// or expert tensors); the edits are not checked again.
@@ -51,6 +54,7 @@ public struct MergePlan: Sendable {
         self.base = base
         self.inputs = inputs
         self.changes = Dictionary(edits.map { ($0.baseName, $0) }, uniquingKeysWith: { a, _ in a })
+        self.moduleCount = edits.reduce(0) { $0 + $1.terms.count }
         self.skipped = [:]
         self.notes = notes
         self.otherFiles = try Self.otherFiles(of: base, skip: [])
@@ -66,7 +70,7 @@ public struct MergePlan: Sendable {
         var changes: [String: TensorEdit] = [:]
         var skipped: [String: Int] = [:]
         let names = NameMap(base: base)
-        var unmapped = 0, familySpecific = false
+        var unmapped = 0, familySpecific = false, merged = 0
         if base.files.count > 1, let file = base.files.first(where: { $0.format != .safetensors }) {
             throw InputError(file.path, "sharded PyTorch checkpoints are not supported as a base; convert the shards first: adapter convert to-safetensors")
         }
@@ -135,11 +139,14 @@ public struct MergePlan: Sendable {
                         .contains { module.baseName.contains($0) }
                     continue
                 }
+                var placed = true
                 for placement in placements {
                     if let problem = Self.place(placement, weight: input.weight, into: &changes, fresh: fresh) {
                         problems.append(label + problem)
+                        placed = false
                     }
                 }
+                if placed { merged += 1 }
             }
         }
         if unmapped > 0 && names.family == nil && (base.config?.modelType != nil || familySpecific) {
@@ -158,6 +165,7 @@ public struct MergePlan: Sendable {
         }
         guard problems.isEmpty else { throw ProblemList(subject: "preflight", problems: problems) }
         self.changes = changes
+        self.moduleCount = merged
         self.skipped = skipped
         self.notes = notes
     }

@@ -26,6 +26,8 @@ public struct MergeSummary: Sendable {
     }
 
     public var modulesMerged = 0
+    /// Updates added (more than modules when expert modules are split per expert).
+    public var updatesMerged = 0
     public var tensorsChanged = 0
     public var tensorsCopied = 0
     public var filesCopied = 0
@@ -36,7 +38,7 @@ public struct MergeSummary: Sendable {
 
     /// "merged 64 modules into 64 tensors, copied 227 tensors, wrote 2.00 GiB in 3.1 s"
     public var line: String {
-        "merged \(plural(modulesMerged, "module")) into \(plural(tensorsChanged, "tensor")), copied \(plural(tensorsCopied, "tensor"))"
+        "merged \(plural(modulesMerged, "module"))\(updatesMerged > modulesMerged ? " (\(plural(updatesMerged, "update")), one per expert)" : "") into \(plural(tensorsChanged, "tensor")), copied \(plural(tensorsCopied, "tensor"))"
             + (filesCopied > 0 ? " and \(plural(filesCopied, "other file"))" : "")
             + ", wrote \(formatBytes(bytesWritten, exact: false)) in \(formatFixed(seconds, 2)) s"
     }

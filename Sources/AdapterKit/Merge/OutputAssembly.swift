@@ -88,6 +88,7 @@ struct OutputAssembly {
         summary.bytesWritten = written
         summary.seconds = Double(DispatchTime.now().uptimeNanoseconds - start.uptimeNanoseconds) / 1e9
         summary.modulesMerged = plan.moduleCount
+        summary.updatesMerged = plan.updateCount
         return summary
     }
 

@@ -130,6 +130,10 @@ def peft_case(case, family, config, seed=11):
     m = model.from_pretrained(os.path.join(MODELS, f"tiny-{family}"), dtype=torch.float32)
     torch.manual_seed(seed)
     pm = peft.get_peft_model(m, config)
+    for n, p in pm.named_parameters():
+        if "modules_to_save" in n:  # a replacement equal to the base would prove nothing
+            with torch.no_grad():
+                p.add_(0.01 * torch.randn_like(p))
     folder = os.path.join(ADAPTERS, f"moe-{case}")
     shutil.rmtree(folder, ignore_errors=True)
     pm.save_pretrained(folder)
@@ -155,7 +159,8 @@ def peft_case(case, family, config, seed=11):
 def handmade_case(case, family, modules, r=2, alpha=4.0, fused_base=None):
     """A per-module PEFT adapter written key by key; the reference is numpy Float64.
 
-    `modules`: module name (model terms) → (base tensor, rows or None, out, in). With
+    `modules`: module name (model terms) → (base tensor, rows or None, columns or None, out, in,
+    transposed): where in the base the update lands. With
     `fused_base`, the base is that folder instead of the family's."""
     rng = np.random.default_rng(5)
     folder = os.path.join(ADAPTERS, f"moe-{case}")
@@ -190,23 +195,23 @@ def handmade_case(case, family, modules, r=2, alpha=4.0, fused_base=None):
     print(f"{case}: {len(delta)} tensors changed (numpy reference)")
 
 
-def fused_qwen3_moe():
-    """tiny-qwen3-moe with its experts fused as transformers holds them in memory ([E, 2I, H], [E, H, I])."""
-    src = disk_tensors(os.path.join(MODELS, "tiny-qwen3-moe"))
-    out = {}
-    for k, v in src.items():
-        if ".mlp.experts." in k:
-            continue
-        out[k] = v
+def fused(family, disk_prefix, names):
+    """tiny-<family> with its experts fused as transformers holds them in memory ([E, 2I, H] with
+    gate first, [E, H, I]) under `model.layers.0.mlp.experts`; `names` = (gate, up, down) on disk."""
+    src = disk_tensors(os.path.join(MODELS, f"tiny-{family}"))
+    out = {k: v for k, v in src.items() if ".experts." not in k}
+    gate, up, down = names
     prefix = "model.layers.0.mlp.experts"
-    out[f"{prefix}.gate_up_proj"] = np.stack([np.concatenate([src[f"{prefix}.{e}.gate_proj.weight"], src[f"{prefix}.{e}.up_proj.weight"]])
+    out[f"{prefix}.gate_up_proj"] = np.stack([np.concatenate([src[f"{disk_prefix}.{e}.{gate}.weight"], src[f"{disk_prefix}.{e}.{up}.weight"]])
                                              for e in range(4)])
-    out[f"{prefix}.down_proj"] = np.stack([src[f"{prefix}.{e}.down_proj.weight"] for e in range(4)])
-    folder = os.path.join(MODELS, "tiny-qwen3-moe-fused")
+    out[f"{prefix}.down_proj"] = np.stack([src[f"{disk_prefix}.{e}.{down}.weight"] for e in range(4)])
+    # Mixtral's router is renamed with its experts (block_sparse_moe.gate → mlp.gate).
+    out = {k.replace(".block_sparse_moe.gate.", ".mlp.gate."): v for k, v in out.items()}
+    folder = os.path.join(MODELS, f"tiny-{family}-fused")
     shutil.rmtree(folder, ignore_errors=True)
     os.makedirs(folder)
     save_file(out, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-    shutil.copy(os.path.join(MODELS, "tiny-qwen3-moe", "config.json"), folder)
+    shutil.copy(os.path.join(MODELS, f"tiny-{family}", "config.json"), folder)
     return folder
 
 
@@ -235,6 +240,8 @@ def main():
     peft_case("gemma3", "gemma3", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "o_proj", "fc1"], init_lora_weights=False))
     peft_case("phi3-fused", "phi3", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["qkv_proj", "gate_up_proj"], init_lora_weights=False))
     peft_case("llava", "llava", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "linear_1"], init_lora_weights=False))
+    peft_case("llava-lm-head", "llava", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["lm_head"],
+                                                        init_lora_weights=False))
     peft_case("qwen2-vl", "qwen2-vl", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "qkv", "mlp.0"], init_lora_weights=False))
 
     # Older per-expert adapters (PEFT before target_parameters, trained on unfused experts).
@@ -245,13 +252,13 @@ def main():
         per_expert[f"{p}.{e}.up_proj"] = (f"{p}.{e}.up_proj.weight", None, None, I, H, False)
         per_expert[f"{p}.{e}.down_proj"] = (f"{p}.{e}.down_proj.weight", None, None, H, I, False)
     handmade_case("qwen3-moe-per-expert", "qwen3-moe", per_expert)
-    fused = fused_qwen3_moe()
+    qwen_fused = fused("qwen3-moe", "model.layers.0.mlp.experts", ("gate_proj", "up_proj", "down_proj"))
     onto_fused = {}
     for e in (0, 2):
         onto_fused[f"{p}.{e}.gate_proj"] = (f"{p}.gate_up_proj", slice(e * 2 * I, e * 2 * I + I), None, I, H, False)
         onto_fused[f"{p}.{e}.up_proj"] = (f"{p}.gate_up_proj", slice(e * 2 * I + I, (e + 1) * 2 * I), None, I, H, False)
         onto_fused[f"{p}.{e}.down_proj"] = (f"{p}.down_proj", slice(e * H, (e + 1) * H), None, H, I, False)
-    handmade_case("qwen3-moe-per-expert-fused", "qwen3-moe", onto_fused, fused_base=fused)
+    handmade_case("qwen3-moe-per-expert-fused", "qwen3-moe", onto_fused, fused_base=qwen_fused)
     # Per-expert modules onto gpt-oss's fused, transposed, interleaved experts: [E, H, 2I], gate = [..., ::2].
     onto_oss = {}
     for e in (1, 3):
@@ -266,6 +273,14 @@ def main():
         f"{m}.1.w2": (f"{m}.1.w2.weight", None, None, H, I, False),
         f"{m}.3.w3": (f"{m}.3.w3.weight", None, None, I, H, False),
     })
+    # The same Mixtral names onto Mixtral experts fused as in memory (mlp.experts.gate_up_proj: w1 rows first).
+    mixtral_fused = fused("mixtral", m, ("w1", "w3", "w2"))
+    f = "model.layers.0.mlp.experts"
+    handmade_case("mixtral-per-expert-fused", "mixtral", {
+        f"{m}.1.w1": (f"{f}.gate_up_proj", slice(1 * 2 * I, 1 * 2 * I + I), None, I, H, False),
+        f"{m}.1.w2": (f"{f}.down_proj", slice(1 * H, 2 * H), None, H, I, False),
+        f"{m}.3.w3": (f"{f}.gate_up_proj", slice(3 * 2 * I + I, 4 * 2 * I), None, I, H, False),
+    }, fused_base=mixtral_fused)
     # q, k, v modules onto Phi-3's fused qkv_proj (rows 0..15 q, 16..31 k, 32..47 v).
     a = "model.layers.0.self_attn"
     handmade_case("phi3-split-qkv", "phi3", {

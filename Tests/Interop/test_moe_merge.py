@@ -27,6 +27,7 @@ CASES = {
     "llama4-params": "llama4",
     "qwen2.5-vl": "qwen2.5-vl",
     "gemma3": "gemma3",
+    "llava-lm-head": "llava",
 }
 MULTIMODAL = {"llava", "qwen2-vl", "qwen2.5-vl", "gemma3"}
 
@@ -110,16 +111,18 @@ def test_bf16_merge_is_the_float64_merge_rounded_once(case, tmp_path):
                         rtol=1e-6, update_rtol=0.02)
 
 
-def test_per_expert_adapter_gives_one_model_on_fused_and_per_expert_bases(tmp_path):
+@pytest.mark.parametrize("family,case", [("qwen3-moe", "qwen3-moe-per-expert"), ("mixtral", "mixtral-per-expert")])
+def test_per_expert_adapter_gives_one_model_on_fused_and_per_expert_bases(family, case, tmp_path):
     """An older per-expert adapter merged into the per-expert checkpoint and into the same model
     with its experts fused ([E, 2I, H], as transformers holds them): transformers loads both into
-    the same weights."""
+    the same weights. (The two fixture adapters hold the same factors under the names of each
+    base; Mixtral's are w1/w3/w2 under block_sparse_moe for both.)"""
     a = tmp_path / "per-expert"
     b = tmp_path / "fused"
-    adapter("merge", "--quiet", MODELS / "tiny-qwen3-moe", ADAPTERS / "moe-qwen3-moe-per-expert", a)
-    adapter("merge", "--quiet", MODELS / "tiny-qwen3-moe-fused", ADAPTERS / "moe-qwen3-moe-per-expert-fused", b)
-    base = load(MODELS / "tiny-qwen3-moe", torch.float32, "qwen3-moe")
-    ma, mb = load(a, torch.float32, "qwen3-moe"), load(b, torch.float32, "qwen3-moe")
+    adapter("merge", "--quiet", MODELS / f"tiny-{family}", ADAPTERS / f"moe-{case}", a)
+    adapter("merge", "--quiet", MODELS / f"tiny-{family}-fused", ADAPTERS / f"moe-{case}-fused", b)
+    base = load(MODELS / f"tiny-{family}", torch.float32, family)
+    ma, mb = load(a, torch.float32, family), load(b, torch.float32, family)
     sa, sb = ma.state_dict(), mb.state_dict()
     assert sorted(sa) == sorted(sb)
     for k in sa:

@@ -98,16 +98,17 @@ public struct MergePlan: Sendable {
             if let s = selected, components.isEmpty { selected = nil; if !s.isEmpty { notes.append("\(label)--component ignored: the adapter is for one model") } }
             // Replacements first: an update of the same tensor applies to the replaced values.
             for r in adapter.replacements {
-                guard var p = plan(r.baseName) else {
+                // modules_to_save are named as the model in memory: the family's renames apply too.
+                guard let target = names.replacedTensor(r.baseName, format: adapter.format), var p = plan(target) else {
                     problems.append("\(label)\(r.tensor.name) replaces \(r.baseName), which the base does not have")
                     continue
                 }
                 if p.replacement != nil {
-                    problems.append("\(label)\(r.baseName) is replaced by two adapters")
+                    problems.append("\(label)\(target) is replaced by two adapters")
                     continue
                 }
                 if !p.terms.isEmpty {
-                    problems.append("\(label)\(r.baseName) is replaced after another adapter updated it; list the replacing adapter first")
+                    problems.append("\(label)\(target) is replaced after another adapter updated it; list the replacing adapter first")
                     continue
                 }
                 if !r.tensor.entry.dtype.isReadableAsFloat || RowCodec(p.base.encoding) == nil {
@@ -115,13 +116,13 @@ public struct MergePlan: Sendable {
                     continue
                 }
                 if r.tensor.shape != p.base.shape {
-                    notes.append("\(r.baseName) changes shape from \(p.base.shape) to \(r.tensor.shape) (replaced by \(r.tensor.name))")
+                    notes.append("\(target) changes shape from \(p.base.shape) to \(r.tensor.shape) (replaced by \(r.tensor.name))")
                 }
                 if input.weight != 1 {
-                    notes.append("\(r.baseName) is replaced whole; --weight does not scale replacements")
+                    notes.append("\(target) is replaced whole; --weight does not scale replacements")
                 }
                 p.replacement = r
-                changes[r.baseName] = p
+                changes[target] = p
             }
             for module in adapter.modules {
                 if let selected, let c = module.component, !selected.contains(c) {

@@ -109,6 +109,14 @@ public struct NameMap: Sendable {
         return .failure(PlacementProblem(text: "no base tensor \(module.baseName).weight\(format == .kohya ? " (kohya names are matched from the base's keys)" : "")"))
     }
 
+    /// The base tensor a full replacement (`modules_to_save`) of `name` lands on: the name itself,
+    /// else its module under the layout's rules and the family's renames.
+    func replacedTensor(_ name: String, format: AdapterFormat) -> String? {
+        if base.tensor(name) != nil { return name }
+        guard let dot = name.lastIndex(of: ".") else { return nil }
+        return tensorName(forModule: String(name[..<dot]), suffix: String(name[dot...]), format: format)
+    }
+
     /// The base weight for a module name in base-model terms.
     func weightName(forModule name: String, format: AdapterFormat) -> String? {
         tensorName(forModule: name, suffix: ".weight", format: format)
@@ -119,7 +127,8 @@ public struct NameMap: Sendable {
         if let found = lookup(name, suffix: suffix, format: format) { return found }
         guard format != .kohya, let family else { return nil }
         var found: String?
-        for candidate in family.renamed(name) {
+        // Renames are prefixes ending in a dot: a module that is a whole prefix (`lm_head`) matches too.
+        for candidate in family.renamed(name + ".").map({ String($0.dropLast()) }) {
             guard let t = lookup(candidate, suffix: suffix, format: format) else { continue }
             if found != nil && found != t { return nil }  // two renames reach two tensors: ambiguous
             found = t

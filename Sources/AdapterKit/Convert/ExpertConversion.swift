@@ -92,12 +92,20 @@ extension WorkingAdapter {
             groups[key]!.parts[e, default: [:]][part ?? 0] = m
         }
         guard !order.isEmpty else { throw InputError.conversion(source.path, "--experts fused: the adapter has no per-expert modules (…experts.N.gate_proj / w1)") }
-        guard let experts = base.config?.experts else {
-            throw InputError.conversion(path, "config.json gives no expert count (num_experts, num_local_experts, n_routed_experts)")
-        }
         var fused: [String: LoRAModule] = [:]
         for key in order {
             let g = groups[key]!
+            // The experts the base holds for this layer, from its tensors (bounded by the base):
+            // per expert, or the first dimension of the fused parameter.
+            let disk = g.parts.values.first!.values.first!.baseName.split(separator: ".").dropLast(2).joined(separator: ".")
+            var experts = names.expertCount(disk, names: NameMap.expertParts[g.parameter]![0].names, format: .peft)
+            if experts == 0, let t = names.tensorName(forModule: g.path + "." + g.parameter, suffix: "", format: .peft),
+               let shape = base.tensor(t)?.entry.shape, shape.count == 3 {
+                experts = shape[0]
+            }
+            guard experts > 0 else {
+                throw InputError.conversion(path, "\(g.path): the model has neither per-expert tensors (\(disk).0.…) nor a fused \(g.path).\(g.parameter)")
+            }
             if let e = g.parts.keys.first(where: { $0 >= experts }) {
                 throw InputError.conversion(source.path, "\(g.path): expert \(e) but the base has \(experts) experts per layer")
             }
@@ -112,6 +120,7 @@ extension WorkingAdapter {
             written.append(m)
         }
         let count = groups.values.reduce(0) { $0 + $1.parts.values.reduce(0) { $0 + $1.count } }
+        let experts = Set(written.map { $0.parameter!.experts }).sorted().map(String.init).joined(separator: "/")
         notes.append("fused \(plural(count, "per-expert module")) into \(plural(written.count, "target_parameters module")) of \(experts) experts (experts the adapter does not adapt get zero factors)")
         modules = rest + written
     }

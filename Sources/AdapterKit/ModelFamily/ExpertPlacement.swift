@@ -57,6 +57,14 @@ extension NameMap {
         func perExpert(_ i: Int, _ names: [String]) -> String? {
             names.lazy.compactMap { self.weightName(forModule: "\(m.baseName).\(i).\($0)", format: format) }.first
         }
+        // The base's experts first (bounded by the base): the adapter's count is only a claim.
+        let have = expertCount(m.baseName, names: parts[0].names, format: format)
+        if have == 0 {
+            return .failure(PlacementProblem(text: "no base tensor \(label) (fused experts) nor \(m.baseName).0.\(parts[0].names[0]).weight (one per expert)"))
+        }
+        if have != e {
+            return .failure(PlacementProblem(text: "the adapter holds \(e) experts of \(p.name) (A has \(m.rank) rows for rank \(m.updateRank)) but the base has \(have) (\(m.baseName).0 … \(have - 1))"))
+        }
         var placements: [UpdatePlacement] = []
         var missing: [String] = []
         for i in 0..<e {
@@ -69,16 +77,18 @@ extension NameMap {
                 placements.append(UpdatePlacement(module: m.expert(i, outputs: rows, part: parts.count == 1 ? nil : part.part), target: UpdateTarget(tensor: t, rows: .all)))
             }
         }
-        if placements.isEmpty {
-            return .failure(PlacementProblem(text: "no base tensor \(label) (fused experts) nor \(m.baseName).0.\(parts[0].names[0]).weight (one per expert)"))
-        }
         if let first = missing.first {
-            return .failure(PlacementProblem(text: "the adapter holds \(e) experts of \(p.name) but the base lacks \(first)\(missing.count > 1 ? " and \(missing.count - 1) more" : "")"))
-        }
-        if let extra = perExpert(e, parts[0].names) {
-            return .failure(PlacementProblem(text: "the adapter holds \(e) experts of \(p.name) but the base has more (\(extra))"))
+            return .failure(PlacementProblem(text: "the base lacks \(first)\(missing.count > 1 ? " and \(missing.count - 1) more" : "") of the \(e) experts of \(p.name)"))
         }
         return .success(placements)
+    }
+
+    /// How many experts the base stores per expert under `prefix` (`prefix.0.<name>.weight`, `prefix.1.…`, …
+    /// with one of `names`): counted up from 0 while they exist, so bounded by the base's tensors.
+    func expertCount(_ prefix: String, names: [String], format: AdapterFormat) -> Int {
+        var n = 0
+        while names.contains(where: { weightName(forModule: "\(prefix).\(n).\($0)", format: format) != nil }) { n += 1 }
+        return n
     }
 
     /// An older per-expert module (`…experts.3.gate_proj`, Mixtral `…experts.3.w1`) on a base that

@@ -253,6 +253,9 @@ struct ExpertMixerTests {
         let f = try Adapter(path: fused)
         let gateUp = try #require(f.modules.first { $0.parameter?.name == "gate_up_proj" })
         #expect(gateUp.mixer?.shape == [4 * 4, 4])  // E·R rows of R×R mixers, R = r_gate + r_up
+        // inspect diagnoses each expert's block (orthogonal: σ_min/σ_max = 1), the worst shown.
+        let diagnosed = try AdapterReport(f).modules.compactMap(\.diagnostics)
+        #expect(diagnosed.count == 2 && diagnosed.allSatisfy { abs($0.conditionRatio - 1) < 1e-6 })
         options.experts = .perExpert
         let back = dir.file("back")
         _ = try AdapterConversion.convertLayout(input: fused, output: back, to: .peft, keepMixer: true, options: options)

@@ -17,8 +17,9 @@ public struct AdapterReport: Sendable {
     /// Diagnostics do not depend on orientation (those of Mᵀ are those of M), so a mixer is used as stored.
     public init(_ adapter: Adapter) throws {
         self.adapter = adapter
-        var mixerRank: [String: Int] = [:]
-        for m in adapter.modules { if let mixer = m.mixer { mixerRank[mixer.name] = m.rank } }
+        // A target_parameters mixer is E blocks of r×r in rows: each is diagnosed, the worst shown.
+        var mixerRank: [String: (rank: Int, blocks: Int)] = [:]
+        for m in adapter.modules { if let mixer = m.mixer { mixerRank[mixer.name] = (m.updateRank, m.parameter?.experts ?? 1) } }
         var diagnostics: [String: MixerDiagnostics] = [:]
         var bad: [(String, Int, Int)] = []
         var params = 0
@@ -26,10 +27,11 @@ public struct AdapterReport: Sendable {
             params += t.elementCount
             guard t.dtype.isReadableAsFloat, t.elementCount > 0 else { continue }
             var nan = 0, inf = 0
-            if let r = mixerRank[t.name] {
+            if let (r, blocks) = mixerRank[t.name] {
                 let values = try adapter.store.doubles(t.name)
                 for v in values where !v.isFinite { if v.isNaN { nan += 1 } else { inf += 1 } }
-                diagnostics[t.name] = MixerDiagnostics(mixer: values, rank: r)
+                diagnostics[t.name] = (0..<blocks).map { e in MixerDiagnostics(mixer: Array(values[e * r * r..<(e + 1) * r * r]), rank: r) }
+                    .min { $0.conditionRatio < $1.conditionRatio }
             } else {
                 let values = try adapter.store.floats(t.name)
                 for v in values where !v.isFinite { if v.isNaN { nan += 1 } else { inf += 1 } }

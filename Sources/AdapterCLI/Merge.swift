@@ -84,9 +84,12 @@ struct Merge: ParsableCommand {
         let summary = try plan.write(to: out, options: options)
         progress.finish()
         if report {
-            try writeOutput("tensor\tmodules\tmax_abs_delta\tsurvived")
+            // Merges into quantized weights add a column: the part of the update requantization kept.
+            let quantized = summary.reports.contains { $0.kept != nil }
+            try writeOutput("tensor\tmodules\tmax_abs_delta\tsurvived" + (quantized ? "\tkept" : ""))
             for r in summary.reports.sorted(by: { $0.tensor < $1.tensor }) {
-                try writeOutput("\(r.tensor)\t\(r.modules.count)\t\(formatSig(r.statistics.maxAbsUpdate))\t\(formatFixed(r.statistics.survival, 4))")
+                let kept = quantized ? "\t" + (r.kept.map { formatFixed($0, 4) } ?? "-") : ""
+                try writeOutput("\(r.tensor)\t\(r.modules.count)\t\(formatSig(r.statistics.maxAbsUpdate))\t\(formatFixed(r.statistics.survival, 4))" + kept)
             }
         }
         if !quiet {

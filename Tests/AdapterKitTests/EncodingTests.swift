@@ -3,16 +3,16 @@ import Testing
 @testable import AdapterKit
 
 /// Block-scaled FP8 weights (DeepSeek-V3, Qwen3-FP8 layout) are recognised across shards as one
-/// logical tensor with its scale part: inspect names the encoding, and a merge into one is refused
-/// by name (no FP8 codec yet) instead of as an unknown dtype.
+/// logical tensor with its scale part: inspect names the encoding; E4M3 weights are merged and
+/// requantized (QuantizedMergeTests), E5M2 ones refused by name instead of as an unknown dtype.
 @Suite("encodings: block-scaled FP8 recognised across shards")
 struct EncodingTests {
     /// A two-shard folder: `a.weight` F8 [4, 8] in shard 1, its F32 scales in shard 2.
-    static func fp8Folder(_ dir: TempDir, block: [Int]?, scaleShape: [Int]) throws -> String {
+    static func fp8Folder(_ dir: TempDir, block: [Int]?, scaleShape: [Int], codes: DType = .f8E4M3) throws -> String {
         let folder = dir.file("fp8")
         try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
         try writeSafetensors(folder + "/model-00001-of-00002.safetensors", [
-            ("a.weight", .f8E4M3, [4, 8], [UInt8](repeating: 0x38, count: 32)),  // 0x38 is 1.0 in E4M3
+            ("a.weight", codes, [4, 8], [UInt8](repeating: 0x38, count: 32)),  // 0x38 is 1.0 in E4M3
             ("norm.weight", .bf16, [8], [UInt8](repeating: 0, count: 16)),
         ])
         try writeSafetensors(folder + "/model-00002-of-00002.safetensors", [
@@ -64,11 +64,11 @@ struct EncodingTests {
                 == .blockScaledFP8(.f8E4M3, scale: "mlp.experts.down_proj.weight_scale_inv", block: [128, 128]))
     }
 
-    @Test("a merge into a block-scaled FP8 weight is refused by its encoding, before a byte is written")
+    @Test("a merge into a block-scaled E5M2 weight is refused by its encoding, before a byte is written (E4M3 is requantized)")
     func mergeRefused() throws {
         let dir = TempDir()
         defer { dir.remove() }
-        let folder = try Self.fp8Folder(dir, block: [2, 4], scaleShape: [2, 2])
+        let folder = try Self.fp8Folder(dir, block: [2, 4], scaleShape: [2, 2], codes: .f8E5M2)
         // One PEFT module on `a`: A [1, 8], B [4, 1].
         try FileManager.default.createDirectory(atPath: dir.file("ad"), withIntermediateDirectories: true)
         try writeSafetensors(dir.file("ad/adapter_model.safetensors"), [
@@ -79,7 +79,7 @@ struct EncodingTests {
         let error = #expect(throws: ProblemList.self) {
             try MergePlan(base: try Checkpoint(path: folder), inputs: [MergeInput(adapter: try Adapter(path: dir.file("ad")))])
         }
-        #expect(error?.problems == ["module base_model.model.a: base tensor a.weight is F8_E4M3 with 2×4 block scales (a.weight_scale_inv); merging into quantized weights is not supported yet"])
+        #expect(error?.problems == ["module base_model.model.a: base tensor a.weight is F8_E5M2 with 2×4 block scales (a.weight_scale_inv); only E4M3 block-scaled weights are requantized"])
     }
 }
 

@@ -12,6 +12,13 @@ final class MergeExecutor {
     private(set) var reports: [MergeSummary.TensorReport] = []
     /// Rows read from the base for the block being computed.
     private var inputBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 8 << 20, alignment: 64)
+    /// The plan being written (quantized weights need their scales, which may be in another shard).
+    var plan: MergePlan?
+    /// Fresh scales of requantized weights, by scale tensor, until the scale tensor is written.
+    private var pendingScales: [String: [UInt8]] = [:]
+    /// What requantization kept of each quantized tensor's update.
+    private(set) var retained: [(tensor: String, retention: Retention)] = []
+    private var writtenScales: Set<String> = []
 
     /// Where a tensor's rows come from.
     enum RowSource {
@@ -46,6 +53,31 @@ final class MergeExecutor {
     /// Writes a changed tensor: its edit applied to the base's values.
     func write(_ p: TensorEdit, from store: any TensorContainer, to writer: any TensorFileWriter) throws {
         defer { store.release(p.baseName) }
+        if case .blockScaledFP8 = p.base.encoding, let plan {
+            let (scales, retention) = try mergeBlockScaledFP8(p, from: store, base: plan.base, to: writer)
+            if case .blockScaledFP8(_, let scaleName, _) = p.base.encoding, !writtenScales.contains(scaleName) {
+                pendingScales[scaleName] = scales.encoded()
+            }
+            retained.append((p.baseName, retention))
+            if options.report {
+                reports.append(.init(tensor: p.baseName, modules: p.terms.map(\.module.name),
+                                     statistics: UpdateStatistics(maxAbsUpdate: retention.maxAbsUpdate, updateSquared: retention.update, appliedSquared: retention.applied),
+                                     kept: retention.kept))
+            }
+            return
+        }
+        if let weight = p.scalesOf, let plan {
+            // The scales of a requantized weight: kept from its merge, or computed now (the
+            // weight comes later and its merge makes the same scales again).
+            var bytes = pendingScales.removeValue(forKey: p.baseName)
+            if bytes == nil, let edit = plan.changes[weight], let (_, file) = plan.base.tensor(weight) {
+                bytes = try mergeBlockScaledFP8(edit, from: plan.base.files[file], base: plan.base, to: nil).scales.encoded()
+            }
+            guard let bytes else { preconditionFailure("a scale edit names the weight it belongs to") }
+            writtenScales.insert(p.baseName)
+            submit(bytes, writer)
+            return
+        }
         let dtype = p.base.dtype
         if !p.biasTerms.isEmpty {
             try writeBias(p, store: store, writer: writer)
@@ -125,7 +157,7 @@ final class MergeExecutor {
             }
         }
         if let stats {
-            reports.append(.init(tensor: p.baseName, modules: p.terms.map(\.module.name), statistics: stats))
+            reports.append(.init(tensor: p.baseName, modules: p.terms.map(\.module.name), statistics: stats, kept: nil))
         }
     }
 

@@ -207,11 +207,22 @@ extension MergePlan {
             }
             if module.magnitude != nil { return "module \(module.name): DoRA on a slice of \(target) is not supported" }
         }
-        if RowCodec(p.base.encoding) == nil {
-            if case .plain = p.base.encoding {
-                return "module \(module.name): base tensor \(target) has dtype \(p.base.dtype.rawValue); merges need F32, F64, F16 or BF16"
+        if case .blockScaledFP8(let codes, let scale, _) = p.base.encoding {
+            // Requantized with fresh scales: the scale tensor is rewritten with the weight.
+            guard codes == .f8E4M3 else {
+                return "module \(module.name): base tensor \(target) is \(p.base.encoding.name); only E4M3 block-scaled weights are requantized"
             }
-            return "module \(module.name): base tensor \(target) is \(p.base.encoding.name); merging into quantized weights is not supported yet"
+            if module.magnitude != nil { return "module \(module.name): DoRA into the quantized \(target) is not supported" }
+            if changes[scale] == nil {
+                guard var sp = fresh(scale) else { return "module \(module.name): the scales \(scale) of \(target) are missing" }
+                sp.scalesOf = target
+                changes[scale] = sp
+            }
+        } else if RowCodec(p.base.encoding) == nil {
+            if case .plain = p.base.encoding {
+                return "module \(module.name): base tensor \(target) has dtype \(p.base.dtype.rawValue); merges need F32, F64, F16 or BF16 (or E4M3 with block scales)"
+            }
+            return "module \(module.name): base tensor \(target) is \(p.base.encoding.name); merging into it is not supported yet"
         }
         if module.magnitude != nil {
             if module.kind.isTransposed { return "module \(module.name): DoRA on a \(module.kind.rawValue) layer is not supported" }

@@ -23,6 +23,8 @@ public struct MergeSummary: Sendable {
         public let tensor: String
         public let modules: [String]
         public let statistics: UpdateStatistics
+        /// For a requantized weight: ⟨deq(Q(W')) − W, ΔW⟩ / ‖ΔW‖², the part of the update kept.
+        public let kept: Double?
     }
 
     public var modulesMerged = 0

@@ -41,6 +41,7 @@ struct OutputAssembly {
         self.options = options
         total = plan.base.tensors.reduce(0) { $0 + $1.entry.byteCount }
         executor = MergeExecutor(options: options, pipeline: pipeline)
+        executor.plan = plan
     }
 
     mutating func run() throws -> MergeSummary {
@@ -85,11 +86,26 @@ struct OutputAssembly {
             throw error
         }
         summary.reports = executor.reports
+        summary.notes += Self.retentionNotes(executor.retained)
         summary.bytesWritten = written
         summary.seconds = Double(DispatchTime.now().uptimeNanoseconds - start.uptimeNanoseconds) / 1e9
         summary.modulesMerged = plan.moduleCount
         summary.updatesMerged = plan.updateCount
         return summary
+    }
+
+    /// What requantized weights kept of their updates: the median and the worst tensor, and a
+    /// warning line when the median is below half.
+    static func retentionNotes(_ retained: [(tensor: String, retention: MergeExecutor.Retention)]) -> [String] {
+        guard !retained.isEmpty else { return [] }
+        let sorted = retained.sorted { $0.retention.kept < $1.retention.kept }
+        let median = sorted[sorted.count / 2].retention.kept, worst = sorted[0]
+        func percent(_ x: Double) -> String { formatFixed(100 * x, 1) + " %" }
+        var notes = ["requantized \(plural(retained.count, "quantized weight")) with fresh scales; the update kept after requantization (⟨Q(W') − W, ΔW⟩ / ‖ΔW‖²): median \(percent(median)), worst \(percent(worst.retention.kept)) (\(worst.tensor)); --report gives it per tensor"]
+        if median < 0.5 {
+            notes.append("the quantized format cannot hold most of this update: requantizing keeps a median \(percent(median)) of it")
+        }
+        return notes
     }
 
     /// fsyncs every shard once all are written: one flush of everything, as `cp && sync` does,

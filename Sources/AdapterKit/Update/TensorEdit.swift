@@ -59,6 +59,9 @@ public struct TensorEdit: Sendable {
     /// Columns of the 2-D view the terms act on; nil for the default, every dimension after the
     /// first (a convolution's [out, in·k·k]).
     public var viewColumns: Int? = nil
+    /// This tensor holds the block scales of the quantized weight named here, written afresh
+    /// when that weight is requantized.
+    public var scalesOf: String? = nil
 
     public init(baseName: String, base: TensorEntry, file: Int) {
         self.baseName = baseName
@@ -82,7 +85,7 @@ public struct TensorEdit: Sendable {
         return c == 0 ? (outputShape.first ?? 1) : outputShape.reduce(1, *) / c
     }
 
-    public var isUnchanged: Bool { terms.isEmpty && replacement == nil && dora == nil && biasTerms.isEmpty }
+    public var isUnchanged: Bool { terms.isEmpty && replacement == nil && dora == nil && biasTerms.isEmpty && scalesOf == nil }
 
     /// The module names that touch this tensor, for messages and reports.
     public var moduleNames: [String] {

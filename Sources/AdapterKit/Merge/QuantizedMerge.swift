@@ -1,0 +1,127 @@
+/// Merges into quantized weights: decode to Float32, add the update with the same kernel, encode
+/// again in the weight's own scheme with fresh scales (docs/formats.md §9a).
+extension MergeExecutor {
+    /// What requantization kept of one tensor's update: ⟨deq(Q(W')) − W, ΔW⟩ / ‖ΔW‖², with
+    /// W the decoded base, W' = W + ΔW in Float32 (1: all of it; 0: none).
+    struct Retention: Sendable {
+        var dot = 0.0
+        var update = 0.0
+        var applied = 0.0
+        var maxAbsUpdate = 0.0
+        var kept: Double { update > 0 ? dot / update : 1 }
+    }
+
+    /// A block-scaled FP8 weight merged and requantized band by band (block[0] rows of one expert
+    /// at a time): codes × scales decoded, the update added in Float32, a fresh scale per block
+    /// (amax / 448 in the scale's dtype), codes rounded to nearest even and saturating at ±448.
+    /// Writes the codes when `writer` is given; returns the new scales either way (the scale
+    /// tensor, perhaps in another shard, is written from them).
+    func mergeBlockScaledFP8(_ p: TensorEdit, from store: any TensorContainer, base: Checkpoint,
+                             to writer: (any TensorFileWriter)?) throws -> (scales: FP8BlockScales, retention: Retention) {
+        guard case .blockScaledFP8(let codes, let scaleName, let block) = p.base.encoding, codes == .f8E4M3,
+              let (scaleEntry, scaleFile) = base.tensor(scaleName) else {
+            preconditionFailure("the plan admits only E4M3 block-scaled weights whose scales it found")
+        }
+        let shape = p.base.shape
+        let experts = shape.count == 3 ? shape[0] : 1
+        let n = shape[shape.count - 2], k = shape[shape.count - 1]
+        let (b0, b1) = (block[0], block[1])
+        let blockRows = (n + b0 - 1) / b0, blockCols = (k + b1 - 1) / b1
+        precondition(p.columns == k, "FP8 weights are merged in their [rows, in] view")
+        var scales = try Self.readScales(scaleEntry, from: base.files[scaleFile])
+        if let bad = scales.values.firstIndex(where: { !$0.isFinite || $0 < 0 }) {
+            throw MergeError(tensor: p.baseName, problem: "its scale \(scaleName)[\(bad)] is \(scales.values[bad]), not a finite scale")
+        }
+        var retention = Retention()
+        // Each piece of rows with the same terms, compiled once.
+        let pieces: [(rows: Range<Int>, factors: UpdateFactorStorage)] = try p.segments.filter { !$0.terms.isEmpty }.map { segment in
+            let (l, r, kk) = try UpdateCompiler.factors(segment.terms.map { p.terms[$0] }, rows: segment.rows, viewRows: p.rows, cols: k, tensor: p.baseName)
+            return (segment.rows, UpdateFactorStorage(l: l, r: r, rows: segment.rows.count, cols: k, k: kk, magnitude: nil))
+        }
+        let region = store.region(of: p.baseName)
+        let whole: [UInt8]? = region == nil ? try store.withBytes(of: p.baseName) { Array($0) } : nil
+        var decoded = [Float](repeating: 0, count: b0 * k)
+        var merged = [Float](repeating: 0, count: b0 * k)
+        var raw = [UInt8](repeating: 0, count: b0 * k)
+        let table = ElementConversion.f8E4M3Table
+        for x in 0..<experts {
+            for j in 0..<blockRows {
+                let lo = x * n + j * b0, hi = x * n + min(n, (j + 1) * b0), rows = hi - lo
+                // The band's codes.
+                if let region {
+                    let got = try raw.withUnsafeMutableBytes { buf in
+                        try region.descriptor.read(into: UnsafeMutableRawBufferPointer(rebasing: buf[0..<rows * k]), at: region.range.lowerBound + lo * k)
+                    }
+                    guard got == rows * k else { throw InputError(region.path, "the file shrank while being read") }
+                } else {
+                    raw.replaceSubrange(0..<rows * k, with: whole![lo * k..<hi * k])
+                }
+                let scaleRow = (x * blockRows + j) * blockCols
+                for i in 0..<rows {
+                    for c in 0..<k {
+                        let v = table[Int(raw[i * k + c])] * scales.values[scaleRow + c / b1]
+                        guard v.isFinite else { throw MergeError(tensor: p.baseName, problem: "code \(raw[i * k + c]) at row \(lo + i), column \(c) decodes to NaN") }
+                        decoded[i * k + c] = v
+                    }
+                }
+                merged.replaceSubrange(0..<rows * k, with: decoded[0..<rows * k])
+                // The update, where terms cover these rows.
+                for piece in pieces where piece.rows.overlaps(lo..<hi) {
+                    let from = max(lo, piece.rows.lowerBound), to = min(hi, piece.rows.upperBound)
+                    let result = decoded.withUnsafeBytes { src in
+                        merged.withUnsafeMutableBytes { dst in
+                            withExtendedLifetime(piece.factors) {
+                                MergeKernel.merge(source: src.baseAddress! + (from - lo) * k * 4, sourceType: .f32,
+                                                  destination: dst.baseAddress! + (from - lo) * k * 4, destinationType: .f32,
+                                                  rows: 0..<(to - from), factors: piece.factors.rows(from: from - piece.rows.lowerBound),
+                                                  wantStatistics: false, threads: options.threads)
+                            }
+                        }
+                    }
+                    guard result.finite else {
+                        throw MergeError(tensor: p.baseName, problem: "the merged values hold NaN or infinity; modules: \(p.moduleNames.joined(separator: ", "))")
+                    }
+                }
+                // Fresh scales, then the codes.
+                for cb in 0..<blockCols {
+                    let c0 = cb * b1, c1 = min(k, c0 + b1)
+                    var amax = 0.0
+                    for i in 0..<rows { for c in c0..<c1 { amax = max(amax, Double(abs(merged[i * k + c]))) } }
+                    let old = scales.values[scaleRow + cb]
+                    let s = scales.fresh(amax: amax, old: old)
+                    scales.values[scaleRow + cb] = s
+                    let sd = Double(s)
+                    for i in 0..<rows {
+                        for c in c0..<c1 {
+                            let w = Double(decoded[i * k + c]), wp = Double(merged[i * k + c])
+                            let code = sd > 0 ? FP8.e4m3(wp / sd) : raw[i * k + c]
+                            raw[i * k + c] = code
+                            let q = Double(table[Int(code)]) * sd
+                            retention.dot += (q - w) * (wp - w)
+                            retention.update += (wp - w) * (wp - w)
+                            retention.applied += (q - w) * (q - w)
+                            retention.maxAbsUpdate = max(retention.maxAbsUpdate, abs(wp - w))
+                        }
+                    }
+                }
+                if let writer {
+                    let buffer = try pipeline.acquire(bytes: rows * k)
+                    raw.withUnsafeBytes { buffer.baseAddress!.copyMemory(from: $0.baseAddress!, byteCount: rows * k) }
+                    pipeline.write(buffer, count: rows * k, with: writer)
+                }
+            }
+        }
+        return (scales, retention)
+    }
+
+    /// A scale tensor's values decoded: F32 as stored, UE8M0 as 2^(b − 127).
+    static func readScales(_ entry: TensorEntry, from store: any TensorContainer) throws -> FP8BlockScales {
+        switch entry.dtype {
+        case .f8E8M0:
+            let bytes = try store.withBytes(of: entry.name) { Array($0) }
+            return FP8BlockScales(dtype: .f8E8M0, values: bytes.map(FP8.e8m0))
+        default:
+            return FP8BlockScales(dtype: entry.dtype, values: try store.floats(entry.name))
+        }
+    }
+}

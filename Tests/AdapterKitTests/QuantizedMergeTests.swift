@@ -1,0 +1,93 @@
+import AdapterTestSupport
+import Foundation
+import Testing
+
+@testable import AdapterKit
+
+@Suite("quantized bases: block-scaled FP8 merged in Float32 and requantized with fresh scales")
+struct QuantizedMergeTests {
+    @Test("E4M3 rounding is torch's float8_e4m3fn (after clamping to ±448) on every code, ties, subnormals and overflow")
+    func e4m3() throws {
+        let f = try SafetensorsFile(path: fixture("expected/fp8/e4m3-codes.safetensors"))
+        let values = try f.floats("values")
+        let codes = try f.withBytes(of: "codes") { Array($0) }
+        #expect(values.count > 4000 && values.count == codes.count)
+        var wrong = 0
+        for (v, c) in zip(values, codes) where FP8.e4m3(Double(v)) != c {
+            wrong += 1
+            if wrong < 5 { Issue.record("\(v): \(FP8.e4m3(Double(v))) but torch gives \(c)") }
+        }
+        #expect(wrong == 0)
+        #expect(FP8.e8m0Ceiling(1) == 127 && FP8.e8m0Ceiling(1.5) == 128 && FP8.e8m0Ceiling(0.25) == 125)
+    }
+
+    @Test("merged codes and scales are the Float64 reference's (E4M3 codes within one step, most exact); the rest is copied", arguments: ["tiny-fp8", "tiny-fp8-e8m0"])
+    func merge(_ base: String) throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let (merged, summary) = try AdapterKitTests.merge(base: modelPath(base), adapters: [(adapterPath("fp8-lora"), 1)], out: dir.file("out"))
+        let original = try Checkpoint(path: modelPath(base))
+        let reference = try SafetensorsFile(path: fixture("expected/fp8/\(base)+fp8-lora.safetensors"))
+        func bytes(_ c: Checkpoint, _ name: String) throws -> [UInt8] {
+            let (_, file) = try #require(c.tensor(name), "\(name)")
+            return try c.files[file].withBytes(of: name) { Array($0) }
+        }
+        let e8m0 = base.hasSuffix("e8m0")
+        var exact = 0, total = 0
+        for weight in ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.v_proj.weight", "model.layers.0.mlp.down_proj.weight"] {
+            let got = try bytes(merged, weight), want = try reference.withBytes(of: weight) { Array($0) }
+            #expect(got.count == want.count)
+            for (g, w) in zip(got, want) {
+                total += 1
+                if g == w { exact += 1; continue }
+                // One E4M3 step apart at most: Float32 accumulation against Float64 at a rounding boundary.
+                #expect(g & 0x80 == w & 0x80 && abs(Int(g & 0x7F) - Int(w & 0x7F)) == 1, "\(weight): code \(g) vs reference \(w)")
+            }
+            let scaleName = weight + "_scale_inv"
+            if e8m0 {
+                #expect(try bytes(merged, scaleName) == reference.withBytes(of: scaleName) { Array($0) }, "\(scaleName)")
+            } else {
+                let (_, file) = try #require(merged.tensor(scaleName))
+                let g = try merged.files[file].floats(scaleName), w = try reference.floats(scaleName)
+                #expect(zip(g, w).allSatisfy { abs($0 - $1) <= 2 * $1.ulp }, "\(scaleName)")
+            }
+        }
+        #expect(Double(exact) >= 0.99 * Double(total), "\(exact) of \(total) codes are the reference's")
+        // Untouched quantized weights and their scales, and everything else, byte for byte.
+        let touched = Set(["q_proj", "v_proj", "down_proj"])
+        for (entry, _) in original.tensors where !touched.contains(where: { entry.name.contains($0) }) {
+            #expect(try bytes(merged, entry.name) == bytes(original, entry.name), "\(entry.name)")
+        }
+        // The q_proj scales sit in the other shard than q_proj: rewritten there.
+        #expect(merged.tensors.first { $0.entry.name == "model.layers.0.self_attn.q_proj.weight_scale_inv" }?.file == 1)
+        #expect(try bytes(merged, "model.layers.0.self_attn.q_proj.weight_scale_inv") != bytes(original, "model.layers.0.self_attn.q_proj.weight_scale_inv"))
+        #expect(merged.tensor("model.layers.0.self_attn.q_proj.weight")?.entry.encoding == original.tensor("model.layers.0.self_attn.q_proj.weight")?.entry.encoding)
+        #expect(summary.notes.contains { $0.hasPrefix("requantized 3 quantized weights with fresh scales") })
+    }
+
+    @Test("the retention the merge reports is the projection of what requantization kept onto the update")
+    func retention() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let (merged, summary) = try AdapterKitTests.merge(base: modelPath("tiny-fp8"), adapters: [(adapterPath("fp8-lora"), 1)], out: dir.file("out"), report: true)
+        let reference = try SafetensorsFile(path: fixture("expected/fp8/tiny-fp8+fp8-lora.safetensors"))
+        for r in summary.reports {
+            let w = try reference.doubles(r.tensor + ".base"), wp = try reference.doubles(r.tensor + ".merged")
+            // deq(Q(W')) of our output, computed from its codes and scales here.
+            let (entry, file) = try #require(merged.tensor(r.tensor))
+            let codes = try merged.files[file].withBytes(of: r.tensor) { Array($0) }
+            let scales = try merged.files[merged.tensor(r.tensor + "_scale_inv")!.file].floats(r.tensor + "_scale_inv")
+            let k = entry.shape[1], blockColumns = (k + 7) / 8
+            var dot = 0.0, norm = 0.0
+            for i in codes.indices {
+                let (row, col) = (i / k, i % k)
+                let q = Double(ElementConversion.f8E4M3ToFloat(codes[i])) * Double(scales[(row / 4) * blockColumns + col / 8])
+                dot += (q - w[i]) * (wp[i] - w[i])
+                norm += (wp[i] - w[i]) * (wp[i] - w[i])
+            }
+            let kept = try #require(r.kept)
+            #expect(abs(kept - dot / norm) < 1e-4, "\(r.tensor): reported \(kept), recomputed \(dot / norm)")
+        }
+        #expect(summary.reports.count == 3)
+    }
+}

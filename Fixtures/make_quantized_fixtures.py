@@ -17,7 +17,8 @@ Writes
   merge computed here, independently, in Float64 with the rules of docs/formats.md: W = code ×
   scale, W' = W + s·B·M·A, per block s' = amax|W'| / 448 (F32; UE8M0: the power of two at or
   above), codes = torch's float8_e4m3fn of clamp(W' / s', ±448); saved as the codes (U8), the
-  scales, and W' itself (F64) for measuring what requantization kept.
+  scales, and W' itself (F64) for measuring what requantization kept; `.base`: every quantized
+  weight of the base decoded in Float64 (the dequantized model's reference).
 - expected/fp8/e4m3-codes.safetensors: random Float32 values (normal, subnormal, ties, beyond
   ±448) and torch's E4M3 code of each (clamped to ±448 first, as quantizers do).
 """
@@ -95,6 +96,8 @@ def make_base(name, e8m0, rng):
         shard1[k] = codes
         (shard2 if "self_attn" in k else shard1)[k + "_scale_inv"] = stored
     shard2["model.norm.weight"] = np.ones(H, dtype=np.float32)
+    shard2["model.layers.0.input_layernorm.weight"] = (1 + rng.standard_normal(H) * 0.05).astype(np.float32)
+    shard2["model.layers.0.post_attention_layernorm.weight"] = (1 + rng.standard_normal(H) * 0.05).astype(np.float32)
     shard2["lm_head.weight"] = (rng.standard_normal((V, H)) * 0.05).astype(np.float32)
     folder = os.path.join(MODELS, name)
     shutil.rmtree(folder, ignore_errors=True)
@@ -170,7 +173,8 @@ def main():
             out[k] = codes
             out[k + "_scale_inv"] = stored
             out[k + ".merged"] = merged
-            out[k + ".base"] = decoded[k]
+        for k, d in decoded.items():
+            out[k + ".base"] = d  # every quantized weight, decoded in Float64
         save_file(out, os.path.join(EXPECTED, f"{base}+fp8-lora.safetensors"), metadata={"reference": "numpy float64 + torch float8_e4m3fn"})
 
     # E4M3 rounding: every code's value, random normals and subnormals, exact ties, beyond ±448.

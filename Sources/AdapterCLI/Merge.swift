@@ -52,8 +52,12 @@ struct Merge: ParsableCommand {
     @Option(help: "Kernel threads (default: all cores).")
     var threads: Int?
 
+    @Option(help: ArgumentHelp("For a quantized base: write every quantized weight dequantized in this dtype (BF16, F16 or F32), without scales or quantization_config, instead of requantizing the merged ones.", valueName: "dtype"))
+    var dtype: DType?
+
     func validate() throws {
         guard weight.isFinite else { throw ValidationError("--weight must be a finite number") }
+        if let dtype, dtype == .f64 { throw ValidationError("--dtype: dequantized weights are written as BF16, F16 or F32") }
         if let threads, threads < 1 { throw ValidationError("--threads must be at least 1") }
     }
 
@@ -67,7 +71,7 @@ struct Merge: ParsableCommand {
                                inputs: [base] + checkpoint.inputFiles + inputs.flatMap { [$0.adapter.path] + $0.adapter.inputFiles }, force: force)
         let plan = try MergePlan(base: checkpoint, inputs: inputs,
                                  options: MergeOptions(dropUnknown: dropUnknown, components: components.isEmpty ? nil : components,
-                                                       skipFiles: skipFiles))
+                                                       skipFiles: skipFiles, dequantize: dtype))
         var options = MergeRunOptions()
         options.force = force
         options.report = report

@@ -90,4 +90,51 @@ struct QuantizedMergeTests {
         }
         #expect(summary.reports.count == 3)
     }
+
+    @Test("--dtype bf16: every quantized weight dequantized and rounded once (merged ones with their update), scales and quantization_config gone")
+    func dequantize() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let inputs = [MergeInput(adapter: try Adapter(path: adapterPath("fp8-lora")))]
+        let plan = try MergePlan(base: try Checkpoint(path: modelPath("tiny-fp8")), inputs: inputs, options: MergeOptions(dequantize: .bf16))
+        var run = MergeRunOptions()
+        run.sync = false
+        _ = try plan.write(to: dir.file("out"), options: run)
+        let out = try Checkpoint(path: dir.file("out"))
+        let reference = try SafetensorsFile(path: fixture("expected/fp8/tiny-fp8+fp8-lora.safetensors"))
+        let touched = Set(["model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.v_proj.weight", "model.layers.0.mlp.down_proj.weight"])
+        var weights = 0, exact = 0, total = 0
+        for t in reference.header.tensors where t.name.hasSuffix(".base") {
+            let name = String(t.name.dropLast(".base".count))
+            let want = try reference.doubles(touched.contains(name) ? name + ".merged" : t.name)
+            let (entry, file) = try #require(out.tensor(name))
+            #expect(entry.encoding == .plain(.bf16))
+            let got = try out.files[file].withBytes(of: name) { raw in (0..<entry.elementCount).map { raw.load(fromByteOffset: $0 * 2, as: UInt16.self) } }
+            for (g, w) in zip(got, want) {
+                total += 1
+                let rounded = ElementConversion.doubleToBF16(w)
+                if g == rounded { exact += 1 } else { #expect(abs(Int(g) - Int(rounded)) == 1, "\(name): \(g) vs \(rounded)") }
+            }
+            weights += 1
+            #expect(out.tensor(name + "_scale_inv") == nil)
+        }
+        #expect(weights == 7)
+        // The untouched weights are exact (code × scale is exact in Float64); merged ones may differ
+        // from numpy's Float64 sum by a last-place rounding of the accumulation at a BF16 tie.
+        #expect(Double(exact) >= 0.99 * Double(total))
+        let config = try String(contentsOfFile: dir.file("out/config.json"), encoding: .utf8)
+        #expect(!config.contains("quantization_config") && config.contains(#""torch_dtype": "bfloat16""#))
+        let index = try String(contentsOfFile: dir.file("out/model.safetensors.index.json"), encoding: .utf8)
+        #expect(!index.contains("scale_inv"))
+        #expect(try Checkpoint(path: dir.file("out")).warnings.isEmpty)
+    }
+
+    @Test("--dtype on a base without quantized weights is refused")
+    func dequantizeNothing() throws {
+        let inputs = [MergeInput(adapter: try Adapter(path: adapterPath("peft-lora")))]
+        let error = #expect(throws: ProblemList.self) {
+            try MergePlan(base: try Checkpoint(path: modelPath("tiny-llama")), inputs: inputs, options: MergeOptions(dequantize: .bf16))
+        }
+        #expect(error?.problems.contains { $0.contains("the base has no quantized weights") } == true)
+    }
 }

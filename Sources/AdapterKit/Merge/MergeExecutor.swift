@@ -53,6 +53,10 @@ final class MergeExecutor {
     /// Writes a changed tensor: its edit applied to the base's values.
     func write(_ p: TensorEdit, from store: any TensorContainer, to writer: any TensorFileWriter) throws {
         defer { store.release(p.baseName) }
+        if case .blockScaledFP8 = p.base.encoding, let plan, let dtype = p.outputDType {
+            try dequantizeBlockScaledFP8(p, from: store, base: plan.base, dtype: dtype, to: writer)
+            return
+        }
         if case .blockScaledFP8 = p.base.encoding, let plan {
             let (scales, retention) = try mergeBlockScaledFP8(p, from: store, base: plan.base, to: writer)
             if case .blockScaledFP8(_, let scaleName, _) = p.base.encoding, !writtenScales.contains(scaleName) {

@@ -18,11 +18,16 @@ public struct MergeOptions: Sendable {
     /// Files (or folders) of a folder base to leave out of OUT, relative to the folder: a stray
     /// tensor file that is not part of the merge is refused unless it is named here.
     public var skipFiles: [String] = []
+    /// `--dtype`: write every quantized weight of the base dequantized in this float dtype (merged
+    /// or not), drop their scale tensors and `quantization_config`; nil requantizes merged weights
+    /// in their own scheme.
+    public var dequantize: DType? = nil
 
-    public init(dropUnknown: Bool = false, components: [String]? = nil, skipFiles: [String] = []) {
+    public init(dropUnknown: Bool = false, components: [String]? = nil, skipFiles: [String] = [], dequantize: DType? = nil) {
         self.dropUnknown = dropUnknown
         self.components = components
         self.skipFiles = skipFiles
+        self.dequantize = dequantize
     }
 }
 
@@ -42,6 +47,10 @@ public struct MergePlan: Sendable {
     public let notes: [String]
     /// For a folder base: its other files (config, tokenizer, …), copied into OUT unchanged.
     public let otherFiles: FolderCopy?
+    /// Tensors left out of OUT (the scales of dequantized weights).
+    public private(set) var dropped: Set<String> = []
+    /// The dtype quantized weights are written in, when the merge dequantizes (`--dtype`).
+    public private(set) var dequantizedTo: DType? = nil
 
     /// Adapter modules merged (a `target_parameters` module counts once however many experts it holds).
     public let moduleCount: Int
@@ -163,6 +172,25 @@ public struct MergePlan: Sendable {
         }
         if changes.isEmpty && problems.isEmpty {
             problems.append("no module of the adapter applies to this base")
+        }
+        if let d = options.dequantize {
+            // Every quantized weight becomes a plain tensor of `d`; its scales go.
+            guard d.isMergeable, d != .f64 else { throw InputError(base.path, "--dtype \(d.rawValue): dequantized weights are written as BF16, F16 or F32") }
+            let quantized = base.tensors.filter { if case .blockScaledFP8 = $0.entry.encoding { true } else { false } }
+            if quantized.isEmpty {
+                problems.append("--dtype \(d.rawValue): the base has no quantized weights to dequantize (its float tensors keep their dtypes)")
+            }
+            for (entry, _) in quantized {
+                guard case .blockScaledFP8(_, let scale, _) = entry.encoding, var p = plan(entry.name) else { continue }
+                p.outputDType = d
+                changes[entry.name] = p
+                changes[scale] = nil
+                dropped.insert(scale)
+            }
+            dequantizedTo = d
+            if !quantized.isEmpty {
+                notes.append("dequantized \(plural(quantized.count, "quantized weight")) to \(d.rawValue) (each value rounded once), left out their \(plural(quantized.count, "scale tensor")) and config.json's quantization_config")
+            }
         }
         guard problems.isEmpty else { throw ProblemList(subject: "preflight", problems: problems) }
         self.changes = changes

@@ -59,6 +59,7 @@ struct OutputAssembly {
                     try other.copy(into: out.temporaryPath, sync: options.sync)
                     summary.filesCopied = other.fileCount
                     if let note = other.note { summary.notes.append(note) }
+                    if let d = plan.dequantizedTo { try Self.dequantizedConfig(in: out.temporaryPath, dtype: d, sync: options.sync) }
                 }
                 var shapesChanged = false
                 for (i, name) in base.fileNames.enumerated() {
@@ -92,6 +93,22 @@ struct OutputAssembly {
         summary.modulesMerged = plan.moduleCount
         summary.updatesMerged = plan.updateCount
         return summary
+    }
+
+    /// config.json of a dequantized model: `quantization_config` removed (plain transformers then
+    /// loads the plain weights), the dtype fields naming the weights' new dtype.
+    static func dequantizedConfig(in folder: String, dtype: DType, sync: Bool) throws {
+        let path = joinPath(folder, "config.json")
+        guard FileSystem.kind(path) == .file, var root = try readJSONFile(path).objectValue else { return }
+        root["quantization_config"] = nil
+        let name = ["BF16": "bfloat16", "F16": "float16", "F32": "float32"][dtype.rawValue] ?? "bfloat16"
+        for key in ["torch_dtype", "dtype"] where root[key] != nil { root[key] = .string(name) }
+        // Written beside it and renamed over the copy (all inside the temporary output folder).
+        let fresh = joinPath(folder, ".config.json.dequantized")
+        let fd = try FileDescriptor.createExclusive(fresh)
+        try fd.writeAll(Array((JSONWriter.pretty(.object(root), indent: 2) + "\n").utf8))
+        if sync { try fd.sync() }
+        try FileSystem.rename(fresh, to: path)
     }
 
     /// What requantized weights kept of their updates: the median and the worst tensor, and a
@@ -150,11 +167,15 @@ struct OutputAssembly {
         guard var root = try readJSONFile(source).objectValue else { throw InputError(source, "the index is not a JSON object") }
         var totalSize = 0
         var parameters = 0
-        for (entry, _) in plan.base.tensors {
+        for (entry, _) in plan.base.tensors where !plan.dropped.contains(entry.name) {
             let shape = plan.changes[entry.name]?.outputShape ?? entry.shape
             let elements = shape.reduce(1, *)
-            totalSize += entry.encoding.byteCount(elements: elements) ?? 0
+            let encoding = plan.changes[entry.name]?.outputDType.map { TensorEncoding.plain($0) } ?? entry.encoding
+            totalSize += encoding.byteCount(elements: elements) ?? 0
             parameters += elements
+        }
+        if !plan.dropped.isEmpty, case .object(let map)? = root["weight_map"] {
+            root["weight_map"] = .object(JSONObject(map.members.filter { !plan.dropped.contains($0.key) }))
         }
         var metadata = root["metadata"]?.objectValue ?? JSONObject()
         metadata["total_size"] = .integer(totalSize)
@@ -182,11 +203,13 @@ struct OutputAssembly {
     private mutating func writeShard(_ index: Int, to path: String, descriptor: FileDescriptor? = nil) throws -> Bool {
         let store = plan.base.files[index]
         var shapeChanged = false
-        let specs = store.entries.map { t -> TensorSpec in
+        let specs = store.entries.filter { !plan.dropped.contains($0.name) }.map { t -> TensorSpec in
             let shape = plan.changes[t.name]?.outputShape ?? t.shape
-            if shape != t.shape { shapeChanged = true }
-            return TensorSpec(name: t.name, dtype: t.dtype, shape: shape)
+            let dtype = plan.changes[t.name]?.outputDType ?? t.dtype
+            if shape != t.shape || dtype != t.dtype { shapeChanged = true }
+            return TensorSpec(name: t.name, dtype: dtype, shape: shape)
         }
+        if specs.count != store.entries.count { shapeChanged = true }
         let layout = try SafetensorsLayout(tensors: specs, metadata: store.metadataForSafetensors, file: path)
         let fd = try descriptor ?? FileDescriptor.createExclusive(path)
         let writer = try SafetensorsWriter(layout: layout, output: fd)

@@ -125,3 +125,73 @@ extension MergeExecutor {
         }
     }
 }
+
+extension MergeExecutor {
+    /// A block-scaled FP8 weight written dequantized as `dtype` (`--dtype`): per band, code × scale
+    /// in Float64 (exact: four significant bits times a Float32), the update added in Float64,
+    /// then one rounding into `dtype`. A weight without an update is dequantized the same way.
+    func dequantizeBlockScaledFP8(_ p: TensorEdit, from store: any TensorContainer, base: Checkpoint, dtype: DType,
+                                  to writer: any TensorFileWriter) throws {
+        guard case .blockScaledFP8(let codes, let scaleName, let block) = p.base.encoding, codes == .f8E4M3 || codes == .f8E5M2,
+              let (scaleEntry, scaleFile) = base.tensor(scaleName), let codec = RowCodec(.plain(dtype)) else {
+            preconditionFailure("the plan dequantizes only block-scaled FP8 weights whose scales it found")
+        }
+        let shape = p.base.shape
+        let experts = shape.count == 3 ? shape[0] : 1
+        let n = shape[shape.count - 2], k = shape[shape.count - 1]
+        let (b0, b1) = (block[0], block[1])
+        let blockRows = (n + b0 - 1) / b0, blockCols = (k + b1 - 1) / b1
+        let scales = try Self.readScales(scaleEntry, from: base.files[scaleFile]).values
+        if let bad = scales.firstIndex(where: { !$0.isFinite || $0 < 0 }) {
+            throw MergeError(tensor: p.baseName, problem: "its scale \(scaleName)[\(bad)] is \(scales[bad]), not a finite scale")
+        }
+        let pieces: [(rows: Range<Int>, l: [Double], r: [Double], k: Int)] = try p.segments.filter { !$0.terms.isEmpty }.map { segment in
+            let (l, r, kk) = try UpdateCompiler.factors(segment.terms.map { p.terms[$0] }, rows: segment.rows, viewRows: p.rows, cols: k, tensor: p.baseName)
+            return (segment.rows, l, r, kk)
+        }
+        let region = store.region(of: p.baseName)
+        let whole: [UInt8]? = region == nil ? try store.withBytes(of: p.baseName) { Array($0) } : nil
+        var raw = [UInt8](repeating: 0, count: b0 * k)
+        var values = [Double](repeating: 0, count: b0 * k)
+        for x in 0..<experts {
+            for j in 0..<blockRows {
+                let lo = x * n + j * b0, hi = x * n + min(n, (j + 1) * b0), rows = hi - lo
+                if let region {
+                    let got = try raw.withUnsafeMutableBytes { buf in
+                        try region.descriptor.read(into: UnsafeMutableRawBufferPointer(rebasing: buf[0..<rows * k]), at: region.range.lowerBound + lo * k)
+                    }
+                    guard got == rows * k else { throw InputError(region.path, "the file shrank while being read") }
+                } else {
+                    raw.replaceSubrange(0..<rows * k, with: whole![lo * k..<hi * k])
+                }
+                let scaleRow = (x * blockRows + j) * blockCols
+                for i in 0..<rows {
+                    for c in 0..<k {
+                        let code = raw[i * k + c]
+                        let v = codes == .f8E4M3 ? ElementConversion.f8E4M3ToFloat(code) : ElementConversion.f8E5M2ToFloat(code)
+                        guard v.isFinite else { throw MergeError(tensor: p.baseName, problem: "code \(code) at row \(lo + i), column \(c) decodes to NaN") }
+                        values[i * k + c] = Double(v) * Double(scales[scaleRow + c / b1])
+                    }
+                }
+                for piece in pieces where piece.rows.overlaps(lo..<hi) {
+                    for row in max(lo, piece.rows.lowerBound)..<min(hi, piece.rows.upperBound) {
+                        let li = (row - piece.rows.lowerBound) * piece.k, out = (row - lo) * k
+                        for t in 0..<piece.k {
+                            let a = piece.l[li + t]
+                            if a == 0 { continue }
+                            for c in 0..<k { values[out + c] += a * piece.r[t * k + c] }
+                        }
+                    }
+                }
+                let bytes = codec.byteCount(rows * k)
+                let buffer = try pipeline.acquire(bytes: bytes)
+                let finite = values.withUnsafeBufferPointer { codec.encode($0.baseAddress!, count: rows * k, into: buffer.baseAddress!) }
+                guard finite else {
+                    pipeline.giveBack(buffer)
+                    throw MergeError(tensor: p.baseName, problem: "the dequantized values hold NaN or infinity (or overflow \(dtype.rawValue))")
+                }
+                pipeline.write(buffer, count: bytes, with: writer)
+            }
+        }
+    }
+}

@@ -62,6 +62,8 @@ public struct TensorEdit: Sendable {
     /// This tensor holds the block scales of the quantized weight named here, written afresh
     /// when that weight is requantized.
     public var scalesOf: String? = nil
+    /// A quantized weight written dequantized in this dtype (`--dtype`), nil: in its own encoding.
+    public var outputDType: DType? = nil
 
     public init(baseName: String, base: TensorEntry, file: Int) {
         self.baseName = baseName
@@ -85,7 +87,9 @@ public struct TensorEdit: Sendable {
         return c == 0 ? (outputShape.first ?? 1) : outputShape.reduce(1, *) / c
     }
 
-    public var isUnchanged: Bool { terms.isEmpty && replacement == nil && dora == nil && biasTerms.isEmpty && scalesOf == nil }
+    public var isUnchanged: Bool {
+        terms.isEmpty && replacement == nil && dora == nil && biasTerms.isEmpty && scalesOf == nil && outputDType == nil
+    }
 
     /// The module names that touch this tensor, for messages and reports.
     public var moduleNames: [String] {

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Quantized bases and their references: block-scaled FP8 (DeepSeek-V3 / Qwen3-FP8 layout).
 
-    pip install torch numpy safetensors     # only to regenerate
+    pip install torch numpy safetensors compressed-tensors     # only to regenerate
     python3 Fixtures/make_quantized_fixtures.py
 
 Writes
@@ -165,6 +165,7 @@ def main():
                "lora_use_mixer": False, "lora_use_mixer_pattern": {"model.layers.0.mlp.down_proj": True}, "base_model_name_or_path": "tiny-fp8"},
               open(os.path.join(folder, "adapter_config.json"), "w"), indent=2, sort_keys=True)
 
+    compressed_reference(compressed_tensors_fp8(), deltas)
     for base, decoded in bases.items():
         out = {}
         for k, d in deltas.items():
@@ -187,6 +188,68 @@ def main():
     v = v[~np.isnan(v)]
     save_file({"values": v, "codes": e4m3_codes(v)}, os.path.join(EXPECTED, "e4m3-codes.safetensors"))
     print(f"tiny-fp8, tiny-fp8-e8m0, fp8-lora, {len(deltas)} reference tensors each, {len(v)} E4M3 cases")
+
+
+def compressed_tensors_fp8():
+    """models/tiny-fp8-channel/: the same shapes quantized by compressed-tensors itself with
+    llm-compressor's FP8_DYNAMIC scheme (E4M3 weights, one BF16 scale per output row in
+    `X.weight_scale`, lm_head ignored), with the quantization_config it writes; and the reference
+    merge of fp8-lora into it (expected/fp8/tiny-fp8-channel+fp8-lora.safetensors): per row
+    s' = amax / 448 rounded once to BF16, codes = E4M3 of clamp(W' / s', ±448)."""
+    from compressed_tensors.quantization import QuantizationConfig, preset_name_to_scheme
+    from compressed_tensors.quantization.lifecycle.forward import quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    scheme = preset_name_to_scheme("FP8_DYNAMIC", ["Linear"])
+    rng = np.random.default_rng(9)
+    shapes = {"model.layers.0.self_attn.q_proj.weight": (H, H), "model.layers.0.self_attn.k_proj.weight": (8, H),
+              "model.layers.0.self_attn.v_proj.weight": (8, H), "model.layers.0.self_attn.o_proj.weight": (H, H),
+              "model.layers.0.mlp.gate_proj.weight": (I, H), "model.layers.0.mlp.up_proj.weight": (I, H),
+              "model.layers.0.mlp.down_proj.weight": (H, I)}
+    tensors, decoded = {}, {}
+    for k, shape in shapes.items():
+        w = torch.from_numpy(rng.standard_normal(shape) * 0.05).to(torch.bfloat16)
+        amax = w.abs().amax(dim=1, keepdim=True)
+        scale, zero = calculate_qparams(-amax, amax, scheme.weights)
+        q = quantize(w, scale, zero, scheme.weights, dtype=torch.float8_e4m3fn)
+        tensors[k] = q.view(torch.uint8).numpy()
+        tensors[k + "_scale"] = scale.to(torch.bfloat16).view(torch.int16).numpy()
+        decoded[k] = q.double().numpy() * scale.double().numpy()
+    tensors["model.embed_tokens.weight"] = torch.from_numpy(rng.standard_normal((V, H)) * 0.05).to(torch.bfloat16).view(torch.int16).numpy()
+    tensors["lm_head.weight"] = torch.from_numpy(rng.standard_normal((V, H)) * 0.05).to(torch.bfloat16).view(torch.int16).numpy()
+    for n in ("model.norm.weight", "model.layers.0.input_layernorm.weight", "model.layers.0.post_attention_layernorm.weight"):
+        tensors[n] = torch.ones(H, dtype=torch.bfloat16).view(torch.int16).numpy()
+    folder = os.path.join(MODELS, "tiny-fp8-channel")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    path = os.path.join(folder, "model.safetensors")
+    save_file(tensors, path, metadata={"format": "pt"})
+    patch_dtypes(path, {k: ("F8_E4M3" if k in shapes else "BF16") for k in tensors})
+    qc = QuantizationConfig(config_groups={"group_0": scheme}, format="float-quantized", ignore=["lm_head"],
+                            quantization_status="compressed").model_dump(exclude_none=True)
+    qc["quant_method"] = "compressed-tensors"
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": H, "intermediate_size": I, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8, "vocab_size": V, "torch_dtype": "bfloat16",
+              "quantization_config": json.loads(json.dumps(qc, default=str))}
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return decoded
+
+
+def compressed_reference(decoded, deltas):
+    out = {}
+    for k, d in deltas.items():
+        merged = decoded[k] + d
+        amax = np.abs(merged).max(axis=1, keepdims=True)
+        s = torch.from_numpy(amax / 448.0).to(torch.bfloat16)
+        codes = e4m3_codes((merged / s.double().numpy()).astype(np.float32))
+        out[k] = codes
+        out[k + "_scale"] = s.view(torch.int16).numpy()
+        out[k + ".merged"] = merged
+    for k, d in decoded.items():
+        out[k + ".base"] = d
+    save_file(out, os.path.join(EXPECTED, "tiny-fp8-channel+fp8-lora.safetensors"),
+              metadata={"reference": "numpy float64 + torch float8_e4m3fn; base quantized by compressed-tensors"})
 
 
 if __name__ == "__main__":

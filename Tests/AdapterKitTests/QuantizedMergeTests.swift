@@ -21,7 +21,8 @@ struct QuantizedMergeTests {
         #expect(FP8.e8m0Ceiling(1) == 127 && FP8.e8m0Ceiling(1.5) == 128 && FP8.e8m0Ceiling(0.25) == 125)
     }
 
-    @Test("merged codes and scales are the Float64 reference's (E4M3 codes within one step, most exact); the rest is copied", arguments: ["tiny-fp8", "tiny-fp8-e8m0"])
+    @Test("merged codes and scales are the Float64 reference's (E4M3 codes within one step, most exact); the rest is copied",
+          arguments: ["tiny-fp8", "tiny-fp8-e8m0", "tiny-fp8-channel"])
     func merge(_ base: String) throws {
         let dir = TempDir()
         defer { dir.remove() }
@@ -32,7 +33,7 @@ struct QuantizedMergeTests {
             let (_, file) = try #require(c.tensor(name), "\(name)")
             return try c.files[file].withBytes(of: name) { Array($0) }
         }
-        let e8m0 = base.hasSuffix("e8m0")
+        let e8m0 = base.hasSuffix("e8m0"), channel = base.hasSuffix("channel")  // channel: compressed-tensors, BF16 scales per row
         var exact = 0, total = 0
         for weight in ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.v_proj.weight", "model.layers.0.mlp.down_proj.weight"] {
             let got = try bytes(merged, weight), want = try reference.withBytes(of: weight) { Array($0) }
@@ -43,8 +44,13 @@ struct QuantizedMergeTests {
                 // One E4M3 step apart at most: Float32 accumulation against Float64 at a rounding boundary.
                 #expect(g & 0x80 == w & 0x80 && abs(Int(g & 0x7F) - Int(w & 0x7F)) == 1, "\(weight): code \(g) vs reference \(w)")
             }
-            let scaleName = weight + "_scale_inv"
-            if e8m0 {
+            let scaleName = weight + (channel ? "_scale" : "_scale_inv")
+            if channel {
+                let g = try bytes(merged, scaleName), w = try reference.withBytes(of: scaleName) { Array($0) }
+                let gv = stride(from: 0, to: g.count, by: 2).map { Int(g[$0]) | Int(g[$0 + 1]) << 8 }
+                let wv = stride(from: 0, to: w.count, by: 2).map { Int(w[$0]) | Int(w[$0 + 1]) << 8 }
+                #expect(zip(gv, wv).allSatisfy { abs($0 - $1) <= 1 }, "\(scaleName): BF16 scales one step apart at most")
+            } else if e8m0 {
                 #expect(try bytes(merged, scaleName) == reference.withBytes(of: scaleName) { Array($0) }, "\(scaleName)")
             } else {
                 let (_, file) = try #require(merged.tensor(scaleName))
@@ -58,9 +64,11 @@ struct QuantizedMergeTests {
         for (entry, _) in original.tensors where !touched.contains(where: { entry.name.contains($0) }) {
             #expect(try bytes(merged, entry.name) == bytes(original, entry.name), "\(entry.name)")
         }
-        // The q_proj scales sit in the other shard than q_proj: rewritten there.
-        #expect(merged.tensors.first { $0.entry.name == "model.layers.0.self_attn.q_proj.weight_scale_inv" }?.file == 1)
-        #expect(try bytes(merged, "model.layers.0.self_attn.q_proj.weight_scale_inv") != bytes(original, "model.layers.0.self_attn.q_proj.weight_scale_inv"))
+        if !channel {
+            // The q_proj scales sit in the other shard than q_proj: rewritten there.
+            #expect(merged.tensors.first { $0.entry.name == "model.layers.0.self_attn.q_proj.weight_scale_inv" }?.file == 1)
+            #expect(try bytes(merged, "model.layers.0.self_attn.q_proj.weight_scale_inv") != bytes(original, "model.layers.0.self_attn.q_proj.weight_scale_inv"))
+        }
         #expect(merged.tensor("model.layers.0.self_attn.q_proj.weight")?.entry.encoding == original.tensor("model.layers.0.self_attn.q_proj.weight")?.entry.encoding)
         #expect(summary.notes.contains { $0.hasPrefix("requantized 3 quantized weights with fresh scales") })
     }

@@ -74,3 +74,24 @@ def test_dequantized_merge_loads_in_plain_transformers_with_the_reference_logits
         want = reference_model(out, bf16)(input_ids=ids()).logits.float()
         before = reference_model(out, base)(input_ids=ids()).logits.float()
     assert_logits_match(got, want, before, "dequantized FP8 merge", rtol=1e-5, update_rtol=0.01)
+
+
+def test_compressed_tensors_fp8_merge_is_decoded_by_compressed_tensors(tmp_path):
+    """An llm-compressor FP8_DYNAMIC model (made by compressed-tensors itself): our requantized
+    output loads through transformers' compressed-tensors integration (decompressed on a CPU with
+    run_compressed=False), and every merged weight is the reference's codes × BF16 row scales as
+    compressed-tensors decodes them, nearly everywhere exactly."""
+    out = tmp_path / "merged"
+    adapter("merge", "--quiet", MODELS / "tiny-fp8-channel", ADAPTERS / "fp8-lora", out)
+    model = load(out, quantization_config=T.CompressedTensorsConfig(run_compressed=False))
+    ref = load_file(str(MODELS.parent / "expected" / "fp8" / "tiny-fp8-channel+fp8-lora.safetensors"))
+    sd = model.state_dict()
+    for k in TOUCHED:
+        codes = torch.from_numpy(ref[k]).view(torch.float8_e4m3fn)
+        scale = torch.from_numpy(ref[k + "_scale"]).view(torch.bfloat16)
+        want = codes.to(torch.bfloat16) * scale  # compressed-tensors' own dequantization
+        got = sd[k]
+        assert got.dtype == torch.bfloat16 and got.shape == want.shape, k
+        same = (got == want).double().mean().item()
+        assert same >= 0.99, f"{k}: only {same:.3f} of the values are the reference's"
+        assert torch.allclose(got.double(), want.double(), rtol=2 ** -3, atol=float(scale.double().max()) * 2 ** -9), k

@@ -51,9 +51,14 @@ struct FP8BlockScales {
     /// A block of zeros keeps `old` (its codes are zeros whatever the scale).
     func fresh(amax: Double, old: Float) -> Float {
         guard amax > 0, amax.isFinite else { return old }
+        let s = amax / Double(FP8.e4m3Max)
         switch dtype {
-        case .f8E8M0: return FP8.e8m0(FP8.e8m0Ceiling(amax / Double(FP8.e4m3Max)))
-        default: return Float(amax / Double(FP8.e4m3Max))
+        case .f8E8M0: return FP8.e8m0(FP8.e8m0Ceiling(s))
+        // compressed-tensors keeps scales in the model's dtype: rounded once into it (codes of
+        // the block's largest values may then saturate at ±448, as its own quantizer's do).
+        case .bf16: return ElementConversion.bf16ToFloat(ElementConversion.doubleToBF16(s))
+        case .f16: return ElementConversion.f16ToFloat(ElementConversion.floatToF16(Float(s)))
+        default: return Float(s)
         }
     }
 
@@ -62,6 +67,16 @@ struct FP8BlockScales {
         switch dtype {
         case .f8E8M0:
             return values.map { FP8.e8m0Ceiling(Double($0)) }
+        case .bf16, .f16:
+            // Every value is already one of the dtype's: the conversion is exact.
+            var out = [UInt8](repeating: 0, count: values.count * 2)
+            out.withUnsafeMutableBytes { raw in
+                for (i, v) in values.enumerated() {
+                    let bits = dtype == .bf16 ? ElementConversion.floatToBF16(v) : ElementConversion.floatToF16(v)
+                    raw.storeBytes(of: bits.littleEndian, toByteOffset: i * 2, as: UInt16.self)
+                }
+            }
+            return out
         default:
             var out = [UInt8](repeating: 0, count: values.count * 4)
             out.withUnsafeMutableBytes { raw in

@@ -89,7 +89,7 @@ public final class Checkpoint: Sendable {
         self.lookup = lookup
         var warnings: [String] = []
         config = isFolder ? ModelConfig.read(folder: path, warnings: &warnings) : nil
-        Self.recogniseScaledFP8(&all, lookup: lookup, block: config?.weightBlockSize, warnings: &warnings)
+        Self.recogniseScaledFP8(&all, lookup: lookup, block: config?.weightBlockSize, compressed: config?.compressedFP8, warnings: &warnings)
         tensors = all
         scaledEntries = Dictionary(all.lazy.filter { if case .plain = $0.entry.encoding { false } else { true } }.map { ($0.entry.name, $0.entry) },
                                    uniquingKeysWith: { a, _ in a })
@@ -108,20 +108,45 @@ public final class Checkpoint: Sendable {
     /// (F8_E8M0), in any shard; value = code × its block's scale, edge blocks partial (transformers'
     /// `finegrained_fp8`). The block is the config's `weight_block_size`, else 128×128; a scale
     /// tensor whose shape or dtype does not fit is named in a warning and the weight stays plain.
+    ///
+    /// compressed-tensors' `float-quantized` FP8 (llm-compressor `FP8`, `FP8_DYNAMIC`, `FP8_BLOCK`)
+    /// is the same encoding with other names and blocks: the scale is `X.weight_scale`, in the
+    /// model's float dtype (BF16, F16 or F32), one per output row for the `channel` strategy
+    /// ([N, 1]: blocks of 1 × K), one per tensor for `tensor` ([1]: one N × K block), or per
+    /// `block_structure` block for `block`.
     static func recogniseScaledFP8(_ all: inout [(entry: TensorEntry, file: Int)], lookup: [String: Int]?, block configured: [Int]?,
-                                   warnings: inout [String]) {
+                                   compressed: ModelConfig.CompressedFP8? = nil, warnings: inout [String]) {
         guard all.contains(where: { $0.entry.dtype == .f8E4M3 || $0.entry.dtype == .f8E5M2 }) else { return }
         let position = lookup ?? Dictionary(all.enumerated().map { ($1.entry.name, $0) }, uniquingKeysWith: { a, _ in a })
-        let block = configured ?? [128, 128]
         for i in all.indices {
             let e = all[i].entry
-            guard e.dtype == .f8E4M3 || e.dtype == .f8E5M2, e.shape.count == 2 || e.shape.count == 3,
-                  let j = position[e.name + "_scale_inv"] else { continue }
-            let scale = all[j].entry
+            guard e.dtype == .f8E4M3 || e.dtype == .f8E5M2, e.shape.count == 2 || e.shape.count == 3 else { continue }
             let n = e.shape[e.shape.count - 2], k = e.shape[e.shape.count - 1]
-            let expected = Array(e.shape.dropLast(2)) + [(n + block[0] - 1) / block[0], (k + block[1] - 1) / block[1]]
-            guard scale.dtype == .f32 || scale.dtype == .f8E8M0, scale.shape == expected else {
-                warnings.append("\(scale.name) is \(scale.dtype.rawValue) \(scale.shape), not the F32 or F8_E8M0 \(expected) that \(block[0])×\(block[1]) block scales of \(e.name) \(e.shape) need: \(e.name) is read as plain \(e.dtype.rawValue)")
+            let block: [Int], expected: [[Int]], dtypes: [DType], j: Int
+            if let c = compressed, let found = position[e.name + "_scale"] {
+                j = found
+                dtypes = [.bf16, .f16, .f32]
+                switch c.strategy {
+                case "channel": (block, expected) = ([1, max(1, k)], [Array(e.shape.dropLast(2)) + [n, 1]])
+                case "tensor": (block, expected) = ([max(1, n), max(1, k)], [[1], [], Array(e.shape.dropLast(2)) + [1, 1]])
+                case "block" where c.block != nil:
+                    block = c.block!
+                    expected = [Array(e.shape.dropLast(2)) + [(n + block[0] - 1) / block[0], (k + block[1] - 1) / block[1]]]
+                default:
+                    warnings.append("\(e.name): compressed-tensors strategy \(quotedForMessage(c.strategy)) is not read; \(e.name) is read as plain \(e.dtype.rawValue)")
+                    continue
+                }
+            } else if let found = position[e.name + "_scale_inv"] {
+                j = found
+                block = configured ?? [128, 128]
+                dtypes = [.f32, .f8E8M0]
+                expected = [Array(e.shape.dropLast(2)) + [(n + block[0] - 1) / block[0], (k + block[1] - 1) / block[1]]]
+            } else {
+                continue
+            }
+            let scale = all[j].entry
+            guard dtypes.contains(scale.dtype), expected.contains(scale.shape) else {
+                warnings.append("\(scale.name) is \(scale.dtype.rawValue) \(scale.shape), not the \(dtypes.map(\.rawValue).joined(separator: " or ")) \(expected[0]) that \(block[0])×\(block[1]) block scales of \(e.name) \(e.shape) need: \(e.name) is read as plain \(e.dtype.rawValue)")
                 continue
             }
             all[i].entry = TensorEntry(name: e.name, shape: e.shape, encoding: .blockScaledFP8(e.dtype, scale: scale.name, block: block), byteCount: e.byteCount)

@@ -16,6 +16,9 @@ public struct ModelConfig: Sendable, Equatable {
     public let visionModelType: String?
     /// `quantization_config.weight_block_size` of block-scaled FP8 checkpoints (two positive integers).
     public let weightBlockSize: [Int]?
+    /// compressed-tensors `float-quantized` FP8 weights (llm-compressor): the weights' strategy
+    /// (`channel`, `tensor`, `block`) and, for `block`, its `block_structure`; nil for other configs.
+    public let compressedFP8: CompressedFP8?
     /// The (text) model's attention shape, for the q/k/v rows of a fused `qkv_proj`:
     /// `num_attention_heads`, `num_key_value_heads` and `head_dim` (else hidden_size / heads).
     public let attentionHeads: Int?
@@ -60,6 +63,7 @@ public struct ModelConfig: Sendable, Equatable {
         let block = root["quantization_config"]?.objectValue?["weight_block_size"]?.arrayValue?
             .compactMap { $0.uint64 }.filter { $0 > 0 && $0 <= 1 << 20 }.map { Int($0) }
         weightBlockSize = block?.count == 2 ? block : nil
+        compressedFP8 = Self.compressedFP8(root["quantization_config"]?.objectValue)
         let heads = count(root, ["num_attention_heads"]) ?? count(text, ["num_attention_heads"])
         attentionHeads = heads
         keyValueHeads = count(root, ["num_key_value_heads"]) ?? count(text, ["num_key_value_heads"]) ?? heads
@@ -69,7 +73,26 @@ public struct ModelConfig: Sendable, Equatable {
         headDim = dim
     }
 
+    /// compressed-tensors' `float-quantized` format with 8-bit float weights: the strategy of the
+    /// first config group that quantizes weights that way (every group of an FP8 model has the same).
+    static func compressedFP8(_ q: JSONObject?) -> CompressedFP8? {
+        guard let q, q["quant_method"]?.stringValue == "compressed-tensors", q["format"]?.stringValue == "float-quantized",
+              let groups = q["config_groups"]?.objectValue else { return nil }
+        for (_, group) in groups.members {
+            guard let w = group.objectValue?["weights"]?.objectValue, w["type"]?.stringValue == "float", w["num_bits"]?.uint64 == 8,
+                  let strategy = w["strategy"]?.stringValue else { continue }
+            let block = w["block_structure"]?.arrayValue?.compactMap { $0.uint64 }.filter { $0 > 0 && $0 <= 1 << 20 }.map { Int($0) }
+            return CompressedFP8(strategy: strategy, block: block?.count == 2 ? block : nil)
+        }
+        return nil
+    }
+
     public var isMixtureOfExperts: Bool { (experts ?? 0) > 1 }
+
+    public struct CompressedFP8: Sendable, Equatable {
+        public let strategy: String
+        public let block: [Int]?
+    }
 
     /// "qwen3_moe (Qwen3MoeForCausalLM), 128 experts per layer, 8 per token".
     public var summary: String {

@@ -33,7 +33,7 @@ struct EncodingTests {
         #expect(checkpoint.tensor("norm.weight")?.entry.encoding == .plain(.bf16))
         #expect(checkpoint.warnings.isEmpty)
         let report = CheckpointReport(checkpoint)
-        #expect(report.text(tensors: false).contains("encodings   F8_E4M3 with 2×4 block scales × 1"))
+        #expect(report.text(tensors: false).contains("encodings   F8_E4M3 with 2×4 block scales (F32, weight_scale_inv) × 1: 1.500 bytes per parameter, 1 scale tensor in another shard than the weight"))
         let json = JSONWriter.compact(report.json())
         #expect(json.contains(#""encoding":{"kind":"block_scaled_fp8","scale":"a.weight_scale_inv","block":[2,4]}"#))
     }

@@ -36,16 +36,27 @@ public struct CheckpointReport: Sendable {
     }
 
     /// Tensors whose values need a scale tensor, by kind: "F8_E4M3 with 128×128 block scales × 61".
+    ///
+    /// Each kind says its scales' dtype and key, how many sit in another shard than their weight,
+    /// and the bytes per parameter of those weights with their scales.
     var scaledSummary: String? {
-        var counts: [String: Int] = [:]
+        var counts: [String: Int] = [:], apart: [String: Int] = [:], bytes: [String: Int] = [:], params: [String: Int] = [:]
         var order: [String] = []
         for t in checkpoint.tensors {
-            guard case .blockScaledFP8(let d, _, let block) = t.entry.encoding else { continue }
-            let kind = "\(d.rawValue) with \(block.map(String.init).joined(separator: "×")) block scales"
+            guard case .blockScaledFP8(let d, let scaleName, let block) = t.entry.encoding, let (scale, file) = checkpoint.tensor(scaleName) else { continue }
+            let suffix = scaleName.hasSuffix("_scale_inv") ? "weight_scale_inv" : "weight_scale"
+            let kind = "\(d.rawValue) with \(block.map(String.init).joined(separator: "×")) block scales (\(scale.dtype.rawValue), \(suffix))"
             if counts[kind] == nil { order.append(kind) }
             counts[kind, default: 0] += 1
+            if file != t.file { apart[kind, default: 0] += 1 }
+            bytes[kind, default: 0] += t.entry.byteCount + scale.byteCount
+            params[kind, default: 0] += t.entry.elementCount
         }
-        return order.isEmpty ? nil : order.map { "\($0) × \(counts[$0]!)" }.joined(separator: ", ")
+        return order.isEmpty ? nil : order.map { kind in
+            let perParameter = Double(bytes[kind]!) / Double(max(1, params[kind]!))
+            let elsewhere = apart[kind].map { ", \($0) scale tensor\($0 == 1 ? "" : "s") in another shard than the weight" } ?? ""
+            return "\(kind) × \(counts[kind]!): \(formatFixed(perParameter, 3)) bytes per parameter\(elsewhere)"
+        }.joined(separator: "; ")
     }
 
     /// The `--json` object. `adapter` is filled by the adapter report, null for checkpoints.

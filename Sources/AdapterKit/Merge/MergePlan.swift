@@ -247,6 +247,9 @@ extension MergePlan {
                 changes[scale] = sp
             }
         } else if RowCodec(p.base.encoding) == nil {
+            if case .plain(let d) = p.base.encoding, d == .f8E4M3 || d == .f8E5M2 {
+                return "module \(module.name): base tensor \(target) holds \(d.rawValue) codes without scales that fit (\(target)_scale_inv or \(target)_scale missing, or of another shape or dtype: the base's warnings say which); nothing was written"
+            }
             if case .plain = p.base.encoding {
                 return "module \(module.name): base tensor \(target) has dtype \(p.base.dtype.rawValue); merges need F32, F64, F16 or BF16 (or E4M3 with block scales)"
             }

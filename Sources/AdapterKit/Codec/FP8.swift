@@ -24,6 +24,22 @@ enum FP8 {
         return sign | UInt8((e + 7) << 3) | UInt8(q)
     }
 
+    /// The same rounding from Float32, with integer operations on the bits (the merge's inner
+    /// loop): |x| ≥ 448 saturates, below 2⁻⁶ the subnormal step 2⁻⁹, otherwise the mantissa is
+    /// rounded to three bits, ties to even, a carry moving into the exponent.
+    @inline(__always)
+    static func e4m3(_ x: Float) -> UInt8 {
+        let bits = x.bitPattern
+        let sign = UInt8(truncatingIfNeeded: (bits >> 24) & 0x80)
+        let a = bits & 0x7FFF_FFFF
+        if a >= 0x43E0_0000 { return a > 0x7F80_0000 ? 0x7F : sign | 0x7E }  // 448 = 0x43E00000
+        if a < 0x3C80_0000 {  // 2⁻⁶
+            return sign | UInt8((Float(bitPattern: a) * 512).rounded(.toNearestOrEven))
+        }
+        let r = a &+ 0x7FFFF &+ ((a >> 20) & 1)
+        return sign | UInt8(truncatingIfNeeded: (((r >> 23) &- 120) << 3) | ((r >> 20) & 7))
+    }
+
     /// 2^(b − 127); NaN for 0xFF.
     static func e8m0(_ b: UInt8) -> Float {
         b == 0xFF ? .nan : Float(sign: .plus, exponent: Int(b) - 127, significand: 1)

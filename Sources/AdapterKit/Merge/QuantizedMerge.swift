@@ -1,3 +1,5 @@
+import Foundation
+
 /// Merges into quantized weights: decode to Float32, add the update with the same kernel, encode
 /// again in the weight's own scheme with fresh scales (docs/formats.md §9a).
 extension MergeExecutor {
@@ -9,6 +11,13 @@ extension MergeExecutor {
         var applied = 0.0
         var maxAbsUpdate = 0.0
         var kept: Double { update > 0 ? dot / update : 1 }
+
+        mutating func add(_ o: Retention) {
+            dot += o.dot
+            update += o.update
+            applied += o.applied
+            maxAbsUpdate = max(maxAbsUpdate, o.maxAbsUpdate)
+        }
     }
 
     /// A block-scaled FP8 weight merged and requantized band by band (block[0] rows of one expert
@@ -40,73 +49,122 @@ extension MergeExecutor {
         }
         let region = store.region(of: p.baseName)
         let whole: [UInt8]? = region == nil ? try store.withBytes(of: p.baseName) { Array($0) } : nil
-        var decoded = [Float](repeating: 0, count: b0 * k)
-        var merged = [Float](repeating: 0, count: b0 * k)
-        var raw = [UInt8](repeating: 0, count: b0 * k)
-        let table = ElementConversion.f8E4M3Table
+        let decoded = UnsafeMutableBufferPointer<Float>.allocate(capacity: max(1, b0 * k))
+        let merged = UnsafeMutableBufferPointer<Float>.allocate(capacity: max(1, b0 * k))
+        let raw = UnsafeMutableBufferPointer<UInt8>.allocate(capacity: max(1, b0 * k))
+        let bandScales = UnsafeMutableBufferPointer<Float>.allocate(capacity: max(1, blockCols))
+        defer { decoded.deallocate(); merged.deallocate(); raw.deallocate(); bandScales.deallocate() }
+        let threads = max(1, options.threads)
+        // Rows of a band in chunks, one per thread: every element loop below runs on all cores.
+        func parallel(_ rows: Int, _ body: @Sendable (Range<Int>, Int) -> Void) {
+            let chunks = max(1, min(threads, rows))
+            DispatchQueue.concurrentPerform(iterations: chunks) { c in body(rows * c / chunks..<rows * (c + 1) / chunks, c) }
+        }
+        let tableBuffer = UnsafeMutableBufferPointer<Float>.allocate(capacity: 256)
+        _ = tableBuffer.initialize(from: ElementConversion.f8E4M3Table)
+        defer { tableBuffer.deallocate() }
+        let table = UncheckedMutable(tableBuffer)
+        let (dec, mer, codesOut, sc) = (UncheckedMutable(decoded), UncheckedMutable(merged), UncheckedMutable(raw), UncheckedMutable(bandScales))
         for x in 0..<experts {
             for j in 0..<blockRows {
                 let lo = x * n + j * b0, hi = x * n + min(n, (j + 1) * b0), rows = hi - lo
                 // The band's codes.
                 if let region {
-                    let got = try raw.withUnsafeMutableBytes { buf in
-                        try region.descriptor.read(into: UnsafeMutableRawBufferPointer(rebasing: buf[0..<rows * k]), at: region.range.lowerBound + lo * k)
-                    }
+                    let got = try region.descriptor.read(into: UnsafeMutableRawBufferPointer(rebasing: UnsafeMutableRawBufferPointer(raw)[0..<rows * k]),
+                                                         at: region.range.lowerBound + lo * k)
                     guard got == rows * k else { throw InputError(region.path, "the file shrank while being read") }
                 } else {
-                    raw.replaceSubrange(0..<rows * k, with: whole![lo * k..<hi * k])
+                    _ = UnsafeMutableBufferPointer(rebasing: raw[0..<rows * k]).initialize(from: whole![lo * k..<hi * k])
                 }
                 let scaleRow = (x * blockRows + j) * blockCols
-                for i in 0..<rows {
-                    for c in 0..<k {
-                        let v = table[Int(raw[i * k + c])] * scales.values[scaleRow + c / b1]
-                        guard v.isFinite else { throw MergeError(tensor: p.baseName, problem: "code \(raw[i * k + c]) at row \(lo + i), column \(c) decodes to NaN") }
-                        decoded[i * k + c] = v
+                for cb in 0..<blockCols { bandScales[cb] = scales.values[scaleRow + cb] }
+                let badCode = Locked<Int?>(nil)
+                parallel(rows) { range, _ in
+                    for i in range {
+                        var finite = true
+                        for cb in 0..<blockCols {
+                            let s = sc[cb]
+                            for c in cb * b1..<min(k, cb * b1 + b1) {
+                                let v = table[Int(codesOut[i * k + c])] * s
+                                finite = finite && v.isFinite
+                                dec[i * k + c] = v
+                                mer[i * k + c] = v
+                            }
+                        }
+                        if !finite, let c = (0..<k).first(where: { !dec[i * k + $0].isFinite }) { badCode.set(i * k + c) }
                     }
                 }
-                merged.replaceSubrange(0..<rows * k, with: decoded[0..<rows * k])
+                if let bad = badCode.value {
+                    throw MergeError(tensor: p.baseName, problem: "code \(raw[bad]) at row \(lo + bad / k), column \(bad % k) decodes to NaN")
+                }
                 // The update, where terms cover these rows.
                 for piece in pieces where piece.rows.overlaps(lo..<hi) {
                     let from = max(lo, piece.rows.lowerBound), to = min(hi, piece.rows.upperBound)
-                    let result = decoded.withUnsafeBytes { src in
-                        merged.withUnsafeMutableBytes { dst in
-                            withExtendedLifetime(piece.factors) {
-                                MergeKernel.merge(source: src.baseAddress! + (from - lo) * k * 4, sourceType: .f32,
-                                                  destination: dst.baseAddress! + (from - lo) * k * 4, destinationType: .f32,
-                                                  rows: 0..<(to - from), factors: piece.factors.rows(from: from - piece.rows.lowerBound),
-                                                  wantStatistics: false, threads: options.threads)
-                            }
-                        }
+                    let result = withExtendedLifetime(piece.factors) {
+                        MergeKernel.merge(source: UnsafeRawPointer(decoded.baseAddress! + (from - lo) * k), sourceType: .f32,
+                                          destination: UnsafeMutableRawPointer(merged.baseAddress! + (from - lo) * k), destinationType: .f32,
+                                          rows: 0..<(to - from), factors: piece.factors.rows(from: from - piece.rows.lowerBound),
+                                          wantStatistics: false, threads: threads)
                     }
                     guard result.finite else {
                         throw MergeError(tensor: p.baseName, problem: "the merged values hold NaN or infinity; modules: \(p.moduleNames.joined(separator: ", "))")
                     }
                 }
-                // Fresh scales, then the codes.
-                for cb in 0..<blockCols {
-                    let c0 = cb * b1, c1 = min(k, c0 + b1)
-                    var amax = 0.0
-                    for i in 0..<rows { for c in c0..<c1 { amax = max(amax, Double(abs(merged[i * k + c]))) } }
-                    let old = scales.values[scaleRow + cb]
-                    let s = scales.fresh(amax: amax, old: old)
-                    scales.values[scaleRow + cb] = s
-                    let sd = Double(s)
-                    for i in 0..<rows {
-                        for c in c0..<c1 {
-                            let w = Double(decoded[i * k + c]), wp = Double(merged[i * k + c])
-                            let code = sd > 0 ? FP8.e4m3(wp / sd) : raw[i * k + c]
-                            raw[i * k + c] = code
-                            let q = Double(table[Int(code)]) * sd
-                            retention.dot += (q - w) * (wp - w)
-                            retention.update += (wp - w) * (wp - w)
-                            retention.applied += (q - w) * (q - w)
-                            retention.maxAbsUpdate = max(retention.maxAbsUpdate, abs(wp - w))
+                // Fresh scales: the largest magnitude per block, over the band's rows.
+                let partial = Locked<[Float]>([Float](repeating: 0, count: blockCols))
+                parallel(rows) { range, _ in
+                    var amax = [Float](repeating: 0, count: blockCols)
+                    amax.withUnsafeMutableBufferPointer { amax in
+                        for i in range {
+                            for cb in 0..<blockCols {
+                                var m: Float = amax[cb]
+                                for c in cb * b1..<min(k, cb * b1 + b1) {
+                                    let a = abs(mer[i * k + c])
+                                    m = a > m ? a : m  // (a plain comparison vectorises; the values are finite here)
+                                }
+                                amax[cb] = m
+                            }
                         }
                     }
+                    partial.update { for cb in 0..<blockCols { $0[cb] = max($0[cb], amax[cb]) } }
                 }
+                let amax = partial.value
+                for cb in 0..<blockCols {
+                    let s = scales.fresh(amax: Double(amax[cb]), old: bandScales[cb])
+                    scales.values[scaleRow + cb] = s
+                    bandScales[cb] = s
+                }
+                // The codes, and what they keep of the update.
+                let kept = Locked(Retention())
+                parallel(rows) { range, _ in
+                    var part = Retention()
+                    for i in range {
+                        var dot: Float = 0, update: Float = 0, applied: Float = 0, largest: Float = 0
+                        for cb in 0..<blockCols {
+                            let s = sc[cb]
+                            guard s > 0 else { continue }  // a block of zeros keeps its codes
+                            for c in cb * b1..<min(k, cb * b1 + b1) {
+                                let w = dec[i * k + c], wp = mer[i * k + c]
+                                let code = FP8.e4m3(wp / s)
+                                codesOut[i * k + c] = code
+                                let d = wp - w, e = table[Int(code)] * s - w
+                                dot += e * d
+                                update += d * d
+                                applied += e * e
+                                largest = max(largest, abs(d))
+                            }
+                        }
+                        part.dot += Double(dot)
+                        part.update += Double(update)
+                        part.applied += Double(applied)
+                        part.maxAbsUpdate = max(part.maxAbsUpdate, Double(largest))
+                    }
+                    kept.update { $0.add(part) }
+                }
+                retention.add(kept.value)
                 if let writer {
                     let buffer = try pipeline.acquire(bytes: rows * k)
-                    raw.withUnsafeBytes { buffer.baseAddress!.copyMemory(from: $0.baseAddress!, byteCount: rows * k) }
+                    buffer.baseAddress!.copyMemory(from: raw.baseAddress!, byteCount: rows * k)
                     pipeline.write(buffer, count: rows * k, with: writer)
                 }
             }
@@ -194,4 +252,25 @@ extension MergeExecutor {
             }
         }
     }
+}
+
+
+/// A band buffer written by the worker threads, each its own rows.
+struct UncheckedMutable<T>: @unchecked Sendable {
+    let base: UnsafeMutableBufferPointer<T>
+    init(_ b: UnsafeMutableBufferPointer<T>) { base = b }
+    subscript(i: Int) -> T {
+        get { base[i] }
+        nonmutating set { base[i] = newValue }
+    }
+}
+
+/// A value the worker threads combine into under a lock.
+final class Locked<T>: @unchecked Sendable {
+    private let lock = NSLock()
+    private var stored: T
+    init(_ value: T) { stored = value }
+    var value: T { lock.lock(); defer { lock.unlock() }; return stored }
+    func set(_ v: T) { lock.lock(); stored = v; lock.unlock() }
+    func update(_ body: (inout T) -> Void) { lock.lock(); body(&stored); lock.unlock() }
 }

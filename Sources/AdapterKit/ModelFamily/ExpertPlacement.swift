@@ -47,6 +47,9 @@ extension NameMap {
                 UpdatePlacement(module: m.expert(i), target: UpdateTarget(tensor: t, rows: .range(i * s[1]..<(i + 1) * s[1]), viewColumns: s[2], transposed: flip))
             })
         }
+        if let packed = tensorName(forModule: label + "_blocks", suffix: "", format: format) {
+            return .failure(PlacementProblem(text: "\(label) is stored as MXFP4 (\(packed) and its _scales); merging into MXFP4 experts is not supported yet (dequantize the model first)"))
+        }
         guard let parts = Self.expertParts[p.name] else {
             return .failure(PlacementProblem(text: "no base tensor \(label), and per-expert tensors are known only for gate_up_proj and down_proj"))
         }

@@ -27,28 +27,18 @@ extension MergeExecutor {
     /// tensor, perhaps in another shard, is written from them).
     func mergeBlockScaledFP8(_ p: TensorEdit, from store: any TensorContainer, base: Checkpoint,
                              to writer: (any TensorFileWriter)?) throws -> (scales: FP8BlockScales, retention: Retention) {
-        guard case .blockScaledFP8(let codes, let scaleName, let block) = p.base.encoding, codes == .f8E4M3,
-              let (scaleEntry, scaleFile) = base.tensor(scaleName) else {
-            preconditionFailure("the plan admits only E4M3 block-scaled weights whose scales it found")
+        guard case .blockScaledFP8(let codes, let scaleName, let block) = p.base.encoding, codes == .f8E4M3 else {
+            preconditionFailure("the plan admits only E4M3 block-scaled weights")
         }
-        let shape = p.base.shape
-        let experts = shape.count == 3 ? shape[0] : 1
-        let n = shape[shape.count - 2], k = shape[shape.count - 1]
-        let (b0, b1) = (block[0], block[1])
-        let blockRows = (n + b0 - 1) / b0, blockCols = (k + b1 - 1) / b1
-        precondition(p.columns == k, "FP8 weights are merged in their [rows, in] view")
-        var scales = try Self.readScales(scaleEntry, from: base.files[scaleFile])
-        if let bad = scales.values.firstIndex(where: { !$0.isFinite || $0 < 0 }) {
-            throw MergeError(tensor: p.baseName, problem: "its scale \(scaleName)[\(bad)] is \(scales.values[bad]), not a finite scale")
-        }
+        let bands = try FP8Bands(p, block: block, scale: scaleName, from: store, base: base)
+        let (k, b0, b1, blockRows, blockCols) = (bands.k, bands.b0, bands.b1, bands.blockRows, bands.blockCols)
+        var scales = bands.scales
         var retention = Retention()
         // Each piece of rows with the same terms, compiled once.
         let pieces: [(rows: Range<Int>, factors: UpdateFactorStorage)] = try p.segments.filter { !$0.terms.isEmpty }.map { segment in
             let (l, r, kk) = try UpdateCompiler.factors(segment.terms.map { p.terms[$0] }, rows: segment.rows, viewRows: p.rows, cols: k, tensor: p.baseName)
             return (segment.rows, UpdateFactorStorage(l: l, r: r, rows: segment.rows.count, cols: k, k: kk, magnitude: nil))
         }
-        let region = store.region(of: p.baseName)
-        let whole: [UInt8]? = region == nil ? try store.withBytes(of: p.baseName) { Array($0) } : nil
         let decoded = UnsafeMutableBufferPointer<Float>.allocate(capacity: max(1, b0 * k))
         let merged = UnsafeMutableBufferPointer<Float>.allocate(capacity: max(1, b0 * k))
         let raw = UnsafeMutableBufferPointer<UInt8>.allocate(capacity: max(1, b0 * k))
@@ -65,108 +55,99 @@ extension MergeExecutor {
         defer { tableBuffer.deallocate() }
         let table = UncheckedMutable(tableBuffer)
         let (dec, mer, codesOut, sc) = (UncheckedMutable(decoded), UncheckedMutable(merged), UncheckedMutable(raw), UncheckedMutable(bandScales))
-        for x in 0..<experts {
-            for j in 0..<blockRows {
-                let lo = x * n + j * b0, hi = x * n + min(n, (j + 1) * b0), rows = hi - lo
-                // The band's codes.
-                if let region {
-                    let got = try region.descriptor.read(into: UnsafeMutableRawBufferPointer(rebasing: UnsafeMutableRawBufferPointer(raw)[0..<rows * k]),
-                                                         at: region.range.lowerBound + lo * k)
-                    guard got == rows * k else { throw InputError(region.path, "the file shrank while being read") }
-                } else {
-                    _ = UnsafeMutableBufferPointer(rebasing: raw[0..<rows * k]).initialize(from: whole![lo * k..<hi * k])
+        try bands.forEach { x, j, lo, hi in
+            let rows = hi - lo
+            try bands.read(lo, hi, into: raw)
+            let scaleRow = (x * blockRows + j) * blockCols
+            for cb in 0..<blockCols { bandScales[cb] = scales.values[scaleRow + cb] }
+            let badCode = Locked<Int?>(nil)
+            parallel(rows) { range, _ in
+                for i in range {
+                    var finite = true
+                    for cb in 0..<blockCols {
+                        let s = sc[cb]
+                        for c in cb * b1..<min(k, cb * b1 + b1) {
+                            let v = table[Int(codesOut[i * k + c])] * s
+                            finite = finite && v.isFinite
+                            dec[i * k + c] = v
+                            mer[i * k + c] = v
+                        }
+                    }
+                    if !finite, let c = (0..<k).first(where: { !dec[i * k + $0].isFinite }) { badCode.set(i * k + c) }
                 }
-                let scaleRow = (x * blockRows + j) * blockCols
-                for cb in 0..<blockCols { bandScales[cb] = scales.values[scaleRow + cb] }
-                let badCode = Locked<Int?>(nil)
-                parallel(rows) { range, _ in
+            }
+            if let bad = badCode.value {
+                throw MergeError(tensor: p.baseName, problem: "code \(raw[bad]) at row \(lo + bad / k), column \(bad % k) decodes to NaN")
+            }
+            // The update, where terms cover these rows.
+            for piece in pieces where piece.rows.overlaps(lo..<hi) {
+                let from = max(lo, piece.rows.lowerBound), to = min(hi, piece.rows.upperBound)
+                let result = withExtendedLifetime(piece.factors) {
+                    MergeKernel.merge(source: UnsafeRawPointer(decoded.baseAddress! + (from - lo) * k), sourceType: .f32,
+                                      destination: UnsafeMutableRawPointer(merged.baseAddress! + (from - lo) * k), destinationType: .f32,
+                                      rows: 0..<(to - from), factors: piece.factors.rows(from: from - piece.rows.lowerBound),
+                                      wantStatistics: false, threads: threads)
+                }
+                guard result.finite else {
+                    throw MergeError(tensor: p.baseName, problem: "the merged values hold NaN or infinity; modules: \(p.moduleNames.joined(separator: ", "))")
+                }
+            }
+            // Fresh scales: the largest magnitude per block, over the band's rows.
+            let partial = Locked<[Float]>([Float](repeating: 0, count: blockCols))
+            parallel(rows) { range, _ in
+                var amax = [Float](repeating: 0, count: blockCols)
+                amax.withUnsafeMutableBufferPointer { amax in
                     for i in range {
-                        var finite = true
                         for cb in 0..<blockCols {
-                            let s = sc[cb]
+                            var m: Float = amax[cb]
                             for c in cb * b1..<min(k, cb * b1 + b1) {
-                                let v = table[Int(codesOut[i * k + c])] * s
-                                finite = finite && v.isFinite
-                                dec[i * k + c] = v
-                                mer[i * k + c] = v
+                                let a = abs(mer[i * k + c])
+                                m = a > m ? a : m  // (a plain comparison vectorises; the values are finite here)
                             }
-                        }
-                        if !finite, let c = (0..<k).first(where: { !dec[i * k + $0].isFinite }) { badCode.set(i * k + c) }
-                    }
-                }
-                if let bad = badCode.value {
-                    throw MergeError(tensor: p.baseName, problem: "code \(raw[bad]) at row \(lo + bad / k), column \(bad % k) decodes to NaN")
-                }
-                // The update, where terms cover these rows.
-                for piece in pieces where piece.rows.overlaps(lo..<hi) {
-                    let from = max(lo, piece.rows.lowerBound), to = min(hi, piece.rows.upperBound)
-                    let result = withExtendedLifetime(piece.factors) {
-                        MergeKernel.merge(source: UnsafeRawPointer(decoded.baseAddress! + (from - lo) * k), sourceType: .f32,
-                                          destination: UnsafeMutableRawPointer(merged.baseAddress! + (from - lo) * k), destinationType: .f32,
-                                          rows: 0..<(to - from), factors: piece.factors.rows(from: from - piece.rows.lowerBound),
-                                          wantStatistics: false, threads: threads)
-                    }
-                    guard result.finite else {
-                        throw MergeError(tensor: p.baseName, problem: "the merged values hold NaN or infinity; modules: \(p.moduleNames.joined(separator: ", "))")
-                    }
-                }
-                // Fresh scales: the largest magnitude per block, over the band's rows.
-                let partial = Locked<[Float]>([Float](repeating: 0, count: blockCols))
-                parallel(rows) { range, _ in
-                    var amax = [Float](repeating: 0, count: blockCols)
-                    amax.withUnsafeMutableBufferPointer { amax in
-                        for i in range {
-                            for cb in 0..<blockCols {
-                                var m: Float = amax[cb]
-                                for c in cb * b1..<min(k, cb * b1 + b1) {
-                                    let a = abs(mer[i * k + c])
-                                    m = a > m ? a : m  // (a plain comparison vectorises; the values are finite here)
-                                }
-                                amax[cb] = m
-                            }
+                            amax[cb] = m
                         }
                     }
-                    partial.update { for cb in 0..<blockCols { $0[cb] = max($0[cb], amax[cb]) } }
                 }
-                let amax = partial.value
-                for cb in 0..<blockCols {
-                    let s = scales.fresh(amax: Double(amax[cb]), old: bandScales[cb])
-                    scales.values[scaleRow + cb] = s
-                    bandScales[cb] = s
-                }
-                // The codes, and what they keep of the update.
-                let kept = Locked(Retention())
-                parallel(rows) { range, _ in
-                    var part = Retention()
-                    for i in range {
-                        var dot: Float = 0, update: Float = 0, applied: Float = 0, largest: Float = 0
-                        for cb in 0..<blockCols {
-                            let s = sc[cb]
-                            guard s > 0 else { continue }  // a block of zeros keeps its codes
-                            for c in cb * b1..<min(k, cb * b1 + b1) {
-                                let w = dec[i * k + c], wp = mer[i * k + c]
-                                let code = FP8.e4m3(wp / s)
-                                codesOut[i * k + c] = code
-                                let d = wp - w, e = table[Int(code)] * s - w
-                                dot += e * d
-                                update += d * d
-                                applied += e * e
-                                largest = max(largest, abs(d))
-                            }
+                partial.update { for cb in 0..<blockCols { $0[cb] = max($0[cb], amax[cb]) } }
+            }
+            let amax = partial.value
+            for cb in 0..<blockCols {
+                let s = scales.fresh(amax: Double(amax[cb]), old: bandScales[cb])
+                scales.values[scaleRow + cb] = s
+                bandScales[cb] = s
+            }
+            // The codes, and what they keep of the update.
+            let kept = Locked(Retention())
+            parallel(rows) { range, _ in
+                var part = Retention()
+                for i in range {
+                    var dot: Float = 0, update: Float = 0, applied: Float = 0, largest: Float = 0
+                    for cb in 0..<blockCols {
+                        let s = sc[cb]
+                        guard s > 0 else { continue }  // a block of zeros keeps its codes
+                        for c in cb * b1..<min(k, cb * b1 + b1) {
+                            let w = dec[i * k + c], wp = mer[i * k + c]
+                            let code = FP8.e4m3(wp / s)
+                            codesOut[i * k + c] = code
+                            let d = wp - w, e = table[Int(code)] * s - w
+                            dot += e * d
+                            update += d * d
+                            applied += e * e
+                            largest = max(largest, abs(d))
                         }
-                        part.dot += Double(dot)
-                        part.update += Double(update)
-                        part.applied += Double(applied)
-                        part.maxAbsUpdate = max(part.maxAbsUpdate, Double(largest))
                     }
-                    kept.update { $0.add(part) }
+                    part.dot += Double(dot)
+                    part.update += Double(update)
+                    part.applied += Double(applied)
+                    part.maxAbsUpdate = max(part.maxAbsUpdate, Double(largest))
                 }
-                retention.add(kept.value)
-                if let writer {
-                    let buffer = try pipeline.acquire(bytes: rows * k)
-                    buffer.baseAddress!.copyMemory(from: raw.baseAddress!, byteCount: rows * k)
-                    pipeline.write(buffer, count: rows * k, with: writer)
-                }
+                kept.update { $0.add(part) }
+            }
+            retention.add(kept.value)
+            if let writer {
+                let buffer = try pipeline.acquire(bytes: rows * k)
+                buffer.baseAddress!.copyMemory(from: raw.baseAddress!, byteCount: rows * k)
+                pipeline.write(buffer, count: rows * k, with: writer)
             }
         }
         return (scales, retention)
@@ -191,69 +172,100 @@ extension MergeExecutor {
     func dequantizeBlockScaledFP8(_ p: TensorEdit, from store: any TensorContainer, base: Checkpoint, dtype: DType,
                                   to writer: any TensorFileWriter) throws {
         guard case .blockScaledFP8(let codes, let scaleName, let block) = p.base.encoding, codes == .f8E4M3 || codes == .f8E5M2,
-              let (scaleEntry, scaleFile) = base.tensor(scaleName), let codec = RowCodec(.plain(dtype)) else {
-            preconditionFailure("the plan dequantizes only block-scaled FP8 weights whose scales it found")
+              let codec = RowCodec(.plain(dtype)) else {
+            preconditionFailure("the plan dequantizes only block-scaled FP8 weights")
         }
-        let shape = p.base.shape
-        let experts = shape.count == 3 ? shape[0] : 1
-        let n = shape[shape.count - 2], k = shape[shape.count - 1]
-        let (b0, b1) = (block[0], block[1])
-        let blockRows = (n + b0 - 1) / b0, blockCols = (k + b1 - 1) / b1
-        let scales = try Self.readScales(scaleEntry, from: base.files[scaleFile]).values
-        if let bad = scales.firstIndex(where: { !$0.isFinite || $0 < 0 }) {
-            throw MergeError(tensor: p.baseName, problem: "its scale \(scaleName)[\(bad)] is \(scales[bad]), not a finite scale")
-        }
+        let bands = try FP8Bands(p, block: block, scale: scaleName, from: store, base: base)
+        let (k, b0, b1, blockRows, blockCols) = (bands.k, bands.b0, bands.b1, bands.blockRows, bands.blockCols)
+        let scales = bands.scales.values
         let pieces: [(rows: Range<Int>, l: [Double], r: [Double], k: Int)] = try p.segments.filter { !$0.terms.isEmpty }.map { segment in
             let (l, r, kk) = try UpdateCompiler.factors(segment.terms.map { p.terms[$0] }, rows: segment.rows, viewRows: p.rows, cols: k, tensor: p.baseName)
             return (segment.rows, l, r, kk)
         }
-        let region = store.region(of: p.baseName)
-        let whole: [UInt8]? = region == nil ? try store.withBytes(of: p.baseName) { Array($0) } : nil
-        var raw = [UInt8](repeating: 0, count: b0 * k)
+        let raw = UnsafeMutableBufferPointer<UInt8>.allocate(capacity: max(1, b0 * k))
+        defer { raw.deallocate() }
         var values = [Double](repeating: 0, count: b0 * k)
-        for x in 0..<experts {
-            for j in 0..<blockRows {
-                let lo = x * n + j * b0, hi = x * n + min(n, (j + 1) * b0), rows = hi - lo
-                if let region {
-                    let got = try raw.withUnsafeMutableBytes { buf in
-                        try region.descriptor.read(into: UnsafeMutableRawBufferPointer(rebasing: buf[0..<rows * k]), at: region.range.lowerBound + lo * k)
-                    }
-                    guard got == rows * k else { throw InputError(region.path, "the file shrank while being read") }
-                } else {
-                    raw.replaceSubrange(0..<rows * k, with: whole![lo * k..<hi * k])
+        try bands.forEach { x, j, lo, hi in
+            let rows = hi - lo
+            try bands.read(lo, hi, into: raw)
+            let scaleRow = (x * blockRows + j) * blockCols
+            for i in 0..<rows {
+                for c in 0..<k {
+                    let code = raw[i * k + c]
+                    let v = codes == .f8E4M3 ? ElementConversion.f8E4M3ToFloat(code) : ElementConversion.f8E5M2ToFloat(code)
+                    guard v.isFinite else { throw MergeError(tensor: p.baseName, problem: "code \(code) at row \(lo + i), column \(c) decodes to NaN") }
+                    values[i * k + c] = Double(v) * Double(scales[scaleRow + c / b1])
                 }
-                let scaleRow = (x * blockRows + j) * blockCols
-                for i in 0..<rows {
-                    for c in 0..<k {
-                        let code = raw[i * k + c]
-                        let v = codes == .f8E4M3 ? ElementConversion.f8E4M3ToFloat(code) : ElementConversion.f8E5M2ToFloat(code)
-                        guard v.isFinite else { throw MergeError(tensor: p.baseName, problem: "code \(code) at row \(lo + i), column \(c) decodes to NaN") }
-                        values[i * k + c] = Double(v) * Double(scales[scaleRow + c / b1])
-                    }
-                }
-                for piece in pieces where piece.rows.overlaps(lo..<hi) {
-                    for row in max(lo, piece.rows.lowerBound)..<min(hi, piece.rows.upperBound) {
-                        let li = (row - piece.rows.lowerBound) * piece.k, out = (row - lo) * k
-                        for t in 0..<piece.k {
-                            let a = piece.l[li + t]
-                            if a == 0 { continue }
-                            for c in 0..<k { values[out + c] += a * piece.r[t * k + c] }
-                        }
-                    }
-                }
-                let bytes = codec.byteCount(rows * k)
-                let buffer = try pipeline.acquire(bytes: bytes)
-                let finite = values.withUnsafeBufferPointer { codec.encode($0.baseAddress!, count: rows * k, into: buffer.baseAddress!) }
-                guard finite else {
-                    pipeline.giveBack(buffer)
-                    throw MergeError(tensor: p.baseName, problem: "the dequantized values hold NaN or infinity (or overflow \(dtype.rawValue))")
-                }
-                pipeline.write(buffer, count: bytes, with: writer)
             }
+            for piece in pieces where piece.rows.overlaps(lo..<hi) {
+                for row in max(lo, piece.rows.lowerBound)..<min(hi, piece.rows.upperBound) {
+                    let li = (row - piece.rows.lowerBound) * piece.k, out = (row - lo) * k
+                    for t in 0..<piece.k {
+                        let a = piece.l[li + t]
+                        if a == 0 { continue }
+                        for c in 0..<k { values[out + c] += a * piece.r[t * k + c] }
+                    }
+                }
+            }
+            let bytes = codec.byteCount(rows * k)
+            let buffer = try pipeline.acquire(bytes: bytes)
+            let finite = values.withUnsafeBufferPointer { codec.encode($0.baseAddress!, count: rows * k, into: buffer.baseAddress!) }
+            guard finite else {
+                pipeline.giveBack(buffer)
+                throw MergeError(tensor: p.baseName, problem: "the dequantized values hold NaN or infinity (or overflow \(dtype.rawValue))")
+            }
+            pipeline.write(buffer, count: bytes, with: writer)
         }
     }
 }
 
+
+/// How a block-scaled FP8 weight is walked: [experts ×] n × k codes in bands of b₀ rows within
+/// one expert, b₁ columns per scale; and where its codes are read from.
+struct FP8Bands {
+    let experts: Int, n: Int, k: Int, b0: Int, b1: Int
+    var blockRows: Int { (n + b0 - 1) / b0 }
+    var blockCols: Int { (k + b1 - 1) / b1 }
+    let region: FileRegion?
+    let whole: [UInt8]?
+    /// The decoded scales, checked finite and not negative.
+    let scales: FP8BlockScales
+
+    init(_ p: TensorEdit, block: [Int], scale scaleName: String, from store: any TensorContainer, base: Checkpoint) throws {
+        let shape = p.base.shape
+        experts = shape.count == 3 ? shape[0] : 1
+        n = shape[shape.count - 2]
+        k = shape[shape.count - 1]
+        (b0, b1) = (block[0], block[1])
+        precondition(p.columns == k, "FP8 weights are merged in their [rows, in] view")
+        guard let (scaleEntry, scaleFile) = base.tensor(scaleName) else { preconditionFailure("the plan found the scales") }
+        scales = try MergeExecutor.readScales(scaleEntry, from: base.files[scaleFile])
+        if let bad = scales.values.firstIndex(where: { !$0.isFinite || $0 < 0 }) {
+            throw MergeError(tensor: p.baseName, problem: "its scale \(scaleName)[\(bad)] is \(scales.values[bad]), not a finite scale")
+        }
+        region = store.region(of: p.baseName)
+        whole = region == nil ? try store.withBytes(of: p.baseName) { Array($0) } : nil
+    }
+
+    /// Every band: expert x, block row j, view rows lo..<hi.
+    func forEach(_ body: (_ x: Int, _ j: Int, _ lo: Int, _ hi: Int) throws -> Void) rethrows {
+        for x in 0..<experts {
+            for j in 0..<blockRows { try body(x, j, x * n + j * b0, x * n + min(n, (j + 1) * b0)) }
+        }
+    }
+
+    /// The codes of view rows lo..<hi into `raw`.
+    func read(_ lo: Int, _ hi: Int, into raw: UnsafeMutableBufferPointer<UInt8>) throws {
+        let count = (hi - lo) * k
+        if let region {
+            let got = try region.descriptor.read(into: UnsafeMutableRawBufferPointer(rebasing: UnsafeMutableRawBufferPointer(raw)[0..<count]),
+                                                 at: region.range.lowerBound + lo * k)
+            guard got == count else { throw InputError(region.path, "the file shrank while being read") }
+        } else {
+            _ = UnsafeMutableBufferPointer(rebasing: raw[0..<count]).initialize(from: whole![lo * k..<hi * k])
+        }
+    }
+}
 
 /// A band buffer written by the worker threads, each its own rows.
 struct UncheckedMutable<T>: @unchecked Sendable {

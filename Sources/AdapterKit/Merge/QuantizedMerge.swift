@@ -1,3 +1,4 @@
+import CMergeKernel
 import Foundation
 
 /// Merges into quantized weights: decode to Float32, add the update with the same kernel, encode
@@ -121,25 +122,21 @@ extension MergeExecutor {
             parallel(rows) { range, _ in
                 var part = Retention()
                 for i in range {
-                    var dot: Float = 0, update: Float = 0, applied: Float = 0, largest: Float = 0
-                    for cb in 0..<blockCols {
-                        let s = sc[cb]
-                        guard s > 0 else { continue }  // a block of zeros keeps its codes
-                        for c in cb * b1..<min(k, cb * b1 + b1) {
-                            let w = dec[i * k + c], wp = mer[i * k + c]
-                            let code = FP8.e4m3(wp / s)
-                            codesOut[i * k + c] = code
-                            let d = wp - w, e = table[Int(code)] * s - w
-                            dot += e * d
-                            update += d * d
-                            applied += e * e
-                            largest = max(largest, abs(d))
+                    var sums: (Double, Double, Double, Double) = (0, 0, 0, 0)
+                    withUnsafeMutableBytes(of: &sums) { raw in
+                        let out = raw.baseAddress!.assumingMemoryBound(to: Double.self)
+                        for cb in 0..<blockCols {
+                            let s = sc[cb]
+                            guard s > 0 else { continue }  // a block of zeros keeps its codes
+                            let c0 = i * k + cb * b1, count = min(k, cb * b1 + b1) - cb * b1
+                            adapter_fp8_e4m3_encode(dec.base.baseAddress! + c0, mer.base.baseAddress! + c0, codesOut.base.baseAddress! + c0,
+                                                    count, s, table.base.baseAddress!, out)
                         }
                     }
-                    part.dot += Double(dot)
-                    part.update += Double(update)
-                    part.applied += Double(applied)
-                    part.maxAbsUpdate = max(part.maxAbsUpdate, Double(largest))
+                    part.dot += sums.0
+                    part.update += sums.1
+                    part.applied += sums.2
+                    part.maxAbsUpdate = max(part.maxAbsUpdate, sums.3)
                 }
                 kept.update { $0.add(part) }
             }

@@ -21,4 +21,12 @@ int adapter_merge_rows(int src_type, const void *src, int dst_type, void *dst,
 /// Whether the AVX2 + FMA + F16C path is used on this machine.
 int adapter_merge_kernel_is_vectorised(void);
 
+/// FP8 requantization of `n` values sharing `scale` (> 0): codes[i] = E4M3(merged[i] / scale),
+/// rounded to nearest even, saturating at ±448; `table` holds the 256 codes' values. Adds to
+/// sums: [0] Σ (q − base)·(merged − base), [1] Σ (merged − base)², [2] Σ (q − base)², and keeps in
+/// [3] the largest |merged − base| (q = table[code] · scale, the requantized value; Float32 sums
+/// within the run, Float64 across runs).
+void adapter_fp8_e4m3_encode(const float *base, const float *merged, uint8_t *codes, size_t n, float scale, const float *table,
+                             double sums[4]);
+
 #endif

@@ -1,0 +1,69 @@
+/* FP8 (E4M3) requantization of one run of values that share a scale, with the sums that say how
+ * much of the update survived. Written branch-free so the compiler vectorises it; an AVX2 copy is
+ * chosen at run time, as for the merge kernel. */
+#include "merge_kernel.h"
+
+#include <math.h>
+#include <string.h>
+
+/* The E4M3 (FN) code nearest x, ties to even, saturating at ±448, NaN 0x7F: the mantissa rounded
+ * to three bits on the float's bits; below 2^-6 the subnormal step 2^-9, rounded by adding 2^23. */
+static inline uint32_t e4m3(float x) {
+    uint32_t bits;
+    memcpy(&bits, &x, 4);
+    uint32_t sign = (bits >> 24) & 0x80u;
+    uint32_t a = bits & 0x7FFFFFFFu;
+    uint32_t r = a + 0x7FFFFu + ((a >> 20) & 1u);
+    uint32_t normal = (((r >> 23) - 120u) << 3) | ((r >> 20) & 7u);
+    float af;
+    memcpy(&af, &a, 4);
+    float t = af * 512.0f + 8388608.0f;
+    uint32_t tb;
+    memcpy(&tb, &t, 4);
+    uint32_t code = a < 0x3C800000u ? tb - 0x4B000000u : normal;
+    code = a >= 0x43E00000u ? 0x7Eu : code;
+    uint32_t nan = a > 0x7F800000u;
+    code = nan ? 0x7Fu : code;
+    sign = nan ? 0u : sign;
+    return code | sign;
+}
+
+#define FP8_BODY                                                                                   \
+    float dot = 0, update = 0, applied = 0, largest = 0;                                           \
+    for (size_t i = 0; i < n; i++) {                                                               \
+        uint32_t c = e4m3(merged[i] / scale);                                                      \
+        codes[i] = (uint8_t)c;                                                                     \
+        float d = merged[i] - base[i], e = table[c & 0xFF] * scale - base[i];                       \
+        dot += e * d;                                                                              \
+        update += d * d;                                                                           \
+        applied += e * e;                                                                          \
+        float m = fabsf(d);                                                                        \
+        largest = m > largest ? m : largest;                                                       \
+    }                                                                                              \
+    sums[0] += dot;                                                                                \
+    sums[1] += update;                                                                             \
+    sums[2] += applied;                                                                            \
+    if (largest > sums[3]) sums[3] = largest;
+
+static void encode_portable(const float *base, const float *merged, uint8_t *codes, size_t n, float scale, const float *table,
+                            double sums[4]) {
+    FP8_BODY
+}
+
+#if defined(__x86_64__)
+__attribute__((target("avx2,fma"))) static void encode_avx2(const float *base, const float *merged, uint8_t *codes, size_t n, float scale,
+                                                             const float *table, double sums[4]) {
+    FP8_BODY
+}
+#endif
+
+void adapter_fp8_e4m3_encode(const float *base, const float *merged, uint8_t *codes, size_t n, float scale, const float *table,
+                             double sums[4]) {
+#if defined(__x86_64__)
+    if (adapter_merge_kernel_is_vectorised()) {
+        encode_avx2(base, merged, codes, n, scale, table, sums);
+        return;
+    }
+#endif
+    encode_portable(base, merged, codes, n, scale, table, sums);
+}

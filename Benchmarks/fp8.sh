@@ -17,6 +17,8 @@ while [ $# -gt 0 ]; do
     shift
 done
 ADAPTER="$ROOT/.build/release/adapter"
+# shellcheck source=dd_seconds.sh
+. "$ROOT/Benchmarks/dd_seconds.sh"
 PY=${PYTHON:-python3}
 mkdir -p "$WORK"
 for scales in f32 e8m0; do
@@ -24,14 +26,9 @@ for scales in f32 e8m0; do
         dir="$WORK/$scales-$update"
         [ -d "$dir/model" ] || "$PY" "$ROOT/Benchmarks/make_fp8_model.py" "$dir" --layers "$LAYERS" --hidden "$HIDDEN" --update "$update" \
             $([ $scales = e8m0 ] && echo --e8m0) > /dev/null
-        rm -rf "$dir/out" "$dir/copy"
-        mkdir -p "$dir/copy"
-        sync
-        start=$(date +%s.%N)
-        for f in "$dir"/model/*.safetensors; do dd if="$f" of="$dir/copy/$(basename "$f")" bs=16M status=none; done
-        sync
-        dd_s=$(echo "$(date +%s.%N) - $start" | bc)
-        rm -rf "$dir/copy"
+        # The same bytes copied and flushed (dd, then sync), then the merge (which fsyncs too).
+        rm -rf "$dir/out"
+        dd_s=$(dd_seconds "$dir")
         /usr/bin/time -f '%e %M' -o "$dir/time.txt" "$ADAPTER" merge "$dir/model" "$dir/adapter" "$dir/out" 2> "$dir/log.txt"
         kept=$(grep -o 'median [0-9.]* %, worst [0-9.]* %' "$dir/log.txt")
         read -r wall rss < "$dir/time.txt"

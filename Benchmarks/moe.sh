@@ -18,6 +18,8 @@ while [ $# -gt 0 ]; do
     shift
 done
 ADAPTER="$ROOT/.build/release/adapter"
+# shellcheck source=dd_seconds.sh
+. "$ROOT/Benchmarks/dd_seconds.sh"
 PY=${PYTHON:-python3}
 mkdir -p "$WORK"
 for form in per-expert fused; do
@@ -29,14 +31,8 @@ for form in per-expert fused; do
     : > "$dir/runs.tsv"
     for run in $(seq "$RUNS"); do
         # The same bytes copied and flushed (dd, then sync), then the merge (which fsyncs too).
-        rm -rf "$dir/out" "$dir/copy"
-        mkdir -p "$dir/copy"
-        sync
-        start=$(date +%s.%N)
-        for f in "$dir"/model/*.safetensors; do dd if="$f" of="$dir/copy/$(basename "$f")" bs=16M status=none; done
-        sync
-        dd_s=$(echo "$(date +%s.%N) - $start" | bc)
-        rm -rf "$dir/copy"
+        rm -rf "$dir/out"
+        dd_s=$(dd_seconds "$dir")
         sync
         /usr/bin/time -f '%e %M %U %S' -o "$dir/time.txt" "$ADAPTER" merge --quiet "$dir/model" "$dir/adapter" "$dir/out"
         echo "$dd_s $(cat "$dir/time.txt")" >> "$dir/runs.tsv"

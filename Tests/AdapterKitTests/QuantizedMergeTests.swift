@@ -167,3 +167,37 @@ struct UnsupportedQuantizedTests {
         #expect(error?.problems.filter { $0.contains("is stored as MXFP4") }.count == 2)
     }
 }
+
+@Suite("--dtype on compressed-tensors models with static activation scales")
+struct DequantizeCompressedTests {
+    @Test("input_scale and zero points leave with the weight scales; the rest stays")
+    func dropsQuantizationParameters() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        try FileManager.default.createDirectory(atPath: dir.file("m"), withIntermediateDirectories: true)
+        let one: [UInt8] = [0x80, 0x3F]  // BF16 1.0
+        try writeSafetensors(dir.file("m/model.safetensors"), [
+            ("a.weight", .f8E4M3, [2, 8], [UInt8](repeating: 0x38, count: 16)),
+            ("a.weight_scale", .bf16, [2, 1], one + one),
+            ("a.input_scale", .bf16, [1], one),
+            ("norm.weight", .bf16, [8], [UInt8](repeating: 0, count: 16)),
+        ])
+        _ = dir.write("m/config.json", text: #"{"model_type": "llama", "quantization_config": {"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {"group_0": {"weights": {"num_bits": 8, "type": "float", "strategy": "channel"}, "input_activations": {"num_bits": 8, "type": "float", "strategy": "tensor"}}}}}"#)
+        try FileManager.default.createDirectory(atPath: dir.file("ad"), withIntermediateDirectories: true)
+        try writeSafetensors(dir.file("ad/adapter_model.safetensors"), [
+            ("base_model.model.a.lora_A.weight", .f32, [1, 8], floatBytes([Float](repeating: 0.5, count: 8))),
+            ("base_model.model.a.lora_B.weight", .f32, [2, 1], floatBytes([1, 2])),
+        ])
+        _ = dir.write("ad/adapter_config.json", text: #"{"peft_type": "LORA", "r": 1, "lora_alpha": 1}"#)
+        let plan = try MergePlan(base: try Checkpoint(path: dir.file("m")), inputs: [MergeInput(adapter: try Adapter(path: dir.file("ad")))],
+                                 options: MergeOptions(dequantize: .f32))
+        #expect(plan.dropped == ["a.weight_scale", "a.input_scale"])
+        var run = MergeRunOptions()
+        run.sync = false
+        _ = try plan.write(to: dir.file("out"), options: run)
+        let out = try Checkpoint(path: dir.file("out"))
+        #expect(out.tensorNames.sorted() == ["a.weight", "norm.weight"])
+        // Code 0x38 is 1.0, scale 1; B·A adds b_i × 0.5 to every column of row i (scale 1).
+        #expect(try out.files[0].doubles("a.weight") == [Double](repeating: 1.5, count: 8) + [Double](repeating: 2, count: 8))
+    }
+}

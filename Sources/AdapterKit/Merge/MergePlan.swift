@@ -186,10 +186,19 @@ public struct MergePlan: Sendable {
                 changes[entry.name] = p
                 changes[scale] = nil
                 dropped.insert(scale)
+                // compressed-tensors' other quantization parameters of the module go with it
+                // (static activation scales, zero points): a plain model has no use for them.
+                if entry.name.hasSuffix(".weight") {
+                    let module = String(entry.name.dropLast(".weight".count))
+                    for suffix in [".input_scale", ".input_zero_point", ".weight_zero_point"] where base.tensor(module + suffix) != nil {
+                        dropped.insert(module + suffix)
+                    }
+                }
             }
             dequantizedTo = d
             if !quantized.isEmpty {
-                notes.append("dequantized \(plural(quantized.count, "quantized weight")) to \(d.rawValue) (each value rounded once), left out their \(plural(quantized.count, "scale tensor")) and config.json's quantization_config")
+                let others = dropped.count - quantized.count
+                notes.append("dequantized \(plural(quantized.count, "quantized weight")) to \(d.rawValue) (each value rounded once), left out their \(plural(quantized.count, "scale tensor"))\(others > 0 ? ", \(plural(others, "other quantization parameter"))" : "") and config.json's quantization_config")
             }
         }
         guard problems.isEmpty else { throw ProblemList(subject: "preflight", problems: problems) }

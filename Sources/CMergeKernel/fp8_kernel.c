@@ -67,3 +67,48 @@ void adapter_fp8_e4m3_encode(const float *base, const float *merged, uint8_t *co
 #endif
     encode_portable(base, merged, codes, n, scale, table, sums);
 }
+
+/* Decoding: value = table[code] · scale into both buffers (the base values and the ones the
+ * update is added to); returns 0 when a value is not finite (a NaN code). */
+#define DECODE_BODY                                                                                \
+    int ok = 1;                                                                                    \
+    for (size_t i = 0; i < n; i++) {                                                               \
+        float v = table[codes[i]] * scale;                                                         \
+        ok &= isfinite(v) ? 1 : 0;                                                                 \
+        base[i] = v;                                                                               \
+        merged[i] = v;                                                                             \
+    }                                                                                              \
+    return ok;
+
+static int decode_portable(const uint8_t *codes, size_t n, float scale, const float *table, float *base, float *merged) { DECODE_BODY }
+
+/* The largest |x| of n finite values. */
+#define MAXABS_BODY                                                                                \
+    float m = 0;                                                                                   \
+    for (size_t i = 0; i < n; i++) {                                                               \
+        float a = fabsf(x[i]);                                                                     \
+        m = a > m ? a : m;                                                                         \
+    }                                                                                              \
+    return m;
+
+static float maxabs_portable(const float *x, size_t n) { MAXABS_BODY }
+
+#if defined(__x86_64__)
+__attribute__((target("avx2,fma"))) static int decode_avx2(const uint8_t *codes, size_t n, float scale, const float *table, float *base,
+                                                            float *merged) { DECODE_BODY }
+__attribute__((target("avx2,fma"))) static float maxabs_avx2(const float *x, size_t n) { MAXABS_BODY }
+#endif
+
+int adapter_fp8_decode(const uint8_t *codes, size_t n, float scale, const float *table, float *base, float *merged) {
+#if defined(__x86_64__)
+    if (adapter_merge_kernel_is_vectorised()) return decode_avx2(codes, n, scale, table, base, merged);
+#endif
+    return decode_portable(codes, n, scale, table, base, merged);
+}
+
+float adapter_max_abs(const float *x, size_t n) {
+#if defined(__x86_64__)
+    if (adapter_merge_kernel_is_vectorised()) return maxabs_avx2(x, n);
+#endif
+    return maxabs_portable(x, n);
+}

@@ -66,13 +66,9 @@ extension MergeExecutor {
                 for i in range {
                     var finite = true
                     for cb in 0..<blockCols {
-                        let s = sc[cb]
-                        for c in cb * b1..<min(k, cb * b1 + b1) {
-                            let v = table[Int(codesOut[i * k + c])] * s
-                            finite = finite && v.isFinite
-                            dec[i * k + c] = v
-                            mer[i * k + c] = v
-                        }
+                        let c0 = i * k + cb * b1, count = min(k, cb * b1 + b1) - cb * b1
+                        finite = adapter_fp8_decode(codesOut.base.baseAddress! + c0, count, sc[cb], table.base.baseAddress!,
+                                                    dec.base.baseAddress! + c0, mer.base.baseAddress! + c0) == 1 && finite
                     }
                     if !finite, let c = (0..<k).first(where: { !dec[i * k + $0].isFinite }) { badCode.set(i * k + c) }
                 }
@@ -100,12 +96,8 @@ extension MergeExecutor {
                 amax.withUnsafeMutableBufferPointer { amax in
                     for i in range {
                         for cb in 0..<blockCols {
-                            var m: Float = amax[cb]
-                            for c in cb * b1..<min(k, cb * b1 + b1) {
-                                let a = abs(mer[i * k + c])
-                                m = a > m ? a : m  // (a plain comparison vectorises; the values are finite here)
-                            }
-                            amax[cb] = m
+                            let c0 = i * k + cb * b1, count = min(k, cb * b1 + b1) - cb * b1
+                            amax[cb] = max(amax[cb], adapter_max_abs(mer.base.baseAddress! + c0, count))
                         }
                     }
                 }

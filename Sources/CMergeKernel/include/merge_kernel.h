@@ -29,4 +29,11 @@ int adapter_merge_kernel_is_vectorised(void);
 void adapter_fp8_e4m3_encode(const float *base, const float *merged, uint8_t *codes, size_t n, float scale, const float *table,
                              double sums[4]);
 
+/// FP8 decoding of `n` codes sharing `scale`: base[i] = merged[i] = table[codes[i]] · scale.
+/// Returns 0 when a value is not finite (a NaN code), 1 otherwise.
+int adapter_fp8_decode(const uint8_t *codes, size_t n, float scale, const float *table, float *base, float *merged);
+
+/// max |x[i]| over `n` finite values (0 for none).
+float adapter_max_abs(const float *x, size_t n);
+
 #endif

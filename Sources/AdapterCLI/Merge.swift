@@ -52,12 +52,11 @@ struct Merge: ParsableCommand {
     @Option(help: "Kernel threads (default: all cores).")
     var threads: Int?
 
-    @Option(help: ArgumentHelp("For a quantized base: write every quantized weight dequantized in this dtype (BF16, F16 or F32), without scales or quantization_config, instead of requantizing the merged ones.", valueName: "dtype"))
-    var dtype: DType?
+    @Option(help: ArgumentHelp("For a quantized base: write every quantized weight dequantized in this dtype, without scales or quantization_config, instead of requantizing the merged ones.", valueName: "dtype"))
+    var dtype: DequantizedDType?
 
     func validate() throws {
         guard weight.isFinite else { throw ValidationError("--weight must be a finite number") }
-        if let dtype, dtype == .f64 { throw ValidationError("--dtype: dequantized weights are written as BF16, F16 or F32") }
         if let threads, threads < 1 { throw ValidationError("--threads must be at least 1") }
     }
 
@@ -71,7 +70,7 @@ struct Merge: ParsableCommand {
                                inputs: [base] + checkpoint.inputFiles + inputs.flatMap { [$0.adapter.path] + $0.adapter.inputFiles }, force: force)
         let plan = try MergePlan(base: checkpoint, inputs: inputs,
                                  options: MergeOptions(dropUnknown: dropUnknown, components: components.isEmpty ? nil : components,
-                                                       skipFiles: skipFiles, dequantize: dtype))
+                                                       skipFiles: skipFiles, dequantize: dtype?.dtype))
         var options = MergeRunOptions()
         options.force = force
         options.report = report
@@ -157,5 +156,20 @@ final class ProgressBar: @unchecked Sendable {
     func finish() {
         guard enabled else { return }
         StandardStreams.writeError("\r\u{1B}[K")
+    }
+}
+
+/// The dtypes a dequantized model is written in (`merge --dtype`).
+enum DequantizedDType: String, ExpressibleByArgument, CaseIterable {
+    case bf16, f16, f32
+
+    init?(argument: String) { self.init(rawValue: argument.lowercased()) }
+
+    var dtype: DType {
+        switch self {
+        case .bf16: .bf16
+        case .f16: .f16
+        case .f32: .f32
+        }
     }
 }

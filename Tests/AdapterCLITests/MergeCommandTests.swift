@@ -45,6 +45,23 @@ struct MergeCommandTests {
         #expect(lines.count == 5)
     }
 
+    @Test("quantized bases: the retention note, --report's kept column, --dtype bf16|f16|f32 (f64 is a usage error)")
+    func quantized() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let r = try adapter("merge", "--report", fixture("models/tiny-fp8"), fixture("adapters/fp8-lora"), dir.file("fp8"))
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(r.stdout.split(separator: "\n").first == "tensor\tmodules\tmax_abs_delta\tsurvived\tkept")
+        #expect(r.stderr.contains("requantized 3 quantized weights with fresh scales"))
+        let d = try adapter("merge", "--dtype", "BF16", fixture("models/tiny-fp8"), fixture("adapters/fp8-lora"), dir.file("bf16"))
+        #expect(d.status == 0 && d.stderr.contains("dequantized 7 quantized weights to BF16"), "\(d.stderr)")
+        let bad = try adapter("merge", "--dtype", "f64", fixture("models/tiny-fp8"), fixture("adapters/fp8-lora"), dir.file("f64"))
+        #expect(bad.status == 2 && bad.stderr.contains("'bf16', 'f16' or 'f32'"))
+        let plain = try adapter("merge", "--dtype", "bf16", fixture("models/tiny-llama"), fixture("adapters/peft-lora"), dir.file("plain"))
+        #expect(plain.status == 1 && plain.stderr.contains("the base has no quantized weights"))
+        #expect(!FileManager.default.fileExists(atPath: dir.file("f64")) && !FileManager.default.fileExists(atPath: dir.file("plain")))
+    }
+
     @Test("OUT rules: must not exist, be, sit inside or contain an input")
     func outputRules() throws {
         let dir = TempDir()

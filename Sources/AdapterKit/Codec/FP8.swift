@@ -1,3 +1,5 @@
+import CMergeKernel
+
 /// FP8 codes and their block scales, encoded the way the checkpoints that use them are written.
 ///
 /// E4M3 is the "FN" variant (OCP FP8, `torch.float8_e4m3fn`): bias 7, no infinities, S.1111.111
@@ -6,38 +8,22 @@
 enum FP8 {
     static let e4m3Max: Float = 448
 
-    /// The E4M3 code nearest `x` (ties to even), saturating at ±448 (infinities too); NaN → 0x7F.
-    @inline(__always)
-    static func e4m3(_ x: Double) -> UInt8 {
-        if x.isNaN { return 0x7F }
-        let sign: UInt8 = x.sign == .minus ? 0x80 : 0
-        let a = abs(x)
-        if a >= 448 { return sign | 0x7E }
-        if a < 0x1p-6 {
-            // Subnormals step by 2⁻⁹; q = 8 is the smallest normal, whose code is 8 too.
-            return sign | UInt8((a * 0x1p9).rounded(.toNearestOrEven))
+    /// The E4M3 codes of `values[i] / scale`, rounded to nearest even and saturating at ±448
+    /// (NaN → 0x7F), by the C kernel the merge itself uses (`adapter_fp8_e4m3_encode`).
+    static func e4m3(_ values: [Float], scale: Float = 1) -> [UInt8] {
+        var codes = [UInt8](repeating: 0, count: values.count)
+        let zeros = [Float](repeating: 0, count: values.count)
+        var sums = [Double](repeating: 0, count: 4)
+        values.withUnsafeBufferPointer { v in
+            zeros.withUnsafeBufferPointer { z in
+                codes.withUnsafeMutableBufferPointer { c in
+                    ElementConversion.f8E4M3Table.withUnsafeBufferPointer { t in
+                        adapter_fp8_e4m3_encode(z.baseAddress, v.baseAddress, c.baseAddress, values.count, scale, t.baseAddress, &sums)
+                    }
+                }
+            }
         }
-        var e = Int(a.exponent)
-        var q = Int(((a / Double(sign: .plus, exponent: e, significand: 1) - 1) * 8).rounded(.toNearestOrEven))
-        if q == 8 { e += 1; q = 0 }
-        // a < 448 keeps (e, q) at or below (8, 6): the NaN pattern (8, 7) is never made.
-        return sign | UInt8((e + 7) << 3) | UInt8(q)
-    }
-
-    /// The same rounding from Float32, with integer operations on the bits (the merge's inner
-    /// loop): |x| ≥ 448 saturates, below 2⁻⁶ the subnormal step 2⁻⁹, otherwise the mantissa is
-    /// rounded to three bits, ties to even, a carry moving into the exponent.
-    @inline(__always)
-    static func e4m3(_ x: Float) -> UInt8 {
-        let bits = x.bitPattern
-        let sign = UInt8(truncatingIfNeeded: (bits >> 24) & 0x80)
-        let a = bits & 0x7FFF_FFFF
-        if a >= 0x43E0_0000 { return a > 0x7F80_0000 ? 0x7F : sign | 0x7E }  // 448 = 0x43E00000
-        if a < 0x3C80_0000 {  // 2⁻⁶
-            return sign | UInt8((Float(bitPattern: a) * 512).rounded(.toNearestOrEven))
-        }
-        let r = a &+ 0x7FFFF &+ ((a >> 20) & 1)
-        return sign | UInt8(truncatingIfNeeded: (((r >> 23) &- 120) << 3) | ((r >> 20) & 7))
+        return codes
     }
 
     /// 2^(b − 127); NaN for 0xFF.

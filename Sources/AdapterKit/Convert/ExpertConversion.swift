@@ -65,7 +65,9 @@ extension WorkingAdapter {
         }
         // Group: (experts path in memory, parameter) → expert → part → module.
         struct Group {
+            /// The experts' path in memory (`…mlp.experts`) and on disk (`…block_sparse_moe.experts`).
             var path: String
+            var disk: String
             var parameter: String
             var parts: [Int: [Int: LoRAModule]] = [:]
         }
@@ -73,19 +75,17 @@ extension WorkingAdapter {
         var order: [String] = []
         var rest: [LoRAModule] = []
         for m in modules {
-            let parts = m.baseName.split(separator: ".", omittingEmptySubsequences: false).map(String.init)
-            guard m.parameter == nil, parts.count >= 3, parts[parts.count - 3] == "experts", let e = Int(parts[parts.count - 2]),
-                  let (parameter, part) = NameMap.fusedParameter(ofExpertProjection: parts[parts.count - 1]) else {
+            guard m.parameter == nil, let (disk, e, leaf) = NameMap.expertModule(m.baseName),
+                  let (parameter, part) = NameMap.fusedParameter(ofExpertProjection: leaf) else {
                 rest.append(m)
                 continue
             }
             guard m.kind == .linear, m.magnitude == nil, m.bias == nil else {
                 throw InputError.conversion(source.path, "module \(m.name): a \(m.magnitude != nil ? "DoRA" : m.bias != nil ? "lora_B.bias" : m.kind.rawValue) module cannot be fused into target_parameters (PEFT's ParamWrapper has none)")
             }
-            let disk = parts.dropLast(2).joined(separator: ".")
             let memory = String((names.family?.memoryName(disk + ".") ?? disk + ".").dropLast())
             let key = memory + "." + parameter
-            if groups[key] == nil { groups[key] = Group(path: memory, parameter: parameter); order.append(key) }
+            if groups[key] == nil { groups[key] = Group(path: memory, disk: disk, parameter: parameter); order.append(key) }
             if groups[key]!.parts[e]?[part ?? 0] != nil {
                 throw InputError.conversion(source.path, "modules \(groups[key]!.parts[e]![part ?? 0]!.name) and \(m.name) are the same expert projection")
             }
@@ -97,14 +97,13 @@ extension WorkingAdapter {
             let g = groups[key]!
             // The experts the base holds for this layer, from its tensors (bounded by the base):
             // per expert, or the first dimension of the fused parameter.
-            let disk = g.parts.values.first!.values.first!.baseName.split(separator: ".").dropLast(2).joined(separator: ".")
-            var experts = names.expertCount(disk, names: NameMap.expertParts[g.parameter]![0].names, format: .peft)
+            var experts = names.expertCount(g.disk, names: NameMap.expertParts[g.parameter]![0].names, format: .peft)
             if experts == 0, let t = names.tensorName(forModule: g.path + "." + g.parameter, suffix: "", format: .peft),
                let shape = base.tensor(t)?.entry.shape, shape.count == 3 {
                 experts = shape[0]
             }
             guard experts > 0 else {
-                throw InputError.conversion(path, "\(g.path): the model has neither per-expert tensors (\(disk).0.…) nor a fused \(g.path).\(g.parameter)")
+                throw InputError.conversion(path, "\(g.path): the model has neither per-expert tensors (\(g.disk).0.…) nor a fused \(g.path).\(g.parameter)")
             }
             if let e = g.parts.keys.first(where: { $0 >= experts }) {
                 throw InputError.conversion(source.path, "\(g.path): expert \(e) but the base has \(experts) experts per layer")

@@ -199,13 +199,6 @@ public struct AdapterReport: Sendable {
         return t.isEmpty ? nil : t
     }
 
-    /// The expert index of a per-expert module name (`…experts.3.gate_proj` → 3).
-    static func expertIndex(_ name: String) -> Int? {
-        let parts = name.split(separator: ".")
-        guard parts.count >= 3, parts[parts.count - 3] == "experts" else { return nil }
-        return Int(parts[parts.count - 2])
-    }
-
     /// "gate_up_proj, down_proj as target_parameters: 128 experts per layer of rank 16, in 48
     /// layers", and / or "per-expert modules: experts 0–127 in 48 layers"; nil without experts.
     public var expertSummary: String? {
@@ -218,10 +211,10 @@ public struct AdapterReport: Sendable {
             let layers = Set(wrapped.map(\.baseName)).count
             parts.append("\(names.joined(separator: ", ")) as target_parameters (PEFT ParamWrapper): \(experts) experts of rank \(ranks) each, on \(plural(layers, "expert module"))")
         }
-        let perExpert = adapter.modules.compactMap { m in Self.expertIndex(m.baseName).map { (m, $0) } }
+        let perExpert = adapter.modules.compactMap { NameMap.expertModule($0.baseName) }
         if !perExpert.isEmpty {
-            let indices = Set(perExpert.map(\.1))
-            let groups = Set(perExpert.map { m, _ in m.baseName.components(separatedBy: ".experts.").first ?? "" }).count
+            let indices = Set(perExpert.map(\.index))
+            let groups = Set(perExpert.map(\.experts)).count
             let shared = adapter.modules.filter { $0.baseName.contains("shared_expert") }.count
             let sorted = indices.sorted()
             let which = sorted.count <= 8 ? "experts " + sorted.map(String.init).joined(separator: ", ") : "\(sorted.count) experts (\(sorted[0])–\(sorted.last!))"
@@ -420,7 +413,7 @@ public struct AdapterReport: Sendable {
                 mo["parameter"] = .string(p.name)
                 mo["experts"] = .integer(p.experts)
                 mo["rank_per_expert"] = .integer(m.updateRank)
-            } else if let e = Self.expertIndex(m.baseName) {
+            } else if let e = NameMap.expertModule(m.baseName)?.index {
                 mo["expert"] = .integer(e)
             }
             if let d = line.diagnostics {

@@ -14,6 +14,14 @@ extension NameMap {
         "down_proj": [("down", ["down_proj", "w2"])],
     ]
 
+    /// A per-expert module name split: `…mlp.experts.3.gate_proj` → (`…mlp.experts`, 3,
+    /// `gate_proj`); nil when the name is not `<path>.experts.<number>.<leaf>`.
+    static func expertModule(_ name: String) -> (experts: String, index: Int, leaf: String)? {
+        let parts = name.split(separator: ".", omittingEmptySubsequences: false)
+        guard parts.count >= 3, parts[parts.count - 3] == "experts", let e = Int(parts[parts.count - 2]) else { return nil }
+        return (parts.dropLast(2).joined(separator: "."), e, String(parts[parts.count - 1]))
+    }
+
     /// A per-expert module name's fused parameter and its part index there (nil for the whole).
     static func fusedParameter(ofExpertProjection name: String) -> (parameter: String, part: Int?)? {
         switch name {
@@ -99,10 +107,7 @@ extension NameMap {
     /// first I rows), or, for [E, in, out] layouts, its rows transposed with the gate's columns
     /// (the first half, or every other one for gpt-oss). nil when the name is not an expert's.
     func perExpertPlacement(_ m: LoRAModule, format: AdapterFormat) -> Result<[UpdatePlacement], PlacementProblem>? {
-        let parts = m.baseName.split(separator: ".", omittingEmptySubsequences: false).map(String.init)
-        guard parts.count >= 3, parts[parts.count - 3] == "experts", let e = Int(parts[parts.count - 2]),
-              let (parameter, part) = Self.fusedParameter(ofExpertProjection: parts[parts.count - 1]) else { return nil }
-        let prefix = parts.dropLast(2).joined(separator: ".")
+        guard let (prefix, e, leaf) = Self.expertModule(m.baseName), let (parameter, part) = Self.fusedParameter(ofExpertProjection: leaf) else { return nil }
         guard let t = tensorName(forModule: prefix + "." + parameter, suffix: "", format: format) else { return nil }
         let s = base.tensor(t)?.entry.shape ?? []
         let out = m.outFeatures, inputs = m.inFeatures, k = part == nil ? 1 : 2

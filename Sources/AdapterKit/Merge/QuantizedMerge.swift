@@ -186,14 +186,18 @@ extension MergeExecutor {
                     values[i * k + c] = Double(v) * Double(scales[scaleRow + c / b1])
                 }
             }
+            // The update in Float64 by the project's F64 path, in place: it indexes L by the
+            // piece's rows, so the band is seen from the piece's first row.
             for piece in pieces where piece.rows.overlaps(lo..<hi) {
-                for row in max(lo, piece.rows.lowerBound)..<min(hi, piece.rows.upperBound) {
-                    let li = (row - piece.rows.lowerBound) * piece.k, out = (row - lo) * k
-                    for t in 0..<piece.k {
-                        let a = piece.l[li + t]
-                        if a == 0 { continue }
-                        for c in 0..<k { values[out + c] += a * piece.r[t * k + c] }
-                    }
+                let from = max(lo, piece.rows.lowerBound) - piece.rows.lowerBound, to = min(hi, piece.rows.upperBound) - piece.rows.lowerBound
+                var none: UpdateStatistics? = nil
+                let finite = values.withUnsafeMutableBytes { band in
+                    let view = band.baseAddress! + (piece.rows.lowerBound - lo) * k * 8
+                    return MergeKernel.mergeRowsF64(source: UnsafeRawPointer(view), sourceType: .f64, destination: view, rows: from..<to, cols: k,
+                                                    l: piece.l, r: piece.r, k: piece.k, magnitude: nil, statistics: &none)
+                }
+                guard finite else {
+                    throw MergeError(tensor: p.baseName, problem: "the merged values hold NaN or infinity; modules: \(p.moduleNames.joined(separator: ", "))")
                 }
             }
             let bytes = codec.byteCount(rows * k)

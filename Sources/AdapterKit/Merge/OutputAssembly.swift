@@ -105,9 +105,7 @@ struct OutputAssembly {
         for key in ["torch_dtype", "dtype"] where root[key] != nil { root[key] = .string(name) }
         // Written beside it and renamed over the copy (all inside the temporary output folder).
         let fresh = joinPath(folder, ".config.json.dequantized")
-        let fd = try FileDescriptor.createExclusive(fresh)
-        try fd.writeAll(Array((JSONWriter.pretty(.object(root), indent: 2) + "\n").utf8))
-        if sync { try fd.sync() }
+        try AdapterWriter.writeText(fresh, JSONWriter.pretty(.object(root), indent: 2) + "\n", sync: sync)
         try FileSystem.rename(fresh, to: path)
     }
 
@@ -185,9 +183,7 @@ struct OutputAssembly {
         }
         root["metadata"] = .object(metadata)
         let text = JSONWriter.pretty(.object(sortedKeys(root)), indent: 2) + "\n"
-        let fd = try FileDescriptor.createExclusive(target)
-        try fd.writeAll(Array(text.utf8))
-        if options.sync { try fd.sync() }
+        try AdapterWriter.writeText(target, text, sync: options.sync)
     }
 
     private func sortedKeys(_ o: JSONObject) -> JSONObject {

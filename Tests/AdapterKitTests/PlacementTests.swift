@@ -57,10 +57,7 @@ struct PlacementTests {
         #expect(edits[0].segments.map(\.terms) == [[0, 2], [2], [1, 2]])
         #expect(edits[1].segments.map(\.terms) == [[0], [], [1]])
 
-        let plan = try MergePlan(base: base, inputs: [MergeInput(adapter: adapter)], edits: edits)
-        var options = MergeRunOptions()
-        options.sync = false
-        _ = try plan.write(to: dir.file("out.safetensors"), options: options)
+        try write(try MergePlan(base: base, inputs: [MergeInput(adapter: adapter)], edits: edits), to: dir.file("out.safetensors"))
         let out = try SafetensorsFile(path: dir.file("out.safetensors"))
 
         // The reference: W + Σ 2·B·A over each term's rows, in Float64 with plain loops.
@@ -121,11 +118,8 @@ struct HeldModuleTests {
                 return e
             }
         }
-        var options = MergeRunOptions()
-        options.sync = false
         for (label, modules) in [("stored", adapter.modules), ("held", held)] {
-            _ = try MergePlan(base: base, inputs: [MergeInput(adapter: adapter)], edits: edits(modules))
-                .write(to: dir.file(label + ".safetensors"), options: options)
+            try write(try MergePlan(base: base, inputs: [MergeInput(adapter: adapter)], edits: edits(modules)), to: dir.file(label + ".safetensors"))
         }
         let stored = readBytes(dir.file("stored.safetensors")), fromHeld = readBytes(dir.file("held.safetensors"))
         #expect(!stored.isEmpty && stored == fromHeld)
@@ -178,9 +172,7 @@ struct ExpertSliceTests {
         edit.viewColumns = cols
         edit.terms = [MergeTerm(module: adapter.modules[0], factor: 1, rows: .range(out..<(2 * out)))]
         #expect(edit.rows == experts * out && edit.columns == cols)
-        var options = MergeRunOptions()
-        options.sync = false
-        _ = try MergePlan(base: base, inputs: [MergeInput(adapter: adapter)], edits: [edit]).write(to: dir.file("out.safetensors"), options: options)
+        try write(try MergePlan(base: base, inputs: [MergeInput(adapter: adapter)], edits: [edit]), to: dir.file("out.safetensors"))
         let merged = try SafetensorsFile(path: dir.file("out.safetensors")).doubles("experts.down_proj")
         let original = try base.files[0].doubles("experts.down_proj")
         for e in 0..<experts {

@@ -107,12 +107,7 @@ struct QuantizedMergeTests {
     func dequantize() throws {
         let dir = TempDir()
         defer { dir.remove() }
-        let inputs = [MergeInput(adapter: try Adapter(path: adapterPath("fp8-lora")))]
-        let plan = try MergePlan(base: try Checkpoint(path: modelPath("tiny-fp8")), inputs: inputs, options: MergeOptions(dequantize: .bf16))
-        var run = MergeRunOptions()
-        run.sync = false
-        _ = try plan.write(to: dir.file("out"), options: run)
-        let out = try Checkpoint(path: dir.file("out"))
+        let (out, _) = try AdapterKitTests.merge(base: modelPath("tiny-fp8"), adapters: [(adapterPath("fp8-lora"), 1)], out: dir.file("out"), dequantize: .bf16)
         let reference = try SafetensorsFile(path: fixture("expected/fp8/tiny-fp8+fp8-lora.safetensors"))
         let touched = Set(["model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.v_proj.weight", "model.layers.0.mlp.down_proj.weight"])
         var weights = 0, exact = 0, total = 0
@@ -196,10 +191,7 @@ struct DequantizeCompressedTests {
         let plan = try MergePlan(base: try Checkpoint(path: dir.file("m")), inputs: [MergeInput(adapter: try Adapter(path: dir.file("ad")))],
                                  options: MergeOptions(dequantize: .f32))
         #expect(plan.dropped == ["a.weight_scale", "a.input_scale"])
-        var run = MergeRunOptions()
-        run.sync = false
-        _ = try plan.write(to: dir.file("out"), options: run)
-        let out = try Checkpoint(path: dir.file("out"))
+        let (out, _) = try write(plan, to: dir.file("out"))
         #expect(out.tensorNames.sorted() == ["a.weight", "norm.weight"])
         // Code 0x38 is 1.0, scale 1; B·A adds b_i × 0.5 to every column of row i (scale 1).
         #expect(try out.files[0].doubles("a.weight") == [Double](repeating: 1.5, count: 8) + [Double](repeating: 2, count: 8))

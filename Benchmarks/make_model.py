@@ -14,6 +14,8 @@ import os
 import numpy as np
 from safetensors import _safetensors_rust as st
 
+from synthetic import shards_by_size, write_bf16_shards
+
 p = argparse.ArgumentParser()
 p.add_argument("out")
 p.add_argument("--size-gb", type=float, default=2.0)
@@ -33,10 +35,6 @@ per_layer = 4 * h * h + 3 * h * i + 2 * h
 fixed = 2 * v * h + h
 layers = args.layers or max(1, round((args.size_gb * 1e9 / 2 - fixed) / per_layer))
 
-def bf16(shape, scale=0.02):
-    x = (rng.standard_normal(shape, dtype=np.float32) * scale).view(np.uint32)
-    return ((x + 0x7FFF + ((x >> 16) & 1)) >> 16).astype(np.uint16)
-
 def spec(name, arr, dtype, keep):
     keep.append(arr)
     return name, st.TensorSpec(dtype=dtype, shape=list(arr.shape), data_ptr=arr.ctypes.data, data_len=arr.nbytes)
@@ -53,32 +51,17 @@ for l in range(layers):
               (pre + "input_layernorm.weight", (h,)), (pre + "post_attention_layernorm.weight", (h,))]
 names += [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
 
-shards, current, size = [], [], 0
 if args.shards:
     if args.shards > len(names):
         p.error(f"--shards {args.shards}: only {len(names)} tensors")
+    shards = []
     q, extra = divmod(len(names), args.shards)
     for k in range(args.shards):
         start = k * q + min(k, extra)
         shards.append(names[start:start + q + (k < extra)])
 else:
-    for n, s in names:
-        b = int(np.prod(s)) * 2
-        if current and size + b > args.shard_gb * 1e9:
-            shards.append(current); current, size = [], 0
-        current.append((n, s)); size += b
-    shards.append(current)
-weight_map, total = {}, 0
-for k, shard in enumerate(shards):
-    fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-    keep = []
-    specs = dict(spec(n, bf16(s), "bfloat16", keep) for n, s in shard)
-    st.serialize_file(specs, os.path.join(model, fname), {"format": "pt"})
-    for n, s in shard:
-        weight_map[n] = fname
-        total += int(np.prod(s)) * 2
-with open(os.path.join(model, "model.safetensors.index.json"), "w") as f:
-    f.write(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True) + "\n")
+    shards = shards_by_size(names, args.shard_gb)
+total = write_bf16_shards(model, shards, rng)
 with open(os.path.join(model, "config.json"), "w") as f:
     json.dump({"architectures": ["LlamaForCausalLM"], "hidden_size": h, "intermediate_size": i, "num_hidden_layers": layers,
                "vocab_size": v, "model_type": "llama", "torch_dtype": "bfloat16"}, f, indent=2)

@@ -17,6 +17,8 @@ import os
 import numpy as np
 from safetensors import _safetensors_rust as st
 
+from synthetic import shards_by_size, write_bf16_shards
+
 p = argparse.ArgumentParser()
 p.add_argument("out")
 p.add_argument("--layers", type=int, default=2)
@@ -29,11 +31,6 @@ p.add_argument("--fused", action="store_true")
 args = p.parse_args()
 h, i, e, r, L = args.hidden, args.intermediate, args.experts, args.rank, args.layers
 rng = np.random.default_rng(0)
-
-
-def bf16(shape, scale=0.02):
-    x = (rng.standard_normal(shape, dtype=np.float32) * scale).view(np.uint32)
-    return ((x + 0x7FFF + ((x >> 16) & 1)) >> 16).astype(np.uint16)
 
 
 names = [("model.embed_tokens.weight", (1024, h))]
@@ -52,29 +49,8 @@ names += [("model.norm.weight", (h,)), ("lm_head.weight", (1024, h))]
 
 model = os.path.join(args.out, "model")
 os.makedirs(model, exist_ok=True)
-shards, current, size = [], [], 0
-for n, s in names:
-    b = int(np.prod(s)) * 2
-    if current and size + b > args.shard_gb * 1e9:
-        shards.append(current)
-        current, size = [], 0
-    current.append((n, s))
-    size += b
-shards.append(current)
-weight_map, total = {}, 0
-for k, shard in enumerate(shards):
-    fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-    keep, specs = [], {}
-    for n, s in shard:
-        a = bf16(s)
-        keep.append(a)
-        specs[n] = st.TensorSpec(dtype="bfloat16", shape=list(s), data_ptr=a.ctypes.data, data_len=a.nbytes)
-    st.serialize_file(specs, os.path.join(model, fname), {"format": "pt"})
-    for n, s in shard:
-        weight_map[n] = fname
-        total += int(np.prod(s)) * 2
-with open(os.path.join(model, "model.safetensors.index.json"), "w") as f:
-    f.write(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True) + "\n")
+shards = shards_by_size(names, args.shard_gb)
+total = write_bf16_shards(model, shards, rng)
 with open(os.path.join(model, "config.json"), "w") as f:
     json.dump({"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": h, "moe_intermediate_size": i,
                "num_experts": e, "num_experts_per_tok": 8, "num_hidden_layers": L, "num_attention_heads": 16,

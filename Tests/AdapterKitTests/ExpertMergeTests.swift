@@ -93,6 +93,26 @@ struct ExpertMergeTests {
         #expect(throws: AdapterLoader.Problem.self) { try unknown["model.mlp.experts"]!.get() }
     }
 
+    @Test("target_modules as one regular expression also keeps its modules from being read as wrapped parameters")
+    func regexTargetModules() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        func copy(_ targetModules: String) throws -> String {
+            let folder = dir.file("ad\(UUID().uuidString.prefix(6))")
+            try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
+            try FileManager.default.copyItem(atPath: adapterPath("moe-deepseek-v3-shared") + "/adapter_model.safetensors", toPath: folder + "/adapter_model.safetensors")
+            var config = try readJSONFile(adapterPath("moe-deepseek-v3-shared") + "/adapter_config.json").objectValue!
+            config["target_modules"] = .string(targetModules)
+            try JSONWriter.pretty(.object(config)).write(toFile: folder + "/adapter_config.json", atomically: true, encoding: .utf8)
+            return folder
+        }
+        // The bare "gate_up_proj" entry matches every path; the expression says q_b_proj is a module.
+        let (merged, _) = try merge(base: modelPath("tiny-deepseek-v3"), adapters: [(try copy(#".*\.q_b_proj"#), 1)], out: dir.file("out"))
+        try expectMatches(merged, reference: "deepseek-v3-shared")
+        // An expression that names nothing: q_b_proj is then taken for a wrapped gate_up_proj, and refused.
+        #expect(throws: ProblemList.self) { try Adapter(path: try copy(#".*\.nothing"#)) }
+    }
+
     @Test("an expert adapter that does not fit the base is refused, never skipped")
     func refusals() throws {
         let dir = TempDir()

@@ -199,7 +199,7 @@ enum AdapterLoader {
         }
 
         let parameterOf = format == .peft && !settings.targetParameters.isEmpty
-            ? expertParameters(order.map { settings.baseName(of: $0).name }, targets: settings.targetParameters, isTargetModule: settings.isTargetModule)
+            ? expertParameters(order.map { settings.baseName(of: $0).name }, targets: settings.targetParameters, isTargetModule: settings.targetModuleMatcher())
             : [:]
         var modules: [LoRAModule] = []
         for name in order {

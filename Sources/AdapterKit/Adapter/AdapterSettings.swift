@@ -298,18 +298,19 @@ struct AdapterSettings {
     /// PEFT's `target_parameters` (empty for other layouts).
     var targetParameters: [String] { peft?.targetParameters ?? [] }
 
-    /// Whether PEFT's `target_modules` names the module `name` (model terms), by PEFT's rule: a
-    /// list entry equal to the name or to its last components, or one regular expression that
-    /// matches the whole name.
-    func isTargetModule(_ name: String) -> Bool {
-        guard let p = peft else { return false }
+    /// Whether PEFT's `target_modules` names a module (model terms), by PEFT's rule: a list entry
+    /// equal to the name or to its last components, or one regular expression that matches the
+    /// whole name. The expression is checked and compiled once, here, not per module.
+    func targetModuleMatcher() -> (String) -> Bool {
+        guard let p = peft else { return { _ in false } }
         if let pattern = p.targetModulesPattern {
             // Only to tell modules from wrapped parameters: a pattern too costly to run is not used
             // (the module is then read as a parameter's, and a mismatch is refused, never skipped).
-            guard AdapterSettings.isSafePattern(pattern), let regex = try? Regex(pattern) else { return false }
-            return (try? regex.wholeMatch(in: name)) != nil
+            guard AdapterSettings.isSafePattern(pattern), let regex = try? Regex(pattern) else { return { _ in false } }
+            return { (try? regex.wholeMatch(in: $0)) != nil }
         }
-        return (p.targetModules ?? []).contains { name == $0 || name.hasSuffix("." + $0) }
+        let entries = p.targetModules ?? []
+        return { name in entries.contains { name == $0 || name.hasSuffix("." + $0) } }
     }
 
     /// The rank and alpha PEFT gives the parameter `key` (`module.path.gate_up_proj`), nil without a PEFT config.

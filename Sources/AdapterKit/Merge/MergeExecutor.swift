@@ -57,11 +57,9 @@ final class MergeExecutor {
             try dequantizeBlockScaledFP8(p, from: store, base: plan.base, dtype: dtype, to: writer)
             return
         }
-        if case .blockScaledFP8 = p.base.encoding, let plan {
+        if case .blockScaledFP8(_, let scaleName, _) = p.base.encoding, let plan {
             let (scales, retention) = try mergeBlockScaledFP8(p, from: store, base: plan.base, to: writer)
-            if case .blockScaledFP8(_, let scaleName, _) = p.base.encoding, !writtenScales.contains(scaleName) {
-                pendingScales[scaleName] = scales.encoded()
-            }
+            if !writtenScales.contains(scaleName) { pendingScales[scaleName] = scales.encoded() }
             retained.append((p.baseName, retention))
             if options.report {
                 reports.append(.init(tensor: p.baseName, modules: p.terms.map(\.module.name),

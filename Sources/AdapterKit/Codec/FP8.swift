@@ -49,42 +49,30 @@ struct FP8BlockScales {
     var values: [Float]
 
     /// The scale that holds a block whose largest magnitude is `amax`: amax / 448 rounded once into
-    /// the scale dtype (F32: nearest; UE8M0: the power of two at or above, so no code saturates).
-    /// A block of zeros keeps `old` (its codes are zeros whatever the scale).
+    /// the scale dtype (F32, BF16, F16: nearest, by the element conversions every writer uses;
+    /// UE8M0: the power of two at or above, so no code saturates). compressed-tensors keeps BF16
+    /// scales, so the largest codes of a block may then saturate at ±448, as its own quantizer's
+    /// do. A block of zeros keeps `old` (its codes are zeros whatever the scale).
     func fresh(amax: Double, old: Float) -> Float {
         guard amax > 0, amax.isFinite else { return old }
-        let s = amax / Double(FP8.e4m3Max)
-        switch dtype {
-        case .f8E8M0: return FP8.e8m0(FP8.e8m0Ceiling(s))
-        // compressed-tensors keeps scales in the model's dtype: rounded once into it (codes of
-        // the block's largest values may then saturate at ±448, as its own quantizer's do).
-        case .bf16: return ElementConversion.bf16ToFloat(ElementConversion.doubleToBF16(s))
-        case .f16: return ElementConversion.f16ToFloat(ElementConversion.floatToF16(Float(s)))
-        default: return Float(s)
+        var s = amax / Double(FP8.e4m3Max)
+        if dtype == .f8E8M0 { return FP8.e8m0(FP8.e8m0Ceiling(s)) }
+        var stored: UInt32 = 0, value: Float = 0
+        withUnsafeMutableBytes(of: &stored) { raw in
+            ElementConversion.fromDouble(dtype, &s, raw.baseAddress!, count: 1)
+            ElementConversion.toFloat(dtype, raw.baseAddress!, &value, count: 1)
         }
+        return value
     }
 
-    /// The stored bytes of `values`.
+    /// The stored bytes of `values` (each already one of the dtype's values: the conversion is exact).
     func encoded() -> [UInt8] {
-        switch dtype {
-        case .f8E8M0:
-            return values.map { FP8.e8m0Ceiling(Double($0)) }
-        case .bf16, .f16:
-            // Every value is already one of the dtype's: the conversion is exact.
-            var out = [UInt8](repeating: 0, count: values.count * 2)
-            out.withUnsafeMutableBytes { raw in
-                for (i, v) in values.enumerated() {
-                    let bits = dtype == .bf16 ? ElementConversion.floatToBF16(v) : ElementConversion.floatToF16(v)
-                    raw.storeBytes(of: bits.littleEndian, toByteOffset: i * 2, as: UInt16.self)
-                }
-            }
-            return out
-        default:
-            var out = [UInt8](repeating: 0, count: values.count * 4)
-            out.withUnsafeMutableBytes { raw in
-                for (i, v) in values.enumerated() { raw.storeBytes(of: v.bitPattern.littleEndian, toByteOffset: i * 4, as: UInt32.self) }
-            }
-            return out
+        if dtype == .f8E8M0 { return values.map { FP8.e8m0Ceiling(Double($0)) } }
+        guard !values.isEmpty else { return [] }
+        var out = [UInt8](repeating: 0, count: values.count * dtype.byteSize)
+        values.withUnsafeBufferPointer { v in
+            out.withUnsafeMutableBytes { ElementConversion.fromFloat(dtype, v.baseAddress!, $0.baseAddress!, count: values.count) }
         }
+        return out
     }
 }

@@ -139,36 +139,38 @@ extension WorkingAdapter {
         for (_, ps) in parts { for (k, m) in ps { partRank[k] = max(partRank[k], m.rank) } }
         for k in 0..<partCount where partRank[k] == 0 { partRank[k] = 1 }  // a part no expert adapts: rank 1 of zeros
         let rank = partRank.reduce(0, +)
-        let scale = mostCommon(all.map(\.scale)) ?? 1
+        // One scale for the fused module: modules of different scales would need B rescaled.
+        let scale = all[0].scale
+        guard all.allSatisfy({ $0.scale == scale }) else {
+            throw InputError.conversion(source.path, "the per-expert modules of \(path).\(parameter) have different scales; fused, they would share one and B would have to be rescaled (not exact): convert each scale separately")
+        }
         let out = outputs * partCount
         var a = [Double](repeating: 0, count: experts * rank * inputs)
         var b = [Double](repeating: 0, count: out * experts * rank)
         let withMixer = all.contains { $0.mixer != nil }
         var mixer = [Double](repeating: 0, count: withMixer ? experts * rank * rank : 0)
-        var folded = 0
         for e in 0..<experts {
             var offset = 0
             for k in 0..<partCount {
-                if withMixer { for t in 0..<partRank[k] { mixer[(e * rank + offset + t) * rank + offset + t] = 1 } }
-                if let m = parts[e]?[k] {
-                    let r = m.rank
-                    let ratio = m.scale / scale
-                    if ratio != 1 { folded += 1 }
-                    let ma = m.heldA, mb = m.heldB
+                let m = parts[e]?[k]
+                if let m {
+                    let r = m.rank, ma = m.heldA, mb = m.heldB
                     for t in 0..<r { for j in 0..<inputs { a[(e * rank + offset + t) * inputs + j] = ma[t * inputs + j] } }
                     for i in 0..<outputs {
-                        for t in 0..<r { b[(k * outputs + i) * experts * rank + (offset + t) * experts + e] = ratio * mb[i * r + t] }
+                        for t in 0..<r { b[(k * outputs + i) * experts * rank + (offset + t) * experts + e] = mb[i * r + t] }
                     }
-                    if let mm = m.heldMixer {
-                        for t in 0..<partRank[k] { mixer[(e * rank + offset + t) * rank + offset + t] = 0 }
+                }
+                // The part's mixer block: the module's own (zero-padded), else the identity.
+                if withMixer {
+                    if let m, let mm = m.heldMixer {
+                        let r = m.rank
                         for s in 0..<r { for t in 0..<r { mixer[(e * rank + offset + s) * rank + offset + t] = mm[s * r + t] } }
+                    } else {
+                        for t in 0..<partRank[k] { mixer[(e * rank + offset + t) * rank + offset + t] = 1 }
                     }
                 }
                 offset += partRank[k]
             }
-        }
-        if folded > 0 {
-            throw InputError.conversion(source.path, "the per-expert modules of \(path).\(parameter) have different scales; fused, they would share one and B would have to be rescaled (not exact): convert each scale separately")
         }
         let template = all[0]
         var m = template

@@ -146,27 +146,6 @@ struct QuantizedMergeTests {
     }
 }
 
-@Suite("quantized bases not merged yet are refused by name")
-struct UnsupportedQuantizedTests {
-    @Test("gpt-oss MXFP4 experts (_blocks, _scales): the refusal names the format, nothing is written")
-    func mxfp4() throws {
-        let dir = TempDir()
-        defer { dir.remove() }
-        try FileManager.default.createDirectory(atPath: dir.file("m"), withIntermediateDirectories: true)
-        try writeSafetensors(dir.file("m/model.safetensors"), [
-            ("model.layers.0.mlp.experts.gate_up_proj_blocks", .u8, [4, 12, 1, 16], [UInt8](repeating: 0, count: 4 * 12 * 16)),
-            ("model.layers.0.mlp.experts.gate_up_proj_scales", .u8, [4, 12, 1], [UInt8](repeating: 127, count: 4 * 12)),
-            ("model.layers.0.mlp.experts.down_proj_blocks", .u8, [4, 16, 1, 16], [UInt8](repeating: 0, count: 4 * 16 * 16)),
-            ("model.layers.0.mlp.experts.down_proj_scales", .u8, [4, 16, 1], [UInt8](repeating: 127, count: 4 * 16)),
-        ])
-        _ = dir.write("m/config.json", text: #"{"model_type": "gpt_oss", "num_local_experts": 4}"#)
-        let error = #expect(throws: ProblemList.self) {
-            try MergePlan(base: try Checkpoint(path: dir.file("m")), inputs: [MergeInput(adapter: try Adapter(path: adapterPath("moe-gpt-oss-params")))])
-        }
-        #expect(error?.problems.filter { $0.contains("is stored as MXFP4") }.count == 2)
-    }
-}
-
 @Suite("--dtype on compressed-tensors models with static activation scales")
 struct DequantizeCompressedTests {
     @Test("input_scale and zero points leave with the weight scales; the rest stays")

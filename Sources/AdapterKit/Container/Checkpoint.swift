@@ -90,6 +90,7 @@ public final class Checkpoint: Sendable {
         var warnings: [String] = []
         config = isFolder ? ModelConfig.read(folder: path, warnings: &warnings) : nil
         Self.recogniseScaledFP8(&all, lookup: lookup, block: config?.weightBlockSize, compressed: config?.compressedFP8, warnings: &warnings)
+        Self.recogniseMXFP4(&all, lookup: lookup, warnings: &warnings)
         tensors = all
         scaledEntries = Dictionary(all.lazy.filter { if case .plain = $0.entry.encoding { false } else { true } }.map { ($0.entry.name, $0.entry) },
                                    uniquingKeysWith: { a, _ in a })
@@ -153,6 +154,36 @@ public final class Checkpoint: Sendable {
         }
     }
 
+    /// Marks MXFP4 tensors (gpt-oss experts): `X_blocks` U8 [..., rows, G, 16] with `X_scales` U8
+    /// (or F8_E8M0) [..., rows, G] in any shard (transformers' `integrations/mxfp4.py`). A scale
+    /// tensor of another shape or dtype is named in a warning and the blocks stay plain bytes.
+    static func recogniseMXFP4(_ all: inout [(entry: TensorEntry, file: Int)], lookup: [String: Int]?, warnings: inout [String]) {
+        guard all.contains(where: { $0.entry.name.hasSuffix("_blocks") }) else { return }
+        let position = lookup ?? Dictionary(all.enumerated().map { ($1.entry.name, $0) }, uniquingKeysWith: { a, _ in a })
+        for i in all.indices {
+            let e = all[i].entry
+            guard e.name.hasSuffix("_blocks"), case .plain(.u8) = e.encoding,
+                  let j = position[String(e.name.dropLast("_blocks".count)) + "_scales"] else { continue }
+            let scale = all[j].entry
+            let expected = Array(e.shape.dropLast())
+            guard e.shape.count >= 3, e.shape.last == 16, scale.dtype == .u8 || scale.dtype == .f8E8M0, scale.shape == expected else {
+                warnings.append("\(e.name) \(e.shape) and \(scale.name) \(scale.dtype.rawValue) \(scale.shape) are not MXFP4's [..., rows, G, 16] blocks with U8 [..., rows, G] exponents: \(e.name) is read as plain U8")
+                continue
+            }
+            all[i].entry = TensorEntry(name: e.name, shape: e.shape, encoding: .mxfp4(scale: scale.name), byteCount: e.byteCount)
+        }
+    }
+
+    /// The scale tensors quantized weights name (FP8 block scales, MXFP4 exponents).
+    public var scaleTensorNames: Set<String> {
+        Set(scaledEntries.values.compactMap { e -> String? in
+            switch e.encoding {
+            case .plain: nil
+            case .blockScaledFP8(_, let s, _), .mxfp4(let s): s
+            }
+        })
+    }
+
     /// The tensor named `name` and the index of its file.
     public func tensor(_ name: String) -> (entry: TensorEntry, file: Int)? {
         guard let lookup else {
@@ -181,7 +212,7 @@ public final class Checkpoint: Sendable {
         return (fileNames + (indexFileName.map { [$0] } ?? []) + read).map { joinPath(path, $0) }
     }
 
-    public var parameterCount: Int { tensors.reduce(0) { $0 + $1.entry.elementCount } }
+    public var parameterCount: Int { tensors.reduce(0) { $0 + $1.entry.valueCount } }
     public var byteCount: Int { tensors.reduce(0) { $0 + $1.entry.byteCount } }
 
     // MARK: - Folder layout

@@ -25,7 +25,7 @@ public struct CheckpointReport: Sendable {
         indexMetadata = checkpoint.indexMetadata
     }
 
-    public var parameterCount: Int { checkpoint.tensors.reduce(0) { $0 + $1.entry.elementCount } }
+    public var parameterCount: Int { checkpoint.parameterCount }
     public var byteCount: Int { checkpoint.tensors.reduce(0) { $0 + $1.entry.byteCount } }
 
     /// Tensor counts per dtype, in the reference's dtype order.
@@ -43,14 +43,23 @@ public struct CheckpointReport: Sendable {
         var counts: [String: Int] = [:], apart: [String: Int] = [:], bytes: [String: Int] = [:], params: [String: Int] = [:]
         var order: [String] = []
         for t in checkpoint.tensors {
-            guard case .blockScaledFP8(let d, let scaleName, let block) = t.entry.encoding, let (scale, file) = checkpoint.tensor(scaleName) else { continue }
-            let suffix = scaleName.hasSuffix("_scale_inv") ? "weight_scale_inv" : "weight_scale"
-            let kind = "\(d.rawValue) with \(block.map(String.init).joined(separator: "×")) block scales (\(scale.dtype.rawValue), \(suffix))"
+            let kind: String, scaleName: String
+            switch t.entry.encoding {
+            case .plain: continue
+            case .blockScaledFP8(let d, let name, let block):
+                scaleName = name
+                let suffix = name.hasSuffix("_scale_inv") ? "weight_scale_inv" : "weight_scale"
+                kind = "\(d.rawValue) with \(block.map(String.init).joined(separator: "×")) block scales (\(checkpoint.tensor(name)?.entry.dtype.rawValue ?? "?"), \(suffix))"
+            case .mxfp4(let name):
+                scaleName = name
+                kind = "MXFP4 (E2M1, one E8M0 exponent per 32 values, _blocks + _scales)"
+            }
+            guard let (scale, file) = checkpoint.tensor(scaleName) else { continue }
             if counts[kind] == nil { order.append(kind) }
             counts[kind, default: 0] += 1
             if file != t.file { apart[kind, default: 0] += 1 }
             bytes[kind, default: 0] += t.entry.byteCount + scale.byteCount
-            params[kind, default: 0] += t.entry.elementCount
+            params[kind, default: 0] += t.entry.valueCount
         }
         return order.isEmpty ? nil : order.map { kind in
             let perParameter = Double(bytes[kind]!) / Double(max(1, params[kind]!))
@@ -92,6 +101,8 @@ public struct CheckpointReport: Sendable {
         case .blockScaledFP8(_, let scale, let block):
             [("encoding", .object(JSONObject([("kind", .string("block_scaled_fp8")), ("scale", .string(scale)),
                                               ("block", .array(block.map { .integer($0) }))])))]
+        case .mxfp4(let scale):
+            [("encoding", .object(JSONObject([("kind", .string("mxfp4")), ("scale", .string(scale)), ("block", .array([.integer(32)]))])))]
         }
     }
 

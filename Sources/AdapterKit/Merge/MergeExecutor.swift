@@ -68,12 +68,31 @@ final class MergeExecutor {
             }
             return
         }
+        if case .mxfp4(let scaleName) = p.base.encoding, let plan {
+            if let dtype = p.outputDType {
+                try dequantizeMXFP4(p, from: store, base: plan.base, dtype: dtype, to: writer)
+                return
+            }
+            let (scales, retention) = try mergeMXFP4(p, from: store, base: plan.base, to: writer)
+            if !writtenScales.contains(scaleName) { pendingScales[scaleName] = scales }
+            retained.append((p.baseName, retention))
+            if options.report {
+                reports.append(.init(tensor: p.baseName, modules: p.terms.map(\.module.name),
+                                     statistics: UpdateStatistics(maxAbsUpdate: retention.maxAbsUpdate, updateSquared: retention.update, appliedSquared: retention.applied),
+                                     kept: retention.kept))
+            }
+            return
+        }
         if let weight = p.scalesOf, let plan {
             // The scales of a requantized weight: kept from its merge, or computed now (the
             // weight comes later and its merge makes the same scales again).
             var bytes = pendingScales.removeValue(forKey: p.baseName)
             if bytes == nil, let edit = plan.changes[weight], let (_, file) = plan.base.tensor(weight) {
-                bytes = try mergeBlockScaledFP8(edit, from: plan.base.files[file], base: plan.base, to: nil).scales.encoded()
+                if case .mxfp4 = edit.base.encoding {
+                    bytes = try mergeMXFP4(edit, from: plan.base.files[file], base: plan.base, to: nil).scales
+                } else {
+                    bytes = try mergeBlockScaledFP8(edit, from: plan.base.files[file], base: plan.base, to: nil).scales.encoded()
+                }
             }
             guard let bytes else { preconditionFailure("a scale edit names the weight it belongs to") }
             writtenScales.insert(p.baseName)

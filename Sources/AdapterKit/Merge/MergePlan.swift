@@ -176,13 +176,26 @@ public struct MergePlan: Sendable {
         if let d = options.dequantize {
             // Every quantized weight becomes a plain tensor of `d`; its scales go.
             guard d.isMergeable, d != .f64 else { throw InputError(base.path, "--dtype \(d.rawValue): dequantized weights are written as BF16, F16 or F32") }
-            let quantized = base.tensors.filter { if case .blockScaledFP8 = $0.entry.encoding { true } else { false } }
+            let quantized = base.tensors.filter { if case .plain = $0.entry.encoding { false } else { true } }
             if quantized.isEmpty {
                 problems.append("--dtype \(d.rawValue): the base has no quantized weights to dequantize (its float tensors keep their dtypes)")
             }
             for (entry, _) in quantized {
-                guard case .blockScaledFP8(_, let scale, _) = entry.encoding, var p = plan(entry.name) else { continue }
+                let scale: String
+                switch entry.encoding {
+                case .plain: continue
+                case .blockScaledFP8(_, let s, _), .mxfp4(let s): scale = s
+                }
+                guard var p = plan(entry.name) else { continue }
                 p.outputDType = d
+                // MXFP4 `X_blocks` is written as the parameter `X`, as transformers loads it.
+                if case .mxfp4 = entry.encoding {
+                    let name = String(entry.name.dropLast("_blocks".count))
+                    if base.tensor(name) != nil {
+                        problems.append("--dtype \(d.rawValue): \(entry.name) would be written as \(name), which the base already has")
+                    }
+                    p.outputName = name
+                }
                 changes[entry.name] = p
                 changes[scale] = nil
                 dropped.insert(scale)
@@ -250,6 +263,13 @@ extension MergePlan {
                 return "module \(module.name): base tensor \(target) is \(p.base.encoding.name); only E4M3 block-scaled weights are requantized"
             }
             if module.magnitude != nil { return "module \(module.name): DoRA into the quantized \(target) is not supported" }
+            if changes[scale] == nil {
+                guard var sp = fresh(scale) else { return "module \(module.name): the scales \(scale) of \(target) are missing" }
+                sp.scalesOf = target
+                changes[scale] = sp
+            }
+        } else if case .mxfp4(let scale) = p.base.encoding {
+            if module.magnitude != nil { return "module \(module.name): DoRA into the MXFP4 \(target) is not supported" }
             if changes[scale] == nil {
                 guard var sp = fresh(scale) else { return "module \(module.name): the scales \(scale) of \(target) are missing" }
                 sp.scalesOf = target

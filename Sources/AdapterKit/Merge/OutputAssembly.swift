@@ -172,8 +172,10 @@ struct OutputAssembly {
             totalSize += encoding.byteCount(elements: elements) ?? 0
             parameters += elements
         }
-        if !plan.dropped.isEmpty, case .object(let map)? = root["weight_map"] {
-            root["weight_map"] = .object(JSONObject(map.members.filter { !plan.dropped.contains($0.key) }))
+        if case .object(let map)? = root["weight_map"] {
+            // Dropped tensors leave the map; renamed ones (dequantized MXFP4) keep their shard.
+            let members = map.members.filter { !plan.dropped.contains($0.key) }.map { m in (plan.changes[m.key]?.writtenName ?? m.key, m.value) }
+            root["weight_map"] = .object(JSONObject(members))
         }
         var metadata = root["metadata"]?.objectValue ?? JSONObject()
         metadata["total_size"] = .integer(totalSize)
@@ -199,11 +201,15 @@ struct OutputAssembly {
     private mutating func writeShard(_ index: Int, to path: String, descriptor: FileDescriptor? = nil) throws -> Bool {
         let store = plan.base.files[index]
         var shapeChanged = false
+        var baseNames: [String: String] = [:]
         let specs = store.entries.filter { !plan.dropped.contains($0.name) }.map { t -> TensorSpec in
-            let shape = plan.changes[t.name]?.outputShape ?? t.shape
-            let dtype = plan.changes[t.name]?.outputDType ?? t.dtype
-            if shape != t.shape || dtype != t.dtype { shapeChanged = true }
-            return TensorSpec(name: t.name, dtype: dtype, shape: shape)
+            let edit = plan.changes[t.name]
+            let shape = edit?.outputShape ?? t.shape
+            let dtype = edit?.outputDType ?? t.dtype
+            let name = edit?.writtenName ?? t.name
+            if shape != t.shape || dtype != t.dtype || name != t.name { shapeChanged = true }
+            baseNames[name] = t.name
+            return TensorSpec(name: name, dtype: dtype, shape: shape)
         }
         if specs.count != store.entries.count { shapeChanged = true }
         let layout = try SafetensorsLayout(tensors: specs, metadata: store.metadataForSafetensors, file: path)
@@ -214,11 +220,12 @@ struct OutputAssembly {
         let progress = options.progress
         let total = self.total
         for t in layout.tensors {
-            if let edit = plan.changes[t.name] {
+            let name = baseNames[t.name] ?? t.name
+            if let edit = plan.changes[name] {
                 try executor.write(edit, from: store, to: writer)
                 summary.tensorsChanged += 1
             } else {
-                try executor.copy(t.name, from: store, to: writer)
+                try executor.copy(name, from: store, to: writer)
                 summary.tensorsCopied += 1
             }
             written += t.byteCount

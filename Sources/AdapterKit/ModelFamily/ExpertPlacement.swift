@@ -55,8 +55,8 @@ extension NameMap {
                 UpdatePlacement(module: m.expert(i), target: UpdateTarget(tensor: t, rows: .range(i * s[1]..<(i + 1) * s[1]), viewColumns: s[2], transposed: flip))
             })
         }
-        if let packed = tensorName(forModule: label + "_blocks", suffix: "", format: format) {
-            return .failure(PlacementProblem(text: "\(label) is stored as MXFP4 (\(packed) and its _scales); merging into MXFP4 experts is not supported yet (dequantize the model first)"))
+        if let packed = tensorName(forModule: label + "_blocks", suffix: "", format: format), let entry = base.tensor(packed)?.entry {
+            return mxfp4Placements(m, p, packed: packed, entry: entry)
         }
         guard let parts = Self.expertParts[p.name] else {
             return .failure(PlacementProblem(text: "no base tensor \(label), and per-expert tensors are known only for gate_up_proj and down_proj"))
@@ -94,6 +94,32 @@ extension NameMap {
         return .success(placements)
     }
 
+    /// A `target_parameters` module on MXFP4 experts (gpt-oss `…experts.gate_up_proj_blocks`):
+    /// one placement per expert on the decoded blocks, [E, rows, 32·G]. Those rows are the
+    /// parameter's columns (transformers transposes the decoded blocks into the [E, in, out]
+    /// parameter), so where PEFT adds (B·A)ᵀ to the parameter, B·A lands on the blocks as it is.
+    func mxfp4Placements(_ m: LoRAModule, _ p: ExpertParameter, packed: String, entry: TensorEntry) -> Result<[UpdatePlacement], PlacementProblem> {
+        guard case .mxfp4 = entry.encoding else {
+            return .failure(PlacementProblem(text: "\(packed) \(entry.dtype.rawValue) \(entry.shape) is not read as MXFP4 blocks (the base's warnings say why)"))
+        }
+        let v = entry.encoding.valueShape(entry.shape), e = p.experts
+        guard v.count == 3 else {
+            return .failure(PlacementProblem(text: "\(packed) holds values \(v), not the [experts, ·, ·] of a fused expert parameter"))
+        }
+        guard v[0] == e else {
+            return .failure(PlacementProblem(text: "the adapter holds \(e) experts of \(p.name) (A has \(m.rank) rows for rank \(m.updateRank)) but \(packed) has \(v[0])"))
+        }
+        let out = m.outFeatures, inputs = m.inFeatures
+        let normal = v[1] == out && v[2] == inputs, transposed = v[1] == inputs && v[2] == out
+        guard normal || transposed else {
+            return .failure(PlacementProblem(text: "each expert's update is [\(out), \(inputs)] but the MXFP4 \(packed) holds experts of [\(v[1]), \(v[2])] values"))
+        }
+        let flip = normal && transposed ? !(family?.parameterWrapperTransposed ?? true) : transposed
+        return .success((0..<e).map { i in
+            UpdatePlacement(module: m.expert(i), target: UpdateTarget(tensor: packed, rows: .range(i * v[1]..<(i + 1) * v[1]), viewColumns: v[2], transposed: flip))
+        })
+    }
+
     /// How many experts the base stores per expert under `prefix` (`prefix.0.<name>.weight`, `prefix.1.…`, …
     /// with one of `names`): counted up from 0 while they exist, so bounded by the base's tensors.
     func expertCount(_ prefix: String, names: [String], format: AdapterFormat) -> Int {
@@ -108,6 +134,9 @@ extension NameMap {
     /// (the first half, or every other one for gpt-oss). nil when the name is not an expert's.
     func perExpertPlacement(_ m: LoRAModule, format: AdapterFormat) -> Result<[UpdatePlacement], PlacementProblem>? {
         guard let (prefix, e, leaf) = Self.expertModule(m.baseName), let (parameter, part) = Self.fusedParameter(ofExpertProjection: leaf) else { return nil }
+        if let packed = tensorName(forModule: prefix + "." + parameter + "_blocks", suffix: "", format: format) {
+            return .failure(PlacementProblem(text: "\(packed) holds MXFP4 experts; per-expert updates (experts.N.\(leaf)) onto them are not supported yet: use an adapter trained with PEFT target_parameters, or a dequantized base"))
+        }
         guard let t = tensorName(forModule: prefix + "." + parameter, suffix: "", format: format) else { return nil }
         let s = base.tensor(t)?.entry.shape ?? []
         let out = m.outFeatures, inputs = m.inFeatures, k = part == nil ? 1 : 2

@@ -115,7 +115,7 @@ struct BaseLayout: Sendable {
     init(_ base: Checkpoint) {
         let family = ModelFamily.of(base)
         self.family = family?.name
-        var perExpert = Set<Int>(), layers = Set<String>(), fused = false, fusedExperts: Int?
+        var perExpert = Set<Int>(), layers = Set<String>(), fused = false, fusedExperts: Int?, mxfp4 = false
         var expert = 0, dense = 0
         var hub = false, memory = false, qwenDisk = false
         for (entry, _) in base.tensors {
@@ -123,13 +123,16 @@ struct BaseLayout: Sendable {
             if n.hasPrefix("language_model.model.") || n.hasPrefix("vision_tower.vision_model.") { hub = true }
             if n.hasPrefix("model.language_model.") { memory = true }
             if n.hasPrefix("visual.") { qwenDisk = true }
-            guard let range = n.range(of: ".experts.") else { dense += entry.elementCount; continue }
-            expert += entry.elementCount
+            // Parameters are values: MXFP4 blocks hold two per byte; their exponents are not parameters.
+            if case .mxfp4 = entry.encoding { mxfp4 = true }
+            if base.scaleTensorNames.contains(n) { continue }
+            guard let range = n.range(of: ".experts.") else { dense += entry.valueCount; continue }
+            expert += entry.valueCount
             layers.insert(String(n[..<range.lowerBound]))
             let rest = n[range.upperBound...]
             if let e = rest.split(separator: ".").first.flatMap({ Int($0) }) {
                 perExpert.insert(e)
-            } else if entry.shape.count == 3 {
+            } else if entry.encoding.valueShape(entry.shape).count == 3 {
                 fused = true
                 fusedExperts = entry.shape[0]
             }
@@ -139,7 +142,8 @@ struct BaseLayout: Sendable {
         expertLayers = layers.count
         if fused {
             let transposed = family?.expertsTransposed == true
-            expertStorage = transposed ? "fused [E, in, out]" + (family?.gateUpInterleaved == true ? ", gate and up interleaved" : "") : "fused [E, out, in]"
+            let layout = transposed ? "fused [E, in, out]" + (family?.gateUpInterleaved == true ? ", gate and up interleaved" : "") : "fused [E, out, in]"
+            expertStorage = mxfp4 ? "as MXFP4 blocks [E, out, in/32, 16] (the parameter: \(layout))" : layout
             expertsPerLayer = fusedExperts
         } else if !perExpert.isEmpty {
             expertStorage = "per expert (2-D)"

@@ -10,11 +10,26 @@ public enum TensorEncoding: Hashable, Sendable {
     /// `scale` names the scale tensor ([⌈rows/block[0]⌉, ⌈cols/block[1]⌉], edge blocks partial),
     /// which may sit in another shard (DeepSeek-V3, Qwen3-FP8: `X.weight` + `X.weight_scale_inv`).
     case blockScaledFP8(DType, scale: String, block: [Int])
+    /// MXFP4 (OCP Microscaling, gpt-oss experts): `X_blocks` U8 [..., rows, G, 16], two E2M1 codes
+    /// per byte (the low nibble the even element), and `scale` (`X_scales`, U8 [..., rows, G]) one
+    /// E8M0 exponent per 32 values: value = E2M1[code] · 2^(scale − 127). The values are
+    /// [..., rows, 32·G] (`valueShape`); the model's parameter is their transpose.
+    case mxfp4(scale: String)
 
     /// The element type the container records for the stored bytes.
     public var storedDType: DType {
         switch self {
         case .plain(let d), .blockScaledFP8(let d, _, _): d
+        case .mxfp4: .u8
+        }
+    }
+
+    /// The shape of the values a stored shape holds: MXFP4's [..., rows, G, 16] bytes are
+    /// [..., rows, 32·G] values; every other encoding stores one element per value.
+    public func valueShape(_ stored: [Int]) -> [Int] {
+        switch self {
+        case .plain, .blockScaledFP8: stored
+        case .mxfp4: Array(stored.dropLast(2)) + [stored.count >= 2 ? stored[stored.count - 2] * 32 : 0]
         }
     }
 
@@ -24,6 +39,8 @@ public enum TensorEncoding: Hashable, Sendable {
         case .plain(let d), .blockScaledFP8(let d, _, _):
             let (bits, overflow) = elements.multipliedReportingOverflow(by: d.bits)
             return overflow || bits % 8 != 0 ? nil : bits / 8
+        case .mxfp4:
+            return elements
         }
     }
 
@@ -35,7 +52,7 @@ public enum TensorEncoding: Hashable, Sendable {
     public var isMergeable: Bool {
         switch self {
         case .plain(let d): d.isMergeable
-        case .blockScaledFP8: false  // recognised; its codec comes with quantized-base merges
+        case .blockScaledFP8, .mxfp4: false  // merged by the quantized-base paths, not a row codec
         }
     }
 
@@ -44,6 +61,7 @@ public enum TensorEncoding: Hashable, Sendable {
         switch self {
         case .plain(let d): d.rawValue
         case .blockScaledFP8(let d, let scale, let block): "\(d.rawValue) with \(block.map(String.init).joined(separator: "×")) block scales (\(scale))"
+        case .mxfp4(let scale): "MXFP4 (E2M1 codes, an E8M0 exponent per 32 values in \(scale))"
         }
     }
 }
@@ -66,6 +84,8 @@ public struct TensorEntry: Sendable, Hashable {
 
     /// The element type of the stored bytes.
     public var dtype: DType { encoding.storedDType }
-    /// Number of elements (1 for a scalar).
+    /// Number of stored elements (1 for a scalar).
     public var elementCount: Int { shape.reduce(1, *) }
+    /// Number of values: the stored elements, or for MXFP4 two per byte.
+    public var valueCount: Int { encoding.valueShape(shape).reduce(1, *) }
 }

@@ -64,6 +64,8 @@ public struct TensorEdit: Sendable {
     public var scalesOf: String? = nil
     /// A quantized weight written dequantized in this dtype (`--dtype`), nil: in its own encoding.
     public var outputDType: DType? = nil
+    /// The name written, when it is not the base's (a dequantized MXFP4 `X_blocks` becomes `X`).
+    public var outputName: String? = nil
 
     public init(baseName: String, base: TensorEntry, file: Int) {
         self.baseName = baseName
@@ -71,24 +73,39 @@ public struct TensorEdit: Sendable {
         self.file = file
     }
 
-    /// The shape written: the replacement's when there is one.
-    public var outputShape: [Int] { replacement?.tensor.shape ?? base.shape }
+    /// The shape written: the replacement's when there is one; a dequantized MXFP4 tensor's
+    /// values transposed in their last two dimensions (the model's parameter layout).
+    public var outputShape: [Int] {
+        if let r = replacement { return r.tensor.shape }
+        if case .mxfp4 = base.encoding, outputDType != nil {
+            let v = valueShape
+            return Array(v.dropLast(2)) + [v[v.count - 1], v[v.count - 2]]
+        }
+        return base.shape
+    }
+
+    /// The shape of the values the update is added to (MXFP4: the decoded blocks layout).
+    public var valueShape: [Int] { replacement?.tensor.shape ?? base.encoding.valueShape(base.shape) }
+
+    /// The name written.
+    public var writtenName: String { outputName ?? baseName }
 
     /// Columns of the 2-D view.
     public var columns: Int {
         if let viewColumns { return viewColumns }
-        let shape = outputShape
+        let shape = valueShape
         return shape.count > 1 ? shape.dropFirst().reduce(1, *) : 1
     }
 
     /// Rows of the 2-D view.
     public var rows: Int {
         let c = columns
-        return c == 0 ? (outputShape.first ?? 1) : outputShape.reduce(1, *) / c
+        let shape = valueShape
+        return c == 0 ? (shape.first ?? 1) : shape.reduce(1, *) / c
     }
 
     public var isUnchanged: Bool {
-        terms.isEmpty && replacement == nil && dora == nil && biasTerms.isEmpty && scalesOf == nil && outputDType == nil
+        terms.isEmpty && replacement == nil && dora == nil && biasTerms.isEmpty && scalesOf == nil && outputDType == nil && outputName == nil
     }
 
     /// The module names that touch this tensor, for messages and reports.

@@ -36,4 +36,19 @@ int adapter_fp8_decode(const uint8_t *codes, size_t n, float scale, const float 
 /// max |x[i]| over `n` finite values (0 for none).
 float adapter_max_abs(const float *x, size_t n);
 
+/// MXFP4 decoding of `blocks` blocks of 32 values (16 bytes each, low nibble the even element)
+/// with one E8M0 exponent byte each: base = merged = E2M1[code] · 2^(scale − 127). Returns 0 when
+/// a scale byte is 0xFF (NaN), 1 otherwise.
+int adapter_mxfp4_decode(const uint8_t *codes, const uint8_t *scales, size_t blocks, float *base, float *merged);
+
+/// MXFP4 requantization of `blocks` blocks of 32 merged values: per block the exponent
+/// e0 = floor(log2 amax) − 2 or e0 + 1, whichever decodes nearer in squared error (ties: e0),
+/// clamped to −127 … 127; codes nearest on the E2M1 grid, ties to the even code, saturating at
+/// ±6. `scales` holds the old bytes (kept for blocks of zeros) and receives the new ones. Adds to
+/// `sums` as adapter_fp8_e4m3_encode does.
+void adapter_mxfp4_encode(const float *base, const float *merged, uint8_t *codes, uint8_t *scales, size_t blocks, double sums[4]);
+
+/// dst (cols × rows) = the transpose of src (rows × cols), elements of `size` bytes (2 or 4).
+void adapter_transpose(const void *src, void *dst, size_t rows, size_t cols, size_t size);
+
 #endif

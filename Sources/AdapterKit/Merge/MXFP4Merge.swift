@@ -1,0 +1,193 @@
+import CMergeKernel
+import Foundation
+
+/// Merges into MXFP4 experts (gpt-oss `…_blocks` + `…_scales`, docs/formats.md §9b): the blocks
+/// decoded to Float32 (exact: an E2M1 value times a power of two), the update added by the same
+/// kernel as every merge, then requantized per 32 values with a fresh exponent.
+extension MergeExecutor {
+    /// The codes and exponents of an MXFP4 tensor, read a band of rows at a time.
+    struct MXFP4Rows {
+        /// Rows of the decoded view ([experts ·] rows), 32·groups values each.
+        let rows: Int, groups: Int
+        var rowBytes: Int { groups * 16 }
+        var columns: Int { groups * 32 }
+        /// One exponent byte per group of every row.
+        var scales: [UInt8]
+        let region: FileRegion?
+        let whole: [UInt8]?
+
+        init(_ p: TensorEdit, scale scaleName: String, from store: any TensorContainer, base: Checkpoint) throws {
+            let shape = p.base.shape
+            groups = shape[shape.count - 2]
+            rows = shape.dropLast(2).reduce(1, *)
+            precondition(p.columns == groups * 32, "MXFP4 tensors are merged in their [rows, 32·G] view")
+            guard let (scaleEntry, scaleFile) = base.tensor(scaleName) else { preconditionFailure("the plan found the scales") }
+            scales = try base.files[scaleFile].withBytes(of: scaleEntry.name) { Array($0) }
+            guard scales.count == rows * groups else { preconditionFailure("the checkpoint checked the scales' shape") }
+            if let bad = scales.firstIndex(of: 0xFF) {
+                throw MergeError(tensor: p.baseName, problem: "its exponent \(scaleName)[\(bad / groups), \(bad % groups)] is 0xFF (NaN in E8M0)")
+            }
+            region = store.region(of: p.baseName)
+            whole = region == nil ? try store.withBytes(of: p.baseName) { Array($0) } : nil
+        }
+
+        /// The codes of rows lo..<hi into `raw`.
+        func read(_ lo: Int, _ hi: Int, into raw: UnsafeMutableRawPointer) throws {
+            let count = (hi - lo) * rowBytes
+            if let region {
+                let got = try region.descriptor.read(into: UnsafeMutableRawBufferPointer(start: raw, count: count), at: region.range.lowerBound + lo * rowBytes)
+                guard got == count else { throw InputError(region.path, "the file shrank while being read") }
+            } else {
+                whole!.withUnsafeBytes { raw.copyMemory(from: $0.baseAddress! + lo * rowBytes, byteCount: count) }
+            }
+        }
+    }
+
+    /// An MXFP4 tensor merged and requantized: rows no update covers keep their bytes; the others,
+    /// band by band on every core, are decoded, merged in Float32, and encoded with per-block
+    /// exponents chosen by `adapter_mxfp4_encode`. Writes the codes when `writer` is given and
+    /// returns the whole exponent tensor either way (it may sit in another shard).
+    func mergeMXFP4(_ p: TensorEdit, from store: any TensorContainer, base: Checkpoint,
+                    to writer: (any TensorFileWriter)?) throws -> (scales: [UInt8], retention: Retention) {
+        guard case .mxfp4(let scaleName) = p.base.encoding else { preconditionFailure("the plan admits MXFP4 tensors here") }
+        var t = try MXFP4Rows(p, scale: scaleName, from: store, base: base)
+        let cols = t.columns, groups = t.groups, rowBytes = t.rowBytes
+        let bandRows = max(1, min(t.rows, (4 << 20) / max(1, cols)))
+        let decoded = UnsafeMutableBufferPointer<Float>.allocate(capacity: max(1, bandRows * cols))
+        let merged = UnsafeMutableBufferPointer<Float>.allocate(capacity: max(1, bandRows * cols))
+        let raw = UnsafeMutableRawBufferPointer.allocate(byteCount: max(1, bandRows * rowBytes), alignment: 64)
+        defer { decoded.deallocate(); merged.deallocate(); raw.deallocate() }
+        let (dec, mer, codes) = (UncheckedMutable(decoded), UncheckedMutable(merged), UncheckedRaw(raw))
+        let threads = max(1, options.threads)
+        func parallel(_ rows: Int, _ body: @Sendable (Range<Int>) -> Void) {
+            let chunks = max(1, min(threads, rows))
+            DispatchQueue.concurrentPerform(iterations: chunks) { c in body(rows * c / chunks..<rows * (c + 1) / chunks) }
+        }
+        var retention = Retention()
+        func emit(_ count: Int) throws {
+            guard let writer else { return }
+            let buffer = try pipeline.acquire(bytes: count)
+            buffer.baseAddress!.copyMemory(from: raw.baseAddress!, byteCount: count)
+            pipeline.write(buffer, count: count, with: writer)
+        }
+        for segment in p.segments {
+            let factors: UpdateFactorStorage? = try segment.terms.isEmpty ? nil : {
+                let (l, r, k) = try UpdateCompiler.factors(segment.terms.map { p.terms[$0] }, rows: segment.rows, viewRows: p.rows, cols: cols, tensor: p.baseName)
+                return UpdateFactorStorage(l: l, r: r, rows: segment.rows.count, cols: cols, k: k, magnitude: nil)
+            }()
+            var lo = segment.rows.lowerBound
+            while lo < segment.rows.upperBound {
+                let hi = min(segment.rows.upperBound, lo + bandRows), rows = hi - lo
+                try t.read(lo, hi, into: raw.baseAddress!)
+                guard let factors else {
+                    try emit(rows * rowBytes)  // no update on these rows: their bytes as they are
+                    lo = hi
+                    continue
+                }
+                try t.scales.withUnsafeMutableBufferPointer { allScales in
+                    let sc = UncheckedMutable(UnsafeMutableBufferPointer(rebasing: allScales[lo * groups..<hi * groups]))
+                    parallel(rows) { range in
+                        _ = adapter_mxfp4_decode(codes.at(range.lowerBound * rowBytes), sc.base.baseAddress! + range.lowerBound * groups, range.count * groups,
+                                                 dec.base.baseAddress! + range.lowerBound * cols, mer.base.baseAddress! + range.lowerBound * cols)
+                    }
+                    let result = withExtendedLifetime(factors) {
+                        MergeKernel.merge(source: UnsafeRawPointer(decoded.baseAddress!), sourceType: .f32,
+                                          destination: UnsafeMutableRawPointer(merged.baseAddress!), destinationType: .f32,
+                                          rows: 0..<rows, factors: factors.rows(from: lo - segment.rows.lowerBound),
+                                          wantStatistics: false, threads: threads)
+                    }
+                    guard result.finite else {
+                        throw MergeError(tensor: p.baseName, problem: "the merged values hold NaN or infinity; modules: \(p.moduleNames.joined(separator: ", "))")
+                    }
+                    let kept = Locked(Retention())
+                    parallel(rows) { range in
+                        var sums: (Double, Double, Double, Double) = (0, 0, 0, 0)
+                        withUnsafeMutableBytes(of: &sums) { s in
+                            adapter_mxfp4_encode(dec.base.baseAddress! + range.lowerBound * cols, mer.base.baseAddress! + range.lowerBound * cols,
+                                                 codes.at(range.lowerBound * rowBytes).assumingMemoryBound(to: UInt8.self),
+                                                 sc.base.baseAddress! + range.lowerBound * groups, range.count * groups,
+                                                 s.baseAddress!.assumingMemoryBound(to: Double.self))
+                        }
+                        kept.update { $0.add(Retention(dot: sums.0, update: sums.1, applied: sums.2, maxAbsUpdate: sums.3)) }
+                    }
+                    retention.add(kept.value)
+                }
+                try emit(rows * rowBytes)
+                lo = hi
+            }
+        }
+        return (t.scales, retention)
+    }
+
+    /// An MXFP4 tensor written dequantized as `dtype` (`--dtype`), expert by expert in the model's
+    /// parameter layout: the decoded [rows, 32·G] values (with the update added in Float64 where
+    /// there is one) rounded once into `dtype`, then transposed, as transformers'
+    /// `convert_moe_packed_tensors` lays out the parameter.
+    func dequantizeMXFP4(_ p: TensorEdit, from store: any TensorContainer, base: Checkpoint, dtype: DType,
+                         to writer: any TensorFileWriter) throws {
+        guard case .mxfp4(let scaleName) = p.base.encoding, let codec = RowCodec(.plain(dtype)) else {
+            preconditionFailure("the plan dequantizes MXFP4 tensors into float dtypes")
+        }
+        let t = try MXFP4Rows(p, scale: scaleName, from: store, base: base)
+        let cols = t.columns, groups = t.groups, rowBytes = t.rowBytes
+        let value = p.valueShape
+        let expertRows = value.count >= 2 ? value[value.count - 2] : 1
+        let experts = t.rows / max(1, expertRows)
+        let pieces: [(rows: Range<Int>, l: [Double], r: [Double], k: Int)] = try p.segments.filter { !$0.terms.isEmpty }.map { segment in
+            let (l, r, k) = try UpdateCompiler.factors(segment.terms.map { p.terms[$0] }, rows: segment.rows, viewRows: p.rows, cols: cols, tensor: p.baseName)
+            return (segment.rows, l, r, k)
+        }
+        let count = expertRows * cols
+        let raw = UnsafeMutableRawBufferPointer.allocate(byteCount: max(1, expertRows * rowBytes), alignment: 64)
+        let floats = UnsafeMutableBufferPointer<Float>.allocate(capacity: max(1, count))
+        let narrow = UnsafeMutableRawBufferPointer.allocate(byteCount: max(1, codec.byteCount(count)), alignment: 64)
+        defer { raw.deallocate(); floats.deallocate(); narrow.deallocate() }
+        var doubles: [Double] = []
+        for x in 0..<experts {
+            let lo = x * expertRows, hi = lo + expertRows
+            try t.read(lo, hi, into: raw.baseAddress!)
+            t.scales.withUnsafeBufferPointer { s in
+                _ = adapter_mxfp4_decode(raw.baseAddress!.assumingMemoryBound(to: UInt8.self), s.baseAddress! + lo * groups, expertRows * groups,
+                                         floats.baseAddress!, floats.baseAddress!)
+            }
+            let touching = pieces.filter { $0.rows.overlaps(lo..<hi) }
+            var finite: Bool
+            if touching.isEmpty {
+                finite = codec.encode(floats.baseAddress!, count: count, into: narrow.baseAddress!)
+            } else {
+                // The update in Float64 by the project's F64 path, in place; it indexes L by the
+                // piece's rows, so the expert is seen from the piece's first row.
+                if doubles.count != count { doubles = [Double](repeating: 0, count: count) }
+                for i in 0..<count { doubles[i] = Double(floats[i]) }
+                finite = true
+                for piece in touching {
+                    let from = max(lo, piece.rows.lowerBound) - piece.rows.lowerBound, to = min(hi, piece.rows.upperBound) - piece.rows.lowerBound
+                    var none: UpdateStatistics? = nil
+                    finite = doubles.withUnsafeMutableBytes { band in
+                        let view = band.baseAddress! + (piece.rows.lowerBound - lo) * cols * 8
+                        return MergeKernel.mergeRowsF64(source: UnsafeRawPointer(view), sourceType: .f64, destination: view, rows: from..<to, cols: cols,
+                                                        l: piece.l, r: piece.r, k: piece.k, magnitude: nil, statistics: &none)
+                    } && finite
+                }
+                guard finite else {
+                    throw MergeError(tensor: p.baseName, problem: "the merged values hold NaN or infinity; modules: \(p.moduleNames.joined(separator: ", "))")
+                }
+                finite = doubles.withUnsafeBufferPointer { codec.encode($0.baseAddress!, count: count, into: narrow.baseAddress!) }
+            }
+            guard finite else {
+                throw MergeError(tensor: p.baseName, problem: "the dequantized values hold NaN or infinity (or overflow \(dtype.rawValue))")
+            }
+            let bytes = codec.byteCount(count)
+            let buffer = try pipeline.acquire(bytes: bytes)
+            adapter_transpose(narrow.baseAddress!, buffer.baseAddress!, expertRows, cols, dtype.byteSize)
+            pipeline.write(buffer, count: bytes, with: writer)
+        }
+    }
+}
+
+/// A raw band buffer the worker threads write, each its own bytes.
+struct UncheckedRaw: @unchecked Sendable {
+    let base: UnsafeMutableRawBufferPointer
+    init(_ b: UnsafeMutableRawBufferPointer) { base = b }
+    func at(_ offset: Int) -> UnsafeMutableRawPointer { base.baseAddress! + offset }
+}

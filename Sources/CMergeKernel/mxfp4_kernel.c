@@ -10,19 +10,12 @@
 static const float e2m1[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f, -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
 
 /* 2^(b − 127) for b < 255 (2^-127 is a Float32 subnormal). */
-static inline float exp2_e8m0(uint32_t b) {
+static inline __attribute__((always_inline)) float exp2_e8m0(uint32_t b) {
     if (b == 0) return 0x1p-127f;
     uint32_t bits = b << 23;
     float f;
     memcpy(&f, &bits, 4);
     return f;
-}
-
-/* The E2M1 magnitude code of x ≥ 0 (already divided by the block's scale), nearest with ties to
- * the even code, saturating at 6: the grid 0, ½, 1, 1½, 2, 3, 4, 6 and its midpoints. */
-static inline uint32_t e2m1_code(float x) {
-    return (uint32_t)(x > 0.25f) + (uint32_t)(x >= 0.75f) + (uint32_t)(x > 1.25f) + (uint32_t)(x >= 1.75f) + (uint32_t)(x > 2.5f) +
-           (uint32_t)(x >= 3.5f) + (uint32_t)(x > 5.0f);
 }
 
 #define DECODE_BODY                                                                                \
@@ -45,67 +38,103 @@ static inline uint32_t e2m1_code(float x) {
 
 static int decode_portable(const uint8_t *codes, const uint8_t *scales, size_t blocks, float *base, float *merged) { DECODE_BODY }
 
-/* One block of 32 merged values: both exponents tried, the codes and the squared error of each. */
-static inline double block_error(const float *v, float inverse, float step, uint8_t *nibbles) {
-    double error = 0;
-    for (int j = 0; j < 32; j++) {
-        float x = v[j] * inverse;
-        uint32_t sign = signbit(x) ? 8u : 0u;
-        uint32_t code = e2m1_code(fabsf(x));
-        nibbles[j] = (uint8_t)(code | sign);
-        double d = (double)(e2m1[code] * step) - (double)fabsf(v[j]);
-        error += d * d;
+/* The E2M1 magnitude nearest x ≥ 0 (already divided by the block's scale), ties to the even
+ * code, saturating at 6: below 2 the grid steps by ½, up to 4 by 1, then by 2, so it is one
+ * rint (nearest, ties to even: the default rounding) at the step's scale. The even codes are
+ * exactly the grid points that are even multiples of their step, so ties agree. */
+static inline __attribute__((always_inline)) float e2m1_round(float x) {
+    float fine = rintf(x * 2.0f) * 0.5f, mid = rintf(x), coarse = rintf(x * 0.5f) * 2.0f;
+    float q = x < 2.0f ? fine : x < 4.0f ? mid : coarse;
+    return q < 6.0f ? q : 6.0f;
+}
+
+/* The code (0 … 7) of a magnitude on the grid. */
+static inline __attribute__((always_inline)) uint8_t e2m1_magnitude_code(float q) {
+    float c = q < 2.0f ? q * 2.0f : q < 4.0f ? q + 2.0f : q * 0.5f + 4.0f;
+    return (uint8_t)(int)c;
+}
+
+/* Σ (q·step − |v|)² over a block in Float64 (the difference is exact there), for one exponent;
+ * summed in eight fixed lanes so the loop vectorises without reassociating anything. */
+static inline __attribute__((always_inline)) double block_error(const float *v, float inverse, float step) {
+    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int j = 0; j < 32; j += 8) {
+        for (int k = 0; k < 8; k++) {
+            float a = fabsf(v[j + k]);
+            double d = (double)(e2m1_round(a * inverse) * step) - (double)a;
+            acc[k] += d * d;
+        }
     }
-    return error;
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+/* ⌊log₂ x⌋ for a normal x > 0 from its exponent bits; −127 for subnormals (every exponent below
+ * clamps to −127 anyway). */
+static inline __attribute__((always_inline)) int floor_log2(float x) {
+    uint32_t bits;
+    memcpy(&bits, &x, 4);
+    int biased = (int)((bits >> 23) & 0xFFu);
+    return biased == 0 ? -127 : biased - 127;
+}
+
+/* One block: the exponent, the codes, and the block's sums [dot, update, applied, largest]. */
+static inline __attribute__((always_inline)) void encode_block(const float *v, const float *w, uint8_t *codes, uint8_t *scale, float out[4]) {
+    float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int j = 0; j < 32; j += 8)
+        for (int k = 0; k < 8; k++) {
+            float a = fabsf(v[j + k]);
+            lanes[k] = a > lanes[k] ? a : lanes[k];
+        }
+    float amax = 0;
+    for (int k = 0; k < 8; k++) amax = lanes[k] > amax ? lanes[k] : amax;
+    int chosen = (int)*scale - 127;
+    if (amax > 0) {
+        int e0 = floor_log2(amax) - 2, e1 = e0 + 1;
+        e0 = e0 < -127 ? -127 : e0 > 127 ? 127 : e0;
+        e1 = e1 < -127 ? -127 : e1 > 127 ? 127 : e1;
+        float s0 = exp2_e8m0((uint32_t)(e0 + 127)), s1 = exp2_e8m0((uint32_t)(e1 + 127));
+        chosen = e0;
+        if (e1 != e0 && block_error(v, 1.0f / s1, s1) < block_error(v, 1.0f / s0, s0)) chosen = e1;
+    }
+    /* A block of zeros keeps its exponent; its codes are (signed) zeros. */
+    *scale = (uint8_t)(chosen + 127);
+    float step = exp2_e8m0((uint32_t)(chosen + 127)), inverse = 1.0f / step;
+    uint8_t nibbles[32];
+    float bd[8] = {0}, bu[8] = {0}, ba[8] = {0}, bl[8] = {0};
+    for (int j = 0; j < 32; j += 8) {
+        for (int k = 0; k < 8; k++) {
+            float x = v[j + k];
+            float m = e2m1_round(fabsf(x) * inverse);
+            uint8_t sign = signbit(x) ? 8u : 0u;
+            nibbles[j + k] = (uint8_t)(e2m1_magnitude_code(m) | sign);
+            float q = copysignf(m, x) * step;
+            float d = x - w[j + k], e = q - w[j + k];
+            bd[k] += e * d;
+            bu[k] += d * d;
+            ba[k] += e * e;
+            float ad = fabsf(d);
+            bl[k] = ad > bl[k] ? ad : bl[k];
+        }
+    }
+    out[0] = out[1] = out[2] = out[3] = 0;
+    for (int k = 0; k < 8; k++) {
+        out[0] += bd[k];
+        out[1] += bu[k];
+        out[2] += ba[k];
+        out[3] = bl[k] > out[3] ? bl[k] : out[3];
+    }
+    for (int j = 0; j < 16; j++) codes[j] = (uint8_t)(nibbles[2 * j] | (nibbles[2 * j + 1] << 4));
 }
 
 #define ENCODE_BODY                                                                                \
     double dot = 0, update = 0, applied = 0, largest = sums[3];                                    \
     for (size_t b = 0; b < blocks; b++) {                                                          \
-        const float *v = merged + b * 32, *w = base + b * 32;                                      \
-        float amax = 0;                                                                            \
-        for (int j = 0; j < 32; j++) {                                                             \
-            float a = fabsf(v[j]);                                                                 \
-            amax = a > amax ? a : amax;                                                            \
-        }                                                                                          \
-        int chosen = (int)scales[b] - 127;                                                         \
-        uint8_t nibbles[32], other[32];                                                            \
-        if (amax > 0) {                                                                            \
-            int ex;                                                                                \
-            frexpf(amax, &ex);                                                                     \
-            int e0 = ex - 1 - 2, e1 = e0 + 1;                                                      \
-            e0 = e0 < -127 ? -127 : e0 > 127 ? 127 : e0;                                           \
-            e1 = e1 < -127 ? -127 : e1 > 127 ? 127 : e1;                                           \
-            float s0 = exp2_e8m0((uint32_t)(e0 + 127)), s1 = exp2_e8m0((uint32_t)(e1 + 127));      \
-            double err0 = block_error(v, 1.0f / s0, s0, nibbles);                                  \
-            chosen = e0;                                                                           \
-            if (e1 != e0) {                                                                        \
-                double err1 = block_error(v, 1.0f / s1, s1, other);                                \
-                if (err1 < err0) {                                                                 \
-                    chosen = e1;                                                                   \
-                    memcpy(nibbles, other, 32);                                                    \
-                }                                                                                  \
-            }                                                                                      \
-        } else {                                                                                   \
-            /* A block of zeros keeps its exponent; its codes are (signed) zeros. */              \
-            for (int j = 0; j < 32; j++) nibbles[j] = signbit(v[j]) ? 8u : 0u;                     \
-        }                                                                                          \
-        scales[b] = (uint8_t)(chosen + 127);                                                       \
-        float step = exp2_e8m0((uint32_t)(chosen + 127));                                          \
-        float bd = 0, bu = 0, ba = 0;                                                              \
-        for (int j = 0; j < 32; j++) {                                                             \
-            float q = e2m1[nibbles[j]] * step;                                                     \
-            float d = v[j] - w[j], e = q - w[j];                                                   \
-            bd += e * d;                                                                           \
-            bu += d * d;                                                                           \
-            ba += e * e;                                                                           \
-            float m = fabsf(d);                                                                    \
-            largest = m > largest ? m : largest;                                                   \
-        }                                                                                          \
-        dot += bd;                                                                                 \
-        update += bu;                                                                              \
-        applied += ba;                                                                             \
-        for (int j = 0; j < 16; j++) codes[b * 16 + j] = (uint8_t)(nibbles[2 * j] | (nibbles[2 * j + 1] << 4)); \
+        float s[4];                                                                                \
+        encode_block(merged + b * 32, base + b * 32, codes + b * 16, scales + b, s);               \
+        dot += s[0];                                                                               \
+        update += s[1];                                                                            \
+        applied += s[2];                                                                           \
+        largest = s[3] > largest ? s[3] : largest;                                                 \
     }                                                                                              \
     sums[0] += dot;                                                                                \
     sums[1] += update;                                                                             \

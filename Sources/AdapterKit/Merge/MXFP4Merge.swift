@@ -1,7 +1,7 @@
 import CMergeKernel
 import Foundation
 
-/// Merges into MXFP4 experts (gpt-oss `…_blocks` + `…_scales`, docs/formats.md §9b): the blocks
+/// Merges into MXFP4 experts (gpt-oss `…_blocks` + `…_scales`, docs/formats.md §9c): the blocks
 /// decoded to Float32 (exact: an E2M1 value times a power of two), the update added by the same
 /// kernel as every merge, then requantized per 32 values with a fresh exponent.
 extension MergeExecutor {

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""FP4 bases and their references: MXFP4 experts (gpt-oss layout).
+"""FP4 bases and their references: MXFP4 experts (gpt-oss layout) and NVFP4 (compressed-tensors).
 
-    pip install torch numpy safetensors transformers peft     # only to regenerate
+    pip install torch numpy safetensors transformers peft compressed-tensors   # only to regenerate
     python3 Fixtures/make_fp4_fixtures.py
 
 Writes
@@ -21,6 +21,18 @@ Writes
   `<name>.merged` (W', F64, blocks layout), `<name>.base` (W, F64, blocks layout) and
   `<name>.bf16` (W' in the parameter layout rounded once to BF16, as U16 bits: the `--dtype bf16`
   reference). The update is checked against PEFT's own merge of the same adapter.
+- models/tiny-nvfp4/: a LLaMA-shaped model (hidden 32, intermediate 64, one layer) quantized by
+  compressed-tensors itself with its NVFP4 preset (`nvfp4-pack-quantized`: `X.weight_packed`,
+  `X.weight_scale` E4M3 per 16 values, `X.weight_global_scale`, `X.input_global_scale`; lm_head
+  ignored), with the quantization_config it writes.
+- adapters/nvfp4-lora/: a PEFT LoRA (q_proj, v_proj, down_proj; r 2, alpha 4) with a MoSLoRA mixer
+  on down_proj.
+- expected/nvfp4/tiny-nvfp4+nvfp4-lora.safetensors: W = compressed-tensors' own decompression of
+  each weight, W' = W + s·B·M·A in Float64, and the requantization by the rule of docs/formats.md
+  §9d emulated in numpy Float32 (the kept global scale gs; per 16 values the scale
+  E4M3(amax / 6 · gs), 0 → 0.125; codes of W' / (scale / gs) nearest with ties to even): saved as
+  `X.weight_packed`, `X.weight_scale`, `X.merged` (F64), `X.base` (F64) and `X.bf16` (W' rounded
+  once to BF16, U16 bits).
 - expected/mxfp4/decode.safetensors: every byte value under exponents 0 … 252, and the values
   transformers' `convert_moe_packed_tensors` decodes them to (Float32).
 """
@@ -41,7 +53,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = os.path.join(HERE, "models")
 ADAPTERS = os.path.join(HERE, "adapters")
 EXPECTED = os.path.join(HERE, "expected", "mxfp4")
+NV_EXPECTED = os.path.join(HERE, "expected", "nvfp4")
 H, I, E = 64, 32, 4
+NH, NI = 32, 64
 GRID = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 
 
@@ -194,6 +208,7 @@ def make_adapter(folder, decoded):
     config_path = os.path.join(out, "adapter_config.json")
     config = json.load(open(config_path))
     config["base_model_name_or_path"] = "tiny-gpt-oss-mxfp4"
+    config["target_modules"] = sorted(config["target_modules"])  # PEFT keeps a set: its order is the hash seed's
     json.dump(config, open(config_path, "w"), indent=2, sort_keys=True)
     merged = pm.merge_and_unload().state_dict()
     return out, {k: merged[k].double().numpy() for k in decoded}
@@ -236,8 +251,120 @@ def decode_cases():
               metadata={"reference": f"transformers {T.__version__} convert_moe_packed_tensors, float32"})
 
 
+def nvfp4_model():
+    """models/tiny-nvfp4, quantized and compressed by compressed-tensors; returns each quantized
+    weight as compressed-tensors decompresses it (Float64 of its BF16 values)."""
+    from compressed_tensors.compressors import BaseCompressor, ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus, apply_quantization_config
+    from compressed_tensors.quantization.quant_scheme import preset_name_to_scheme
+    from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
+
+    torch.manual_seed(6)
+    cfg = T.LlamaConfig(vocab_size=64, hidden_size=NH, intermediate_size=NI, num_hidden_layers=1, num_attention_heads=2,
+                        num_key_value_heads=1, head_dim=16, max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = T.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    model = model.to(torch.bfloat16).eval()
+    scheme = preset_name_to_scheme("NVFP4", ["Linear"])
+    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"]))
+    with torch.no_grad():
+        for _, m in model.named_modules():
+            if not hasattr(m, "quantization_scheme"):
+                continue
+            w, args = m.weight, m.quantization_scheme.weights
+            gs = generate_gparam(w.amin(), w.amax())
+            g = w.unflatten(-1, (-1, args.group_size))
+            s, _ = calculate_qparams(g.amin(-1), g.amax(-1), args, global_scale=gs)
+            m.weight_global_scale.copy_(gs)
+            m.weight_scale.copy_(s)
+            m.input_global_scale.copy_(generate_gparam(torch.tensor(-4.0, dtype=torch.bfloat16), torch.tensor(4.0, dtype=torch.bfloat16)))
+            m.quantization_status = QuantizationStatus.FROZEN
+    folder = os.path.join(MODELS, "tiny-nvfp4")
+    shutil.rmtree(folder, ignore_errors=True)
+    compressor = ModelCompressor.from_pretrained_model(model)
+    compressor.compress_model(model)
+    model.save_pretrained(folder)
+    compressor.update_config(folder)
+    for extra in ("generation_config.json",):
+        if os.path.exists(os.path.join(folder, extra)):
+            os.remove(os.path.join(folder, extra))
+    decompressor = BaseCompressor.get_value_from_registry("nvfp4-pack-quantized")
+    decoded = {}
+    with safe_open(os.path.join(folder, "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+        for k in keys:
+            if k.endswith(".weight_packed"):
+                module = k[: -len(".weight_packed")]
+                parts = {x: f.get_tensor(f"{module}.{x}") for x in ("weight_packed", "weight_scale", "weight_global_scale")}
+                decoded[module + ".weight"] = (decompressor.decompress(parts, scheme)["weight"].double().numpy(), parts)
+    return decoded
+
+
+def e4m3_code(x):
+    return torch.from_numpy(np.asarray(x, dtype=np.float32)).clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+
+
+def e4m3_value(codes):
+    return torch.from_numpy(codes).view(torch.float8_e4m3fn).float().numpy()
+
+
+def nvfp4_requantize(merged, gs):
+    """Packed codes and E4M3 scale bytes of merged [N, K] (float64) under the global scale gs, by
+    §9d's rule in numpy Float32."""
+    w = merged.astype(np.float32).reshape(merged.shape[0], -1, 16)
+    amax = np.abs(w).max(axis=-1)
+    scale = e4m3_code((amax / np.float32(6)).astype(np.float32) * np.float32(gs))
+    scale = np.where(scale & 0x7F == 0, e4m3_code(np.float32(0.125)), scale).astype(np.uint8)
+    eff = (e4m3_value(scale) / np.float32(gs)).astype(np.float32)
+    y = (w / eff[..., None]).astype(np.float32)
+    codes = e2m1_codes(np.clip(y, -6, 6))
+    codes = np.where(y < 0, codes | 8, codes & 7).astype(np.uint8)  # compressed-tensors: the sign of y, +0 for ±0
+    codes = codes.reshape(merged.shape)
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8), scale
+
+
+def nvfp4_case():
+    decoded = nvfp4_model()
+    rng = np.random.default_rng(10)
+    r, alpha = 2, 4.0
+    mods = {"model.layers.0.self_attn.q_proj": (32, NH), "model.layers.0.self_attn.v_proj": (16, NH), "model.layers.0.mlp.down_proj": (NH, NI)}
+    tensors, out = {}, {}
+    for m, (o, i) in mods.items():
+        a = (rng.standard_normal((r, i)) * 0.3).astype(np.float32)
+        b = (rng.standard_normal((o, r)) * 0.1).astype(np.float32)
+        tensors[f"base_model.model.{m}.lora_A.weight"] = a
+        tensors[f"base_model.model.{m}.lora_B.weight"] = b
+        mixer = np.eye(r)
+        if m.endswith("down_proj"):
+            mixer = (rng.standard_normal((r, r)) * 0.5 + np.eye(r)).astype(np.float32)
+            tensors[f"base_model.model.{m}.lora_AB.weight"] = mixer
+        delta = (alpha / r) * (b.astype(np.float64) @ mixer.astype(np.float64) @ a.astype(np.float64))
+        w, parts = decoded[m + ".weight"]
+        merged = w + delta
+        packed, scale = nvfp4_requantize(merged, float(parts["weight_global_scale"][0]))
+        out[m + ".weight_packed"] = packed
+        out[m + ".weight_scale"] = scale
+        out[m + ".merged"] = merged
+        out[m + ".bf16"] = bf16_bits(merged)
+    for k, (w, _) in decoded.items():
+        out[k[: -len(".weight")] + ".base"] = w
+    folder = os.path.join(ADAPTERS, "nvfp4-lora")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    save_file(tensors, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
+    json.dump({"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": ["q_proj", "v_proj", "down_proj"],
+               "lora_use_mixer": False, "lora_use_mixer_pattern": {"model.layers.0.mlp.down_proj": True}, "base_model_name_or_path": "tiny-nvfp4"},
+              open(os.path.join(folder, "adapter_config.json"), "w"), indent=2, sort_keys=True)
+    os.makedirs(NV_EXPECTED, exist_ok=True)
+    save_file(out, os.path.join(NV_EXPECTED, "tiny-nvfp4+nvfp4-lora.safetensors"),
+              metadata={"reference": "compressed-tensors decompression, numpy float64 merge, float32 requantization"})
+
+
 def main():
     os.makedirs(EXPECTED, exist_ok=True)
+    nvfp4_case()
     folder, decoded = save_base()
     adapter, peft_merged = make_adapter(folder, decoded)
     deltas = expert_deltas(adapter)
@@ -255,7 +382,7 @@ def main():
     save_file(out, os.path.join(EXPECTED, "tiny-gpt-oss-mxfp4+mxfp4-lora.safetensors"),
               metadata={"reference": "numpy float64", "peft": peft.__version__, "transformers": T.__version__})
     decode_cases()
-    print(f"tiny-gpt-oss-mxfp4, mxfp4-lora, {len(decoded)} expert references, decode cases")
+    print(f"tiny-gpt-oss-mxfp4, mxfp4-lora, {len(decoded)} expert references, decode cases; tiny-nvfp4, nvfp4-lora")
 
 
 if __name__ == "__main__":

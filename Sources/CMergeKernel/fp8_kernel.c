@@ -2,31 +2,10 @@
  * much of the update survived. Written branch-free so the compiler vectorises it; an AVX2 copy is
  * chosen at run time, as for the merge kernel. */
 #include "merge_kernel.h"
+#include "fp_codes.h"
 
 #include <math.h>
 #include <string.h>
-
-/* The E4M3 (FN) code nearest x, ties to even, saturating at ±448, NaN 0x7F: the mantissa rounded
- * to three bits on the float's bits; below 2^-6 the subnormal step 2^-9, rounded by adding 2^23. */
-static inline uint32_t e4m3(float x) {
-    uint32_t bits;
-    memcpy(&bits, &x, 4);
-    uint32_t sign = (bits >> 24) & 0x80u;
-    uint32_t a = bits & 0x7FFFFFFFu;
-    uint32_t r = a + 0x7FFFFu + ((a >> 20) & 1u);
-    uint32_t normal = (((r >> 23) - 120u) << 3) | ((r >> 20) & 7u);
-    float af;
-    memcpy(&af, &a, 4);
-    float t = af * 512.0f + 8388608.0f;
-    uint32_t tb;
-    memcpy(&tb, &t, 4);
-    uint32_t code = a < 0x3C800000u ? tb - 0x4B000000u : normal;
-    code = a >= 0x43E00000u ? 0x7Eu : code;
-    uint32_t nan = a > 0x7F800000u;
-    code = nan ? 0x7Fu : code;
-    sign = nan ? 0u : sign;
-    return code | sign;
-}
 
 #define FP8_BODY                                                                                   \
     float dot = 0, update = 0, applied = 0, largest = 0;                                           \

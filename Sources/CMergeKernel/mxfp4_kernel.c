@@ -3,20 +3,10 @@
  * element; value = E2M1[code] · 2^(scale − 127). An AVX2 copy of each loop is chosen at run time,
  * as for the merge kernel. */
 #include "merge_kernel.h"
+#include "fp_codes.h"
 
 #include <math.h>
 #include <string.h>
-
-static const float e2m1[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f, -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
-
-/* 2^(b − 127) for b < 255 (2^-127 is a Float32 subnormal). */
-static inline __attribute__((always_inline)) float exp2_e8m0(uint32_t b) {
-    if (b == 0) return 0x1p-127f;
-    uint32_t bits = b << 23;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
 
 #define DECODE_BODY                                                                                \
     int ok = 1;                                                                                    \
@@ -37,22 +27,6 @@ static inline __attribute__((always_inline)) float exp2_e8m0(uint32_t b) {
     return ok;
 
 static int decode_portable(const uint8_t *codes, const uint8_t *scales, size_t blocks, float *base, float *merged) { DECODE_BODY }
-
-/* The E2M1 magnitude nearest x ≥ 0 (already divided by the block's scale), ties to the even
- * code, saturating at 6: below 2 the grid steps by ½, up to 4 by 1, then by 2, so it is one
- * rint (nearest, ties to even: the default rounding) at the step's scale. The even codes are
- * exactly the grid points that are even multiples of their step, so ties agree. */
-static inline __attribute__((always_inline)) float e2m1_round(float x) {
-    float fine = rintf(x * 2.0f) * 0.5f, mid = rintf(x), coarse = rintf(x * 0.5f) * 2.0f;
-    float q = x < 2.0f ? fine : x < 4.0f ? mid : coarse;
-    return q < 6.0f ? q : 6.0f;
-}
-
-/* The code (0 … 7) of a magnitude on the grid. */
-static inline __attribute__((always_inline)) uint8_t e2m1_magnitude_code(float q) {
-    float c = q < 2.0f ? q * 2.0f : q < 4.0f ? q + 2.0f : q * 0.5f + 4.0f;
-    return (uint8_t)(int)c;
-}
 
 /* Σ (q·step − |v|)² over a block in Float64 (the difference is exact there), for one exponent;
  * summed in eight fixed lanes so the loop vectorises without reassociating anything. */

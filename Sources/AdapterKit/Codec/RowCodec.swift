@@ -18,7 +18,7 @@ struct RowCodec: Sendable {
     private var dtype: DType {
         switch encoding {
         case .plain(let d): d
-        case .blockScaledFP8, .mxfp4: preconditionFailure("no codec is made for \(encoding.name)")
+        case .blockScaledFP8, .mxfp4, .nvfp4: preconditionFailure("no codec is made for \(encoding.name)")
         }
     }
 

@@ -91,6 +91,7 @@ public final class Checkpoint: Sendable {
         config = isFolder ? ModelConfig.read(folder: path, warnings: &warnings) : nil
         Self.recogniseScaledFP8(&all, lookup: lookup, block: config?.weightBlockSize, compressed: config?.compressedFP8, warnings: &warnings)
         Self.recogniseMXFP4(&all, lookup: lookup, warnings: &warnings)
+        Self.recogniseNVFP4(&all, lookup: lookup, warnings: &warnings)
         tensors = all
         scaledEntries = Dictionary(all.lazy.filter { if case .plain = $0.entry.encoding { false } else { true } }.map { ($0.entry.name, $0.entry) },
                                    uniquingKeysWith: { a, _ in a })
@@ -174,14 +175,31 @@ public final class Checkpoint: Sendable {
         }
     }
 
+    /// Marks NVFP4 weights (compressed-tensors `nvfp4-pack-quantized`): `X.weight_packed` U8
+    /// [rows, K/2] with `X.weight_scale` F8_E4M3 [rows, K/16] and `X.weight_global_scale` F32 [1]
+    /// (compressed-tensors' `compressors/nvfp4`). Siblings of another shape or dtype are named in a
+    /// warning and the codes stay plain U8 (int4 `pack-quantized` stores I32 `weight_packed`).
+    static func recogniseNVFP4(_ all: inout [(entry: TensorEntry, file: Int)], lookup: [String: Int]?, warnings: inout [String]) {
+        guard all.contains(where: { $0.entry.name.hasSuffix(".weight_packed") }) else { return }
+        let position = lookup ?? Dictionary(all.enumerated().map { ($1.entry.name, $0) }, uniquingKeysWith: { a, _ in a })
+        for i in all.indices {
+            let e = all[i].entry
+            guard e.name.hasSuffix(".weight_packed"), case .plain(.u8) = e.encoding else { continue }
+            let module = String(e.name.dropLast("_packed".count))
+            guard let j = position[module + "_scale"], let g = position[module + "_global_scale"] else { continue }
+            let scale = all[j].entry, global = all[g].entry
+            guard e.shape.count == 2, e.shape[1] % 8 == 0, scale.dtype == .f8E4M3, scale.shape == [e.shape[0], e.shape[1] / 8],
+                  global.dtype == .f32, global.shape == [1] || global.shape.isEmpty else {
+                warnings.append("\(e.name) \(e.shape), \(scale.name) \(scale.dtype.rawValue) \(scale.shape) and \(global.name) \(global.dtype.rawValue) \(global.shape) are not NVFP4's [rows, K/2] codes with F8_E4M3 [rows, K/16] scales and an F32 [1] global scale: \(e.name) is read as plain U8")
+                continue
+            }
+            all[i].entry = TensorEntry(name: e.name, shape: e.shape, encoding: .nvfp4(scale: scale.name, global: global.name), byteCount: e.byteCount)
+        }
+    }
+
     /// The scale tensors quantized weights name (FP8 block scales, MXFP4 exponents).
     public var scaleTensorNames: Set<String> {
-        Set(scaledEntries.values.compactMap { e -> String? in
-            switch e.encoding {
-            case .plain: nil
-            case .blockScaledFP8(_, let s, _), .mxfp4(let s): s
-            }
-        })
+        Set(scaledEntries.values.flatMap(\.encoding.scaleTensors))
     }
 
     /// The tensor named `name` and the index of its file.

@@ -53,6 +53,10 @@ public struct CheckpointReport: Sendable {
             case .mxfp4(let name):
                 scaleName = name
                 kind = "MXFP4 (E2M1, one E8M0 exponent per 32 values, _blocks + _scales)"
+            case .nvfp4(let name, let global):
+                scaleName = name
+                kind = "NVFP4 (E2M1, one E4M3 scale per 16 values and a global scale, weight_packed + weight_scale + weight_global_scale)"
+                bytes[kind, default: 0] += checkpoint.tensor(global)?.entry.byteCount ?? 0
             }
             guard let (scale, file) = checkpoint.tensor(scaleName) else { continue }
             if counts[kind] == nil { order.append(kind) }
@@ -103,6 +107,9 @@ public struct CheckpointReport: Sendable {
                                               ("block", .array(block.map { .integer($0) }))])))]
         case .mxfp4(let scale):
             [("encoding", .object(JSONObject([("kind", .string("mxfp4")), ("scale", .string(scale)), ("block", .array([.integer(32)]))])))]
+        case .nvfp4(let scale, let global):
+            [("encoding", .object(JSONObject([("kind", .string("nvfp4")), ("scale", .string(scale)), ("global_scale", .string(global)),
+                                              ("block", .array([.integer(16)]))])))]
         }
     }
 

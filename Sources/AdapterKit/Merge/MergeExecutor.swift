@@ -68,12 +68,12 @@ final class MergeExecutor {
             }
             return
         }
-        if case .mxfp4(let scaleName) = p.base.encoding, let plan {
+        if let scaleName = p.base.encoding.fp4Scale, let plan {
             if let dtype = p.outputDType {
-                try dequantizeMXFP4(p, from: store, base: plan.base, dtype: dtype, to: writer)
+                try dequantizeFP4(p, from: store, base: plan.base, dtype: dtype, to: writer)
                 return
             }
-            let (scales, retention) = try mergeMXFP4(p, from: store, base: plan.base, to: writer)
+            let (scales, retention) = try mergeFP4(p, from: store, base: plan.base, to: writer)
             if !writtenScales.contains(scaleName) { pendingScales[scaleName] = scales }
             retained.append((p.baseName, retention))
             if options.report {
@@ -88,8 +88,8 @@ final class MergeExecutor {
             // weight comes later and its merge makes the same scales again).
             var bytes = pendingScales.removeValue(forKey: p.baseName)
             if bytes == nil, let edit = plan.changes[weight], let (_, file) = plan.base.tensor(weight) {
-                if case .mxfp4 = edit.base.encoding {
-                    bytes = try mergeMXFP4(edit, from: plan.base.files[file], base: plan.base, to: nil).scales
+                if edit.base.encoding.fp4Scale != nil {
+                    bytes = try mergeFP4(edit, from: plan.base.files[file], base: plan.base, to: nil).scales
                 } else {
                     bytes = try mergeBlockScaledFP8(edit, from: plan.base.files[file], base: plan.base, to: nil).scales.encoded()
                 }

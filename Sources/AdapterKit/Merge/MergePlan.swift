@@ -184,10 +184,20 @@ public struct MergePlan: Sendable {
                 let scale: String
                 switch entry.encoding {
                 case .plain: continue
-                case .blockScaledFP8(_, let s, _), .mxfp4(let s): scale = s
+                case .blockScaledFP8(_, let s, _), .mxfp4(let s), .nvfp4(let s, _): scale = s
                 }
                 guard var p = plan(entry.name) else { continue }
                 p.outputDType = d
+                if case .nvfp4(_, let global) = entry.encoding {
+                    // compressed-tensors' `X.weight_packed` is written as the plain `X.weight`.
+                    changes[global] = nil
+                    dropped.insert(global)
+                    let name = String(entry.name.dropLast("_packed".count))
+                    if base.tensor(name) != nil {
+                        problems.append("--dtype \(d.rawValue): \(entry.name) would be written as \(name), which the base already has")
+                    }
+                    p.outputName = name
+                }
                 // MXFP4 `X_blocks` is written as the parameter `X`, as transformers loads it.
                 if case .mxfp4 = entry.encoding {
                     let name = String(entry.name.dropLast("_blocks".count))
@@ -201,9 +211,8 @@ public struct MergePlan: Sendable {
                 dropped.insert(scale)
                 // compressed-tensors' other quantization parameters of the module go with it
                 // (static activation scales, zero points): a plain model has no use for them.
-                if entry.name.hasSuffix(".weight") {
-                    let module = String(entry.name.dropLast(".weight".count))
-                    for suffix in [".input_scale", ".input_zero_point", ".weight_zero_point"] where base.tensor(module + suffix) != nil {
+                if let module = [".weight", ".weight_packed"].lazy.compactMap({ entry.name.hasSuffix($0) ? String(entry.name.dropLast($0.count)) : nil }).first {
+                    for suffix in [".input_scale", ".input_zero_point", ".weight_zero_point", ".input_global_scale"] where base.tensor(module + suffix) != nil {
                         dropped.insert(module + suffix)
                     }
                 }
@@ -240,7 +249,7 @@ extension MergePlan {
         let expected = module.expectedBaseShape
         switch placed.rows {
         case .all:
-            let actual = p.replacement?.tensor.shape ?? p.base.shape
+            let actual = p.valueShape
             if expected != actual || placed.transposed || placed.columns != nil {
                 return "module \(module.name): update has shape \(expected) (\(module.kind.rawValue)) but \(target) has shape \(actual)"
             }
@@ -270,6 +279,14 @@ extension MergePlan {
             }
         } else if case .mxfp4(let scale) = p.base.encoding {
             if module.magnitude != nil { return "module \(module.name): DoRA into the MXFP4 \(target) is not supported" }
+            if changes[scale] == nil {
+                guard var sp = fresh(scale) else { return "module \(module.name): the scales \(scale) of \(target) are missing" }
+                sp.scalesOf = target
+                changes[scale] = sp
+            }
+        } else if case .nvfp4(let scale, _) = p.base.encoding {
+            // Fresh group scales under the kept global scale (vLLM fuses q/k/v and gate/up under one).
+            if module.magnitude != nil { return "module \(module.name): DoRA into the NVFP4 \(target) is not supported" }
             if changes[scale] == nil {
                 guard var sp = fresh(scale) else { return "module \(module.name): the scales \(scale) of \(target) are missing" }
                 sp.scalesOf = target

@@ -119,7 +119,8 @@ public struct NameMap: Sendable {
 
     /// The base weight for a module name in base-model terms.
     func weightName(forModule name: String, format: AdapterFormat) -> String? {
-        tensorName(forModule: name, suffix: ".weight", format: format)
+        // compressed-tensors' packed weights (NVFP4 `X.weight_packed`) stand for `X.weight`.
+        tensorName(forModule: name, suffix: ".weight", format: format) ?? tensorName(forModule: name, suffix: ".weight_packed", format: format)
     }
 
     /// The base tensor `<name><suffix>` by the layout's rules, then under the family's renames.

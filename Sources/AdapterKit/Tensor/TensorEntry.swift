@@ -15,12 +15,34 @@ public enum TensorEncoding: Hashable, Sendable {
     /// E8M0 exponent per 32 values: value = E2M1[code] · 2^(scale − 127). The values are
     /// [..., rows, 32·G] (`valueShape`); the model's parameter is their transpose.
     case mxfp4(scale: String)
+    /// NVFP4 (compressed-tensors `nvfp4-pack-quantized`): `X.weight_packed` U8 [rows, K/2], two
+    /// E2M1 codes per byte (the low nibble the even element), `scale` (`X.weight_scale`, F8_E4M3
+    /// [rows, K/16]) one per 16 values and `global` (`X.weight_global_scale`, F32 [1]): value =
+    /// bf16(E2M1[code] · (scale / global)), compressed-tensors' decompression.
+    case nvfp4(scale: String, global: String)
 
     /// The element type the container records for the stored bytes.
     public var storedDType: DType {
         switch self {
         case .plain(let d), .blockScaledFP8(let d, _, _): d
-        case .mxfp4: .u8
+        case .mxfp4, .nvfp4: .u8
+        }
+    }
+
+    /// The per-group scale tensor of an FP4 encoding (MXFP4, NVFP4), nil for the others.
+    public var fp4Scale: String? {
+        switch self {
+        case .mxfp4(let s), .nvfp4(let s, _): s
+        case .plain, .blockScaledFP8: nil
+        }
+    }
+
+    /// The tensors that hold this encoding's scales (none for plain tensors).
+    public var scaleTensors: [String] {
+        switch self {
+        case .plain: []
+        case .blockScaledFP8(_, let s, _), .mxfp4(let s): [s]
+        case .nvfp4(let s, let g): [s, g]
         }
     }
 
@@ -30,6 +52,7 @@ public enum TensorEncoding: Hashable, Sendable {
         switch self {
         case .plain, .blockScaledFP8: stored
         case .mxfp4: Array(stored.dropLast(2)) + [stored.count >= 2 ? stored[stored.count - 2] * 32 : 0]
+        case .nvfp4: Array(stored.dropLast()) + [(stored.last ?? 0) * 2]
         }
     }
 
@@ -39,7 +62,7 @@ public enum TensorEncoding: Hashable, Sendable {
         case .plain(let d), .blockScaledFP8(let d, _, _):
             let (bits, overflow) = elements.multipliedReportingOverflow(by: d.bits)
             return overflow || bits % 8 != 0 ? nil : bits / 8
-        case .mxfp4:
+        case .mxfp4, .nvfp4:
             return elements
         }
     }
@@ -52,7 +75,7 @@ public enum TensorEncoding: Hashable, Sendable {
     public var isMergeable: Bool {
         switch self {
         case .plain(let d): d.isMergeable
-        case .blockScaledFP8, .mxfp4: false  // merged by the quantized-base paths, not a row codec
+        case .blockScaledFP8, .mxfp4, .nvfp4: false  // merged by the quantized-base paths, not a row codec
         }
     }
 
@@ -62,6 +85,7 @@ public enum TensorEncoding: Hashable, Sendable {
         case .plain(let d): d.rawValue
         case .blockScaledFP8(let d, let scale, let block): "\(d.rawValue) with \(block.map(String.init).joined(separator: "×")) block scales (\(scale))"
         case .mxfp4(let scale): "MXFP4 (E2M1 codes, an E8M0 exponent per 32 values in \(scale))"
+        case .nvfp4(let scale, _): "NVFP4 (E2M1 codes, an E4M3 scale per 16 values in \(scale), a global scale)"
         }
     }
 }

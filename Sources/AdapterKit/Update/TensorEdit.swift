@@ -77,11 +77,10 @@ public struct TensorEdit: Sendable {
     /// values transposed in their last two dimensions (the model's parameter layout).
     public var outputShape: [Int] {
         if let r = replacement { return r.tensor.shape }
-        if case .mxfp4 = base.encoding, outputDType != nil {
-            let v = valueShape
-            return Array(v.dropLast(2)) + [v[v.count - 1], v[v.count - 2]]
-        }
-        return base.shape
+        guard outputDType != nil else { return base.shape }
+        let v = valueShape
+        if case .mxfp4 = base.encoding { return Array(v.dropLast(2)) + [v[v.count - 1], v[v.count - 2]] }
+        return v
     }
 
     /// The shape of the values the update is added to (MXFP4: the decoded blocks layout).

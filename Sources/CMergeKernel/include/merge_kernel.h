@@ -48,6 +48,20 @@ int adapter_mxfp4_decode(const uint8_t *codes, const uint8_t *scales, size_t blo
 /// `sums` as adapter_fp8_e4m3_encode does.
 void adapter_mxfp4_encode(const float *base, const float *merged, uint8_t *codes, uint8_t *scales, size_t blocks, double sums[4]);
 
+/// NVFP4 decoding of `groups` groups of 16 values (8 bytes each, low nibble the even element)
+/// with one E4M3 scale byte each (`table`: the 256 codes' values) and the tensor's `global`
+/// scale: base = merged = bf16(E2M1[code] · (scale / global)), compressed-tensors'
+/// decompression. Returns 0 when a scale is NaN, 1 otherwise.
+int adapter_nvfp4_decode(const uint8_t *codes, const uint8_t *scales, size_t groups, float global, const float *table, float *base,
+                         float *merged);
+
+/// NVFP4 requantization of `groups` groups of 16 merged values under the kept `global` scale:
+/// scale = E4M3(amax / 6 · global) (0 → 0.125; groups of zeros keep theirs), codes nearest to
+/// x / (scale / global) with ties to the even code, saturating at ±6. `scales` holds the old
+/// bytes and receives the new ones. Adds to `sums` as adapter_fp8_e4m3_encode does.
+void adapter_nvfp4_encode(const float *base, const float *merged, uint8_t *codes, uint8_t *scales, size_t groups, float global,
+                          const float *table, double sums[4]);
+
 /// dst (cols × rows) = the transpose of src (rows × cols), elements of `size` bytes (2 or 4).
 void adapter_transpose(const void *src, void *dst, size_t rows, size_t cols, size_t size);
 

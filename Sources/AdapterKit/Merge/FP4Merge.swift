@@ -1,31 +1,52 @@
 import CMergeKernel
 import Foundation
 
-/// Merges into MXFP4 experts (gpt-oss `…_blocks` + `…_scales`, docs/formats.md §9c): the blocks
-/// decoded to Float32 (exact: an E2M1 value times a power of two), the update added by the same
-/// kernel as every merge, then requantized per 32 values with a fresh exponent.
+/// Merges into FP4 weights: MXFP4 experts (gpt-oss `…_blocks` + `…_scales`, docs/formats.md §9c)
+/// and NVFP4 (compressed-tensors, §9d). The codes decoded to Float32 (MXFP4 exactly; NVFP4 as
+/// compressed-tensors decompresses), the update added by the same kernel as every merge, then
+/// requantized per group (32 or 16 values) with fresh scales.
 extension MergeExecutor {
-    /// The codes and exponents of an MXFP4 tensor, read a band of rows at a time.
-    struct MXFP4Rows {
-        /// Rows of the decoded view ([experts ·] rows), 32·groups values each.
+    /// The codes and scales of an FP4 tensor (MXFP4 or NVFP4), read a band of rows at a time.
+    struct FP4Rows {
+        /// Values per scale: 32 (MXFP4) or 16 (NVFP4).
+        let group: Int
+        /// Rows of the decoded view ([experts ·] rows) and scale groups per row.
         let rows: Int, groups: Int
-        var rowBytes: Int { groups * 16 }
-        var columns: Int { groups * 32 }
-        /// One exponent byte per group of every row.
+        var rowBytes: Int { groups * group / 2 }
+        var columns: Int { groups * group }
+        /// One scale byte per group of every row (E8M0 or E4M3).
         var scales: [UInt8]
+        /// NVFP4's global scale (1 for MXFP4).
+        let global: Float
         let region: FileRegion?
         let whole: [UInt8]?
 
-        init(_ p: TensorEdit, scale scaleName: String, from store: any TensorContainer, base: Checkpoint) throws {
-            let shape = p.base.shape
-            groups = shape[shape.count - 2]
-            rows = shape.dropLast(2).reduce(1, *)
-            precondition(p.columns == groups * 32, "MXFP4 tensors are merged in their [rows, 32·G] view")
+        init(_ p: TensorEdit, from store: any TensorContainer, base: Checkpoint) throws {
+            let value = p.valueShape
+            let scaleName: String
+            switch p.base.encoding {
+            case .mxfp4(let s):
+                (group, scaleName, global) = (32, s, 1)
+            case .nvfp4(let s, let g):
+                (group, scaleName) = (16, s)
+                guard let (entry, file) = base.tensor(g) else { preconditionFailure("the checkpoint found the global scale") }
+                let v = try base.files[file].floats(entry.name)
+                guard let first = v.first, first.isFinite, first > 0 else {
+                    throw MergeError(tensor: p.baseName, problem: "its global scale \(g) is \(v.first.map { "\($0)" } ?? "empty"), not a finite positive scale")
+                }
+                global = first
+            default:
+                preconditionFailure("FP4 encodings only")
+            }
+            groups = (value.last ?? 0) / group
+            rows = value.dropLast().reduce(1, *)
+            precondition(p.columns == groups * group, "FP4 tensors are merged in their [rows, values] view")
             guard let (scaleEntry, scaleFile) = base.tensor(scaleName) else { preconditionFailure("the plan found the scales") }
             scales = try base.files[scaleFile].withBytes(of: scaleEntry.name) { Array($0) }
             guard scales.count == rows * groups else { preconditionFailure("the checkpoint checked the scales' shape") }
-            if let bad = scales.firstIndex(of: 0xFF) {
-                throw MergeError(tensor: p.baseName, problem: "its exponent \(scaleName)[\(bad / groups), \(bad % groups)] is 0xFF (NaN in E8M0)")
+            let nan: (UInt8) -> Bool = group == 32 ? { $0 == 0xFF } : { $0 & 0x7F == 0x7F }
+            if let bad = scales.firstIndex(where: nan) {
+                throw MergeError(tensor: p.baseName, problem: "its scale \(scaleName)[\(bad / groups), \(bad % groups)] is 0x\(String(scales[bad], radix: 16, uppercase: true)) (NaN in \(group == 32 ? "E8M0" : "E4M3"))")
             }
             region = store.region(of: p.baseName)
             whole = region == nil ? try store.withBytes(of: p.baseName) { Array($0) } : nil
@@ -41,16 +62,41 @@ extension MergeExecutor {
                 whole!.withUnsafeBytes { raw.copyMemory(from: $0.baseAddress! + lo * rowBytes, byteCount: count) }
             }
         }
+
+        /// Decodes `groups` groups into both buffers (the base values and the ones the update is added to).
+        func decode(_ codes: UnsafeRawPointer, _ scales: UnsafePointer<UInt8>, _ count: Int, _ base: UnsafeMutablePointer<Float>,
+                    _ merged: UnsafeMutablePointer<Float>) {
+            let c = codes.assumingMemoryBound(to: UInt8.self)
+            if group == 32 {
+                _ = adapter_mxfp4_decode(c, scales, count, base, merged)
+            } else {
+                _ = FP4Rows.e4m3Table.withUnsafeBufferPointer { adapter_nvfp4_decode(c, scales, count, global, $0.baseAddress!, base, merged) }
+            }
+        }
+
+        /// Requantizes `count` groups: new codes and scale bytes, the sums of what was kept.
+        func encode(_ base: UnsafePointer<Float>, _ merged: UnsafePointer<Float>, _ codes: UnsafeMutableRawPointer, _ scales: UnsafeMutablePointer<UInt8>,
+                    _ count: Int, _ sums: UnsafeMutablePointer<Double>) {
+            let c = codes.assumingMemoryBound(to: UInt8.self)
+            if group == 32 {
+                adapter_mxfp4_encode(base, merged, c, scales, count, sums)
+            } else {
+                FP4Rows.e4m3Table.withUnsafeBufferPointer { adapter_nvfp4_encode(base, merged, c, scales, count, global, $0.baseAddress!, sums) }
+            }
+        }
+
+        static let e4m3Table = ElementConversion.f8E4M3Table
     }
 
-    /// An MXFP4 tensor merged and requantized: rows no update covers keep their bytes; the others,
-    /// band by band on every core, are decoded, merged in Float32, and encoded with per-block
-    /// exponents chosen by `adapter_mxfp4_encode`. Writes the codes when `writer` is given and
-    /// returns the whole exponent tensor either way (it may sit in another shard).
-    func mergeMXFP4(_ p: TensorEdit, from store: any TensorContainer, base: Checkpoint,
-                    to writer: (any TensorFileWriter)?) throws -> (scales: [UInt8], retention: Retention) {
-        guard case .mxfp4(let scaleName) = p.base.encoding else { preconditionFailure("the plan admits MXFP4 tensors here") }
-        var t = try MXFP4Rows(p, scale: scaleName, from: store, base: base)
+    /// An FP4 tensor (MXFP4 or NVFP4) merged and requantized: rows no update covers keep their
+    /// bytes; the others, band by band on every core, are decoded, merged in Float32, and encoded
+    /// with fresh per-group scales (`adapter_mxfp4_encode`, `adapter_nvfp4_encode`). Writes the
+    /// codes when `writer` is given and returns the whole scale tensor either way (it may sit in
+    /// another shard).
+    func mergeFP4(_ p: TensorEdit, from store: any TensorContainer, base: Checkpoint,
+                  to writer: (any TensorFileWriter)?) throws -> (scales: [UInt8], retention: Retention) {
+        let t = try FP4Rows(p, from: store, base: base)
+        var scales = t.scales
         let cols = t.columns, groups = t.groups, rowBytes = t.rowBytes
         let bandRows = max(1, min(t.rows, (4 << 20) / max(1, cols)))
         let decoded = UnsafeMutableBufferPointer<Float>.allocate(capacity: max(1, bandRows * cols))
@@ -84,11 +130,12 @@ extension MergeExecutor {
                     lo = hi
                     continue
                 }
-                try t.scales.withUnsafeMutableBufferPointer { allScales in
+                try scales.withUnsafeMutableBufferPointer { allScales in
                     let sc = UncheckedMutable(UnsafeMutableBufferPointer(rebasing: allScales[lo * groups..<hi * groups]))
+                    let reader = t
                     parallel(rows) { range in
-                        _ = adapter_mxfp4_decode(codes.at(range.lowerBound * rowBytes), sc.base.baseAddress! + range.lowerBound * groups, range.count * groups,
-                                                 dec.base.baseAddress! + range.lowerBound * cols, mer.base.baseAddress! + range.lowerBound * cols)
+                        reader.decode(codes.at(range.lowerBound * rowBytes), sc.base.baseAddress! + range.lowerBound * groups, range.count * groups,
+                                      dec.base.baseAddress! + range.lowerBound * cols, mer.base.baseAddress! + range.lowerBound * cols)
                     }
                     let result = withExtendedLifetime(factors) {
                         MergeKernel.merge(source: UnsafeRawPointer(decoded.baseAddress!), sourceType: .f32,
@@ -103,10 +150,9 @@ extension MergeExecutor {
                     parallel(rows) { range in
                         var sums: (Double, Double, Double, Double) = (0, 0, 0, 0)
                         withUnsafeMutableBytes(of: &sums) { s in
-                            adapter_mxfp4_encode(dec.base.baseAddress! + range.lowerBound * cols, mer.base.baseAddress! + range.lowerBound * cols,
-                                                 codes.at(range.lowerBound * rowBytes).assumingMemoryBound(to: UInt8.self),
-                                                 sc.base.baseAddress! + range.lowerBound * groups, range.count * groups,
-                                                 s.baseAddress!.assumingMemoryBound(to: Double.self))
+                            reader.encode(dec.base.baseAddress! + range.lowerBound * cols, mer.base.baseAddress! + range.lowerBound * cols,
+                                          codes.at(range.lowerBound * rowBytes), sc.base.baseAddress! + range.lowerBound * groups, range.count * groups,
+                                          s.baseAddress!.assumingMemoryBound(to: Double.self))
                         }
                         kept.update { $0.add(Retention(dot: sums.0, update: sums.1, applied: sums.2, maxAbsUpdate: sums.3)) }
                     }
@@ -116,19 +162,19 @@ extension MergeExecutor {
                 lo = hi
             }
         }
-        return (t.scales, retention)
+        return (scales, retention)
     }
 
-    /// An MXFP4 tensor written dequantized as `dtype` (`--dtype`), expert by expert in the model's
-    /// parameter layout: the decoded [rows, 32·G] values (with the update added in Float64 where
-    /// there is one) rounded once into `dtype`, then transposed, as transformers'
-    /// `convert_moe_packed_tensors` lays out the parameter.
-    func dequantizeMXFP4(_ p: TensorEdit, from store: any TensorContainer, base: Checkpoint, dtype: DType,
-                         to writer: any TensorFileWriter) throws {
-        guard case .mxfp4(let scaleName) = p.base.encoding, let codec = RowCodec(.plain(dtype)) else {
-            preconditionFailure("the plan dequantizes MXFP4 tensors into float dtypes")
-        }
-        let t = try MXFP4Rows(p, scale: scaleName, from: store, base: base)
+    /// An FP4 tensor written dequantized as `dtype` (`--dtype`), expert by expert (or whole): the
+    /// decoded values (with the update added in Float64 where there is one) rounded once into
+    /// `dtype`; MXFP4 experts then transposed into the model's parameter layout, as transformers'
+    /// `convert_moe_packed_tensors` lays it out.
+    func dequantizeFP4(_ p: TensorEdit, from store: any TensorContainer, base: Checkpoint, dtype: DType,
+                       to writer: any TensorFileWriter) throws {
+        guard let codec = RowCodec(.plain(dtype)) else { preconditionFailure("the plan dequantizes into float dtypes") }
+        let t = try FP4Rows(p, from: store, base: base)
+        var transpose = false
+        if case .mxfp4 = p.base.encoding { transpose = true }
         let cols = t.columns, groups = t.groups, rowBytes = t.rowBytes
         let value = p.valueShape
         let expertRows = value.count >= 2 ? value[value.count - 2] : 1
@@ -147,8 +193,7 @@ extension MergeExecutor {
             let lo = x * expertRows, hi = lo + expertRows
             try t.read(lo, hi, into: raw.baseAddress!)
             t.scales.withUnsafeBufferPointer { s in
-                _ = adapter_mxfp4_decode(raw.baseAddress!.assumingMemoryBound(to: UInt8.self), s.baseAddress! + lo * groups, expertRows * groups,
-                                         floats.baseAddress!, floats.baseAddress!)
+                t.decode(raw.baseAddress!, s.baseAddress! + lo * groups, expertRows * groups, floats.baseAddress!, floats.baseAddress!)
             }
             let touching = pieces.filter { $0.rows.overlaps(lo..<hi) }
             var finite: Bool
@@ -179,7 +224,11 @@ extension MergeExecutor {
             }
             let bytes = codec.byteCount(count)
             let buffer = try pipeline.acquire(bytes: bytes)
-            adapter_transpose(narrow.baseAddress!, buffer.baseAddress!, expertRows, cols, dtype.byteSize)
+            if transpose {
+                adapter_transpose(narrow.baseAddress!, buffer.baseAddress!, expertRows, cols, dtype.byteSize)
+            } else {
+                buffer.baseAddress!.copyMemory(from: narrow.baseAddress!, byteCount: bytes)
+            }
             pipeline.write(buffer, count: bytes, with: writer)
         }
     }

@@ -1,0 +1,59 @@
+/* Element codes shared by the FP8 and FP4 kernels (private to this target). */
+#ifndef ADAPTER_FP_CODES_H
+#define ADAPTER_FP_CODES_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+/* The E4M3 (FN) code nearest x, ties to even, saturating at ±448, NaN 0x7F: the mantissa rounded
+ * to three bits on the float's bits; below 2^-6 the subnormal step 2^-9, rounded by adding 2^23. */
+static inline __attribute__((always_inline)) uint32_t e4m3(float x) {
+    uint32_t bits;
+    memcpy(&bits, &x, 4);
+    uint32_t sign = (bits >> 24) & 0x80u;
+    uint32_t a = bits & 0x7FFFFFFFu;
+    uint32_t r = a + 0x7FFFFu + ((a >> 20) & 1u);
+    uint32_t normal = (((r >> 23) - 120u) << 3) | ((r >> 20) & 7u);
+    float af;
+    memcpy(&af, &a, 4);
+    float t = af * 512.0f + 8388608.0f;
+    uint32_t tb;
+    memcpy(&tb, &t, 4);
+    uint32_t code = a < 0x3C800000u ? tb - 0x4B000000u : normal;
+    code = a >= 0x43E00000u ? 0x7Eu : code;
+    uint32_t nan = a > 0x7F800000u;
+    code = nan ? 0x7Fu : code;
+    sign = nan ? 0u : sign;
+    return code | sign;
+}
+
+static const float e2m1[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f, -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+
+/* 2^(b − 127) for b < 255 (2^-127 is a Float32 subnormal). */
+static inline __attribute__((always_inline)) float exp2_e8m0(uint32_t b) {
+    if (b == 0) return 0x1p-127f;
+    uint32_t bits = b << 23;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* The E2M1 magnitude nearest x ≥ 0 (already divided by the block's scale), ties to the even
+ * code, saturating at 6: below 2 the grid steps by ½, up to 4 by 1, then by 2, so it is one
+ * rint (nearest, ties to even: the default rounding) at the step's scale. The even codes are
+ * exactly the grid points that are even multiples of their step, so ties agree. */
+static inline __attribute__((always_inline)) float e2m1_round(float x) {
+    float fine = rintf(x * 2.0f) * 0.5f, mid = rintf(x), coarse = rintf(x * 0.5f) * 2.0f;
+    float q = x < 2.0f ? fine : x < 4.0f ? mid : coarse;
+    return q < 6.0f ? q : 6.0f;
+}
+
+/* The code (0 … 7) of a magnitude on the grid. */
+static inline __attribute__((always_inline)) uint8_t e2m1_magnitude_code(float q) {
+    float c = q < 2.0f ? q * 2.0f : q < 4.0f ? q + 2.0f : q * 0.5f + 4.0f;
+    return (uint8_t)(int)c;
+}
+
+
+#endif

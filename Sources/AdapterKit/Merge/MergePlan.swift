@@ -239,6 +239,9 @@ extension MergePlan {
         let module = placement.module, placed = placement.target
         let target = placed.tensor
         guard var p = changes[target] ?? fresh(target) else { return "module \(module.name): no base tensor \(target)" }
+        if target.hasSuffix(".weight_packed"), case .plain(let d) = p.base.encoding {
+            return "module \(module.name): base tensor \(target) is compressed-tensors packed \(d.rawValue) but not NVFP4 (U8 codes with an F8_E4M3 weight_scale per 16 values and a weight_global_scale: the base's warnings say what is missing); int4 pack-quantized weights are not merged"
+        }
         if let columns = placed.viewColumns {
             if let other = p.viewColumns, other != columns {
                 return "module \(module.name): \(target) is viewed with \(other) columns by another update, \(columns) by this one"

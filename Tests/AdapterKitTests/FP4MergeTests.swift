@@ -165,3 +165,134 @@ struct MXFP4MergeTests {
         return try Adapter(path: dir.file("tp"))
     }
 }
+
+private let nvWeights = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj", "model.layers.0.mlp.down_proj"]
+
+@Suite("NVFP4 (compressed-tensors): decoded as its decompressor does, merged in Float32, fresh E4M3 group scales")
+struct NVFP4MergeTests {
+    let reference: SafetensorsFile
+    let original: Checkpoint
+
+    init() throws {
+        reference = try SafetensorsFile(path: fixture("expected/nvfp4/tiny-nvfp4+nvfp4-lora.safetensors"))
+        original = try Checkpoint(path: modelPath("tiny-nvfp4"))
+    }
+
+    func bytes(_ c: Checkpoint, _ name: String) throws -> [UInt8] {
+        let (_, file) = try #require(c.tensor(name), "\(name)")
+        return try c.files[file].withBytes(of: name) { Array($0) }
+    }
+
+    func decoded(_ c: Checkpoint, _ module: String) throws -> [Float] {
+        let (_, file) = try #require(c.tensor(module + ".weight_global_scale"))
+        let global = try c.files[file].floats(module + ".weight_global_scale")[0]
+        return try #require(NVFP4.decode(packed: bytes(c, module + ".weight_packed"), scales: bytes(c, module + ".weight_scale"), global: global))
+    }
+
+    @Test("every weight of the base decodes bit for bit to compressed-tensors' decompression")
+    func decode() throws {
+        var weights = 0
+        for t in reference.header.tensors where t.name.hasSuffix(".base") {
+            let module = String(t.name.dropLast(".base".count))
+            let want = try reference.doubles(t.name)
+            let got = try decoded(original, module)
+            #expect(got.count == want.count && zip(got, want).allSatisfy { Double($0) == $1 }, "\(module)")
+            #expect(original.tensor(module + ".weight_packed")?.entry.encoding == .nvfp4(scale: module + ".weight_scale", global: module + ".weight_global_scale"))
+            weights += 1
+        }
+        #expect(weights == 7)
+    }
+
+    @Test("merge: codes and group scales are the reference's; global and input scales and the other weights are copied")
+    func merge() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let (merged, summary) = try AdapterKitTests.merge(base: modelPath("tiny-nvfp4"), adapters: [(adapterPath("nvfp4-lora"), 1)], out: dir.file("out"), report: true)
+        for module in nvWeights {
+            for suffix in [".weight_packed", ".weight_scale"] {
+                let got = try bytes(merged, module + suffix), want = try reference.withBytes(of: module + suffix) { Array($0) }
+                let differ = zip(got, want).filter { $0 != $1 }.count
+                #expect(got.count == want.count && differ * 100 <= got.count, "\(module + suffix): \(differ) of \(got.count) bytes differ")
+            }
+            #expect(try bytes(merged, module + ".weight_packed") != bytes(original, module + ".weight_packed"))
+            // Retention from our own output, decoded as compressed-tensors decodes it.
+            let w = try reference.doubles(module + ".base"), wp = try reference.doubles(module + ".merged")
+            let q = try decoded(merged, module)
+            var dot = 0.0, norm = 0.0
+            for i in q.indices {
+                dot += (Double(q[i]) - w[i]) * (wp[i] - w[i])
+                norm += (wp[i] - w[i]) * (wp[i] - w[i])
+            }
+            let report = try #require(summary.reports.first { $0.tensor == module + ".weight_packed" })
+            #expect(abs(try #require(report.kept) - dot / norm) < 1e-3, "\(module): reported \(report.kept ?? -1), recomputed \(dot / norm)")
+        }
+        for (entry, _) in original.tensors where !nvWeights.contains(where: { entry.name.hasPrefix($0 + ".weight_packed") || entry.name.hasPrefix($0 + ".weight_scale") }) {
+            #expect(try bytes(merged, entry.name) == bytes(original, entry.name), "\(entry.name)")
+        }
+        #expect(summary.notes.contains { $0.hasPrefix("requantized 3 quantized weights with fresh scales") })
+    }
+
+    @Test("--dtype bf16: X.weight [rows, K] rounded once, every quantization parameter and quantization_config gone")
+    func dequantize() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let (out, _) = try AdapterKitTests.merge(base: modelPath("tiny-nvfp4"), adapters: [(adapterPath("nvfp4-lora"), 1)], out: dir.file("out"), dequantize: .bf16)
+        var exact = 0, total = 0
+        for t in reference.header.tensors where t.name.hasSuffix(".base") {
+            let module = String(t.name.dropLast(".base".count))
+            let (entry, file) = try #require(out.tensor(module + ".weight"))
+            #expect(entry.encoding == .plain(.bf16) && entry.shape == original.tensor(module + ".weight_packed").map { [$0.entry.shape[0], $0.entry.shape[1] * 2] })
+            let got = try out.files[file].withBytes(of: entry.name) { raw in (0..<entry.elementCount).map { raw.load(fromByteOffset: $0 * 2, as: UInt16.self) } }
+            let want: [UInt16]
+            if nvWeights.contains(module) {
+                want = try reference.withBytes(of: module + ".bf16") { raw in (0..<entry.elementCount).map { raw.load(fromByteOffset: $0 * 2, as: UInt16.self) } }
+            } else {
+                want = try reference.doubles(t.name).map(ElementConversion.doubleToBF16)  // BF16 values already: exact
+            }
+            for (g, w) in zip(got, want) {
+                total += 1
+                if g == w { exact += 1 } else { #expect(abs(Int(g) - Int(w)) == 1, "\(module): \(g) vs \(w)") }
+            }
+            for suffix in [".weight_packed", ".weight_scale", ".weight_global_scale", ".input_global_scale"] {
+                #expect(out.tensor(module + suffix) == nil, "\(module + suffix)")
+            }
+        }
+        #expect(Double(exact) >= 0.99 * Double(total))
+        let config = try String(contentsOfFile: dir.file("out/config.json"), encoding: .utf8)
+        #expect(!config.contains("quantization_config"))
+    }
+
+    @Test("a NaN group scale, a global scale of 0, and int4 pack-quantized weights are refused by name")
+    func refusals() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        func base(_ name: String, scale: UInt8, global: Float, packedType: DType = .u8) throws -> Checkpoint {
+            try FileManager.default.createDirectory(atPath: dir.file(name), withIntermediateDirectories: true)
+            var scales = [UInt8](repeating: 0x38, count: 4)
+            scales[3] = scale
+            let packed: [UInt8] = packedType == .u8 ? [UInt8](repeating: 0x22, count: 4 * 8) : [UInt8](repeating: 0, count: 4 * 4 * 4)
+            try writeSafetensors(dir.file("\(name)/model.safetensors"), [
+                ("a.weight_packed", packedType, packedType == .u8 ? [4, 8] : [4, 4], packed),
+                ("a.weight_scale", .f8E4M3, [4, 1], scales),
+                ("a.weight_global_scale", .f32, [1], floatBytes([global])),
+            ])
+            _ = dir.write("\(name)/config.json", text: #"{"model_type": "llama"}"#)
+            return try Checkpoint(path: dir.file(name))
+        }
+        try FileManager.default.createDirectory(atPath: dir.file("ad"), withIntermediateDirectories: true)
+        try writeSafetensors(dir.file("ad/adapter_model.safetensors"), [
+            ("base_model.model.a.lora_A.weight", .f32, [1, 16], floatBytes([Float](repeating: 0.5, count: 16))),
+            ("base_model.model.a.lora_B.weight", .f32, [4, 1], floatBytes([1, 2, 3, 4])),
+        ])
+        _ = dir.write("ad/adapter_config.json", text: #"{"peft_type": "LORA", "r": 1, "lora_alpha": 1}"#)
+        let adapter = [MergeInput(adapter: try Adapter(path: dir.file("ad")))]
+        for (name, scale, global, expected) in [("nan", UInt8(0x7F), Float(1), "is 0x7F (NaN in E4M3)"), ("zero", UInt8(0x38), Float(0), "not a finite positive scale")] {
+            let plan = try MergePlan(base: try base(name, scale: scale, global: global), inputs: adapter)
+            let error = #expect(throws: (any Error).self) { try write(plan, to: dir.file("out-\(name)")) }
+            #expect(String(describing: error.map { $0 }).contains(expected), "\(name): \(String(describing: error))")
+            #expect(!FileManager.default.fileExists(atPath: dir.file("out-\(name)")))
+        }
+        let int4 = #expect(throws: ProblemList.self) { try MergePlan(base: try base("int4", scale: 0x38, global: 1, packedType: .i32), inputs: adapter) }
+        #expect(int4?.problems.contains { $0.contains("a.weight_packed") && $0.contains("I32") } == true, "\(String(describing: int4?.problems))")
+    }
+}

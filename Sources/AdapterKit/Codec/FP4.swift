@@ -28,3 +28,21 @@ enum MXFP4 {
         return (blocks, scales)
     }
 }
+
+/// NVFP4 (compressed-tensors `nvfp4-pack-quantized`): groups of 16 E2M1 values (8 bytes, the low
+/// nibble the even element) sharing one E4M3 scale, and a global scale: value =
+/// bf16(E2M1[code] · (scale / global)), by the C kernel the merge uses.
+enum NVFP4 {
+    /// The values of `packed` (8 bytes per group) under `scales` (E4M3 bytes, one per group) and
+    /// `global`; nil when a scale is NaN.
+    static func decode(packed: [UInt8], scales: [UInt8], global: Float) -> [Float]? {
+        precondition(packed.count == scales.count * 8, "8 bytes per scale")
+        var values = [Float](repeating: 0, count: scales.count * 16)
+        let ok = values.withUnsafeMutableBufferPointer { v in
+            ElementConversion.f8E4M3Table.withUnsafeBufferPointer { t in
+                adapter_nvfp4_decode(packed, scales, scales.count, global, t.baseAddress, v.baseAddress, v.baseAddress)
+            }
+        }
+        return ok == 1 ? values : nil
+    }
+}

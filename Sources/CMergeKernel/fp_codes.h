@@ -28,6 +28,17 @@ static inline __attribute__((always_inline)) uint32_t e4m3(float x) {
     return code | sign;
 }
 
+/* The value of an E4M3 code (not 0x7F / 0xFF, NaN), from its bits: normal 2^(e − 7) · (1 + m/8),
+ * subnormal m · 2^-9. */
+static inline __attribute__((always_inline)) float e4m3_value(uint32_t c) {
+    uint32_t mag = c & 0x7Fu, e = mag >> 3, m = mag & 7u;
+    uint32_t bits = ((e + 120u) << 23) | (m << 20);
+    float normal;
+    memcpy(&normal, &bits, 4);
+    float v = e ? normal : (float)m * 0x1p-9f;
+    return (c & 0x80u) ? -v : v;
+}
+
 static const float e2m1[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f, -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
 
 /* 2^(b − 127) for b < 255 (2^-127 is a Float32 subnormal). */

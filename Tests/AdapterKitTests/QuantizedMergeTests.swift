@@ -20,6 +20,8 @@ struct QuantizedMergeTests {
             if wrong < 5 { Issue.record("\(v): \(g) but torch gives \(c)") }
         }
         #expect(wrong == 0)
+        // Runs of eight take the AVX2 path where the CPU has it; one value alone the portable loop: the same codes.
+        #expect(values.map { FP8.e4m3([$0])[0] } == ours)
         // And through a scale: values × 4 over scale 4 round as the values do.
         #expect(FP8.e4m3(values.filter(\.isFinite).map { $0 * 4 }, scale: 4) == FP8.e4m3(values.filter(\.isFinite)))
         #expect(FP8.e8m0Ceiling(1) == 127 && FP8.e8m0Ceiling(1.5) == 128 && FP8.e8m0Ceiling(0.25) == 125)

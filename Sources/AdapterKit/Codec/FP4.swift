@@ -39,9 +39,7 @@ enum NVFP4 {
         precondition(packed.count == scales.count * 8, "8 bytes per scale")
         var values = [Float](repeating: 0, count: scales.count * 16)
         let ok = values.withUnsafeMutableBufferPointer { v in
-            ElementConversion.f8E4M3Table.withUnsafeBufferPointer { t in
-                adapter_nvfp4_decode(packed, scales, scales.count, global, t.baseAddress, v.baseAddress, v.baseAddress)
-            }
+            adapter_nvfp4_decode(packed, scales, scales.count, global, v.baseAddress, v.baseAddress)
         }
         return ok == 1 ? values : nil
     }

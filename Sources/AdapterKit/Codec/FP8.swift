@@ -17,9 +17,7 @@ enum FP8 {
         values.withUnsafeBufferPointer { v in
             zeros.withUnsafeBufferPointer { z in
                 codes.withUnsafeMutableBufferPointer { c in
-                    ElementConversion.f8E4M3Table.withUnsafeBufferPointer { t in
-                        adapter_fp8_e4m3_encode(z.baseAddress, v.baseAddress, c.baseAddress, values.count, scale, t.baseAddress, &sums)
-                    }
+                    adapter_fp8_e4m3_encode(z.baseAddress, v.baseAddress, c.baseAddress, values.count, scale, &sums)
                 }
             }
         }

@@ -70,7 +70,7 @@ extension MergeExecutor {
             if group == 32 {
                 _ = adapter_mxfp4_decode(c, scales, count, base, merged)
             } else {
-                _ = FP4Rows.e4m3Table.withUnsafeBufferPointer { adapter_nvfp4_decode(c, scales, count, global, $0.baseAddress!, base, merged) }
+                _ = adapter_nvfp4_decode(c, scales, count, global, base, merged)
             }
         }
 
@@ -81,11 +81,9 @@ extension MergeExecutor {
             if group == 32 {
                 adapter_mxfp4_encode(base, merged, c, scales, count, sums)
             } else {
-                FP4Rows.e4m3Table.withUnsafeBufferPointer { adapter_nvfp4_encode(base, merged, c, scales, count, global, $0.baseAddress!, sums) }
+                adapter_nvfp4_encode(base, merged, c, scales, count, global, sums)
             }
         }
-
-        static let e4m3Table = ElementConversion.f8E4M3Table
     }
 
     /// An FP4 tensor (MXFP4 or NVFP4) merged and requantized: rows no update covers keep their

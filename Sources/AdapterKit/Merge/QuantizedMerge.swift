@@ -51,10 +51,6 @@ extension MergeExecutor {
             let chunks = max(1, min(threads, rows))
             DispatchQueue.concurrentPerform(iterations: chunks) { c in body(rows * c / chunks..<rows * (c + 1) / chunks, c) }
         }
-        let tableBuffer = UnsafeMutableBufferPointer<Float>.allocate(capacity: 256)
-        _ = tableBuffer.initialize(from: ElementConversion.f8E4M3Table)
-        defer { tableBuffer.deallocate() }
-        let table = UncheckedMutable(tableBuffer)
         let (dec, mer, codesOut, sc) = (UncheckedMutable(decoded), UncheckedMutable(merged), UncheckedMutable(raw), UncheckedMutable(bandScales))
         try bands.forEach { x, j, lo, hi in
             let rows = hi - lo
@@ -67,7 +63,7 @@ extension MergeExecutor {
                     var finite = true
                     for cb in 0..<blockCols {
                         let c0 = i * k + cb * b1, count = min(k, cb * b1 + b1) - cb * b1
-                        finite = adapter_fp8_decode(codesOut.base.baseAddress! + c0, count, sc[cb], table.base.baseAddress!,
+                        finite = adapter_fp8_decode(codesOut.base.baseAddress! + c0, count, sc[cb],
                                                     dec.base.baseAddress! + c0, mer.base.baseAddress! + c0) == 1 && finite
                     }
                     if !finite, let c = (0..<k).first(where: { !dec[i * k + $0].isFinite }) { badCode.set(i * k + c) }
@@ -122,7 +118,7 @@ extension MergeExecutor {
                             guard s > 0 else { continue }  // a block of zeros keeps its codes
                             let c0 = i * k + cb * b1, count = min(k, cb * b1 + b1) - cb * b1
                             adapter_fp8_e4m3_encode(dec.base.baseAddress! + c0, mer.base.baseAddress! + c0, codesOut.base.baseAddress! + c0,
-                                                    count, s, table.base.baseAddress!, out)
+                                                    count, s, out)
                         }
                     }
                     part.dot += sums.0

@@ -22,16 +22,15 @@ int adapter_merge_rows(int src_type, const void *src, int dst_type, void *dst,
 int adapter_merge_kernel_is_vectorised(void);
 
 /// FP8 requantization of `n` values sharing `scale` (> 0): codes[i] = E4M3(merged[i] / scale),
-/// rounded to nearest even, saturating at ±448; `table` holds the 256 codes' values. Adds to
+/// rounded to nearest even, saturating at ±448. Adds to
 /// sums: [0] Σ (q − base)·(merged − base), [1] Σ (merged − base)², [2] Σ (q − base)², and keeps in
-/// [3] the largest |merged − base| (q = table[code] · scale, the requantized value; Float32 sums
+/// [3] the largest |merged − base| (q = E4M3(code) · scale, the requantized value; Float32 sums
 /// within the run, Float64 across runs).
-void adapter_fp8_e4m3_encode(const float *base, const float *merged, uint8_t *codes, size_t n, float scale, const float *table,
-                             double sums[4]);
+void adapter_fp8_e4m3_encode(const float *base, const float *merged, uint8_t *codes, size_t n, float scale, double sums[4]);
 
-/// FP8 decoding of `n` codes sharing `scale`: base[i] = merged[i] = table[codes[i]] · scale.
+/// FP8 (E4M3) decoding of `n` codes sharing `scale`: base[i] = merged[i] = E4M3(codes[i]) · scale.
 /// Returns 0 when a value is not finite (a NaN code), 1 otherwise.
-int adapter_fp8_decode(const uint8_t *codes, size_t n, float scale, const float *table, float *base, float *merged);
+int adapter_fp8_decode(const uint8_t *codes, size_t n, float scale, float *base, float *merged);
 
 /// max |x[i]| over `n` finite values (0 for none).
 float adapter_max_abs(const float *x, size_t n);
@@ -49,18 +48,17 @@ int adapter_mxfp4_decode(const uint8_t *codes, const uint8_t *scales, size_t blo
 void adapter_mxfp4_encode(const float *base, const float *merged, uint8_t *codes, uint8_t *scales, size_t blocks, double sums[4]);
 
 /// NVFP4 decoding of `groups` groups of 16 values (8 bytes each, low nibble the even element)
-/// with one E4M3 scale byte each (`table`: the 256 codes' values) and the tensor's `global`
+/// with one E4M3 scale byte each and the tensor's `global`
 /// scale: base = merged = bf16(E2M1[code] · (scale / global)), compressed-tensors'
 /// decompression. Returns 0 when a scale is NaN, 1 otherwise.
-int adapter_nvfp4_decode(const uint8_t *codes, const uint8_t *scales, size_t groups, float global, const float *table, float *base,
-                         float *merged);
+int adapter_nvfp4_decode(const uint8_t *codes, const uint8_t *scales, size_t groups, float global, float *base, float *merged);
 
 /// NVFP4 requantization of `groups` groups of 16 merged values under the kept `global` scale:
 /// scale = E4M3(amax / 6 · global) (0 → 0.125; groups of zeros keep theirs), codes nearest to
 /// x / (scale / global) with ties to the even code, saturating at ±6. `scales` holds the old
 /// bytes and receives the new ones. Adds to `sums` as adapter_fp8_e4m3_encode does.
 void adapter_nvfp4_encode(const float *base, const float *merged, uint8_t *codes, uint8_t *scales, size_t groups, float global,
-                          const float *table, double sums[4]);
+                          double sums[4]);
 
 /// dst (cols × rows) = the transpose of src (rows × cols), elements of `size` bytes (2 or 4).
 void adapter_transpose(const void *src, void *dst, size_t rows, size_t cols, size_t size);

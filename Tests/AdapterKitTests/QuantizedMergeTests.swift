@@ -178,3 +178,41 @@ struct DequantizeCompressedTests {
         #expect(try out.files[0].doubles("a.weight") == [Double](repeating: 1.5, count: 8) + [Double](repeating: 2, count: 8))
     }
 }
+
+@Suite("quantized values that cannot be decoded are refused before anything is written")
+struct QuantizedPreflightTests {
+    func model(_ dir: TempDir, code: UInt8, scale: Float) throws -> MergePlan {
+        try FileManager.default.createDirectory(atPath: dir.file("m"), withIntermediateDirectories: true)
+        var codes = [UInt8](repeating: 0x38, count: 16)
+        codes[11] = code
+        try writeSafetensors(dir.file("m/model.safetensors"), [
+            ("a.weight", .f8E4M3, [2, 8], codes),
+            ("a.weight_scale_inv", .f32, [1, 1], floatBytes([scale])),
+        ])
+        _ = dir.write("m/config.json", text: #"{"model_type": "llama", "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}}"#)
+        try FileManager.default.createDirectory(atPath: dir.file("ad"), withIntermediateDirectories: true)
+        try writeSafetensors(dir.file("ad/adapter_model.safetensors"), [
+            ("base_model.model.a.lora_A.weight", .f32, [1, 8], floatBytes([Float](repeating: 0.5, count: 8))),
+            ("base_model.model.a.lora_B.weight", .f32, [2, 1], floatBytes([1, 2])),
+        ])
+        _ = dir.write("ad/adapter_config.json", text: #"{"peft_type": "LORA", "r": 1, "lora_alpha": 1}"#)
+        return try MergePlan(base: try Checkpoint(path: dir.file("m")), inputs: [MergeInput(adapter: try Adapter(path: dir.file("ad")))])
+    }
+
+    @Test("an E4M3 NaN code in a merged weight, and a negative or NaN scale, each one line naming where", arguments: [
+        (UInt8(0x7F), Float(1), "code 127 at row 1, column 3 decodes to NaN"),
+        (UInt8(0xFF), Float(1), "code 255 at row 1, column 3 decodes to NaN"),
+        (UInt8(0x38), Float(-1), "its scale a.weight_scale_inv[0] is -1.0, not a finite scale"),
+        (UInt8(0x38), Float.nan, "its scale a.weight_scale_inv[0] is nan, not a finite scale"),
+    ])
+    func refused(_ code: UInt8, _ scale: Float, _ message: String) throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let plan = try model(dir, code: code, scale: scale)
+        let error = #expect(throws: MergeError.self) { try plan.checkQuantizedValues() }
+        #expect(error.map { "\($0)" }?.contains(message) == true, "\(String(describing: error))")
+        // The merge runs the same check before it creates anything beside OUT.
+        #expect(throws: MergeError.self) { try write(plan, to: dir.file("out")) }
+        #expect(try FileManager.default.contentsOfDirectory(atPath: dir.path).sorted() == ["ad", "m"])
+    }
+}

@@ -44,12 +44,22 @@ extension MergeExecutor {
             guard let (scaleEntry, scaleFile) = base.tensor(scaleName) else { preconditionFailure("the plan found the scales") }
             scales = try base.files[scaleFile].withBytes(of: scaleEntry.name) { Array($0) }
             guard scales.count == rows * groups else { preconditionFailure("the checkpoint checked the scales' shape") }
-            let nan: (UInt8) -> Bool = group == 32 ? { $0 == 0xFF } : { $0 & 0x7F == 0x7F }
-            if let bad = scales.firstIndex(where: nan) {
-                throw MergeError(tensor: p.baseName, problem: "its scale \(scaleName)[\(bad / groups), \(bad % groups)] is 0x\(String(scales[bad], radix: 16, uppercase: true)) (NaN in \(group == 32 ? "E8M0" : "E4M3"))")
+            if let problem = Self.nanScale(scales, name: scaleName, groups: groups, e8m0: group == 32) {
+                throw MergeError(tensor: p.baseName, problem: problem)
             }
             region = store.region(of: p.baseName)
             whole = region == nil ? try store.withBytes(of: p.baseName) { Array($0) } : nil
+        }
+
+        /// The first NaN scale byte (E8M0 0xFF, E4M3 S.1111.111) of `groups` per row, as a problem.
+        static func nanScale(_ scales: UnsafeRawBufferPointer, name: String, groups: Int, e8m0: Bool) -> String? {
+            guard let bad = scales.firstIndex(where: e8m0 ? { $0 == 0xFF } : { $0 & 0x7F == 0x7F }) else { return nil }
+            let g = max(1, groups)
+            return "its scale \(name)[\(bad / g), \(bad % g)] is 0x\(String(scales[bad], radix: 16, uppercase: true)) (NaN in \(e8m0 ? "E8M0" : "E4M3"))"
+        }
+
+        static func nanScale(_ scales: [UInt8], name: String, groups: Int, e8m0: Bool) -> String? {
+            scales.withUnsafeBytes { nanScale($0, name: name, groups: groups, e8m0: e8m0) }
         }
 
         /// The codes of rows lo..<hi into `raw`.

@@ -9,6 +9,7 @@ extension MergePlan {
     /// The output rules are checked here too (`OutputRules.check`), so no caller can skip them.
     public func write(to output: String, options: MergeRunOptions = MergeRunOptions()) throws -> MergeSummary {
         try OutputRules.check(output, kind: base.isFolder ? .folder : .file, inputs: inputFiles, force: options.force)
+        try checkQuantizedValues()
         var assembly = OutputAssembly(plan: self, output: output, options: options)
         return try assembly.run()
     }

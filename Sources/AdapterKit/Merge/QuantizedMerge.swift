@@ -275,3 +275,56 @@ final class Locked<T>: @unchecked Sendable {
     func set(_ v: T) { lock.lock(); stored = v; lock.unlock() }
     func update(_ body: (inout T) -> Void) { lock.lock(); body(&stored); lock.unlock() }
 }
+
+extension MergePlan {
+    /// The preflight of the quantized weights this merge rewrites, before anything is written:
+    /// every scale finite and not negative (FP8), no 0xFF exponent (MXFP4, E8M0's NaN), no NaN
+    /// scale and a finite positive global scale (NVFP4), and no NaN code (0x7F, 0xFF) in an E4M3
+    /// weight an update changes. The first problem is one line. The codes of weights `--dtype`
+    /// only dequantizes are checked as they are decoded (reading every weight twice would double
+    /// the I/O of the run); either way nothing is left at OUT.
+    func checkQuantizedValues() throws {
+        var checked = Set<String>()
+        for (name, edit) in changes.sorted(by: { $0.key.precedesInBytes($1.key) }) where edit.scalesOf == nil {
+            let encoding = edit.base.encoding
+            for scale in encoding.scaleTensors where checked.insert(scale).inserted {
+                guard let (entry, file) = base.tensor(scale) else { continue }
+                let store = base.files[file]
+                switch encoding {
+                case .plain: break
+                case .blockScaledFP8:
+                    let values = try MergeExecutor.readScales(entry, from: store).values
+                    if let bad = values.firstIndex(where: { !$0.isFinite || $0 < 0 }) {
+                        throw MergeError(tensor: name, problem: "its scale \(scale)[\(bad)] is \(values[bad]), not a finite scale")
+                    }
+                case .mxfp4, .nvfp4(scale, _):
+                    let groups = entry.shape.last ?? 1
+                    let isMX: Bool
+                    if case .mxfp4 = encoding { isMX = true } else { isMX = false }
+                    if let problem = try store.withBytes(of: scale, { MergeExecutor.FP4Rows.nanScale($0, name: scale, groups: groups, e8m0: isMX) }) {
+                        throw MergeError(tensor: name, problem: problem)
+                    }
+                case .nvfp4:
+                    let g = try store.floats(scale)
+                    guard let v = g.first, v.isFinite, v > 0 else {
+                        throw MergeError(tensor: name, problem: "its global scale \(scale) is \(g.first.map { "\($0)" } ?? "empty"), not a finite positive scale")
+                    }
+                }
+            }
+            if case .blockScaledFP8(.f8E4M3, _, _) = encoding, !edit.terms.isEmpty {
+                let k = max(1, edit.base.shape.last ?? 1)
+                let store = base.files[edit.file]
+                let bad = try store.withBytes(of: name) { raw -> Int? in
+                    guard let start = raw.baseAddress, raw.count > 0 else { return nil }
+                    // memchr for each NaN code (S.1111.111): the first of the two.
+                    let found = [UInt8(0x7F), 0xFF].compactMap { memchr(start, Int32($0), raw.count).map { start.distance(to: UnsafeRawPointer($0)) } }
+                    return found.min()
+                }
+                if let bad {
+                    let code = try store.withBytes(of: name) { $0[bad] }
+                    throw MergeError(tensor: name, problem: "code \(code) at row \(bad / k), column \(bad % k) decodes to NaN")
+                }
+            }
+        }
+    }
+}

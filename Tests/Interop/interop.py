@@ -103,6 +103,36 @@ def assert_logits_match(got, want, base, what, rtol=1e-5, update_rtol=0.0):
         f"them by {effect:.3g})")
 
 
+def assert_dequantized_merge_matches_peft(tmp_path, base, model, targets, load, ids, what, seed=21):
+    """A PEFT LoRA made on `model` (the quantized `base` as transformers dequantizes it, in float32;
+    lora_B drawn so the update is not zero): `adapter merge --dtype bf16 base adapter` loads in
+    plain transformers (`load`) with the logits of PEFT's own merge_and_unload, rounded to bf16."""
+    import peft
+    import torch
+    before = {k: v.to(torch.bfloat16).float() for k, v in model.state_dict().items()}
+    torch.manual_seed(seed)
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    merged = {k: v.to(torch.bfloat16).float() for k, v in pm.merge_and_unload().state_dict().items()}
+    out = tmp_path / "bf16"
+    adapter("merge", "--quiet", "--dtype", "bf16", base, tmp_path / "adapter", out)
+
+    def with_weights(sd):
+        m = load(out, dtype=torch.float32)
+        m.load_state_dict(sd)
+        return m
+
+    with torch.no_grad():
+        got = load(out, dtype=torch.float32)(input_ids=ids).logits
+        want = with_weights(merged)(input_ids=ids).logits
+        unmerged = with_weights(before)(input_ids=ids).logits
+    assert_logits_match(got, want, unmerged, what, rtol=1e-5, update_rtol=0.01)
+
+
 # ---------------------------------------------------------------- warnings and logs
 
 @contextlib.contextmanager

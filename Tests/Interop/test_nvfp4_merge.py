@@ -9,7 +9,7 @@ import torch
 import transformers as T
 from safetensors import safe_open
 
-from interop import ADAPTERS, MODELS, adapter, assert_logits_match
+from interop import ADAPTERS, MODELS, adapter, assert_dequantized_merge_matches_peft, assert_logits_match
 
 BASE = MODELS / "tiny-nvfp4"
 REFERENCE = MODELS.parent / "expected" / "nvfp4" / "tiny-nvfp4+nvfp4-lora.safetensors"
@@ -84,3 +84,12 @@ def test_dequantized_merge_loads_in_plain_transformers_with_the_reference_logits
         want = model_with(merged)(input_ids=ids()).logits
         before = model_with(base)(input_ids=ids()).logits
     assert_logits_match(got, want, before, "dequantized NVFP4 merge", rtol=1e-5, update_rtol=0.01)
+
+
+
+def test_dequantized_nvfp4_merge_of_a_peft_adapter_gives_peft_merged_logits(tmp_path):
+    """A PEFT LoRA made here on the dequantized NVFP4 model: `adapter merge --dtype bf16` gives the
+    logits of PEFT's own merge_and_unload on that model."""
+    model = load(BASE, quantization_config=T.CompressedTensorsConfig(dequantize=True), dtype=torch.float32)
+    assert_dequantized_merge_matches_peft(tmp_path, BASE, model, ["q_proj", "v_proj", "down_proj"], load, ids(),
+                                          "NVFP4 --dtype bf16 against PEFT's merge")

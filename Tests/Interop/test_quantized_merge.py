@@ -11,7 +11,7 @@ import torch
 import transformers as T
 from safetensors.numpy import load_file
 
-from interop import ADAPTERS, MODELS, adapter, assert_logits_match
+from interop import ADAPTERS, MODELS, adapter, assert_dequantized_merge_matches_peft, assert_logits_match
 
 REFERENCE = MODELS.parent / "expected" / "fp8" / "tiny-fp8+fp8-lora.safetensors"
 TOUCHED = ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.v_proj.weight", "model.layers.0.mlp.down_proj.weight"]
@@ -95,3 +95,13 @@ def test_compressed_tensors_fp8_merge_is_decoded_by_compressed_tensors(tmp_path)
         same = (got == want).double().mean().item()
         assert same >= 0.99, f"{k}: only {same:.3f} of the values are the reference's"
         assert torch.allclose(got.double(), want.double(), rtol=2 ** -3, atol=float(scale.double().max()) * 2 ** -9), k
+
+
+
+def test_dequantized_fp8_merge_of_a_peft_adapter_gives_peft_merged_logits(tmp_path):
+    """A PEFT LoRA made here on the dequantized FP8 model: `adapter merge --dtype bf16` gives the
+    logits of PEFT's own merge_and_unload on that model. (transformers dequantizes FP8 on a CPU
+    while loading, into bf16; asked for float32 it reads the codes without their scales.)"""
+    model = load(MODELS / "tiny-fp8", dtype=torch.bfloat16).float()
+    assert_dequantized_merge_matches_peft(tmp_path, MODELS / "tiny-fp8", model, ["q_proj", "v_proj", "down_proj"], load, ids(),
+                                          "FP8 --dtype bf16 against PEFT's merge")

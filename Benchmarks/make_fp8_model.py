@@ -17,6 +17,7 @@ import os
 import numpy as np
 import torch
 from safetensors.torch import save_file
+from synthetic import attention_lora, write_index
 
 p = argparse.ArgumentParser()
 p.add_argument("out")
@@ -43,29 +44,16 @@ for l in range(args.layers):
         codes = (w / s.repeat_interleave(B, 0).repeat_interleave(B, 1)).clamp(-448, 448).to(torch.float8_e4m3fn)
         tensors[name] = codes
         tensors[name + "_scale_inv"] = s.to(torch.float8_e8m0fnu) if args.e8m0 else s.float()
-        norms[name] = float((codes.float() * s.repeat_interleave(B, 0).repeat_interleave(B, 1)).norm())
+        norms[name[: -len(".weight")]] = float((codes.float() * s.repeat_interleave(B, 0).repeat_interleave(B, 1)).norm())
     fname = f"model-{l + 1:05d}-of-{args.layers:05d}.safetensors"
     save_file(tensors, os.path.join(model, fname), metadata={"format": "pt"})
     for k, v in tensors.items():
         weight_map[k] = fname
         total += v.numel() * v.element_size()
-with open(os.path.join(model, "model.safetensors.index.json"), "w") as f:
-    f.write(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True) + "\n")
+write_index(model, weight_map, total)
 with open(os.path.join(model, "config.json"), "w") as f:
     json.dump({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h, "num_hidden_layers": args.layers,
                "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [B, B]}}, f, indent=2)
 adapter = os.path.join(args.out, "adapter")
-os.makedirs(adapter, exist_ok=True)
-factors = {}
-for l in range(args.layers):
-    for proj in ("q_proj", "v_proj"):
-        name = f"model.layers.{l}.self_attn.{proj}"
-        a = torch.randn(r, h, generator=g)
-        b = torch.randn(h, r, generator=g)
-        c = (args.update * norms[name + ".weight"] / float((b @ a).norm())) ** 0.5  # scale 1 (alpha = r)
-        factors[f"base_model.model.{name}.lora_A.weight"] = (a * c).contiguous()
-        factors[f"base_model.model.{name}.lora_B.weight"] = (b * c).contiguous()
-save_file(factors, os.path.join(adapter, "adapter_model.safetensors"), metadata={"format": "pt"})
-with open(os.path.join(adapter, "adapter_config.json"), "w") as f:
-    json.dump({"peft_type": "LORA", "r": r, "lora_alpha": r, "target_modules": ["q_proj", "v_proj"]}, f, indent=2)
+attention_lora(adapter, args.layers, h, r, args.update, norms, g)
 print(f"{args.layers} layers, {total / 1e9:.2f} GB of FP8 weights and scales in {model}; adapter (‖ΔW‖ = {args.update:g}·‖W‖) in {adapter}")

@@ -1,5 +1,6 @@
 """What the synthetic-model generators share: bf16 weights drawn from a seeded generator, shards cut
-by size, and the shards written with their index as transformers writes them."""
+by size, the shards written with their index as transformers writes them, and the attention LoRA
+the quantized benchmarks merge."""
 import json
 import os
 
@@ -42,6 +43,32 @@ def write_bf16_shards(model, shards, rng):
         for n, s in shard:
             weight_map[n] = fname
             total += int(np.prod(s)) * 2
+    write_index(model, weight_map, total)
+    return total
+
+
+def write_index(model, weight_map, total):
+    """model.safetensors.index.json as transformers writes it."""
     with open(os.path.join(model, "model.safetensors.index.json"), "w") as f:
         f.write(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True) + "\n")
-    return total
+
+
+def attention_lora(adapter, layers, hidden, rank, update, norms, generator):
+    """A PEFT LoRA on q_proj and v_proj of every layer (scale 1: alpha = r) with
+    ‖B·A‖_F = update · norms[module] for each module, drawn from a torch generator."""
+    import torch
+    from safetensors.torch import save_file
+
+    os.makedirs(adapter, exist_ok=True)
+    factors = {}
+    for l in range(layers):
+        for proj in ("q_proj", "v_proj"):
+            name = f"model.layers.{l}.self_attn.{proj}"
+            a = torch.randn(rank, hidden, generator=generator)
+            b = torch.randn(hidden, rank, generator=generator)
+            c = (update * norms[name] / float((b @ a).norm())) ** 0.5
+            factors[f"base_model.model.{name}.lora_A.weight"] = (a * c).contiguous()
+            factors[f"base_model.model.{name}.lora_B.weight"] = (b * c).contiguous()
+    save_file(factors, os.path.join(adapter, "adapter_model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(adapter, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": ["q_proj", "v_proj"]}, f, indent=2)

@@ -67,4 +67,52 @@ static inline __attribute__((always_inline)) uint8_t e2m1_magnitude_code(float q
 }
 
 
+/* The largest |v| of n values (a multiple of 8), in eight fixed lanes (so it vectorises). */
+static inline __attribute__((always_inline)) float max_abs_lanes(const float *v, int n) {
+    float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int j = 0; j < n; j += 8)
+        for (int k = 0; k < 8; k++) {
+            float a = fabsf(v[j + k]);
+            lanes[k] = a > lanes[k] ? a : lanes[k];
+        }
+    float m = 0;
+    for (int k = 0; k < 8; k++) m = lanes[k] > m ? lanes[k] : m;
+    return m;
+}
+
+/* What requantization kept of one group's update, in eight lanes: Σ (q − w)(x − w), Σ (x − w)²,
+ * Σ (q − w)², max |x − w| for merged x, base w and requantized q. */
+typedef struct {
+    float dot[8], update[8], applied[8], largest[8];
+} group_sums;
+
+static inline __attribute__((always_inline)) void group_sums_add(group_sums *s, int k, float x, float w, float q) {
+    float d = x - w, e = q - w;
+    s->dot[k] += e * d;
+    s->update[k] += d * d;
+    s->applied[k] += e * e;
+    float ad = fabsf(d);
+    s->largest[k] = ad > s->largest[k] ? ad : s->largest[k];
+}
+
+/* A group's lanes added into a run's sums (Float64 across groups, as adapter_fp8_e4m3_encode). */
+static inline __attribute__((always_inline)) void group_sums_into(const group_sums *s, double run[4]) {
+    float dot = 0, update = 0, applied = 0, largest = 0;
+    for (int k = 0; k < 8; k++) {
+        dot += s->dot[k];
+        update += s->update[k];
+        applied += s->applied[k];
+        largest = s->largest[k] > largest ? s->largest[k] : largest;
+    }
+    run[0] += dot;
+    run[1] += update;
+    run[2] += applied;
+    run[3] = largest > run[3] ? largest : run[3];
+}
+
+/* Two E2M1 codes per byte, the low nibble the even element. */
+static inline __attribute__((always_inline)) void pack_nibbles(const uint8_t *nibbles, uint8_t *codes, int n) {
+    for (int j = 0; j < n / 2; j++) codes[j] = (uint8_t)(nibbles[2 * j] | (nibbles[2 * j + 1] << 4));
+}
+
 #endif

@@ -55,16 +55,9 @@ static inline __attribute__((always_inline)) int floor_log2(float x) {
     return biased == 0 ? -127 : biased - 127;
 }
 
-/* One block: the exponent, the codes, and the block's sums [dot, update, applied, largest]. */
-static inline __attribute__((always_inline)) void encode_block(const float *v, const float *w, uint8_t *codes, uint8_t *scale, float out[4]) {
-    float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (int j = 0; j < 32; j += 8)
-        for (int k = 0; k < 8; k++) {
-            float a = fabsf(v[j + k]);
-            lanes[k] = a > lanes[k] ? a : lanes[k];
-        }
-    float amax = 0;
-    for (int k = 0; k < 8; k++) amax = lanes[k] > amax ? lanes[k] : amax;
+/* One block: the exponent, the codes, and the block's share of the run's sums. */
+static inline __attribute__((always_inline)) void encode_block(const float *v, const float *w, uint8_t *codes, uint8_t *scale, double run[4]) {
+    float amax = max_abs_lanes(v, 32);
     int chosen = (int)*scale - 127;
     if (amax > 0) {
         int e0 = floor_log2(amax) - 2, e1 = e0 + 1;
@@ -78,46 +71,21 @@ static inline __attribute__((always_inline)) void encode_block(const float *v, c
     *scale = (uint8_t)(chosen + 127);
     float step = exp2_e8m0((uint32_t)(chosen + 127)), inverse = 1.0f / step;
     uint8_t nibbles[32];
-    float bd[8] = {0}, bu[8] = {0}, ba[8] = {0}, bl[8] = {0};
+    group_sums sums = {{0}, {0}, {0}, {0}};
     for (int j = 0; j < 32; j += 8) {
         for (int k = 0; k < 8; k++) {
             float x = v[j + k];
             float m = e2m1_round(fabsf(x) * inverse);
-            uint8_t sign = signbit(x) ? 8u : 0u;
-            nibbles[j + k] = (uint8_t)(e2m1_magnitude_code(m) | sign);
-            float q = copysignf(m, x) * step;
-            float d = x - w[j + k], e = q - w[j + k];
-            bd[k] += e * d;
-            bu[k] += d * d;
-            ba[k] += e * e;
-            float ad = fabsf(d);
-            bl[k] = ad > bl[k] ? ad : bl[k];
+            nibbles[j + k] = (uint8_t)(e2m1_magnitude_code(m) | (signbit(x) ? 8u : 0u));
+            group_sums_add(&sums, k, x, w[j + k], copysignf(m, x) * step);
         }
     }
-    out[0] = out[1] = out[2] = out[3] = 0;
-    for (int k = 0; k < 8; k++) {
-        out[0] += bd[k];
-        out[1] += bu[k];
-        out[2] += ba[k];
-        out[3] = bl[k] > out[3] ? bl[k] : out[3];
-    }
-    for (int j = 0; j < 16; j++) codes[j] = (uint8_t)(nibbles[2 * j] | (nibbles[2 * j + 1] << 4));
+    group_sums_into(&sums, run);
+    pack_nibbles(nibbles, codes, 32);
 }
 
 #define ENCODE_BODY                                                                                \
-    double dot = 0, update = 0, applied = 0, largest = sums[3];                                    \
-    for (size_t b = 0; b < blocks; b++) {                                                          \
-        float s[4];                                                                                \
-        encode_block(merged + b * 32, base + b * 32, codes + b * 16, scales + b, s);               \
-        dot += s[0];                                                                               \
-        update += s[1];                                                                            \
-        applied += s[2];                                                                           \
-        largest = s[3] > largest ? s[3] : largest;                                                 \
-    }                                                                                              \
-    sums[0] += dot;                                                                                \
-    sums[1] += update;                                                                             \
-    sums[2] += applied;                                                                            \
-    sums[3] = largest;
+    for (size_t b = 0; b < blocks; b++) encode_block(merged + b * 32, base + b * 32, codes + b * 16, scales + b, sums);
 
 static void encode_portable(const float *base, const float *merged, uint8_t *codes, uint8_t *scales, size_t blocks, double sums[4]) {
     ENCODE_BODY

@@ -39,17 +39,10 @@ static inline __attribute__((always_inline)) float bf16_round(float x) {
 
 /* One group: a fresh scale (amax / 6 · global, rounded once into E4M3, saturating at 448; one
  * that underflows to 0 becomes 0.125 as compressed-tensors makes it; a group of zeros keeps its
- * scale), the codes of x / (scale / global) nearest on the grid, and the group's sums. */
+ * scale), the codes of x / (scale / global) nearest on the grid, and the group's share of the sums. */
 static inline __attribute__((always_inline)) void encode_group(const float *v, const float *w, uint8_t *codes, uint8_t *scale, float global,
-                                                               float out[4]) {
-    float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (int j = 0; j < 16; j += 8)
-        for (int k = 0; k < 8; k++) {
-            float a = fabsf(v[j + k]);
-            lanes[k] = a > lanes[k] ? a : lanes[k];
-        }
-    float amax = 0;
-    for (int k = 0; k < 8; k++) amax = lanes[k] > amax ? lanes[k] : amax;
+                                                               double run[4]) {
+    float amax = max_abs_lanes(v, 16);
     if (amax > 0) {
         uint32_t code = e4m3((amax / 6.0f) * global);
         if ((code & 0x7Fu) == 0) code = e4m3(0.125f);
@@ -57,46 +50,22 @@ static inline __attribute__((always_inline)) void encode_group(const float *v, c
     }
     float eff = e4m3_value(*scale) / global;
     uint8_t nibbles[16];
-    float bd[8] = {0}, bu[8] = {0}, ba[8] = {0}, bl[8] = {0};
+    group_sums sums = {{0}, {0}, {0}, {0}};
     for (int j = 0; j < 16; j += 8) {
         for (int k = 0; k < 8; k++) {
             float x = v[j + k];
             float m = e2m1_round(fabsf(x / eff));
             uint8_t sign = x < 0.0f ? 8u : 0u;
             nibbles[j + k] = (uint8_t)(e2m1_magnitude_code(m) | sign);
-            float q = bf16_round((sign ? -m : m) * eff);
-            float d = x - w[j + k], e = q - w[j + k];
-            bd[k] += e * d;
-            bu[k] += d * d;
-            ba[k] += e * e;
-            float ad = fabsf(d);
-            bl[k] = ad > bl[k] ? ad : bl[k];
+            group_sums_add(&sums, k, x, w[j + k], bf16_round((sign ? -m : m) * eff));
         }
     }
-    out[0] = out[1] = out[2] = out[3] = 0;
-    for (int k = 0; k < 8; k++) {
-        out[0] += bd[k];
-        out[1] += bu[k];
-        out[2] += ba[k];
-        out[3] = bl[k] > out[3] ? bl[k] : out[3];
-    }
-    for (int j = 0; j < 8; j++) codes[j] = (uint8_t)(nibbles[2 * j] | (nibbles[2 * j + 1] << 4));
+    group_sums_into(&sums, run);
+    pack_nibbles(nibbles, codes, 16);
 }
 
 #define ENCODE_BODY                                                                                \
-    double dot = 0, update = 0, applied = 0, largest = sums[3];                                    \
-    for (size_t g = 0; g < groups; g++) {                                                          \
-        float s[4];                                                                                \
-        encode_group(merged + g * 16, base + g * 16, codes + g * 8, scales + g, global, s); \
-        dot += s[0];                                                                               \
-        update += s[1];                                                                            \
-        applied += s[2];                                                                           \
-        largest = s[3] > largest ? s[3] : largest;                                                 \
-    }                                                                                              \
-    sums[0] += dot;                                                                                \
-    sums[1] += update;                                                                             \
-    sums[2] += applied;                                                                            \
-    sums[3] = largest;
+    for (size_t g = 0; g < groups; g++) encode_group(merged + g * 16, base + g * 16, codes + g * 8, scales + g, global, sums);
 
 static int decode_portable(const uint8_t *codes, const uint8_t *scales, size_t groups, float global, float *base,
                            float *merged) { DECODE_BODY }

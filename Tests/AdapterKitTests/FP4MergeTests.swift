@@ -40,7 +40,7 @@ struct MXFP4MergeTests {
         let zeros = one([-0.0], old: 100)
         #expect(zeros.scale == 100 && zeros.codes[0] == 8 && zeros.codes[1] == 0)
         // Tiny and huge blocks clamp the exponent to the E8M0 range: 2⁻¹²⁷ … 2¹²⁷.
-        #expect(one([1e-39]).scale == 0)
+        #expect(one([0x1p-130]).scale == 0)
         // And what it encodes decodes back within two units of its exponent (half the widest grid
         // step, 4 → 6, or a value saturated at 6 under e₀).
         let random = (0..<3200).map { i in Float(sin(Double(i) * 0.7)) * Float(pow(2.0, Double(i % 40) - 20)) }

@@ -53,27 +53,17 @@ final class MergeExecutor {
     /// Writes a changed tensor: its edit applied to the base's values.
     func write(_ p: TensorEdit, from store: any TensorContainer, to writer: any TensorFileWriter) throws {
         defer { store.release(p.baseName) }
-        if case .blockScaledFP8 = p.base.encoding, let plan, let dtype = p.outputDType {
-            try dequantizeBlockScaledFP8(p, from: store, base: plan.base, dtype: dtype, to: writer)
-            return
-        }
-        if case .blockScaledFP8(_, let scaleName, _) = p.base.encoding, let plan {
-            let (scales, retention) = try mergeBlockScaledFP8(p, from: store, base: plan.base, to: writer)
-            if !writtenScales.contains(scaleName) { pendingScales[scaleName] = scales.encoded() }
-            retained.append((p.baseName, retention))
-            if options.report {
-                reports.append(.init(tensor: p.baseName, modules: p.terms.map(\.module.name),
-                                     statistics: UpdateStatistics(maxAbsUpdate: retention.maxAbsUpdate, updateSquared: retention.update, appliedSquared: retention.applied),
-                                     kept: retention.kept))
-            }
-            return
-        }
-        if let scaleName = p.base.encoding.fp4Scale, let plan {
+        if let scaleName = p.base.encoding.scaleTensors.first, let plan {
+            // A quantized weight: dequantized (`--dtype`), or requantized with fresh scales that
+            // its scale tensor (perhaps in another shard) is written from.
+            let fp8: Bool
+            if case .blockScaledFP8 = p.base.encoding { fp8 = true } else { fp8 = false }
             if let dtype = p.outputDType {
-                try dequantizeFP4(p, from: store, base: plan.base, dtype: dtype, to: writer)
+                try fp8 ? dequantizeBlockScaledFP8(p, from: store, base: plan.base, dtype: dtype, to: writer)
+                        : dequantizeFP4(p, from: store, base: plan.base, dtype: dtype, to: writer)
                 return
             }
-            let (scales, retention) = try mergeFP4(p, from: store, base: plan.base, to: writer)
+            let (scales, retention) = try requantize(p, from: store, base: plan.base, to: writer)
             if !writtenScales.contains(scaleName) { pendingScales[scaleName] = scales }
             retained.append((p.baseName, retention))
             if options.report {
@@ -88,11 +78,7 @@ final class MergeExecutor {
             // weight comes later and its merge makes the same scales again).
             var bytes = pendingScales.removeValue(forKey: p.baseName)
             if bytes == nil, let edit = plan.changes[weight], let (_, file) = plan.base.tensor(weight) {
-                if edit.base.encoding.fp4Scale != nil {
-                    bytes = try mergeFP4(edit, from: plan.base.files[file], base: plan.base, to: nil).scales
-                } else {
-                    bytes = try mergeBlockScaledFP8(edit, from: plan.base.files[file], base: plan.base, to: nil).scales.encoded()
-                }
+                bytes = try requantize(edit, from: plan.base.files[file], base: plan.base, to: nil).scales
             }
             guard let bytes else { preconditionFailure("a scale edit names the weight it belongs to") }
             writtenScales.insert(p.baseName)
@@ -180,6 +166,17 @@ final class MergeExecutor {
         if let stats {
             reports.append(.init(tensor: p.baseName, modules: p.terms.map(\.module.name), statistics: stats, kept: nil))
         }
+    }
+
+    /// A quantized weight merged and requantized in its own scheme: its codes written when `writer`
+    /// is given, its scale tensor's new bytes returned either way.
+    private func requantize(_ p: TensorEdit, from store: any TensorContainer, base: Checkpoint,
+                            to writer: (any TensorFileWriter)?) throws -> (scales: [UInt8], retention: Retention) {
+        if case .blockScaledFP8 = p.base.encoding {
+            let (scales, retention) = try mergeBlockScaledFP8(p, from: store, base: base, to: writer)
+            return (scales.encoded(), retention)
+        }
+        return try mergeFP4(p, from: store, base: base, to: writer)
     }
 
     /// Queues a small computed tensor for writing.

@@ -29,15 +29,8 @@ public enum TensorEncoding: Hashable, Sendable {
         }
     }
 
-    /// The per-group scale tensor of an FP4 encoding (MXFP4, NVFP4), nil for the others.
-    public var fp4Scale: String? {
-        switch self {
-        case .mxfp4(let s), .nvfp4(let s, _): s
-        case .plain, .blockScaledFP8: nil
-        }
-    }
-
-    /// The tensors that hold this encoding's scales (none for plain tensors).
+    /// The tensors that hold this encoding's scales, the one rewritten with the codes first (none
+    /// for plain tensors).
     public var scaleTensors: [String] {
         switch self {
         case .plain: []

@@ -25,14 +25,6 @@ for format in mxfp4 nvfp4; do
     for update in 0.001 0.01 0.1; do
         dir="$WORK/$format-$update"
         [ -d "$dir/model" ] || "$PY" "$ROOT/Benchmarks/make_${format}_model.py" "$dir" --update "$update" > /dev/null
-        # The same bytes copied and flushed (dd, then sync), then the merge (which fsyncs too).
-        rm -rf "$dir/out"
-        dd_s=$(dd_seconds "$dir")
-        /usr/bin/time -f '%e %M' -o "$dir/time.txt" "$ADAPTER" merge "$dir/model" "$dir/adapter" "$dir/out" 2> "$dir/log.txt"
-        kept=$(grep -o 'median [0-9.]* %, worst [0-9.]* %' "$dir/log.txt")
-        read -r wall rss < "$dir/time.txt"
-        printf '%-5s  update %-6s of ‖W‖  kept: %-28s  %5.2f GB  merge %5.2f s  dd + sync %5.2f s  peak RSS %4.0f MB\n' \
-            "$format" "$update" "$kept" "$(du -sb "$dir/model" | awk '{print $1 / 1e9}')" "$wall" "$dd_s" "$(echo "$rss / 1024" | bc -l)"
-        rm -rf "$dir/out"
+        merge_row "$dir" "$(printf '%-5s  update %-6s of ‖W‖' "$format" "$update")" "$ADAPTER"
     done
 done

@@ -26,14 +26,6 @@ for scales in f32 e8m0; do
         dir="$WORK/$scales-$update"
         [ -d "$dir/model" ] || "$PY" "$ROOT/Benchmarks/make_fp8_model.py" "$dir" --layers "$LAYERS" --hidden "$HIDDEN" --update "$update" \
             $([ $scales = e8m0 ] && echo --e8m0) > /dev/null
-        # The same bytes copied and flushed (dd, then sync), then the merge (which fsyncs too).
-        rm -rf "$dir/out"
-        dd_s=$(dd_seconds "$dir")
-        /usr/bin/time -f '%e %M' -o "$dir/time.txt" "$ADAPTER" merge "$dir/model" "$dir/adapter" "$dir/out" 2> "$dir/log.txt"
-        kept=$(grep -o 'median [0-9.]* %, worst [0-9.]* %' "$dir/log.txt")
-        read -r wall rss < "$dir/time.txt"
-        printf '%-5s scales  update %-6s of ‖W‖  kept: %-28s  %5.2f GB  merge %5.2f s  dd + sync %5.2f s  peak RSS %4.0f MB\n' \
-            "$scales" "$update" "$kept" "$(du -sb "$dir/model" | awk '{print $1 / 1e9}')" "$wall" "$dd_s" "$(echo "$rss / 1024" | bc -l)"
-        rm -rf "$dir/out"
+        merge_row "$dir" "$(printf '%-5s scales  update %-6s of ‖W‖' "$scales" "$update")" "$ADAPTER"
     done
 done

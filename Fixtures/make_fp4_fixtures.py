@@ -49,7 +49,7 @@ import transformers as T
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from make_quantized_fixtures import patch_dtypes
+from make_quantized_fixtures import moslora_adapter, patch_dtypes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = os.path.join(HERE, "models")
@@ -319,19 +319,11 @@ def nvfp4_requantize(merged, gs):
 def nvfp4_case():
     decoded = nvfp4_model()
     rng = np.random.default_rng(10)
-    r, alpha = 2, 4.0
     mods = {"model.layers.0.self_attn.q_proj": (32, NH), "model.layers.0.self_attn.v_proj": (16, NH), "model.layers.0.mlp.down_proj": (NH, NI)}
-    tensors, out = {}, {}
-    for m, (o, i) in mods.items():
-        a = (rng.standard_normal((r, i)) * 0.3).astype(np.float32)
-        b = (rng.standard_normal((o, r)) * 0.1).astype(np.float32)
-        tensors[f"base_model.model.{m}.lora_A.weight"] = a
-        tensors[f"base_model.model.{m}.lora_B.weight"] = b
-        mixer = np.eye(r)
-        if m.endswith("down_proj"):
-            mixer = (rng.standard_normal((r, r)) * 0.5 + np.eye(r)).astype(np.float32)
-            tensors[f"base_model.model.{m}.lora_AB.weight"] = mixer
-        delta = (alpha / r) * (b.astype(np.float64) @ mixer.astype(np.float64) @ a.astype(np.float64))
+    deltas = moslora_adapter("nvfp4-lora", "tiny-nvfp4", mods, rng, b_scale=0.1)
+    out = {}
+    for m in mods:
+        delta = deltas[m + ".weight"]
         w, parts = decoded[m + ".weight"]
         merged = w + delta
         packed, scale = nvfp4_requantize(merged, float(parts["weight_global_scale"][0]))
@@ -341,13 +333,6 @@ def nvfp4_case():
         out[m + ".bf16"] = bf16_bits(merged)
     for k, (w, _) in decoded.items():
         out[k[: -len(".weight")] + ".base"] = w
-    folder = os.path.join(ADAPTERS, "nvfp4-lora")
-    shutil.rmtree(folder, ignore_errors=True)
-    os.makedirs(folder)
-    save_file(tensors, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
-    json.dump({"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": ["q_proj", "v_proj", "down_proj"],
-               "lora_use_mixer": False, "lora_use_mixer_pattern": {"model.layers.0.mlp.down_proj": True}, "base_model_name_or_path": "tiny-nvfp4"},
-              open(os.path.join(folder, "adapter_config.json"), "w"), indent=2, sort_keys=True)
     os.makedirs(NV_EXPECTED, exist_ok=True)
     save_file(out, os.path.join(NV_EXPECTED, "tiny-nvfp4+nvfp4-lora.safetensors"),
               metadata={"reference": "compressed-tensors decompression, numpy float64 merge, float32 requantization"})

@@ -137,19 +137,15 @@ def patch_dtypes(path, dtypes):
     open(path, "wb").write(len(text).to_bytes(8, "little") + text + raw[8 + n:])
 
 
-def main():
-    rng = np.random.default_rng(8)
-    os.makedirs(EXPECTED, exist_ok=True)
-    bases = {"tiny-fp8": make_base("tiny-fp8", False, rng)}
-    bases["tiny-fp8-e8m0"] = make_base("tiny-fp8-e8m0", True, np.random.default_rng(8))
-
-    # The adapter: r 2, alpha 4 (s = 2), a mixer on down_proj.
+def moslora_adapter(name, base, mods, rng, b_scale=0.3):
+    """adapters/<name>: a PEFT LoRA (r 2, alpha 4: s = 2) on `mods` ({module: (out, in)}) with a
+    MoSLoRA mixer (`lora_AB`, `lora_use_mixer_pattern`) on down_proj; returns each weight's update
+    s·B·M·A in Float64."""
     r, alpha = 2, 4.0
-    mods = {"model.layers.0.self_attn.q_proj": (H, H), "model.layers.0.self_attn.v_proj": (8, H), "model.layers.0.mlp.down_proj": (H, I)}
     tensors, deltas = {}, {}
     for m, (out, inp) in mods.items():
         a = (rng.standard_normal((r, inp)) * 0.3).astype(np.float32)
-        b = (rng.standard_normal((out, r)) * 0.3).astype(np.float32)
+        b = (rng.standard_normal((out, r)) * b_scale).astype(np.float32)
         tensors[f"base_model.model.{m}.lora_A.weight"] = a
         tensors[f"base_model.model.{m}.lora_B.weight"] = b
         mixer = np.eye(r)
@@ -157,13 +153,24 @@ def main():
             mixer = (rng.standard_normal((r, r)) * 0.5 + np.eye(r)).astype(np.float32)
             tensors[f"base_model.model.{m}.lora_AB.weight"] = mixer
         deltas[m + ".weight"] = (alpha / r) * (b.astype(np.float64) @ mixer.astype(np.float64) @ a.astype(np.float64))
-    folder = os.path.join(ADAPTERS, "fp8-lora")
+    folder = os.path.join(ADAPTERS, name)
     shutil.rmtree(folder, ignore_errors=True)
     os.makedirs(folder)
     save_file(tensors, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
-    json.dump({"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": ["q_proj", "v_proj", "down_proj"],
-               "lora_use_mixer": False, "lora_use_mixer_pattern": {"model.layers.0.mlp.down_proj": True}, "base_model_name_or_path": "tiny-fp8"},
+    json.dump({"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": list(dict.fromkeys(m.rsplit(".", 1)[1] for m in mods)),
+               "lora_use_mixer": False, "lora_use_mixer_pattern": {"model.layers.0.mlp.down_proj": True}, "base_model_name_or_path": base},
               open(os.path.join(folder, "adapter_config.json"), "w"), indent=2, sort_keys=True)
+    return deltas
+
+
+def main():
+    rng = np.random.default_rng(8)
+    os.makedirs(EXPECTED, exist_ok=True)
+    bases = {"tiny-fp8": make_base("tiny-fp8", False, rng)}
+    bases["tiny-fp8-e8m0"] = make_base("tiny-fp8-e8m0", True, np.random.default_rng(8))
+
+    mods = {"model.layers.0.self_attn.q_proj": (H, H), "model.layers.0.self_attn.v_proj": (8, H), "model.layers.0.mlp.down_proj": (H, I)}
+    deltas = moslora_adapter("fp8-lora", "tiny-fp8", mods, rng)
 
     compressed_reference(compressed_tensors_fp8(), deltas)
     for base, decoded in bases.items():

@@ -4,6 +4,7 @@
  * as for the merge kernel. */
 #include "merge_kernel.h"
 #include "fp_codes.h"
+#include "fp4_avx2.h"
 
 /* No fused multiply-adds: the AVX2 copies round every product as the portable ones do (and as
  * the Float64 references of the tests do), so both choose the same codes and scales. */
@@ -94,9 +95,60 @@ static void encode_portable(const float *base, const float *merged, uint8_t *cod
 #if defined(__x86_64__)
 __attribute__((target("avx2,fma"))) static int decode_avx2(const uint8_t *codes, const uint8_t *scales, size_t blocks, float *base,
                                                             float *merged) { DECODE_BODY }
+/* block_error on eight lanes: each lane's Float64 sum as the portable acc[k], combined alike. */
+FP4_AVX2 double block_error_x8(const float *v, __m256 inverse, __m256 step) {
+    __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
+    for (int j = 0; j < 32; j += 8) {
+        __m256 a = abs_x8(_mm256_loadu_ps(v + j));
+        __m256 q = _mm256_mul_ps(e2m1_round_x8(_mm256_mul_ps(a, inverse)), step);
+        __m256d dlo = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(q)), _mm256_cvtps_pd(_mm256_castps256_ps128(a)));
+        __m256d dhi = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(q, 1)), _mm256_cvtps_pd(_mm256_extractf128_ps(a, 1)));
+        lo = _mm256_add_pd(lo, _mm256_mul_pd(dlo, dlo));
+        hi = _mm256_add_pd(hi, _mm256_mul_pd(dhi, dhi));
+    }
+    double acc[8];
+    _mm256_storeu_pd(acc, lo);
+    _mm256_storeu_pd(acc + 4, hi);
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+/* encode_block on eight lanes at a time. */
+FP4_AVX2 void encode_block_x8(const float *v, const float *w, uint8_t *codes, uint8_t *scale, double run[4]) {
+    __m256 m8 = _mm256_setzero_ps();
+    for (int j = 0; j < 32; j += 8) {
+        __m256 a = abs_x8(_mm256_loadu_ps(v + j));
+        m8 = _mm256_blendv_ps(m8, a, _mm256_cmp_ps(a, m8, _CMP_GT_OQ));
+    }
+    float amax = max_lanes_x8(m8);
+    int chosen = (int)*scale - 127;
+    if (amax > 0) {
+        int e0 = floor_log2(amax) - 2, e1 = e0 + 1;
+        e0 = e0 < -127 ? -127 : e0 > 127 ? 127 : e0;
+        e1 = e1 < -127 ? -127 : e1 > 127 ? 127 : e1;
+        float s0 = exp2_e8m0((uint32_t)(e0 + 127)), s1 = exp2_e8m0((uint32_t)(e1 + 127));
+        chosen = e0;
+        if (e1 != e0 && block_error_x8(v, _mm256_set1_ps(1.0f / s1), _mm256_set1_ps(s1)) < block_error_x8(v, _mm256_set1_ps(1.0f / s0), _mm256_set1_ps(s0)))
+            chosen = e1;
+    }
+    *scale = (uint8_t)(chosen + 127);
+    float step1 = exp2_e8m0((uint32_t)(chosen + 127));
+    __m256 step = _mm256_set1_ps(step1), inverse = _mm256_set1_ps(1.0f / step1);
+    __m256 signs = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u));
+    group_sums_x8 sums = group_sums_zero_x8();
+    for (int j = 0; j < 32; j += 8) {
+        __m256 x = _mm256_loadu_ps(v + j);
+        __m256 m = e2m1_round_x8(_mm256_mul_ps(abs_x8(x), inverse));
+        __m256i sign = _mm256_slli_epi32(_mm256_srli_epi32(_mm256_castps_si256(x), 31), 3);
+        pack_nibbles_x8(_mm256_or_si256(e2m1_code_x8(m), sign), codes + j / 2);
+        __m256 q = _mm256_mul_ps(_mm256_or_ps(m, _mm256_and_ps(x, signs)), step);
+        group_sums_add_x8(&sums, x, _mm256_loadu_ps(w + j), q);
+    }
+    group_sums_into_x8(&sums, run);
+}
+
 __attribute__((target("avx2,fma"))) static void encode_avx2(const float *base, const float *merged, uint8_t *codes, uint8_t *scales,
                                                              size_t blocks, double sums[4]) {
-    ENCODE_BODY
+    for (size_t b = 0; b < blocks; b++) encode_block_x8(merged + b * 32, base + b * 32, codes + b * 16, scales + b, sums);
 }
 #endif
 

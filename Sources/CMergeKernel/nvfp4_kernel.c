@@ -4,6 +4,7 @@
  * in Float32. An AVX2 copy of each loop is chosen at run time, as for the merge kernel. */
 #include "merge_kernel.h"
 #include "fp_codes.h"
+#include "fp4_avx2.h"
 
 /* No fused multiply-adds: the AVX2 copies round every product as the portable ones do (and as
  * the Float64 references of the tests do), so both choose the same codes and scales. */
@@ -77,9 +78,37 @@ static void encode_portable(const float *base, const float *merged, uint8_t *cod
 #if defined(__x86_64__)
 __attribute__((target("avx2,fma"))) static int decode_avx2(const uint8_t *codes, const uint8_t *scales, size_t groups, float global,
                                                             float *base, float *merged) { DECODE_BODY }
+/* encode_group on eight lanes at a time. */
+FP4_AVX2 void encode_group_x8(const float *v, const float *w, uint8_t *codes, uint8_t *scale, float global, double run[4]) {
+    __m256 m8 = _mm256_setzero_ps();
+    for (int j = 0; j < 16; j += 8) {
+        __m256 a = abs_x8(_mm256_loadu_ps(v + j));
+        m8 = _mm256_blendv_ps(m8, a, _mm256_cmp_ps(a, m8, _CMP_GT_OQ));
+    }
+    float amax = max_lanes_x8(m8);
+    if (amax > 0) {
+        uint32_t code = e4m3((amax / 6.0f) * global);
+        if ((code & 0x7Fu) == 0) code = e4m3(0.125f);
+        *scale = (uint8_t)code;
+    }
+    __m256 eff = _mm256_set1_ps(e4m3_value(*scale) / global);
+    __m256 signs = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u));
+    group_sums_x8 sums = group_sums_zero_x8();
+    for (int j = 0; j < 16; j += 8) {
+        __m256 x = _mm256_loadu_ps(v + j);
+        __m256 m = e2m1_round_x8(abs_x8(_mm256_div_ps(x, eff)));
+        __m256 negative = _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ);
+        __m256i sign = _mm256_and_si256(_mm256_castps_si256(negative), _mm256_set1_epi32(8));
+        pack_nibbles_x8(_mm256_or_si256(e2m1_code_x8(m), sign), codes + j / 2);
+        __m256 q = bf16_round_x8(_mm256_mul_ps(_mm256_or_ps(m, _mm256_and_ps(negative, signs)), eff));
+        group_sums_add_x8(&sums, x, _mm256_loadu_ps(w + j), q);
+    }
+    group_sums_into_x8(&sums, run);
+}
+
 __attribute__((target("avx2,fma"))) static void encode_avx2(const float *base, const float *merged, uint8_t *codes, uint8_t *scales,
                                                              size_t groups, float global, double sums[4]) {
-    ENCODE_BODY
+    for (size_t g = 0; g < groups; g++) encode_group_x8(merged + g * 16, base + g * 16, codes + g * 8, scales + g, global, sums);
 }
 #endif
 

@@ -62,6 +62,20 @@ struct MergeCommandTests {
         #expect(!FileManager.default.fileExists(atPath: dir.file("f64")) && !FileManager.default.fileExists(atPath: dir.file("plain")))
     }
 
+    @Test("the requantizers' AVX2 and portable copies write the same bytes (FP8 per row, MXFP4, NVFP4)",
+          arguments: [("tiny-fp8-channel", "fp8-lora"), ("tiny-gpt-oss-mxfp4", "mxfp4-lora"), ("tiny-nvfp4", "nvfp4-lora")])
+    func portableRequantizers(_ base: String, _ lora: String) throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let fast = try adapter(["merge", "--quiet", fixture("models/\(base)"), fixture("adapters/\(lora)"), dir.file("fast")])
+        let portable = try adapter(["merge", "--quiet", fixture("models/\(base)"), fixture("adapters/\(lora)"), dir.file("portable")],
+                                   environment: ["ADAPTER_PORTABLE_KERNELS": "1"])
+        #expect(fast.status == 0 && portable.status == 0, "\(fast.stderr) \(portable.stderr)")
+        let a = try Data(contentsOf: URL(fileURLWithPath: dir.file("fast/model.safetensors")))
+        let b = try Data(contentsOf: URL(fileURLWithPath: dir.file("portable/model.safetensors")))
+        #expect(a == b)
+    }
+
     @Test("OUT rules: must not exist, be, sit inside or contain an input")
     func outputRules() throws {
         let dir = TempDir()

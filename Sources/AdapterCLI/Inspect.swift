@@ -3,7 +3,7 @@ import ArgumentParser
 
 struct Inspect: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Show what a safetensors file, a model folder or an adapter holds (headers only for models).",
+        abstract: "Show what a safetensors or GGUF file, a model folder or an adapter holds (headers only for models).",
         discussion: """
         A model folder is either one model.safetensors or shards with model.safetensors.index.json. \
         An adapter is a PEFT / MoSLoRA folder (adapter_config.json), an mlx-lm folder, a PaddleNLP \
@@ -11,7 +11,7 @@ struct Inspect: ParsableCommand {
         """
     )
 
-    @Argument(help: "A .safetensors file, a model folder, or an adapter file or folder.")
+    @Argument(help: "A .safetensors or .gguf file, a model folder, or an adapter file or folder.")
     var path: String
 
     @Flag(help: "Print one JSON object instead of the summary.")
@@ -23,6 +23,11 @@ struct Inspect: ParsableCommand {
     func run() throws {
         // Every tensor file is opened (its header parsed) once, whichever way the path is read.
         let files = TensorFiles()
+        if GGUFFile.looksLikeGGUF(path) {
+            let report = GGUFReport(try GGUFFile(path: path))
+            try writeOutput(json ? JSONWriter.compact(report.json()) : report.text(tensors: tensors))
+            return
+        }
         if Adapter.looksLikeAdapter(path, files: files) {
             let adapter = try Adapter(path: path, files: files)
             let report = try AdapterReport(adapter)

@@ -4,6 +4,7 @@
 // time. The AVX2 path keeps a 4-row × 16-column tile of the update in eight registers, so each
 // panel load feeds four FMAs; the portable path is the same loop for any x86-64 or ARM CPU.
 #include "merge_kernel.h"
+#include "half.h"
 
 #include <stdlib.h>
 
@@ -14,63 +15,7 @@
 #include <immintrin.h>
 #endif
 
-// MARK: - Scalar conversions (the portable path and tails)
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x0040u);
-    u += 0x7FFFu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-static inline float f16_to_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-    uint32_t exponent = (h >> 10) & 0x1Fu;
-    uint32_t mantissa = h & 0x3FFu;
-    uint32_t u;
-    if (exponent == 0x1F) {
-        u = sign | 0x7F800000u | (mantissa << 13);
-    } else if (exponent == 0) {
-        float m = (float)mantissa * 0x1p-24f;
-        return sign ? -m : m;
-    } else {
-        u = sign | ((exponent + 112u) << 23) | (mantissa << 13);
-    }
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_f16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    uint32_t sign = u & 0x80000000u;
-    u ^= sign;
-    uint32_t out;
-    if (u >= 0x47800000u) {
-        out = u > 0x7F800000u ? 0x7E00u : 0x7C00u;
-    } else if (u < 0x38800000u) {
-        float g;
-        memcpy(&g, &u, 4);
-        g += 0.5f;
-        uint32_t gu;
-        memcpy(&gu, &g, 4);
-        out = gu - 0x3F000000u;
-    } else {
-        uint32_t odd = (u >> 13) & 1u;
-        u += 0xC8000FFFu + odd;
-        out = u >> 13;
-    }
-    return (uint16_t)(out | (sign >> 16));
-}
+// MARK: - Scalar conversions (the portable path and tails): half.h
 
 static inline float load_elem(int type, const void *p, size_t i) {
     switch (type) {

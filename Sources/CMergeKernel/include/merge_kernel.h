@@ -60,6 +60,16 @@ int adapter_nvfp4_decode(const uint8_t *codes, const uint8_t *scales, size_t gro
 void adapter_nvfp4_encode(const float *base, const float *merged, uint8_t *codes, uint8_t *scales, size_t groups, float global,
                           double sums[4]);
 
+/// GGML block types with a reference codec here (the ggml_type values).
+enum adapter_ggml_type { ADAPTER_GGML_Q4_0 = 2, ADAPTER_GGML_Q4_1 = 3, ADAPTER_GGML_Q5_0 = 6, ADAPTER_GGML_Q5_1 = 7, ADAPTER_GGML_Q8_0 = 8 };
+
+/// `n` values (a multiple of 32) as blocks of `type`, by ggml's reference quantizer of that type.
+/// Returns 0 for a type without a codec or a partial block, 1 otherwise.
+int adapter_ggml_encode(int type, const float *x, uint8_t *y, size_t n);
+
+/// `n` values (a multiple of 32) of blocks of `type`, as ggml's dequantize_row_* gives them.
+int adapter_ggml_decode(int type, const uint8_t *x, float *y, size_t n);
+
 /// dst (cols × rows) = the transpose of src (rows × cols), elements of `size` bytes (2 or 4).
 void adapter_transpose(const void *src, void *dst, size_t rows, size_t cols, size_t size);
 

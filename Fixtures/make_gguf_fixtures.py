@@ -1,0 +1,112 @@
+#!/usr/bin/env python3
+"""GGUF files written by gguf-py (llama.cpp's own Python package) for the reader and codec tests.
+
+    pip install numpy gguf==0.19.0      # only to regenerate
+    python3 Fixtures/make_gguf_fixtures.py
+
+Writes
+- gguf/codecs.gguf: `source`, F32 [8, 256] (normal values, a row of zeros, a constant row, tiny
+  values, values on the rounding points of the 4- and 5-bit grids), and the same rows as each
+  type gguf-py quantizes bit for bit like ggml's reference quantizers (Q8_0, Q4_0, Q4_1, Q5_0,
+  Q5_1) and as F16 and BF16, each with `<TYPE>.decoded` (F32: gguf-py's dequantization); and one
+  metadata key of every GGUF value type (`test.*`), arrays of strings and of integers included.
+- gguf/tiny-llama.gguf: a LLaMA-shaped GGUF (metadata as convert_hf_to_gguf.py writes it: the
+  architecture, hyperparameters, a 64-token vocabulary) with F32, F16 and Q8_0 tensors in llama.cpp
+  names, for inspect.
+"""
+import os
+
+import gguf
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OUT = os.path.join(HERE, "gguf")
+T = gguf.GGMLQuantizationType
+
+
+def source_rows():
+    rng = np.random.default_rng(20)
+    rows = [rng.standard_normal(256).astype(np.float32) * 0.05 for _ in range(3)]
+    rows.append(np.zeros(256, dtype=np.float32))
+    rows.append(np.full(256, 0.25, dtype=np.float32))
+    rows.append((rng.standard_normal(256) * 1e-6).astype(np.float32))
+    # Multiples of 1/8 of a block maximum: values on the 4- and 5-bit grids' rounding points.
+    grid = np.tile(np.concatenate([[1.0], np.arange(-15, 16) / 16.0]), 8)[:256].astype(np.float32)
+    rows.append(grid)
+    rows.append((rng.standard_normal(256) * 3).astype(np.float32))
+    return np.stack(rows)
+
+
+def codecs():
+    w = gguf.GGUFWriter(os.path.join(OUT, "codecs.gguf"), arch="test")
+    src = source_rows()
+    w.add_tensor("source", src)
+    for t in (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.F16, T.BF16):
+        q = gguf.quants.quantize(src, t)
+        w.add_tensor(t.name, q, raw_dtype=t)
+        w.add_tensor(t.name + ".decoded", gguf.quants.dequantize(q, t).astype(np.float32))
+    w.add_uint8("test.u8", 200)
+    w.add_int8("test.i8", -100)
+    w.add_uint16("test.u16", 60000)
+    w.add_int16("test.i16", -30000)
+    w.add_uint32("test.u32", 4000000000)
+    w.add_int32("test.i32", -2000000000)
+    w.add_float32("test.f32", 0.5)
+    w.add_bool("test.bool", True)
+    w.add_string("test.string", "héllo")
+    w.add_array("test.strings", ["a", "bc", ""])
+    w.add_array("test.ints", [1, 2, 3])
+    w.add_uint64("test.u64", 2 ** 63 + 5)
+    w.add_int64("test.i64", -(2 ** 62))
+    w.add_float64("test.f64", 0.1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def tiny_llama():
+    rng = np.random.default_rng(21)
+    h, ffn, vocab = 64, 128, 64
+    w = gguf.GGUFWriter(os.path.join(OUT, "tiny-llama.gguf"), arch="llama")
+    w.add_name("tiny-llama")
+    w.add_block_count(1)
+    w.add_context_length(128)
+    w.add_embedding_length(h)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    w.add_tokenizer_model("llama")
+    w.add_token_list([f"t{i}" for i in range(vocab)])
+    w.add_token_scores([0.0] * vocab)
+    w.add_token_types([1] * vocab)
+
+    def weight(name, shape, qtype):
+        x = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+        if qtype == T.F32:
+            w.add_tensor(name, x)
+        else:
+            w.add_tensor(name, gguf.quants.quantize(x, qtype), raw_dtype=qtype)
+
+    weight("token_embd.weight", (vocab, h), T.Q8_0)
+    weight("blk.0.attn_norm.weight", (h,), T.F32)
+    for name, shape in (("attn_q", (h, h)), ("attn_k", (32, h)), ("attn_v", (32, h)), ("attn_output", (h, h)),
+                        ("ffn_gate", (ffn, h)), ("ffn_up", (ffn, h)), ("ffn_down", (h, ffn))):
+        weight(f"blk.0.{name}.weight", shape, T.Q8_0)
+    weight("blk.0.ffn_norm.weight", (h,), T.F32)
+    weight("output_norm.weight", (h,), T.F32)
+    weight("output.weight", (vocab, h), T.F16)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+if __name__ == "__main__":
+    os.makedirs(OUT, exist_ok=True)
+    codecs()
+    tiny_llama()
+    print("gguf/codecs.gguf, gguf/tiny-llama.gguf by gguf", gguf.__version__ if hasattr(gguf, "__version__") else "")

@@ -1,0 +1,50 @@
+import CMergeKernel
+
+/// Values of GGML tensor data and back, for the types with a codec here: F32, F16, BF16 (one
+/// rounding to nearest even) and the 32-value block types Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 by ggml's
+/// reference quantizers (`Sources/CMergeKernel/ggml_legacy.c`).
+enum GGMLCodec {
+    static let blockTypes: Set<GGMLType> = [.q4_0, .q4_1, .q5_0, .q5_1, .q8_0]
+
+    static func hasCodec(_ type: GGMLType) -> Bool { type == .f32 || type == .f16 || type == .bf16 || blockTypes.contains(type) }
+
+    /// The Float32 values of `bytes` holding `count` values of `type`; nil without a codec or
+    /// when the bytes are not `count` values of the type.
+    static func decode(_ type: GGMLType, _ bytes: [UInt8], count: Int) -> [Float]? {
+        guard count % type.blockSize == 0, bytes.count == count / type.blockSize * type.typeSize else { return nil }
+        if count == 0 { return hasCodec(type) ? [] : nil }
+        var out = [Float](repeating: 0, count: count)
+        switch type {
+        case .f32, .f16, .bf16:
+            let dtype: DType = type == .f32 ? .f32 : type == .f16 ? .f16 : .bf16
+            bytes.withUnsafeBytes { src in out.withUnsafeMutableBufferPointer { ElementConversion.toFloat(dtype, src.baseAddress!, $0.baseAddress!, count: count) } }
+            return out
+        default:
+            guard blockTypes.contains(type) else { return nil }
+            let ok = bytes.withUnsafeBufferPointer { src in
+                out.withUnsafeMutableBufferPointer { adapter_ggml_decode(Int32(type.rawValue), src.baseAddress, $0.baseAddress, count) }
+            }
+            return ok == 1 ? out : nil
+        }
+    }
+
+    /// `values` encoded as `type`; nil without a codec or for a partial block.
+    static func encode(_ type: GGMLType, _ values: [Float]) -> [UInt8]? {
+        let count = values.count
+        guard count % type.blockSize == 0 else { return nil }
+        if count == 0 { return hasCodec(type) ? [] : nil }
+        var out = [UInt8](repeating: 0, count: count / type.blockSize * type.typeSize)
+        switch type {
+        case .f32, .f16, .bf16:
+            let dtype: DType = type == .f32 ? .f32 : type == .f16 ? .f16 : .bf16
+            values.withUnsafeBufferPointer { v in out.withUnsafeMutableBytes { ElementConversion.fromFloat(dtype, v.baseAddress!, $0.baseAddress!, count: count) } }
+            return out
+        default:
+            guard blockTypes.contains(type) else { return nil }
+            let ok = values.withUnsafeBufferPointer { v in
+                out.withUnsafeMutableBufferPointer { adapter_ggml_encode(Int32(type.rawValue), v.baseAddress, $0.baseAddress, count) }
+            }
+            return ok == 1 ? out : nil
+        }
+    }
+}

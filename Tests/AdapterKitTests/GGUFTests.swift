@@ -1,0 +1,148 @@
+import AdapterTestSupport
+import Foundation
+import Testing
+
+@testable import AdapterKit
+
+/// GGUF bytes built field by field, for malformed files.
+struct GGUFBytes {
+    var bytes: [UInt8] = []
+    mutating func u32(_ v: UInt32) { withUnsafeBytes(of: v.littleEndian) { bytes += $0 } }
+    mutating func u64(_ v: UInt64) { withUnsafeBytes(of: v.littleEndian) { bytes += $0 } }
+    mutating func string(_ s: String) { u64(UInt64(s.utf8.count)); bytes += Array(s.utf8) }
+    mutating func pad(_ alignment: Int = 32) { while bytes.count % alignment != 0 { bytes.append(0) } }
+
+    /// A whole file: `kvs` as (key, type, value bytes), tensors as (name, dims, type, offset), then `data`.
+    static func file(version: UInt32 = 3, kvs: [(String, UInt32, [UInt8])] = [], tensors: [(String, [UInt64], UInt32, UInt64)] = [],
+                     data: [UInt8] = [], tensorCount: UInt64? = nil, alignment: Int = 32) -> [UInt8] {
+        var b = GGUFBytes()
+        b.bytes = Array("GGUF".utf8)
+        b.u32(version)
+        b.u64(tensorCount ?? UInt64(tensors.count))
+        b.u64(UInt64(kvs.count))
+        for (k, t, v) in kvs {
+            b.string(k)
+            b.u32(t)
+            b.bytes += v
+        }
+        for (name, dims, type, offset) in tensors {
+            b.string(name)
+            b.u32(UInt32(dims.count))
+            for d in dims { b.u64(d) }
+            b.u32(type)
+            b.u64(offset)
+        }
+        b.pad(alignment)
+        return b.bytes + data
+    }
+
+    static func le<T: FixedWidthInteger>(_ v: T) -> [UInt8] { withUnsafeBytes(of: v.littleEndian) { Array($0) } }
+}
+
+@Suite("GGUF: the reader, against files gguf-py wrote and files that break every rule")
+struct GGUFReaderTests {
+    @Test("every metadata type gguf-py writes reads back as written")
+    func metadata() throws {
+        let f = try GGUFFile(path: fixture("gguf/codecs.gguf"))
+        #expect(f.version == 3 && f.alignment == 32 && f.dataOffset % 32 == 0)
+        #expect(f.value("general.architecture") == .string("test"))
+        #expect(f.value("test.u8") == .u8(200) && f.value("test.i8") == .i8(-100))
+        #expect(f.value("test.u16") == .u16(60000) && f.value("test.i16") == .i16(-30000))
+        #expect(f.value("test.u32") == .u32(4_000_000_000) && f.value("test.i32") == .i32(-2_000_000_000))
+        #expect(f.value("test.f32") == .f32(0.5) && f.value("test.bool") == .bool(true))
+        #expect(f.value("test.string") == .string("héllo"))
+        #expect(f.value("test.strings") == .array(elementType: 8, values: [.string("a"), .string("bc"), .string("")]))
+        #expect(f.value("test.ints") == .array(elementType: 5, values: [.i32(1), .i32(2), .i32(3)]))
+        #expect(f.value("test.u64") == .u64(1 << 63 + 5) && f.value("test.i64") == .i64(-(1 << 62)) && f.value("test.f64") == .f64(0.1))
+    }
+
+    @Test("tensor infos: GGML dims reversed into shapes, types, offsets one after another")
+    func tensors() throws {
+        let f = try GGUFFile(path: fixture("gguf/tiny-llama.gguf"))
+        #expect(f.tensors.count == 12)
+        let q = try #require(f.tensor("blk.0.attn_k.weight"))
+        #expect(q.type == .q8_0 && q.dims == [64, 32] && q.shape == [32, 64] && q.byteCount == 32 * 2 * 34)
+        #expect(f.tensor("output.weight")?.type == .f16 && f.tensor("blk.0.attn_norm.weight")?.shape == [64])
+        for (a, b) in zip(f.tensors, f.tensors.dropFirst()) {
+            #expect(b.offset == (a.offset + a.byteCount + 31) / 32 * 32)
+        }
+        #expect(f.value("tokenizer.ggml.tokens").map { if case .array(_, let v) = $0 { v.count } else { 0 } } == 64)
+    }
+
+    @Test("malformed files: one line each, naming what is wrong", arguments: [
+        (Array("GGUX".utf8) + [UInt8](repeating: 0, count: 20), "not a GGUF file"),
+        (GGUFBytes.file(version: 1), "GGUF version 1"),
+        (GGUFBytes.file(version: 0x0300_0000), "big-endian"),
+        (GGUFBytes.file(tensorCount: 1 << 40), "more than the"),
+        (GGUFBytes.file(kvs: [("a", 8, GGUFBytes.le(UInt64(1) << 50))]), "claims"),
+        (GGUFBytes.file(kvs: [("a", 4, GGUFBytes.le(UInt32(1))), ("a", 4, GGUFBytes.le(UInt32(2)))]), "appears twice"),
+        (GGUFBytes.file(kvs: [("a", 13, [])]), "value type 13"),
+        (GGUFBytes.file(kvs: [("a", 7, [2])]), "not 0 or 1"),
+        (GGUFBytes.file(kvs: [("a", 9, GGUFBytes.le(UInt32(9)) + GGUFBytes.le(UInt64(1)) + GGUFBytes.le(UInt32(4)) + GGUFBytes.le(UInt64(0)))]), "array of arrays"),
+        (GGUFBytes.file(kvs: [("general.alignment", 4, GGUFBytes.le(UInt32(3)))]), "not a power of two"),
+        (GGUFBytes.file(kvs: [("general.alignment", 10, GGUFBytes.le(UInt64(32)))]), "not UINT32"),
+        (GGUFBytes.file(tensors: [(String(repeating: "x", count: 64), [4], 0, 0)], data: [UInt8](repeating: 0, count: 16)), "at most 63"),
+        (GGUFBytes.file(tensors: [("t", [1, 1, 1, 1, 1], 0, 0)], data: [0, 0, 0, 0]), "at most 4"),
+        (GGUFBytes.file(tensors: [("t", [4], 5, 0)], data: [UInt8](repeating: 0, count: 16)), "GGML type 5"),
+        (GGUFBytes.file(tensors: [("t", [16], 8, 0)], data: [UInt8](repeating: 0, count: 64)), "not a multiple of Q8_0's block of 32"),
+        (GGUFBytes.file(tensors: [("a", [4], 0, 0), ("b", [4], 0, 16)], data: [UInt8](repeating: 0, count: 64)), "end at 32"),
+        (GGUFBytes.file(tensors: [("t", [1 << 40, 1 << 40], 0, 0)]), "overflow"),
+        (GGUFBytes.file(tensors: [("t", [64], 0, 0)], data: [UInt8](repeating: 0, count: 100)), "truncated"),
+    ])
+    func malformed(_ bytes: [UInt8], _ message: String) throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let path = dir.write("bad.gguf", bytes)
+        let error = #expect(throws: InputError.self) { try GGUFFile(path: path) }
+        #expect(error?.problem.contains(message) == true, "\(String(describing: error?.problem))")
+        #expect(error.map { !"\($0)".contains("\n") } == true)
+    }
+
+    @Test("every prefix of a real file, and single-byte changes to its header, read or fail with an InputError: never a crash")
+    func truncatedAndMutated() throws {
+        let bytes = try [UInt8](Data(contentsOf: URL(fileURLWithPath: fixture("gguf/tiny-llama.gguf"))))
+        let f = try GGUFFile(path: fixture("gguf/tiny-llama.gguf"))
+        let dir = TempDir()
+        defer { dir.remove() }
+        let path = dir.file("t.gguf")
+        // Every cut inside the header and the first tensor's data.
+        for n in stride(from: 0, to: f.dataOffset + 64, by: 7) {
+            _ = dir.write("t.gguf", Array(bytes[..<n]))
+            #expect(throws: InputError.self) { try GGUFFile(path: path) }
+        }
+        var rng = SystemRandomNumberGenerator()
+        var failures = 0
+        for _ in 0..<400 {
+            var m = bytes
+            let i = Int.random(in: 0..<f.dataOffset, using: &rng)
+            m[i] = UInt8.random(in: 0...255, using: &rng)
+            _ = dir.write("t.gguf", m)
+            do { _ = try GGUFFile(path: path) } catch is InputError { failures += 1 }
+        }
+        #expect(failures > 0)
+    }
+}
+
+@Suite("GGML block codecs: ggml's reference quantizers and dequantization, bit for bit against gguf-py")
+struct GGMLCodecTests {
+    @Test("decoding and encoding each type gives gguf-py's values and bytes", arguments: [GGMLType.q8_0, .q4_0, .q4_1, .q5_0, .q5_1, .f16, .bf16])
+    func codec(_ type: GGMLType) throws {
+        let f = try GGUFFile(path: fixture("gguf/codecs.gguf"))
+        let source = try #require(f.tensor("source")), q = try #require(f.tensor(type.name)), d = try #require(f.tensor(type.name + ".decoded"))
+        let values = try #require(GGMLCodec.decode(.f32, f.bytes(of: source), count: source.elementCount))
+        let want = try #require(GGMLCodec.decode(.f32, f.bytes(of: d), count: d.elementCount))
+        let decoded = try #require(GGMLCodec.decode(type, f.bytes(of: q), count: q.elementCount))
+        #expect(zip(decoded, want).allSatisfy { $0.bitPattern == $1.bitPattern }, "\(type.name): decoding")
+        let encoded = try #require(GGMLCodec.encode(type, values))
+        let reference = try f.bytes(of: q)
+        let differ = zip(encoded, reference).enumerated().filter { $0.element.0 != $0.element.1 }.map(\.offset)
+        #expect(encoded.count == reference.count && differ.isEmpty, "\(type.name): bytes \(differ.prefix(8)) differ")
+    }
+
+    @Test("types without a codec here, and partial blocks, are nil")
+    func unsupported() {
+        #expect(GGMLCodec.encode(.q4_K, [Float](repeating: 0, count: 256)) == nil)
+        #expect(GGMLCodec.encode(.q8_0, [Float](repeating: 0, count: 16)) == nil)
+        #expect(GGMLCodec.decode(.q8_0, [UInt8](repeating: 0, count: 33), count: 32) == nil)
+    }
+}

@@ -35,6 +35,10 @@ enum KohyaFileOutput: OutputKind {
     static var outputHelp: String { "The kohya .safetensors file to write; it must not exist unless --force." }
 }
 
+enum GGUFFileOutput: OutputKind {
+    static var outputHelp: String { "The llama.cpp LoRA .gguf file to write; it must not exist unless --force." }
+}
+
 enum ResizedOutput: OutputKind {
     static var outputHelp: String { "Where to write, in the input's layout: a folder for PEFT and mlx inputs, a .safetensors file for kohya ones; it must not exist unless --force." }
 }
@@ -90,7 +94,7 @@ struct Convert: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Rewrite an adapter exactly: add or fold MoSLoRA mixers, or change its layout.",
         discussion: "Every conversion keeps scale·B·M·A of every module (up to the output dtype's rounding).",
-        subcommands: [LoRAToMoSLoRA.self, MoSLoRAToLoRA.self, ToPEFT.self, ToMLX.self, ToKohya.self, ToSafetensors.self]
+        subcommands: [LoRAToMoSLoRA.self, MoSLoRAToLoRA.self, ToPEFT.self, ToMLX.self, ToKohya.self, ToGGUF.self, ToSafetensors.self]
     )
 }
 
@@ -185,6 +189,30 @@ struct ToMLX: ParsableCommand {
 
     func run() throws {
         io.finish(try AdapterConversion.convertLayout(input: io.input, output: io.output, to: .mlx, options: io.options))
+    }
+}
+
+struct ToGGUF: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "to-gguf",
+        abstract: "Write the adapter as a llama.cpp LoRA GGUF (--base: the GGUF or Hugging Face model it is for).",
+        discussion: """
+        llama.cpp applies adapter.lora.alpha / r to every module, so each module's own scale (rsLoRA, \
+        rank_pattern, alpha_pattern, kohya alphas) is folded into lora_b, MoSLoRA mixers into lora_a \
+        (A' = M·A), and the q/k rows of LLaMA-family models are permuted as convert_hf_to_gguf.py \
+        permutes their weights. Names: model.layers.N.self_attn.q_proj → blk.N.attn_q.weight, … \
+        (llama, mistral, qwen2, qwen3).
+        """
+    )
+
+    @OptionGroup var io: ConvertIO<GGUFFileOutput>
+
+    func validate() throws {
+        if io.base == nil { throw ValidationError("to-gguf needs --base: the GGUF file or Hugging Face model the adapter is for") }
+    }
+
+    func run() throws {
+        io.finish(try AdapterConversion.convertLayout(input: io.input, output: io.output, to: .gguf, options: io.options))
     }
 }
 

@@ -192,7 +192,8 @@ public enum AdapterConversion {
                 folded += 1
             }
             if folded > 0 {
-                summary.notes.append("folded the mixer into A (A' = M·A, rounded once into A's dtype) in \(folded) module\(folded == 1 ? "" : "s"), so \(layout == .peft ? "stock PEFT" : "kohya-style loaders") apply the whole update; --keep-mixer keeps the MoSLoRA layout instead")
+                let who = [TargetLayout.peft: "stock PEFT", .gguf: "llama.cpp"][layout] ?? "kohya-style loaders"
+                summary.notes.append("folded the mixer into A (A' = M·A, rounded once into A's dtype) in \(folded) module\(folded == 1 ? "" : "s"), so \(who) apply the whole update" + (layout == .gguf ? "" : "; --keep-mixer keeps the MoSLoRA layout instead"))
             }
         }
     }
@@ -213,8 +214,8 @@ public enum AdapterConversion {
             throw InputError.conversion(output, "--dtype \(d.rawValue) is not one of F32, F16, BF16, F64")
         }
         let adapter = try Adapter(path: input)
-        let baseFiles = try options.base.map { [$0] + (try Checkpoint(path: $0).inputFiles) } ?? []
-        try OutputRules.check(output, kind: layout == .kohya ? .file : .folder, inputs: [input] + adapter.inputFiles + baseFiles,
+        let baseFiles = try options.base.map { GGUFFile.looksLikeGGUF($0) ? [$0] : [$0] + (try Checkpoint(path: $0).inputFiles) } ?? []
+        try OutputRules.check(output, kind: layout.isFile ? .file : .folder, inputs: [input] + adapter.inputFiles + baseFiles,
                                force: options.force)
         var w = try WorkingAdapter(adapter, options: options)
         summary.notes += w.notes
@@ -246,16 +247,21 @@ public enum AdapterConversion {
     }
 
     /// Writes `w` under a temporary name beside OUT and renames it into place when complete.
+    private static func input(_ w: WorkingAdapter) -> String { w.source.path }
+
     static func write(_ w: WorkingAdapter, layout: TargetLayout, style: MixerKeyStyle, output: String, options: ConvertOptions) throws -> [String] {
-        let out = try TemporaryOutput(target: output, kind: layout == .kohya ? .file : .folder)
+        let out = try TemporaryOutput(target: output, kind: layout.isFile ? .file : .folder)
         do {
             var notes = out.notes
             switch layout {
             case .peft: notes += try AdapterWriter.writePEFT(w, folder: out.temporaryPath, style: style, dtype: options.dtype, sync: options.sync)
             case .kohya: notes += try AdapterWriter.writeKohya(w, file: out.file!, dtype: options.dtype, sync: options.sync)
             case .mlx: notes += try AdapterWriter.writeMLX(w, folder: out.temporaryPath, dtype: options.dtype, base: options.base, sync: options.sync)
+            case .gguf:
+                guard let base = options.base else { throw InputError.conversion(input(w), "to-gguf needs --base (a GGUF file or the Hugging Face model): the architecture and tensor names come from it") }
+                notes += try AdapterWriter.writeGGUF(w, file: out.file!, base: base, dtype: options.dtype, sync: options.sync)
             }
-            if options.sync && layout != .kohya { FileSystem.syncDirectory(out.temporaryPath) }
+            if options.sync && !layout.isFile { FileSystem.syncDirectory(out.temporaryPath) }
             try out.commit(replacing: options.force)
             return notes
         } catch {

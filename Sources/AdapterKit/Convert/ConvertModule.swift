@@ -77,6 +77,8 @@ public struct ConvertSummary: Sendable {
             return "lora_mixer keys: only MoSLoRA-aware kohya loaders apply them; ComfyUI, Forge and diffusers skip them and give another model: convert without --keep-mixer for those"
         case (.mlx, _):
             return "loaded as written by mlx-lm (mlx_lm.generate --adapter-path, mlx_lm.fuse)"
+        case (.gguf, _):
+            return "loaded as written by llama.cpp (llama-cli --lora, llama-server, llama-cpp-python lora_path) onto the base it names"
         }
     }
 }
@@ -90,7 +92,10 @@ extension InputError {
 
 /// The layouts the converter can write.
 public enum TargetLayout: String, Sendable, CaseIterable {
-    case peft, kohya, mlx
+    case peft, kohya, mlx, gguf
+
+    /// Written as one file (the others are folders).
+    var isFile: Bool { self == .kohya || self == .gguf }
 }
 
 /// Conversions hold every module in memory, in PEFT orientation, as Float64 (`TensorRef`s with held

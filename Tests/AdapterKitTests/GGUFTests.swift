@@ -146,3 +146,66 @@ struct GGMLCodecTests {
         #expect(GGMLCodec.decode(.q8_0, [UInt8](repeating: 0, count: 33), count: 32) == nil)
     }
 }
+
+@Suite("GGUF writing: the layout round-trips through the reader; to-gguf's names, folds and refusals")
+struct GGUFWriterTests {
+    @Test("metadata of every type and tensors of several types come back as written")
+    func roundTrip() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let metadata: [(key: String, value: GGUFValue)] = [
+            ("general.architecture", .string("llama")), ("a.u8", .u8(7)), ("a.i64", .i64(-3)), ("a.f64", .f64(2.5)), ("a.bool", .bool(false)),
+            ("a.strings", .array(elementType: 8, values: [.string("x"), .string("")])), ("a.u64", .u64(.max)),
+        ]
+        let values = (0..<64).map { Float($0) / 7 }
+        let tensors = [GGUFLayout.Tensor(name: "t.f32", dims: [64], type: .f32), GGUFLayout.Tensor(name: "t.q8", dims: [32, 2], type: .q8_0),
+                       GGUFLayout.Tensor(name: "t.f16", dims: [3], type: .f16)]
+        let data = [try #require(GGMLCodec.encode(.f32, values)), try #require(GGMLCodec.encode(.q8_0, values)), try #require(GGMLCodec.encode(.f16, [1, 2, 3]))]
+        let layout = try GGUFLayout(metadata: metadata, tensors: tensors)
+        let path = dir.file("t.gguf")
+        let fd = try FileDescriptor.createExclusive(path)
+        try layout.write(to: fd) { data[$0] }
+        let f = try GGUFFile(path: path)
+        #expect(f.metadata.map(\.key) == metadata.map(\.key))
+        #expect(zip(f.metadata, metadata).allSatisfy { $0.value == $1.value })
+        #expect(f.tensors.map(\.name) == ["t.f32", "t.q8", "t.f16"] && f.tensor("t.q8")?.shape == [2, 32])
+        for (i, t) in f.tensors.enumerated() { #expect(try f.bytes(of: t) == data[i], "\(t.name)") }
+        #expect(f.fileSize % 32 == 0, "the last tensor is padded too, as gguf-py writes it")
+    }
+
+    @Test("q/k rows in convert_hf_to_gguf.py's order: per head, the two rope halves interleaved")
+    func permutation() {
+        // 2 heads of 4 rows: [h0: 0 1 | 2 3, h1: 4 5 | 6 7] → [0 2 1 3, 4 6 5 7].
+        let m = (0..<8).map(Double.init)
+        #expect(GGUFBase.permutedRows(m, rows: 8, cols: 1, heads: 2) == [0, 2, 1, 3, 4, 6, 5, 7])
+        #expect(GGUFBase.ggufName(forModule: "base_model.model.model.layers.3.mlp.down_proj") == "blk.3.ffn_down.weight")
+        #expect(GGUFBase.ggufName(forModule: "model.layers.0.self_attn.rotary_emb") == nil)
+    }
+
+    private func gguf() -> ConvertOptions {
+        var o = ConvertOptions()
+        o.base = modelPath("tiny-llama")
+        return o
+    }
+
+    @Test("to-gguf writes LoRA tensors and alpha; refuses what llama.cpp adapters cannot hold, listing each")
+    func convert() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let summary = try AdapterConversion.convertLayout(input: adapterPath("peft-lora"), output: dir.file("a.gguf"), to: .gguf,
+                                                          options: gguf())
+        #expect(summary.notes.contains { $0.contains("permuted the rows of 2 q/k lora_b") })
+        let f = try GGUFFile(path: dir.file("a.gguf"))
+        #expect(f.value("general.type") == .string("adapter") && f.value("adapter.type") == .string("lora"))
+        #expect(f.value("adapter.lora.alpha") == .f32(8) && f.value("general.architecture") == .string("llama"))
+        let a = try #require(f.tensor("blk.0.attn_q.weight.lora_a")), b = try #require(f.tensor("blk.0.attn_q.weight.lora_b"))
+        #expect(a.dims[1] == b.dims[0] && a.dims[0] == 16 && b.dims[1] == 16)
+        // No --base: a usage problem; DoRA, an embedding and modules_to_save: refused by name, nothing written.
+        #expect(throws: InputError.self) { try AdapterConversion.convertLayout(input: adapterPath("peft-lora"), output: dir.file("b.gguf"), to: .gguf) }
+        let dora = #expect(throws: ProblemList.self) {
+            try AdapterConversion.convertLayout(input: adapterPath("peft-dora"), output: dir.file("c.gguf"), to: .gguf, options: gguf())
+        }
+        #expect(dora?.problems.contains { $0.contains("DoRA") } == true)
+        #expect(!FileManager.default.fileExists(atPath: dir.file("b.gguf")) && !FileManager.default.fileExists(atPath: dir.file("c.gguf")))
+    }
+}

@@ -15,6 +15,7 @@ let fuzzTargets = [
     "fuzz-zip",
     "fuzz-torch",
     "fuzz-pickle",
+    "fuzz-gguf",
 ]
 
 let package = Package(

@@ -14,7 +14,7 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(dirname "$here")"
-targets=(fuzz-safetensors-header fuzz-model-index fuzz-adapter-config fuzz-zip fuzz-torch fuzz-pickle)
+targets=(fuzz-safetensors-header fuzz-model-index fuzz-adapter-config fuzz-zip fuzz-torch fuzz-pickle fuzz-gguf)
 
 usage() { echo "usage: $0 TARGET|all|list SECONDS [libFuzzer flags...]; targets: ${targets[*]}" >&2; exit 2; }
 [ $# -ge 1 ] || usage
@@ -66,6 +66,13 @@ PY
         { printf '\x02'; cat "$root/Fixtures/adapters/mytransformers/config.json"; } > "$dir/mytransformers" ;;
     fuzz-zip|fuzz-torch)
         cp "$root"/Fixtures/pytorch/*.pt "$root"/Fixtures/pytorch/*.bin "$dir/" ;;
+    fuzz-gguf)
+        cp "$root"/Fixtures/gguf/*.gguf "$dir/"
+        # A llama.cpp LoRA adapter as `convert to-gguf` writes it, when a built adapter is at hand.
+        if [ -x "$root/.build/release/adapter" ]; then
+            "$root/.build/release/adapter" convert to-gguf --quiet --force "$root/Fixtures/adapters/moslora-original" "$dir/lora.gguf" \
+                --base "$root/Fixtures/models/tiny-llama" || true
+        fi ;;
     fuzz-pickle)
         python3 - "$dir" "$root"/Fixtures/pytorch/*.pt "$root"/Fixtures/pytorch/*.bin <<'PY'
 import os, sys, zipfile

@@ -65,6 +65,10 @@ struct Merge: ParsableCommand {
         for extra in additional {
             inputs.append(MergeInput(adapter: try Adapter(path: extra.path), weight: extra.weight))
         }
+        if GGUFFile.looksLikeGGUF(base) {
+            try mergeGGUF(inputs)
+            return
+        }
         let checkpoint = try Checkpoint(path: base)
         try OutputRules.check(out, kind: checkpoint.isFolder ? .folder : .file,
                                inputs: [base] + checkpoint.inputFiles + inputs.flatMap { [$0.adapter.path] + $0.adapter.inputFiles }, force: force)
@@ -86,6 +90,27 @@ struct Merge: ParsableCommand {
         }
         let summary = try plan.write(to: out, options: options)
         progress.finish()
+        try finish(summary, inputs: inputs, rounded: Set(plan.changedTensorDTypes).intersection([.bf16, .f16]))
+    }
+
+    /// A GGUF base: llama.cpp names, each tensor kept in its GGML type (or --dtype's).
+    private func mergeGGUF(_ inputs: [MergeInput]) throws {
+        if !components.isEmpty || !skipFiles.isEmpty { throw ValidationError("--component and --skip-file do not apply to a GGUF base") }
+        try OutputRules.check(out, kind: .file, inputs: [base] + inputs.flatMap { [$0.adapter.path] + $0.adapter.inputFiles }, force: force)
+        let plan = try GGUFMergePlan(base: base, inputs: inputs, dropUnknown: dropUnknown, dequantize: dtype?.dtype)
+        var options = MergeRunOptions()
+        options.force = force
+        options.report = report
+        options.sync = !noSync
+        if let threads { options.threads = threads }
+        for input in inputs where !quiet {
+            for w in input.adapter.warnings { writeError("adapter: warning: \(input.adapter.path): \(w)") }
+        }
+        let summary = try plan.write(to: out, options: options)
+        try finish(summary, inputs: inputs, rounded: [])
+    }
+
+    private func finish(_ summary: MergeSummary, inputs: [MergeInput], rounded: Set<DType>) throws {
         if report {
             // Merges into quantized weights add a column: the part of the update requantization kept.
             let quantized = summary.reports.contains { $0.kept != nil }
@@ -97,7 +122,6 @@ struct Merge: ParsableCommand {
         }
         if !quiet {
             for n in summary.notes { writeError("adapter: note: \(n)") }
-            let rounded = Set(plan.changedTensorDTypes).intersection([.bf16, .f16])
             if inputs.contains(where: { $0.weight < 0 }), let dtype = rounded.sorted().first {
                 writeError("adapter: note: a negative weight undoes a merge only up to rounding: the merge rounded W + Δ once into \(dtype.rawValue) and this rounds again, so some elements end one rounding (half a \(dtype.rawValue) step of max(|W|, |W'|)) from the original base; --report shows per tensor how much of the update survived")
             }

@@ -1,0 +1,187 @@
+import Foundation
+
+/// `adapter merge BASE.gguf ADAPTER OUT.gguf` (docs/formats.md §11): every adapted tensor decoded,
+/// the update added in Float32 by the merge kernel, and encoded again in its own GGML type by
+/// ggml's reference quantizer (or in `dequantize`'s type); every other tensor and all metadata
+/// copied byte for byte. One tensor in memory at a time.
+public struct GGUFMergePlan: Sendable {
+    struct Edit: Sendable {
+        let tensor: GGUFTensorInfo
+        /// L (rows × k, the scale, weight and mixer folded in, rows permuted like the base) and R (k × cols).
+        var l: [Double] = []
+        var r: [Double] = []
+        var k = 0
+        var modules: [String] = []
+        var outputType: GGMLType
+    }
+
+    public let file: GGUFFile
+    let edits: [String: Edit]
+    public let notes: [String]
+    public let moduleCount: Int
+    let dequantize: GGMLType?
+
+    public init(base path: String, inputs: [MergeInput], dropUnknown: Bool = false, dequantize: DType? = nil) throws {
+        let file = try GGUFFile(path: path)
+        let base = try GGUFBase(path: path)
+        var problems: [String] = []
+        var notes: [String] = []
+        var edits: [String: Edit] = [:]
+        var merged = 0, permuted = 0
+        var target: GGMLType? = nil
+        if let d = dequantize {
+            guard let t: GGMLType = [.f32: .f32, .f16: .f16, .bf16: .bf16][d] else { throw InputError(path, "--dtype \(d.rawValue): merged GGUF tensors are written as F32, F16 or BF16") }
+            target = t
+        }
+        for input in inputs {
+            let a = input.adapter
+            let label = inputs.count > 1 ? "\(a.path): " : ""
+            if !a.unknownKeys.isEmpty && !dropUnknown { problems.append("\(label)\(unknownKeysPhrase(a.unknownKeys)); use --drop-unknown to merge without them") }
+            if let r = a.replacements.first { problems.append("\(label)\(r.tensor.name) replaces \(r.baseName) whole (modules_to_save), which merges into GGUF do not do yet") }
+            for m in a.modules {
+                guard let name = GGUFBase.ggufName(forModule: m.baseName) else {
+                    problems.append("\(label)module \(m.name): llama.cpp has no tensor for \(m.baseName) in the names mapped here (attention and MLP projections, embed_tokens, lm_head)")
+                    continue
+                }
+                guard let t = file.tensor(name) else { problems.append("\(label)module \(m.name): the base has no \(name)"); continue }
+                guard m.parameter == nil, m.kind == .linear, m.magnitude == nil, m.bias == nil else {
+                    problems.append("\(label)module \(m.name): \(m.parameter != nil ? "target_parameters experts" : m.magnitude != nil ? "DoRA" : m.bias != nil ? "lora_B.bias" : "a \(m.kind.rawValue) layer"), which merges into GGUF do not take yet")
+                    continue
+                }
+                guard t.shape == [m.outFeatures, m.inFeatures] else {
+                    problems.append("\(label)module \(m.name): the update is [\(m.outFeatures), \(m.inFeatures)] but \(name) is \(t.shape)")
+                    continue
+                }
+                guard GGMLCodec.hasCodec(t.type) else {
+                    problems.append("\(label)module \(m.name): \(name) is \(t.type.name); merges decode and re-encode F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 so far (K-quant codecs come next)")
+                    continue
+                }
+                var e = edits[name] ?? Edit(tensor: t, outputType: target ?? t.type)
+                let rows = t.shape[0], cols = t.shape[1], r = m.rank
+                let (l0, r0, _) = try UpdateCompiler.factors([MergeTerm(module: m, factor: m.scale * input.weight)], rows: 0..<rows, viewRows: rows, cols: cols, tensor: name)
+                var l = l0
+                if base.permutesQK, name.hasSuffix("attn_q.weight") || name.hasSuffix("attn_k.weight") {
+                    guard let n = name.hasSuffix("attn_q.weight") ? base.heads : base.kvHeads, n > 0, rows % (2 * n) == 0 else {
+                        problems.append("\(label)module \(m.name): \(name) is permuted for rope by heads, but the base gives no head count that divides \(rows) rows")
+                        continue
+                    }
+                    l = GGUFBase.permutedRows(l, rows: rows, cols: r, heads: n)
+                    permuted += 1
+                }
+                // Terms side by side: L gains r columns, R r rows.
+                var joined = [Double](repeating: 0, count: rows * (e.k + r))
+                for i in 0..<rows {
+                    for j in 0..<e.k { joined[i * (e.k + r) + j] = e.l[i * e.k + j] }
+                    for j in 0..<r { joined[i * (e.k + r) + e.k + j] = l[i * r + j] }
+                }
+                e.l = joined
+                e.r += r0
+                e.k += r
+                e.modules.append(m.name)
+                edits[name] = e
+                merged += 1
+            }
+        }
+        if edits.isEmpty && problems.isEmpty { problems.append("no module of the adapter applies to this base") }
+        guard problems.isEmpty else { throw ProblemList(subject: "preflight", problems: problems) }
+        if permuted > 0 { notes.append("permuted the rows of \(permuted) q/k updates as convert_hf_to_gguf.py permutes \(base.architecture)'s q and k weights") }
+        self.file = file
+        self.edits = edits
+        self.notes = notes
+        self.moduleCount = merged
+        self.dequantize = target
+    }
+
+    /// Writes OUT (a new file beside it, renamed into place when complete).
+    public func write(to output: String, options: MergeRunOptions = MergeRunOptions()) throws -> MergeSummary {
+        try OutputRules.check(output, kind: .file, inputs: [file.path], force: options.force)
+        let start = DispatchTime.now()
+        var summary = MergeSummary()
+        summary.notes = notes
+        var metadata = file.metadata
+        let types = file.tensors.map { edits[$0.name]?.outputType ?? $0.type }
+        if let t = dequantize, let i = metadata.firstIndex(where: { $0.key == "general.file_type" }) {
+            // The file type names the weights' type only when every matrix has it.
+            let matrices = zip(file.tensors, types).filter { $0.0.dims.count >= 2 }.map(\.1)
+            if matrices.allSatisfy({ $0 == t }) { metadata[i].value = .u32([GGMLType.f32: 0, .f16: 1, .bf16: 32][t]!) }
+        }
+        let layout = try GGUFLayout(metadata: metadata, tensors: zip(file.tensors, types).map { GGUFLayout.Tensor(name: $0.0.name, dims: $0.0.dims, type: $0.1) },
+                                    alignment: file.alignment)
+        let out = try TemporaryOutput(target: output, kind: .file)
+        summary.notes += out.notes
+        var retained: [(String, MergeExecutor.Retention)] = []
+        do {
+            let fd = out.file!
+            try layout.write(to: fd) { i in
+                let t = file.tensors[i]
+                guard let e = edits[t.name] else {
+                    summary.tensorsCopied += 1
+                    return try file.bytes(of: t)
+                }
+                summary.tensorsChanged += 1
+                let (bytes, retention, statistics) = try Self.merge(e, from: file, threads: options.threads, report: options.report)
+                if let retention { retained.append((t.name, retention)) }
+                if options.report, let statistics {
+                    summary.reports.append(.init(tensor: t.name, modules: e.modules, statistics: statistics, kept: retention?.kept))
+                }
+                return bytes
+            }
+            if options.sync { try fd.sync() }
+            try out.commit(replacing: options.force)
+        } catch {
+            out.discard()
+            throw error
+        }
+        summary.notes += OutputAssembly.retentionNotes(retained)
+        if retained.contains(where: { $0.1.kept < 0.5 }) {
+            summary.notes.append("merge with --dtype f16 (or bf16, f32) to keep the update: the merged tensors are then written unquantized")
+        }
+        summary.bytesWritten = layout.header.count + layout.tensors.reduce(0) { $0 + ($1.byteCount + file.alignment - 1) / file.alignment * file.alignment }
+        summary.seconds = Double(DispatchTime.now().uptimeNanoseconds - start.uptimeNanoseconds) / 1e9
+        summary.modulesMerged = moduleCount
+        summary.updatesMerged = moduleCount
+        return summary
+    }
+
+    /// One tensor: decoded, W + L·R in Float32 by the kernel, encoded in its output type; with
+    /// what a block type's requantization kept of the update.
+    static func merge(_ e: Edit, from file: GGUFFile, threads: Int, report: Bool) throws
+        -> (bytes: [UInt8], retention: MergeExecutor.Retention?, statistics: UpdateStatistics?)
+    {
+        let t = e.tensor, rows = t.shape[0], cols = t.shape[1]
+        guard let base = GGMLCodec.decode(t.type, try file.bytes(of: t), count: rows * cols) else {
+            preconditionFailure("the plan admits tensors with a codec")
+        }
+        if let bad = base.firstIndex(where: { !$0.isFinite }) {
+            throw MergeError(tensor: t.name, problem: "its value at row \(bad / cols), column \(bad % cols) is \(base[bad])")
+        }
+        var merged = [Float](repeating: 0, count: rows * cols)
+        let factors = UpdateFactorStorage(l: e.l, r: e.r, rows: rows, cols: cols, k: e.k, magnitude: nil)
+        let result = base.withUnsafeBytes { src in
+            merged.withUnsafeMutableBytes { dst in
+                withExtendedLifetime(factors) {
+                    MergeKernel.merge(source: src.baseAddress!, sourceType: .f32, destination: dst.baseAddress!, destinationType: .f32,
+                                      rows: 0..<rows, factors: factors.rows(from: 0), wantStatistics: report, threads: threads)
+                }
+            }
+        }
+        guard result.finite else { throw MergeError(tensor: t.name, problem: "the merged values hold NaN or infinity; modules: \(e.modules.joined(separator: ", "))") }
+        guard let bytes = GGMLCodec.encode(e.outputType, merged) else { preconditionFailure("output types have codecs") }
+        if e.outputType == .f16, merged.contains(where: { abs($0) > 65504 }) {
+            throw MergeError(tensor: t.name, problem: "the merged values overflow F16; modules: \(e.modules.joined(separator: ", "))")
+        }
+        var retention: MergeExecutor.Retention? = nil
+        if GGMLCodec.blockTypes.contains(e.outputType), let q = GGMLCodec.decode(e.outputType, bytes, count: rows * cols) {
+            var kept = MergeExecutor.Retention()
+            for i in 0..<q.count {
+                let d = Double(merged[i]) - Double(base[i]), g = Double(q[i]) - Double(base[i])
+                kept.dot += g * d
+                kept.update += d * d
+                kept.applied += g * g
+                kept.maxAbsUpdate = max(kept.maxAbsUpdate, abs(d))
+            }
+            retention = kept
+        }
+        return (bytes, retention, result.statistics)
+    }
+}

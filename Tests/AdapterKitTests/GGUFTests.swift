@@ -209,3 +209,64 @@ struct GGUFWriterTests {
         #expect(!FileManager.default.fileExists(atPath: dir.file("b.gguf")) && !FileManager.default.fileExists(atPath: dir.file("c.gguf")))
     }
 }
+
+@Suite("merges into GGUF bases")
+struct GGUFMergeTests {
+    func lora(_ dir: TempDir, _ modules: [(String, Int, Int)], rank: Int = 2) throws -> Adapter {
+        var tensors: [(String, DType, [Int], [UInt8])] = []
+        for (m, out, inp) in modules {
+            tensors.append(("base_model.model.\(m).lora_A.weight", .f32, [rank, inp], floatBytes((0..<rank * inp).map { Float(($0 % 7) - 3) * 0.01 })))
+            tensors.append(("base_model.model.\(m).lora_B.weight", .f32, [out, rank], floatBytes((0..<out * rank).map { Float(($0 % 5) - 2) * 0.01 })))
+        }
+        try FileManager.default.createDirectory(atPath: dir.file("ad"), withIntermediateDirectories: true)
+        try writeSafetensors(dir.file("ad/adapter_model.safetensors"), tensors)
+        _ = dir.write("ad/adapter_config.json", text: #"{"peft_type": "LORA", "r": \#(rank), "lora_alpha": \#(rank)}"#)
+        return try Adapter(path: dir.file("ad"))
+    }
+
+    @Test("adapted tensors keep their type (or take --dtype's), the rest and the metadata are copied byte for byte")
+    func merge() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let base = fixture("gguf/tiny-llama.gguf")
+        let a = try lora(dir, [("model.layers.0.self_attn.v_proj", 32, 64), ("model.layers.0.mlp.down_proj", 64, 128)])
+        let original = try GGUFFile(path: base)
+        for dtype in [nil, DType.f16] {
+            let out = dir.file("out-\(dtype?.rawValue ?? "same").gguf")
+            let summary = try GGUFMergePlan(base: base, inputs: [MergeInput(adapter: a)], dequantize: dtype).write(to: out)
+            #expect(summary.tensorsChanged == 2 && summary.tensorsCopied == 10)
+            let merged = try GGUFFile(path: out)
+            #expect(merged.metadata.map(\.key) == original.metadata.map(\.key))
+            #expect(zip(merged.metadata, original.metadata).allSatisfy { $0.value == $1.value }, "file_type stays: token_embd keeps Q8_0")
+            for t in original.tensors {
+                let m = try #require(merged.tensor(t.name))
+                let touched = t.name == "blk.0.attn_v.weight" || t.name == "blk.0.ffn_down.weight"
+                #expect(m.type == (touched ? (dtype == nil ? t.type : .f16) : t.type) && m.dims == t.dims, "\(t.name)")
+                if !touched { #expect(try merged.bytes(of: m) == original.bytes(of: t), "\(t.name)") }
+            }
+            if dtype == nil { #expect(summary.notes.contains { $0.hasPrefix("requantized 2 quantized weights") }) }
+        }
+    }
+
+    @Test("refused before anything is written: unmapped modules, wrong shapes, K-quant tensors, no module at all")
+    func refusals() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let base = fixture("gguf/tiny-llama.gguf")
+        let a = try lora(dir, [("model.layers.0.self_attn.rotary", 4, 4), ("model.layers.0.self_attn.q_proj", 32, 64), ("model.layers.9.self_attn.q_proj", 64, 64)])
+        let error = #expect(throws: ProblemList.self) { try GGUFMergePlan(base: base, inputs: [MergeInput(adapter: a)]) }
+        let problems = error?.problems ?? []
+        #expect(problems.count == 3)
+        #expect(problems.contains { $0.contains("llama.cpp has no tensor for model.layers.0.self_attn.rotary") })
+        #expect(problems.contains { $0.contains("the update is [32, 64] but blk.0.attn_q.weight is [64, 64]") })
+        #expect(problems.contains { $0.contains("the base has no blk.9.attn_q.weight") })
+        // A K-quant tensor: named, with what is supported.
+        let meta: [(key: String, value: GGUFValue)] = [("general.architecture", .string("llama"))]
+        let layout = try GGUFLayout(metadata: meta, tensors: [GGUFLayout.Tensor(name: "blk.0.attn_v.weight", dims: [256, 2], type: .q4_K)])
+        let fd = try FileDescriptor.createExclusive(dir.file("k.gguf"))
+        try layout.write(to: fd) { _ in [UInt8](repeating: 0, count: 2 * 144) }
+        let k = try lora(TempDir(), [("model.layers.0.self_attn.v_proj", 2, 256)])
+        let kq = #expect(throws: ProblemList.self) { try GGUFMergePlan(base: dir.file("k.gguf"), inputs: [MergeInput(adapter: k)]) }
+        #expect(kq?.problems.first?.contains("blk.0.attn_v.weight is Q4_K") == true)
+    }
+}

@@ -1,20 +1,25 @@
 #!/usr/bin/env python3
 """GGUF files written by gguf-py (llama.cpp's own Python package) for the reader and codec tests.
 
-    pip install numpy gguf==0.19.0      # only to regenerate
+    pip install numpy gguf==0.19.0 llama-cpp-python==0.3.36    # only to regenerate
     python3 Fixtures/make_gguf_fixtures.py
 
 Writes
 - gguf/codecs.gguf: `source`, F32 [8, 256] (normal values, a row of zeros, a constant row, tiny
   values, values on the rounding points of the 4- and 5-bit grids), and the same rows as each
   type gguf-py quantizes bit for bit like ggml's reference quantizers (Q8_0, Q4_0, Q4_1, Q5_0,
-  Q5_1) and as F16 and BF16, each with `<TYPE>.decoded` (F32: gguf-py's dequantization); and one
+  Q5_1) and as F16 and BF16, each with `<TYPE>.decoded` (F32: gguf-py's dequantization); the K-quants
+  Q2_K … Q6_K quantized and dequantized by llama.cpp's own ggml (`quantize_row_q*_K_ref` and
+  `dequantize_row_q*_K` of the libggml-base that llama-cpp-python ships, through ctypes); and one
   metadata key of every GGUF value type (`test.*`), arrays of strings and of integers included.
 - gguf/tiny-llama.gguf: a LLaMA-shaped GGUF (metadata as convert_hf_to_gguf.py writes it: the
   architecture, hyperparameters, a 64-token vocabulary) with F32, F16 and Q8_0 tensors in llama.cpp
   names, for inspect.
 """
 import os
+
+import ctypes
+import glob
 
 import gguf
 import numpy as np
@@ -37,6 +42,29 @@ def source_rows():
     return np.stack(rows)
 
 
+def ggml():
+    """llama.cpp's libggml-base, as llama-cpp-python installs it."""
+    import llama_cpp
+    lib = ctypes.CDLL(glob.glob(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-base.so*"))[0])
+    return lib
+
+
+def k_quant(lib, src, qtype):
+    """src (F32 [rows, 256·n]) quantized by ggml's reference quantizer of qtype, and dequantized by ggml."""
+    name = qtype.name.lower().replace("_k", "_K")
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    x = np.ascontiguousarray(src, dtype=np.float32)
+    q = np.zeros(x.size // block * size, dtype=np.uint8)
+    quantize = getattr(lib, f"quantize_row_{name}_ref")
+    quantize.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    quantize(x.ctypes.data, q.ctypes.data, x.size)
+    back = np.zeros(x.size, dtype=np.float32)
+    dequantize = getattr(lib, f"dequantize_row_{name}")
+    dequantize.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    dequantize(q.ctypes.data, back.ctypes.data, x.size)
+    return q.reshape(src.shape[0], -1), back.reshape(src.shape)
+
+
 def codecs():
     w = gguf.GGUFWriter(os.path.join(OUT, "codecs.gguf"), arch="test")
     src = source_rows()
@@ -45,6 +73,11 @@ def codecs():
         q = gguf.quants.quantize(src, t)
         w.add_tensor(t.name, q, raw_dtype=t)
         w.add_tensor(t.name + ".decoded", gguf.quants.dequantize(q, t).astype(np.float32))
+    lib = ggml()
+    for t in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K):
+        q, back = k_quant(lib, src, t)
+        w.add_tensor(t.name, q, raw_dtype=t)
+        w.add_tensor(t.name + ".decoded", back)
     w.add_uint8("test.u8", 200)
     w.add_int8("test.i8", -100)
     w.add_uint16("test.u16", 60000)

@@ -2,17 +2,22 @@ import CMergeKernel
 
 /// Values of GGML tensor data and back, for the types with a codec here: F32, F16, BF16 (one
 /// rounding to nearest even) and the 32-value block types Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 by ggml's
-/// reference quantizers (`Sources/CMergeKernel/ggml_legacy.c`).
+/// reference quantizers; the K-quants Q2_K … Q6_K are decoded only, so far
+/// (`Sources/CMergeKernel/ggml_blocks.c`).
 enum GGMLCodec {
     static let blockTypes: Set<GGMLType> = [.q4_0, .q4_1, .q5_0, .q5_1, .q8_0]
+    static let kQuants: Set<GGMLType> = [.q2_K, .q3_K, .q4_K, .q5_K, .q6_K]
 
+    /// Whether values can be written in this type (and read from it).
     static func hasCodec(_ type: GGMLType) -> Bool { type == .f32 || type == .f16 || type == .bf16 || blockTypes.contains(type) }
+    /// Whether values can be read from this type.
+    static func canDecode(_ type: GGMLType) -> Bool { hasCodec(type) || kQuants.contains(type) }
 
     /// The Float32 values of `bytes` holding `count` values of `type`; nil without a codec or
     /// when the bytes are not `count` values of the type.
     static func decode(_ type: GGMLType, _ bytes: [UInt8], count: Int) -> [Float]? {
         guard count % type.blockSize == 0, bytes.count == count / type.blockSize * type.typeSize else { return nil }
-        if count == 0 { return hasCodec(type) ? [] : nil }
+        if count == 0 { return canDecode(type) ? [] : nil }
         var out = [Float](repeating: 0, count: count)
         switch type {
         case .f32, .f16, .bf16:
@@ -20,7 +25,7 @@ enum GGMLCodec {
             bytes.withUnsafeBytes { src in out.withUnsafeMutableBufferPointer { ElementConversion.toFloat(dtype, src.baseAddress!, $0.baseAddress!, count: count) } }
             return out
         default:
-            guard blockTypes.contains(type) else { return nil }
+            guard canDecode(type) else { return nil }
             let ok = bytes.withUnsafeBufferPointer { src in
                 out.withUnsafeMutableBufferPointer { adapter_ggml_decode(Int32(type.rawValue), src.baseAddress, $0.baseAddress, count) }
             }

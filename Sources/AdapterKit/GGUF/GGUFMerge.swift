@@ -52,8 +52,12 @@ public struct GGUFMergePlan: Sendable {
                     problems.append("\(label)module \(m.name): the update is [\(m.outFeatures), \(m.inFeatures)] but \(name) is \(t.shape)")
                     continue
                 }
-                guard GGMLCodec.hasCodec(t.type) else {
-                    problems.append("\(label)module \(m.name): \(name) is \(t.type.name); merges decode and re-encode F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 so far (K-quant codecs come next)")
+                guard GGMLCodec.canDecode(t.type) else {
+                    problems.append("\(label)module \(m.name): \(name) is \(t.type.name), which merges do not decode (F32, F16, BF16, Q4_0 … Q8_0 and Q2_K … Q6_K are read)")
+                    continue
+                }
+                guard GGMLCodec.hasCodec(target ?? t.type) else {
+                    problems.append("\(label)module \(m.name): \(name) is \(t.type.name), whose reference quantizer is not ported yet: merge with --dtype f16 (or bf16, f32) to write the merged tensors unquantized")
                     continue
                 }
                 var e = edits[name] ?? Edit(tensor: t, outputType: target ?? t.type)

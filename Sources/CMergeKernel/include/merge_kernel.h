@@ -61,13 +61,17 @@ void adapter_nvfp4_encode(const float *base, const float *merged, uint8_t *codes
                           double sums[4]);
 
 /// GGML block types with a reference codec here (the ggml_type values).
-enum adapter_ggml_type { ADAPTER_GGML_Q4_0 = 2, ADAPTER_GGML_Q4_1 = 3, ADAPTER_GGML_Q5_0 = 6, ADAPTER_GGML_Q5_1 = 7, ADAPTER_GGML_Q8_0 = 8 };
+enum adapter_ggml_type {
+    ADAPTER_GGML_Q4_0 = 2, ADAPTER_GGML_Q4_1 = 3, ADAPTER_GGML_Q5_0 = 6, ADAPTER_GGML_Q5_1 = 7, ADAPTER_GGML_Q8_0 = 8,
+    ADAPTER_GGML_Q2_K = 10, ADAPTER_GGML_Q3_K = 11, ADAPTER_GGML_Q4_K = 12, ADAPTER_GGML_Q5_K = 13, ADAPTER_GGML_Q6_K = 14
+};
 
 /// `n` values (a multiple of 32) as blocks of `type`, by ggml's reference quantizer of that type.
 /// Returns 0 for a type without a codec or a partial block, 1 otherwise.
 int adapter_ggml_encode(int type, const float *x, uint8_t *y, size_t n);
 
-/// `n` values (a multiple of 32) of blocks of `type`, as ggml's dequantize_row_* gives them.
+/// `n` values (a multiple of the block) of blocks of `type`, as ggml's dequantize_row_* gives them
+/// (the 32-value types and the K-quants Q2_K … Q6_K).
 int adapter_ggml_decode(int type, const uint8_t *x, float *y, size_t n);
 
 /// dst (cols × rows) = the transpose of src (rows × cols), elements of `size` bytes (2 or 4).

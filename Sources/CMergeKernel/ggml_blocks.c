@@ -1,5 +1,5 @@
-/* GGML's 32-value block types Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 (docs/formats.md §11): decoding as
- * ggml's dequantize_row_*, and encoding by the rules of its reference quantizers
+/* GGML block types (docs/formats.md §11). The 32-value types Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0:
+ * decoding as ggml's dequantize_row_*, and encoding by the rules of its reference quantizers
  * (quantize_row_*_ref in ggml-quants.c, what ggml_quantize_chunk does without an importance
  * matrix), so that the bytes are llama.cpp's own. Block layouts: d (F16) [, m (F16)] [, qh (32
  * bits, the fifth bit of value j at bit j)], then 16 bytes whose low nibble is value j and high
@@ -149,6 +149,127 @@ static void decode_block(int type, const uint8_t *x, float *y) {
     }
 }
 
+/* The K-quants, 256 values per super-block, decoded as ggml's dequantize_row_q*_K (every product and
+ * difference in the same order, Float32). Layouts (ggml-common.h): Q2_K scales[16] qs[64] d dmin;
+ * Q3_K hmask[32] qs[64] scales[12] d; Q4_K d dmin scales[12] qs[128]; Q5_K d dmin scales[12] qh[32]
+ * qs[128]; Q6_K ql[128] qh[64] scales[16] (int8) d. */
+static inline void scale_min_k4(int j, const uint8_t *q, uint8_t *d, uint8_t *m) {
+    if (j < 4) {
+        *d = q[j] & 63;
+        *m = q[j + 4] & 63;
+    } else {
+        *d = (uint8_t)((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4));
+        *m = (uint8_t)((q[j + 4] >> 4) | ((q[j] >> 6) << 4));
+    }
+}
+
+static void decode_k_block(int type, const uint8_t *x, float *y) {
+    switch (type) {
+    case ADAPTER_GGML_Q2_K: {
+        const float d = load_half(x + 80), min = load_half(x + 82);
+        const uint8_t *q = x + 16;
+        int is = 0;
+        for (int n = 0; n < 256; n += 128) {
+            int shift = 0;
+            for (int j = 0; j < 4; ++j) {
+                for (int half = 0; half < 2; half++) {
+                    const uint8_t sc = x[is++];
+                    const float dl = d * (float)(sc & 0xF), ml = min * (float)(sc >> 4);
+                    for (int l = 0; l < 16; ++l) *y++ = dl * (float)(int8_t)((q[l + 16 * half] >> shift) & 3) - ml;
+                }
+                shift += 2;
+            }
+            q += 32;
+        }
+        break;
+    }
+    case ADAPTER_GGML_Q3_K: {
+        const float d_all = load_half(x + 108);
+        const uint8_t *q = x + 32, *hm = x;
+        uint32_t aux[4];
+        memcpy(aux, x + 96, 12);
+        const uint32_t kmask1 = 0x03030303, kmask2 = 0x0f0f0f0f, tmp = aux[2];
+        aux[2] = ((aux[0] >> 4) & kmask2) | (((tmp >> 4) & kmask1) << 4);
+        aux[3] = ((aux[1] >> 4) & kmask2) | (((tmp >> 6) & kmask1) << 4);
+        aux[0] = (aux[0] & kmask2) | (((tmp >> 0) & kmask1) << 4);
+        aux[1] = (aux[1] & kmask2) | (((tmp >> 2) & kmask1) << 4);
+        int8_t scales[16];
+        memcpy(scales, aux, 16);
+        uint8_t m = 1;
+        int is = 0;
+        for (int n = 0; n < 256; n += 128) {
+            int shift = 0;
+            for (int j = 0; j < 4; ++j) {
+                for (int half = 0; half < 2; half++) {
+                    const float dl = d_all * (float)(scales[is++] - 32);
+                    for (int l = 16 * half; l < 16 * half + 16; ++l) *y++ = dl * (float)((int8_t)((q[l] >> shift) & 3) - ((hm[l] & m) ? 0 : 4));
+                }
+                shift += 2;
+                m <<= 1;
+            }
+            q += 32;
+        }
+        break;
+    }
+    case ADAPTER_GGML_Q4_K:
+    case ADAPTER_GGML_Q5_K: {
+        const int five = type == ADAPTER_GGML_Q5_K;
+        const float d = load_half(x), min = load_half(x + 2);
+        const uint8_t *scales = x + 4, *qh = x + 16, *q = x + (five ? 48 : 16);
+        uint8_t u1 = 1, u2 = 2;
+        int is = 0;
+        for (int j = 0; j < 256; j += 64) {
+            uint8_t sc, m;
+            scale_min_k4(is + 0, scales, &sc, &m);
+            const float d1 = d * (float)sc, m1 = min * (float)m;
+            scale_min_k4(is + 1, scales, &sc, &m);
+            const float d2 = d * (float)sc, m2 = min * (float)m;
+            for (int l = 0; l < 32; ++l) *y++ = d1 * (float)((q[l] & 0xF) + (five && (qh[l] & u1) ? 16 : 0)) - m1;
+            for (int l = 0; l < 32; ++l) *y++ = d2 * (float)((q[l] >> 4) + (five && (qh[l] & u2) ? 16 : 0)) - m2;
+            q += 32;
+            is += 2;
+            u1 <<= 2;
+            u2 <<= 2;
+        }
+        break;
+    }
+    case ADAPTER_GGML_Q6_K: {
+        const float d = load_half(x + 208);
+        const uint8_t *ql = x, *qh = x + 128;
+        const int8_t *sc = (const int8_t *)(x + 192);
+        for (int n = 0; n < 256; n += 128) {
+            for (int l = 0; l < 32; ++l) {
+                const int is = l / 16;
+                const int8_t q1 = (int8_t)((ql[l + 0] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32;
+                const int8_t q2 = (int8_t)((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
+                const int8_t q3 = (int8_t)((ql[l + 0] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+                const int8_t q4 = (int8_t)((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+                y[l + 0] = d * (float)sc[is + 0] * (float)q1;
+                y[l + 32] = d * (float)sc[is + 2] * (float)q2;
+                y[l + 64] = d * (float)sc[is + 4] * (float)q3;
+                y[l + 96] = d * (float)sc[is + 6] * (float)q4;
+            }
+            y += 128;
+            ql += 64;
+            qh += 32;
+            sc += 8;
+        }
+        break;
+    }
+    }
+}
+
+static size_t k_block_bytes(int type) {
+    switch (type) {
+    case ADAPTER_GGML_Q2_K: return 84;
+    case ADAPTER_GGML_Q3_K: return 110;
+    case ADAPTER_GGML_Q4_K: return 144;
+    case ADAPTER_GGML_Q5_K: return 176;
+    case ADAPTER_GGML_Q6_K: return 210;
+    default: return 0;
+    }
+}
+
 static size_t block_bytes(int type) {
     switch (type) {
     case ADAPTER_GGML_Q4_0: return 18;
@@ -168,6 +289,12 @@ int adapter_ggml_encode(int type, const float *x, uint8_t *y, size_t n) {
 }
 
 int adapter_ggml_decode(int type, const uint8_t *x, float *y, size_t n) {
+    const size_t k = k_block_bytes(type);
+    if (k) {
+        if (n % 256) return 0;
+        for (size_t b = 0; b < n / 256; b++) decode_k_block(type, x + k * b, y + 256 * b);
+        return 1;
+    }
     const size_t size = block_bytes(type);
     if (!size || n % 32) return 0;
     for (size_t b = 0; b < n / 32; b++) decode_block(type, x + size * b, y + 32 * b);

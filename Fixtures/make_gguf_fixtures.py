@@ -12,6 +12,9 @@ Writes
   Q2_K … Q6_K quantized and dequantized by llama.cpp's own ggml (`quantize_row_q*_K_ref` and
   `dequantize_row_q*_K` of the libggml-base that llama-cpp-python ships, through ctypes); and one
   metadata key of every GGUF value type (`test.*`), arrays of strings and of integers included.
+- gguf/kquants.gguf: 64 rows of 256 values drawn from different distributions (normal, Laplace,
+  uniform, sparse, with outliers, tiny, huge, all positive, all negative) and the same rows as
+  llama.cpp's ggml quantizes them to Q2_K … Q6_K (the bytes our ports must write).
 - gguf/tiny-llama.gguf: a LLaMA-shaped GGUF (metadata as convert_hf_to_gguf.py writes it: the
   architecture, hyperparameters, a 64-token vocabulary) with F32, F16 and Q8_0 tensors in llama.cpp
   names, for inspect.
@@ -98,6 +101,36 @@ def codecs():
     w.close()
 
 
+def kquants():
+    rng = np.random.default_rng(22)
+    rows = []
+    for i in range(64):
+        kind = i % 8
+        n = 256
+        if kind == 0: x = rng.standard_normal(n)
+        elif kind == 1: x = rng.laplace(size=n)
+        elif kind == 2: x = rng.uniform(-1, 1, n)
+        elif kind == 3: x = rng.standard_normal(n) * (rng.uniform(size=n) < 0.1)
+        elif kind == 4:
+            x = rng.standard_normal(n)
+            x[rng.integers(0, n, 3)] *= 40
+        elif kind == 5: x = rng.standard_normal(n) * 1e-4
+        elif kind == 6: np.abs(x := rng.standard_normal(n), out=x)
+        else: x = -np.abs(rng.standard_normal(n)) * 30
+        rows.append((x * 10.0 ** rng.uniform(-3, 1)).astype(np.float32))
+    src = np.stack(rows)
+    lib = ggml()
+    w = gguf.GGUFWriter(os.path.join(OUT, "kquants.gguf"), arch="test")
+    w.add_tensor("source", src)
+    for t in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K):
+        q, _ = k_quant(lib, src, t)
+        w.add_tensor(t.name, q, raw_dtype=t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def tiny_llama():
     rng = np.random.default_rng(21)
     h, ffn, vocab = 64, 128, 64
@@ -141,5 +174,6 @@ def tiny_llama():
 if __name__ == "__main__":
     os.makedirs(OUT, exist_ok=True)
     codecs()
+    kquants()
     tiny_llama()
     print("gguf/codecs.gguf, gguf/tiny-llama.gguf by gguf", gguf.__version__ if hasattr(gguf, "__version__") else "")

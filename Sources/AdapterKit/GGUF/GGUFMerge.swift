@@ -57,7 +57,7 @@ public struct GGUFMergePlan: Sendable {
                     continue
                 }
                 guard GGMLCodec.hasCodec(target ?? t.type) else {
-                    problems.append("\(label)module \(m.name): \(name) is \(t.type.name), whose reference quantizer is not ported yet: merge with --dtype f16 (or bf16, f32) to write the merged tensors unquantized")
+                    problems.append("\(label)module \(m.name): \(name) is \(t.type.name), whose reference quantizer is not ported yet (Q4_K, Q5_K and Q6_K are): merge with --dtype f16 (or bf16, f32) to write the merged tensors unquantized")
                     continue
                 }
                 var e = edits[name] ?? Edit(tensor: t, outputType: target ?? t.type)
@@ -175,7 +175,7 @@ public struct GGUFMergePlan: Sendable {
             throw MergeError(tensor: t.name, problem: "the merged values overflow F16; modules: \(e.modules.joined(separator: ", "))")
         }
         var retention: MergeExecutor.Retention? = nil
-        if GGMLCodec.blockTypes.contains(e.outputType), let q = GGMLCodec.decode(e.outputType, bytes, count: rows * cols) {
+        if GGMLCodec.isQuantized(e.outputType), let q = GGMLCodec.decode(e.outputType, bytes, count: rows * cols) {
             var kept = MergeExecutor.Retention()
             for i in 0..<q.count {
                 let d = Double(merged[i]) - Double(base[i]), g = Double(q[i]) - Double(base[i])

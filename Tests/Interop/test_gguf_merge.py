@@ -86,3 +86,79 @@ def test_dequantized_merge_runs_in_llama_cpp_with_the_merged_logits(tmp_path):
     assert effect > 1e-2
     # F16 weights against F32 ones: the difference is F16 rounding of W + Δ, a small part of the update.
     assert np.abs(got - want).max() <= 0.02 * effect, (np.abs(got - want).max(), effect)
+
+
+def test_merges_into_k_quant_tensors_requantize_as_llama_cpp_does(tmp_path):
+    """A Q4_K_M-style base (Q4_K projections, Q6_K ffn_down, quantized by llama.cpp's own ggml):
+    the merged tensors keep their types and are, block for block, what ggml's reference quantizer
+    makes of W + ΔW."""
+    import ctypes
+    import glob
+    import os
+
+    import llama_cpp
+    lib = ctypes.CDLL(glob.glob(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-base.so*"))[0])
+
+    def ggml_quantize(x, qtype):
+        name = qtype.name.lower().replace("_k", "_K")
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        q = np.zeros(x.size // block * size, dtype=np.uint8)
+        f = getattr(lib, f"quantize_row_{name}_ref")
+        f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+        f(x.ctypes.data, q.ctypes.data, x.size)
+        return q.reshape(x.shape[0], -1)
+
+    rng = np.random.default_rng(9)
+    h, ffn = 256, 512
+    types = {"attn_q": gguf.GGMLQuantizationType.Q4_K, "attn_k": gguf.GGMLQuantizationType.Q4_K,
+             "attn_v": gguf.GGMLQuantizationType.Q5_K, "attn_output": gguf.GGMLQuantizationType.Q4_K,
+             "ffn_gate": gguf.GGMLQuantizationType.Q4_K, "ffn_up": gguf.GGMLQuantizationType.Q4_K, "ffn_down": gguf.GGMLQuantizationType.Q6_K}
+    shapes = {"attn_q": (h, h), "attn_k": (128, h), "attn_v": (128, h), "attn_output": (h, h), "ffn_gate": (ffn, h), "ffn_up": (ffn, h),
+              "ffn_down": (h, ffn)}
+    base = tmp_path / "base.gguf"
+    w = gguf.GGUFWriter(str(base), arch="llama")
+    w.add_block_count(1)
+    w.add_embedding_length(h)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    decoded = {}
+    for g, shape in shapes.items():
+        x = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+        q = ggml_quantize(x, types[g])
+        w.add_tensor(f"blk.0.{g}.weight", q, raw_dtype=types[g])
+        decoded[f"blk.0.{g}.weight"] = gguf.quants.dequantize(q, types[g])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    folder = tmp_path / "lora"
+    folder.mkdir()
+    tensors, updates = {}, {}
+    for leaf, g in LEAVES.items():
+        out, inp = shapes[g]
+        a = (rng.standard_normal((4, inp)) * 0.2).astype(np.float32)
+        b = (rng.standard_normal((out, 4)) * 0.2).astype(np.float32)
+        tensors[f"base_model.model.model.layers.0.{leaf}.lora_A.weight"] = a
+        tensors[f"base_model.model.model.layers.0.{leaf}.lora_B.weight"] = b
+        delta = 2.0 * (b.astype(np.float64) @ a.astype(np.float64))
+        if g in ("attn_q", "attn_k"):
+            delta = llama_permute(delta, 4, 4 if g == "attn_q" else 2)
+        updates[f"blk.0.{g}.weight"] = delta
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": [k.split(".")[1] for k in LEAVES]}))
+    out = tmp_path / "merged.gguf"
+    adapter("merge", "--quiet", base, folder, out)
+    ours = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
+    for name, delta in updates.items():
+        t = ours[name]
+        qtype = types[name.split(".")[2]]
+        assert t.tensor_type == qtype, name
+        merged = (decoded[name].astype(np.float64) + delta).astype(np.float32)
+        want = ggml_quantize(merged, qtype)
+        size = gguf.GGML_QUANT_SIZES[qtype][1]
+        got = np.asarray(t.data).view(np.uint8).reshape(-1, size)
+        same = (got == want.reshape(-1, size)).all(axis=1).mean()
+        # Float32 accumulation against numpy's correctly rounded sum: an ulp can move a block's scale search.
+        print(name, qtype.name, f"{same:.3f} of the blocks are ggml's")
+        assert same >= 0.95, (name, same)

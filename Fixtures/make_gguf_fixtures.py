@@ -17,7 +17,9 @@ Writes
   llama.cpp's ggml quantizes them to Q2_K … Q6_K (the bytes our ports must write).
 - gguf/tiny-llama.gguf: a LLaMA-shaped GGUF (metadata as convert_hf_to_gguf.py writes it: the
   architecture, hyperparameters, a 64-token vocabulary) with F32, F16 and Q8_0 tensors in llama.cpp
-  names, for inspect.
+  names, for inspect; llama.cpp loads and runs it.
+- adapters/gguf-lora/: a PEFT LoRA (r 4, alpha 8, rsLoRA, v_proj at rank 2) on every projection of
+  that model, in Hugging Face names, for `merge` into the GGUF and `convert to-gguf --base` it.
 """
 import os
 
@@ -171,9 +173,30 @@ def tiny_llama():
     w.close()
 
 
+def gguf_lora():
+    from safetensors.numpy import save_file
+    import json
+    rng = np.random.default_rng(23)
+    h, ffn = 64, 128
+    shapes = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (32, h), "self_attn.v_proj": (32, h), "self_attn.o_proj": (h, h),
+              "mlp.gate_proj": (ffn, h), "mlp.up_proj": (ffn, h), "mlp.down_proj": (h, ffn)}
+    tensors = {}
+    for leaf, (out, inp) in shapes.items():
+        r = 2 if leaf.endswith("v_proj") else 4
+        tensors[f"base_model.model.model.layers.0.{leaf}.lora_A.weight"] = (rng.standard_normal((r, inp)) * 0.2).astype(np.float32)
+        tensors[f"base_model.model.model.layers.0.{leaf}.lora_B.weight"] = (rng.standard_normal((out, r)) * 0.2).astype(np.float32)
+    folder = os.path.join(HERE, "adapters", "gguf-lora")
+    os.makedirs(folder, exist_ok=True)
+    save_file(tensors, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_rslora": True, "rank_pattern": {"v_proj": 2},
+                   "target_modules": [k.split(".")[1] for k in shapes], "base_model_name_or_path": "tiny-llama.gguf"}, f, indent=2, sort_keys=True)
+
+
 if __name__ == "__main__":
     os.makedirs(OUT, exist_ok=True)
     codecs()
     kquants()
     tiny_llama()
+    gguf_lora()
     print("gguf/codecs.gguf, gguf/tiny-llama.gguf by gguf", gguf.__version__ if hasattr(gguf, "__version__") else "")

@@ -145,7 +145,7 @@ extension AdapterWriter {
         try layout.write(to: file) { data[$0] }
         if sync { try file.sync() }
         if folded > 0 { notes.append("folded the mixer into lora_a (A' = M·A) in \(plural(folded, "module")): llama.cpp has no mixer") }
-        if rescaled > 0 { notes.append("folded \(plural(rescaled, "module"))'s own scale into lora_b (llama.cpp applies alpha / r = \(formatNumber(alpha)) / r to every module)") }
+        if rescaled > 0 { notes.append("folded each module's own scale into lora_b in \(plural(rescaled, "module")) (llama.cpp applies alpha / r = \(formatNumber(alpha)) / r to every module)") }
         if permuted > 0 { notes.append("permuted the rows of \(permuted) q/k lora_b as convert_hf_to_gguf.py permutes \(b.architecture)'s q and k weights") }
         return notes
     }

@@ -18,6 +18,10 @@ Writes
 - gguf/tiny-llama.gguf: a LLaMA-shaped GGUF (metadata as convert_hf_to_gguf.py writes it: the
   architecture, hyperparameters, a 64-token vocabulary) with F32, F16 and Q8_0 tensors in llama.cpp
   names, for inspect; llama.cpp loads and runs it.
+- models/tiny-llama-64/ and gguf/tiny-llama-64-{f32,q8_0}.gguf: a Hugging Face LLaMA (hidden 64,
+  one layer, 4 heads, 2 KV heads, a 64-piece SentencePiece BPE vocabulary trained here) and its
+  conversions by llama.cpp's own convert_hf_to_gguf.py (the one in llama-cpp-python 0.3.36's sdist:
+  LLAMA_CPP_DIR, default /work/llama-src), for end-to-end checks against transformers.
 - adapters/gguf-lora/: a PEFT LoRA (r 4, alpha 8, rsLoRA, v_proj at rank 2) on every projection of
   that model, in Hugging Face names, for `merge` into the GGUF and `convert to-gguf --base` it.
 """
@@ -173,6 +177,46 @@ def tiny_llama():
     w.close()
 
 
+def hf_twin():
+    import io
+    import shutil
+    import subprocess
+    import sys
+
+    import sentencepiece as spm
+    import torch
+    import transformers
+
+    words = ["the", "cat", "sat", "on", "mat", "a", "dog", "ran", "to", "park", "and", "then", "home", "big", "small", "red"]
+    rng = np.random.default_rng(0)
+    lines = [" ".join(rng.choice(words, 8)) for _ in range(400)]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=64, model_type="bpe", character_coverage=1.0,
+                                   bos_id=1, eos_id=2, unk_id=0, pad_id=-1, hard_vocab_limit=False, num_threads=1,
+                                   normalization_rule_name="identity")
+    folder = os.path.join(HERE, "models", "tiny-llama-64")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    open(os.path.join(folder, "tokenizer.model"), "wb").write(model.getvalue())
+    n_vocab = spm.SentencePieceProcessor(model_proto=model.getvalue()).get_piece_size()
+    torch.manual_seed(1)
+    cfg = transformers.LlamaConfig(vocab_size=n_vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    m = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.05)
+            else:
+                p.fill_(1.0)
+    m.save_pretrained(folder)
+    os.remove(os.path.join(folder, "generation_config.json"))
+    convert = os.path.join(os.environ.get("LLAMA_CPP_DIR", "/work/llama-src"), "convert_hf_to_gguf.py")
+    for outtype in ("f32", "q8_0"):
+        subprocess.run([sys.executable, convert, folder, "--outtype", outtype, "--outfile", os.path.join(OUT, f"tiny-llama-64-{outtype}.gguf")],
+                       check=True, capture_output=True)
+
+
 def gguf_lora():
     from safetensors.numpy import save_file
     import json
@@ -199,4 +243,5 @@ if __name__ == "__main__":
     kquants()
     tiny_llama()
     gguf_lora()
+    hf_twin()
     print("gguf/codecs.gguf, gguf/tiny-llama.gguf by gguf", gguf.__version__ if hasattr(gguf, "__version__") else "")

@@ -1,0 +1,70 @@
+"""End to end with llama.cpp: a Hugging Face LLaMA (Fixtures/models/tiny-llama-64) and its GGUF
+conversions by llama.cpp's own convert_hf_to_gguf.py. A PEFT adapter made here on the HF model
+(rsLoRA, rank_pattern, alpha_pattern) is merged into the GGUF by `adapter merge`, and written as a
+llama.cpp LoRA by `adapter convert to-gguf`; llama.cpp (llama-cpp-python) runs both and gives the
+logits transformers gives for PEFT's own merge_and_unload of the HF model.
+"""
+import numpy as np
+import peft
+import torch
+import transformers as T
+
+from interop import MODELS, adapter
+
+HF = MODELS / "tiny-llama-64"
+GGUF = MODELS.parent / "gguf"
+IDS = [1, 9, 42, 32, 17, 5, 23, 11]
+
+
+def peft_adapter(folder):
+    model = T.AutoModelForCausalLM.from_pretrained(str(HF), dtype=torch.float32)
+    with torch.no_grad():
+        before = model(torch.tensor([IDS])).logits[0].double().numpy()
+    torch.manual_seed(3)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, use_rslora=True, rank_pattern={"v_proj": 2}, alpha_pattern={"o_proj": 16}, init_lora_weights=False,
+                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    pm = peft.get_peft_model(model, cfg)
+    pm.save_pretrained(str(folder))
+    with torch.no_grad():
+        merged = pm.merge_and_unload()(torch.tensor([IDS])).logits[0].double().numpy()
+    return before, merged
+
+
+def llama_logits(path, **kw):
+    import llama_cpp
+    m = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1, **kw)
+    m.eval(IDS)
+    return np.array(m.scores[:len(IDS)], dtype=np.float64)
+
+
+def test_merge_and_lora_in_llama_cpp_give_transformers_logits_of_the_peft_merge(tmp_path):
+    before, want = peft_adapter(tmp_path / "lora")
+    effect = np.abs(want - before).max()
+    assert effect > 0.1
+    base = GGUF / "tiny-llama-64-f32.gguf"
+    # llama.cpp and transformers agree on the base itself to this much: the yardstick.
+    floor = np.abs(llama_logits(base) - before).max()
+    assert floor < 1e-3
+    merged = tmp_path / "merged.gguf"
+    adapter("merge", "--quiet", base, tmp_path / "lora", merged)
+    lora = tmp_path / "lora.gguf"
+    adapter("convert", "to-gguf", "--quiet", tmp_path / "lora", lora, "--base", HF)
+    for what, got in (("merged GGUF", llama_logits(merged)), ("base + LoRA GGUF", llama_logits(base, lora_path=str(lora)))):
+        err = np.abs(got - want).max()
+        # Float32 kernels of two libraries: their difference grows with the activations, so the
+        # bound is the base's own difference plus a thousandth of what the update moves.
+        assert err <= 3 * floor + 1e-3 * effect, f"{what}: max |Δlogit| {err:.3g} (llama.cpp vs transformers on the base: {floor:.3g}; update {effect:.3g})"
+
+
+def test_merge_into_the_q8_0_conversion_keeps_q8_0_and_the_update(tmp_path):
+    before, want = peft_adapter(tmp_path / "lora")
+    base = GGUF / "tiny-llama-64-q8_0.gguf"
+    merged = tmp_path / "merged-q8_0.gguf"
+    adapter("merge", "--quiet", base, tmp_path / "lora", merged)
+    got, unmerged = llama_logits(merged), llama_logits(base)
+    # Q8_0 rounds the weights: what remains is the base's own quantization error, not the update.
+    quantization = np.abs(unmerged - before).max()
+    err = np.abs(got - want).max()
+    # The merged weights are requantized: their Q8_0 error is of the base's size, not the update's.
+    assert err <= 3 * quantization + 1e-3 * np.abs(want - before).max(), (err, quantization)
+    assert np.abs(got - unmerged).max() > 10 * err

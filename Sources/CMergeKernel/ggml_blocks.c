@@ -321,7 +321,7 @@ static float make_qx_quants_rmse1(int n, int nmax, const float *x, int8_t *L) {
 }
 
 static float make_qkx2_quants(int n, int nmax, const float *x, const float *weights, uint8_t *L, float *the_min, uint8_t *Laux,
-                              float rmin, float rdelta, int nstep) {
+                              float rmin, float rdelta, int nstep, int use_mad) {
     float min = x[0], max = x[0];
     float sum_w = weights[0];
     float sum_x = sum_w * x[0];
@@ -345,7 +345,7 @@ static float make_qkx2_quants(int n, int nmax, const float *x, const float *weig
         const int l = nearest_int(iscale * (x[i] - min));
         L[i] = (uint8_t)(l < 0 ? 0 : l > nmax ? nmax : l);
         float diff = scale * L[i] + min - x[i];
-        diff = diff * diff;
+        diff = use_mad ? fabsf(diff) : diff * diff;
         best_error += weights[i] * diff;
     }
     for (int is = 0; is <= nstep; ++is) {
@@ -371,7 +371,7 @@ static float make_qkx2_quants(int n, int nmax, const float *x, const float *weig
             float cur_error = 0;
             for (int i = 0; i < n; ++i) {
                 float diff = this_scale * Laux[i] + this_min - x[i];
-                diff = diff * diff;
+                diff = use_mad ? fabsf(diff) : diff * diff;
                 cur_error += weights[i] * diff;
             }
             if (cur_error < best_error) {
@@ -397,7 +397,7 @@ static void encode_q45_k(int five, const float *x, uint8_t *y) {
         for (int l = 0; l < 32; ++l) sum_x2 += x[32 * j + l] * x[32 * j + l];
         const float av_x = sqrtf(sum_x2 / 32);
         for (int l = 0; l < 32; ++l) weights[l] = av_x + fabsf(x[32 * j + l]);
-        scales[j] = make_qkx2_quants(32, nmax, x + 32 * j, weights, L + 32 * j, &mins[j], Laux, five ? -0.5f : -1.f, 0.1f, five ? 15 : 20);
+        scales[j] = make_qkx2_quants(32, nmax, x + 32 * j, weights, L + 32 * j, &mins[j], Laux, five ? -0.5f : -1.f, 0.1f, five ? 15 : 20, 0);
         if (scales[j] > max_scale) max_scale = scales[j];
         if (mins[j] > max_min) max_min = mins[j];
     }
@@ -505,6 +505,163 @@ static void encode_q6_k(const float *x, uint8_t *y) {
     }
 }
 
+static float make_q3_quants_rmse(int n, int nmax, const float *x, int8_t *L) {
+    float max = 0, amax = 0;
+    for (int i = 0; i < n; ++i) {
+        const float ax = fabsf(x[i]);
+        if (ax > amax) {
+            amax = ax;
+            max = x[i];
+        }
+    }
+    if (amax < GROUP_MAX_EPS) {
+        for (int i = 0; i < n; ++i) L[i] = 0;
+        return 0.f;
+    }
+    const float iscale = -nmax / max;
+    float sumlx = 0, suml2 = 0;
+    for (int i = 0; i < n; ++i) {
+        int l = nearest_int(iscale * x[i]);
+        l = l < -nmax ? -nmax : l > nmax - 1 ? nmax - 1 : l;
+        L[i] = (int8_t)l;
+        const float w = x[i] * x[i];
+        sumlx += w * x[i] * l;
+        suml2 += w * l * l;
+    }
+    for (int itry = 0; itry < 5; ++itry) {
+        int n_changed = 0;
+        for (int i = 0; i < n; ++i) {
+            const float w = x[i] * x[i];
+            float slx = sumlx - w * x[i] * L[i];
+            if (slx > 0) {
+                float sl2 = suml2 - w * L[i] * L[i];
+                int new_l = nearest_int(x[i] * sl2 / slx);
+                new_l = new_l < -nmax ? -nmax : new_l > nmax - 1 ? nmax - 1 : new_l;
+                if (new_l != L[i]) {
+                    slx += w * x[i] * new_l;
+                    sl2 += w * new_l * new_l;
+                    if (sl2 > 0 && slx * slx * suml2 > sumlx * sumlx * sl2) {
+                        L[i] = (int8_t)new_l;
+                        sumlx = slx;
+                        suml2 = sl2;
+                        ++n_changed;
+                    }
+                }
+            }
+        }
+        if (!n_changed) break;
+    }
+    for (int i = 0; i < n; ++i) L[i] = (int8_t)(L[i] + nmax);
+    return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
+}
+
+/* Four 2-bit codes per byte: value j + 32·s at bits 2s of byte j (per 128 values). */
+static void pack_2bit(const uint8_t *L, uint8_t *qs) {
+    for (int j = 0; j < 256; j += 128)
+        for (int l = 0; l < 32; ++l)
+            qs[j / 4 + l] = (uint8_t)(L[j + l] | (L[j + l + 32] << 2) | (L[j + l + 64] << 4) | (L[j + l + 96] << 6));
+}
+
+static void encode_q2_k(const float *x, uint8_t *y) {
+    uint8_t L[256], Laux[16];
+    float weights[16], mins[16], scales[16];
+    const float q4scale = 15.f;
+    float max_scale = 0, max_min = 0;
+    for (int j = 0; j < 16; ++j) {
+        for (int l = 0; l < 16; ++l) weights[l] = fabsf(x[16 * j + l]);
+        scales[j] = make_qkx2_quants(16, 3, x + 16 * j, weights, L + 16 * j, &mins[j], Laux, -0.5f, 0.1f, 15, 1);
+        if (scales[j] > max_scale) max_scale = scales[j];
+        if (mins[j] > max_min) max_min = mins[j];
+    }
+    uint8_t *sc = y;
+    if (max_scale > 0) {
+        const float iscale = q4scale / max_scale;
+        for (int j = 0; j < 16; ++j) sc[j] = (uint8_t)nearest_int(iscale * scales[j]);
+        store_half(y + 80, max_scale / q4scale);
+    } else {
+        for (int j = 0; j < 16; ++j) sc[j] = 0;
+        store_half(y + 80, 0.f);
+    }
+    if (max_min > 0) {
+        const float iscale = q4scale / max_min;
+        for (int j = 0; j < 16; ++j) sc[j] |= (uint8_t)(nearest_int(iscale * mins[j]) << 4);
+        store_half(y + 82, max_min / q4scale);
+    } else {
+        store_half(y + 82, 0.f);
+    }
+    const float dd = load_half(y + 80), dmin = load_half(y + 82);
+    for (int j = 0; j < 16; ++j) {
+        const float d = dd * (sc[j] & 0xF);
+        if (!d) continue;
+        const float dm = dmin * (sc[j] >> 4);
+        for (int ii = 0; ii < 16; ++ii) {
+            const int l = nearest_int((x[16 * j + ii] + dm) / d);
+            L[16 * j + ii] = (uint8_t)(l < 0 ? 0 : l > 3 ? 3 : l);
+        }
+    }
+    pack_2bit(L, y + 16);
+}
+
+static void encode_q3_k(const float *x, uint8_t *y) {
+    int8_t L[256];
+    float scales[16];
+    float max_scale = 0, amax = 0;
+    for (int j = 0; j < 16; ++j) {
+        scales[j] = make_q3_quants_rmse(16, 4, x + 16 * j, L + 16 * j);
+        const float scale = fabsf(scales[j]);
+        if (scale > amax) {
+            amax = scale;
+            max_scale = scales[j];
+        }
+    }
+    uint8_t *sc = y + 96;
+    memset(sc, 0, 12);
+    if (max_scale) {
+        const float iscale = -32.f / max_scale;
+        for (int j = 0; j < 16; ++j) {
+            int8_t l = (int8_t)nearest_int(iscale * scales[j]);
+            l = (int8_t)((l < -32 ? -32 : l > 31 ? 31 : l) + 32);
+            if (j < 8) sc[j] = (uint8_t)(l & 0xF);
+            else sc[j - 8] |= (uint8_t)((l & 0xF) << 4);
+            l >>= 4;
+            sc[j % 4 + 8] |= (uint8_t)(l << (2 * (j / 4)));
+        }
+        store_half(y + 108, 1 / iscale);
+    } else {
+        store_half(y + 108, 0.f);
+    }
+    const float dd = load_half(y + 108);
+    for (int j = 0; j < 16; ++j) {
+        int8_t s = (int8_t)(j < 8 ? sc[j] & 0xF : sc[j - 8] >> 4);
+        s = (int8_t)((s | (((sc[8 + j % 4] >> (2 * (j / 4))) & 3) << 4)) - 32);
+        const float d = dd * s;
+        if (!d) continue;
+        for (int ii = 0; ii < 16; ++ii) {
+            int l = nearest_int(x[16 * j + ii] / d);
+            l = l < -4 ? -4 : l > 3 ? 3 : l;
+            L[16 * j + ii] = (int8_t)(l + 4);
+        }
+    }
+    uint8_t *hmask = y;
+    memset(hmask, 0, 32);
+    int m = 0;
+    uint8_t hm = 1;
+    uint8_t U[256];
+    for (int j = 0; j < 256; ++j) {
+        int v = L[j];
+        if (v > 3) {
+            hmask[m] |= hm;
+            v -= 4;
+        }
+        U[j] = (uint8_t)v;
+        if (++m == 32) {
+            m = 0;
+            hm <<= 1;
+        }
+    }
+    pack_2bit(U, y + 32);
+}
+
 static size_t k_block_bytes(int type) {
     switch (type) {
     case ADAPTER_GGML_Q2_K: return 84;
@@ -528,12 +685,18 @@ static size_t block_bytes(int type) {
 }
 
 int adapter_ggml_encode(int type, const float *x, uint8_t *y, size_t n) {
-    if (type == ADAPTER_GGML_Q4_K || type == ADAPTER_GGML_Q5_K || type == ADAPTER_GGML_Q6_K) {
+    const size_t k = k_block_bytes(type);
+    if (k) {
         if (n % 256) return 0;
-        const size_t k = k_block_bytes(type);
         for (size_t b = 0; b < n / 256; b++) {
-            if (type == ADAPTER_GGML_Q6_K) encode_q6_k(x + 256 * b, y + k * b);
-            else encode_q45_k(type == ADAPTER_GGML_Q5_K, x + 256 * b, y + k * b);
+            const float *xb = x + 256 * b;
+            uint8_t *yb = y + k * b;
+            switch (type) {
+            case ADAPTER_GGML_Q2_K: encode_q2_k(xb, yb); break;
+            case ADAPTER_GGML_Q3_K: encode_q3_k(xb, yb); break;
+            case ADAPTER_GGML_Q6_K: encode_q6_k(xb, yb); break;
+            default: encode_q45_k(type == ADAPTER_GGML_Q5_K, xb, yb); break;
+            }
         }
         return 1;
     }

@@ -2,12 +2,12 @@ import CMergeKernel
 
 /// Values of GGML tensor data and back, for the types with a codec here: F32, F16, BF16 (one
 /// rounding to nearest even) and the 32-value block types Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 by ggml's
-/// reference quantizers; the K-quants Q4_K, Q5_K and Q6_K both ways (by their reference
-/// quantizers), Q2_K and Q3_K decoded only, so far (`Sources/CMergeKernel/ggml_blocks.c`).
+/// reference quantizers, and the K-quants Q2_K … Q6_K both ways (by ports of their reference
+/// quantizers; `Sources/CMergeKernel/ggml_blocks.c`).
 enum GGMLCodec {
     static let blockTypes: Set<GGMLType> = [.q4_0, .q4_1, .q5_0, .q5_1, .q8_0]
     static let kQuants: Set<GGMLType> = [.q2_K, .q3_K, .q4_K, .q5_K, .q6_K]
-    static let encodableKQuants: Set<GGMLType> = [.q4_K, .q5_K, .q6_K]
+    static let encodableKQuants: Set<GGMLType> = [.q2_K, .q3_K, .q4_K, .q5_K, .q6_K]
 
     /// Whether values can be written in this type (and read from it).
     static func hasCodec(_ type: GGMLType) -> Bool {

@@ -53,11 +53,11 @@ public struct GGUFMergePlan: Sendable {
                     continue
                 }
                 guard GGMLCodec.canDecode(t.type) else {
-                    problems.append("\(label)module \(m.name): \(name) is \(t.type.name), which merges do not decode (F32, F16, BF16, Q4_0 … Q8_0 and Q2_K … Q6_K are read)")
+                    problems.append("\(label)module \(m.name): \(name) is \(t.type.name), which merges do not decode (F32, F16, BF16, Q4_0 … Q8_0 and Q2_K … Q6_K are read and written)")
                     continue
                 }
                 guard GGMLCodec.hasCodec(target ?? t.type) else {
-                    problems.append("\(label)module \(m.name): \(name) is \(t.type.name), whose reference quantizer is not ported yet (Q4_K, Q5_K and Q6_K are): merge with --dtype f16 (or bf16, f32) to write the merged tensors unquantized")
+                    problems.append("\(label)module \(m.name): \(name) is \(t.type.name), whose reference quantizer is not ported: merge with --dtype f16 (or bf16, f32) to write the merged tensors unquantized")
                     continue
                 }
                 var e = edits[name] ?? Edit(tensor: t, outputType: target ?? t.type)

@@ -1,4 +1,6 @@
 import CMergeKernel
+import Dispatch
+import Foundation
 
 /// Values of GGML tensor data and back, for the types with a codec here: F32, F16, BF16 (one
 /// rounding to nearest even) and the 32-value block types Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 by ggml's
@@ -32,11 +34,30 @@ enum GGMLCodec {
             return out
         default:
             guard canDecode(type) else { return nil }
-            let ok = bytes.withUnsafeBufferPointer { src in
-                out.withUnsafeMutableBufferPointer { adapter_ggml_decode(Int32(type.rawValue), src.baseAddress, $0.baseAddress, count) }
+            let ok = bytes.withUnsafeBufferPointer { source in
+                out.withUnsafeMutableBufferPointer { target in
+                    let src = UncheckedMutable(UnsafeMutableBufferPointer(mutating: source)), dst = UncheckedMutable(target)
+                    return Self.inChunks(count: count, type: type) { values, blockBytes in
+                        adapter_ggml_decode(Int32(type.rawValue), src.base.baseAddress! + blockBytes.lowerBound, dst.base.baseAddress! + values.lowerBound, values.count)
+                    }
+                }
             }
-            return ok == 1 ? out : nil
+            return ok ? out : nil
         }
+    }
+
+    /// Runs `body` on whole-block pieces of `count` values on every core (values, and the bytes
+    /// they take), each piece its own input and output; true when every piece succeeded.
+    static func inChunks(count: Int, type: GGMLType, _ body: @Sendable (Range<Int>, Range<Int>) -> Int32) -> Bool {
+        let blocks = count / type.blockSize
+        let chunks = max(1, min(ProcessInfo.processInfo.activeProcessorCount * 4, blocks / 64))
+        let failed = Locked(false)
+        DispatchQueue.concurrentPerform(iterations: chunks) { c in
+            let b0 = blocks * c / chunks, b1 = blocks * (c + 1) / chunks
+            guard b1 > b0 else { return }
+            if body(b0 * type.blockSize..<b1 * type.blockSize, b0 * type.typeSize..<b1 * type.typeSize) != 1 { failed.set(true) }
+        }
+        return !failed.value
     }
 
     /// `values` encoded as `type`; nil without a codec or for a partial block.
@@ -52,10 +73,15 @@ enum GGMLCodec {
             return out
         default:
             guard hasCodec(type) else { return nil }
-            let ok = values.withUnsafeBufferPointer { v in
-                out.withUnsafeMutableBufferPointer { adapter_ggml_encode(Int32(type.rawValue), v.baseAddress, $0.baseAddress, count) }
+            let ok = values.withUnsafeBufferPointer { source in
+                out.withUnsafeMutableBufferPointer { target in
+                    let src = UncheckedMutable(UnsafeMutableBufferPointer(mutating: source)), dst = UncheckedMutable(target)
+                    return Self.inChunks(count: count, type: type) { range, blockBytes in
+                        adapter_ggml_encode(Int32(type.rawValue), src.base.baseAddress! + range.lowerBound, dst.base.baseAddress! + blockBytes.lowerBound, range.count)
+                    }
+                }
             }
-            return ok == 1 ? out : nil
+            return ok ? out : nil
         }
     }
 }

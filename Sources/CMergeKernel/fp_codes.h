@@ -110,6 +110,14 @@ static inline __attribute__((always_inline)) void group_sums_into(const group_su
     run[3] = largest > run[3] ? largest : run[3];
 }
 
+/* A decoded byte's two values (the low nibble's first) into the base and merged buffers. */
+static inline __attribute__((always_inline)) void store_pair(float *base, float *merged, int j, float lo, float hi) {
+    base[2 * j] = lo;
+    base[2 * j + 1] = hi;
+    merged[2 * j] = lo;
+    merged[2 * j + 1] = hi;
+}
+
 /* Two E2M1 codes per byte, the low nibble the even element. */
 static inline __attribute__((always_inline)) void pack_nibbles(const uint8_t *nibbles, uint8_t *codes, int n) {
     for (int j = 0; j < n / 2; j++) codes[j] = (uint8_t)(nibbles[2 * j] | (nibbles[2 * j + 1] << 4));

@@ -25,15 +25,17 @@ static inline void store_half(uint8_t *p, float v) {
     memcpy(p, &h, 2);
 }
 
-/* The value of largest magnitude (the first of equal magnitudes), as q4_0/q5_0 pick it. */
-static inline float signed_max(const float *x) {
+/* The value of largest magnitude among n (the first of equal magnitudes), as the reference
+ * quantizers pick it; its magnitude in *amax when asked. */
+static inline float signed_max(const float *x, int n, float *amax_out) {
     float amax = 0.0f, max = 0.0f;
-    for (int j = 0; j < 32; j++) {
+    for (int j = 0; j < n; j++) {
         if (amax < fabsf(x[j])) {
             amax = fabsf(x[j]);
             max = x[j];
         }
     }
+    if (amax_out) *amax_out = amax;
     return max;
 }
 
@@ -59,7 +61,7 @@ static void encode_block(int type, const float *x, uint8_t *y) {
     case ADAPTER_GGML_Q4_0:
     case ADAPTER_GGML_Q5_0: {
         const int five = type == ADAPTER_GGML_Q5_0;
-        const float d = signed_max(x) / (five ? -16 : -8), id = d ? 1.0f / d : 0.0f;
+        const float d = signed_max(x, 32, NULL) / (five ? -16 : -8), id = d ? 1.0f / d : 0.0f;
         const float offset = five ? 16.5f : 8.5f;
         const int top = five ? 31 : 15;
         store_half(y, d);
@@ -273,14 +275,8 @@ static inline int nearest_int(float fval) {
 }
 
 static float make_qx_quants_rmse1(int n, int nmax, const float *x, int8_t *L) {
-    float max = 0, amax = 0;
-    for (int i = 0; i < n; ++i) {
-        const float ax = fabsf(x[i]);
-        if (ax > amax) {
-            amax = ax;
-            max = x[i];
-        }
-    }
+    float amax;
+    const float max = signed_max(x, n, &amax);
     if (amax < GROUP_MAX_EPS) {
         for (int i = 0; i < n; ++i) L[i] = 0;
         return 0.f;
@@ -506,14 +502,8 @@ static void encode_q6_k(const float *x, uint8_t *y) {
 }
 
 static float make_q3_quants_rmse(int n, int nmax, const float *x, int8_t *L) {
-    float max = 0, amax = 0;
-    for (int i = 0; i < n; ++i) {
-        const float ax = fabsf(x[i]);
-        if (ax > amax) {
-            amax = ax;
-            max = x[i];
-        }
-    }
+    float amax;
+    const float max = signed_max(x, n, &amax);
     if (amax < GROUP_MAX_EPS) {
         for (int i = 0; i < n; ++i) L[i] = 0;
         return 0.f;

@@ -23,10 +23,7 @@
         float *o = base + b * 32, *m = merged + b * 32;                                            \
         for (int j = 0; j < 16; j++) {                                                             \
             float lo = e2m1[c[j] & 15] * p, hi = e2m1[c[j] >> 4] * p;                               \
-            o[2 * j] = lo;                                                                         \
-            o[2 * j + 1] = hi;                                                                     \
-            m[2 * j] = lo;                                                                         \
-            m[2 * j + 1] = hi;                                                                     \
+            store_pair(o, m, j, lo, hi);                                                           \
         }                                                                                          \
     }                                                                                              \
     return ok;

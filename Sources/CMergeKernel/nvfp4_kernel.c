@@ -30,10 +30,7 @@ static inline __attribute__((always_inline)) float bf16_round(float x) {
         float *o = base + g * 16, *m = merged + g * 16;                                            \
         for (int j = 0; j < 8; j++) {                                                              \
             float lo = bf16_round(e2m1[c[j] & 15] * eff), hi = bf16_round(e2m1[c[j] >> 4] * eff);  \
-            o[2 * j] = lo;                                                                         \
-            o[2 * j + 1] = hi;                                                                     \
-            m[2 * j] = lo;                                                                         \
-            m[2 * j + 1] = hi;                                                                     \
+            store_pair(o, m, j, lo, hi);                                                           \
         }                                                                                          \
     }                                                                                              \
     return ok;

@@ -29,7 +29,7 @@ enum GGMLCodec {
         var out = [Float](repeating: 0, count: count)
         switch type {
         case .f32, .f16, .bf16:
-            let dtype: DType = type == .f32 ? .f32 : type == .f16 ? .f16 : .bf16
+            let dtype = plain(type)
             bytes.withUnsafeBytes { src in out.withUnsafeMutableBufferPointer { ElementConversion.toFloat(dtype, src.baseAddress!, $0.baseAddress!, count: count) } }
             return out
         default:
@@ -45,6 +45,9 @@ enum GGMLCodec {
             return ok ? out : nil
         }
     }
+
+    /// The element dtype of the one-value-per-element float types.
+    private static func plain(_ type: GGMLType) -> DType { type == .f32 ? .f32 : type == .f16 ? .f16 : .bf16 }
 
     /// Runs `body` on whole-block pieces of `count` values on every core (values, and the bytes
     /// they take), each piece its own input and output; true when every piece succeeded.
@@ -68,7 +71,7 @@ enum GGMLCodec {
         var out = [UInt8](repeating: 0, count: count / type.blockSize * type.typeSize)
         switch type {
         case .f32, .f16, .bf16:
-            let dtype: DType = type == .f32 ? .f32 : type == .f16 ? .f16 : .bf16
+            let dtype = plain(type)
             values.withUnsafeBufferPointer { v in out.withUnsafeMutableBytes { ElementConversion.fromFloat(dtype, v.baseAddress!, $0.baseAddress!, count: count) } }
             return out
         default:

@@ -20,6 +20,8 @@ public struct GGUFMergePlan: Sendable {
     public let notes: [String]
     public let moduleCount: Int
     let dequantize: GGMLType?
+    /// Every file the merge reads: OUT may not be, be inside, or contain any of them.
+    let inputFiles: [String]
 
     public init(base path: String, inputs: [MergeInput], dropUnknown: Bool = false, dequantize: DType? = nil) throws {
         let file = try GGUFFile(path: path)
@@ -94,11 +96,12 @@ public struct GGUFMergePlan: Sendable {
         self.notes = notes
         self.moduleCount = merged
         self.dequantize = target
+        self.inputFiles = [path] + inputs.flatMap { [$0.adapter.path] + $0.adapter.inputFiles }
     }
 
     /// Writes OUT (a new file beside it, renamed into place when complete).
     public func write(to output: String, options: MergeRunOptions = MergeRunOptions()) throws -> MergeSummary {
-        try OutputRules.check(output, kind: .file, inputs: [file.path], force: options.force)
+        try OutputRules.check(output, kind: .file, inputs: inputFiles, force: options.force)
         let start = DispatchTime.now()
         var summary = MergeSummary()
         summary.notes = notes

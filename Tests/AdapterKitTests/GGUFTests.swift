@@ -301,3 +301,61 @@ struct GGUFMergeTests {
         #expect(kq?.problems.first?.contains("blk.0.attn_v.weight is IQ4_XS, which merges do not decode") == true)
     }
 }
+
+@Suite("merges into GGUF Mixture-of-Experts bases (blk.N.ffn_*_exps)")
+struct GGUFExpertMergeTests {
+    /// tiny-qwen3-moe as a GGUF (qwen3moe: no q/k permutation): its per-expert weights stacked into
+    /// llama.cpp's 3-D `ffn_{gate,up,down}_exps` [E, out, in], the rest by name, all F32.
+    func gguf(_ dir: TempDir) throws -> String {
+        let hf = try Checkpoint(path: modelPath("tiny-qwen3-moe"))
+        var tensors: [GGUFLayout.Tensor] = [], data: [[UInt8]] = []
+        func add(_ name: String, _ shape: [Int], _ values: [Float]) {
+            tensors.append(GGUFLayout.Tensor(name: name, dims: shape.reversed(), type: .f32))
+            data.append(GGMLCodec.encode(.f32, values)!)
+        }
+        let store = hf.files[0]
+        let q = try #require(store.entry("model.layers.0.self_attn.q_proj.weight"))
+        add("blk.0.attn_q.weight", q.shape, try store.floats(q.name))
+        for (leaf, gguf) in [("gate_proj", "ffn_gate_exps"), ("up_proj", "ffn_up_exps"), ("down_proj", "ffn_down_exps")] {
+            var values: [Float] = []
+            var shape: [Int] = []
+            for e in 0..<4 {
+                let t = try #require(store.entry("model.layers.0.mlp.experts.\(e).\(leaf).weight"))
+                shape = t.shape
+                values += try store.floats(t.name)
+            }
+            add("blk.0.\(gguf).weight", [4] + shape, values)
+        }
+        let layout = try GGUFLayout(metadata: [("general.architecture", .string("qwen3moe"))], tensors: tensors)
+        let path = dir.file("moe.gguf")
+        try layout.write(to: try FileDescriptor.createExclusive(path)) { data[$0] }
+        return path
+    }
+
+    @Test("target_parameters and per-expert adapters land on each expert's rows: PEFT's merged values", arguments: ["qwen3-moe-params", "qwen3-moe-per-expert"])
+    func experts(_ adapterName: String) throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let base = try gguf(dir)
+        let summary = try GGUFMergePlan(base: base, inputs: [MergeInput(adapter: try Adapter(path: adapterPath("moe-" + adapterName)))]).write(to: dir.file("out.gguf"))
+        #expect(summary.tensorsChanged >= 3)
+        let out = try GGUFFile(path: dir.file("out.gguf"))
+        let reference = try SafetensorsFile(path: fixture("expected/moe/\(adapterName).safetensors"))
+        var compared = 0
+        for (leaf, gguf) in [("gate_proj", "ffn_gate_exps"), ("up_proj", "ffn_up_exps"), ("down_proj", "ffn_down_exps")] {
+            let t = try #require(out.tensor("blk.0.\(gguf).weight"))
+            let values = try #require(GGMLCodec.decode(.f32, out.bytes(of: t), count: t.elementCount))
+            let per = t.elementCount / 4
+            for e in 0..<4 {
+                let name = "model.layers.0.mlp.experts.\(e).\(leaf).weight"
+                guard reference.entry(name) != nil else { continue }
+                let want = try reference.floats(name)
+                let got = Array(values[e * per..<(e + 1) * per])
+                #expect(zip(got, want).allSatisfy { abs($0 - $1) <= 1e-6 + 1e-5 * abs($1) }, "\(name)")
+                compared += 1
+            }
+        }
+        // Every expert tensor PEFT's merge changed was compared (the per-expert adapter adapts some experts).
+        #expect(compared == reference.header.tensors.filter { $0.name.contains(".experts.") }.count && compared >= 6)
+    }
+}

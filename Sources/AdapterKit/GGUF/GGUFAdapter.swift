@@ -59,6 +59,49 @@ struct GGUFBase {
         return "blk.\(layer).\(leaf).weight"
     }
 
+    /// Where a module's update lands in a GGUF base: a 2-D weight by its name, or, for experts,
+    /// expert rows of llama.cpp's 3-D `blk.N.ffn_{gate,up,down}_exps.weight` ([E, out, in] seen as
+    /// [E·out, in]): PEFT `target_parameters` on `mlp.experts.gate_up_proj` (the first half of each
+    /// expert's rows gate, the second up) and `down_proj`, or per-expert modules
+    /// (`mlp.experts.N.gate_proj`, Mixtral's `block_sparse_moe.experts.N.w1`).
+    static func placements(of m: LoRAModule, in file: GGUFFile) -> Result<[(name: String, module: LoRAModule, rows: Range<Int>?)], PlacementProblem> {
+        func expertRows(_ name: String, _ e: Int) -> Range<Int>? {
+            guard let t = file.tensor(name), t.shape.count == 3 else { return nil }
+            return e * t.shape[1]..<(e + 1) * t.shape[1]
+        }
+        let parts = m.baseName.split(separator: ".").map(String.init)
+        guard let i = parts.firstIndex(of: "layers"), i + 1 < parts.count, let layer = Int(parts[i + 1]) else {
+            if let name = ggufName(forModule: m.baseName) { return .success([(name, m, nil)]) }
+            return .failure(PlacementProblem(text: "llama.cpp has no tensor for \(m.baseName) in the names mapped here (attention and MLP projections, experts, embed_tokens, lm_head)"))
+        }
+        let rest = parts[(i + 2)...]
+        let leaves = ["gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps", "w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps"]
+        if let p = m.parameter {
+            guard rest.last == "experts" else { return .failure(PlacementProblem(text: "target_parameters on \(m.baseName) is not an experts module")) }
+            let out = m.outFeatures
+            var placed: [(String, LoRAModule, Range<Int>?)] = []
+            let names: [(String, Range<Int>?)] = p.name == "gate_up_proj" ? [("ffn_gate_exps", 0..<out / 2), ("ffn_up_exps", out / 2..<out)]
+                : p.name == "down_proj" ? [("ffn_down_exps", nil)] : []
+            guard !names.isEmpty else { return .failure(PlacementProblem(text: "\(p.name): llama.cpp expert tensors are known for gate_up_proj and down_proj")) }
+            for (leaf, half) in names {
+                let name = "blk.\(layer).\(leaf).weight"
+                guard file.tensor(name) != nil else { return .failure(PlacementProblem(text: "the base has no \(name)")) }
+                for e in 0..<p.experts {
+                    guard let rows = expertRows(name, e) else { return .failure(PlacementProblem(text: "\(name) is not a 3-D expert tensor")) }
+                    placed.append((name, m.expert(e, outputs: half, part: half == nil ? nil : String(leaf.dropFirst(4).dropLast(5))), rows))
+                }
+            }
+            return .success(placed)
+        }
+        if rest.count == 4, rest[rest.startIndex + 1] == "experts", let e = Int(rest[rest.startIndex + 2]), let leaf = leaves[rest.last!] {
+            let name = "blk.\(layer).\(leaf).weight"
+            guard let rows = expertRows(name, e) else { return .failure(PlacementProblem(text: "the base has no 3-D \(name) for expert \(e)")) }
+            return .success([(name, m, rows)])
+        }
+        if let name = ggufName(forModule: m.baseName) { return .success([(name, m, nil)]) }
+        return .failure(PlacementProblem(text: "llama.cpp has no tensor for \(m.baseName) in the names mapped here (attention and MLP projections, experts, embed_tokens, lm_head)"))
+    }
+
     /// The rows of an [out, ·] matrix in the order convert_hf_to_gguf.py writes q (`heads`) or k
     /// (`kvHeads`): per head, the two rope halves interleaved (reshape(n, 2, out/n/2) then swap).
     static func permutedRows(_ m: [Double], rows: Int, cols: Int, heads n: Int) -> [Double] {

@@ -5,14 +5,45 @@ import Foundation
 /// ggml's reference quantizer (or in `dequantize`'s type); every other tensor and all metadata
 /// copied byte for byte. One tensor in memory at a time.
 public struct GGUFMergePlan: Sendable {
-    struct Edit: Sendable {
-        let tensor: GGUFTensorInfo
-        /// L (rows × k, the scale, weight and mixer folded in, rows permuted like the base) and R (k × cols).
+    /// The updates of one row range of a tensor's [rows, cols] view (all of it for a 2-D weight,
+    /// one expert of a 3-D `_exps` tensor): L (rows × k, the scale, weight and mixer folded in, rows
+    /// permuted like the base) and R (k × cols), terms side by side.
+    struct Segment: Sendable {
+        let rows: Range<Int>
         var l: [Double] = []
         var r: [Double] = []
         var k = 0
+    }
+
+    struct Edit: Sendable {
+        let tensor: GGUFTensorInfo
+        var segments: [Segment] = []
         var modules: [String] = []
         var outputType: GGMLType
+        /// The 2-D view: [experts · out, in] for 3-D expert tensors.
+        var viewRows: Int { tensor.shape.dropLast().reduce(1, *) }
+        var viewColumns: Int { tensor.shape.last ?? 1 }
+
+        /// Adds a term on `rows`; terms on exactly the same rows are joined, overlapping ones refused.
+        mutating func add(rows: Range<Int>, l: [Double], r: [Double], k: Int) -> Bool {
+            if let i = segments.firstIndex(where: { $0.rows == rows }) {
+                var s = segments[i]
+                let n = rows.count
+                var joined = [Double](repeating: 0, count: n * (s.k + k))
+                for i in 0..<n {
+                    for j in 0..<s.k { joined[i * (s.k + k) + j] = s.l[i * s.k + j] }
+                    for j in 0..<k { joined[i * (s.k + k) + s.k + j] = l[i * k + j] }
+                }
+                s.l = joined
+                s.r += r
+                s.k += k
+                segments[i] = s
+                return true
+            }
+            if segments.contains(where: { $0.rows.overlaps(rows) }) { return false }
+            segments.append(Segment(rows: rows, l: l, r: r, k: k))
+            return true
+        }
     }
 
     public let file: GGUFFile
@@ -41,51 +72,59 @@ public struct GGUFMergePlan: Sendable {
             if !a.unknownKeys.isEmpty && !dropUnknown { problems.append("\(label)\(unknownKeysPhrase(a.unknownKeys)); use --drop-unknown to merge without them") }
             if let r = a.replacements.first { problems.append("\(label)\(r.tensor.name) replaces \(r.baseName) whole (modules_to_save), which merges into GGUF do not do yet") }
             for m in a.modules {
-                guard let name = GGUFBase.ggufName(forModule: m.baseName) else {
-                    problems.append("\(label)module \(m.name): llama.cpp has no tensor for \(m.baseName) in the names mapped here (attention and MLP projections, embed_tokens, lm_head)")
+                guard m.kind == .linear, m.magnitude == nil, m.bias == nil else {
+                    problems.append("\(label)module \(m.name): \(m.magnitude != nil ? "DoRA" : m.bias != nil ? "lora_B.bias" : "a \(m.kind.rawValue) layer"), which merges into GGUF do not take yet")
                     continue
                 }
-                guard let t = file.tensor(name) else { problems.append("\(label)module \(m.name): the base has no \(name)"); continue }
-                guard m.parameter == nil, m.kind == .linear, m.magnitude == nil, m.bias == nil else {
-                    problems.append("\(label)module \(m.name): \(m.parameter != nil ? "target_parameters experts" : m.magnitude != nil ? "DoRA" : m.bias != nil ? "lora_B.bias" : "a \(m.kind.rawValue) layer"), which merges into GGUF do not take yet")
+                // Where the module lands: a whole 2-D weight, or expert rows of 3-D `_exps` tensors.
+                let placements: [(name: String, module: LoRAModule, rows: Range<Int>?)]
+                switch GGUFBase.placements(of: m, in: file) {
+                case .success(let p): placements = p
+                case .failure(let problem):
+                    problems.append("\(label)module \(m.name): \(problem.text)")
                     continue
                 }
-                guard t.shape == [m.outFeatures, m.inFeatures] else {
-                    problems.append("\(label)module \(m.name): the update is [\(m.outFeatures), \(m.inFeatures)] but \(name) is \(t.shape)")
-                    continue
-                }
-                guard GGMLCodec.canDecode(t.type) else {
-                    problems.append("\(label)module \(m.name): \(name) is \(t.type.name), which merges do not decode (F32, F16, BF16, Q4_0 … Q8_0 and Q2_K … Q6_K are read and written)")
-                    continue
-                }
-                guard GGMLCodec.hasCodec(target ?? t.type) else {
-                    problems.append("\(label)module \(m.name): \(name) is \(t.type.name), whose reference quantizer is not ported: merge with --dtype f16 (or bf16, f32) to write the merged tensors unquantized")
-                    continue
-                }
-                var e = edits[name] ?? Edit(tensor: t, outputType: target ?? t.type)
-                let rows = t.shape[0], cols = t.shape[1], r = m.rank
-                let (l0, r0, _) = try UpdateCompiler.factors([MergeTerm(module: m, factor: m.scale * input.weight)], rows: 0..<rows, viewRows: rows, cols: cols, tensor: name)
-                var l = l0
-                if base.permutesQK, name.hasSuffix("attn_q.weight") || name.hasSuffix("attn_k.weight") {
-                    guard let n = name.hasSuffix("attn_q.weight") ? base.heads : base.kvHeads, n > 0, rows % (2 * n) == 0 else {
-                        problems.append("\(label)module \(m.name): \(name) is permuted for rope by heads, but the base gives no head count that divides \(rows) rows")
-                        continue
+                var ok = true
+                for (name, piece, expertRows) in placements {
+                    guard let t = file.tensor(name) else { problems.append("\(label)module \(m.name): the base has no \(name)"); ok = false; break }
+                    guard GGMLCodec.canDecode(t.type) else {
+                        problems.append("\(label)module \(m.name): \(name) is \(t.type.name), which merges do not decode (F32, F16, BF16, Q4_0 … Q8_0 and Q2_K … Q6_K are read and written)")
+                        ok = false
+                        break
                     }
-                    l = GGUFBase.permutedRows(l, rows: rows, cols: r, heads: n)
-                    permuted += 1
+                    guard GGMLCodec.hasCodec(target ?? t.type) else {
+                        problems.append("\(label)module \(m.name): \(name) is \(t.type.name), whose reference quantizer is not ported: merge with --dtype f16 (or bf16, f32) to write the merged tensors unquantized")
+                        ok = false
+                        break
+                    }
+                    var e = edits[name] ?? Edit(tensor: t, outputType: target ?? t.type)
+                    let rows = expertRows ?? 0..<e.viewRows, cols = e.viewColumns
+                    guard rows.upperBound <= e.viewRows, [rows.count, cols] == [piece.outFeatures, piece.inFeatures] else {
+                        problems.append("\(label)module \(m.name): the update is [\(piece.outFeatures), \(piece.inFeatures)] but \(expertRows == nil ? "\(name) is \(t.shape)" : "rows \(rows.lowerBound)..<\(rows.upperBound) of \(name) \(t.shape) are [\(rows.count), \(cols)]")")
+                        ok = false
+                        break
+                    }
+                    let (l0, r0, k) = try UpdateCompiler.factors([MergeTerm(module: piece, factor: m.scale * input.weight)], rows: 0..<rows.count, viewRows: rows.count,
+                                                                 cols: cols, tensor: name)
+                    var l = l0
+                    if base.permutesQK, name.hasSuffix("attn_q.weight") || name.hasSuffix("attn_k.weight") {
+                        guard let n = name.hasSuffix("attn_q.weight") ? base.heads : base.kvHeads, n > 0, rows.count % (2 * n) == 0 else {
+                            problems.append("\(label)module \(m.name): \(name) is permuted for rope by heads, but the base gives no head count that divides \(rows.count) rows")
+                            ok = false
+                            break
+                        }
+                        l = GGUFBase.permutedRows(l, rows: rows.count, cols: k, heads: n)
+                        permuted += 1
+                    }
+                    guard e.add(rows: rows, l: l, r: r0, k: k) else {
+                        problems.append("\(label)module \(m.name): its rows of \(name) overlap another update's without being the same rows")
+                        ok = false
+                        break
+                    }
+                    if !e.modules.contains(m.name) { e.modules.append(m.name) }
+                    edits[name] = e
                 }
-                // Terms side by side: L gains r columns, R r rows.
-                var joined = [Double](repeating: 0, count: rows * (e.k + r))
-                for i in 0..<rows {
-                    for j in 0..<e.k { joined[i * (e.k + r) + j] = e.l[i * e.k + j] }
-                    for j in 0..<r { joined[i * (e.k + r) + e.k + j] = l[i * r + j] }
-                }
-                e.l = joined
-                e.r += r0
-                e.k += r
-                e.modules.append(m.name)
-                edits[name] = e
-                merged += 1
+                if ok { merged += 1 }
             }
         }
         if edits.isEmpty && problems.isEmpty { problems.append("no module of the adapter applies to this base") }
@@ -155,24 +194,30 @@ public struct GGUFMergePlan: Sendable {
     static func merge(_ e: Edit, from file: GGUFFile, threads: Int, report: Bool) throws
         -> (bytes: [UInt8], retention: MergeExecutor.Retention?, statistics: UpdateStatistics?)
     {
-        let t = e.tensor, rows = t.shape[0], cols = t.shape[1]
+        let t = e.tensor, rows = e.viewRows, cols = e.viewColumns
         guard let base = GGMLCodec.decode(t.type, try file.bytes(of: t), count: rows * cols) else {
             preconditionFailure("the plan admits tensors with a codec")
         }
         if let bad = base.firstIndex(where: { !$0.isFinite }) {
             throw MergeError(tensor: t.name, problem: "its value at row \(bad / cols), column \(bad % cols) is \(base[bad])")
         }
-        var merged = [Float](repeating: 0, count: rows * cols)
-        let factors = UpdateFactorStorage(l: e.l, r: e.r, rows: rows, cols: cols, k: e.k, magnitude: nil)
-        let result = base.withUnsafeBytes { src in
-            merged.withUnsafeMutableBytes { dst in
-                withExtendedLifetime(factors) {
-                    MergeKernel.merge(source: src.baseAddress!, sourceType: .f32, destination: dst.baseAddress!, destinationType: .f32,
-                                      rows: 0..<rows, factors: factors.rows(from: 0), wantStatistics: report, threads: threads)
+        // Rows no update covers stay as decoded; each segment is merged on its rows.
+        var merged = base
+        var statistics: UpdateStatistics? = report ? UpdateStatistics() : nil
+        for segment in e.segments {
+            let factors = UpdateFactorStorage(l: segment.l, r: segment.r, rows: segment.rows.count, cols: cols, k: segment.k, magnitude: nil)
+            let first = segment.rows.lowerBound * cols
+            let result = base.withUnsafeBytes { src in
+                merged.withUnsafeMutableBytes { dst in
+                    withExtendedLifetime(factors) {
+                        MergeKernel.merge(source: src.baseAddress! + first * 4, sourceType: .f32, destination: dst.baseAddress! + first * 4, destinationType: .f32,
+                                          rows: 0..<segment.rows.count, factors: factors.rows(from: 0), wantStatistics: report, threads: threads)
+                    }
                 }
             }
+            guard result.finite else { throw MergeError(tensor: t.name, problem: "the merged values hold NaN or infinity; modules: \(e.modules.joined(separator: ", "))") }
+            if let s = result.statistics { statistics?.add(s) }
         }
-        guard result.finite else { throw MergeError(tensor: t.name, problem: "the merged values hold NaN or infinity; modules: \(e.modules.joined(separator: ", "))") }
         guard let bytes = GGMLCodec.encode(e.outputType, merged) else { preconditionFailure("output types have codecs") }
         if e.outputType == .f16, merged.contains(where: { abs($0) > 65504 }) {
             throw MergeError(tensor: t.name, problem: "the merged values overflow F16; modules: \(e.modules.joined(separator: ", "))")
@@ -189,6 +234,6 @@ public struct GGUFMergePlan: Sendable {
             }
             retention = kept
         }
-        return (bytes, retention, result.statistics)
+        return (bytes, retention, statistics)
     }
 }

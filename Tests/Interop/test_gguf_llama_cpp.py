@@ -68,3 +68,29 @@ def test_merge_into_the_q8_0_conversion_keeps_q8_0_and_the_update(tmp_path):
     # The merged weights are requantized: their Q8_0 error is of the base's size, not the update's.
     assert err <= 3 * quantization + 1e-3 * np.abs(want - before).max(), (err, quantization)
     assert np.abs(got - unmerged).max() > 10 * err
+
+
+def test_merge_into_a_file_llama_cpp_quantized_itself(tmp_path):
+    """llama.cpp's own quantizer (llama_model_quantize, Q4_K_M; at hidden 64 it falls back to Q5_0 and
+    Q8_0, as it says) makes the base: the merge keeps every tensor's type, and llama.cpp runs the
+    result with the logits of transformers on PEFT's merge, within the quantization's own error."""
+    import ctypes
+
+    import gguf
+    import llama_cpp
+    before, want = peft_adapter(tmp_path / "lora")
+    base = tmp_path / "q4_k_m.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    params.nthread = 1
+    assert llama_cpp.llama_model_quantize(str(GGUF / "tiny-llama-64-f32.gguf").encode(), str(base).encode(), ctypes.byref(params)) == 0
+    merged = tmp_path / "merged.gguf"
+    adapter("merge", "--quiet", base, tmp_path / "lora", merged)
+    ours = {t.name: t for t in gguf.GGUFReader(str(merged)).tensors}
+    theirs = {t.name: t for t in gguf.GGUFReader(str(base)).tensors}
+    assert {k: v.tensor_type for k, v in ours.items()} == {k: v.tensor_type for k, v in theirs.items()}
+    got, unmerged = llama_logits(merged), llama_logits(base)
+    quantization = np.abs(unmerged - before).max()
+    err = np.abs(got - want).max()
+    assert err <= 3 * quantization + 1e-3 * np.abs(want - before).max(), (err, quantization)
+    assert np.abs(got - unmerged).max() > 10 * err

@@ -53,15 +53,22 @@ static inline __attribute__((always_inline)) int floor_log2(float x) {
     return biased == 0 ? -127 : biased - 127;
 }
 
+/* The two exponents tried for a block of largest magnitude amax > 0: the OCP rule's
+ * e0 = floor(log2 amax) - 2 and e0 + 1, each clamped to E8M0's -127 ... 127. */
+static inline __attribute__((always_inline)) void candidate_exponents(float amax, int *e0, int *e1) {
+    const int e = floor_log2(amax) - 2;
+    *e0 = e < -127 ? -127 : e > 127 ? 127 : e;
+    *e1 = e + 1 < -127 ? -127 : e + 1 > 127 ? 127 : e + 1;
+}
+
 /* One block: the exponent, the codes, and the block's share of the run's sums. */
 static inline __attribute__((always_inline)) void encode_block(const float *v, const float *w, uint8_t *codes, uint8_t *scale, double run[4]) {
     float amax = max_abs_lanes(v, 32);
     int chosen = (int)*scale - 127;
+    int e0, e1;
     if (amax > 0) {
-        int e0 = floor_log2(amax) - 2, e1 = e0 + 1;
-        e0 = e0 < -127 ? -127 : e0 > 127 ? 127 : e0;
-        e1 = e1 < -127 ? -127 : e1 > 127 ? 127 : e1;
-        float s0 = exp2_e8m0((uint32_t)(e0 + 127)), s1 = exp2_e8m0((uint32_t)(e1 + 127));
+        candidate_exponents(amax, &e0, &e1);
+        const float s0 = exp2_e8m0((uint32_t)(e0 + 127)), s1 = exp2_e8m0((uint32_t)(e1 + 127));
         chosen = e0;
         if (e1 != e0 && block_error(v, 1.0f / s1, s1) < block_error(v, 1.0f / s0, s0)) chosen = e1;
     }
@@ -118,11 +125,10 @@ FP4_AVX2 void encode_block_x8(const float *v, const float *w, uint8_t *codes, ui
     }
     float amax = max_lanes_x8(m8);
     int chosen = (int)*scale - 127;
+    int e0, e1;
     if (amax > 0) {
-        int e0 = floor_log2(amax) - 2, e1 = e0 + 1;
-        e0 = e0 < -127 ? -127 : e0 > 127 ? 127 : e0;
-        e1 = e1 < -127 ? -127 : e1 > 127 ? 127 : e1;
-        float s0 = exp2_e8m0((uint32_t)(e0 + 127)), s1 = exp2_e8m0((uint32_t)(e1 + 127));
+        candidate_exponents(amax, &e0, &e1);
+        const float s0 = exp2_e8m0((uint32_t)(e0 + 127)), s1 = exp2_e8m0((uint32_t)(e1 + 127));
         chosen = e0;
         if (e1 != e0 && block_error_x8(v, _mm256_set1_ps(1.0f / s1), _mm256_set1_ps(s1)) < block_error_x8(v, _mm256_set1_ps(1.0f / s0), _mm256_set1_ps(s0)))
             chosen = e1;

@@ -213,6 +213,14 @@ struct GGUFWriterTests {
         #expect(GGUFBase.ggufName(forModule: "model.layers.0.self_attn.rotary_emb") == nil)
     }
 
+    @Test("a Hugging Face MoE base names its llama.cpp architecture; Qwen's are not permuted, Mixtral's are (it is llama)")
+    func architectures() throws {
+        let qwen = try GGUFBase(path: modelPath("tiny-qwen3-moe"))
+        #expect(qwen.architecture == "qwen3moe" && !qwen.permutesQK && qwen.shapes["blk.0.attn_q.weight"] != nil)
+        let mixtral = try GGUFBase(path: modelPath("tiny-mixtral"))
+        #expect(mixtral.architecture == "llama" && mixtral.permutesQK)
+    }
+
     private func gguf() -> ConvertOptions {
         var o = ConvertOptions()
         o.base = modelPath("tiny-llama")

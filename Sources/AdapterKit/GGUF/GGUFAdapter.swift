@@ -10,8 +10,10 @@ struct GGUFBase {
     let shapes: [String: [Int]]
 
     /// HF `model_type` → GGUF `general.architecture`, for the families whose names are mapped
-    /// (convert_hf_to_gguf.py: `LlamaModel` covers llama and mistral).
-    static let architectures: [String: String] = ["llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"]
+    /// (convert_hf_to_gguf.py: `LlamaModel` covers llama, mistral and Mixtral; the Qwen MoE models
+    /// have their own architectures, with the dense models' attention names).
+    static let architectures: [String: String] = ["llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+                                                  "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"]
 
     /// Whether convert_hf_to_gguf.py permutes q and k rows for rope (LlamaModel's `undo_permute`;
     /// Qwen2 and Qwen3 keep the HF order).

@@ -21,7 +21,9 @@ Writes
 - models/tiny-llama-64/ and gguf/tiny-llama-64-{f32,q8_0}.gguf: a Hugging Face LLaMA (hidden 64,
   one layer, 4 heads, 2 KV heads, a 64-piece SentencePiece BPE vocabulary trained here) and its
   conversions by llama.cpp's own convert_hf_to_gguf.py (the one in llama-cpp-python 0.3.36's sdist:
-  LLAMA_CPP_DIR, default /work/llama-src), for end-to-end checks against transformers.
+  LLAMA_CPP_DIR, default /work/llama-src), for end-to-end checks against transformers; and
+  models/tiny-mixtral-gguf with gguf/tiny-mixtral-gguf-f32.gguf, a Mixtral (hidden 32, 4 experts)
+  converted the same way, whose experts llama.cpp stacks into blk.0.ffn_{gate,up,down}_exps.
 - adapters/gguf-lora/: a PEFT LoRA (r 4, alpha 8, rsLoRA, v_proj at rank 2) on every projection of
   that model, in Hugging Face names, for `merge` into the GGUF and `convert to-gguf --base` it.
 """
@@ -177,16 +179,11 @@ def tiny_llama():
     w.close()
 
 
-def hf_twin():
+def spm_model():
+    """A 64-piece SentencePiece BPE model trained here (convert_hf_to_gguf.py reads tokenizer.model)."""
     import io
-    import shutil
-    import subprocess
-    import sys
 
     import sentencepiece as spm
-    import torch
-    import transformers
-
     words = ["the", "cat", "sat", "on", "mat", "a", "dog", "ran", "to", "park", "and", "then", "home", "big", "small", "red"]
     rng = np.random.default_rng(0)
     lines = [" ".join(rng.choice(words, 8)) for _ in range(400)]
@@ -194,15 +191,24 @@ def hf_twin():
     spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=64, model_type="bpe", character_coverage=1.0,
                                    bos_id=1, eos_id=2, unk_id=0, pad_id=-1, hard_vocab_limit=False, num_threads=1,
                                    normalization_rule_name="identity")
-    folder = os.path.join(HERE, "models", "tiny-llama-64")
+    return model.getvalue()
+
+
+def hf_twin(name, make_model, outtypes):
+    """models/<name> (a transformers model with random weights, N(0, 0.05) matrices, ones for the
+    norms) and gguf/<name>-<outtype>.gguf converted by llama.cpp's convert_hf_to_gguf.py."""
+    import shutil
+    import subprocess
+    import sys
+
+    import torch
+
+    folder = os.path.join(HERE, "models", name)
     shutil.rmtree(folder, ignore_errors=True)
     os.makedirs(folder)
-    open(os.path.join(folder, "tokenizer.model"), "wb").write(model.getvalue())
-    n_vocab = spm.SentencePieceProcessor(model_proto=model.getvalue()).get_piece_size()
-    torch.manual_seed(1)
-    cfg = transformers.LlamaConfig(vocab_size=n_vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-    m = transformers.LlamaForCausalLM(cfg)
+    tokenizer = spm_model()
+    open(os.path.join(folder, "tokenizer.model"), "wb").write(tokenizer)
+    m = make_model()
     with torch.no_grad():
         for p in m.parameters():
             if p.dim() > 1:
@@ -212,9 +218,30 @@ def hf_twin():
     m.save_pretrained(folder)
     os.remove(os.path.join(folder, "generation_config.json"))
     convert = os.path.join(os.environ.get("LLAMA_CPP_DIR", "/work/llama-src"), "convert_hf_to_gguf.py")
-    for outtype in ("f32", "q8_0"):
-        subprocess.run([sys.executable, convert, folder, "--outtype", outtype, "--outfile", os.path.join(OUT, f"tiny-llama-64-{outtype}.gguf")],
+    for outtype in outtypes:
+        subprocess.run([sys.executable, convert, folder, "--outtype", outtype, "--outfile", os.path.join(OUT, f"{name}-{outtype}.gguf")],
                        check=True, capture_output=True)
+
+
+def twins():
+    import torch
+    import transformers
+
+    def llama():
+        torch.manual_seed(1)
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=128, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False))
+
+    def mixtral():
+        torch.manual_seed(2)
+        return transformers.MixtralForCausalLM(transformers.MixtralConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+            max_position_embeddings=128, num_local_experts=4, num_experts_per_tok=2, bos_token_id=1, eos_token_id=2,
+            tie_word_embeddings=False))
+
+    hf_twin("tiny-llama-64", llama, ("f32", "q8_0"))
+    hf_twin("tiny-mixtral-gguf", mixtral, ("f32",))
 
 
 def gguf_lora():
@@ -243,5 +270,5 @@ if __name__ == "__main__":
     kquants()
     tiny_llama()
     gguf_lora()
-    hf_twin()
+    twins()
     print("gguf/codecs.gguf, gguf/tiny-llama.gguf by gguf", gguf.__version__ if hasattr(gguf, "__version__") else "")

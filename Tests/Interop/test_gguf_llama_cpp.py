@@ -94,3 +94,28 @@ def test_merge_into_a_file_llama_cpp_quantized_itself(tmp_path):
     err = np.abs(got - want).max()
     assert err <= 3 * quantization + 1e-3 * np.abs(want - before).max(), (err, quantization)
     assert np.abs(got - unmerged).max() > 10 * err
+
+
+def test_expert_merge_in_llama_cpp_gives_transformers_logits_of_the_peft_merge(tmp_path):
+    """A Mixtral converted by convert_hf_to_gguf.py (experts stacked into blk.0.ffn_*_exps): a PEFT
+    adapter with target_parameters on both expert parameters, made here on the HF model, merged
+    into the GGUF, runs in llama.cpp with the logits transformers gives for PEFT's merge."""
+    hf = MODELS / "tiny-mixtral-gguf"
+    model = T.AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32)
+    with torch.no_grad():
+        before = model(torch.tensor([IDS])).logits[0].double().numpy()
+    torch.manual_seed(4)
+    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "k_proj"],
+                          target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], init_lora_weights=False)
+    pm = peft.get_peft_model(model, cfg)
+    pm.save_pretrained(str(tmp_path / "lora"))
+    with torch.no_grad():
+        want = pm.merge_and_unload()(torch.tensor([IDS])).logits[0].double().numpy()
+    base = GGUF / "tiny-mixtral-gguf-f32.gguf"
+    merged = tmp_path / "merged.gguf"
+    adapter("merge", "--quiet", base, tmp_path / "lora", merged)
+    floor = np.abs(llama_logits(base) - before).max()
+    effect = np.abs(want - before).max()
+    err = np.abs(llama_logits(merged) - want).max()
+    assert effect > 0.1 and floor < 1e-3
+    assert err <= 3 * floor + 1e-3 * effect, (err, floor, effect)

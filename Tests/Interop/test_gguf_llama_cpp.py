@@ -99,7 +99,8 @@ def test_merge_into_a_file_llama_cpp_quantized_itself(tmp_path):
 def test_expert_merge_in_llama_cpp_gives_transformers_logits_of_the_peft_merge(tmp_path):
     """A Mixtral converted by convert_hf_to_gguf.py (experts stacked into blk.0.ffn_*_exps): a PEFT
     adapter with target_parameters on both expert parameters, made here on the HF model, merged
-    into the GGUF, runs in llama.cpp with the logits transformers gives for PEFT's merge."""
+    into the GGUF — and written as a llama.cpp LoRA with 3-D expert pairs — runs in llama.cpp with
+    the logits transformers gives for PEFT's merge."""
     hf = MODELS / "tiny-mixtral-gguf"
     model = T.AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32)
     with torch.no_grad():
@@ -116,6 +117,9 @@ def test_expert_merge_in_llama_cpp_gives_transformers_logits_of_the_peft_merge(t
     adapter("merge", "--quiet", base, tmp_path / "lora", merged)
     floor = np.abs(llama_logits(base) - before).max()
     effect = np.abs(want - before).max()
-    err = np.abs(llama_logits(merged) - want).max()
+    lora = tmp_path / "lora.gguf"
+    adapter("convert", "to-gguf", "--quiet", tmp_path / "lora", lora, "--base", base)
     assert effect > 0.1 and floor < 1e-3
-    assert err <= 3 * floor + 1e-3 * effect, (err, floor, effect)
+    for what, got in (("merged", llama_logits(merged)), ("LoRA", llama_logits(base, lora_path=str(lora)))):
+        err = np.abs(got - want).max()
+        assert err <= 3 * floor + 1e-3 * effect, (what, err, floor, effect)

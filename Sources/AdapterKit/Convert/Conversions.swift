@@ -162,7 +162,7 @@ public enum AdapterConversion {
             throw InputError.conversion(input, "mlx-lm has no mixer, so --keep-mixer cannot be honoured; the mixer is always folded into A for mlx")
         }
         var style = MixerKeyStyle.loraAB
-        return try convert(input: input, output: output, layout: layout, style: { style }, options: options, expertParameters: layout == .peft,
+        return try convert(input: input, output: output, layout: layout, style: { style }, options: options, expertParameters: layout == .peft || layout == .gguf,
                            summary: &summary) { w, summary in
             if keepMixer {
                 if w.source.format == .peft, w.source.modules.contains(where: { $0.mixer?.name.hasSuffix(".lora_mixer.weight") == true }) {
@@ -226,7 +226,7 @@ public enum AdapterConversion {
         }
         try w.mapPaddleNames(base: options.base)
         if let form = options.experts {
-            guard expertParameters else {
+            guard layout == .peft else {
                 throw InputError.conversion(input, "--experts is a to-peft option (PEFT holds both forms)")
             }
             try w.convertExperts(form, base: options.base)

@@ -27,7 +27,7 @@ struct GGUFBase {
             architecture = arch
             heads = f.value("\(arch).attention.head_count")?.integer
             kvHeads = f.value("\(arch).attention.head_count_kv")?.integer ?? heads
-            shapes = Dictionary(f.tensors.filter { $0.dims.count == 2 }.map { ($0.name, $0.shape) }, uniquingKeysWith: { a, _ in a })
+            shapes = Dictionary(f.tensors.filter { $0.dims.count == 2 || $0.dims.count == 3 }.map { ($0.name, $0.shape) }, uniquingKeysWith: { a, _ in a })
             return
         }
         let c = try Checkpoint(path: path)
@@ -59,6 +59,12 @@ struct GGUFBase {
                                         "mlp.down_proj": "ffn_down"]
         guard let leaf = leaves["\(parts[2]).\(parts[3])"] else { return nil }
         return "blk.\(layer).\(leaf).weight"
+    }
+
+    /// Whether a module name is one expert's (`…experts.3.gate_proj`).
+    static func placementsNeedExperts(_ name: String) -> Bool {
+        let parts = name.split(separator: ".")
+        return parts.count >= 3 && parts[parts.count - 3] == "experts" && Int(parts[parts.count - 2]) != nil
     }
 
     /// Where a module's update lands in a GGUF base: a 2-D weight by its name, or, for experts,
@@ -138,6 +144,52 @@ extension AdapterWriter {
         var data: [[UInt8]] = []
         var folded = 0, rescaled = 0, permuted = 0
         for m in w.modules {
+            if let p = m.parameter {
+                // PEFT target_parameters on experts: one 3-D LoRA pair per llama.cpp expert tensor,
+                // lora_a [E, r, in] and lora_b [E, out, r] (numpy order), which llama.cpp applies
+                // expert by expert (build_lora_mm_id).
+                guard let layer = m.baseName.split(separator: ".").drop(while: { $0 != "layers" }).dropFirst().first.flatMap({ Int($0) }),
+                      m.baseName.hasSuffix(".experts") else {
+                    problems.append("module \(m.name): target_parameters on \(m.baseName), which is not a layer's experts")
+                    continue
+                }
+                let e = p.experts, r = m.updateRank, out = m.outFeatures, inputs = m.inFeatures
+                let leaves: [(String, Range<Int>)] = p.name == "gate_up_proj" ? [("ffn_gate_exps", 0..<out / 2), ("ffn_up_exps", out / 2..<out)]
+                    : p.name == "down_proj" ? [("ffn_down_exps", 0..<out)] : []
+                if leaves.isEmpty { problems.append("module \(m.name): llama.cpp expert tensors are known for gate_up_proj and down_proj"); continue }
+                let a = m.heldA, bm = m.heldB
+                let ratio = m.scale / (alpha / Double(r))
+                if ratio != 1 { rescaled += 1 }
+                for (leaf, rows) in leaves {
+                    let g = "blk.\(layer).\(leaf).weight"
+                    guard let shape = b.shapes[g] else { problems.append("module \(m.name): the base has no \(g) (expert modules need a GGUF base that has its expert tensors)"); continue }
+                    guard shape == [e, rows.count, inputs] else {
+                        problems.append("module \(m.name): \(e) experts of [\(rows.count), \(inputs)] but the base's \(g) is \(shape)")
+                        continue
+                    }
+                    // B's expert e is its columns e, e + E, … (PEFT reshapes B to [out, r, E]).
+                    var lb = [Double](repeating: 0, count: e * rows.count * r)
+                    for x in 0..<e {
+                        for (i, row) in rows.enumerated() {
+                            for j in 0..<r { lb[(x * rows.count + i) * r + j] = bm[row * (r * e) + j * e + x] * ratio }
+                        }
+                    }
+                    for (suffix, values, dims, input) in [(".lora_a", a, [inputs, r, e], m.aType), (".lora_b", lb, [r, rows.count, e], m.bType)] {
+                        var t = try outputType(input, dtype, tensor: g + suffix)
+                        if t == .f64 { t = .f32 }
+                        guard let type: GGMLType = [.f32: .f32, .f16: .f16, .bf16: .bf16][t], let codec = RowCodec(.plain(t)) else {
+                            throw InputError(g + suffix, "cannot be written as \(t.rawValue) in GGUF")
+                        }
+                        tensors.append(GGUFLayout.Tensor(name: g + suffix, dims: dims, type: type))
+                        data.append(try codec.encode(values, tensor: g + suffix))
+                    }
+                }
+                continue
+            }
+            if GGUFBase.placementsNeedExperts(m.baseName) {
+                problems.append("module \(m.name): a per-expert module; llama.cpp holds expert LoRA as one 3-D pair per expert tensor, written here from PEFT target_parameters adapters only")
+                continue
+            }
             guard let g = GGUFBase.ggufName(forModule: m.baseName) else {
                 problems.append("module \(m.name): llama.cpp has no tensor for \(m.baseName) in the names mapped here (attention and MLP projections, embed_tokens, lm_head)")
                 continue

@@ -187,6 +187,10 @@ int adapter_merge_kernel_is_vectorised(void) { return 0; }
 
 #endif
 
+void adapter_convert_elements(int src_type, const void *src, int dst_type, void *dst, size_t n) {
+    for (size_t i = 0; i < n; i++) store_elem(dst_type, dst, i, load_elem(src_type, src, i));
+}
+
 int adapter_merge_rows(int st, const void *src, int dt, void *dst, size_t rows, size_t cols,
                        const float *l, const float *panels, size_t k, float limit) {
     int ok = 1;

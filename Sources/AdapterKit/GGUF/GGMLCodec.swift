@@ -29,8 +29,16 @@ enum GGMLCodec {
         var out = [Float](repeating: 0, count: count)
         switch type {
         case .f32, .f16, .bf16:
-            let dtype = plain(type)
-            bytes.withUnsafeBytes { src in out.withUnsafeMutableBufferPointer { ElementConversion.toFloat(dtype, src.baseAddress!, $0.baseAddress!, count: count) } }
+            let element = self.element(type), size = type.typeSize
+            bytes.withUnsafeBytes { source in
+                out.withUnsafeMutableBufferPointer { target in
+                    let src = UncheckedRaw(UnsafeMutableRawBufferPointer(mutating: source)), dst = UncheckedMutable(target)
+                    _ = Self.inChunks(count: count, type: type) { values, _ in
+                        adapter_convert_elements(element, src.at(values.lowerBound * size), Int32(ADAPTER_F32.rawValue), dst.base.baseAddress! + values.lowerBound, values.count)
+                        return 1
+                    }
+                }
+            }
             return out
         default:
             guard canDecode(type) else { return nil }
@@ -46,8 +54,10 @@ enum GGMLCodec {
         }
     }
 
-    /// The element dtype of the one-value-per-element float types.
-    private static func plain(_ type: GGMLType) -> DType { type == .f32 ? .f32 : type == .f16 ? .f16 : .bf16 }
+    /// The C kernel's element type of the one-value-per-element float types.
+    private static func element(_ type: GGMLType) -> Int32 {
+        Int32((type == .f32 ? ADAPTER_F32 : type == .f16 ? ADAPTER_F16 : ADAPTER_BF16).rawValue)
+    }
 
     /// Runs `body` on whole-block pieces of `count` values on every core (values, and the bytes
     /// they take), each piece its own input and output; true when every piece succeeded.
@@ -71,8 +81,16 @@ enum GGMLCodec {
         var out = [UInt8](repeating: 0, count: count / type.blockSize * type.typeSize)
         switch type {
         case .f32, .f16, .bf16:
-            let dtype = plain(type)
-            values.withUnsafeBufferPointer { v in out.withUnsafeMutableBytes { ElementConversion.fromFloat(dtype, v.baseAddress!, $0.baseAddress!, count: count) } }
+            let element = self.element(type), size = type.typeSize
+            values.withUnsafeBufferPointer { source in
+                out.withUnsafeMutableBytes { target in
+                    let src = UncheckedMutable(UnsafeMutableBufferPointer(mutating: source)), dst = UncheckedRaw(target)
+                    _ = Self.inChunks(count: count, type: type) { range, _ in
+                        adapter_convert_elements(Int32(ADAPTER_F32.rawValue), src.base.baseAddress! + range.lowerBound, element, dst.at(range.lowerBound * size), range.count)
+                        return 1
+                    }
+                }
+            }
             return out
         default:
             guard hasCodec(type) else { return nil }

@@ -158,11 +158,11 @@ public struct GGUFMergePlan: Sendable {
         var retained: [(String, MergeExecutor.Retention)] = []
         do {
             let fd = out.file!
-            try layout.write(to: fd) { i in
+            try layout.write(to: fd, source: { i in
                 let t = file.tensors[i]
                 guard let e = edits[t.name] else {
                     summary.tensorsCopied += 1
-                    return try file.bytes(of: t)
+                    return .copy(file.descriptor, offset: file.range(of: t).lowerBound)  // byte for byte, in the kernel
                 }
                 summary.tensorsChanged += 1
                 let (bytes, retention, statistics) = try Self.merge(e, from: file, threads: options.threads, report: options.report)
@@ -170,8 +170,8 @@ public struct GGUFMergePlan: Sendable {
                 if options.report, let statistics {
                     summary.reports.append(.init(tensor: t.name, modules: e.modules, statistics: statistics, kept: retention?.kept))
                 }
-                return bytes
-            }
+                return .bytes(bytes)
+            })
             if options.sync { try fd.sync() }
             try out.commit(replacing: options.force)
         } catch {

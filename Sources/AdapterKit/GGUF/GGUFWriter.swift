@@ -52,14 +52,28 @@ struct GGUFLayout {
         header = b.bytes
     }
 
+    /// Where a tensor's bytes come from: computed, or copied from a file range (by the kernel).
+    enum Data {
+        case bytes([UInt8])
+        case copy(FileDescriptor, offset: Int)
+    }
+
     /// Writes the whole file: `data(i)` gives tensor i's bytes.
     func write(to fd: FileDescriptor, data: (Int) throws -> [UInt8]) throws {
+        try write(to: fd) { .bytes(try data($0)) }
+    }
+
+    func write(to fd: FileDescriptor, source: (Int) throws -> Data) throws {
         try fd.writeAll(header)
         for (i, t) in tensors.enumerated() {
-            let bytes = try data(i)
-            precondition(bytes.count == t.byteCount, "tensor \(t.name): \(bytes.count) bytes for \(t.byteCount)")
-            try fd.writeAll(bytes)
-            let pad = (alignment - bytes.count % alignment) % alignment
+            switch try source(i) {
+            case .bytes(let bytes):
+                precondition(bytes.count == t.byteCount, "tensor \(t.name): \(bytes.count) bytes for \(t.byteCount)")
+                try fd.writeAll(bytes)
+            case .copy(let from, let offset):
+                try fd.copy(from: from, offset: offset, count: t.byteCount)
+            }
+            let pad = (alignment - t.byteCount % alignment) % alignment
             if pad > 0 { try fd.writeAll([UInt8](repeating: 0, count: pad)) }
         }
     }

@@ -18,6 +18,10 @@ enum adapter_element { ADAPTER_F32 = 0, ADAPTER_BF16 = 1, ADAPTER_F16 = 2 };
 int adapter_merge_rows(int src_type, const void *src, int dst_type, void *dst,
                        size_t rows, size_t cols, const float *l, const float *panels, size_t k, float limit);
 
+/// n elements converted between F32, BF16 and F16 (adapter_element), one rounding to nearest even
+/// (the merge kernel's own scalar conversions).
+void adapter_convert_elements(int src_type, const void *src, int dst_type, void *dst, size_t n);
+
 /// Whether the AVX2 + FMA + F16C path is used on this machine.
 int adapter_merge_kernel_is_vectorised(void);
 

@@ -674,7 +674,22 @@ static size_t block_bytes(int type) {
     }
 }
 
+/* The one-value-per-element GGML float types, as the merge kernel's element types (-1: a block type). */
+static int float_element(int type) {
+    switch (type) {
+    case 0: return ADAPTER_F32;
+    case 1: return ADAPTER_F16;
+    case 30: return ADAPTER_BF16;
+    default: return -1;
+    }
+}
+
 int adapter_ggml_encode(int type, const float *x, uint8_t *y, size_t n) {
+    const int element = float_element(type);
+    if (element >= 0) {
+        adapter_convert_elements(ADAPTER_F32, x, element, y, n);
+        return 1;
+    }
     const size_t k = k_block_bytes(type);
     if (k) {
         if (n % 256) return 0;
@@ -697,6 +712,11 @@ int adapter_ggml_encode(int type, const float *x, uint8_t *y, size_t n) {
 }
 
 int adapter_ggml_decode(int type, const uint8_t *x, float *y, size_t n) {
+    const int element = float_element(type);
+    if (element >= 0) {
+        adapter_convert_elements(element, x, ADAPTER_F32, y, n);
+        return 1;
+    }
     const size_t k = k_block_bytes(type);
     if (k) {
         if (n % 256) return 0;

@@ -149,7 +149,7 @@ struct GGMLCodecTests {
         let differ = zip(got, want).filter { $0.bitPattern != $1.bitPattern }.count
         #expect(differ == 0, "\(type.name): \(differ) of \(got.count) values differ")
         // Our port of the reference quantizer writes llama.cpp's bytes.
-        if GGMLCodec.encodableKQuants.contains(type) {
+        if GGMLCodec.kQuants.contains(type) {
             let source = try #require(f.tensor("source"))
             let values = try #require(GGMLCodec.decode(.f32, f.bytes(of: source), count: source.elementCount))
             let ours = try #require(GGMLCodec.encode(type, values)), reference = try f.bytes(of: q)

@@ -158,8 +158,9 @@ public enum AdapterConversion {
     public static func convertLayout(input: String, output: String, to layout: TargetLayout, keepMixer: Bool = false,
                                      options: ConvertOptions = ConvertOptions()) throws -> ConvertSummary {
         var summary = ConvertSummary()
-        if keepMixer && layout == .mlx {
-            throw InputError.conversion(input, "mlx-lm has no mixer, so --keep-mixer cannot be honoured; the mixer is always folded into A for mlx")
+        if keepMixer && (layout == .mlx || layout == .gguf) {
+            let runtime = layout == .mlx ? "mlx-lm" : "llama.cpp"
+            throw InputError.conversion(input, "\(runtime) has no mixer, so --keep-mixer cannot be honoured; the mixer is always folded into A for \(layout == .mlx ? "mlx" : "GGUF")")
         }
         var style = MixerKeyStyle.loraAB
         return try convert(input: input, output: output, layout: layout, style: { style }, options: options, expertParameters: layout == .peft || layout == .gguf,

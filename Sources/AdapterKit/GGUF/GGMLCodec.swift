@@ -3,60 +3,49 @@ import Dispatch
 import Foundation
 
 /// Values of GGML tensor data and back, for the types with a codec here: F32, F16, BF16 (one
-/// rounding to nearest even) and the 32-value block types Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 by ggml's
-/// reference quantizers, and the K-quants Q2_K … Q6_K both ways (by ports of their reference
-/// quantizers; `Sources/CMergeKernel/ggml_blocks.c`).
+/// rounding to nearest even), the 32-value block types Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the
+/// K-quants Q2_K … Q6_K, both ways by ports of ggml's reference quantizers
+/// (`Sources/CMergeKernel/ggml_blocks.c`), on every core in whole-block pieces.
 enum GGMLCodec {
     static let blockTypes: Set<GGMLType> = [.q4_0, .q4_1, .q5_0, .q5_1, .q8_0]
     static let kQuants: Set<GGMLType> = [.q2_K, .q3_K, .q4_K, .q5_K, .q6_K]
-    static let encodableKQuants: Set<GGMLType> = [.q2_K, .q3_K, .q4_K, .q5_K, .q6_K]
 
-    /// Whether values can be written in this type (and read from it).
-    static func hasCodec(_ type: GGMLType) -> Bool {
-        type == .f32 || type == .f16 || type == .bf16 || blockTypes.contains(type) || encodableKQuants.contains(type)
-    }
+    /// Whether values can be read from and written in this type.
+    static func hasCodec(_ type: GGMLType) -> Bool { type == .f32 || type == .f16 || type == .bf16 || isQuantized(type) }
 
     /// Whether a type rounds onto a coarse grid (its merges report what they kept).
     static func isQuantized(_ type: GGMLType) -> Bool { blockTypes.contains(type) || kQuants.contains(type) }
-    /// Whether values can be read from this type.
-    static func canDecode(_ type: GGMLType) -> Bool { hasCodec(type) || kQuants.contains(type) }
 
     /// The Float32 values of `bytes` holding `count` values of `type`; nil without a codec or
     /// when the bytes are not `count` values of the type.
     static func decode(_ type: GGMLType, _ bytes: [UInt8], count: Int) -> [Float]? {
-        guard count % type.blockSize == 0, bytes.count == count / type.blockSize * type.typeSize else { return nil }
-        if count == 0 { return canDecode(type) ? [] : nil }
+        guard hasCodec(type), count % type.blockSize == 0, bytes.count == count / type.blockSize * type.typeSize else { return nil }
         var out = [Float](repeating: 0, count: count)
-        switch type {
-        case .f32, .f16, .bf16:
-            let element = self.element(type), size = type.typeSize
-            bytes.withUnsafeBytes { source in
-                out.withUnsafeMutableBufferPointer { target in
-                    let src = UncheckedRaw(UnsafeMutableRawBufferPointer(mutating: source)), dst = UncheckedMutable(target)
-                    _ = Self.inChunks(count: count, type: type) { values, _ in
-                        adapter_convert_elements(element, src.at(values.lowerBound * size), Int32(ADAPTER_F32.rawValue), dst.base.baseAddress! + values.lowerBound, values.count)
-                        return 1
-                    }
+        let ok = bytes.withUnsafeBytes { source in
+            out.withUnsafeMutableBufferPointer { target in
+                let src = UncheckedRaw(UnsafeMutableRawBufferPointer(mutating: source)), dst = UncheckedMutable(target)
+                return inChunks(count: count, type: type) { values, blockBytes in
+                    adapter_ggml_decode(Int32(type.rawValue), src.at(blockBytes.lowerBound), dst.base.baseAddress! + values.lowerBound, values.count)
                 }
             }
-            return out
-        default:
-            guard canDecode(type) else { return nil }
-            let ok = bytes.withUnsafeBufferPointer { source in
-                out.withUnsafeMutableBufferPointer { target in
-                    let src = UncheckedMutable(UnsafeMutableBufferPointer(mutating: source)), dst = UncheckedMutable(target)
-                    return Self.inChunks(count: count, type: type) { values, blockBytes in
-                        adapter_ggml_decode(Int32(type.rawValue), src.base.baseAddress! + blockBytes.lowerBound, dst.base.baseAddress! + values.lowerBound, values.count)
-                    }
-                }
-            }
-            return ok ? out : nil
         }
+        return ok ? out : nil
     }
 
-    /// The C kernel's element type of the one-value-per-element float types.
-    private static func element(_ type: GGMLType) -> Int32 {
-        Int32((type == .f32 ? ADAPTER_F32 : type == .f16 ? ADAPTER_F16 : ADAPTER_BF16).rawValue)
+    /// `values` encoded as `type`; nil without a codec or for a partial block.
+    static func encode(_ type: GGMLType, _ values: [Float]) -> [UInt8]? {
+        let count = values.count
+        guard hasCodec(type), count % type.blockSize == 0 else { return nil }
+        var out = [UInt8](repeating: 0, count: count / type.blockSize * type.typeSize)
+        let ok = values.withUnsafeBufferPointer { source in
+            out.withUnsafeMutableBytes { target in
+                let src = UncheckedMutable(UnsafeMutableBufferPointer(mutating: source)), dst = UncheckedRaw(target)
+                return inChunks(count: count, type: type) { values, blockBytes in
+                    adapter_ggml_encode(Int32(type.rawValue), src.base.baseAddress! + values.lowerBound, dst.at(blockBytes.lowerBound), values.count)
+                }
+            }
+        }
+        return ok ? out : nil
     }
 
     /// Runs `body` on whole-block pieces of `count` values on every core (values, and the bytes
@@ -71,38 +60,5 @@ enum GGMLCodec {
             if body(b0 * type.blockSize..<b1 * type.blockSize, b0 * type.typeSize..<b1 * type.typeSize) != 1 { failed.set(true) }
         }
         return !failed.value
-    }
-
-    /// `values` encoded as `type`; nil without a codec or for a partial block.
-    static func encode(_ type: GGMLType, _ values: [Float]) -> [UInt8]? {
-        let count = values.count
-        guard count % type.blockSize == 0 else { return nil }
-        if count == 0 { return hasCodec(type) ? [] : nil }
-        var out = [UInt8](repeating: 0, count: count / type.blockSize * type.typeSize)
-        switch type {
-        case .f32, .f16, .bf16:
-            let element = self.element(type), size = type.typeSize
-            values.withUnsafeBufferPointer { source in
-                out.withUnsafeMutableBytes { target in
-                    let src = UncheckedMutable(UnsafeMutableBufferPointer(mutating: source)), dst = UncheckedRaw(target)
-                    _ = Self.inChunks(count: count, type: type) { range, _ in
-                        adapter_convert_elements(Int32(ADAPTER_F32.rawValue), src.base.baseAddress! + range.lowerBound, element, dst.at(range.lowerBound * size), range.count)
-                        return 1
-                    }
-                }
-            }
-            return out
-        default:
-            guard hasCodec(type) else { return nil }
-            let ok = values.withUnsafeBufferPointer { source in
-                out.withUnsafeMutableBufferPointer { target in
-                    let src = UncheckedMutable(UnsafeMutableBufferPointer(mutating: source)), dst = UncheckedMutable(target)
-                    return Self.inChunks(count: count, type: type) { range, blockBytes in
-                        adapter_ggml_encode(Int32(type.rawValue), src.base.baseAddress! + range.lowerBound, dst.base.baseAddress! + blockBytes.lowerBound, range.count)
-                    }
-                }
-            }
-            return ok ? out : nil
-        }
     }
 }

@@ -19,17 +19,22 @@ struct GGUFBase {
     /// Qwen2 and Qwen3 keep the HF order).
     var permutesQK: Bool { architecture == "llama" }
 
+    /// A GGUF base already read.
+    init(file f: GGUFFile) throws {
+        path = f.path
+        guard let arch = f.value("general.architecture")?.string else { throw InputError(f.path, "the GGUF base has no general.architecture") }
+        architecture = arch
+        heads = f.value("\(arch).attention.head_count")?.integer
+        kvHeads = f.value("\(arch).attention.head_count_kv")?.integer ?? heads
+        shapes = Dictionary(f.tensors.filter { $0.dims.count == 2 || $0.dims.count == 3 }.map { ($0.name, $0.shape) }, uniquingKeysWith: { a, _ in a })
+    }
+
     init(path: String) throws {
-        self.path = path
         if GGUFFile.looksLikeGGUF(path) {
-            let f = try GGUFFile(path: path)
-            guard let arch = f.value("general.architecture")?.string else { throw InputError(path, "the GGUF base has no general.architecture") }
-            architecture = arch
-            heads = f.value("\(arch).attention.head_count")?.integer
-            kvHeads = f.value("\(arch).attention.head_count_kv")?.integer ?? heads
-            shapes = Dictionary(f.tensors.filter { $0.dims.count == 2 || $0.dims.count == 3 }.map { ($0.name, $0.shape) }, uniquingKeysWith: { a, _ in a })
+            self = try GGUFBase(file: try GGUFFile(path: path))
             return
         }
+        self.path = path
         let c = try Checkpoint(path: path)
         guard let type = c.config?.modelType else { throw InputError(path, "the base has no config.json naming its model_type, so its llama.cpp architecture is unknown") }
         guard let arch = Self.architectures[type] else {
@@ -61,10 +66,32 @@ struct GGUFBase {
         return "blk.\(layer).\(leaf).weight"
     }
 
-    /// Whether a module name is one expert's (`…experts.3.gate_proj`).
-    static func placementsNeedExperts(_ name: String) -> Bool {
+    /// N of the `layers.N` in a module name.
+    static func layerIndex(_ name: String) -> Int? {
         let parts = name.split(separator: ".")
-        return parts.count >= 3 && parts[parts.count - 3] == "experts" && Int(parts[parts.count - 2]) != nil
+        guard let i = parts.firstIndex(of: "layers"), i + 1 < parts.count else { return nil }
+        return Int(parts[i + 1])
+    }
+
+    /// llama.cpp's expert tensors for a PEFT `target_parameters` parameter with `outputs` rows per
+    /// expert: gate_up_proj's first half of rows is `ffn_gate_exps`, the second `ffn_up_exps`;
+    /// down_proj is `ffn_down_exps` whole (nil rows). nil for other parameters.
+    static func expertLeaves(_ parameter: String, outputs: Int) -> [(leaf: String, part: String?, rows: Range<Int>?)]? {
+        switch parameter {
+        case "gate_up_proj": [("ffn_gate_exps", "gate", 0..<outputs / 2), ("ffn_up_exps", "up", outputs / 2..<outputs)]
+        case "down_proj": [("ffn_down_exps", nil, nil)]
+        default: nil
+        }
+    }
+
+    /// The head count whose rope halves convert_hf_to_gguf.py interleaved in the rows of `name`
+    /// (q: heads, k: KV heads; nil for tensors it leaves as they are).
+    func permutationHeads(for name: String, rows: Int) -> Result<Int?, PlacementProblem> {
+        guard permutesQK, name.hasSuffix("attn_q.weight") || name.hasSuffix("attn_k.weight") else { return .success(nil) }
+        guard let n = name.hasSuffix("attn_q.weight") ? heads : kvHeads, n > 0, rows % (2 * n) == 0 else {
+            return .failure(PlacementProblem(text: "\(name) is permuted for rope by heads, but the base gives no head count that divides \(rows) rows"))
+        }
+        return .success(n)
     }
 
     /// Where a module's update lands in a GGUF base: a 2-D weight by its name, or, for experts,
@@ -77,31 +104,26 @@ struct GGUFBase {
             guard let t = file.tensor(name), t.shape.count == 3 else { return nil }
             return e * t.shape[1]..<(e + 1) * t.shape[1]
         }
-        let parts = m.baseName.split(separator: ".").map(String.init)
-        guard let i = parts.firstIndex(of: "layers"), i + 1 < parts.count, let layer = Int(parts[i + 1]) else {
-            if let name = ggufName(forModule: m.baseName) { return .success([(name, m, nil)]) }
-            return .failure(PlacementProblem(text: "llama.cpp has no tensor for \(m.baseName) in the names mapped here (attention and MLP projections, experts, embed_tokens, lm_head)"))
-        }
-        let rest = parts[(i + 2)...]
-        let leaves = ["gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps", "w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps"]
         if let p = m.parameter {
-            guard rest.last == "experts" else { return .failure(PlacementProblem(text: "target_parameters on \(m.baseName) is not an experts module")) }
-            let out = m.outFeatures
+            guard let layer = layerIndex(m.baseName), m.baseName.hasSuffix(".experts") else {
+                return .failure(PlacementProblem(text: "target_parameters on \(m.baseName), which is not a layer's experts"))
+            }
+            guard let leaves = expertLeaves(p.name, outputs: m.outFeatures) else {
+                return .failure(PlacementProblem(text: "\(p.name): llama.cpp expert tensors are known for gate_up_proj and down_proj"))
+            }
             var placed: [(String, LoRAModule, Range<Int>?)] = []
-            let names: [(String, Range<Int>?)] = p.name == "gate_up_proj" ? [("ffn_gate_exps", 0..<out / 2), ("ffn_up_exps", out / 2..<out)]
-                : p.name == "down_proj" ? [("ffn_down_exps", nil)] : []
-            guard !names.isEmpty else { return .failure(PlacementProblem(text: "\(p.name): llama.cpp expert tensors are known for gate_up_proj and down_proj")) }
-            for (leaf, half) in names {
+            for (leaf, part, half) in leaves {
                 let name = "blk.\(layer).\(leaf).weight"
                 guard file.tensor(name) != nil else { return .failure(PlacementProblem(text: "the base has no \(name)")) }
                 for e in 0..<p.experts {
                     guard let rows = expertRows(name, e) else { return .failure(PlacementProblem(text: "\(name) is not a 3-D expert tensor")) }
-                    placed.append((name, m.expert(e, outputs: half, part: half == nil ? nil : String(leaf.dropFirst(4).dropLast(5))), rows))
+                    placed.append((name, m.expert(e, outputs: half, part: part), rows))
                 }
             }
             return .success(placed)
         }
-        if rest.count == 4, rest[rest.startIndex + 1] == "experts", let e = Int(rest[rest.startIndex + 2]), let leaf = leaves[rest.last!] {
+        let perExpert = ["gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps", "w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps"]
+        if let (_, e, leafName) = NameMap.expertModule(m.baseName), let layer = layerIndex(m.baseName), let leaf = perExpert[leafName] {
             let name = "blk.\(layer).\(leaf).weight"
             guard let rows = expertRows(name, e) else { return .failure(PlacementProblem(text: "the base has no 3-D \(name) for expert \(e)")) }
             return .success([(name, m, rows)])
@@ -142,26 +164,40 @@ extension AdapterWriter {
         if w.source.format == .peft, let a = w.source.config?["lora_alpha"]?.double { alpha = a } else { alpha = (w.modules.first.map { $0.scale * Double($0.rank) }) ?? 1 }
         var tensors: [GGUFLayout.Tensor] = []
         var data: [[UInt8]] = []
-        var folded = 0, rescaled = 0, permuted = 0
+        var rescaled = 0, permuted = 0
+        /// One factor rounded once into the output dtype (F64 factors as F32: llama.cpp has no F64 matmul).
+        func emit(_ name: String, _ values: [Double], dims: [Int], input: DType) throws {
+            var t = try outputType(input, dtype, tensor: name)
+            if t == .f64 { t = .f32 }
+            guard let type: GGMLType = [.f32: .f32, .f16: .f16, .bf16: .bf16][t], let codec = RowCodec(.plain(t)) else {
+                throw InputError(name, "cannot be written as \(t.rawValue) in GGUF")
+            }
+            tensors.append(GGUFLayout.Tensor(name: name, dims: dims, type: type))
+            data.append(try codec.encode(values, tensor: name))
+        }
         for m in w.modules {
+            // Mixers are already folded into A (the conversion does it for every layout without one).
+            precondition(m.heldMixer == nil, "to-gguf writes folded modules")
+            // llama.cpp applies alpha / r: the module's own scale goes into B as the ratio.
+            let ratio = m.scale / (alpha / Double(m.updateRank))
+            guard ratio.isFinite else { problems.append("module \(m.name): scale \(m.scale) with alpha \(alpha) cannot be written for llama.cpp"); continue }
+            if ratio != 1 { rescaled += 1 }
             if let p = m.parameter {
                 // PEFT target_parameters on experts: one 3-D LoRA pair per llama.cpp expert tensor,
                 // lora_a [E, r, in] and lora_b [E, out, r] (numpy order), which llama.cpp applies
                 // expert by expert (build_lora_mm_id).
-                guard let layer = m.baseName.split(separator: ".").drop(while: { $0 != "layers" }).dropFirst().first.flatMap({ Int($0) }),
-                      m.baseName.hasSuffix(".experts") else {
+                guard let layer = GGUFBase.layerIndex(m.baseName), m.baseName.hasSuffix(".experts") else {
                     problems.append("module \(m.name): target_parameters on \(m.baseName), which is not a layer's experts")
                     continue
                 }
-                let e = p.experts, r = m.updateRank, out = m.outFeatures, inputs = m.inFeatures
-                let leaves: [(String, Range<Int>)] = p.name == "gate_up_proj" ? [("ffn_gate_exps", 0..<out / 2), ("ffn_up_exps", out / 2..<out)]
-                    : p.name == "down_proj" ? [("ffn_down_exps", 0..<out)] : []
-                if leaves.isEmpty { problems.append("module \(m.name): llama.cpp expert tensors are known for gate_up_proj and down_proj"); continue }
-                let a = m.heldA, bm = m.heldB
-                let ratio = m.scale / (alpha / Double(r))
-                if ratio != 1 { rescaled += 1 }
-                for (leaf, rows) in leaves {
-                    let g = "blk.\(layer).\(leaf).weight"
+                guard let leaves = GGUFBase.expertLeaves(p.name, outputs: m.outFeatures) else {
+                    problems.append("module \(m.name): llama.cpp expert tensors are known for gate_up_proj and down_proj")
+                    continue
+                }
+                let e = p.experts, r = m.updateRank, inputs = m.inFeatures
+                let bm = m.heldB
+                for (leaf, _, half) in leaves {
+                    let g = "blk.\(layer).\(leaf).weight", rows = half ?? 0..<m.outFeatures
                     guard let shape = b.shapes[g] else { problems.append("module \(m.name): the base has no \(g) (expert modules need a GGUF base that has its expert tensors)"); continue }
                     guard shape == [e, rows.count, inputs] else {
                         problems.append("module \(m.name): \(e) experts of [\(rows.count), \(inputs)] but the base's \(g) is \(shape)")
@@ -174,19 +210,12 @@ extension AdapterWriter {
                             for j in 0..<r { lb[(x * rows.count + i) * r + j] = bm[row * (r * e) + j * e + x] * ratio }
                         }
                     }
-                    for (suffix, values, dims, input) in [(".lora_a", a, [inputs, r, e], m.aType), (".lora_b", lb, [r, rows.count, e], m.bType)] {
-                        var t = try outputType(input, dtype, tensor: g + suffix)
-                        if t == .f64 { t = .f32 }
-                        guard let type: GGMLType = [.f32: .f32, .f16: .f16, .bf16: .bf16][t], let codec = RowCodec(.plain(t)) else {
-                            throw InputError(g + suffix, "cannot be written as \(t.rawValue) in GGUF")
-                        }
-                        tensors.append(GGUFLayout.Tensor(name: g + suffix, dims: dims, type: type))
-                        data.append(try codec.encode(values, tensor: g + suffix))
-                    }
+                    try emit(g + ".lora_a", m.heldA, dims: [inputs, r, e], input: m.aType)
+                    try emit(g + ".lora_b", lb, dims: [r, rows.count, e], input: m.bType)
                 }
                 continue
             }
-            if GGUFBase.placementsNeedExperts(m.baseName) {
+            if NameMap.expertModule(m.baseName) != nil {
                 problems.append("module \(m.name): a per-expert module; llama.cpp holds expert LoRA as one 3-D pair per expert tensor, written here from PEFT target_parameters adapters only")
                 continue
             }
@@ -202,35 +231,20 @@ extension AdapterWriter {
                 problems.append("module \(m.name): the update is [\(m.outFeatures), \(m.inFeatures)] but the base's \(g) is \(shape)")
                 continue
             }
-            let r = m.rank, out = m.outFeatures, inputs = m.inFeatures
-            var a = m.heldA, bm = m.heldB
-            if let mixer = m.heldMixer {
-                a = matmul(mixer, a, rows: r, inner: r, cols: inputs)
-                folded += 1
-            }
-            let ratio = m.scale / (alpha / Double(r))
-            if ratio != 1 {
-                guard ratio.isFinite else { problems.append("module \(m.name): scale \(m.scale) with alpha \(alpha) cannot be written for llama.cpp"); continue }
-                bm = bm.map { $0 * ratio }
-                rescaled += 1
-            }
-            if b.permutesQK, g.hasSuffix("attn_q.weight") || g.hasSuffix("attn_k.weight") {
-                let n = g.hasSuffix("attn_q.weight") ? b.heads : b.kvHeads
-                guard let n, n > 0, out % (2 * n) == 0 else {
-                    problems.append("module \(m.name): \(g) is permuted for rope by heads, but the base gives no head count that divides \(out) rows")
-                    continue
-                }
+            let r = m.rank, out = m.outFeatures
+            var bm = ratio == 1 ? m.heldB : m.heldB.map { $0 * ratio }
+            switch b.permutationHeads(for: g, rows: out) {
+            case .failure(let problem):
+                problems.append("module \(m.name): \(problem.text)")
+                continue
+            case .success(let n?):
                 bm = GGUFBase.permutedRows(bm, rows: out, cols: r, heads: n)
                 permuted += 1
+            case .success(nil):
+                break
             }
-            for (suffix, values, dims, input) in [(".lora_a", a, [inputs, r], m.aType), (".lora_b", bm, [r, out], m.bType)] {
-                var t = try outputType(input, dtype, tensor: g + suffix)
-                if t == .f64 { t = .f32 }
-                guard let type: GGMLType = [.f32: .f32, .f16: .f16, .bf16: .bf16][t] else { throw InputError(g + suffix, "cannot be written as \(t.rawValue) in GGUF") }
-                guard let codec = RowCodec(.plain(t)) else { preconditionFailure("float dtypes have codecs") }
-                tensors.append(GGUFLayout.Tensor(name: g + suffix, dims: dims, type: type))
-                data.append(try codec.encode(values, tensor: g + suffix))
-            }
+            try emit(g + ".lora_a", m.heldA, dims: [m.inFeatures, r], input: m.aType)
+            try emit(g + ".lora_b", bm, dims: [r, out], input: m.bType)
         }
         if !w.replacements.isEmpty { problems.append("modules_to_save (\(w.replacements.map(\.tensor.name).prefix(3).joined(separator: ", "))) cannot be held by a llama.cpp adapter") }
         guard problems.isEmpty else { throw ProblemList(subject: "to-gguf", problems: problems) }
@@ -241,7 +255,6 @@ extension AdapterWriter {
         let layout = try GGUFLayout(metadata: metadata, tensors: tensors)
         try layout.write(to: file) { data[$0] }
         if sync { try file.sync() }
-        if folded > 0 { notes.append("folded the mixer into lora_a (A' = M·A) in \(plural(folded, "module")): llama.cpp has no mixer") }
         if rescaled > 0 { notes.append("folded each module's own scale into lora_b in \(plural(rescaled, "module")) (llama.cpp applies alpha / r = \(formatNumber(alpha)) / r to every module)") }
         if permuted > 0 { notes.append("permuted the rows of \(permuted) q/k lora_b as convert_hf_to_gguf.py permutes \(b.architecture)'s q and k weights") }
         return notes

@@ -56,7 +56,7 @@ public struct GGUFMergePlan: Sendable {
 
     public init(base path: String, inputs: [MergeInput], dropUnknown: Bool = false, dequantize: DType? = nil) throws {
         let file = try GGUFFile(path: path)
-        let base = try GGUFBase(path: path)
+        let base = try GGUFBase(file: file)
         var problems: [String] = []
         var notes: [String] = []
         var edits: [String: Edit] = [:]
@@ -87,13 +87,8 @@ public struct GGUFMergePlan: Sendable {
                 var ok = true
                 for (name, piece, expertRows) in placements {
                     guard let t = file.tensor(name) else { problems.append("\(label)module \(m.name): the base has no \(name)"); ok = false; break }
-                    guard GGMLCodec.canDecode(t.type) else {
+                    guard GGMLCodec.hasCodec(t.type) else {
                         problems.append("\(label)module \(m.name): \(name) is \(t.type.name), which merges do not decode (F32, F16, BF16, Q4_0 … Q8_0 and Q2_K … Q6_K are read and written)")
-                        ok = false
-                        break
-                    }
-                    guard GGMLCodec.hasCodec(target ?? t.type) else {
-                        problems.append("\(label)module \(m.name): \(name) is \(t.type.name), whose reference quantizer is not ported: merge with --dtype f16 (or bf16, f32) to write the merged tensors unquantized")
                         ok = false
                         break
                     }
@@ -107,15 +102,17 @@ public struct GGUFMergePlan: Sendable {
                     let (l0, r0, k) = try UpdateCompiler.factors([MergeTerm(module: piece, factor: m.scale * input.weight)], rows: 0..<rows.count, viewRows: rows.count,
                                                                  cols: cols, tensor: name)
                     var l = l0
-                    if base.permutesQK, name.hasSuffix("attn_q.weight") || name.hasSuffix("attn_k.weight") {
-                        guard let n = name.hasSuffix("attn_q.weight") ? base.heads : base.kvHeads, n > 0, rows.count % (2 * n) == 0 else {
-                            problems.append("\(label)module \(m.name): \(name) is permuted for rope by heads, but the base gives no head count that divides \(rows.count) rows")
-                            ok = false
-                            break
-                        }
+                    switch base.permutationHeads(for: name, rows: rows.count) {
+                    case .failure(let problem):
+                        problems.append("\(label)module \(m.name): \(problem.text)")
+                        ok = false
+                    case .success(let n?):
                         l = GGUFBase.permutedRows(l, rows: rows.count, cols: k, heads: n)
                         permuted += 1
+                    case .success(nil):
+                        break
                     }
+                    guard ok else { break }
                     guard e.add(rows: rows, l: l, r: r0, k: k) else {
                         problems.append("\(label)module \(m.name): its rows of \(name) overlap another update's without being the same rows")
                         ok = false

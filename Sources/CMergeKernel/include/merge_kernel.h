@@ -70,12 +70,13 @@ enum adapter_ggml_type {
     ADAPTER_GGML_Q2_K = 10, ADAPTER_GGML_Q3_K = 11, ADAPTER_GGML_Q4_K = 12, ADAPTER_GGML_Q5_K = 13, ADAPTER_GGML_Q6_K = 14
 };
 
-/// `n` values (a multiple of 32) as blocks of `type`, by ggml's reference quantizer of that type.
+/// `n` values (a multiple of the block) as `type`: F32, F16, BF16 (ggml_type 0, 1, 30; one rounding
+/// to nearest even) or blocks by ggml's reference quantizer of that type.
 /// Returns 0 for a type without a codec or a partial block, 1 otherwise.
 int adapter_ggml_encode(int type, const float *x, uint8_t *y, size_t n);
 
-/// `n` values (a multiple of the block) of blocks of `type`, as ggml's dequantize_row_* gives them
-/// (the 32-value types and the K-quants Q2_K … Q6_K).
+/// `n` values (a multiple of the block) of `type`, as ggml's dequantize_row_* gives them (F32, F16,
+/// BF16, the 32-value types and the K-quants Q2_K … Q6_K).
 int adapter_ggml_decode(int type, const uint8_t *x, float *y, size_t n);
 
 /// dst (cols × rows) = the transpose of src (rows × cols), elements of `size` bytes (2 or 4).

@@ -17,7 +17,7 @@ import os
 import numpy as np
 import torch
 from safetensors.torch import save_file
-from synthetic import attention_lora, write_index
+from synthetic import attention_lora, write_layer_shards
 
 p = argparse.ArgumentParser()
 p.add_argument("out")
@@ -31,8 +31,10 @@ h, r, B = args.hidden, args.rank, 128
 g = torch.Generator().manual_seed(0)
 model = os.path.join(args.out, "model")
 os.makedirs(model, exist_ok=True)
-weight_map, total, norms = {}, 0, {}
-for l in range(args.layers):
+norms = {}
+
+
+def layer(l):
     tensors = {}
     for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
         name = f"model.layers.{l}.self_attn.{proj}.weight"
@@ -45,12 +47,10 @@ for l in range(args.layers):
         tensors[name] = codes
         tensors[name + "_scale_inv"] = s.to(torch.float8_e8m0fnu) if args.e8m0 else s.float()
         norms[name[: -len(".weight")]] = float((codes.float() * s.repeat_interleave(B, 0).repeat_interleave(B, 1)).norm())
-    fname = f"model-{l + 1:05d}-of-{args.layers:05d}.safetensors"
-    save_file(tensors, os.path.join(model, fname), metadata={"format": "pt"})
-    for k, v in tensors.items():
-        weight_map[k] = fname
-        total += v.numel() * v.element_size()
-write_index(model, weight_map, total)
+    return tensors
+
+
+total = write_layer_shards(model, args.layers, layer, save_file)
 with open(os.path.join(model, "config.json"), "w") as f:
     json.dump({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h, "num_hidden_layers": args.layers,
                "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [B, B]}}, f, indent=2)

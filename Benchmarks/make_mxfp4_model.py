@@ -16,6 +16,7 @@ import os
 
 import numpy as np
 from safetensors.numpy import save_file
+from synthetic import write_layer_shards
 
 p = argparse.ArgumentParser()
 p.add_argument("out")
@@ -45,8 +46,10 @@ def quantize(w):
 
 model = os.path.join(args.out, "model")
 os.makedirs(model, exist_ok=True)
-weight_map, total, norms = {}, 0, {}
-for l in range(args.layers):
+norms = {}
+
+
+def layer(l):
     tensors = {}
     for name, (out, inp) in {"gate_up_proj": (2 * I, H), "down_proj": (H, I)}.items():
         key = f"model.layers.{l}.mlp.experts.{name}"
@@ -58,13 +61,10 @@ for l in range(args.layers):
             norm2 += n2
         tensors[key + "_blocks"], tensors[key + "_scales"] = blocks, scales
         norms[key] = norm2 ** 0.5
-    fname = f"model-{l + 1:05d}-of-{args.layers:05d}.safetensors"
-    save_file(tensors, os.path.join(model, fname), metadata={"format": "pt"})
-    for k, v in tensors.items():
-        weight_map[k] = fname
-        total += v.nbytes
-with open(os.path.join(model, "model.safetensors.index.json"), "w") as f:
-    f.write(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True) + "\n")
+    return tensors
+
+
+total = write_layer_shards(model, args.layers, layer, save_file)
 with open(os.path.join(model, "config.json"), "w") as f:
     json.dump({"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "hidden_size": H, "intermediate_size": I,
                "num_hidden_layers": args.layers, "num_local_experts": E,

@@ -17,7 +17,7 @@ import os
 import numpy as np
 import torch
 from safetensors.torch import save_file
-from synthetic import attention_lora, write_index
+from synthetic import attention_lora, write_layer_shards
 
 p = argparse.ArgumentParser()
 p.add_argument("out")
@@ -48,20 +48,20 @@ def quantize(w):
 
 model = os.path.join(args.out, "model")
 os.makedirs(model, exist_ok=True)
-weight_map, total, norms = {}, 0, {}
-for l in range(args.layers):
+norms = {}
+
+
+def layer(l):
     tensors = {}
     for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
         name = f"model.layers.{l}.self_attn.{proj}"
         packed, s, gs, norm = quantize(torch.randn(h, h, generator=g) * 0.02)
         tensors[name + ".weight_packed"], tensors[name + ".weight_scale"], tensors[name + ".weight_global_scale"] = packed, s, gs
         norms[name] = norm
-    fname = f"model-{l + 1:05d}-of-{args.layers:05d}.safetensors"
-    save_file(tensors, os.path.join(model, fname), metadata={"format": "pt"})
-    for k, v in tensors.items():
-        weight_map[k] = fname
-        total += v.numel() * v.element_size()
-write_index(model, weight_map, total)
+    return tensors
+
+
+total = write_layer_shards(model, args.layers, layer, save_file)
 weights = {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16, "symmetric": True, "dynamic": False}
 with open(os.path.join(model, "config.json"), "w") as f:
     json.dump({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h, "num_hidden_layers": args.layers,

@@ -47,6 +47,21 @@ def write_bf16_shards(model, shards, rng):
     return total
 
 
+def write_layer_shards(model, layers, layer_tensors, save):
+    """model-0000l-of-0000n.safetensors, one per layer (`layer_tensors(l)` gives its tensors,
+    `save` is the framework's safetensors save_file), and the index; returns the tensor bytes."""
+    weight_map, total = {}, 0
+    for l in range(layers):
+        tensors = layer_tensors(l)
+        fname = f"model-{l + 1:05d}-of-{layers:05d}.safetensors"
+        save(tensors, os.path.join(model, fname), metadata={"format": "pt"})
+        for k, v in tensors.items():
+            weight_map[k] = fname
+            total += v.nbytes if isinstance(v, np.ndarray) else v.numel() * v.element_size()
+    write_index(model, weight_map, total)
+    return total
+
+
 def write_index(model, weight_map, total):
     """model.safetensors.index.json as transformers writes it."""
     with open(os.path.join(model, "model.safetensors.index.json"), "w") as f:

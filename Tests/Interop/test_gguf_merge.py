@@ -14,17 +14,18 @@ from test_gguf_adapter import LEAVES, f32_copy, llama_permute
 SOURCE = MODELS.parent / "gguf" / "tiny-llama.gguf"
 
 
-def make_adapter(folder, rng):
-    """A PEFT LoRA (HF names) for the fixture's shapes, r 4, alpha 8; its updates in GGUF order."""
-    r = gguf.GGUFReader(str(SOURCE))
+def make_adapter(folder, rng, source=SOURCE, scale=0.3):
+    """A PEFT LoRA (HF names) for the shapes of the GGUF `source`, r 4, alpha 8, factors
+    N(0, scale); its updates in GGUF order (q/k rows permuted as the base's)."""
+    r = gguf.GGUFReader(str(source))
     shapes = {t.name: [int(d) for d in reversed(t.shape)] for t in r.tensors}
     heads = int(r.fields["llama.attention.head_count"].contents())
     kv = int(r.fields["llama.attention.head_count_kv"].contents())
     tensors, updates = {}, {}
     for leaf, g in LEAVES.items():
         out, inp = shapes[f"blk.0.{g}.weight"]
-        a = (rng.standard_normal((4, inp)) * 0.3).astype(np.float32)
-        b = (rng.standard_normal((out, 4)) * 0.3).astype(np.float32)
+        a = (rng.standard_normal((4, inp)) * scale).astype(np.float32)
+        b = (rng.standard_normal((out, 4)) * scale).astype(np.float32)
         tensors[f"base_model.model.model.layers.0.{leaf}.lora_A.weight"] = a
         tensors[f"base_model.model.model.layers.0.{leaf}.lora_B.weight"] = b
         delta = 2.0 * (b.astype(np.float64) @ a.astype(np.float64))
@@ -133,23 +134,10 @@ def test_merges_into_k_quant_tensors_requantize_as_llama_cpp_does(tmp_path):
     w.write_tensors_to_file()
     w.close()
     folder = tmp_path / "lora"
-    folder.mkdir()
-    tensors, updates = {}, {}
-    for leaf, g in LEAVES.items():
-        out, inp = shapes[g]
-        a = (rng.standard_normal((4, inp)) * 0.2).astype(np.float32)
-        b = (rng.standard_normal((out, 4)) * 0.2).astype(np.float32)
-        tensors[f"base_model.model.model.layers.0.{leaf}.lora_A.weight"] = a
-        tensors[f"base_model.model.model.layers.0.{leaf}.lora_B.weight"] = b
-        delta = 2.0 * (b.astype(np.float64) @ a.astype(np.float64))
-        if g in ("attn_q", "attn_k"):
-            delta = llama_permute(delta, 4, 4 if g == "attn_q" else 2)
-        updates[f"blk.0.{g}.weight"] = delta
-    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": [k.split(".")[1] for k in LEAVES]}))
+    updates = make_adapter(folder, rng, source=base, scale=0.2)
     out = tmp_path / "merged.gguf"
     adapter("merge", "--quiet", base, folder, out)
-    ours = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
+    ours = tensors(out)
     for name, delta in updates.items():
         t = ours[name]
         qtype = types[name.split(".")[2]]

@@ -113,10 +113,6 @@ extension MergeExecutor {
         defer { decoded.deallocate(); merged.deallocate(); raw.deallocate() }
         let (dec, mer, codes) = (UncheckedMutable(decoded), UncheckedMutable(merged), UncheckedRaw(raw))
         let threads = max(1, options.threads)
-        func parallel(_ rows: Int, _ body: @Sendable (Range<Int>) -> Void) {
-            let chunks = max(1, min(threads, rows))
-            DispatchQueue.concurrentPerform(iterations: chunks) { c in body(rows * c / chunks..<rows * (c + 1) / chunks) }
-        }
         var retention = Retention()
         func emit(_ count: Int) throws {
             guard let writer else { return }
@@ -141,7 +137,7 @@ extension MergeExecutor {
                 try scales.withUnsafeMutableBufferPointer { allScales in
                     let sc = UncheckedMutable(UnsafeMutableBufferPointer(rebasing: allScales[lo * groups..<hi * groups]))
                     let reader = t
-                    parallel(rows) { range in
+                    inRowChunks(rows) { range in
                         reader.decode(codes.at(range.lowerBound * rowBytes), sc.base.baseAddress! + range.lowerBound * groups, range.count * groups,
                                       dec.base.baseAddress! + range.lowerBound * cols, mer.base.baseAddress! + range.lowerBound * cols)
                     }
@@ -155,7 +151,7 @@ extension MergeExecutor {
                         throw MergeError(tensor: p.baseName, problem: "the merged values hold NaN or infinity; modules: \(p.moduleNames.joined(separator: ", "))")
                     }
                     let kept = Locked(Retention())
-                    parallel(rows) { range in
+                    inRowChunks(rows) { range in
                         var sums: (Double, Double, Double, Double) = (0, 0, 0, 0)
                         withUnsafeMutableBytes(of: &sums) { s in
                             reader.encode(dec.base.baseAddress! + range.lowerBound * cols, mer.base.baseAddress! + range.lowerBound * cols,

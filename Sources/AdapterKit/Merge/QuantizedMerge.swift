@@ -46,11 +46,6 @@ extension MergeExecutor {
         let bandScales = UnsafeMutableBufferPointer<Float>.allocate(capacity: max(1, blockCols))
         defer { decoded.deallocate(); merged.deallocate(); raw.deallocate(); bandScales.deallocate() }
         let threads = max(1, options.threads)
-        // Rows of a band in chunks, one per thread: every element loop below runs on all cores.
-        func parallel(_ rows: Int, _ body: @Sendable (Range<Int>, Int) -> Void) {
-            let chunks = max(1, min(threads, rows))
-            DispatchQueue.concurrentPerform(iterations: chunks) { c in body(rows * c / chunks..<rows * (c + 1) / chunks, c) }
-        }
         let (dec, mer, codesOut, sc) = (UncheckedMutable(decoded), UncheckedMutable(merged), UncheckedMutable(raw), UncheckedMutable(bandScales))
         try bands.forEach { x, j, lo, hi in
             let rows = hi - lo
@@ -58,7 +53,7 @@ extension MergeExecutor {
             let scaleRow = (x * blockRows + j) * blockCols
             for cb in 0..<blockCols { bandScales[cb] = scales.values[scaleRow + cb] }
             let badCode = Locked<Int?>(nil)
-            parallel(rows) { range, _ in
+            inRowChunks(rows) { range in
                 for i in range {
                     var finite = true
                     for cb in 0..<blockCols {
@@ -87,7 +82,7 @@ extension MergeExecutor {
             }
             // Fresh scales: the largest magnitude per block, over the band's rows.
             let partial = Locked<[Float]>([Float](repeating: 0, count: blockCols))
-            parallel(rows) { range, _ in
+            inRowChunks(rows) { range in
                 var amax = [Float](repeating: 0, count: blockCols)
                 amax.withUnsafeMutableBufferPointer { amax in
                     for i in range {
@@ -107,7 +102,7 @@ extension MergeExecutor {
             }
             // The codes, and what they keep of the update.
             let kept = Locked(Retention())
-            parallel(rows) { range, _ in
+            inRowChunks(rows) { range in
                 var part = Retention()
                 for i in range {
                     var sums: (Double, Double, Double, Double) = (0, 0, 0, 0)
@@ -136,6 +131,13 @@ extension MergeExecutor {
             }
         }
         return (scales, retention)
+    }
+
+    /// Rows of a band in chunks, one per thread, so that every element loop of a quantized merge
+    /// runs on all cores; each chunk its own rows.
+    func inRowChunks(_ rows: Int, _ body: @Sendable (Range<Int>) -> Void) {
+        let chunks = max(1, min(max(1, options.threads), rows))
+        DispatchQueue.concurrentPerform(iterations: chunks) { c in body(rows * c / chunks..<rows * (c + 1) / chunks) }
     }
 
     /// A scale tensor's values decoded: F32 as stored, UE8M0 as 2^(b − 127).

@@ -89,9 +89,17 @@ public final class Checkpoint: Sendable {
         self.lookup = lookup
         var warnings: [String] = []
         config = isFolder ? ModelConfig.read(folder: path, warnings: &warnings) : nil
-        Self.recogniseScaledFP8(&all, lookup: lookup, block: config?.weightBlockSize, compressed: config?.compressedFP8, warnings: &warnings)
-        Self.recogniseMXFP4(&all, lookup: lookup, warnings: &warnings)
-        Self.recogniseNVFP4(&all, lookup: lookup, warnings: &warnings)
+        // Quantized weights and their scale tensors, found by name: one index for the three
+        // recognisers, built only when a tensor could be one of them.
+        let candidate = all.contains { t in
+            t.entry.dtype == .f8E4M3 || t.entry.dtype == .f8E5M2 || t.entry.name.hasSuffix("_blocks") || t.entry.name.hasSuffix(".weight_packed")
+        }
+        if candidate {
+            let position = lookup ?? Dictionary(all.enumerated().map { ($1.entry.name, $0) }, uniquingKeysWith: { a, _ in a })
+            Self.recogniseScaledFP8(&all, position: position, block: config?.weightBlockSize, compressed: config?.compressedFP8, warnings: &warnings)
+            Self.recogniseMXFP4(&all, position: position, warnings: &warnings)
+            Self.recogniseNVFP4(&all, position: position, warnings: &warnings)
+        }
         tensors = all
         scaledEntries = Dictionary(all.lazy.filter { if case .plain = $0.entry.encoding { false } else { true } }.map { ($0.entry.name, $0.entry) },
                                    uniquingKeysWith: { a, _ in a })
@@ -116,10 +124,9 @@ public final class Checkpoint: Sendable {
     /// model's float dtype (BF16, F16 or F32), one per output row for the `channel` strategy
     /// ([N, 1]: blocks of 1 × K), one per tensor for `tensor` ([1]: one N × K block), or per
     /// `block_structure` block for `block`.
-    static func recogniseScaledFP8(_ all: inout [(entry: TensorEntry, file: Int)], lookup: [String: Int]?, block configured: [Int]?,
+    static func recogniseScaledFP8(_ all: inout [(entry: TensorEntry, file: Int)], position: [String: Int], block configured: [Int]?,
                                    compressed: ModelConfig.CompressedFP8? = nil, warnings: inout [String]) {
         guard all.contains(where: { $0.entry.dtype == .f8E4M3 || $0.entry.dtype == .f8E5M2 }) else { return }
-        let position = lookup ?? Dictionary(all.enumerated().map { ($1.entry.name, $0) }, uniquingKeysWith: { a, _ in a })
         for i in all.indices {
             let e = all[i].entry
             guard e.dtype == .f8E4M3 || e.dtype == .f8E5M2, e.shape.count == 2 || e.shape.count == 3 else { continue }
@@ -158,9 +165,8 @@ public final class Checkpoint: Sendable {
     /// Marks MXFP4 tensors (gpt-oss experts): `X_blocks` U8 [..., rows, G, 16] with `X_scales` U8
     /// (or F8_E8M0) [..., rows, G] in any shard (transformers' `integrations/mxfp4.py`). A scale
     /// tensor of another shape or dtype is named in a warning and the blocks stay plain bytes.
-    static func recogniseMXFP4(_ all: inout [(entry: TensorEntry, file: Int)], lookup: [String: Int]?, warnings: inout [String]) {
+    static func recogniseMXFP4(_ all: inout [(entry: TensorEntry, file: Int)], position: [String: Int], warnings: inout [String]) {
         guard all.contains(where: { $0.entry.name.hasSuffix("_blocks") }) else { return }
-        let position = lookup ?? Dictionary(all.enumerated().map { ($1.entry.name, $0) }, uniquingKeysWith: { a, _ in a })
         for i in all.indices {
             let e = all[i].entry
             guard e.name.hasSuffix("_blocks"), case .plain(.u8) = e.encoding,
@@ -179,9 +185,8 @@ public final class Checkpoint: Sendable {
     /// [rows, K/2] with `X.weight_scale` F8_E4M3 [rows, K/16] and `X.weight_global_scale` F32 [1]
     /// (compressed-tensors' `compressors/nvfp4`). Siblings of another shape or dtype are named in a
     /// warning and the codes stay plain U8 (int4 `pack-quantized` stores I32 `weight_packed`).
-    static func recogniseNVFP4(_ all: inout [(entry: TensorEntry, file: Int)], lookup: [String: Int]?, warnings: inout [String]) {
+    static func recogniseNVFP4(_ all: inout [(entry: TensorEntry, file: Int)], position: [String: Int], warnings: inout [String]) {
         guard all.contains(where: { $0.entry.name.hasSuffix(".weight_packed") }) else { return }
-        let position = lookup ?? Dictionary(all.enumerated().map { ($1.entry.name, $0) }, uniquingKeysWith: { a, _ in a })
         for i in all.indices {
             let e = all[i].entry
             guard e.name.hasSuffix(".weight_packed"), case .plain(.u8) = e.encoding else { continue }

@@ -21,7 +21,8 @@ Writes
 - models/tiny-llama-64/ and gguf/tiny-llama-64-{f32,q8_0}.gguf: a Hugging Face LLaMA (hidden 64,
   one layer, 4 heads, 2 KV heads, a 64-piece SentencePiece BPE vocabulary trained here) and its
   conversions by llama.cpp's own convert_hf_to_gguf.py (the one in llama-cpp-python 0.3.36's sdist:
-  LLAMA_CPP_DIR, default /work/llama-src), for end-to-end checks against transformers; and
+  LLAMA_CPP_DIR: the unpacked llama.cpp source, e.g. `vendor/llama.cpp` of that sdist), for
+  end-to-end checks against transformers; and
   models/tiny-mixtral-gguf with gguf/tiny-mixtral-gguf-f32.gguf, a Mixtral (hidden 32, 4 experts)
   converted the same way, whose experts llama.cpp stacks into blk.0.ffn_{gate,up,down}_exps.
 - adapters/gguf-lora/: a PEFT LoRA (r 4, alpha 8, rsLoRA, v_proj at rank 2) on every projection of
@@ -217,13 +218,15 @@ def hf_twin(name, make_model, outtypes):
                 p.fill_(1.0)
     m.save_pretrained(folder)
     os.remove(os.path.join(folder, "generation_config.json"))
-    convert = os.path.join(os.environ.get("LLAMA_CPP_DIR", "/work/llama-src"), "convert_hf_to_gguf.py")
+    convert = os.path.join(os.environ["LLAMA_CPP_DIR"], "convert_hf_to_gguf.py")
     for outtype in outtypes:
         subprocess.run([sys.executable, convert, folder, "--outtype", outtype, "--outfile", os.path.join(OUT, f"{name}-{outtype}.gguf")],
                        check=True, capture_output=True)
 
 
 def twins():
+    if not os.environ.get("LLAMA_CPP_DIR"):
+        raise SystemExit("make_gguf_fixtures.py: set LLAMA_CPP_DIR to a llama.cpp source tree (convert_hf_to_gguf.py is run from it)")
     import torch
     import transformers
 

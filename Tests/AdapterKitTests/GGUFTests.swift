@@ -284,6 +284,12 @@ struct GGUFMergeTests {
                 if !touched { #expect(try merged.bytes(of: m) == original.bytes(of: t), "\(t.name)") }
             }
             if dtype == nil { #expect(summary.notes.contains { $0.hasPrefix("requantized 2 quantized weights") }) }
+            // Merged a row at a time (and three rows): the same file.
+            for values in [1, 3 * 128] {
+                let banded = dir.file("band-\(values)-\(dtype?.rawValue ?? "same").gguf")
+                _ = try GGUFMergePlan(base: base, inputs: [MergeInput(adapter: a)], dequantize: dtype).write(to: banded, bandValues: values)
+                #expect(try Data(contentsOf: URL(fileURLWithPath: banded)) == Data(contentsOf: URL(fileURLWithPath: out)), "bands of \(values) values")
+            }
         }
     }
 
@@ -345,8 +351,15 @@ struct GGUFExpertMergeTests {
         let dir = TempDir()
         defer { dir.remove() }
         let base = try gguf(dir)
-        let summary = try GGUFMergePlan(base: base, inputs: [MergeInput(adapter: try Adapter(path: adapterPath("moe-" + adapterName)))]).write(to: dir.file("out.gguf"))
+        let plan = try GGUFMergePlan(base: base, inputs: [MergeInput(adapter: try Adapter(path: adapterPath("moe-" + adapterName)))])
+        let summary = try plan.write(to: dir.file("out.gguf"))
         #expect(summary.tensorsChanged >= 3)
+        // In bands of one, two or five rows (band edges inside and across the experts' row ranges): the same bytes.
+        let whole = try Data(contentsOf: URL(fileURLWithPath: dir.file("out.gguf")))
+        for values in [1, 2 * 32, 5 * 32] {
+            _ = try plan.write(to: dir.file("band-\(values).gguf"), bandValues: values)
+            #expect(try Data(contentsOf: URL(fileURLWithPath: dir.file("band-\(values).gguf"))) == whole, "bands of \(values) values")
+        }
         let out = try GGUFFile(path: dir.file("out.gguf"))
         let reference = try SafetensorsFile(path: fixture("expected/moe/\(adapterName).safetensors"))
         var compared = 0

@@ -3,7 +3,7 @@ import Foundation
 /// `adapter merge BASE.gguf ADAPTER OUT.gguf` (docs/formats.md §11): every adapted tensor decoded,
 /// the update added in Float32 by the merge kernel, and encoded again in its own GGML type by
 /// ggml's reference quantizer (or in `dequantize`'s type); every other tensor and all metadata
-/// copied byte for byte. One tensor in memory at a time.
+/// copied byte for byte. A band of rows of one tensor in memory at a time.
 public struct GGUFMergePlan: Sendable {
     /// The updates of one row range of a tensor's [rows, cols] view (all of it for a 2-D weight,
     /// one expert of a 3-D `_exps` tensor): L (rows × k, the scale, weight and mixer folded in, rows
@@ -136,7 +136,10 @@ public struct GGUFMergePlan: Sendable {
     }
 
     /// Writes OUT (a new file beside it, renamed into place when complete).
-    public func write(to output: String, options: MergeRunOptions = MergeRunOptions()) throws -> MergeSummary {
+    ///
+    /// `bandValues`: values per band of rows the merge holds at once (at least one row), which bounds
+    /// its memory by about 16 MB per buffer whatever the tensor's size; tests lower it to cross band edges.
+    public func write(to output: String, options: MergeRunOptions = MergeRunOptions(), bandValues: Int = 1 << 22) throws -> MergeSummary {
         try OutputRules.check(output, kind: .file, inputs: inputFiles, force: options.force)
         let start = DispatchTime.now()
         var summary = MergeSummary()
@@ -162,12 +165,13 @@ public struct GGUFMergePlan: Sendable {
                     return .copy(file.descriptor, offset: file.range(of: t).lowerBound)  // byte for byte, in the kernel
                 }
                 summary.tensorsChanged += 1
-                let (bytes, retention, statistics) = try Self.merge(e, from: file, threads: options.threads, report: options.report)
-                if let retention { retained.append((t.name, retention)) }
-                if options.report, let statistics {
-                    summary.reports.append(.init(tensor: t.name, modules: e.modules, statistics: statistics, kept: retention?.kept))
+                return .stream { emit in
+                    let (retention, statistics) = try Self.merge(e, from: file, bandValues: bandValues, threads: options.threads, report: options.report, emit: emit)
+                    if let retention { retained.append((t.name, retention)) }
+                    if options.report, let statistics {
+                        summary.reports.append(.init(tensor: t.name, modules: e.modules, statistics: statistics, kept: retention?.kept))
+                    }
                 }
-                return .bytes(bytes)
             })
             if options.sync { try fd.sync() }
             try out.commit(replacing: options.force)
@@ -186,51 +190,65 @@ public struct GGUFMergePlan: Sendable {
         return summary
     }
 
-    /// One tensor: decoded, W + L·R in Float32 by the kernel, encoded in its output type; with
+    /// One tensor, in bands of whole rows: each band read, decoded, W + L·R added in Float32 by the
+    /// kernel on the rows an update covers, encoded in its output type and handed to `emit`; with
     /// what a block type's requantization kept of the update.
-    static func merge(_ e: Edit, from file: GGUFFile, threads: Int, report: Bool) throws
-        -> (bytes: [UInt8], retention: MergeExecutor.Retention?, statistics: UpdateStatistics?)
+    static func merge(_ e: Edit, from file: GGUFFile, bandValues: Int, threads: Int, report: Bool, emit: ([UInt8]) throws -> Void) throws
+        -> (retention: MergeExecutor.Retention?, statistics: UpdateStatistics?)
     {
         let t = e.tensor, rows = e.viewRows, cols = e.viewColumns
-        guard let base = GGMLCodec.decode(t.type, try file.bytes(of: t), count: rows * cols) else {
-            preconditionFailure("the plan admits tensors with a codec")
+        let rowBytes = cols / t.type.blockSize * t.type.typeSize
+        let band = max(1, min(rows, bandValues / max(cols, 1)))
+        let factors = e.segments.map {
+            UpdateFactorStorage(l: $0.l, r: $0.r, rows: $0.rows.count, cols: cols, k: $0.k, magnitude: nil)
         }
-        if let bad = base.firstIndex(where: { !$0.isFinite }) {
-            throw MergeError(tensor: t.name, problem: "its value at row \(bad / cols), column \(bad % cols) is \(base[bad])")
-        }
-        // Rows no update covers stay as decoded; each segment is merged on its rows.
-        var merged = base
+        let start = file.range(of: t).lowerBound
         var statistics: UpdateStatistics? = report ? UpdateStatistics() : nil
-        for segment in e.segments {
-            let factors = UpdateFactorStorage(l: segment.l, r: segment.r, rows: segment.rows.count, cols: cols, k: segment.k, magnitude: nil)
-            let first = segment.rows.lowerBound * cols
-            let result = base.withUnsafeBytes { src in
-                merged.withUnsafeMutableBytes { dst in
-                    withExtendedLifetime(factors) {
-                        MergeKernel.merge(source: src.baseAddress! + first * 4, sourceType: .f32, destination: dst.baseAddress! + first * 4, destinationType: .f32,
-                                          rows: 0..<segment.rows.count, factors: factors.rows(from: 0), wantStatistics: report, threads: threads)
+        var kept: MergeExecutor.Retention? = GGMLCodec.isQuantized(e.outputType) ? MergeExecutor.Retention() : nil
+        var b0 = 0
+        while b0 < rows {
+            let b1 = min(rows, b0 + band), n = (b1 - b0) * cols
+            let raw = try file.descriptor.readBytes(count: (b1 - b0) * rowBytes, at: start + b0 * rowBytes)
+            guard raw.count == (b1 - b0) * rowBytes else { throw InputError(file.path, "the file shrank while being read") }
+            guard let base = GGMLCodec.decode(t.type, raw, count: n) else { preconditionFailure("the plan admits tensors with a codec") }
+            if let bad = base.firstIndex(where: { !$0.isFinite }) {
+                throw MergeError(tensor: t.name, problem: "its value at row \(b0 + bad / cols), column \(bad % cols) is \(base[bad])")
+            }
+            // Rows no update covers stay as decoded; each segment is merged on its rows in this band.
+            var merged = base
+            for (segment, storage) in zip(e.segments, factors) {
+                let lo = max(b0, segment.rows.lowerBound), hi = min(b1, segment.rows.upperBound)
+                guard lo < hi else { continue }
+                let offset = (lo - b0) * cols * 4
+                let result = base.withUnsafeBytes { src in
+                    merged.withUnsafeMutableBytes { dst in
+                        withExtendedLifetime(storage) {
+                            MergeKernel.merge(source: src.baseAddress! + offset, sourceType: .f32, destination: dst.baseAddress! + offset, destinationType: .f32,
+                                              rows: 0..<(hi - lo), factors: storage.rows(from: lo - segment.rows.lowerBound), wantStatistics: report, threads: threads)
+                        }
                     }
                 }
+                guard result.finite else { throw MergeError(tensor: t.name, problem: "the merged values hold NaN or infinity; modules: \(e.modules.joined(separator: ", "))") }
+                if let s = result.statistics { statistics?.add(s) }
             }
-            guard result.finite else { throw MergeError(tensor: t.name, problem: "the merged values hold NaN or infinity; modules: \(e.modules.joined(separator: ", "))") }
-            if let s = result.statistics { statistics?.add(s) }
-        }
-        guard let bytes = GGMLCodec.encode(e.outputType, merged) else { preconditionFailure("output types have codecs") }
-        if e.outputType == .f16, merged.contains(where: { abs($0) > 65504 }) {
-            throw MergeError(tensor: t.name, problem: "the merged values overflow F16; modules: \(e.modules.joined(separator: ", "))")
-        }
-        var retention: MergeExecutor.Retention? = nil
-        if GGMLCodec.isQuantized(e.outputType), let q = GGMLCodec.decode(e.outputType, bytes, count: rows * cols) {
-            var kept = MergeExecutor.Retention()
-            for i in 0..<q.count {
-                let d = Double(merged[i]) - Double(base[i]), g = Double(q[i]) - Double(base[i])
-                kept.dot += g * d
-                kept.update += d * d
-                kept.applied += g * g
-                kept.maxAbsUpdate = max(kept.maxAbsUpdate, abs(d))
+            if e.outputType == .f16, merged.contains(where: { abs($0) > 65504 }) {
+                throw MergeError(tensor: t.name, problem: "the merged values overflow F16; modules: \(e.modules.joined(separator: ", "))")
             }
-            retention = kept
+            guard let bytes = GGMLCodec.encode(e.outputType, merged) else { preconditionFailure("output types have codecs") }
+            if kept != nil, let q = GGMLCodec.decode(e.outputType, bytes, count: n) {
+                var part = MergeExecutor.Retention()
+                for i in 0..<n {
+                    let d = Double(merged[i]) - Double(base[i]), g = Double(q[i]) - Double(base[i])
+                    part.dot += g * d
+                    part.update += d * d
+                    part.applied += g * g
+                    part.maxAbsUpdate = max(part.maxAbsUpdate, abs(d))
+                }
+                kept?.add(part)
+            }
+            try emit(bytes)
+            b0 = b1
         }
-        return (bytes, retention, statistics)
+        return (kept, statistics)
     }
 }

@@ -52,9 +52,11 @@ struct GGUFLayout {
         header = b.bytes
     }
 
-    /// Where a tensor's bytes come from: computed, or copied from a file range (by the kernel).
+    /// Where a tensor's bytes come from: computed, computed in pieces (the closure hands each
+    /// piece, in order, to the function it is given), or copied from a file range (by the kernel).
     enum Data {
         case bytes([UInt8])
+        case stream((([UInt8]) throws -> Void) throws -> Void)
         case copy(FileDescriptor, offset: Int)
     }
 
@@ -70,6 +72,14 @@ struct GGUFLayout {
             case .bytes(let bytes):
                 precondition(bytes.count == t.byteCount, "tensor \(t.name): \(bytes.count) bytes for \(t.byteCount)")
                 try fd.writeAll(bytes)
+            case .stream(let produce):
+                var written = 0
+                try produce { piece in
+                    written += piece.count
+                    precondition(written <= t.byteCount, "tensor \(t.name): more than \(t.byteCount) bytes")
+                    try fd.writeAll(piece)
+                }
+                precondition(written == t.byteCount, "tensor \(t.name): \(written) bytes for \(t.byteCount)")
             case .copy(let from, let offset):
                 try fd.copy(from: from, offset: offset, count: t.byteCount)
             }

@@ -95,7 +95,7 @@ struct MergeCommandTests {
         expectOneLineError(try adapter("merge", "--force", base, ada, link), containing: "is the input")
         expectOneLineError(try adapter("merge", base, ada, dir.file("no/such/folder/out")), containing: "does not exist")
         // --force replaces only what this tool could have written: not three bytes of something else…
-        expectOneLineError(try adapter("merge", "--force", "--quiet", base, ada, existing), containing: "not a safetensors file")
+        expectOneLineError(try adapter("merge", "--force", "--quiet", base, ada, existing), containing: "replaces only a safetensors or GGUF file here, and this is neither")
         #expect(FileManager.default.contents(atPath: existing) == Data([1, 2, 3]))
         // …but a previous output, once the new one is complete.
         let previous = dir.file("previous.safetensors")
@@ -103,6 +103,12 @@ struct MergeCommandTests {
         let before = FileManager.default.contents(atPath: previous)
         #expect(try adapter("merge", "--force", "--quiet", base, ada, previous).status == 0)
         #expect(FileManager.default.contents(atPath: previous) != before)
+        // A GGUF output replaces a previous GGUF output the same way.
+        let gguf = dir.file("previous.gguf")
+        #expect(try adapter("merge", "--quiet", fixture("gguf/tiny-llama-64-f32.gguf"), fixture("adapters/gguf-lora"), gguf).status == 0)
+        expectOneLineError(try adapter("merge", "--quiet", fixture("gguf/tiny-llama-64-f32.gguf"), fixture("adapters/gguf-lora"), gguf), containing: "already exists")
+        #expect(try adapter("merge", "--force", "--quiet", "--dtype", "f16", fixture("gguf/tiny-llama-64-f32.gguf"), fixture("adapters/gguf-lora"), gguf).status == 0)
+        #expect(try adapter("inspect", gguf).stdout.contains("F16 × 7"))
     }
 
     @Test("preflight failures are listed together and nothing is written")

@@ -37,7 +37,7 @@ public enum OutputRules {
     /// Why `--force` may not replace what is at `path` with an output of `kind`, or nil when it may.
     ///
     /// It may replace only what this tool could have written: for a file output, a safetensors
-    /// file; for a folder output, a folder whose entries are all tensor files, configs and other
+    /// or GGUF file; for a folder output, a folder whose entries are all tensor files, configs and other
     /// JSON, tokenizer files, READMEs and licences (no subfolders, nothing else). A symbolic link
     /// is replaced itself, never what it points to.
     static func replaceRefusal(_ path: String, kind: OutputKind) -> String? {
@@ -46,12 +46,12 @@ public enum OutputRules {
         case (_, .missing), (_, .symbolicLink):
             return nil
         case (.file, .file):
-            guard isSafetensorsFile(path) else {
-                return "--force replaces only a safetensors file here, and this is not a safetensors file"
+            guard isSafetensorsFile(path) || GGUFFile.looksLikeGGUF(path) else {
+                return "--force replaces only a safetensors or GGUF file here, and this is neither"
             }
             return nil
         case (.file, .directory):
-            return "--force replaces only a safetensors file here, and this is a folder"
+            return "--force replaces only a safetensors or GGUF file here, and this is a folder"
         case (.folder, .file):
             return "--force replaces only a model or adapter folder here, and this is a file"
         case (.folder, .directory):

@@ -24,7 +24,11 @@ Writes
   LLAMA_CPP_DIR: the unpacked llama.cpp source, e.g. `vendor/llama.cpp` of that sdist), for
   end-to-end checks against transformers; and
   models/tiny-mixtral-gguf with gguf/tiny-mixtral-gguf-f32.gguf, a Mixtral (hidden 32, 4 experts)
-  converted the same way, whose experts llama.cpp stacks into blk.0.ffn_{gate,up,down}_exps.
+  converted the same way, whose experts llama.cpp stacks into blk.0.ffn_{gate,up,down}_exps;
+  models/tiny-llama-256 with gguf/tiny-llama-256-f16.gguf (hidden 256: rows llama.cpp's Q4_K_M
+  quantizes in K-quants; F16 throughout to stay small); and models/tiny-qwen{2,3}-gguf with
+  gguf/tiny-qwen{2,3}-gguf-f32.gguf (qwen2 with q/k/v biases, qwen3 with q/k norms and
+  head_dim 32: llama.cpp's own names for both, q and k not permuted).
 - adapters/gguf-lora/: a PEFT LoRA (r 4, alpha 8, rsLoRA, v_proj at rank 2) on every projection of
   that model, in Hugging Face names, for `merge` into the GGUF and `convert to-gguf --base` it.
 """
@@ -195,9 +199,10 @@ def spm_model():
     return model.getvalue()
 
 
-def hf_twin(name, make_model, outtypes):
+def hf_twin(name, make_model, outtypes, dtype=None):
     """models/<name> (a transformers model with random weights, N(0, 0.05) matrices, ones for the
-    norms) and gguf/<name>-<outtype>.gguf converted by llama.cpp's convert_hf_to_gguf.py."""
+    norms and biases; saved in `dtype` when given) and gguf/<name>-<outtype>.gguf converted by
+    llama.cpp's convert_hf_to_gguf.py."""
     import shutil
     import subprocess
     import sys
@@ -216,6 +221,8 @@ def hf_twin(name, make_model, outtypes):
                 p.normal_(0, 0.05)
             else:
                 p.fill_(1.0)
+    if dtype is not None:
+        m = m.to(dtype)
     m.save_pretrained(folder)
     os.remove(os.path.join(folder, "generation_config.json"))
     convert = os.path.join(os.environ["LLAMA_CPP_DIR"], "convert_hf_to_gguf.py")
@@ -243,8 +250,33 @@ def twins():
             max_position_embeddings=128, num_local_experts=4, num_experts_per_tok=2, bos_token_id=1, eos_token_id=2,
             tie_word_embeddings=False))
 
+    def llama256():
+        # Every row 256 values long: llama.cpp's Q4_K_M quantizes it in K-quants (a 64-wide model
+        # falls back to Q5_0 and Q8_0). Kept in F16 (both the HF twin and its conversion) to stay small.
+        torch.manual_seed(5)
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=64, hidden_size=256, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=128, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False))
+
+    def qwen2():
+        # Qwen2: q/k/v biases, and convert_hf_to_gguf.py keeps q and k rows in the HF order.
+        torch.manual_seed(6)
+        return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+            vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=128, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False))
+
+    def qwen3():
+        # Qwen3: per-head q/k RMS norms, head_dim set apart from hidden / heads.
+        torch.manual_seed(7)
+        return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+            vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=32, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False))
+
     hf_twin("tiny-llama-64", llama, ("f32", "q8_0"))
     hf_twin("tiny-mixtral-gguf", mixtral, ("f32",))
+    hf_twin("tiny-llama-256", llama256, ("f16",), dtype=torch.float16)
+    hf_twin("tiny-qwen2-gguf", qwen2, ("f32",))
+    hf_twin("tiny-qwen3-gguf", qwen3, ("f32",))
 
 
 def gguf_lora():

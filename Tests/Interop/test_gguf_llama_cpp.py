@@ -6,6 +6,7 @@ logits transformers gives for PEFT's own merge_and_unload of the HF model.
 """
 import numpy as np
 import peft
+import pytest
 import torch
 import transformers as T
 
@@ -16,8 +17,8 @@ GGUF = MODELS.parent / "gguf"
 IDS = [1, 9, 42, 32, 17, 5, 23, 11]
 
 
-def peft_adapter(folder):
-    model = T.AutoModelForCausalLM.from_pretrained(str(HF), dtype=torch.float32)
+def peft_adapter(folder, hf=HF):
+    model = T.AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32)
     with torch.no_grad():
         before = model(torch.tensor([IDS])).logits[0].double().numpy()
     torch.manual_seed(3)
@@ -123,3 +124,68 @@ def test_expert_merge_in_llama_cpp_gives_transformers_logits_of_the_peft_merge(t
     for what, got in (("merged", llama_logits(merged)), ("LoRA", llama_logits(base, lora_path=str(lora)))):
         err = np.abs(got - want).max()
         assert err <= 3 * floor + 1e-3 * effect, (what, err, floor, effect)
+
+
+def quantize_q4_k_m(source, target):
+    import ctypes
+
+    import llama_cpp
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    params.nthread = 1
+    assert llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) == 0
+
+
+def test_k_quant_base_at_width_256_merged_and_with_the_lora_in_llama_cpp(tmp_path):
+    """tiny-llama-256 (rows of 256: llama.cpp's Q4_K_M really quantizes it in Q4_K and Q6_K): the
+    merge keeps every K-quant type, and llama.cpp runs it, and the F16 base with our LoRA GGUF, and
+    the Q4_K_M base with it, with transformers' logits of PEFT's merge within each file's own error."""
+    import gguf
+    hf = MODELS / "tiny-llama-256"
+    before, want = peft_adapter(tmp_path / "lora", hf=hf)
+    effect = np.abs(want - before).max()
+    f16 = GGUF / "tiny-llama-256-f16.gguf"
+    base = tmp_path / "q4_k_m.gguf"
+    quantize_q4_k_m(f16, base)
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(base)).tensors}
+    Q = gguf.GGMLQuantizationType
+    assert {types[f"blk.0.{g}.weight"] for g in ("attn_q", "attn_k", "ffn_gate", "ffn_up")} == {Q.Q4_K}, types
+    assert Q.Q6_K in types.values(), types
+    merged = tmp_path / "merged.gguf"
+    adapter("merge", "--quiet", base, tmp_path / "lora", merged)
+    assert {t.name: t.tensor_type for t in gguf.GGUFReader(str(merged)).tensors} == types
+    lora = tmp_path / "lora.gguf"
+    adapter("convert", "to-gguf", "--quiet", tmp_path / "lora", lora, "--base", f16)
+    floor = np.abs(llama_logits(f16) - before).max()
+    quantization = np.abs(llama_logits(base) - before).max()
+    assert effect > 0.1 and floor < 0.02 and quantization > floor
+    for what, got, error in (("merged Q4_K_M", llama_logits(merged), quantization),
+                             ("F16 + LoRA", llama_logits(f16, lora_path=str(lora)), floor),
+                             ("Q4_K_M + LoRA", llama_logits(base, lora_path=str(lora)), quantization)):
+        err = np.abs(got - want).max()
+        # What remains is the base's own rounding (F16, or Q4_K of W + ΔW), not the update.
+        assert err <= 3 * error + 1e-3 * effect, f"{what}: max |Δlogit| {err:.3g} (the base's own error {error:.3g}; update {effect:.3g})"
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2-gguf", "tiny-qwen3-gguf"])
+def test_qwen_conversions_merged_and_with_the_lora_in_llama_cpp(tmp_path, name):
+    """Qwen2 (q/k/v biases) and Qwen3 (q/k norms, head_dim apart from hidden / heads) converted by
+    convert_hf_to_gguf.py, which keeps their q and k rows in HF order: our names and (no)
+    permutation give llama.cpp the logits of PEFT's merge, merged and as a LoRA (with the GGUF and
+    with the HF folder as --base)."""
+    hf = MODELS / name
+    before, want = peft_adapter(tmp_path / "lora", hf=hf)
+    effect = np.abs(want - before).max()
+    base = GGUF / f"{name}-f32.gguf"
+    floor = np.abs(llama_logits(base) - before).max()
+    assert effect > 0.1 and floor < 1e-3
+    merged = tmp_path / "merged.gguf"
+    adapter("merge", "--quiet", base, tmp_path / "lora", merged)
+    runs = [("merged", llama_logits(merged))]
+    for which, b in (("gguf", base), ("hf", hf)):
+        lora = tmp_path / f"lora-{which}.gguf"
+        adapter("convert", "to-gguf", "--quiet", tmp_path / "lora", lora, "--base", b)
+        runs.append((f"LoRA (--base {which})", llama_logits(base, lora_path=str(lora))))
+    for what, got in runs:
+        err = np.abs(got - want).max()
+        assert err <= 3 * floor + 1e-3 * effect, f"{what}: max |Δlogit| {err:.3g} (base {floor:.3g}; update {effect:.3g})"

@@ -189,3 +189,59 @@ def test_qwen_conversions_merged_and_with_the_lora_in_llama_cpp(tmp_path, name):
     for what, got in runs:
         err = np.abs(got - want).max()
         assert err <= 3 * floor + 1e-3 * effect, f"{what}: max |Δlogit| {err:.3g} (base {floor:.3g}; update {effect:.3g})"
+
+
+def test_per_expert_modules_stacked_for_llama_cpp(tmp_path):
+    """A per-expert Mixtral adapter (`block_sparse_moe.experts.N.w1/w2/w3`, as PEFT made them before
+    transformers fused the experts; written here by numpy, with a rank_pattern, an alpha_pattern and
+    an expert left out): `convert to-gguf` stacks it into llama.cpp's 3-D expert pairs (with the
+    GGUF and with the HF folder as --base) and `merge` adds it to the stacked tensors; llama.cpp
+    gives the logits transformers gives with each update added to its expert's rows by hand."""
+    import json
+
+    from safetensors.numpy import save_file
+    hf = MODELS / "tiny-mixtral-gguf"
+    model = T.AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32)
+    with torch.no_grad():
+        before = model(torch.tensor([IDS])).logits[0].double().numpy()
+    rng = np.random.default_rng(11)
+    experts = model.model.layers[0].mlp.experts
+    ffn = experts.down_proj.shape[2]
+    tensors = {}
+    ranks = {"experts.1.w1": 3}
+    alphas = {"experts.2.w2": 8.0}
+    with torch.no_grad():
+        for e in (0, 1, 2):
+            for leaf in ("w1", "w2", "w3"):
+                key = f"experts.{e}.{leaf}"
+                r = ranks.get(key, 2)
+                param = experts.down_proj if leaf == "w2" else experts.gate_up_proj
+                out, inp = (param.shape[1], param.shape[2]) if leaf == "w2" else (ffn, param.shape[2])
+                a = (rng.standard_normal((r, inp)) * 0.3).astype(np.float32)
+                b = (rng.standard_normal((out, r)) * 0.3).astype(np.float32)
+                stem = f"base_model.model.model.layers.0.block_sparse_moe.{key}"
+                tensors[stem + ".lora_A.weight"], tensors[stem + ".lora_B.weight"] = a, b
+                delta = alphas.get(key, 4.0) / r * (b.astype(np.float64) @ a.astype(np.float64))
+                rows = {"w1": slice(0, ffn), "w3": slice(ffn, 2 * ffn), "w2": slice(None)}[leaf]
+                w = param[e][rows].double().numpy() + delta
+                param[e][rows] = torch.from_numpy(w.astype(np.float32))
+        want = model(torch.tensor([IDS])).logits[0].double().numpy()
+    folder = tmp_path / "lora"
+    folder.mkdir()
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "rank_pattern": ranks,
+                                                            "alpha_pattern": alphas, "target_modules": ["w1", "w2", "w3"]}))
+    base = GGUF / "tiny-mixtral-gguf-f32.gguf"
+    floor = np.abs(llama_logits(base) - before).max()
+    effect = np.abs(want - before).max()
+    assert effect > 0.1 and floor < 1e-3
+    merged = tmp_path / "merged.gguf"
+    adapter("merge", "--quiet", base, folder, merged)
+    runs = [("merged", llama_logits(merged))]
+    for which, b in (("gguf", base), ("hf", hf)):
+        lora = tmp_path / f"lora-{which}.gguf"
+        adapter("convert", "to-gguf", "--quiet", folder, lora, "--base", b)
+        runs.append((f"LoRA (--base {which})", llama_logits(base, lora_path=str(lora))))
+    for what, got in runs:
+        err = np.abs(got - want).max()
+        assert err <= 3 * floor + 1e-3 * effect, f"{what}: max |Δlogit| {err:.3g} (base {floor:.3g}; update {effect:.3g})"

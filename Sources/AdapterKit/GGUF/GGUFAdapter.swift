@@ -44,9 +44,25 @@ struct GGUFBase {
         heads = c.config?.attentionHeads
         kvHeads = c.config?.keyValueHeads ?? heads
         var shapes: [String: [Int]] = [:]
-        for (entry, _) in c.tensors where entry.shape.count == 2 && entry.name.hasSuffix(".weight") {
-            if let g = Self.ggufName(forModule: String(entry.name.dropLast(".weight".count))) { shapes[g] = entry.shape }
+        // Experts as convert_hf_to_gguf.py stacks them: per-expert 2-D weights (Mixtral's
+        // `block_sparse_moe.experts.N.w1`, Qwen's `mlp.experts.N.gate_proj`) or fused 3-D
+        // parameters (`mlp.experts.gate_up_proj` [E, 2·f, h] split into gate and up, `down_proj`).
+        var experts: [String: (count: Int, shape: [Int])] = [:]
+        for (entry, _) in c.tensors {
+            let stem = entry.name.hasSuffix(".weight") ? String(entry.name.dropLast(".weight".count)) : entry.name
+            if entry.shape.count == 2, entry.name.hasSuffix(".weight"), let g = Self.ggufName(forModule: stem) {
+                shapes[g] = entry.shape
+            } else if entry.shape.count == 2, entry.name.hasSuffix(".weight"), let (_, e, leaf) = NameMap.expertModule(stem),
+                      let layer = Self.layerIndex(stem), let g = Self.expertTensor[leaf] {
+                let name = "blk.\(layer).\(g).weight"
+                experts[name] = (max(experts[name]?.count ?? 0, e + 1), entry.shape)
+            } else if entry.shape.count == 3, let layer = Self.layerIndex(stem), stem.hasSuffix(".experts.gate_up_proj"), entry.shape[1] % 2 == 0 {
+                for g in ["ffn_gate_exps", "ffn_up_exps"] { shapes["blk.\(layer).\(g).weight"] = [entry.shape[0], entry.shape[1] / 2, entry.shape[2]] }
+            } else if entry.shape.count == 3, let layer = Self.layerIndex(stem), stem.hasSuffix(".experts.down_proj") {
+                shapes["blk.\(layer).ffn_down_exps.weight"] = entry.shape
+            }
         }
+        for (name, e) in experts { shapes[name] = [e.count] + e.shape }
         self.shapes = shapes
     }
 
@@ -65,6 +81,10 @@ struct GGUFBase {
         guard let leaf = leaves["\(parts[2]).\(parts[3])"] else { return nil }
         return "blk.\(layer).\(leaf).weight"
     }
+
+    /// llama.cpp's stacked expert tensor for a per-expert projection (Qwen and Mixtral names).
+    static let expertTensor = ["gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps",
+                               "w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps"]
 
     /// N of the `layers.N` in a module name.
     static func layerIndex(_ name: String) -> Int? {
@@ -122,8 +142,7 @@ struct GGUFBase {
             }
             return .success(placed)
         }
-        let perExpert = ["gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps", "w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps"]
-        if let (_, e, leafName) = NameMap.expertModule(m.baseName), let layer = layerIndex(m.baseName), let leaf = perExpert[leafName] {
+        if let (_, e, leafName) = NameMap.expertModule(m.baseName), let layer = layerIndex(m.baseName), let leaf = expertTensor[leafName] {
             let name = "blk.\(layer).\(leaf).weight"
             guard let rows = expertRows(name, e) else { return .failure(PlacementProblem(text: "the base has no 3-D \(name) for expert \(e)")) }
             return .success([(name, m, rows)])
@@ -165,6 +184,7 @@ extension AdapterWriter {
         var tensors: [GGUFLayout.Tensor] = []
         var data: [[UInt8]] = []
         var rescaled = 0, permuted = 0
+        var stacked: [String: [(expert: Int, module: LoRAModule)]] = [:]
         /// One factor rounded once into the output dtype (F64 factors as F32: llama.cpp has no F64 matmul).
         func emit(_ name: String, _ values: [Double], dims: [Int], input: DType) throws {
             var t = try outputType(input, dtype, tensor: name)
@@ -215,8 +235,25 @@ extension AdapterWriter {
                 }
                 continue
             }
-            if NameMap.expertModule(m.baseName) != nil {
-                problems.append("module \(m.name): a per-expert module; llama.cpp holds expert LoRA as one 3-D pair per expert tensor, written here from PEFT target_parameters adapters only")
+            if let (_, x, leaf) = NameMap.expertModule(m.baseName) {
+                // Per-expert modules are stacked below into one 3-D pair per expert tensor.
+                guard let layer = GGUFBase.layerIndex(m.baseName), let g = GGUFBase.expertTensor[leaf].map({ "blk.\(layer).\($0).weight" }) else {
+                    problems.append("module \(m.name): llama.cpp has no expert tensor for \(leaf)")
+                    continue
+                }
+                guard m.kind == .linear, m.magnitude == nil, m.bias == nil else {
+                    problems.append("module \(m.name): \(m.magnitude != nil ? "DoRA" : m.bias != nil ? "lora_B.bias" : "a \(m.kind.rawValue) layer"), which llama.cpp adapters cannot hold")
+                    continue
+                }
+                guard let shape = b.shapes[g], shape.count == 3 else {
+                    problems.append("module \(m.name): the base has no 3-D \(g) for its experts")
+                    continue
+                }
+                guard x < shape[0], [shape[1], shape[2]] == [m.outFeatures, m.inFeatures] else {
+                    problems.append("module \(m.name): expert \(x) of [\(m.outFeatures), \(m.inFeatures)] but the base's \(g) is \(shape)")
+                    continue
+                }
+                stacked[g, default: []].append((x, m))
                 continue
             }
             guard let g = GGUFBase.ggufName(forModule: m.baseName) else {
@@ -245,6 +282,30 @@ extension AdapterWriter {
             }
             try emit(g + ".lora_a", m.heldA, dims: [m.inFeatures, r], input: m.aType)
             try emit(g + ".lora_b", bm, dims: [r, out], input: m.bType)
+        }
+        // Each expert tensor's per-expert modules as one pair lora_a [E, r, in], lora_b [E, out, r]
+        // (numpy order) at the largest rank among them: smaller ranks padded with zeros, experts
+        // without a module all zeros (no update), each module's scale folded into its B as the
+        // ratio to alpha / r of the stacked rank.
+        for g in stacked.keys.sorted() {
+            let modules = stacked[g]!, shape = b.shapes[g]!
+            let e = shape[0], out = shape[1], inputs = shape[2]
+            let r = modules.map(\.module.updateRank).max()!
+            var la = [Double](repeating: 0, count: e * r * inputs), lb = [Double](repeating: 0, count: e * out * r)
+            var seen = Set<Int>()
+            for (x, m) in modules {
+                guard seen.insert(x).inserted else { problems.append("module \(m.name): expert \(x) of \(g) is adapted twice"); continue }
+                let ratio = m.scale / (alpha / Double(r)), k = m.updateRank
+                guard ratio.isFinite else { problems.append("module \(m.name): scale \(m.scale) with alpha \(alpha) cannot be written for llama.cpp"); continue }
+                if ratio != 1 { rescaled += 1 }
+                let a = m.heldA, bm = m.heldB
+                for i in 0..<k { for j in 0..<inputs { la[(x * r + i) * inputs + j] = a[i * inputs + j] } }
+                for i in 0..<out { for j in 0..<k { lb[(x * out + i) * r + j] = bm[i * k + j] * ratio } }
+            }
+            let input = modules[0].module
+            try emit(g + ".lora_a", la, dims: [inputs, r, e], input: input.aType)
+            try emit(g + ".lora_b", lb, dims: [r, out, e], input: input.bType)
+            notes.append("stacked \(plural(modules.count, "per-expert module")) into \(g).lora_a/lora_b (\(e) experts, rank \(r)\(modules.count < e ? "; experts without a module get a zero update" : ""))")
         }
         if !w.replacements.isEmpty { problems.append("modules_to_save (\(w.replacements.map(\.tensor.name).prefix(3).joined(separator: ", "))) cannot be held by a llama.cpp adapter") }
         guard problems.isEmpty else { throw ProblemList(subject: "to-gguf", problems: problems) }

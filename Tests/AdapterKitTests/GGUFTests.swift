@@ -221,6 +221,40 @@ struct GGUFWriterTests {
         #expect(mixtral.architecture == "llama" && mixtral.permutesQK)
     }
 
+    @Test("to-gguf stacks per-expert modules into one 3-D pair per expert tensor: each expert's update, zeros where none")
+    func stackedExperts() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        var o = ConvertOptions()
+        o.base = modelPath("tiny-qwen3-moe")
+        let summary = try AdapterConversion.convertLayout(input: adapterPath("moe-qwen3-moe-per-expert"), output: dir.file("e.gguf"), to: .gguf, options: o)
+        #expect(summary.notes.contains { $0.contains("stacked 2 per-expert modules into blk.0.ffn_gate_exps.weight.lora_a/lora_b (4 experts, rank 2; experts without a module get a zero update)") })
+        let f = try GGUFFile(path: dir.file("e.gguf"))
+        let source = try Adapter(path: adapterPath("moe-qwen3-moe-per-expert"))
+        let alpha = 4.0, r = 2
+        var adapted = 0
+        for (leaf, g) in [("gate_proj", "ffn_gate_exps"), ("up_proj", "ffn_up_exps"), ("down_proj", "ffn_down_exps")] {
+            let a = try #require(f.tensor("blk.0.\(g).weight.lora_a")), b = try #require(f.tensor("blk.0.\(g).weight.lora_b"))
+            let la = try #require(GGMLCodec.decode(a.type, f.bytes(of: a), count: a.elementCount)).map(Double.init)
+            let lb = try #require(GGMLCodec.decode(b.type, f.bytes(of: b), count: b.elementCount)).map(Double.init)
+            #expect(a.dims[1] == r && a.dims[2] == 4 && b.dims[0] == r && b.dims[2] == 4)
+            let inputs = a.dims[0], out = b.dims[1]
+            for e in 0..<4 {
+                // What llama.cpp applies for expert e: alpha / r · B_e · A_e.
+                var got = [Double](repeating: 0, count: out * inputs)
+                for i in 0..<out { for j in 0..<inputs { for t in 0..<r { got[i * inputs + j] += alpha / Double(r) * lb[(e * out + i) * r + t] * la[(e * r + t) * inputs + j] } } }
+                var want = [Double](repeating: 0, count: out * inputs)
+                if let m = source.modules.first(where: { $0.baseName == "model.layers.0.mlp.experts.\(e).\(leaf)" }) {
+                    let ma = try m.a.doubles(), mb = try m.b.doubles()
+                    for i in 0..<out { for j in 0..<inputs { for t in 0..<m.rank { want[i * inputs + j] += m.scale * mb[i * m.rank + t] * ma[t * inputs + j] } } }
+                }
+                #expect(zip(got, want).allSatisfy { abs($0 - $1) <= 1e-6 * max(1, abs($1)) }, "\(g) expert \(e)")
+                if want.contains(where: { $0 != 0 }) { adapted += 1 }
+            }
+        }
+        #expect(adapted == 6, "experts 0 and 2 of three projections carry an update")
+    }
+
     private func gguf() -> ConvertOptions {
         var o = ConvertOptions()
         o.base = modelPath("tiny-llama")

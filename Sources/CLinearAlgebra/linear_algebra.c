@@ -472,3 +472,30 @@ int la_jacobi_svd(double *u, size_t m, size_t n, double *v, int max_sweeps) {
     }
     return max_sweeps;
 }
+
+// MARK: - Orthonormal columns
+
+size_t la_orthonormalize(double *a, size_t m, size_t n) {
+    size_t vanished = 0;
+    for (size_t j = 0; j < n; j++) {
+        double *cj = a + j * m;
+        const double before = sqrt(dot(cj, cj, m));
+        // Two passes of modified Gram–Schmidt: the second removes what rounding left of the first.
+        for (int pass = 0; pass < 2; pass++) {
+            for (size_t k = 0; k < j; k++) {
+                const double *ck = a + k * m;
+                axpy(cj, -dot(ck, cj, m), ck, m);
+            }
+        }
+        const double norm = sqrt(dot(cj, cj, m));
+        // A column left with no more than rounding of what it was lies in the span of the others.
+        if (!(norm > 1e-13 * before) || norm == 0) {
+            memset(cj, 0, m * sizeof(double));
+            vanished++;
+            continue;
+        }
+        const double inv = 1 / norm;
+        for (size_t i = 0; i < m; i++) cj[i] *= inv;
+    }
+    return vanished;
+}

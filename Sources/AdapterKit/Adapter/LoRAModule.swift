@@ -424,4 +424,7 @@ public struct Replacement: Sendable {
     public let tensor: TensorRef
     /// The base tensor it replaces.
     public let baseName: String
+    /// The key it is written under when that is not the tensor's own name (a model's tensor kept
+    /// whole in an adapter: `base_model.model.` + its name).
+    var outputKey: String? = nil
 }

@@ -135,12 +135,12 @@ enum AdapterWriter {
         }
         if !w.replacements.isEmpty && !sourceIsPEFT { try refuseReplacements(w, .peft) }
         for r in w.replacements {
-            let info = r.tensor.entry
+            let info = r.tensor.entry, key = r.outputKey ?? info.name
             if let d = dtype, d != info.dtype {
-                tensors.append(OutputTensor(name: info.name, dtype: try outputType(info.dtype, d, tensor: info.name), shape: info.shape, values: try r.tensor.doubles()))
+                tensors.append(OutputTensor(name: key, dtype: try outputType(info.dtype, d, tensor: info.name), shape: info.shape, values: try r.tensor.doubles()))
             } else {
                 let bytes = try r.tensor.store!.withBytes(of: info.name) { Array($0) }
-                tensors.append(OutputTensor(name: info.name, dtype: info.dtype, shape: info.shape, bytes: bytes))
+                tensors.append(OutputTensor(name: key, dtype: info.dtype, shape: info.shape, bytes: bytes))
             }
         }
         let config = try peftConfig(w, style: style, useRSLoRA: useRSLoRA, notes: &notes)

@@ -159,6 +159,14 @@ struct WorkingAdapter {
     /// Set by `--experts`: target_parameters and target_modules are written from the modules.
     var expertsConverted = false
 
+    /// Modules already held (an adapter made here: extract, combine), written as if `source` were
+    /// their input.
+    init(source: Adapter, modules: [LoRAModule], replacements: [Replacement]) {
+        self.source = source
+        self.modules = modules
+        self.replacements = replacements
+    }
+
     /// Reads every module's factors; applies the component selection.
     init(_ adapter: Adapter, options: ConvertOptions) throws {
         source = adapter

@@ -33,6 +33,11 @@ void la_bidiagonalize(double *a, size_t m, size_t n, double *d, double *e);
 /// (column-major n × n) too unless it is NULL. Returns the sweeps made.
 int la_jacobi_svd(double *u, size_t m, size_t n, double *v, int max_sweeps);
 
+/// Orthonormalises the columns of the column-major m × n matrix a in place, in order (modified
+/// Gram–Schmidt, two passes); a column that lies in the span of those before it (to rounding)
+/// becomes zero. Returns the number of such columns.
+size_t la_orthonormalize(double *a, size_t m, size_t n);
+
 /// Whether the AVX2 + FMA path is used on this machine.
 int la_is_vectorised(void);
 

@@ -1,0 +1,325 @@
+import Foundation
+
+/// How many singular values `extract` keeps per module.
+public enum ExtractTarget: Sendable {
+    /// K (fewer only where a matrix is smaller).
+    case rank(Int)
+    /// The fewest that keep this fraction of ‖D‖²_F, at most `maxRank`.
+    case energy(Double, maxRank: Int)
+}
+
+/// What `extract` writes (docs/formats.md §12).
+public enum ExtractForm: String, Sendable, CaseIterable {
+    /// PEFT LoRA: B = U·√Σ, A = √Σ·Vᵀ, alpha = r.
+    case lora
+    /// MoSLoRA in the original code's `lora_AB` layout: B = U, M = Σ (diagonal), A = Vᵀ.
+    case moslora
+}
+
+public struct ExtractOptions: Sendable {
+    public var target: ExtractTarget = .rank(16)
+    public var form: ExtractForm = .lora
+    /// A full SVD of every difference instead of the randomized one (slow: for checking).
+    public var exact = false
+    /// Only modules whose name this matches (searched anywhere in it, as Python's `re.search`).
+    public var include: String?
+    /// No module whose name this matches.
+    public var exclude: String?
+    /// Module leaf names (`embed_tokens`, `lm_head`, `norm`) whose differing tensors are kept
+    /// whole, as PEFT `modules_to_save`.
+    public var saveFull: [String] = []
+    /// The factors' dtype; nil: each base tensor's own.
+    public var dtype: DType?
+    public var force = false
+    public var sync = true
+    public var threads = max(1, ProcessInfo.processInfo.activeProcessorCount)
+    /// Randomized SVD settings: extra sketch columns, power iterations, seed.
+    public var oversampling = 10
+    public var powerIterations = 2
+    public var seed: UInt64 = 0
+    /// Called with (bytes read of TUNED, its total) as the pairs are read.
+    public var progress: (@Sendable (Int, Int) -> Void)?
+
+    public init() {}
+}
+
+/// What `extract` did.
+public struct ExtractSummary: Sendable {
+    public struct Module: Sendable {
+        /// The module name in base-model terms (`model.layers.0.self_attn.q_proj`).
+        public let name: String
+        public let rows: Int
+        public let cols: Int
+        public let rank: Int
+        /// Σ_{i<rank} σᵢ² / ‖D‖²_F.
+        public let energyKept: Double
+        /// ‖D − D_rank‖_F / ‖D‖_F.
+        public let relativeError: Double
+        /// ‖D‖_F.
+        public let norm: Double
+    }
+
+    public var modules: [Module] = []
+    /// Tensors that differ and are in the adapter whole (`modules_to_save`).
+    public var savedFull: [String] = []
+    /// Tensors that differ but the adapter leaves out, each with why.
+    public var leftOut: [(tensor: String, reason: String)] = []
+    /// Tensors that are the same in both.
+    public var unchanged = 0
+    public var notes: [String] = []
+    public var bytesRead = 0
+    public var seconds = 0.0
+
+    /// The report for scripts (`extract --json`).
+    public var json: JSONObject {
+        JSONObject([
+            ("modules", .array(modules.map { m in
+                .object(JSONObject([("name", .string(m.name)), ("rows", jsonInt(m.rows)), ("cols", jsonInt(m.cols)), ("rank", jsonInt(m.rank)),
+                                    ("energy_kept", jsonNumber(m.energyKept)), ("relative_error", jsonNumber(m.relativeError)), ("norm", jsonNumber(m.norm))]))
+            })),
+            ("saved_full", .array(savedFull.map { .string($0) })),
+            ("left_out", .array(leftOut.map { .object(JSONObject([("tensor", .string($0.tensor)), ("reason", .string($0.reason))])) })),
+            ("unchanged", jsonInt(unchanged)),
+            ("energy_kept", jsonNumber(totalEnergyKept)),
+            ("seconds", jsonNumber(seconds)),
+        ])
+    }
+
+    /// Σ kept energy / Σ ‖D‖² over the factored modules.
+    public var totalEnergyKept: Double {
+        let total = modules.reduce(0) { $0 + $1.norm * $1.norm }
+        return total > 0 ? modules.reduce(0) { $0 + $1.energyKept * $1.norm * $1.norm } / total : 1
+    }
+}
+
+public enum Extraction {
+    /// Leaf names of embeddings and output heads: never factored by default (their differences are
+    /// full-rank vocabulary rows); `--save-full` keeps them whole, `--include` factors them.
+    static let embeddingLeaves: Set<String> = ["embed_tokens", "lm_head", "wte", "wpe", "embed_in", "embed_out", "word_embeddings",
+                                               "position_embeddings", "token_type_embeddings", "tok_embeddings", "shared", "embed_positions"]
+
+    /// `adapter extract BASE TUNED OUT`: for every weight matrix that differs, a low-rank factoring
+    /// of D = TUNED − BASE (Float64 from the stored values), one pair of tensors in memory at a
+    /// time, written as a PEFT LoRA (or MoSLoRA) folder at OUT.
+    public static func extract(base basePath: String, tuned tunedPath: String, output: String, options: ExtractOptions = ExtractOptions()) throws -> ExtractSummary {
+        let start = DispatchTime.now()
+        switch options.target {
+        case .rank(let k) where k < 1: throw InputError(output, "--rank must be at least 1")
+        case .energy(let f, let cap) where !(f > 0 && f <= 1) || cap < 1: throw InputError(output, "--keep-energy must be in (0, 1] and --max-rank at least 1")
+        default: break
+        }
+        func regex(_ pattern: String?, _ flag: String) throws -> Regex<AnyRegexOutput>? {
+            guard let pattern else { return nil }
+            do { return try Regex(pattern) } catch { throw InputError(pattern, "\(flag): not a regular expression (\(error))") }
+        }
+        let include = try regex(options.include, "--include"), exclude = try regex(options.exclude, "--exclude")
+        let files = TensorFiles()
+        let base = try Checkpoint(path: basePath, files: files), tuned = try Checkpoint(path: tunedPath, files: files)
+        try OutputRules.check(output, kind: .folder, inputs: [basePath, tunedPath] + base.inputFiles + tuned.inputFiles, force: options.force)
+
+        // Preflight: the same tensors with the same shapes, in plain float types.
+        var problems: [String] = []
+        let baseNames = Set(base.tensorNames), tunedNames = Set(tuned.tensorNames)
+        let onlyBase = base.tensorNames.filter { !tunedNames.contains($0) }, onlyTuned = tuned.tensorNames.filter { !baseNames.contains($0) }
+        if !onlyBase.isEmpty { problems.append("\(plural(onlyBase.count, "tensor")) of BASE \(onlyBase.count == 1 ? "is" : "are") not in TUNED (\(listed(onlyBase)))") }
+        if !onlyTuned.isEmpty { problems.append("\(plural(onlyTuned.count, "tensor")) of TUNED \(onlyTuned.count == 1 ? "is" : "are") not in BASE (\(listed(onlyTuned)))") }
+        for (t, _) in tuned.tensors {
+            guard let (b, _) = base.tensor(t.name) else { continue }
+            if b.shape != t.shape { problems.append("\(t.name) is \(b.shape) in BASE but \(t.shape) in TUNED"); continue }
+            // Tensors that are not plain floating point (integer buffers, quantized weights) may only be equal.
+            for (which, e) in [("BASE", b), ("TUNED", t)] where !isPlainFloat(e) {
+                let same = try b.encoding == t.encoding && sameValues(b, base.files[base.tensor(b.name)!.file], t, tuned.files[tuned.tensor(t.name)!.file])
+                if !same {
+                    problems.append("\(e.name) in \(which) is \(e.encoding.name), not plain floating point, and differs (dequantize it first: adapter merge --dtype bf16)")
+                }
+                break
+            }
+        }
+        guard problems.isEmpty else { throw ProblemList(subject: "extract", problems: problems) }
+
+        var summary = ExtractSummary()
+        var modules: [LoRAModule] = []
+        var replacements: [Replacement] = []
+        var savedLeaves: [String] = []
+        let total = tuned.tensors.reduce(0) { $0 + $1.entry.byteCount }
+        var read = 0
+        for (t, ti) in tuned.tensors {
+            let (b, bi) = base.tensor(t.name)!
+            let bStore = base.files[bi], tStore = tuned.files[ti]
+            let isWeight = t.name.hasSuffix(".weight")
+            let module = isWeight ? String(t.name.dropLast(".weight".count)) : t.name
+            let leaf = String(module.split(separator: ".").last ?? Substring(module))
+            let owner = isWeight ? leaf : String(module.split(separator: ".").dropLast().last ?? Substring(module))
+            let matrix = isWeight && (t.shape.count == 2 || t.shape.count == 4) && t.elementCount > 0
+            defer {
+                read += t.byteCount
+                options.progress?(read, total)
+                bStore.release(b.name)
+                tStore.release(t.name)
+            }
+            guard isPlainFloat(t) && isPlainFloat(b) else { summary.unchanged += 1; continue }  // equal: checked above
+            let saveWhole = options.saveFull.contains(owner)
+            let explicitlyIncluded = include.map { module.contains($0) } ?? false
+            var selected = matrix && (include.map { module.contains($0) } ?? true) && !(exclude.map { module.contains($0) } ?? false)
+            if Extraction.embeddingLeaves.contains(leaf) && !explicitlyIncluded { selected = false }
+            if saveWhole { selected = false }
+            if !selected {
+                guard try !sameValues(b, bStore, t, tStore) else { summary.unchanged += 1; continue }
+                if saveWhole {
+                    replacements.append(Replacement(tensor: TensorRef(store: tStore, entry: t), baseName: t.name, outputKey: "base_model.model." + t.name))
+                    summary.savedFull.append(t.name)
+                    if !savedLeaves.contains(owner) { savedLeaves.append(owner) }
+                } else {
+                    let why: String
+                    if !matrix { why = "not a weight matrix; --save-full \(owner) keeps it whole" }
+                    else if Extraction.embeddingLeaves.contains(leaf) && !explicitlyIncluded { why = "an embedding or output head; --save-full \(leaf) keeps it whole" }
+                    else { why = "left out by --include/--exclude" }
+                    summary.leftOut.append((t.name, why))
+                }
+                continue
+            }
+            let rows = t.shape[0], cols = t.elementCount / rows
+            let (d, normSquared) = try difference(b, bStore, t, tStore, rows: rows, cols: cols)
+            summary.bytesRead += 2 * t.byteCount
+            guard normSquared > 0 else { summary.unchanged += 1; continue }
+            guard normSquared.isFinite else { throw InputError(tunedPath, "\(t.name): TUNED − BASE is not finite (NaN or infinity in a weight)") }
+            let seed = options.seed ^ fnv1a(module)
+            let svd: TruncatedSVD
+            let k: Int
+            switch options.target {
+            case .rank(let want):
+                k = min(want, rows, cols)
+                svd = options.exact ? LowRank.exact(d, rows: rows, cols: cols)
+                    : LowRank.randomized(d, rows: rows, cols: cols, rank: k, oversampling: options.oversampling, powerIterations: options.powerIterations,
+                                         seed: seed, threads: options.threads)
+            case .energy(let f, let cap):
+                let limit = min(cap, rows, cols)
+                svd = options.exact ? LowRank.exact(d, rows: rows, cols: cols)
+                    : LowRank.randomized(d, rows: rows, cols: cols, rank: limit, oversampling: options.oversampling,
+                                         powerIterations: options.powerIterations, seed: seed, threads: options.threads)
+                var acc = 0.0, chosen = limit
+                for (i, s) in svd.s.prefix(limit).enumerated() {
+                    acc += s * s
+                    if acc >= f * normSquared * (1 - 1e-12) { chosen = i + 1; break }
+                }
+                k = chosen
+            }
+            let kept = svd.s.prefix(k).reduce(0) { $0 + $1 * $1 }
+            let fraction = min(1, kept / normSquared)
+            summary.modules.append(.init(name: module, rows: rows, cols: cols, rank: k, energyKept: fraction,
+                                         relativeError: max(0, 1 - fraction).squareRoot(), norm: normSquared.squareRoot()))
+            modules.append(try factors(svd.prefix(k), module: module, shape: t.shape, form: options.form, dtype: options.dtype ?? b.dtype))
+        }
+        if case .energy(let f, let cap) = options.target {
+            let capped = summary.modules.filter { $0.rank == min(cap, $0.rows, $0.cols) && $0.energyKept < f }
+            if !capped.isEmpty { summary.notes.append("\(plural(capped.count, "module")) reached --max-rank \(cap) before keeping \(formatNumber(f)) of the energy (\(listed(capped.map(\.name))))") }
+        }
+        guard !modules.isEmpty || !replacements.isEmpty else {
+            throw InputError(tunedPath, summary.leftOut.isEmpty ? "TUNED is the same as BASE: there is nothing to extract"
+                : "no weight matrix differs that the selection factors; \(plural(summary.leftOut.count, "tensor")) differ but are left out (\(listed(summary.leftOut.map(\.tensor))))")
+        }
+        try write(modules: modules, replacements: replacements, savedLeaves: savedLeaves, base: base, basePath: basePath, output: output, options: options,
+                  notes: &summary.notes)
+        if !summary.leftOut.isEmpty {
+            summary.notes.append("the adapter leaves out \(plural(summary.leftOut.count, "tensor")) that differ: \(listed(summary.leftOut.map { "\($0.tensor) (\($0.reason))" }, limit: 4))")
+        }
+        summary.seconds = Double(DispatchTime.now().uptimeNanoseconds - start.uptimeNanoseconds) / 1e9
+        return summary
+    }
+
+    static func isPlainFloat(_ e: TensorEntry) -> Bool {
+        if case .plain(let d) = e.encoding { return d.isReadableAsFloat }
+        return false
+    }
+
+    /// Whether two tensors of the same shape hold the same values (compared as stored when their
+    /// dtypes agree, else as Float64).
+    static func sameValues(_ b: TensorEntry, _ bs: any TensorContainer, _ t: TensorEntry, _ ts: any TensorContainer) throws -> Bool {
+        if b.encoding == t.encoding {
+            return try bs.withBytes(of: b.name) { x in try ts.withBytes(of: t.name) { y in x.count == y.count && memcmp(x.baseAddress ?? UnsafeRawPointer(bitPattern: 1)!, y.baseAddress ?? UnsafeRawPointer(bitPattern: 1)!, x.count) == 0 } }
+        }
+        return try bs.doubles(b.name) == ts.doubles(t.name)
+    }
+
+    /// D = TUNED − BASE (rows × cols, Float64 from the stored values, read in bands of rows) and ‖D‖²_F.
+    static func difference(_ b: TensorEntry, _ bs: any TensorContainer, _ t: TensorEntry, _ ts: any TensorContainer, rows: Int, cols: Int) throws -> ([Double], Double) {
+        var d = [Double](repeating: 0, count: rows * cols)
+        let band = max(1, (1 << 20) / max(cols, 1))
+        var scratch = [Double](repeating: 0, count: band * cols)
+        var norm = 0.0
+        var r0 = 0
+        while r0 < rows {
+            let r1 = min(rows, r0 + band), n = (r1 - r0) * cols
+            try d.withUnsafeMutableBufferPointer { dp in
+                try scratch.withUnsafeMutableBufferPointer { sp in
+                    let bw = b.dtype.byteSize, tw = t.dtype.byteSize
+                    try ts.withBytes(of: t.name, range: r0 * cols * tw..<r1 * cols * tw) { ElementConversion.toDouble(t.dtype, $0.baseAddress!, dp.baseAddress! + r0 * cols, count: n) }
+                    try bs.withBytes(of: b.name, range: r0 * cols * bw..<r1 * cols * bw) { ElementConversion.toDouble(b.dtype, $0.baseAddress!, sp.baseAddress!, count: n) }
+                    let dst = dp.baseAddress! + r0 * cols, src = sp.baseAddress!
+                    for i in 0..<n {
+                        let x = dst[i] - src[i]
+                        dst[i] = x
+                        norm += x * x
+                    }
+                }
+            }
+            r0 = r1
+        }
+        return (d, norm)
+    }
+
+    /// The module for one truncated SVD, in the form asked for, its factors rounded once into `dtype`.
+    static func factors(_ svd: TruncatedSVD, module: String, shape: [Int], form: ExtractForm, dtype: DType) throws -> LoRAModule {
+        let k = svd.count, rows = svd.rows, cols = svd.cols
+        var a = [Double](repeating: 0, count: k * cols), b = [Double](repeating: 0, count: rows * k)
+        for j in 0..<k {
+            let f = form == .lora ? svd.s[j].squareRoot() : 1
+            for x in 0..<cols { a[j * cols + x] = f * svd.v[x * k + j] }
+            for y in 0..<rows { b[y * k + j] = f * svd.u[y * k + j] }
+        }
+        let name = "base_model.model." + module
+        let conv = shape.count == 4
+        let kind: LayerKind = !conv ? .linear : (shape[2] == 1 && shape[3] == 1 ? .conv1x1 : .convKxK)
+        let aShape = conv ? [k] + shape.dropFirst() : [k, cols]
+        let bShape = conv ? [rows, k, 1, 1] : [rows, k]
+        var mixer: TensorRef? = nil
+        if form == .moslora {
+            var m = [Double](repeating: 0, count: k * k)
+            for j in 0..<k { m[j * k + j] = svd.s[j] }
+            mixer = TensorRef(name: name + ".lora_AB.weight", held: m, shape: [k, k], dtype: dtype)
+        }
+        return LoRAModule(name: name, baseName: module, component: nil, kind: kind,
+                          a: TensorRef(name: name + ".lora_A.weight", held: a, shape: aShape, dtype: dtype), mixer: mixer,
+                          b: TensorRef(name: name + ".lora_B.weight", held: b, shape: bShape, dtype: dtype),
+                          orientation: .peft, scale: 1, alpha: Double(k))
+    }
+
+    /// The PEFT folder: factors, whole tensors, and a config with r, lora_alpha = r, patterns where
+    /// ranks differ, target_modules and modules_to_save.
+    static func write(modules: [LoRAModule], replacements: [Replacement], savedLeaves: [String], base: Checkpoint, basePath: String, output: String,
+                      options: ExtractOptions, notes: inout [String]) throws {
+        let placeholder = Adapter(path: output, format: .peft, store: base.files[0], configPath: nil, config: nil, modules: [], replacements: [],
+                                  unknownKeys: [], warnings: [])
+        var config = AdapterWriter.freshPEFTConfig(WorkingAdapter(source: placeholder, modules: modules, replacements: []))
+        config["base_model_name_or_path"] = .string(basePath)
+        config["modules_to_save"] = savedLeaves.isEmpty ? .null : .array(savedLeaves.map { .string($0) })
+        if base.config?.architectures.contains(where: { $0.hasSuffix("ForCausalLM") }) == true { config["task_type"] = .string("CAUSAL_LM") }
+        let source = Adapter(path: output, format: .peft, store: base.files[0], configPath: nil, config: config, modules: [], replacements: [],
+                             unknownKeys: [], warnings: [])
+        var convert = ConvertOptions()
+        convert.force = options.force
+        convert.sync = options.sync
+        notes += try AdapterConversion.write(WorkingAdapter(source: source, modules: modules, replacements: replacements), layout: .peft, style: .loraAB,
+                                             output: output, options: convert)
+    }
+
+    /// FNV-1a of a name: a per-module seed that is the same on every machine.
+    static func fnv1a(_ s: String) -> UInt64 {
+        var h: UInt64 = 0xCBF2_9CE4_8422_2325
+        for byte in s.utf8 {
+            h ^= UInt64(byte)
+            h = h &* 0x100_0000_01B3
+        }
+        return h
+    }
+}

@@ -1,0 +1,131 @@
+import CLinearAlgebra
+import Dispatch
+
+/// A truncated SVD U·diag(s)·Vᵀ of a rows × cols matrix: U (rows × k) and V (cols × k) with
+/// orthonormal columns, s descending; all row-major.
+struct TruncatedSVD: Sendable {
+    var u: [Double]
+    var s: [Double]
+    var v: [Double]
+    let rows: Int
+    let cols: Int
+    var count: Int { s.count }
+
+    /// The first `k` singular triplets.
+    func prefix(_ k: Int) -> TruncatedSVD {
+        let c = count
+        guard k < c else { return self }
+        var u2 = [Double](repeating: 0, count: rows * k), v2 = [Double](repeating: 0, count: cols * k)
+        for i in 0..<rows { for j in 0..<k { u2[i * k + j] = u[i * c + j] } }
+        for i in 0..<cols { for j in 0..<k { v2[i * k + j] = v[i * c + j] } }
+        return TruncatedSVD(u: u2, s: Array(s.prefix(k)), v: v2, rows: rows, cols: cols)
+    }
+}
+
+/// Low-rank approximations of large dense Float64 matrices (the weight differences `extract`
+/// factors): the randomized subspace iteration of Halko, Martinsson and Tropp (2011, algorithms
+/// 4.4 and 5.1), and a full SVD for checking.
+enum LowRank {
+    /// The best rank-`k` approximation found by randomized subspace iteration: a sketch Y = D·Ω
+    /// with `k + oversampling` Rademacher columns (±1: the same on every machine for a seed),
+    /// `powerIterations` rounds of Q ← orth(D·orth(Dᵀ·Q)) with re-orthonormalisation between every
+    /// product, then B = Qᵀ·D (small) and its SVD by one-sided Jacobi, U = Q·U_B. The products are
+    /// blocked AVX2 GEMMs on `threads` threads. Returns all `k + oversampling` triplets (the caller
+    /// truncates): D_k = U_k·Σ_k·V_kᵀ is the projection of D onto span(U_k), so
+    /// ‖D − D_k‖²_F = ‖D‖²_F − Σ_{i<k} σᵢ² exactly.
+    static func randomized(_ d: [Double], rows m: Int, cols n: Int, rank k: Int, oversampling p: Int = 10, powerIterations q: Int = 2,
+                           seed: UInt64, threads: Int) -> TruncatedSVD {
+        let l = max(1, min(k + p, m, n))
+        var rng = SplitMix64(seed: seed)
+        var omega = [Double](repeating: 0, count: n * l)
+        for i in omega.indices { omega[i] = rng.next() & 1 == 0 ? 1 : -1 }
+        // Q as its columns one after another (= Qᵀ row-major, l × m).
+        var qt = transpose(multiply(d, omega, m: m, k: n, n: l, threads: threads), rows: m, cols: l)
+        orthonormalize(&qt, length: m, columns: l)
+        for _ in 0..<q {
+            // Zᵀ = Qᵀ·D (l × n) holds Z's columns one after another.
+            var zt = multiply(qt, d, m: l, k: m, n: n, threads: threads)
+            orthonormalize(&zt, length: n, columns: l)
+            qt = transpose(multiply(d, transpose(zt, rows: l, cols: n), m: m, k: n, n: l, threads: threads), rows: m, cols: l)
+            orthonormalize(&qt, length: m, columns: l)
+        }
+        // B = Qᵀ·D (l × n); its rows are the columns of Bᵀ (n × l), which Jacobi orthogonalises: Bᵀ·W = Ũ·Σ.
+        var b = multiply(qt, d, m: l, k: m, n: n, threads: threads)
+        var w = [Double](repeating: 0, count: l * l)
+        for j in 0..<l { w[j * l + j] = 1 }
+        b.withUnsafeMutableBufferPointer { bp in
+            w.withUnsafeMutableBufferPointer { wp in _ = la_jacobi_svd(bp.baseAddress, n, l, wp.baseAddress, 60) }
+        }
+        let sigma = (0..<l).map { t in b[(t * n)..<((t + 1) * n)].reduce(0) { $0 + $1 * $1 }.squareRoot() }
+        let order = (0..<l).sorted { sigma[$0] > sigma[$1] }
+        // B = W·Σ·Ũᵀ, so D ≈ Q·B = (Q·W)·Σ·Ũᵀ: U's column t is Q·w_t, V's is ũ_t = (column t of Bᵀ·W) / σ_t.
+        var u = [Double](repeating: 0, count: m * l), v = [Double](repeating: 0, count: n * l)
+        for (c, t) in order.enumerated() {
+            let s = sigma[t]
+            for j in 0..<n { v[j * l + c] = s > 0 ? b[t * n + j] / s : 0 }
+            for sIndex in 0..<l {
+                let x = w[t * l + sIndex]
+                if x == 0 { continue }
+                for i in 0..<m { u[i * l + c] += qt[sIndex * m + i] * x }
+            }
+        }
+        return TruncatedSVD(u: u, s: order.map { sigma[$0] }, v: v, rows: m, cols: n)
+    }
+
+    /// The full SVD by one-sided Jacobi (O(rows·cols·min(rows, cols)) per sweep): for checking.
+    static func exact(_ d: [Double], rows: Int, cols: Int) -> TruncatedSVD {
+        let f = LinearAlgebra.svd(d, rows: rows, cols: cols)
+        return TruncatedSVD(u: f.u, s: f.s, v: f.v, rows: rows, cols: cols)
+    }
+
+    /// A (m × k) · B (k × n), row-major, on `threads` threads: by rows of A when there are many,
+    /// else by columns of B.
+    static func multiply(_ a: [Double], _ b: [Double], m: Int, k: Int, n: Int, threads: Int) -> [Double] {
+        var c = [Double](repeating: 0, count: m * n)
+        guard m > 0, n > 0, k > 0 else { return c }
+        a.withUnsafeBufferPointer { ap in
+            b.withUnsafeBufferPointer { bp in
+                c.withUnsafeMutableBufferPointer { cp in
+                    let pa = UInt(bitPattern: ap.baseAddress!), pb = UInt(bitPattern: bp.baseAddress!), pc = UInt(bitPattern: cp.baseAddress!)
+                    let byRows = m >= 32 * threads
+                    let chunks = max(1, min(threads, byRows ? m / 16 : n / 64))
+                    DispatchQueue.concurrentPerform(iterations: chunks) { t in
+                        let a = UnsafePointer<Double>(bitPattern: pa)!, b = UnsafePointer<Double>(bitPattern: pb)!
+                        let c = UnsafeMutablePointer<Double>(bitPattern: pc)!
+                        if byRows {
+                            let r0 = m * t / chunks, r1 = m * (t + 1) / chunks
+                            la_gemm(c + r0 * n, n, 1, a + r0 * k, k, b, n, r1 - r0, n, k)
+                        } else {
+                            let c0 = n * t / chunks, c1 = n * (t + 1) / chunks
+                            la_gemm(c + c0, n, 1, a, k, b + c0, n, m, c1 - c0, k)
+                        }
+                    }
+                }
+            }
+        }
+        return c
+    }
+
+    /// Orthonormalises `columns` vectors of `length`, stored one after another, in place.
+    static func orthonormalize(_ x: inout [Double], length: Int, columns: Int) {
+        x.withUnsafeMutableBufferPointer { _ = la_orthonormalize($0.baseAddress, length, columns) }
+    }
+}
+
+/// SplitMix64 (Steele, Lea and Flood 2014): a small generator whose stream depends only on its
+/// seed, on every machine.
+struct SplitMix64 {
+    private var state: UInt64
+    init(seed: UInt64) { state = seed }
+
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1) with 53 random bits.
+    mutating func nextUnit() -> Double { Double(next() >> 11) * 0x1p-53 }
+}

@@ -11,7 +11,7 @@ struct AdapterCommand: ParsableCommand {
         commandName: "adapter",
         abstract: "Inspect, merge and convert LoRA and MoSLoRA checkpoints.",
         version: "0.1.0",
-        subcommands: [Inspect.self, Merge.self, Convert.self, Resize.self, Extract.self]
+        subcommands: [Inspect.self, Merge.self, Convert.self, Resize.self, Extract.self, Combine.self]
     )
 
     static func main() {

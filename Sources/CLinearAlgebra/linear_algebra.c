@@ -499,3 +499,78 @@ size_t la_orthonormalize(double *a, size_t m, size_t n) {
     }
     return vanished;
 }
+
+// MARK: - Differences of stored weights
+
+/// The Float64 value of element i of a buffer of `dtype` (0 F32, 1 BF16, 2 F64).
+static inline double stored_value(const void *p, int dtype, size_t i) {
+    switch (dtype) {
+    case 0: return (double)((const float *)p)[i];
+    case 1: {
+        const uint32_t bits = (uint32_t)((const uint16_t *)p)[i] << 16;
+        float f;
+        memcpy(&f, &bits, 4);
+        return (double)f;
+    }
+    default: return ((const double *)p)[i];
+    }
+}
+
+#if defined(__x86_64__)
+/// 4 values of `dtype` at p + i as doubles.
+AVX2 static inline __m256d load4(const void *p, int dtype, size_t i) {
+    switch (dtype) {
+    case 0: return _mm256_cvtps_pd(_mm_loadu_ps((const float *)p + i));
+    case 1: {
+        const __m128i h = _mm_loadl_epi64((const __m128i *)((const uint16_t *)p + i));
+        const __m128i w = _mm_slli_epi32(_mm_cvtepu16_epi32(h), 16);
+        return _mm256_cvtps_pd(_mm_castsi128_ps(w));
+    }
+    default: return _mm256_loadu_pd((const double *)p + i);
+    }
+}
+
+AVX2 static double difference_avx2(const void *tuned, int tuned_type, const void *base, int base_type, double *out, size_t n) {
+    __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256d d0 = _mm256_sub_pd(load4(tuned, tuned_type, i), load4(base, base_type, i));
+        const __m256d d1 = _mm256_sub_pd(load4(tuned, tuned_type, i + 4), load4(base, base_type, i + 4));
+        _mm256_storeu_pd(out + i, d0);
+        _mm256_storeu_pd(out + i + 4, d1);
+        s0 = _mm256_fmadd_pd(d0, d0, s0);
+        s1 = _mm256_fmadd_pd(d1, d1, s1);
+    }
+    double t[4];
+    _mm256_storeu_pd(t, _mm256_add_pd(s0, s1));
+    double s = (t[0] + t[1]) + (t[2] + t[3]);
+    for (; i < n; i++) {
+        const double d = stored_value(tuned, tuned_type, i) - stored_value(base, base_type, i);
+        out[i] = d;
+        s += d * d;
+    }
+    return s;
+}
+#endif
+
+double la_difference(const void *tuned, int tuned_type, const void *base, int base_type, double *out, size_t n) {
+#if defined(__x86_64__)
+    if (la_is_vectorised()) return difference_avx2(tuned, tuned_type, base, base_type, out, n);
+#endif
+    double s0 = 0, s1 = 0;
+    size_t i = 0;
+    for (; i + 2 <= n; i += 2) {
+        const double d0 = stored_value(tuned, tuned_type, i) - stored_value(base, base_type, i);
+        const double d1 = stored_value(tuned, tuned_type, i + 1) - stored_value(base, base_type, i + 1);
+        out[i] = d0;
+        out[i + 1] = d1;
+        s0 += d0 * d0;
+        s1 += d1 * d1;
+    }
+    for (; i < n; i++) {
+        const double d = stored_value(tuned, tuned_type, i) - stored_value(base, base_type, i);
+        out[i] = d;
+        s0 += d * d;
+    }
+    return s0 + s1;
+}

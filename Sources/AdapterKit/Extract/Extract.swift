@@ -1,3 +1,4 @@
+import CLinearAlgebra
 import Foundation
 
 /// How many singular values `extract` keeps per module.
@@ -92,6 +93,57 @@ public struct ExtractSummary: Sendable {
     }
 }
 
+/// One Float64 buffer reused for every difference (grown when a larger one comes): no fresh pages
+/// to fault in and zero for each module.
+final class Workspace {
+    private var buffer: UnsafeMutablePointer<Double>?
+    private var capacity = 0
+
+    func reserve(_ count: Int) -> UnsafeMutablePointer<Double> {
+        if count > capacity {
+            buffer?.deallocate()
+            buffer = .allocate(capacity: max(1, count))
+            capacity = count
+        }
+        return buffer!
+    }
+
+    deinit { buffer?.deallocate() }
+}
+
+/// Reads byte ranges of one tensor into a buffer of its own, reused for every range: straight
+/// from the file when the tensor is one region of it (safetensors), else through the container.
+final class BandReader {
+    private let store: any TensorContainer
+    private let entry: TensorEntry
+    private let region: FileRegion?
+    private let buffer: UnsafeMutableRawBufferPointer
+
+    init(_ store: any TensorContainer, _ entry: TensorEntry, bytes: Int) {
+        self.store = store
+        self.entry = entry
+        region = store.region(of: entry.name)
+        buffer = .allocate(byteCount: max(1, bytes), alignment: 64)
+    }
+
+    deinit { buffer.deallocate() }
+
+    /// Bytes `range` of the tensor (at most the buffer's size), valid until the next read.
+    func read(_ range: Range<Int>) throws -> UnsafeRawBufferPointer {
+        precondition(range.count <= buffer.count)
+        let target = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<range.count])
+        if let region {
+            let got = try region.descriptor.read(into: target, at: region.range.lowerBound + range.lowerBound)
+            guard got == range.count else {
+                throw TensorReadError(file: region.path, tensor: entry.name, problem: "the file ended before the tensor's bytes did (it changed while being read)")
+            }
+        } else {
+            try store.withBytes(of: entry.name, range: range) { target.copyMemory(from: $0) }
+        }
+        return UnsafeRawBufferPointer(target)
+    }
+}
+
 public enum Extraction {
     /// Leaf names of embeddings and output heads: never factored by default (their differences are
     /// full-rank vocabulary rows); `--save-full` keeps them whole, `--include` factors them.
@@ -143,6 +195,7 @@ public enum Extraction {
         var savedLeaves: [String] = []
         let total = tuned.tensors.reduce(0) { $0 + $1.entry.byteCount }
         var read = 0
+        let workspace = Workspace()
         for (t, ti) in tuned.tensors {
             let (b, bi) = base.tensor(t.name)!
             let bStore = base.files[bi], tStore = tuned.files[ti]
@@ -179,7 +232,8 @@ public enum Extraction {
                 continue
             }
             let rows = t.shape[0], cols = t.elementCount / rows
-            let (d, normSquared) = try difference(b, bStore, t, tStore, rows: rows, cols: cols)
+            let d = workspace.reserve(rows * cols)
+            let normSquared = try difference(b, bStore, t, tStore, rows: rows, cols: cols, into: d, threads: options.threads)
             summary.bytesRead += 2 * t.byteCount
             guard normSquared > 0 else { summary.unchanged += 1; continue }
             guard normSquared.isFinite else { throw InputError(tunedPath, "\(t.name): TUNED − BASE is not finite (NaN or infinity in a weight)") }
@@ -189,12 +243,12 @@ public enum Extraction {
             switch options.target {
             case .rank(let want):
                 k = min(want, rows, cols)
-                svd = options.exact ? LowRank.exact(d, rows: rows, cols: cols)
+                svd = options.exact ? LowRank.exact(Array(UnsafeBufferPointer(start: d, count: rows * cols)), rows: rows, cols: cols)
                     : LowRank.randomized(d, rows: rows, cols: cols, rank: k, oversampling: options.oversampling, powerIterations: options.powerIterations,
                                          seed: seed, threads: options.threads)
             case .energy(let f, let cap):
                 let limit = min(cap, rows, cols)
-                svd = options.exact ? LowRank.exact(d, rows: rows, cols: cols)
+                svd = options.exact ? LowRank.exact(Array(UnsafeBufferPointer(start: d, count: rows * cols)), rows: rows, cols: cols)
                     : LowRank.randomized(d, rows: rows, cols: cols, rank: limit, oversampling: options.oversampling,
                                          powerIterations: options.powerIterations, seed: seed, threads: options.threads)
                 var acc = 0.0, chosen = limit
@@ -235,37 +289,70 @@ public enum Extraction {
     /// Whether two tensors of the same shape hold the same values (compared as stored when their
     /// dtypes agree, else as Float64).
     static func sameValues(_ b: TensorEntry, _ bs: any TensorContainer, _ t: TensorEntry, _ ts: any TensorContainer) throws -> Bool {
-        if b.encoding == t.encoding {
-            return try bs.withBytes(of: b.name) { x in try ts.withBytes(of: t.name) { y in x.count == y.count && memcmp(x.baseAddress ?? UnsafeRawPointer(bitPattern: 1)!, y.baseAddress ?? UnsafeRawPointer(bitPattern: 1)!, x.count) == 0 } }
-        }
+        if b.encoding == t.encoding { return try sameBytes(b, bs, t, ts) }
         return try bs.doubles(b.name) == ts.doubles(t.name)
     }
 
-    /// D = TUNED − BASE (rows × cols, Float64 from the stored values, read in bands of rows) and ‖D‖²_F.
-    static func difference(_ b: TensorEntry, _ bs: any TensorContainer, _ t: TensorEntry, _ ts: any TensorContainer, rows: Int, cols: Int) throws -> ([Double], Double) {
-        var d = [Double](repeating: 0, count: rows * cols)
-        let band = max(1, (1 << 20) / max(cols, 1))
-        var scratch = [Double](repeating: 0, count: band * cols)
-        var norm = 0.0
-        var r0 = 0
-        while r0 < rows {
-            let r1 = min(rows, r0 + band), n = (r1 - r0) * cols
-            try d.withUnsafeMutableBufferPointer { dp in
-                try scratch.withUnsafeMutableBufferPointer { sp in
-                    let bw = b.dtype.byteSize, tw = t.dtype.byteSize
-                    try ts.withBytes(of: t.name, range: r0 * cols * tw..<r1 * cols * tw) { ElementConversion.toDouble(t.dtype, $0.baseAddress!, dp.baseAddress! + r0 * cols, count: n) }
-                    try bs.withBytes(of: b.name, range: r0 * cols * bw..<r1 * cols * bw) { ElementConversion.toDouble(b.dtype, $0.baseAddress!, sp.baseAddress!, count: n) }
-                    let dst = dp.baseAddress! + r0 * cols, src = sp.baseAddress!
-                    for i in 0..<n {
-                        let x = dst[i] - src[i]
-                        dst[i] = x
-                        norm += x * x
+    /// D = TUNED − BASE (rows × cols, Float64 from the stored values) into `d`, read in bands of
+    /// rows on every thread, and ‖D‖²_F (band sums added in band order: the same for any thread count).
+    static func difference(_ b: TensorEntry, _ bs: any TensorContainer, _ t: TensorEntry, _ ts: any TensorContainer, rows: Int, cols: Int,
+                           into d: UnsafeMutablePointer<Double>, threads: Int) throws -> Double {
+        let band = max(1, (1 << 18) / max(cols, 1))
+        let bands = (rows + band - 1) / band
+        let codes: [DType: Int32] = [.f32: 0, .bf16: 1, .f64: 2]
+        let fast = codes[t.dtype].flatMap { tc in codes[b.dtype].map { (tc, $0) } }
+        let sums = UnsafeMutableBufferPointer<Double>.allocate(capacity: bands)
+        defer { sums.deallocate() }
+        let failure = Locked<(any Error)?>(nil)
+        let out = UInt(bitPattern: d), partial = UInt(bitPattern: sums.baseAddress!)
+        let (tw, bw) = (t.dtype.byteSize, b.dtype.byteSize)
+        DispatchQueue.concurrentPerform(iterations: min(threads, bands)) { worker in
+            // Each worker reads its bands into two buffers of its own, reused band after band.
+            let tuned = BandReader(ts, t, bytes: band * cols * tw), base = BandReader(bs, b, bytes: band * cols * bw)
+            var i = worker
+            while i < bands, failure.value == nil {
+                let r0 = i * band, r1 = min(rows, r0 + band), n = (r1 - r0) * cols
+                let dst = UnsafeMutablePointer<Double>(bitPattern: out)! + r0 * cols
+                do {
+                    let x = try tuned.read(r0 * cols * tw..<r1 * cols * tw), y = try base.read(r0 * cols * bw..<r1 * cols * bw)
+                    let s: Double
+                    if let (tc, bc) = fast {
+                        s = la_difference(x.baseAddress!, tc, y.baseAddress!, bc, dst, n)
+                    } else {
+                        // Other float types: converted, then subtracted.
+                        var u = [Double](repeating: 0, count: n), v = [Double](repeating: 0, count: n)
+                        u.withUnsafeMutableBufferPointer { ElementConversion.toDouble(t.dtype, x.baseAddress!, $0.baseAddress!, count: n) }
+                        v.withUnsafeMutableBufferPointer { ElementConversion.toDouble(b.dtype, y.baseAddress!, $0.baseAddress!, count: n) }
+                        var acc = 0.0
+                        for j in 0..<n {
+                            dst[j] = u[j] - v[j]
+                            acc += dst[j] * dst[j]
+                        }
+                        s = acc
                     }
+                    UnsafeMutablePointer<Double>(bitPattern: partial)![i] = s
+                } catch {
+                    failure.set(error)
                 }
+                i += threads
             }
-            r0 = r1
         }
-        return (d, norm)
+        if let e = failure.value { throw e }
+        return sums.reduce(0, +)
+    }
+
+    /// Whether two tensors hold the same bytes, compared in pieces of 4 MB.
+    static func sameBytes(_ b: TensorEntry, _ bs: any TensorContainer, _ t: TensorEntry, _ ts: any TensorContainer) throws -> Bool {
+        guard b.byteCount == t.byteCount else { return false }
+        let piece = 4 << 20
+        let x = BandReader(bs, b, bytes: min(piece, t.byteCount)), y = BandReader(ts, t, bytes: min(piece, t.byteCount))
+        var o = 0
+        while o < t.byteCount {
+            let r = o..<min(t.byteCount, o + piece)
+            if memcmp(try x.read(r).baseAddress!, try y.read(r).baseAddress!, r.count) != 0 { return false }
+            o = r.upperBound
+        }
+        return true
     }
 
     /// The module for one truncated SVD, in the form asked for, its factors rounded once into `dtype`.

@@ -35,6 +35,12 @@ enum LowRank {
     /// ‖D − D_k‖²_F = ‖D‖²_F − Σ_{i<k} σᵢ² exactly.
     static func randomized(_ d: [Double], rows m: Int, cols n: Int, rank k: Int, oversampling p: Int = 10, powerIterations q: Int = 2,
                            seed: UInt64, threads: Int) -> TruncatedSVD {
+        d.withUnsafeBufferPointer { randomized($0.baseAddress!, rows: m, cols: n, rank: k, oversampling: p, powerIterations: q, seed: seed, threads: threads) }
+    }
+
+    /// The same on a matrix held elsewhere (rows × cols, row-major).
+    static func randomized(_ d: UnsafePointer<Double>, rows m: Int, cols n: Int, rank k: Int, oversampling p: Int = 10, powerIterations q: Int = 2,
+                           seed: UInt64, threads: Int) -> TruncatedSVD {
         let l = max(1, min(k + p, m, n))
         var rng = SplitMix64(seed: seed)
         var omega = [Double](repeating: 0, count: n * l)
@@ -80,13 +86,21 @@ enum LowRank {
 
     /// A (m × k) · B (k × n), row-major, on `threads` threads: by rows of A when there are many,
     /// else by columns of B.
-    static func multiply(_ a: [Double], _ b: [Double], m: Int, k: Int, n: Int, threads: Int) -> [Double] {
+    static func multiply(_ a: [Double], _ b: UnsafePointer<Double>, m: Int, k: Int, n: Int, threads: Int) -> [Double] {
+        a.withUnsafeBufferPointer { multiply($0.baseAddress!, b, m: m, k: k, n: n, threads: threads) }
+    }
+
+    static func multiply(_ a: UnsafePointer<Double>, _ b: [Double], m: Int, k: Int, n: Int, threads: Int) -> [Double] {
+        b.withUnsafeBufferPointer { multiply(a, $0.baseAddress!, m: m, k: k, n: n, threads: threads) }
+    }
+
+    static func multiply(_ a: UnsafePointer<Double>, _ b: UnsafePointer<Double>, m: Int, k: Int, n: Int, threads: Int) -> [Double] {
         var c = [Double](repeating: 0, count: m * n)
         guard m > 0, n > 0, k > 0 else { return c }
-        a.withUnsafeBufferPointer { ap in
-            b.withUnsafeBufferPointer { bp in
+        do {
+            do {
                 c.withUnsafeMutableBufferPointer { cp in
-                    let pa = UInt(bitPattern: ap.baseAddress!), pb = UInt(bitPattern: bp.baseAddress!), pc = UInt(bitPattern: cp.baseAddress!)
+                    let pa = UInt(bitPattern: a), pb = UInt(bitPattern: b), pc = UInt(bitPattern: cp.baseAddress!)
                     let byRows = m >= 32 * threads
                     let chunks = max(1, min(threads, byRows ? m / 16 : n / 64))
                     DispatchQueue.concurrentPerform(iterations: chunks) { t in

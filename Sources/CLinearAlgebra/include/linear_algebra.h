@@ -38,6 +38,10 @@ int la_jacobi_svd(double *u, size_t m, size_t n, double *v, int max_sweeps);
 /// becomes zero. Returns the number of such columns.
 size_t la_orthonormalize(double *a, size_t m, size_t n);
 
+/// out[i] = tuned[i] − base[i] in Float64 for n values stored as `tuned_type` and `base_type`
+/// (0 F32, 1 BF16, 2 F64; each converted exactly), and returns Σ out[i]².
+double la_difference(const void *tuned, int tuned_type, const void *base, int base_type, double *out, size_t n);
+
 /// Whether the AVX2 + FMA path is used on this machine.
 int la_is_vectorised(void);
 

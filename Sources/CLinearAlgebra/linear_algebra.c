@@ -95,8 +95,19 @@ AVX2 static void gemm_avx2(double *c, size_t ldc, double alpha, const double *a,
         const size_t panels = (nc + 7) / 8;
         for (size_t pc = 0; pc < k; pc += KC) {
             const size_t kc = k - pc < KC ? k - pc : KC;
-            // B[pc .. pc+kc, jc .. jc+nc] as panels of kc × 8, the last one zero padded.
-            for (size_t q = 0; q < panels; q++) {
+            // B[pc .. pc+kc, jc .. jc+nc] as panels of kc × 8, the last one zero padded. The whole
+            // panels are filled a row of B at a time, so B (which may be large and streamed from
+            // memory, as D is in extract's Qᵀ·D) is read in order, two vector copies per panel.
+            const size_t whole = nc / 8;
+            for (size_t p = 0; p < kc; p++) {
+                const double *src = b + (pc + p) * ldb + jc;
+                for (size_t q = 0; q < whole; q++) {
+                    double *dst = pack + q * kc * 8 + 8 * p;
+                    _mm256_store_pd(dst, _mm256_loadu_pd(src + 8 * q));
+                    _mm256_store_pd(dst + 4, _mm256_loadu_pd(src + 8 * q + 4));
+                }
+            }
+            for (size_t q = whole; q < panels; q++) {
                 double *dst = pack + q * kc * 8;
                 const size_t cols = nc - 8 * q < 8 ? nc - 8 * q : 8;
                 for (size_t p = 0; p < kc; p++) {

@@ -231,9 +231,9 @@ struct OutputSafetyTests {
         let modelFile = dir.file("model.safetensors")
         #expect(try adapter("merge", "--quiet", fileBase, oldAdapter, modelFile).status == 0)
         let cases: [(args: [String], reason: String)] = [
-            (["merge", "--force", fileBase, newAdapter, text], "not a safetensors file"),
-            (["merge", "--force", fileBase, newAdapter, empty], "not a safetensors file"),
-            (["convert", "to-kohya", "--force", oldAdapter, text], "not a safetensors file"),
+            (["merge", "--force", fileBase, newAdapter, text], "a safetensors or GGUF file here, and this is neither"),
+            (["merge", "--force", fileBase, newAdapter, empty], "a safetensors or GGUF file here, and this is neither"),
+            (["convert", "to-kohya", "--force", oldAdapter, text], "a safetensors or GGUF file here, and this is neither"),
             (["merge", "--force", fileBase, newAdapter, outputs.old], "a folder"),
             (["merge", "--force", folderBase, newAdapter, modelFile], "a file"),
             (["convert", "to-peft", "--force", oldAdapter, modelFile], "a file"),

@@ -41,7 +41,9 @@ enum LowRank {
     /// The same on a matrix held elsewhere (rows × cols, row-major).
     static func randomized(_ d: UnsafePointer<Double>, rows m: Int, cols n: Int, rank k: Int, oversampling p: Int = 10, powerIterations q: Int = 2,
                            seed: UInt64, threads: Int) -> TruncatedSVD {
-        let l = max(1, min(k + p, m, n))
+        // The GEMM kernel works on 8 columns at a time, so a sketch width rounded up to a multiple of
+        // 8 costs nothing more and oversamples a little further.
+        let l = max(1, min((k + p + 7) / 8 * 8, m, n))
         var rng = SplitMix64(seed: seed)
         var omega = [Double](repeating: 0, count: n * l)
         for i in omega.indices { omega[i] = rng.next() & 1 == 0 ? 1 : -1 }

@@ -62,7 +62,7 @@ def main(base, tuned, adapter):
         total_d += float(np.sum(d ** 2))
         total_e += e
         worst = max(worst, math.sqrt(e / float(np.sum(d ** 2))))
-    print(f"{len(modules)} modules: relative Frobenius error {math.sqrt(total_e / total_d):.6f} overall, worst module {worst:.6f}")
+    print(f"{len(modules)} modules: relative Frobenius error {math.sqrt(total_e / total_d):.8f} overall, worst module {worst:.8f}")
 
 
 if __name__ == "__main__":

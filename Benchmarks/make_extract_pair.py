@@ -15,7 +15,6 @@ import json
 import os
 
 import numpy as np
-from safetensors.numpy import save_file
 
 from synthetic import bf16, write_layer_shards
 
@@ -55,14 +54,9 @@ config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_
 
 
 def save(tensors, path, metadata):
-    arrays = {}
-    for k, x in tensors.items():
-        arrays[k] = x
-    import safetensors.numpy as stn
-    # bf16 as uint16 bits: written through the rust serializer with dtype bfloat16.
+    """bf16 arrays (uint16 bits) through safetensors' serializer with dtype bfloat16."""
     from safetensors import _safetensors_rust as st
-    specs = {k: st.TensorSpec(dtype="bfloat16" if x.dtype == np.uint16 else "float32", shape=list(x.shape), data_ptr=x.ctypes.data, data_len=x.nbytes)
-             for k, x in arrays.items()}
+    specs = {k: st.TensorSpec(dtype="bfloat16", shape=list(x.shape), data_ptr=x.ctypes.data, data_len=x.nbytes) for k, x in tensors.items()}
     st.serialize_file(specs, path, metadata)
 
 

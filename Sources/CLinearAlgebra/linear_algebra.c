@@ -585,3 +585,19 @@ double la_difference(const void *tuned, int tuned_type, const void *base, int ba
     }
     return s0 + s1;
 }
+
+// MARK: - Allocator
+
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
+
+void la_fix_allocation_threshold(void) {
+#if defined(__GLIBC__)
+    // glibc raises its mmap threshold to the size of each large block freed (up to 32 MiB), after
+    // which blocks of a few MiB come from the heap and fragment it: a long run of per-module
+    // work then grows the resident set with the module count. A fixed threshold keeps every
+    // block above 128 KiB in its own mapping, returned to the system when freed.
+    mallopt(M_MMAP_THRESHOLD, 128 * 1024);
+#endif
+}

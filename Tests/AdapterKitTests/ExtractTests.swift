@@ -136,7 +136,9 @@ struct ExtractTests {
         defer { dir.remove() }
         let s = try Extraction.extract(base: base, tuned: tuned, output: dir.file("out"),
                                        options: options(.rank(4)) { $0.saveFull = ["lm_head", "post_attention_layernorm"] })
-        #expect(s.leftOut.isEmpty && s.savedFull.sorted() == ["lm_head.weight", "model.layers.1.post_attention_layernorm.weight"])
+        // Every module with those leaves, the unchanged layer-0 norm too (PEFT wraps them all).
+        #expect(s.leftOut.isEmpty && s.savedFull.sorted() == ["lm_head.weight", "model.layers.0.post_attention_layernorm.weight",
+                                                                "model.layers.1.post_attention_layernorm.weight"])
         let config = try JSONParser.parse(readBytes(dir.file("out/adapter_config.json")))
         #expect(config["modules_to_save"]?.arrayValue?.compactMap(\.stringValue) == ["lm_head", "post_attention_layernorm"])
         let out = try SafetensorsFile(path: dir.file("out/adapter_model.safetensors"))

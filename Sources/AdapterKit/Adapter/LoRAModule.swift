@@ -93,6 +93,12 @@ public struct TensorRef: Sendable {
                                                              byteCount: encoding.byteCount(elements: rows.count * columns.count) ?? 0))
     }
 
+    /// Whether the values are held in memory (not read from a container).
+    var isHeld: Bool {
+        if case .held = storage { return true }
+        return false
+    }
+
     private var isStoredOrHeld: Bool {
         switch storage {
         case .stored, .held: true

@@ -65,6 +65,9 @@ public enum Combination {
     struct Term {
         let factor: Double
         let module: LoRAModule
+        /// The input's weight and position among the inputs (DARE's stream).
+        let weight: Double
+        let input: Int
     }
 
     /// `adapter combine A[:w] B[:w] … -o OUT`.
@@ -87,9 +90,11 @@ public enum Combination {
         var adapters: [Adapter] = []
         var convert = ConvertOptions()
         convert.dropUnknown = options.dropUnknown
-        for input in inputs {
-            let a = try Adapter(path: input.path)
-            adapters.append(a)
+        for input in inputs { adapters.append(try Adapter(path: input.path)) }
+        try OutputRules.check(output, kind: options.layout.isFile ? .file : .folder,
+                              inputs: inputs.map(\.path) + adapters.flatMap(\.inputFiles) + (options.base.map { [$0] } ?? []), force: options.force)
+        for (position, input) in inputs.enumerated() {
+            let a = adapters[position]
             var w = try WorkingAdapter(a, options: convert)
             try w.mapKohyaNames(base: options.base)
             try w.mapPaddleNames(base: options.base)
@@ -102,7 +107,7 @@ public enum Combination {
                 }
                 let key = (m.component.map { $0 + ":" } ?? "") + m.baseName
                 if terms[key] == nil { order.append(key) }
-                terms[key, default: []].append(Term(factor: input.weight * m.scale, module: m))
+                terms[key, default: []].append(Term(factor: input.weight * m.scale, module: m, weight: input.weight, input: position))
             }
             let saves = a.config?["modules_to_save"]?.arrayValue?.compactMap(\.stringValue) ?? []
             for r in w.replacements {
@@ -146,9 +151,10 @@ public enum Combination {
             case .ties, .dareLinear, .dareTies:
                 let first = ts[0].module
                 let out = first.outFeatures, n = first.inFeatures
-                let updates = ts.map { t in matmul(t.module.heldB, t.module.heldMixedA, rows: out, inner: t.module.rank, cols: n) }
-                let combined = TaskArithmetic.combine(updates, weights: ts.map(\.factor), method: options.method, density: options.density,
-                                                      seed: options.seed ^ Extraction.fnv1a(key), count: out * n)
+                // Each input's own update sᵢ·Bᵢ·Mᵢ·Aᵢ; its weight wᵢ is TIES'/DARE's.
+                let updates = ts.map { t in matmul(t.module.heldB, t.module.heldMixedA, rows: out, inner: t.module.rank, cols: n).map { $0 * t.module.scale } }
+                let combined = TaskArithmetic.combine(updates, weights: ts.map(\.weight), streams: ts.map(\.input), method: options.method,
+                                                      density: options.density, seed: options.seed ^ Extraction.fnv1a(key), count: out * n)
                 let full = LinearAlgebra.svd(combined, rows: out, cols: n)
                 let svd = TruncatedSVD(u: full.u, s: full.s, v: full.v, rows: out, cols: n)
                 var cat = first
@@ -266,14 +272,17 @@ public enum Combination {
 /// - trim (TIES): keep the ⌊d·n⌋ entries of largest magnitude of each ΔWᵢ (ties broken by the lower
 ///   index), zero the rest;
 /// - drop (DARE): keep each entry with probability d, independently (SplitMix64 uniforms in
-///   row-major order, one stream per input: `seed + i`), and divide the survivors by d;
+///   row-major order, one stream per input: `seed + i` for the i-th input), and divide the survivors by d;
 /// - weight: τᵢ = wᵢ·(trimmed or dropped ΔWᵢ);
 /// - elect (TIES, dare-ties): the sign of Σᵢ τᵢ per entry;
 /// - merge: dare-linear sums Σᵢ τᵢ; ties takes the disjoint mean Σᵢ τᵢ·[sign τᵢ = γ] / Σᵢ wᵢ·[sign τᵢ = γ]
 ///   (the paper's mean of the agreeing entries when every weight is 1; 0 where none agrees);
 ///   dare-ties the disjoint sum Σᵢ τᵢ·[sign τᵢ = γ] (DARE's rescaling already keeps the scale).
 enum TaskArithmetic {
-    static func combine(_ updates: [[Double]], weights: [Double], method: CombineMethod, density d: Double, seed: UInt64, count n: Int) -> [Double] {
+    /// `streams[i]`: the position of update i's adapter among all the inputs (its DARE stream is
+    /// `seed + streams[i]`, so a module missing from one input does not shift the others' draws).
+    static func combine(_ updates: [[Double]], weights: [Double], streams: [Int]? = nil, method: CombineMethod, density d: Double, seed: UInt64,
+                        count n: Int) -> [Double] {
         var taus: [[Double]] = []
         for (i, u) in updates.enumerated() {
             var t = u
@@ -285,7 +294,7 @@ enum TaskArithmetic {
                     for j in order[keep...] { t[j] = 0 }
                 }
             case .dareLinear, .dareTies:
-                var rng = SplitMix64(seed: seed &+ UInt64(i))
+                var rng = SplitMix64(seed: seed &+ UInt64(streams?[i] ?? i))
                 for j in 0..<n { t[j] = rng.nextUnit() < d ? u[j] / d : 0 }
             case .cat, .svd:
                 preconditionFailure("not a task-arithmetic method")

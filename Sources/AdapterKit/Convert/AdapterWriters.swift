@@ -6,12 +6,14 @@ public enum MixerKeyStyle: String, Sendable, CaseIterable {
     case loraMixer = "lora_mixer"
 }
 
-/// A tensor to write: values rounded once into `dtype`, or bytes copied as they are.
+/// A tensor to write: values rounded once into `dtype`, bytes copied as they are, or a region of
+/// a file copied in the kernel (factors `extract` spilled as it went).
 struct OutputTensor {
     let name: String
     let dtype: DType
     let shape: [Int]
     let bytes: [UInt8]
+    var region: FileRegion? = nil
 
     init(name: String, dtype: DType, shape: [Int], values: [Double]) {
         self.name = name
@@ -26,9 +28,15 @@ struct OutputTensor {
         bytes = out
     }
 
-    /// A held factor, in its own shape.
-    init(name: String, dtype: DType, holding tensor: TensorRef) {
-        self.init(name: name, dtype: dtype, shape: tensor.shape, values: tensor.held)
+    /// A factor in its own shape: held values rounded into `dtype`; a stored tensor already in
+    /// `dtype` copied from where it is.
+    init(name: String, dtype: DType, holding tensor: TensorRef) throws {
+        if !tensor.isHeld, tensor.dtype == dtype, let r = tensor.store?.region(of: tensor.name) {
+            self.init(name: name, dtype: dtype, shape: tensor.shape, bytes: [])
+            region = r
+            return
+        }
+        self.init(name: name, dtype: dtype, shape: tensor.shape, values: tensor.isHeld ? tensor.held : try tensor.doubles())
     }
 
     init(name: String, dtype: DType, shape: [Int], bytes: [UInt8]) {
@@ -60,7 +68,8 @@ enum AdapterWriter {
         try SafetensorsWriter.write(into: try descriptor ?? FileDescriptor.createExclusive(path), path: path,
                                     tensors: tensors.map { TensorSpec(name: $0.name, dtype: $0.dtype, shape: $0.shape) },
                                     metadata: metadata, sync: sync) { info, writer in
-            try tensors[byName[info.name]!].bytes.withUnsafeBytes { try writer.append($0) }
+            let t = tensors[byName[info.name]!]
+            if let r = t.region { try writer.append(r) } else { try t.bytes.withUnsafeBytes { try writer.append($0) } }
         }
     }
 
@@ -118,11 +127,11 @@ enum AdapterWriter {
             let name = sourceIsPEFT ? m.name : "base_model.model." + m.baseName
             let aName = m.kind == .embedding ? name + ".lora_embedding_A" : name + ".lora_A.weight"
             let bName = m.kind == .embedding ? name + ".lora_embedding_B" : name + ".lora_B.weight"
-            tensors.append(OutputTensor(name: aName, dtype: try outputType(m.aType, dtype, tensor: aName), holding: m.a))
-            tensors.append(OutputTensor(name: bName, dtype: try outputType(m.bType, dtype, tensor: bName), holding: m.b))
+            tensors.append(try OutputTensor(name: aName, dtype: try outputType(m.aType, dtype, tensor: aName), holding: m.a))
+            tensors.append(try OutputTensor(name: bName, dtype: try outputType(m.bType, dtype, tensor: bName), holding: m.b))
             if let mixer = m.mixer {
                 let mName = name + (style == .loraAB ? ".lora_AB.weight" : ".lora_mixer.weight")
-                tensors.append(OutputTensor(name: mName, dtype: try outputType(m.mixerType ?? m.aType, dtype, tensor: mName), holding: mixer))
+                tensors.append(try OutputTensor(name: mName, dtype: try outputType(m.mixerType ?? m.aType, dtype, tensor: mName), holding: mixer))
             }
             if let mag = m.magnitude?.held {
                 let n = name + ".lora_magnitude_vector"
@@ -218,7 +227,7 @@ enum AdapterWriter {
         c["fan_in_fan_out"] = .bool(w.modules.contains { $0.kind == .linearFanInFanOut })
         if w.modules.contains(where: { $0.bias != nil }) { c["lora_bias"] = .bool(true) } else if c["lora_bias"] != nil { c["lora_bias"] = .bool(false) }
         for k in mixerConfigKeys { c[k] = nil }
-        let withMixer = w.modules.filter { $0.heldMixer != nil }
+        let withMixer = w.modules.filter { $0.mixer != nil }
         if withMixer.isEmpty {
             c["peft_type"] = .string("LORA")
         } else if style == .loraAB {
@@ -289,12 +298,12 @@ enum AdapterWriter {
                 throw InputError.conversion(w.source.path, "two modules share the kohya name \(name) once dots become underscores")
             }
             let aType = try outputType(m.aType, dtype, tensor: name)
-            tensors.append(OutputTensor(name: name + ".lora_down.weight", dtype: aType, holding: m.a))
-            tensors.append(OutputTensor(name: name + ".lora_up.weight", dtype: try outputType(m.bType, dtype, tensor: name),
-                                        holding: m.b))
+            tensors.append(try OutputTensor(name: name + ".lora_down.weight", dtype: aType, holding: m.a))
+            tensors.append(try OutputTensor(name: name + ".lora_up.weight", dtype: try outputType(m.bType, dtype, tensor: name),
+                                            holding: m.b))
             if let mixer = m.mixer {
-                tensors.append(OutputTensor(name: name + ".lora_mixer.weight", dtype: try outputType(m.mixerType ?? m.aType, dtype, tensor: name),
-                                            holding: mixer))
+                tensors.append(try OutputTensor(name: name + ".lora_mixer.weight", dtype: try outputType(m.mixerType ?? m.aType, dtype, tensor: name),
+                                                holding: mixer))
             }
             // alpha = scale·r, stored in Float32 (Float64 for F64 output): a BF16 or F16 alpha would
             // round the scale itself (16·√8 is not a BF16 number). Never an infinite alpha.

@@ -26,8 +26,8 @@ public struct ExtractOptions: Sendable {
     public var include: String?
     /// No module whose name this matches.
     public var exclude: String?
-    /// Module leaf names (`embed_tokens`, `lm_head`, `norm`) whose differing tensors are kept
-    /// whole, as PEFT `modules_to_save`.
+    /// Module leaf names (`embed_tokens`, `lm_head`, `norm`) whose tensors are kept whole, as PEFT
+    /// `modules_to_save` (every module with that leaf, as PEFT wraps them all).
     public var saveFull: [String] = []
     /// The factors' dtype; nil: each base tensor's own.
     public var dtype: DType?
@@ -61,7 +61,7 @@ public struct ExtractSummary: Sendable {
     }
 
     public var modules: [Module] = []
-    /// Tensors that differ and are in the adapter whole (`modules_to_save`).
+    /// Tensors in the adapter whole (`modules_to_save`).
     public var savedFull: [String] = []
     /// Tensors that differ but the adapter leaves out, each with why.
     public var leftOut: [(tensor: String, reason: String)] = []
@@ -155,6 +155,8 @@ public enum Extraction {
     /// time, written as a PEFT LoRA (or MoSLoRA) folder at OUT.
     public static func extract(base basePath: String, tuned tunedPath: String, output: String, options: ExtractOptions = ExtractOptions()) throws -> ExtractSummary {
         let start = DispatchTime.now()
+        // Memory must not grow with the number of modules: see la_fix_allocation_threshold.
+        la_fix_allocation_threshold()
         switch options.target {
         case .rank(let k) where k < 1: throw InputError(output, "--rank must be at least 1")
         case .energy(let f, let cap) where !(f > 0 && f <= 1) || cap < 1: throw InputError(output, "--keep-energy must be in (0, 1] and --max-rank at least 1")
@@ -196,6 +198,8 @@ public enum Extraction {
         let total = tuned.tensors.reduce(0) { $0 + $1.entry.byteCount }
         var read = 0
         let workspace = Workspace()
+        let spill = try SpillFile(in: parentPath(output))
+        let sketches = LowRank.Buffers()
         for (t, ti) in tuned.tensors {
             let (b, bi) = base.tensor(t.name)!
             let bStore = base.files[bi], tStore = tuned.files[ti]
@@ -216,13 +220,17 @@ public enum Extraction {
             var selected = matrix && (include.map { module.contains($0) } ?? true) && !(exclude.map { module.contains($0) } ?? false)
             if Extraction.embeddingLeaves.contains(leaf) && !explicitlyIncluded { selected = false }
             if saveWhole { selected = false }
+            if saveWhole {
+                // Every module with that leaf, changed or not: PEFT's modules_to_save wraps them all,
+                // and loads each from the adapter.
+                replacements.append(Replacement(tensor: TensorRef(store: tStore, entry: t), baseName: t.name, outputKey: "base_model.model." + t.name))
+                summary.savedFull.append(t.name)
+                if !savedLeaves.contains(owner) { savedLeaves.append(owner) }
+                continue
+            }
             if !selected {
                 guard try !sameValues(b, bStore, t, tStore) else { summary.unchanged += 1; continue }
-                if saveWhole {
-                    replacements.append(Replacement(tensor: TensorRef(store: tStore, entry: t), baseName: t.name, outputKey: "base_model.model." + t.name))
-                    summary.savedFull.append(t.name)
-                    if !savedLeaves.contains(owner) { savedLeaves.append(owner) }
-                } else {
+                do {
                     let why: String
                     if !matrix { why = "not a weight matrix; --save-full \(owner) keeps it whole" }
                     else if Extraction.embeddingLeaves.contains(leaf) && !explicitlyIncluded { why = "an embedding or output head; --save-full \(leaf) keeps it whole" }
@@ -245,12 +253,12 @@ public enum Extraction {
                 k = min(want, rows, cols)
                 svd = options.exact ? LowRank.exact(Array(UnsafeBufferPointer(start: d, count: rows * cols)), rows: rows, cols: cols)
                     : LowRank.randomized(d, rows: rows, cols: cols, rank: k, oversampling: options.oversampling, powerIterations: options.powerIterations,
-                                         seed: seed, threads: options.threads)
+                                         seed: seed, threads: options.threads, buffers: sketches)
             case .energy(let f, let cap):
                 let limit = min(cap, rows, cols)
                 svd = options.exact ? LowRank.exact(Array(UnsafeBufferPointer(start: d, count: rows * cols)), rows: rows, cols: cols)
                     : LowRank.randomized(d, rows: rows, cols: cols, rank: limit, oversampling: options.oversampling,
-                                         powerIterations: options.powerIterations, seed: seed, threads: options.threads)
+                                         powerIterations: options.powerIterations, seed: seed, threads: options.threads, buffers: sketches)
                 var acc = 0.0, chosen = limit
                 for (i, s) in svd.s.prefix(limit).enumerated() {
                     acc += s * s
@@ -262,7 +270,7 @@ public enum Extraction {
             let fraction = min(1, kept / normSquared)
             summary.modules.append(.init(name: module, rows: rows, cols: cols, rank: k, energyKept: fraction,
                                          relativeError: max(0, 1 - fraction).squareRoot(), norm: normSquared.squareRoot()))
-            modules.append(try factors(svd.prefix(k), module: module, shape: t.shape, form: options.form, dtype: options.dtype ?? b.dtype))
+            modules.append(try factors(svd.prefix(k), module: module, shape: t.shape, form: options.form, dtype: options.dtype ?? b.dtype, spill: spill))
         }
         if case .energy(let f, let cap) = options.target {
             let capped = summary.modules.filter { $0.rank == min(cap, $0.rows, $0.cols) && $0.energyKept < f }
@@ -355,8 +363,9 @@ public enum Extraction {
         return true
     }
 
-    /// The module for one truncated SVD, in the form asked for, its factors rounded once into `dtype`.
-    static func factors(_ svd: TruncatedSVD, module: String, shape: [Int], form: ExtractForm, dtype: DType) throws -> LoRAModule {
+    /// The module for one truncated SVD, in the form asked for, its factors rounded once into `dtype`
+    /// and written to `spill` (the module refers to them there).
+    static func factors(_ svd: TruncatedSVD, module: String, shape: [Int], form: ExtractForm, dtype: DType, spill: SpillFile) throws -> LoRAModule {
         let k = svd.count, rows = svd.rows, cols = svd.cols
         var a = [Double](repeating: 0, count: k * cols), b = [Double](repeating: 0, count: rows * k)
         for j in 0..<k {
@@ -373,11 +382,11 @@ public enum Extraction {
         if form == .moslora {
             var m = [Double](repeating: 0, count: k * k)
             for j in 0..<k { m[j * k + j] = svd.s[j] }
-            mixer = TensorRef(name: name + ".lora_AB.weight", held: m, shape: [k, k], dtype: dtype)
+            mixer = try spill.append(name + ".lora_AB.weight", m, shape: [k, k], dtype: dtype)
         }
         return LoRAModule(name: name, baseName: module, component: nil, kind: kind,
-                          a: TensorRef(name: name + ".lora_A.weight", held: a, shape: aShape, dtype: dtype), mixer: mixer,
-                          b: TensorRef(name: name + ".lora_B.weight", held: b, shape: bShape, dtype: dtype),
+                          a: try spill.append(name + ".lora_A.weight", a, shape: aShape, dtype: dtype), mixer: mixer,
+                          b: try spill.append(name + ".lora_B.weight", b, shape: bShape, dtype: dtype),
                           orientation: .peft, scale: 1, alpha: Double(k))
     }
 

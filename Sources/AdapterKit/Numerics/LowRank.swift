@@ -38,33 +38,37 @@ enum LowRank {
         d.withUnsafeBufferPointer { randomized($0.baseAddress!, rows: m, cols: n, rank: k, oversampling: p, powerIterations: q, seed: seed, threads: threads) }
     }
 
-    /// The same on a matrix held elsewhere (rows × cols, row-major).
+    /// The same on a matrix held elsewhere (rows × cols, row-major), with the sketches in
+    /// `buffers` (reused from module to module when the caller keeps them: no fresh pages each time).
     static func randomized(_ d: UnsafePointer<Double>, rows m: Int, cols n: Int, rank k: Int, oversampling p: Int = 10, powerIterations q: Int = 2,
-                           seed: UInt64, threads: Int) -> TruncatedSVD {
+                           seed: UInt64, threads: Int, buffers: Buffers = Buffers()) -> TruncatedSVD {
         // The GEMM kernel works on 8 columns at a time, so a sketch width rounded up to a multiple of
         // 8 costs nothing more and oversamples a little further.
         let l = max(1, min((k + p + 7) / 8 * 8, m, n))
         var rng = SplitMix64(seed: seed)
-        var omega = [Double](repeating: 0, count: n * l)
-        for i in omega.indices { omega[i] = rng.next() & 1 == 0 ? 1 : -1 }
+        let omega = buffers.get(0, n * l), y = buffers.get(1, m * l), qt = buffers.get(2, l * m)
+        let zt = buffers.get(3, l * n), z = buffers.get(4, n * l)
+        for i in 0..<(n * l) { omega[i] = rng.next() & 1 == 0 ? 1 : -1 }
         // Q as its columns one after another (= Qᵀ row-major, l × m).
-        var qt = transpose(multiply(d, omega, m: m, k: n, n: l, threads: threads), rows: m, cols: l)
-        orthonormalize(&qt, length: m, columns: l)
+        multiply(d, omega, into: y, m: m, k: n, n: l, threads: threads)
+        transpose(y, rows: m, cols: l, into: qt)
+        _ = la_orthonormalize(qt, m, l)
         for _ in 0..<q {
             // Zᵀ = Qᵀ·D (l × n) holds Z's columns one after another.
-            var zt = multiply(qt, d, m: l, k: m, n: n, threads: threads)
-            orthonormalize(&zt, length: n, columns: l)
-            qt = transpose(multiply(d, transpose(zt, rows: l, cols: n), m: m, k: n, n: l, threads: threads), rows: m, cols: l)
-            orthonormalize(&qt, length: m, columns: l)
+            multiply(qt, d, into: zt, m: l, k: m, n: n, threads: threads)
+            _ = la_orthonormalize(zt, n, l)
+            transpose(zt, rows: l, cols: n, into: z)
+            multiply(d, z, into: y, m: m, k: n, n: l, threads: threads)
+            transpose(y, rows: m, cols: l, into: qt)
+            _ = la_orthonormalize(qt, m, l)
         }
         // B = Qᵀ·D (l × n); its rows are the columns of Bᵀ (n × l), which Jacobi orthogonalises: Bᵀ·W = Ũ·Σ.
-        var b = multiply(qt, d, m: l, k: m, n: n, threads: threads)
+        let b = zt
+        multiply(qt, d, into: b, m: l, k: m, n: n, threads: threads)
         var w = [Double](repeating: 0, count: l * l)
         for j in 0..<l { w[j * l + j] = 1 }
-        b.withUnsafeMutableBufferPointer { bp in
-            w.withUnsafeMutableBufferPointer { wp in _ = la_jacobi_svd(bp.baseAddress, n, l, wp.baseAddress, 60) }
-        }
-        let sigma = (0..<l).map { t in b[(t * n)..<((t + 1) * n)].reduce(0) { $0 + $1 * $1 }.squareRoot() }
+        w.withUnsafeMutableBufferPointer { wp in _ = la_jacobi_svd(b, n, l, wp.baseAddress, 60) }
+        let sigma = (0..<l).map { t in UnsafeBufferPointer(start: b + t * n, count: n).reduce(0) { $0 + $1 * $1 }.squareRoot() }
         let order = (0..<l).sorted { sigma[$0] > sigma[$1] }
         // B = W·Σ·Ũᵀ, so D ≈ Q·B = (Q·W)·Σ·Ũᵀ: U's column t is Q·w_t, V's is ũ_t = (column t of Bᵀ·W) / σ_t.
         var u = [Double](repeating: 0, count: m * l), v = [Double](repeating: 0, count: n * l)
@@ -80,46 +84,50 @@ enum LowRank {
         return TruncatedSVD(u: u, s: order.map { sigma[$0] }, v: v, rows: m, cols: n)
     }
 
+    /// Work buffers of the randomized SVD, kept by index and grown when a larger one is asked for.
+    final class Buffers {
+        private var slots: [(pointer: UnsafeMutablePointer<Double>, capacity: Int)] = []
+
+        func get(_ index: Int, _ count: Int) -> UnsafeMutablePointer<Double> {
+            while slots.count <= index { slots.append((.allocate(capacity: 1), 1)) }
+            if slots[index].capacity < count {
+                slots[index].pointer.deallocate()
+                slots[index] = (.allocate(capacity: count), count)
+            }
+            return slots[index].pointer
+        }
+
+        deinit { for s in slots { s.pointer.deallocate() } }
+    }
+
+    static func transpose(_ x: UnsafePointer<Double>, rows: Int, cols: Int, into y: UnsafeMutablePointer<Double>) {
+        for i in 0..<rows { for j in 0..<cols { y[j * rows + i] = x[i * cols + j] } }
+    }
+
+    /// C = A (m × k) · B (k × n) into `c`.
+    static func multiply(_ a: UnsafePointer<Double>, _ b: UnsafePointer<Double>, into c: UnsafeMutablePointer<Double>, m: Int, k: Int, n: Int, threads: Int) {
+        c.update(repeating: 0, count: m * n)
+        guard m > 0, n > 0, k > 0 else { return }
+        let pa = UInt(bitPattern: a), pb = UInt(bitPattern: b), pc = UInt(bitPattern: c)
+        let byRows = m >= 32 * threads
+        let chunks = max(1, min(threads, byRows ? m / 16 : n / 64))
+        DispatchQueue.concurrentPerform(iterations: chunks) { t in
+            let a = UnsafePointer<Double>(bitPattern: pa)!, b = UnsafePointer<Double>(bitPattern: pb)!
+            let c = UnsafeMutablePointer<Double>(bitPattern: pc)!
+            if byRows {
+                let r0 = m * t / chunks, r1 = m * (t + 1) / chunks
+                la_gemm(c + r0 * n, n, 1, a + r0 * k, k, b, n, r1 - r0, n, k)
+            } else {
+                let c0 = n * t / chunks, c1 = n * (t + 1) / chunks
+                la_gemm(c + c0, n, 1, a, k, b + c0, n, m, c1 - c0, k)
+            }
+        }
+    }
+
     /// The full SVD by one-sided Jacobi (O(rows·cols·min(rows, cols)) per sweep): for checking.
     static func exact(_ d: [Double], rows: Int, cols: Int) -> TruncatedSVD {
         let f = LinearAlgebra.svd(d, rows: rows, cols: cols)
         return TruncatedSVD(u: f.u, s: f.s, v: f.v, rows: rows, cols: cols)
-    }
-
-    /// A (m × k) · B (k × n), row-major, on `threads` threads: by rows of A when there are many,
-    /// else by columns of B.
-    static func multiply(_ a: [Double], _ b: UnsafePointer<Double>, m: Int, k: Int, n: Int, threads: Int) -> [Double] {
-        a.withUnsafeBufferPointer { multiply($0.baseAddress!, b, m: m, k: k, n: n, threads: threads) }
-    }
-
-    static func multiply(_ a: UnsafePointer<Double>, _ b: [Double], m: Int, k: Int, n: Int, threads: Int) -> [Double] {
-        b.withUnsafeBufferPointer { multiply(a, $0.baseAddress!, m: m, k: k, n: n, threads: threads) }
-    }
-
-    static func multiply(_ a: UnsafePointer<Double>, _ b: UnsafePointer<Double>, m: Int, k: Int, n: Int, threads: Int) -> [Double] {
-        var c = [Double](repeating: 0, count: m * n)
-        guard m > 0, n > 0, k > 0 else { return c }
-        do {
-            do {
-                c.withUnsafeMutableBufferPointer { cp in
-                    let pa = UInt(bitPattern: a), pb = UInt(bitPattern: b), pc = UInt(bitPattern: cp.baseAddress!)
-                    let byRows = m >= 32 * threads
-                    let chunks = max(1, min(threads, byRows ? m / 16 : n / 64))
-                    DispatchQueue.concurrentPerform(iterations: chunks) { t in
-                        let a = UnsafePointer<Double>(bitPattern: pa)!, b = UnsafePointer<Double>(bitPattern: pb)!
-                        let c = UnsafeMutablePointer<Double>(bitPattern: pc)!
-                        if byRows {
-                            let r0 = m * t / chunks, r1 = m * (t + 1) / chunks
-                            la_gemm(c + r0 * n, n, 1, a + r0 * k, k, b, n, r1 - r0, n, k)
-                        } else {
-                            let c0 = n * t / chunks, c1 = n * (t + 1) / chunks
-                            la_gemm(c + c0, n, 1, a, k, b + c0, n, m, c1 - c0, k)
-                        }
-                    }
-                }
-            }
-        }
-        return c
     }
 
     /// Orthonormalises `columns` vectors of `length`, stored one after another, in place.

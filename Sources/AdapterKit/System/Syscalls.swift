@@ -88,6 +88,13 @@ public final class FileDescriptor: @unchecked Sendable {
         return FileDescriptor(rawValue: fd, path: path.display)
     }
 
+    /// Creates a new private scratch file (O_EXCL, mode 0600) open for reading and writing.
+    public static func createScratch(_ path: String) throws -> FileDescriptor {
+        let fd = RawPath(path).withCString { p in retryingEINTR { Glibc.open(p, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0o600) } }
+        guard fd >= 0 else { throw SystemError(path: path, operation: "create", code: errno) }
+        return FileDescriptor(rawValue: fd, path: path)
+    }
+
     /// Copies the regular file at `source` to a new file at `target` (which must not exist), in
     /// the kernel where possible, fsyncing it with `sync`. The one file copier: a folder's other
     /// files (whose links are not followed: what was checked to be a regular file must still be

@@ -42,6 +42,10 @@ size_t la_orthonormalize(double *a, size_t m, size_t n);
 /// (0 F32, 1 BF16, 2 F64; each converted exactly), and returns Σ out[i]².
 double la_difference(const void *tuned, int tuned_type, const void *base, int base_type, double *out, size_t n);
 
+/// Fixes glibc's mmap threshold at 128 KiB (it otherwise grows with the blocks freed, and the heap
+/// fragments): memory flat over long per-module runs. No effect elsewhere.
+void la_fix_allocation_threshold(void);
+
 /// Whether the AVX2 + FMA path is used on this machine.
 int la_is_vectorised(void);
 

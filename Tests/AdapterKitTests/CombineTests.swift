@@ -113,6 +113,21 @@ struct CombineTests {
         }
     }
 
+    @Test("cat sums lora_B biases with the weights and scales (GPT-2 Conv1D, fan_in_fan_out, lora_bias)")
+    func biases() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let input = try #require(try Adapter(path: adapterPath("real-gpt2-conv1d")).modules.first)
+        _ = try Combination.combine([CombineInput(path: adapterPath("real-gpt2-conv1d")), CombineInput(path: adapterPath("real-gpt2-conv1d"), weight: -0.25)],
+                                    output: dir.file("out"), options: options())
+        let m = try #require(try Adapter(path: dir.file("out")).modules.first)
+        #expect(m.kind == .linearFanInFanOut && m.rank == 2 * input.rank)
+        let want = try input.bias!.doubles().map { $0 * input.scale * 0.75 }, got = try m.bias!.doubles().map { $0 * m.scale }
+        #expect(zip(got, want).allSatisfy { abs($0 - $1) <= 1e-6 * max(1, abs($1)) })
+        let du = try dense(m), di = try dense(input).map { $0 * 0.75 }
+        #expect(zip(du, di).allSatisfy { abs($0 - $1) <= 1e-6 * max(1, abs($1)) })
+    }
+
     @Test("refused with one line and nothing written: DoRA, two modules_to_save of one tensor, different models, a missing rank")
     func refusals() throws {
         let dir = TempDir()

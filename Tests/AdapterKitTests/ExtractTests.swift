@@ -155,6 +155,36 @@ struct ExtractTests {
         #expect(attention.leftOut.filter { $0.reason.contains("--include/--exclude") }.count == 12)
     }
 
+    @Test("a 3×3 convolution is factored flattened, as PEFT's conv LoRA: A [r, in, 3, 3], B [out, r, 1, 1]; F16 factors by default")
+    func convolution() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let unet = try SafetensorsFile(path: modelPath("tiny-unet"))
+        let name = "down_blocks.0.resnets.0.conv1.weight"
+        let w = try unet.doubles(name)
+        // An exact rank-2 change of the [8, 36] view, small enough to stay visible in F16.
+        var tunedValues = w
+        for i in 0..<8 { for j in 0..<36 { tunedValues[i * 36 + j] += 0.01 * (Double(i % 3) - 1) * Double(j % 5) + 0.02 * Double(i % 2) * (Double(j % 7) - 3) } }
+        func f16(_ v: [Double]) -> [UInt8] {
+            var out = [UInt8](repeating: 0, count: v.count * 2)
+            v.withUnsafeBufferPointer { src in out.withUnsafeMutableBytes { ElementConversion.fromDouble(.f16, src.baseAddress!, $0.baseAddress!, count: v.count) } }
+            return out
+        }
+        try writeSafetensors(dir.file("base.safetensors"), [(name, .f16, [8, 4, 3, 3], f16(w))])
+        try writeSafetensors(dir.file("tuned.safetensors"), [(name, .f16, [8, 4, 3, 3], f16(tunedValues))])
+        let s = try Extraction.extract(base: dir.file("base.safetensors"), tuned: dir.file("tuned.safetensors"), output: dir.file("out"), options: options(.rank(2)))
+        #expect(s.modules.count == 1 && s.modules[0].rows == 8 && s.modules[0].cols == 36 && s.modules[0].energyKept > 0.999, "rank 2 and the F16 rounding of TUNED")
+        let out = try SafetensorsFile(path: dir.file("out/adapter_model.safetensors"))
+        let a = try #require(out.entry("base_model.model.down_blocks.0.resnets.0.conv1.lora_A.weight"))
+        let b = try #require(out.entry("base_model.model.down_blocks.0.resnets.0.conv1.lora_B.weight"))
+        #expect(a.shape == [2, 4, 3, 3] && b.shape == [8, 2, 1, 1] && a.dtype == .f16 && b.dtype == .f16)
+        let m = try #require(try Adapter(path: dir.file("out")).modules.first)
+        #expect(m.kind == .convKxK)
+        let d = try zip(SafetensorsFile(path: dir.file("tuned.safetensors")).doubles(name), SafetensorsFile(path: dir.file("base.safetensors")).doubles(name)).map { $0 - $1 }
+        let u = try update(m), scale = d.map(abs).max()!
+        #expect(zip(u, d).allSatisfy { abs($0 - $1) <= 2e-3 * scale }, "the F16 factors hold the exact rank-2 difference")
+    }
+
     @Test("refused with one line, nothing written: different models, nothing to extract, a bad pattern, OUT that exists")
     func refusals() throws {
         let dir = TempDir()

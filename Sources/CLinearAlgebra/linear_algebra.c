@@ -177,16 +177,24 @@ static void axpy(double *y, double alpha, const double *x, size_t n) {
     for (size_t i = 0; i < n; i++) y[i] += alpha * x[i];
 }
 
+/// This thread's packing buffer for B blocks (KC × NC) followed by room for four rows of A (4 × KC),
+/// allocated on first use and kept: GEMMs come by the thousand in extract, and a fresh 1 MiB
+/// buffer each time is a fresh mapping to fault in.
+static double *thread_pack(void) {
+    static __thread double *pack = NULL;
+    if (!pack) pack = aligned_alloc(32, (KC * NC + 4 * KC) * sizeof(double));
+    return pack;
+}
+
 void la_gemm(double *c, size_t ldc, double alpha, const double *a, size_t lda, const double *b, size_t ldb,
              size_t m, size_t n, size_t k) {
     if (m == 0 || n == 0 || k == 0) return;
 #if defined(__x86_64__)
     // Small products are not worth packing.
     if (la_is_vectorised() && m * n * k >= 32768) {
-        double *pack = aligned_alloc(32, KC * NC * sizeof(double));
+        double *pack = thread_pack();
         if (pack) {
             gemm_avx2(c, ldc, alpha, a, lda, b, ldb, m, n, k, pack);
-            free(pack);
             return;
         }
     }

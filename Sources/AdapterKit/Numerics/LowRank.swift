@@ -72,14 +72,16 @@ enum LowRank {
         let order = (0..<l).sorted { sigma[$0] > sigma[$1] }
         // B = W·Σ·Ũᵀ, so D ≈ Q·B = (Q·W)·Σ·Ũᵀ: U's column t is Q·w_t, V's is ũ_t = (column t of Bᵀ·W) / σ_t.
         var u = [Double](repeating: 0, count: m * l), v = [Double](repeating: 0, count: n * l)
+        // W's columns in σ order (W' [s][c] = w_{order[c]}[s]), then U = Q·W' by the GEMM.
+        var wOrdered = [Double](repeating: 0, count: l * l)
         for (c, t) in order.enumerated() {
             let s = sigma[t]
             for j in 0..<n { v[j * l + c] = s > 0 ? b[t * n + j] / s : 0 }
-            for sIndex in 0..<l {
-                let x = w[t * l + sIndex]
-                if x == 0 { continue }
-                for i in 0..<m { u[i * l + c] += qt[sIndex * m + i] * x }
-            }
+            for sIndex in 0..<l { wOrdered[sIndex * l + c] = w[t * l + sIndex] }
+        }
+        transpose(qt, rows: l, cols: m, into: y)
+        wOrdered.withUnsafeBufferPointer { wp in
+            u.withUnsafeMutableBufferPointer { up in multiply(y, wp.baseAddress!, into: up.baseAddress!, m: m, k: l, n: l, threads: threads) }
         }
         return TruncatedSVD(u: u, s: order.map { sigma[$0] }, v: v, rows: m, cols: n)
     }

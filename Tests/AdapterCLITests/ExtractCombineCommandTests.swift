@@ -22,6 +22,10 @@ struct ExtractCombineCommandTests {
         let modules = report?["modules"] as? [[String: Any]]
         #expect(modules?.count == 14 && modules?.allSatisfy { ($0["rank"] as? Int) == 8 } == true)
         #expect((report?["left_out"] as? [Any])?.count == 2)
+        // --dtype: the factors' dtype (default: the base weights', F32 here).
+        #expect(try adapter("extract", "--rank", "4", "--dtype", "bf16", "--quiet", "--no-sync", base, tuned, dir.file("bf16")).status == 0)
+        let header = try adapter("inspect", dir.file("bf16"))
+        #expect(header.stdout.contains("BF16") && !header.stdout.contains("F32"), "\(header.stdout)")
     }
 
     @Test("extract: usage errors exit 2, refused inputs exit 1 with one line, and nothing is written")

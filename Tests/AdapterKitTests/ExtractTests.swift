@@ -200,9 +200,17 @@ struct ExtractTests {
         let same = #expect(throws: InputError.self) { try Extraction.extract(base: base, tuned: base, output: dir.file("b"), options: options(.rank(4))) }
         #expect(same?.problem.contains("TUNED is the same as BASE") == true)
         #expect(throws: InputError.self) { try Extraction.extract(base: base, tuned: tuned, output: dir.file("c"), options: options(.rank(4)) { $0.include = "(" }) }
+        // A NaN in a tuned weight is refused by name, never read as "unchanged".
+        let w: [Float] = [1, 2, 3, 4], bad: [Float] = [1, .nan, 3, 4]
+        try writeSafetensors(dir.file("b.safetensors"), [("m.weight", .f32, [2, 2], floatBytes(w))])
+        try writeSafetensors(dir.file("t.safetensors"), [("m.weight", .f32, [2, 2], floatBytes(bad))])
+        let nan = #expect(throws: InputError.self) {
+            try Extraction.extract(base: dir.file("b.safetensors"), tuned: dir.file("t.safetensors"), output: dir.file("e"), options: options(.rank(1)))
+        }
+        #expect(nan?.problem.contains("m.weight: TUNED − BASE is not finite") == true)
         _ = dir.write("d/x.txt", text: "")
         #expect(throws: InputError.self) { try Extraction.extract(base: base, tuned: tuned, output: dir.file("d"), options: options(.rank(4))) }
-        for name in ["a", "b", "c"] { #expect(!FileManager.default.fileExists(atPath: dir.file(name))) }
+        for name in ["a", "b", "c", "e"] { #expect(!FileManager.default.fileExists(atPath: dir.file(name))) }
     }
 }
 

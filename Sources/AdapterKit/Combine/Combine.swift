@@ -136,7 +136,7 @@ public enum Combination {
         guard !order.isEmpty || !replacements.isEmpty else { throw InputError(inputs[0].path, "the adapters hold no module to combine") }
 
         var modules: [LoRAModule] = []
-        for (index, key) in order.enumerated() {
+        for key in order {
             let ts = terms[key]!
             switch options.method {
             case .cat:
@@ -164,7 +164,6 @@ public enum Combination {
                 modules.append(module(from: svd.prefix(k), like: cat, form: options.form ?? .lora))
                 summary.modules.append(.init(name: key, inputs: ts.count, rank: k, energyKept: total > 0 ? svd.s.prefix(k).reduce(0) { $0 + $1 * $1 } / total : 1))
             }
-            _ = index
         }
         let many = summary.modules.filter { $0.inputs > 1 }.count
         summary.notes.append("\(plural(order.count, "module")): \(many) in more than one input, \(order.count - many) in one")

@@ -219,7 +219,6 @@ public enum Extraction {
             let explicitlyIncluded = include.map { module.contains($0) } ?? false
             var selected = matrix && (include.map { module.contains($0) } ?? true) && !(exclude.map { module.contains($0) } ?? false)
             if Extraction.embeddingLeaves.contains(leaf) && !explicitlyIncluded { selected = false }
-            if saveWhole { selected = false }
             if saveWhole {
                 // Every module with that leaf, changed or not: PEFT's modules_to_save wraps them all,
                 // and loads each from the adapter.
@@ -230,21 +229,19 @@ public enum Extraction {
             }
             if !selected {
                 guard try !sameValues(b, bStore, t, tStore) else { summary.unchanged += 1; continue }
-                do {
-                    let why: String
-                    if !matrix { why = "not a weight matrix; --save-full \(owner) keeps it whole" }
-                    else if Extraction.embeddingLeaves.contains(leaf) && !explicitlyIncluded { why = "an embedding or output head; --save-full \(leaf) keeps it whole" }
-                    else { why = "left out by --include/--exclude" }
-                    summary.leftOut.append((t.name, why))
-                }
+                let why = !matrix ? "not a weight matrix; --save-full \(owner) keeps it whole"
+                    : Extraction.embeddingLeaves.contains(leaf) && !explicitlyIncluded ? "an embedding or output head; --save-full \(leaf) keeps it whole"
+                    : "left out by --include/--exclude"
+                summary.leftOut.append((t.name, why))
                 continue
             }
             let rows = t.shape[0], cols = t.elementCount / rows
             let d = workspace.reserve(rows * cols)
             let normSquared = try difference(b, bStore, t, tStore, rows: rows, cols: cols, into: d, threads: options.threads)
             summary.bytesRead += 2 * t.byteCount
-            guard normSquared > 0 else { summary.unchanged += 1; continue }
+            // NaN compares false with everything: checked before the test for an unchanged tensor.
             guard normSquared.isFinite else { throw InputError(tunedPath, "\(t.name): TUNED − BASE is not finite (NaN or infinity in a weight)") }
+            guard normSquared > 0 else { summary.unchanged += 1; continue }
             let seed = options.seed ^ fnv1a(module)
             let svd: TruncatedSVD
             let k: Int

@@ -219,9 +219,9 @@ struct LowRankTests {
     @Test("on a matrix of known singular values (orthogonal factors built by QR): the top values to 1e-12 relative")
     func knownSpectrum() {
         let m = 300, n = 200, k = 12
-        var rng = SplitMix64(seed: 9)
+        var rng = SeededGenerator(seed: 9)
         func orthonormal(_ rows: Int, _ cols: Int) -> [Double] {
-            var x = (0..<(rows * cols)).map { _ in rng.nextUnit() - 0.5 }
+            var x = (0..<(rows * cols)).map { _ in rng.unit() - 0.5 }
             x = transpose(x, rows: rows, cols: cols)
             LowRank.orthonormalize(&x, length: rows, columns: cols)
             return transpose(x, rows: cols, cols: rows)

@@ -212,15 +212,23 @@ public enum Combination {
             }
             offset += r
         }
-        var result = first
-        result.name = "base_model.model." + first.baseName
+        var result = rebuilt(first, a: a, b: b, mixer: mixers ? m : nil, rank: total)
+        result.bias = summedBias(ts)
+        return result
+    }
+
+    /// `m` with new factors (PEFT orientation, rank `k`, scale 1, alpha = k), named for PEFT and
+    /// shaped like m's (conv factors keep their 4-D shapes).
+    static func rebuilt(_ m: LoRAModule, a: [Double], b: [Double], mixer: [Double]?, rank k: Int) -> LoRAModule {
+        var result = m
+        let out = m.outFeatures
+        result.name = "base_model.model." + m.baseName
         result.orientation = .peft
         result.scale = 1
-        result.alpha = Double(total)
-        result.a = TensorRef(name: result.name + ".lora_A.weight", held: a, shape: [total] + first.inShape, dtype: first.aType)
-        result.b = TensorRef(name: result.name + ".lora_B.weight", held: b, shape: first.b.shape.count == 4 ? [out, total, 1, 1] : [out, total], dtype: first.bType)
-        result.mixer = mixers ? TensorRef(name: result.name + ".lora_AB.weight", held: m, shape: [total, total], dtype: first.mixerType ?? first.aType) : nil
-        result.bias = summedBias(ts)
+        result.alpha = Double(k)
+        result.a = TensorRef(name: result.name + ".lora_A.weight", held: a, shape: [k] + m.inShape, dtype: m.aType)
+        result.b = TensorRef(name: result.name + ".lora_B.weight", held: b, shape: m.b.shape.count == 4 ? [out, k, 1, 1] : [out, k], dtype: m.bType)
+        result.mixer = mixer.map { TensorRef(name: result.name + ".lora_AB.weight", held: $0, shape: [k, k], dtype: m.mixerType ?? m.aType) }
         return result
     }
 
@@ -248,20 +256,12 @@ public enum Combination {
             for x in 0..<n { a[j * n + x] = f * svd.v[x * k + j] }
             for y in 0..<out { b[y * k + j] = f * svd.u[y * k + j] }
         }
-        var result = m
-        result.name = "base_model.model." + m.baseName
-        result.orientation = .peft
-        result.scale = 1
-        result.alpha = Double(k)
-        result.a = TensorRef(name: result.name + ".lora_A.weight", held: a, shape: [k] + m.inShape, dtype: m.aType)
-        result.b = TensorRef(name: result.name + ".lora_B.weight", held: b, shape: m.b.shape.count == 4 ? [out, k, 1, 1] : [out, k], dtype: m.bType)
+        var d: [Double]? = nil
         if form == .moslora {
-            var d = [Double](repeating: 0, count: k * k)
-            for j in 0..<k { d[j * k + j] = svd.s[j] }
-            result.mixer = TensorRef(name: result.name + ".lora_AB.weight", held: d, shape: [k, k], dtype: m.mixerType ?? m.aType)
-        } else {
-            result.mixer = nil
+            d = [Double](repeating: 0, count: k * k)
+            for j in 0..<k { d![j * k + j] = svd.s[j] }
         }
+        let result = rebuilt(m, a: a, b: b, mixer: d, rank: k)
         return result
     }
 }
@@ -293,8 +293,8 @@ enum TaskArithmetic {
                     for j in order[keep...] { t[j] = 0 }
                 }
             case .dareLinear, .dareTies:
-                var rng = SplitMix64(seed: seed &+ UInt64(streams?[i] ?? i))
-                for j in 0..<n { t[j] = rng.nextUnit() < d ? u[j] / d : 0 }
+                var rng = SeededGenerator(seed: seed &+ UInt64(streams?[i] ?? i))
+                for j in 0..<n { t[j] = rng.unit() < d ? u[j] / d : 0 }
             case .cat, .svd:
                 preconditionFailure("not a task-arithmetic method")
             }

@@ -45,7 +45,7 @@ enum LowRank {
         // The GEMM kernel works on 8 columns at a time, so a sketch width rounded up to a multiple of
         // 8 costs nothing more and oversamples a little further.
         let l = max(1, min((k + p + 7) / 8 * 8, m, n))
-        var rng = SplitMix64(seed: seed)
+        var rng = SeededGenerator(seed: seed)
         let omega = buffers.get(0, n * l), y = buffers.get(1, m * l), qt = buffers.get(2, l * m)
         let zt = buffers.get(3, l * n), z = buffers.get(4, n * l)
         for i in 0..<(n * l) { omega[i] = rng.next() & 1 == 0 ? 1 : -1 }
@@ -136,22 +136,4 @@ enum LowRank {
     static func orthonormalize(_ x: inout [Double], length: Int, columns: Int) {
         x.withUnsafeMutableBufferPointer { _ = la_orthonormalize($0.baseAddress, length, columns) }
     }
-}
-
-/// SplitMix64 (Steele, Lea and Flood 2014): a small generator whose stream depends only on its
-/// seed, on every machine.
-struct SplitMix64 {
-    private var state: UInt64
-    init(seed: UInt64) { state = seed }
-
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1) with 53 random bits.
-    mutating func nextUnit() -> Double { Double(next() >> 11) * 0x1p-53 }
 }

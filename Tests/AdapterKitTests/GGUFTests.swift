@@ -255,6 +255,32 @@ struct GGUFWriterTests {
         #expect(adapted == 6, "experts 0 and 2 of three projections carry an update")
     }
 
+    @Test("to-gguf refuses two modules on one llama.cpp tensor (target_parameters and per-expert modules of the same experts)")
+    func twiceAdapted() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        // Both fixtures' tensors in one PEFT folder: the config of the target_parameters one, with the
+        // per-expert modules' leaves added to target_modules.
+        let params = try SafetensorsFile(path: adapterPath("moe-qwen3-moe-params") + "/adapter_model.safetensors")
+        let perExpert = try SafetensorsFile(path: adapterPath("moe-qwen3-moe-per-expert") + "/adapter_model.safetensors")
+        var tensors: [(String, DType, [Int], [UInt8])] = []
+        for f in [params, perExpert] {
+            for e in f.entries where !tensors.contains(where: { $0.0 == e.name }) {
+                tensors.append((e.name, e.dtype, e.shape, try f.withBytes(of: e.name) { Array($0) }))
+            }
+        }
+        try FileManager.default.createDirectory(atPath: dir.file("both"), withIntermediateDirectories: true)
+        try writeSafetensors(dir.file("both/adapter_model.safetensors"), tensors)
+        _ = dir.write("both/adapter_config.json", text: #"{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "gate_proj", "up_proj", "down_proj"], "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]}"#)
+        var o = ConvertOptions()
+        o.base = modelPath("tiny-qwen3-moe")
+        let error = #expect(throws: ProblemList.self) {
+            try AdapterConversion.convertLayout(input: dir.file("both"), output: dir.file("e.gguf"), to: .gguf, options: o)
+        }
+        #expect(error?.problems.contains { $0.contains("two modules of the adapter both adapt blk.0.ffn_gate_exps.weight") } == true, "\(error?.problems ?? [])")
+        #expect(!FileManager.default.fileExists(atPath: dir.file("e.gguf")))
+    }
+
     private func gguf() -> ConvertOptions {
         var o = ConvertOptions()
         o.base = modelPath("tiny-llama")

@@ -308,6 +308,10 @@ extension AdapterWriter {
             notes.append("stacked \(plural(modules.count, "per-expert module")) into \(g).lora_a/lora_b (\(e) experts, rank \(r)\(modules.count < e ? "; experts without a module get a zero update" : ""))")
         }
         if !w.replacements.isEmpty { problems.append("modules_to_save (\(w.replacements.map(\.tensor.name).prefix(3).joined(separator: ", "))) cannot be held by a llama.cpp adapter") }
+        // Two modules on one llama.cpp tensor (a target_parameters module and per-expert modules of
+        // the same experts, say) would write it twice.
+        var names = Set<String>()
+        for t in tensors where !names.insert(t.name).inserted { problems.append("two modules of the adapter both adapt \(t.name.dropLast(".lora_a".count))") }
         guard problems.isEmpty else { throw ProblemList(subject: "to-gguf", problems: problems) }
         let metadata: [(key: String, value: GGUFValue)] = [
             ("general.architecture", .string(b.architecture)), ("general.type", .string("adapter")),

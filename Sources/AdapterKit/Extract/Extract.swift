@@ -311,35 +311,53 @@ public enum Extraction {
         let failure = Locked<(any Error)?>(nil)
         let out = UInt(bitPattern: d), partial = UInt(bitPattern: sums.baseAddress!)
         let (tw, bw) = (t.dtype.byteSize, b.dtype.byteSize)
-        DispatchQueue.concurrentPerform(iterations: min(threads, bands)) { worker in
-            // Each worker reads its bands into two buffers of its own, reused band after band.
-            let tuned = BandReader(ts, t, bytes: band * cols * tw), base = BandReader(bs, b, bytes: band * cols * bw)
-            var i = worker
-            while i < bands, failure.value == nil {
-                let r0 = i * band, r1 = min(rows, r0 + band), n = (r1 - r0) * cols
-                let dst = UnsafeMutablePointer<Double>(bitPattern: out)! + r0 * cols
-                do {
-                    let x = try tuned.read(r0 * cols * tw..<r1 * cols * tw), y = try base.read(r0 * cols * bw..<r1 * cols * bw)
-                    let s: Double
-                    if let (tc, bc) = fast {
-                        s = la_difference(x.baseAddress!, tc, y.baseAddress!, bc, dst, n)
-                    } else {
-                        // Other float types: converted, then subtracted.
-                        var u = [Double](repeating: 0, count: n), v = [Double](repeating: 0, count: n)
-                        u.withUnsafeMutableBufferPointer { ElementConversion.toDouble(t.dtype, x.baseAddress!, $0.baseAddress!, count: n) }
-                        v.withUnsafeMutableBufferPointer { ElementConversion.toDouble(b.dtype, y.baseAddress!, $0.baseAddress!, count: n) }
-                        var acc = 0.0
-                        for j in 0..<n {
-                            dst[j] = u[j] - v[j]
-                            acc += dst[j] * dst[j]
-                        }
-                        s = acc
-                    }
-                    UnsafeMutablePointer<Double>(bitPattern: partial)![i] = s
-                } catch {
-                    failure.set(error)
+        /// Band i from the bytes of its rows of TUNED (x) and BASE (y).
+        let compute: @Sendable (Int, UnsafeRawPointer, UnsafeRawPointer) -> Void = { i, x, y in
+            let r0 = i * band, r1 = min(rows, r0 + band), n = (r1 - r0) * cols
+            let dst = UnsafeMutablePointer<Double>(bitPattern: out)! + r0 * cols
+            var s = 0.0
+            if let (tc, bc) = fast {
+                s = la_difference(x, tc, y, bc, dst, n)
+            } else {
+                // Other float types: converted, then subtracted.
+                var u = [Double](repeating: 0, count: n), v = [Double](repeating: 0, count: n)
+                u.withUnsafeMutableBufferPointer { ElementConversion.toDouble(t.dtype, x, $0.baseAddress!, count: n) }
+                v.withUnsafeMutableBufferPointer { ElementConversion.toDouble(b.dtype, y, $0.baseAddress!, count: n) }
+                for j in 0..<n {
+                    dst[j] = u[j] - v[j]
+                    s += dst[j] * dst[j]
                 }
-                i += threads
+            }
+            UnsafeMutablePointer<Double>(bitPattern: partial)![i] = s
+        }
+        if ts.region(of: t.name) != nil && bs.region(of: b.name) != nil {
+            DispatchQueue.concurrentPerform(iterations: min(threads, bands)) { worker in
+                // Each worker reads its bands into two buffers of its own, reused band after band.
+                let tuned = BandReader(ts, t, bytes: band * cols * tw), base = BandReader(bs, b, bytes: band * cols * bw)
+                var i = worker
+                while i < bands, failure.value == nil {
+                    let r0 = i * band, r1 = min(rows, r0 + band)
+                    do {
+                        let x = try tuned.read(r0 * cols * tw..<r1 * cols * tw), y = try base.read(r0 * cols * bw..<r1 * cols * bw)
+                        compute(i, x.baseAddress!, y.baseAddress!)
+                    } catch {
+                        failure.set(error)
+                    }
+                    i += threads
+                }
+            }
+        } else {
+            // A container that is not read by region (PyTorch zip members, checked and inflated
+            // whole): both tensors once, then the bands from memory (reading each band through the
+            // container would read the whole member once per band).
+            try ts.withBytes(of: t.name) { tuned in
+                try bs.withBytes(of: b.name) { base in
+                    let x = UInt(bitPattern: tuned.baseAddress!), y = UInt(bitPattern: base.baseAddress!)
+                    DispatchQueue.concurrentPerform(iterations: bands) { i in
+                        let r0 = i * band
+                        compute(i, UnsafeRawPointer(bitPattern: x)! + r0 * cols * tw, UnsafeRawPointer(bitPattern: y)! + r0 * cols * bw)
+                    }
+                }
             }
         }
         if let e = failure.value { throw e }

@@ -37,7 +37,7 @@ struct Extract: ParsableCommand {
     var maxRank: Int = 128
 
     @Option(help: "lora: √σ in both factors; moslora: orthonormal factors and σ in a diagonal mixer.")
-    var form: ExtractForm = .lora
+    var form: ResizeForm = .lora
 
     @Flag(help: "A full SVD of every difference instead of the randomized one (slow; for checking).")
     var exact = false
@@ -73,12 +73,7 @@ struct Extract: ParsableCommand {
     var quiet = false
 
     func validate() throws {
-        switch (rank, keepEnergy) {
-        case (nil, nil), (.some, .some): throw ValidationError("give exactly one of --rank and --keep-energy")
-        case (.some(let k), nil) where k < 1: throw ValidationError("--rank must be at least 1")
-        case (nil, .some(let f)) where !(f > 0 && f <= 1): throw ValidationError("--keep-energy must be in (0, 1]")
-        default: break
-        }
+        try validateRankOrEnergy(rank: rank, keepEnergy: keepEnergy)
         if maxRank < 1 { throw ValidationError("--max-rank must be at least 1") }
         if powerIterations < 0 { throw ValidationError("--power-iterations must be at least 0") }
     }
@@ -114,4 +109,3 @@ struct Extract: ParsableCommand {
     }
 }
 
-extension ExtractForm: ExpressibleByArgument {}

@@ -25,14 +25,7 @@ struct Resize: ParsableCommand {
     @Option(help: "lora: √σ in both factors; moslora: orthonormal factors and σ in a diagonal mixer.")
     var form: ResizeForm = .lora
 
-    func validate() throws {
-        switch (rank, keepEnergy) {
-        case (nil, nil), (.some, .some): throw ValidationError("give exactly one of --rank and --keep-energy")
-        case (.some(let k), nil) where k < 1: throw ValidationError("--rank must be at least 1")
-        case (nil, .some(let f)) where !(f > 0 && f <= 1): throw ValidationError("--keep-energy must be in (0, 1]")
-        default: break
-        }
-    }
+    func validate() throws { try validateRankOrEnergy(rank: rank, keepEnergy: keepEnergy) }
 
     func run() throws {
         let target: ResizeTarget = rank.map { .rank($0) } ?? .energy(keepEnergy ?? 1)
@@ -42,5 +35,15 @@ struct Resize: ParsableCommand {
             try writeOutput("\(e.module)\t\(e.rankBefore)\t\(e.rankAfter)\t\(formatFixed(e.energyKept, 6))")
         }
         io.finish(summary)
+    }
+}
+
+/// `--rank K` or `--keep-energy F`, exactly one of them, in range (resize and extract).
+func validateRankOrEnergy(rank: Int?, keepEnergy: Double?) throws {
+    switch (rank, keepEnergy) {
+    case (nil, nil), (.some, .some): throw ValidationError("give exactly one of --rank and --keep-energy")
+    case (.some(let k), nil) where k < 1: throw ValidationError("--rank must be at least 1")
+    case (nil, .some(let f)) where !(f > 0 && f <= 1): throw ValidationError("--keep-energy must be in (0, 1]")
+    default: break
     }
 }

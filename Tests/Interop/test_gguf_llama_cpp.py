@@ -71,20 +71,24 @@ def test_merge_into_the_q8_0_conversion_keeps_q8_0_and_the_update(tmp_path):
     assert np.abs(got - unmerged).max() > 10 * err
 
 
+def quantize_q4_k_m(source, target):
+    import ctypes
+
+    import llama_cpp
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    params.nthread = 1
+    assert llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) == 0
+
+
 def test_merge_into_a_file_llama_cpp_quantized_itself(tmp_path):
     """llama.cpp's own quantizer (llama_model_quantize, Q4_K_M; at hidden 64 it falls back to Q5_0 and
     Q8_0, as it says) makes the base: the merge keeps every tensor's type, and llama.cpp runs the
     result with the logits of transformers on PEFT's merge, within the quantization's own error."""
-    import ctypes
-
     import gguf
-    import llama_cpp
     before, want = peft_adapter(tmp_path / "lora")
     base = tmp_path / "q4_k_m.gguf"
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
-    params.nthread = 1
-    assert llama_cpp.llama_model_quantize(str(GGUF / "tiny-llama-64-f32.gguf").encode(), str(base).encode(), ctypes.byref(params)) == 0
+    quantize_q4_k_m(GGUF / "tiny-llama-64-f32.gguf", base)
     merged = tmp_path / "merged.gguf"
     adapter("merge", "--quiet", base, tmp_path / "lora", merged)
     ours = {t.name: t for t in gguf.GGUFReader(str(merged)).tensors}
@@ -124,16 +128,6 @@ def test_expert_merge_in_llama_cpp_gives_transformers_logits_of_the_peft_merge(t
     for what, got in (("merged", llama_logits(merged)), ("LoRA", llama_logits(base, lora_path=str(lora)))):
         err = np.abs(got - want).max()
         assert err <= 3 * floor + 1e-3 * effect, (what, err, floor, effect)
-
-
-def quantize_q4_k_m(source, target):
-    import ctypes
-
-    import llama_cpp
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
-    params.nthread = 1
-    assert llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) == 0
 
 
 def test_k_quant_base_at_width_256_merged_and_with_the_lora_in_llama_cpp(tmp_path):

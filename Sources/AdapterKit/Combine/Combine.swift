@@ -249,20 +249,8 @@ public enum Combination {
 
     /// The module U·Σ·Vᵀ in the form asked for, named and shaped like `m`, scale 1.
     static func module(from svd: TruncatedSVD, like m: LoRAModule, form: ResizeForm) -> LoRAModule {
-        let k = svd.count, out = svd.rows, n = svd.cols
-        var a = [Double](repeating: 0, count: k * n), b = [Double](repeating: 0, count: out * k)
-        for j in 0..<k {
-            let f = form == .lora ? svd.s[j].squareRoot() : 1
-            for x in 0..<n { a[j * n + x] = f * svd.v[x * k + j] }
-            for y in 0..<out { b[y * k + j] = f * svd.u[y * k + j] }
-        }
-        var d: [Double]? = nil
-        if form == .moslora {
-            d = [Double](repeating: 0, count: k * k)
-            for j in 0..<k { d![j * k + j] = svd.s[j] }
-        }
-        let result = rebuilt(m, a: a, b: b, mixer: d, rank: k)
-        return result
+        let (a, b, mixer) = svd.factors(form)
+        return rebuilt(m, a: a, b: b, mixer: mixer, rank: svd.count)
     }
 }
 

@@ -98,24 +98,11 @@ extension AdapterConversion {
                 let m = w.modules[i]
                 let svd = ModuleSVD(m)
                 let k = svd.keep(target)
-                let n = m.inFeatures, out = m.outFeatures, c = svd.count
-                var a = [Double](repeating: 0, count: k * n)
-                var b = [Double](repeating: 0, count: out * k)
-                for j in 0..<k {
-                    let f = form == .lora ? svd.s[j].squareRoot() : 1
-                    for x in 0..<n { a[j * n + x] = f * svd.v[x * c + j] }
-                    for y in 0..<out { b[y * k + j] = f * svd.u[y * c + j] }
-                }
+                let (a, b, mixer) = TruncatedSVD(u: svd.u, s: svd.s, v: svd.v, rows: m.outFeatures, cols: m.inFeatures).prefix(k).factors(form)
                 var new = m
                 new.heldA = a
                 new.heldB = b
-                if form == .moslora {
-                    var d = [Double](repeating: 0, count: k * k)
-                    for j in 0..<k { d[j * k + j] = svd.s[j] }
-                    new.heldMixer = d
-                } else {
-                    new.heldMixer = nil
-                }
+                new.heldMixer = mixer
                 if m.magnitude != nil { dora += 1 }
                 w.modules[i] = new
                 summary.energies.append(.init(module: (m.component.map { $0 + ":" } ?? "") + m.baseName, rankBefore: m.rank, rankAfter: k,

@@ -9,17 +9,11 @@ public enum ExtractTarget: Sendable {
     case energy(Double, maxRank: Int)
 }
 
-/// What `extract` writes (docs/formats.md §12).
-public enum ExtractForm: String, Sendable, CaseIterable {
-    /// PEFT LoRA: B = U·√Σ, A = √Σ·Vᵀ, alpha = r.
-    case lora
-    /// MoSLoRA in the original code's `lora_AB` layout: B = U, M = Σ (diagonal), A = Vᵀ.
-    case moslora
-}
-
 public struct ExtractOptions: Sendable {
     public var target: ExtractTarget = .rank(16)
-    public var form: ExtractForm = .lora
+    /// lora: B = U·√Σ, A = √Σ·Vᵀ, alpha = r; moslora: B = U, M = Σ (diagonal), A = Vᵀ in the
+    /// original code's `lora_AB` layout (docs/formats.md §12).
+    public var form: ResizeForm = .lora
     /// A full SVD of every difference instead of the randomized one (slow: for checking).
     public var exact = false
     /// Only modules whose name this matches (searched anywhere in it, as Python's `re.search`).
@@ -91,24 +85,6 @@ public struct ExtractSummary: Sendable {
         let total = modules.reduce(0) { $0 + $1.norm * $1.norm }
         return total > 0 ? modules.reduce(0) { $0 + $1.energyKept * $1.norm * $1.norm } / total : 1
     }
-}
-
-/// One Float64 buffer reused for every difference (grown when a larger one comes): no fresh pages
-/// to fault in and zero for each module.
-final class Workspace {
-    private var buffer: UnsafeMutablePointer<Double>?
-    private var capacity = 0
-
-    func reserve(_ count: Int) -> UnsafeMutablePointer<Double> {
-        if count > capacity {
-            buffer?.deallocate()
-            buffer = .allocate(capacity: max(1, count))
-            capacity = count
-        }
-        return buffer!
-    }
-
-    deinit { buffer?.deallocate() }
 }
 
 /// Reads byte ranges of one tensor into a buffer of its own, reused for every range: straight
@@ -197,9 +173,9 @@ public enum Extraction {
         var savedLeaves: [String] = []
         let total = tuned.tensors.reduce(0) { $0 + $1.entry.byteCount }
         var read = 0
-        let workspace = Workspace()
         let spill = try SpillFile(in: parentPath(output))
-        let sketches = LowRank.Buffers()
+        // Reused from module to module: the difference (slot 0 of `difference`) and the sketches.
+        let difference = LowRank.Buffers(), sketches = LowRank.Buffers()
         for (t, ti) in tuned.tensors {
             let (b, bi) = base.tensor(t.name)!
             let bStore = base.files[bi], tStore = tuned.files[ti]
@@ -236,32 +212,29 @@ public enum Extraction {
                 continue
             }
             let rows = t.shape[0], cols = t.elementCount / rows
-            let d = workspace.reserve(rows * cols)
-            let normSquared = try difference(b, bStore, t, tStore, rows: rows, cols: cols, into: d, threads: options.threads)
+            let d = difference.get(0, rows * cols)
+            let normSquared = try Self.difference(b, bStore, t, tStore, rows: rows, cols: cols, into: d, threads: options.threads)
             summary.bytesRead += 2 * t.byteCount
             // NaN compares false with everything: checked before the test for an unchanged tensor.
             guard normSquared.isFinite else { throw InputError(tunedPath, "\(t.name): TUNED − BASE is not finite (NaN or infinity in a weight)") }
             guard normSquared > 0 else { summary.unchanged += 1; continue }
             let seed = options.seed ^ fnv1a(module)
-            let svd: TruncatedSVD
-            let k: Int
+            // The sketch: the rank asked for, or for --keep-energy the most it may keep.
+            let sketch: Int
             switch options.target {
-            case .rank(let want):
-                k = min(want, rows, cols)
-                svd = options.exact ? LowRank.exact(Array(UnsafeBufferPointer(start: d, count: rows * cols)), rows: rows, cols: cols)
-                    : LowRank.randomized(d, rows: rows, cols: cols, rank: k, oversampling: options.oversampling, powerIterations: options.powerIterations,
-                                         seed: seed, threads: options.threads, buffers: sketches)
-            case .energy(let f, let cap):
-                let limit = min(cap, rows, cols)
-                svd = options.exact ? LowRank.exact(Array(UnsafeBufferPointer(start: d, count: rows * cols)), rows: rows, cols: cols)
-                    : LowRank.randomized(d, rows: rows, cols: cols, rank: limit, oversampling: options.oversampling,
-                                         powerIterations: options.powerIterations, seed: seed, threads: options.threads, buffers: sketches)
-                var acc = 0.0, chosen = limit
-                for (i, s) in svd.s.prefix(limit).enumerated() {
+            case .rank(let want): sketch = min(want, rows, cols)
+            case .energy(_, let cap): sketch = min(cap, rows, cols)
+            }
+            let svd = options.exact ? LowRank.exact(Array(UnsafeBufferPointer(start: d, count: rows * cols)), rows: rows, cols: cols)
+                : LowRank.randomized(d, rows: rows, cols: cols, rank: sketch, oversampling: options.oversampling, powerIterations: options.powerIterations,
+                                     seed: seed, threads: options.threads, buffers: sketches)
+            var k = sketch
+            if case .energy(let f, _) = options.target {
+                var acc = 0.0
+                for (i, s) in svd.s.prefix(sketch).enumerated() {
                     acc += s * s
-                    if acc >= f * normSquared * (1 - 1e-12) { chosen = i + 1; break }
+                    if acc >= f * normSquared * (1 - 1e-12) { k = i + 1; break }
                 }
-                k = chosen
             }
             let kept = svd.s.prefix(k).reduce(0) { $0 + $1 * $1 }
             let fraction = min(1, kept / normSquared)
@@ -380,25 +353,15 @@ public enum Extraction {
 
     /// The module for one truncated SVD, in the form asked for, its factors rounded once into `dtype`
     /// and written to `spill` (the module refers to them there).
-    static func factors(_ svd: TruncatedSVD, module: String, shape: [Int], form: ExtractForm, dtype: DType, spill: SpillFile) throws -> LoRAModule {
+    static func factors(_ svd: TruncatedSVD, module: String, shape: [Int], form: ResizeForm, dtype: DType, spill: SpillFile) throws -> LoRAModule {
         let k = svd.count, rows = svd.rows, cols = svd.cols
-        var a = [Double](repeating: 0, count: k * cols), b = [Double](repeating: 0, count: rows * k)
-        for j in 0..<k {
-            let f = form == .lora ? svd.s[j].squareRoot() : 1
-            for x in 0..<cols { a[j * cols + x] = f * svd.v[x * k + j] }
-            for y in 0..<rows { b[y * k + j] = f * svd.u[y * k + j] }
-        }
+        let (a, b, m) = svd.factors(form)
         let name = "base_model.model." + module
         let conv = shape.count == 4
         let kind: LayerKind = !conv ? .linear : (shape[2] == 1 && shape[3] == 1 ? .conv1x1 : .convKxK)
         let aShape = conv ? [k] + shape.dropFirst() : [k, cols]
         let bShape = conv ? [rows, k, 1, 1] : [rows, k]
-        var mixer: TensorRef? = nil
-        if form == .moslora {
-            var m = [Double](repeating: 0, count: k * k)
-            for j in 0..<k { m[j * k + j] = svd.s[j] }
-            mixer = try spill.append(name + ".lora_AB.weight", m, shape: [k, k], dtype: dtype)
-        }
+        let mixer = try m.map { try spill.append(name + ".lora_AB.weight", $0, shape: [k, k], dtype: dtype) }
         return LoRAModule(name: name, baseName: module, component: nil, kind: kind,
                           a: try spill.append(name + ".lora_A.weight", a, shape: aShape, dtype: dtype), mixer: mixer,
                           b: try spill.append(name + ".lora_B.weight", b, shape: bShape, dtype: dtype),

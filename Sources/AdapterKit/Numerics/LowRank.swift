@@ -11,6 +11,23 @@ struct TruncatedSVD: Sendable {
     let cols: Int
     var count: Int { s.count }
 
+    /// The factors of U·Σ·Vᵀ as a module holds them: A (k × cols), B (rows × k) and, for
+    /// `.moslora`, the mixer diag(σ) (k × k). `.lora` splits √σ into both factors; `.moslora`
+    /// keeps A = Vᵀ and B = U orthonormal.
+    func factors(_ form: ResizeForm) -> (a: [Double], b: [Double], mixer: [Double]?) {
+        let k = count
+        var a = [Double](repeating: 0, count: k * cols), b = [Double](repeating: 0, count: rows * k)
+        for j in 0..<k {
+            let f = form == .lora ? s[j].squareRoot() : 1
+            for x in 0..<cols { a[j * cols + x] = f * v[x * k + j] }
+            for y in 0..<rows { b[y * k + j] = f * u[y * k + j] }
+        }
+        guard form == .moslora else { return (a, b, nil) }
+        var m = [Double](repeating: 0, count: k * k)
+        for j in 0..<k { m[j * k + j] = s[j] }
+        return (a, b, m)
+    }
+
     /// The first `k` singular triplets.
     func prefix(_ k: Int) -> TruncatedSVD {
         let c = count

@@ -23,9 +23,11 @@ let package = Package(
         .target(name: "CGuardedRead"),
         // Float64 GEMM, LU and bidiagonalisation for large mixers, AVX2/FMA chosen at run time.
         .target(name: "CLinearAlgebra"),
+        // SHA-256 for the manifests of split merges, with the x86 SHA extensions chosen at run time.
+        .target(name: "CHash"),
         .target(
             name: "AdapterKit",
-            dependencies: ["CZlib", "CMergeKernel", "CGuardedRead", "CLinearAlgebra"],
+            dependencies: ["CZlib", "CMergeKernel", "CGuardedRead", "CLinearAlgebra", "CHash"],
             // The fault-injection hooks (System/TestHooks.swift) exist in debug builds only.
             swiftSettings: [.define("ADAPTER_TEST_HOOKS", .when(configuration: .debug))]
         ),

@@ -10,7 +10,7 @@ struct AdapterCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "adapter",
         abstract: "Inspect, merge and convert LoRA and MoSLoRA checkpoints.",
-        version: "0.1.0",
+        version: AdapterVersion.string,
         subcommands: [Inspect.self, Merge.self, Convert.self, Resize.self, Extract.self, Combine.self]
     )
 
@@ -32,6 +32,10 @@ struct AdapterCommand: ParsableCommand {
             // A signal during a commit, acted on once OUT was consistent again.
             writeError("adapter: " + interrupted.message)
             Foundation.exit(128 + interrupted.signal)
+        } catch let parts as PartsNotReady {
+            // A split merge that cannot be finished: one line per part that is missing or wrong.
+            for line in parts.lines { writeError("adapter: error: \(oneLine(line))") }
+            Foundation.exit(1)
         } catch let failure as AdapterError {
             // A refused input or operation: status 1. If a signal's cleanup is under way (this
             // error may be its doing), this waits for it to report and end the process.

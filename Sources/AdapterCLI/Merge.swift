@@ -52,12 +52,20 @@ struct Merge: ParsableCommand {
     @Option(help: "Kernel threads (default: all cores).")
     var threads: Int?
 
+    @Option(help: ArgumentHelp("Write only part I of N of the output's shards into a staging folder beside OUT (.OUT.parts/), with a manifest of checksums; run every part (on any machines that share the folder), then --finish.", valueName: "I/N"))
+    var part: MergePart?
+
+    @Flag(help: "Check the staged parts of a split merge (--part) and assemble OUT from them; the same inputs and options as the parts.")
+    var finish = false
+
     @Option(help: ArgumentHelp("For a quantized base: write every quantized weight dequantized in this dtype, without scales or quantization_config, instead of requantizing the merged ones.", valueName: "dtype"))
     var dtype: DequantizedDType?
 
     func validate() throws {
         guard weight.isFinite else { throw ValidationError("--weight must be a finite number") }
         if let threads, threads < 1 { throw ValidationError("--threads must be at least 1") }
+        if part != nil && finish { throw ValidationError("--part writes one part and --finish assembles them: give one of the two") }
+        if finish && report { throw ValidationError("--report applies to the parts, which merge; --finish only assembles them") }
     }
 
     func run() throws {
@@ -88,14 +96,42 @@ struct Merge: ParsableCommand {
         for input in inputs where !quiet {
             for w in input.adapter.warnings { writeError("adapter: warning: \(input.adapter.path): \(w)") }
         }
+        if let part {
+            let result = try plan.writePart(part, output: out, options: options)
+            progress.finish()
+            try report(part: result, inputs: inputs, rounded: Set(plan.changedTensorDTypes).intersection([.bf16, .f16]))
+            return
+        }
+        if finish {
+            let (summary, parts) = try plan.finishParts(output: out, options: options)
+            progress.finish()
+            if !quiet {
+                for n in summary.notes { writeError("adapter: note: \(n)") }
+                writeError("adapter: finished \(out) from \(parts == 1 ? "1 part" : "\(parts) parts"): checked and placed \(plural(checkpoint.files.count, "shard"))\(summary.filesCopied > 0 ? ", copied \(plural(summary.filesCopied, "other file"))" : ""), \(formatBytes(summary.bytesWritten, exact: false)) in \(formatFixed(summary.seconds, 2)) s")
+            }
+            return
+        }
         let summary = try plan.write(to: out, options: options)
         progress.finish()
         try finish(summary, inputs: inputs, rounded: Set(plan.changedTensorDTypes).intersection([.bf16, .f16]))
     }
 
+    /// A part's report: what it merged and where it staged it, or that it was already there.
+    private func report(part result: PartSummary, inputs: [MergeInput], rounded: Set<DType>) throws {
+        let files = plural(result.files.count, "shard")
+        guard result.wrote else {
+            if !quiet { writeError("adapter: part \(result.part): already staged in \(result.staging) (\(files), checksums match); nothing to do") }
+            return
+        }
+        var summary = result.merge
+        summary.notes.append("part \(result.part) staged \(files) in \(result.staging); when every part is done: adapter merge --finish with the same inputs")
+        try finish(summary, inputs: inputs, rounded: rounded, prefix: "part \(result.part): ")
+    }
+
     /// A GGUF base: llama.cpp names, each tensor kept in its GGML type (or --dtype's).
     private func mergeGGUF(_ inputs: [MergeInput]) throws {
         if !components.isEmpty || !skipFiles.isEmpty { throw ValidationError("--component and --skip-file do not apply to a GGUF base") }
+        if part != nil || finish { throw ValidationError("--part and --finish split a safetensors merge by its shards; a GGUF base is one file, merged in one process") }
         try OutputRules.check(out, kind: .file, inputs: [base] + inputs.flatMap { [$0.adapter.path] + $0.adapter.inputFiles }, force: force)
         let plan = try GGUFMergePlan(base: base, inputs: inputs, dropUnknown: dropUnknown, dequantize: dtype?.dtype)
         var options = MergeRunOptions()
@@ -110,7 +146,7 @@ struct Merge: ParsableCommand {
         try finish(summary, inputs: inputs, rounded: [])
     }
 
-    private func finish(_ summary: MergeSummary, inputs: [MergeInput], rounded: Set<DType>) throws {
+    private func finish(_ summary: MergeSummary, inputs: [MergeInput], rounded: Set<DType>, prefix: String = "") throws {
         if report {
             // Merges into quantized weights add a column: the part of the update requantization kept.
             let quantized = summary.reports.contains { $0.kept != nil }
@@ -125,7 +161,7 @@ struct Merge: ParsableCommand {
             if inputs.contains(where: { $0.weight < 0 }), let dtype = rounded.sorted().first {
                 writeError("adapter: note: a negative weight undoes a merge only up to rounding: the merge rounded W + Δ once into \(dtype.rawValue) and this rounds again, so some elements end one rounding (half a \(dtype.rawValue) step of max(|W|, |W'|)) from the original base; --report shows per tensor how much of the update survived")
             }
-            writeError("adapter: " + summary.line)
+            writeError("adapter: " + prefix + summary.line)
         }
     }
 }
@@ -181,6 +217,10 @@ final class ProgressBar: @unchecked Sendable {
         guard enabled else { return }
         StandardStreams.writeError("\r\u{1B}[K")
     }
+}
+
+extension MergePart: ExpressibleByArgument {
+    public init?(argument: String) { self.init(argument) }
 }
 
 /// The dtypes a dequantized model is written in (`merge --dtype`).

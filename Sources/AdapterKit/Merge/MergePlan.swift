@@ -52,6 +52,9 @@ public struct MergePlan: Sendable {
     /// The dtype quantized weights are written in, when the merge dequantizes (`--dtype`).
     public private(set) var dequantizedTo: DType? = nil
 
+    /// The options the plan was made with (a split merge's parts and finish compare their digests).
+    public private(set) var options = MergeOptions()
+
     /// Adapter modules merged (a `target_parameters` module counts once however many experts it holds).
     public let moduleCount: Int
     /// Low-rank updates added: one per module, or one per expert (and gate / up part) of an expert module.
@@ -74,6 +77,7 @@ public struct MergePlan: Sendable {
     public init(base: Checkpoint, inputs: [MergeInput], options: MergeOptions = MergeOptions()) throws {
         self.base = base
         self.inputs = inputs
+        self.options = options
         var problems: [String] = []
         var notes: [String] = []
         var changes: [String: TensorEdit] = [:]

@@ -45,7 +45,10 @@ struct OutputAssembly {
         executor.plan = plan
     }
 
-    mutating func run() throws -> MergeSummary {
+    /// Writes OUT. With `staged` (a split merge's finish), shard i is not computed but taken from
+    /// the file `staged[i]` a part wrote (hard-linked where the file system allows, else copied);
+    /// everything else is done exactly as in a one-process merge, so the bytes are the same.
+    mutating func run(staged: [String]? = nil) throws -> MergeSummary {
         let start = DispatchTime.now()
         let base = plan.base
         summary.notes = plan.notes
@@ -65,7 +68,13 @@ struct OutputAssembly {
                 var shapesChanged = false
                 for (i, name) in base.fileNames.enumerated() {
                     try Self.makeParentFolders(of: name, in: out.temporaryPath)
-                    shapesChanged = try writeShard(i, to: joinPath(out.temporaryPath, Self.outputName(name, base.files[i]))) || shapesChanged
+                    let path = joinPath(out.temporaryPath, Self.outputName(name, base.files[i]))
+                    if let staged {
+                        try place(staged[i], at: path)
+                        shapesChanged = Self.outputSpecs(plan, base.files[i]).changed || shapesChanged
+                    } else {
+                        shapesChanged = try writeShard(i, to: path) || shapesChanged
+                    }
                 }
                 if let indexName = base.indexFileName {
                     try writeIndex(from: joinPath(base.path, indexName), to: joinPath(out.temporaryPath, indexName), regenerate: shapesChanged)
@@ -75,7 +84,15 @@ struct OutputAssembly {
                 try syncWrittenFiles()
                 if options.sync { FileSystem.syncDirectory(out.temporaryPath) }
             } else {
-                _ = try writeShard(0, to: out.temporaryPath, descriptor: out.file)
+                if let staged {
+                    let source = try FileDescriptor.openForReading(staged[0])
+                    let size = try source.status().size
+                    try out.file!.copy(from: source, offset: 0, count: size)
+                    written += size
+                    shardPaths.append(out.temporaryPath)
+                } else {
+                    _ = try writeShard(0, to: out.temporaryPath, descriptor: out.file)
+                }
                 try pipeline.drain()
                 TestHook.phase("before-fsync")
                 try syncWrittenFiles()
@@ -94,6 +111,52 @@ struct OutputAssembly {
         summary.modulesMerged = plan.moduleCount
         summary.updatesMerged = plan.updateCount
         return summary
+    }
+
+    /// A split merge's part: writes the shards `indices` of the base into `folder` under their
+    /// names in OUT (`fileName` for a one-file base), flushes them with `options.sync`, and returns
+    /// their paths relative to `folder`.
+    mutating func writeShards(_ indices: [Int], into folder: String, fileName: String) throws -> [String] {
+        let start = DispatchTime.now()
+        var names: [String] = []
+        do {
+            for i in indices {
+                let name = plan.base.isFolder ? Self.outputName(plan.base.fileNames[i], plan.base.files[i]) : fileName
+                try Self.makeParentFolders(of: name, in: folder)
+                _ = try writeShard(i, to: joinPath(folder, name))
+                names.append(name)
+            }
+            try pipeline.drain()
+            TestHook.phase("before-fsync")
+            try syncWrittenFiles()
+        } catch {
+            try? pipeline.drain()
+            throw error
+        }
+        summary.seconds = Double(DispatchTime.now().uptimeNanoseconds - start.uptimeNanoseconds) / 1e9
+        return names
+    }
+
+    /// What a part's writes add up to, once `writeShards` returned.
+    var partSummary: MergeSummary {
+        var s = summary
+        s.reports = executor.reports
+        s.notes = Self.retentionNotes(executor.retained)
+        s.bytesWritten = written
+        return s
+    }
+
+    /// Puts a staged shard at `path`: a second name for the same file where the file system allows
+    /// (no bytes copied), else a copy.
+    private mutating func place(_ staged: String, at path: String) throws {
+        switch FileSystem.hardLink(staged, to: path) {
+        case .done:
+            break
+        case .failed, .unsupported:
+            try FileDescriptor.copyFile(RawPath(staged), to: RawPath(path), followingLink: false, sync: false)
+        }
+        written += FileSystem.treeSize(path)
+        shardPaths.append(path)
     }
 
     /// config.json of a dequantized model: `quantization_config` removed (plain transformers then
@@ -196,23 +259,30 @@ struct OutputAssembly {
         })
     }
 
-    /// Writes shard `index` of the base with its changes; returns whether any tensor changed shape.
-    ///
-    /// The writer is used only from the pipeline's queue once created; this thread computes.
-    private mutating func writeShard(_ index: Int, to path: String, descriptor: FileDescriptor? = nil) throws -> Bool {
-        let store = plan.base.files[index]
-        var shapeChanged = false
+    /// The tensors of a base file's output shard, the base name of each, and whether any was
+    /// dropped, renamed, or changed shape or dtype (then the index is regenerated).
+    static func outputSpecs(_ plan: MergePlan, _ store: any TensorContainer) -> (specs: [TensorSpec], baseNames: [String: String], changed: Bool) {
+        var changed = false
         var baseNames: [String: String] = [:]
         let specs = store.entries.filter { !plan.dropped.contains($0.name) }.map { t -> TensorSpec in
             let edit = plan.changes[t.name]
             let shape = edit?.outputShape ?? t.shape
             let dtype = edit?.outputDType ?? t.dtype
             let name = edit?.writtenName ?? t.name
-            if shape != t.shape || dtype != t.dtype || name != t.name { shapeChanged = true }
+            if shape != t.shape || dtype != t.dtype || name != t.name { changed = true }
             baseNames[name] = t.name
             return TensorSpec(name: name, dtype: dtype, shape: shape)
         }
-        if specs.count != store.entries.count { shapeChanged = true }
+        if specs.count != store.entries.count { changed = true }
+        return (specs, baseNames, changed)
+    }
+
+    /// Writes shard `index` of the base with its changes; returns whether any tensor changed shape.
+    ///
+    /// The writer is used only from the pipeline's queue once created; this thread computes.
+    private mutating func writeShard(_ index: Int, to path: String, descriptor: FileDescriptor? = nil) throws -> Bool {
+        let store = plan.base.files[index]
+        let (specs, baseNames, shapeChanged) = Self.outputSpecs(plan, store)
         let layout = try SafetensorsLayout(tensors: specs, metadata: store.metadataForSafetensors, file: path)
         let fd = try descriptor ?? FileDescriptor.createExclusive(path)
         let writer = try SafetensorsWriter(layout: layout, output: fd)

@@ -82,7 +82,7 @@ public func formatFixed(_ v: Double, _ digits: Int) -> String {
 }
 
 /// "1 module", "3 modules".
-func plural(_ n: Int, _ noun: String, _ nouns: String? = nil) -> String {
+public func plural(_ n: Int, _ noun: String, _ nouns: String? = nil) -> String {
     "\(n) \(n == 1 ? noun : nouns ?? noun + "s")"
 }
 

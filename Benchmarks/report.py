@@ -22,11 +22,12 @@ TOOLS = {  # key: (label in tables, label in the chart)
     "adapter_merge_nosync": ("`adapter merge --no-sync`", "adapter merge --no-sync"),
     "cp": ("`cp -r`", "cp -r"),
     "cp_sync": ("`cp -r && sync`", "cp -r && sync"),
+    "adapter_parts2": ("`adapter merge --part 1/2` ‖ `--part 2/2`, then `--finish` (fsync)", "adapter 2 parts + finish"),
     "numpy_merge": ("numpy + safetensors script", "numpy + safetensors"),
     "peft_merge": ("PEFT merge_and_unload + save_pretrained (plain-LoRA twin)", "PEFT (plain-LoRA twin)"),
 }
 COLORS = {"adapter_merge": (31, 119, 180), "adapter_merge_nosync": (23, 190, 207), "cp": (127, 127, 127),
-          "cp_sync": (0, 0, 0), "numpy_merge": (255, 127, 14), "peft_merge": (214, 39, 40)}
+          "cp_sync": (0, 0, 0), "adapter_parts2": (148, 103, 189), "numpy_merge": (255, 127, 14), "peft_merge": (214, 39, 40)}
 TARGET_SIZE = 2.0
 
 

@@ -58,7 +58,7 @@ MODELS="$WORK/models" OUT="$WORK/out" TIMEFILE="$WORK/time.txt" LOGS="$WORK/logs
 PYENV=(env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
        TOKENIZERS_PARALLELISM=false)
 
-cleanup() { rm -rf "$MODELS" "$OUT" "$WORK"/verify-* "$TIMEFILE"; }
+cleanup() { rm -rf "$MODELS" "$OUT" "$WORK/.out.parts" "$WORK"/verify-* "$TIMEFILE"; }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
@@ -179,7 +179,7 @@ done
 rm -rf "$MODELS"
 
 # ---------------------------------------------------------------- merge: wall time and peak memory
-TOOLS=(adapter_merge adapter_merge_nosync cp cp_sync)
+TOOLS=(adapter_merge adapter_merge_nosync cp cp_sync adapter_parts2)
 [ "$NUMPY" = 1 ] && TOOLS+=(numpy_merge)
 [ "$PEFT" = 1 ] && TOOLS+=(peft_merge)
 printf 'size_gb\tlayers\tshards\tmodel_bytes\tlargest_tensor\tlargest_bytes\tadapter_bytes\tlora_bytes\tgenerate_s\n' > "$RAW/sizes.tsv"
@@ -190,6 +190,8 @@ run_tool() {  # TOOL SIZE RUN (into section $SECTION: merge, or verify for the u
     case $1 in
         adapter_merge) measure "$SECTION" "$2" "$1" "$3" -- "$ADAPTER" merge "$base" "$moslora" "$OUT" ;;
         adapter_merge_nosync) measure "$SECTION" "$2" "$1" "$3" -- "$ADAPTER" merge "$base" "$moslora" "$OUT" --no-sync ;;
+        # A split merge as a cluster would run it, here on one machine: both parts at once, then the finish.
+        adapter_parts2) measure "$SECTION" "$2" "$1" "$3" -- sh -c '"$0" merge "$1" "$2" "$3" --part 1/2 --quiet & "$0" merge "$1" "$2" "$3" --part 2/2 --quiet; s=$?; wait $! && [ $s = 0 ] && "$0" merge "$1" "$2" "$3" --finish --quiet' "$ADAPTER" "$base" "$moslora" "$OUT" ;;
         cp) measure "$SECTION" "$2" "$1" "$3" -- cp -r "$base" "$OUT" ;;
         cp_sync) measure "$SECTION" "$2" "$1" "$3" -- sh -c 'cp -r "$0" "$1" && sync' "$base" "$OUT" ;;
         numpy_merge) measure "$SECTION" "$2" "$1" "$3" -- "${PYENV[@]}" python3 Benchmarks/numpy_merge.py "$base" "$moslora" "$OUT" ;;
@@ -248,9 +250,9 @@ EOF
     for run in $(seq 1 "$RUNS"); do
         for j in $(seq 0 $((n - 1))); do
             tool=${TOOLS[$(( (j + run - 1) % n ))]}
-            rm -rf "$OUT"; sync
+            rm -rf "$OUT" "$WORK/.out.parts"; sync
             run_tool "$tool" "$size" "$run" || true
-            rm -rf "$OUT"; sync
+            rm -rf "$OUT" "$WORK/.out.parts"; sync
         done
         log "  $size GB round $run/$RUNS done ($(( EPOCHSECONDS - START )) s elapsed)"
     done

@@ -32,6 +32,9 @@ struct OutputAssembly {
     private let total: Int
     /// Shards written, to be flushed together at the end.
     private var shardPaths: [String] = []
+    /// Hash every shard as it is written (a split merge's part), into `writers` for `checksums`.
+    var hashing = false
+    private var writers: [SafetensorsWriter] = []
     /// Four 8 MiB buffers: writes of one block overlap the computation of the next.
     private let pipeline = WritePipeline(buffers: 4, blockBytes: 8 << 20)
     private let executor: MergeExecutor
@@ -135,6 +138,11 @@ struct OutputAssembly {
         }
         summary.seconds = Double(DispatchTime.now().uptimeNanoseconds - start.uptimeNanoseconds) / 1e9
         return names
+    }
+
+    /// With `hashing`, once `writeShards` returned: the size and SHA-256 of each shard written, in order.
+    var checksums: [(size: Int, digest: String)] {
+        writers.map { ($0.layout.fileSize, $0.sha256!) }
     }
 
     /// What a part's writes add up to, once `writeShards` returned.
@@ -285,7 +293,8 @@ struct OutputAssembly {
         let (specs, baseNames, shapeChanged) = Self.outputSpecs(plan, store)
         let layout = try SafetensorsLayout(tensors: specs, metadata: store.metadataForSafetensors, file: path)
         let fd = try descriptor ?? FileDescriptor.createExclusive(path)
-        let writer = try SafetensorsWriter(layout: layout, output: fd)
+        let writer = try SafetensorsWriter(layout: layout, output: fd, hashing: hashing)
+        if hashing { writers.append(writer) }
         written += layout.headerBytes.count
         let handoff = Handoff(value: writer as any TensorFileWriter)
         let progress = options.progress

@@ -97,16 +97,27 @@ public final class SafetensorsWriter: TensorFileWriter {
     private var written = 0
     private var buffer: UnsafeMutableRawBufferPointer
     private var buffered = 0
+    /// With `hashing`: the SHA-256 of every byte written so far, and the buffer copies go through.
+    private var hash: SHA256?
+    private var copyBuffer: UnsafeMutableRawBufferPointer?
+    /// With `hashing`, once `finish` returned: the file's SHA-256 (a split merge's manifest).
+    public private(set) var sha256: String?
 
-    /// Writes the header to `output` immediately.
-    public init(layout: SafetensorsLayout, output: FileDescriptor) throws {
+    /// Writes the header to `output` immediately. With `hashing`, every byte is hashed on its way
+    /// out (region copies then go through this process instead of the kernel), so the file's
+    /// checksum needs no second read.
+    public init(layout: SafetensorsLayout, output: FileDescriptor, hashing: Bool = false) throws {
         self.layout = layout
         self.output = output
         self.buffer = .allocate(byteCount: 1 << 20, alignment: 64)
+        if hashing { hash = SHA256() }
         try layout.headerBytes.withUnsafeBytes { try append(raw: $0) }
     }
 
-    deinit { buffer.deallocate() }
+    deinit {
+        buffer.deallocate()
+        copyBuffer?.deallocate()
+    }
 
     private var dataWritten: Int { written - layout.headerBytes.count }
 
@@ -115,6 +126,7 @@ public final class SafetensorsWriter: TensorFileWriter {
             throw SafetensorsWriteError(file: output.path, problem: "more bytes given than the tensors hold")
         }
         written += bytes.count
+        hash?.update(bytes)
         if bytes.count >= buffer.count {
             try flush()
             try output.writeAll(bytes)
@@ -142,7 +154,22 @@ public final class SafetensorsWriter: TensorFileWriter {
             throw SafetensorsWriteError(file: output.path, problem: "more bytes given than the tensors hold")
         }
         try flush()
-        try output.copy(from: source, offset: offset, count: count)
+        if hash != nil {
+            let chunk = copyBuffer ?? .allocate(byteCount: 8 << 20, alignment: 64)
+            copyBuffer = chunk
+            var done = 0
+            while done < count {
+                let n = min(chunk.count, count - done)
+                let got = try source.read(into: UnsafeMutableRawBufferPointer(rebasing: chunk[0..<n]), at: offset + done)
+                guard got == n else { throw InputError(source.path, "the file shrank while being read") }
+                let piece = UnsafeRawBufferPointer(rebasing: chunk[0..<n])
+                hash!.update(piece)
+                try output.writeAll(piece)
+                done += n
+            }
+        } else {
+            try output.copy(from: source, offset: offset, count: count)
+        }
         written += count
     }
 
@@ -156,6 +183,10 @@ public final class SafetensorsWriter: TensorFileWriter {
         try flush()
         guard written == layout.fileSize else {
             throw SafetensorsWriteError(file: output.path, problem: "only \(written) of \(layout.fileSize) bytes were given")
+        }
+        if var h = hash {
+            sha256 = h.finish()
+            hash = nil
         }
     }
 }

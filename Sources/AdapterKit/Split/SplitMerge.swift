@@ -139,9 +139,10 @@ extension MergePlan {
         var files: [PartManifest.File] = []
         do {
             var assembly = OutputAssembly(plan: self, output: output, options: options)
+            assembly.hashing = true  // hashed on the way out: no second read of what was written
             let names = try assembly.writeShards(shards, into: out.temporaryPath, fileName: fileName)
             let merged = assembly.partSummary
-            files = try Self.checksums(names.map { joinPath(out.temporaryPath, $0) }).enumerated().map {
+            files = assembly.checksums.enumerated().map {
                 PartManifest.File(name: names[$0.offset], bytes: $0.element.size, sha256: $0.element.digest)
             }
             if options.sync { FileSystem.syncDirectory(out.temporaryPath) }
@@ -272,9 +273,15 @@ extension MergePlan {
     /// instead of an error.
     static func checksums(_ paths: [String], tolerant: Bool = false) throws -> [(size: Int, digest: String)?] {
         let results = ChecksumResults(count: paths.count)
-        DispatchQueue.concurrentPerform(iterations: paths.count) { k in
-            if tolerant && FileSystem.entryKind(paths[k]) != .file { return }
-            results.set(k, Result { try SHA256.file(paths[k]) })
+        // One read buffer per worker, reused from file to file.
+        let workers = min(paths.count, max(1, ProcessInfo.processInfo.activeProcessorCount))
+        DispatchQueue.concurrentPerform(iterations: workers) { _ in
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 8 << 20, alignment: 64)
+            defer { buffer.deallocate() }
+            while let k = results.claim() {
+                if tolerant && FileSystem.entryKind(paths[k]) != .file { continue }
+                results.set(k, Result { try SHA256.file(paths[k], buffer: buffer) })
+            }
         }
         return try results.values.map { try $0?.get() }
     }
@@ -287,7 +294,15 @@ extension MergePlan {
 private final class ChecksumResults: @unchecked Sendable {
     private let lock = NSLock()
     private(set) var values: [Result<(size: Int, digest: String), Error>?]
+    private var next = 0
     init(count: Int) { values = Array(repeating: nil, count: count) }
+    /// The next file to hash, for whichever worker is free.
+    func claim() -> Int? {
+        lock.lock(); defer { lock.unlock() }
+        guard next < values.count else { return nil }
+        next += 1
+        return next - 1
+    }
     func set(_ k: Int, _ r: Result<(size: Int, digest: String), Error>) {
         lock.lock(); values[k] = r; lock.unlock()
     }

@@ -40,11 +40,12 @@ public struct SHA256: Sendable {
         return h.finish()
     }
 
-    /// The size and SHA-256 of a file, read in 8 MiB blocks.
-    public static func file(_ path: String) throws -> (size: Int, digest: String) {
+    /// The size and SHA-256 of a file, read in 8 MiB blocks (into `buffer` when given: callers
+    /// hashing many files reuse one, since glibc keeps freed blocks of this size in its heap).
+    public static func file(_ path: String, buffer given: UnsafeMutableRawBufferPointer? = nil) throws -> (size: Int, digest: String) {
         let fd = try FileDescriptor.openForReading(path)
-        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 8 << 20, alignment: 64)
-        defer { buffer.deallocate() }
+        let buffer = given ?? UnsafeMutableRawBufferPointer.allocate(byteCount: 8 << 20, alignment: 64)
+        defer { if given == nil { buffer.deallocate() } }
         var h = SHA256()
         var offset = 0
         while true {

@@ -16,9 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
+from safetensors.torch import load_file, save_file
 
 import interop
 
@@ -48,7 +47,7 @@ def sharded(tmp_path_factory):
         mine = {n: tensors[n] for i, n in enumerate(names) if i % 5 == s}
         save_file(mine, base / shard, metadata={"format": "pt"})
         weight_map.update({n: shard for n in mine})
-        total += sum(t.nbytes for t in mine.values())
+        total += sum(t.numel() * t.element_size() for t in mine.values())
     (base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     for other in interop.LLAMA_AUX_FILES:
         (base / other).write_bytes((src / other).read_bytes())
@@ -174,8 +173,8 @@ def test_kubernetes_indexed_job_exercised(sharded, tmp_path):
 
     out = tmp_path / "merged"
     n = 3
-    env = dict(os.environ, **config, BASE=str(base), ADAPTER=str(ADAPTER), OUT=str(out), PARTS=str(n), THREADS="1",
-               PATH=f"{interop.ADAPTER_BIN.parent}:{os.environ['PATH']}")
+    env = {**os.environ, **config, "BASE": str(base), "ADAPTER": str(ADAPTER), "OUT": str(out), "PARTS": str(n), "THREADS": "1",
+           "PATH": f"{interop.ADAPTER_BIN.parent}:{os.environ['PATH']}"}
     wait = container_script(finish, init=True)
     for k in range(n):
         # Until every part is staged, the finish's init container keeps waiting.

@@ -1,3 +1,4 @@
+import CLinearAlgebra
 import Dispatch
 import Foundation
 
@@ -32,14 +33,16 @@ struct OutputAssembly {
     private let total: Int
     /// Shards written, to be flushed together at the end.
     private var shardPaths: [String] = []
-    /// Hash every shard as it is written (a split merge's part), into `writers` for `checksums`.
+    /// Hash every shard as it is written (a split merge's part), for `checksums`.
     var hashing = false
-    private var writers: [SafetensorsWriter] = []
+    private let digests = DigestList()
     /// Four 8 MiB buffers: writes of one block overlap the computation of the next.
     private let pipeline = WritePipeline(buffers: 4, blockBytes: 8 << 20)
     private let executor: MergeExecutor
 
     init(plan: MergePlan, output: String, options: MergeRunOptions) {
+        // Memory must not grow with the number of tensors: see la_fix_allocation_threshold.
+        la_fix_allocation_threshold()
         self.plan = plan
         self.output = output
         self.options = options
@@ -142,7 +145,7 @@ struct OutputAssembly {
 
     /// With `hashing`, once `writeShards` returned: the size and SHA-256 of each shard written, in order.
     var checksums: [(size: Int, digest: String)] {
-        writers.map { ($0.layout.fileSize, $0.sha256!) }
+        digests.values
     }
 
     /// What a part's writes add up to, once `writeShards` returned.
@@ -294,7 +297,6 @@ struct OutputAssembly {
         let layout = try SafetensorsLayout(tensors: specs, metadata: store.metadataForSafetensors, file: path)
         let fd = try descriptor ?? FileDescriptor.createExclusive(path)
         let writer = try SafetensorsWriter(layout: layout, output: fd, hashing: hashing)
-        if hashing { writers.append(writer) }
         written += layout.headerBytes.count
         let handoff = Handoff(value: writer as any TensorFileWriter)
         let progress = options.progress
@@ -314,9 +316,26 @@ struct OutputAssembly {
             if let progress { pipeline.submit { progress(done, total) } }
         }
         // No barrier here: the next shard is computed while this one's last blocks are written.
-        pipeline.submit { try handoff.value.finish() }
+        let digests = hashing ? self.digests : nil
+        pipeline.submit {
+            try handoff.value.finish()
+            if let digests, let w = handoff.value as? SafetensorsWriter { digests.append((w.layout.fileSize, w.sha256!)) }
+        }
         shardPaths.append(path)
         if let e = pipeline.error { throw e }
         return shapeChanged
+    }
+}
+
+/// The size and SHA-256 of each shard a part wrote, in order, filled from the writer queue.
+final class DigestList: @unchecked Sendable {
+    private let lock = NSLock()
+    private var list: [(size: Int, digest: String)] = []
+    func append(_ d: (size: Int, digest: String)) {
+        lock.lock(); list.append(d); lock.unlock()
+    }
+    var values: [(size: Int, digest: String)] {
+        lock.lock(); defer { lock.unlock() }
+        return list
     }
 }

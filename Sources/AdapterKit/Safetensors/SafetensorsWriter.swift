@@ -188,6 +188,9 @@ public final class SafetensorsWriter: TensorFileWriter {
             sha256 = h.finish()
             hash = nil
         }
+        // The writer may be kept for its checksum: its copy buffer goes now.
+        copyBuffer?.deallocate()
+        copyBuffer = nil
     }
 }
 

@@ -3,17 +3,19 @@ for byte with the one-process merge of the same inputs.
 
 - Ray (scale/ray_merge.py): really run on a local Ray cluster of three nodes (ray.cluster_utils),
   one task per part, the parts spread over the nodes.
-- Slurm (scale/slurm-array.sbatch, scale/slurm-submit.sh) and Kubernetes (scale/k8s-indexed-job.yaml):
-  no scheduler runs here, so their scripts are exercised as the scheduler would run them: the sbatch
-  script once per array index with the variables Slurm sets (through slurm-submit.sh and a stand-in
-  for sbatch that runs what it is given), the Job's container commands once per completion index
-  with the ConfigMap's variables, then the finish.
+- Slurm (scale/slurm-submit.sh, scale/slurm-array.sbatch): submitted to a real one-node Slurm
+  cluster (munged, slurmctld, slurmd started by Tests/Interop/slurm/start.sh), the array of parts and
+  the dependent finish job.
+- Kubernetes (scale/k8s-indexed-job.yaml): no cluster runs here, so the Jobs are exercised as the
+  pods would run them: the YAML parsed, its container commands run once per completion index with
+  the ConfigMap's variables, then the finish's wait and the finish.
 """
 import json
 import os
-import shlex
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -94,58 +96,59 @@ def test_ray_merge_reports_a_failed_part(sharded, tmp_path):
     assert not out.exists()
 
 
-FAKE_SBATCH = r'''#!/usr/bin/env python3
-"""Stands in for sbatch: runs an array job's script once per index with Slurm's variables, or a
---wrap command once its dependency (a job run before it) succeeded; prints the job id (--parsable)."""
-import os, subprocess, sys
-log = os.environ["FAKE_SBATCH_LOG"]
-args = sys.argv[1:]
-jobs = open(log).read().split() if os.path.exists(log) else []
-job = str(1000 + len(jobs))
-opts, rest = {}, []
-i = 0
-while i < len(args):
-    a = args[i]
-    if a.startswith("--") and not rest:
-        key, _, value = a[2:].partition("=")
-        if key == "wrap" and not value:
-            value = args[i + 1]; i += 1
-        opts[key] = value
-    else:
-        rest.append(a)
-    i += 1
-env = dict(os.environ, SLURM_JOB_ID=job, SLURM_CPUS_PER_TASK=opts.get("cpus-per-task", "1"))
-status = 0
-if "array" in opts:
-    lo, hi = map(int, opts["array"].split("-"))
-    for k in range(lo, hi + 1):
-        e = dict(env, SLURM_ARRAY_JOB_ID=job, SLURM_ARRAY_TASK_ID=str(k), SLURM_ARRAY_TASK_COUNT=str(hi - lo + 1))
-        status |= subprocess.run(["bash", rest[0], *rest[1:]], env=e).returncode
-elif "wrap" in opts:
-    dep = opts["dependency"].split(":")
-    assert dep[0] == "afterok" and dep[1] in [j.split(",")[0] for j in jobs], opts
-    assert [j for j in jobs if j.startswith(dep[1] + ",")][0].endswith(",0"), "the dependency failed"
-    status = subprocess.run(["sh", "-c", opts["wrap"]], env=env).returncode
-open(log, "a").write(f"{job},{status}\n")
-print(job)
-'''
+SLURM = Path(__file__).resolve().parent / "slurm"
 
 
-def test_slurm_recipe_exercised(sharded, tmp_path):
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """A one-node Slurm cluster (Tests/Interop/slurm/start.sh: munged, slurmctld, slurmd as root).
+
+    CI installs Slurm (.ci/run), so there a missing Slurm fails the test instead of skipping it."""
+    missing = [b for b in ("munged", "slurmctld", "slurmd", "sbatch") if shutil.which(b) is None]
+    if missing or os.geteuid() != 0:
+        why = f"needs Slurm and root ({', '.join(missing) or 'not root'})"
+        if os.environ.get("CI"):
+            pytest.fail(why + ": .ci/run installs slurmctld, slurmd and munge")
+        pytest.skip(why)
+    run = tmp_path_factory.mktemp("slurm")
+    subprocess.run(["bash", SLURM / "start.sh", run], check=True, timeout=120)
+    try:
+        yield dict(os.environ, SLURM_CONF=str(run / "slurm.conf"))
+    finally:
+        subprocess.run(["bash", SLURM / "stop.sh", run], timeout=60)
+
+
+def job_state(env, job):
+    out = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True).stdout
+    fields = dict(f.split("=", 1) for f in out.split() if "=" in f)
+    return fields.get("JobState"), fields.get("ExitCode")
+
+
+def test_slurm_recipe_on_a_real_cluster(sharded, slurm, tmp_path):
     base, want = sharded
-    sbatch = tmp_path / "sbatch"
-    sbatch.write_text(FAKE_SBATCH)
-    sbatch.chmod(0o755)
     out = tmp_path / "merged"
-    env = dict(os.environ, SBATCH=str(sbatch), FAKE_SBATCH_LOG=str(tmp_path / "jobs"), ADAPTER_BIN=str(interop.ADAPTER_BIN))
-    r = subprocess.run(["bash", SCALE / "slurm-submit.sh", "3", base, ADAPTER, out], env=env, capture_output=True, text=True,
-                       timeout=300, stdin=subprocess.DEVNULL)
+    env = dict(slurm, ADAPTER_BIN=str(interop.ADAPTER_BIN), SBATCH_OPTIONS="--cpus-per-task=1 --mem=512M")
+    r = subprocess.run(["bash", SCALE / "slurm-submit.sh", "3", base, ADAPTER, out], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "parts: job 1000 (array 1-3); finish: job 1001" in r.stdout
-    assert (tmp_path / "jobs").read_text().split() == ["1000,0", "1001,0"]
+    words = r.stdout.split()
+    parts, finish = words[words.index("parts:") + 2], words[words.index("finish:") + 2]
+    deadline = time.time() + 300
+    while job_state(env, finish)[0] not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL"):
+        assert time.time() < deadline, subprocess.run(["scontrol", "show", "job"], env=env, capture_output=True, text=True).stdout
+        time.sleep(0.5)
+    logs = {p.name: p.read_text() for p in tmp_path.glob("adapter-merge-*.log")}
+    assert job_state(env, finish) == ("COMPLETED", "0:0"), logs
+    for task in range(1, 4):
+        assert job_state(env, f"{parts}_{task}") == ("COMPLETED", "0:0"), logs
+    assert sorted(logs) == sorted([f"adapter-merge-{parts}_{i}.log" for i in range(1, 4)] + [f"adapter-merge-finish-{finish}.log"])
     assert files_of(out) == want
-    # The array script alone refuses to run outside an array job, with a usage line.
-    r = subprocess.run(["bash", SCALE / "slurm-array.sbatch", base, ADAPTER, out], capture_output=True, text=True,
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".log")) == ["merged"]
+
+
+def test_slurm_array_script_outside_an_array_job(sharded, tmp_path):
+    base, _ = sharded
+    r = subprocess.run(["bash", SCALE / "slurm-array.sbatch", base, ADAPTER, tmp_path / "merged"], capture_output=True, text=True,
                        env={k: v for k, v in os.environ.items() if not k.startswith("SLURM_")})
     assert r.returncode != 0 and "submit as an array job" in r.stderr
 

@@ -161,6 +161,30 @@ struct SplitMergeTests {
         #expect(snapshot(out) == snapshot(whole))
     }
 
+    @Test("a part removes only its own leftovers from the staging folder, never another part's")
+    func ownLeftoversOnly() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let base = try shardedBase(dir)
+        let ada = fixture(adapterFixture)
+        let out = dir.file("out")
+        // Temporaries of processes that are gone: on a shared filesystem, one of another part may
+        // belong to a live process on another machine, which this machine cannot see.
+        let gone = Process()
+        gone.executableURL = URL(fileURLWithPath: "/bin/true")
+        try gone.run()
+        gone.waitUntilExit()
+        try FileManager.default.createDirectory(atPath: staging(out), withIntermediateDirectories: false)
+        let mine = ".part-2-of-2.adapter-tmp-\(gone.processIdentifier)-1a2b3c4d"
+        let theirs = [".part-1-of-2.adapter-tmp-\(gone.processIdentifier)-5e6f7a8b", ".part-1-of-2.json.adapter-tmp-\(gone.processIdentifier)-9c0d1e2f"]
+        for name in [mine] + theirs { try FileManager.default.createDirectory(atPath: staging(out) + "/" + name, withIntermediateDirectories: false) }
+        let r = try adapter("merge", base, ada, out, "--part", "2/2")
+        #expect(r.status == 0, "\(r.stderr)")
+        let left = entries(staging(out))
+        #expect(!left.contains(mine))
+        #expect(theirs.allSatisfy { left.contains($0) }, "\(left)")
+    }
+
     @Test("a corrupted part file: finish refuses, naming it; the part run again rewrites it")
     func corruptedPart() throws {
         let dir = TempDir()

@@ -134,7 +134,9 @@ extension MergePlan {
         }
         if FileSystem.entryKind(folder) != .missing { FileSystem.removeTree(folder) }
         // The folder of shards, committed whole; then the manifest that vouches for it.
-        let out = try TemporaryOutput(target: folder, kind: .folder)
+        // Other parts, perhaps on other machines, write into the staging folder meanwhile: only
+        // this part's own leftovers are cleaned up.
+        let out = try TemporaryOutput(target: folder, kind: .folder, ownLeftoversOnly: true)
         summary.merge.notes += out.notes
         var files: [PartManifest.File] = []
         do {
@@ -364,7 +366,7 @@ struct PartManifest {
             ("plan_digest", .string(digest)),
             ("files", .array(files.map { .object(JSONObject([("name", .string($0.name)), ("bytes", .integer($0.bytes)), ("sha256", .string($0.sha256))])) })),
         ])
-        let out = try TemporaryOutput(target: path, kind: .file)
+        let out = try TemporaryOutput(target: path, kind: .file, ownLeftoversOnly: true)
         do {
             try out.file!.writeAll(Array((JSONWriter.pretty(.object(root), indent: 2) + "\n").utf8))
             if sync { try out.file!.sync() }

@@ -33,11 +33,16 @@ public final class TemporaryOutput: @unchecked Sendable {
 
     /// Removes temporaries that killed runs left beside `target`, then creates the temporary: an
     /// empty file (open in `file`) or an empty folder, locked.
-    public init(target: String, kind: OutputKind) throws {
+    ///
+    /// With `ownLeftoversOnly`, only leftovers of this same target are removed: in a folder that
+    /// other machines write into at the same time (a split merge's staging folder on a shared
+    /// filesystem), a process id says nothing about another machine's process, and flock may be
+    /// local to each machine, so another target's temporary is never taken for a leftover.
+    public init(target: String, kind: OutputKind, ownLeftoversOnly: Bool = false) throws {
         self.target = target
         self.kind = kind
         let folder = parentPath(target)
-        notes = StaleTemporaries.removeLeftovers(in: folder)
+        notes = StaleTemporaries.removeLeftovers(in: folder, of: ownLeftoversOnly ? lastPathComponent(target) : nil)
         let path = joinPath(folder, TemporaryName.make(for: lastPathComponent(target)))
         temporaryPath = path
         let registry = TemporaryOutputRegistry.shared
@@ -382,7 +387,7 @@ enum StaleTemporaries {
     /// Removes from `folder` every temporary whose process is gone and which no live process
     /// holds locked; a previous output moved aside by a run killed before the new one was in
     /// place is put back instead. Returns one line saying what was done, or nothing.
-    static func removeLeftovers(in folder: String) -> [String] {
+    static func removeLeftovers(in folder: String, of target: String? = nil) -> [String] {
         guard let names = try? FileSystem.contents(ofDirectory: folder) else { return [] }
         var removed: [String] = []
         var bytes = 0
@@ -391,6 +396,7 @@ enum StaleTemporaries {
         var owners = Set<Int32>()
         for name in names {
             guard let parsed = TemporaryName.parse(name), parsed.pid != FileSystem.processID,
+                  target == nil || parsed.targetName == target,
                   FileSystem.processIsGone(parsed.pid) else { continue }
             let path = joinPath(folder, name)
             // A live process with this temporary open and locked (its pid seen from another pid

@@ -57,10 +57,7 @@ struct OutputAssembly {
     mutating func run(staged: [String]? = nil) throws -> MergeSummary {
         let start = DispatchTime.now()
         let base = plan.base
-        summary.notes = plan.notes
-        for (c, n) in plan.skipped.sorted(by: { $0.key < $1.key }) {
-            summary.notes.append("skipped \(plural(n, "\(c) module")) (not selected with --component)")
-        }
+        summary.notes = Self.planNotes(plan)
         let out = try TemporaryOutput(target: output, kind: base.isFolder ? .folder : .file)
         summary.notes += out.notes
         do {
@@ -148,11 +145,18 @@ struct OutputAssembly {
         digests.values
     }
 
+    /// The plan's own notes and the modules `--component` left out: every run prints them.
+    static func planNotes(_ plan: MergePlan) -> [String] {
+        plan.notes + plan.skipped.sorted(by: { $0.key < $1.key }).map { c, n in
+            "skipped \(plural(n, "\(c) module")) (not selected with --component)"
+        }
+    }
+
     /// What a part's writes add up to, once `writeShards` returned.
     var partSummary: MergeSummary {
         var s = summary
         s.reports = executor.reports
-        s.notes = Self.retentionNotes(executor.retained)
+        s.notes = Self.planNotes(plan) + Self.retentionNotes(executor.retained)
         s.bytesWritten = written
         return s
     }

@@ -60,17 +60,35 @@ private func splitMerge(_ base: String, _ adapterPath: String, _ out: String, pa
     return try adapter(["merge", base, adapterPath, out, "--finish"] + extra)
 }
 
+/// What most tests start from: a scratch folder with the 5-shard base, the MoSLoRA adapter, OUT's
+/// path, and (when asked) the one-process merge every success case must equal.
+private struct Setup {
+    let dir = TempDir()
+    let ada = fixture(adapterFixture)
+    let base: String
+    let out: String
+
+    init() throws {
+        base = try shardedBase(dir)
+        out = dir.file("out")
+    }
+
+    /// The one-process merge of the same inputs, at `whole`.
+    func mergeWhole() throws -> String {
+        let whole = dir.file("whole")
+        #expect(try adapter("merge", base, ada, whole, "--quiet").status == 0)
+        return whole
+    }
+}
+
 @Suite("Split merges: --part and --finish")
 struct SplitMergeTests {
     @Test("N = 1, 2, 3, 7 (more parts than shards): OUT is byte-identical to the one-process merge", arguments: [1, 2, 3, 7])
     func identical(parts: Int) throws {
-        let dir = TempDir()
-        defer { dir.remove() }
-        let base = try shardedBase(dir)
-        let ada = fixture(adapterFixture)
-        let whole = dir.file("whole")
-        #expect(try adapter("merge", base, ada, whole, "--quiet").status == 0)
-        let out = dir.file("out")
+        let s = try Setup()
+        defer { s.dir.remove() }
+        let (dir, base, ada, out) = (s.dir, s.base, s.ada, s.out)
+        let whole = try s.mergeWhole()
         let r = try splitMerge(base, ada, out, parts: parts)
         #expect(r.status == 0, "\(r.stderr)")
         #expect(r.stderr.contains("finished \(out) from \(parts == 1 ? "1 part" : "\(parts) parts")"), "\(r.stderr)")
@@ -105,11 +123,9 @@ struct SplitMergeTests {
 
     @Test("a part run again finds its files complete and writes nothing")
     func rerun() throws {
-        let dir = TempDir()
-        defer { dir.remove() }
-        let base = try shardedBase(dir)
-        let ada = fixture(adapterFixture)
-        let out = dir.file("out")
+        let s = try Setup()
+        defer { s.dir.remove() }
+        let (base, ada, out) = (s.base, s.ada, s.out)
         #expect(try adapter("merge", base, ada, out, "--part", "2/3").status == 0)
         let shard = staging(out) + "/part-2-of-3/" + entries(staging(out) + "/part-2-of-3")[0]
         let before = try FileManager.default.attributesOfItem(atPath: shard)
@@ -124,13 +140,10 @@ struct SplitMergeTests {
 
     @Test("a part killed mid-way leaves only its temporary; run again, it is removed and the merge finishes")
     func killedPart() throws {
-        let dir = TempDir()
-        defer { dir.remove() }
-        let base = try shardedBase(dir)
-        let ada = fixture(adapterFixture)
-        let whole = dir.file("whole")
-        #expect(try adapter("merge", base, ada, whole, "--quiet").status == 0)
-        let out = dir.file("out")
+        let s = try Setup()
+        defer { s.dir.remove() }
+        let (dir, base, ada, out) = (s.dir, s.base, s.ada, s.out)
+        let whole = try s.mergeWhole()
         #expect(try adapter("merge", base, ada, out, "--part", "1/2", "--quiet").status == 0)
         let pause = dir.file("paused")
         let p = Process()
@@ -163,11 +176,9 @@ struct SplitMergeTests {
 
     @Test("a part removes only its own leftovers from the staging folder, never another part's")
     func ownLeftoversOnly() throws {
-        let dir = TempDir()
-        defer { dir.remove() }
-        let base = try shardedBase(dir)
-        let ada = fixture(adapterFixture)
-        let out = dir.file("out")
+        let s = try Setup()
+        defer { s.dir.remove() }
+        let (base, ada, out) = (s.base, s.ada, s.out)
         // Temporaries of processes that are gone: on a shared filesystem, one of another part may
         // belong to a live process on another machine, which this machine cannot see.
         let gone = Process()
@@ -187,13 +198,10 @@ struct SplitMergeTests {
 
     @Test("a corrupted part file: finish refuses, naming it; the part run again rewrites it")
     func corruptedPart() throws {
-        let dir = TempDir()
-        defer { dir.remove() }
-        let base = try shardedBase(dir)
-        let ada = fixture(adapterFixture)
-        let whole = dir.file("whole")
-        #expect(try adapter("merge", base, ada, whole, "--quiet").status == 0)
-        let out = dir.file("out")
+        let s = try Setup()
+        defer { s.dir.remove() }
+        let (base, ada, out) = (s.base, s.ada, s.out)
+        let whole = try s.mergeWhole()
         for i in 1...3 { #expect(try adapter("merge", base, ada, out, "--part", "\(i)/3", "--quiet").status == 0) }
         let name = entries(staging(out) + "/part-3-of-3")[0]
         let shard = staging(out) + "/part-3-of-3/" + name
@@ -213,11 +221,9 @@ struct SplitMergeTests {
 
     @Test("parts made from a different adapter or weight are refused, one line each; nothing at OUT")
     func differentMerge() throws {
-        let dir = TempDir()
-        defer { dir.remove() }
-        let base = try shardedBase(dir)
-        let ada = fixture(adapterFixture)
-        let out = dir.file("out")
+        let s = try Setup()
+        defer { s.dir.remove() }
+        let (base, ada, out) = (s.base, s.ada, s.out)
         #expect(try adapter("merge", base, ada, out, "--part", "1/3", "--quiet").status == 0)
         #expect(try adapter("merge", base, fixture("adapters/peft-lora"), out, "--part", "2/3", "--quiet").status == 0)
         #expect(try adapter("merge", base, ada, out, "--part", "3/3", "--weight", "0.5", "--quiet").status == 0)
@@ -232,11 +238,9 @@ struct SplitMergeTests {
 
     @Test("finish with a part missing, or with nothing staged: one line each, nothing at OUT")
     func missingPart() throws {
-        let dir = TempDir()
-        defer { dir.remove() }
-        let base = try shardedBase(dir)
-        let ada = fixture(adapterFixture)
-        let out = dir.file("out")
+        let s = try Setup()
+        defer { s.dir.remove() }
+        let (base, ada, out) = (s.base, s.ada, s.out)
         expectOneLineError(try adapter("merge", base, ada, out, "--finish"), containing: "no parts are staged")
         #expect(try adapter("merge", base, ada, out, "--part", "1/7", "--quiet").status == 0)
         #expect(try adapter("merge", base, ada, out, "--part", "4/7", "--quiet").status == 0)
@@ -263,11 +267,9 @@ struct SplitMergeTests {
 
     @Test("--finish replaces an existing OUT only with --force, and the parts check OUT as a merge does")
     func outputRules() throws {
-        let dir = TempDir()
-        defer { dir.remove() }
-        let base = try shardedBase(dir)
-        let ada = fixture(adapterFixture)
-        let out = dir.file("out")
+        let s = try Setup()
+        defer { s.dir.remove() }
+        let (base, ada, out) = (s.base, s.ada, s.out)
         try FileManager.default.createDirectory(atPath: out, withIntermediateDirectories: false)
         expectOneLineError(try adapter("merge", base, ada, out, "--part", "1/2"), containing: "already exists")
         #expect(!FileManager.default.fileExists(atPath: staging(out)))

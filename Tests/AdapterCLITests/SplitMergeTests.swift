@@ -251,6 +251,20 @@ struct SplitMergeTests {
         #expect(!FileManager.default.fileExists(atPath: out))
     }
 
+    @Test("quantized bases: FP8 requantized (a weight's scales may be in another part's shard) and --dtype bf16 (scales dropped, index and config rewritten)",
+          arguments: [["models/tiny-fp8", "adapters/fp8-lora"], ["models/tiny-fp8", "adapters/fp8-lora", "--dtype", "bf16"],
+                      ["models/tiny-gpt-oss-mxfp4", "adapters/mxfp4-lora"]])
+    func quantized(_ inputs: [String]) throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let (base, ada, options) = (fixture(inputs[0]), fixture(inputs[1]), Array(inputs.dropFirst(2)))
+        let whole = dir.file("whole")
+        #expect(try adapter(["merge", base, ada, whole, "--quiet"] + options).status == 0)
+        let out = dir.file("out")
+        #expect(try splitMerge(base, ada, out, parts: 2, extra: options).status == 0)
+        #expect(snapshot(out) == snapshot(whole))
+    }
+
     @Test("a one-file base splits too: one part holds the file, the others are empty")
     func fileBase() throws {
         let dir = TempDir()

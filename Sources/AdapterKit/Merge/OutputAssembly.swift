@@ -30,7 +30,8 @@ struct OutputAssembly {
     let options: MergeRunOptions
     private var summary = MergeSummary()
     private var written = 0
-    private let total: Int
+    /// The bytes the progress callback counts up to: the model, or a part's shards.
+    private var total: Int
     /// Shards written, to be flushed together at the end.
     private var shardPaths: [String] = []
     /// Hash every shard as it is written (a split merge's part), for `checksums`.
@@ -121,6 +122,7 @@ struct OutputAssembly {
     /// their paths relative to `folder`.
     mutating func writeShards(_ indices: [Int], into folder: String, fileName: String) throws -> [String] {
         let start = DispatchTime.now()
+        total = indices.reduce(0) { sum, i in plan.base.files[i].entries.reduce(sum) { $0 + $1.byteCount } }
         var names: [String] = []
         do {
             for i in indices {

@@ -200,8 +200,11 @@ extension MergePlan {
                 toCheck.append((part, file, path))
             }
         }
-        // Every byte read back and hashed, on all cores.
-        let sums = try Self.checksums(toCheck.map(\.path), tolerant: true)
+        // Every byte read back and hashed, on all cores (the progress bar, if any, counts them).
+        let toHash = toCheck.reduce(0) { $0 + $1.file.bytes }
+        var hashed: (@Sendable (Int) -> Void)? = nil
+        if let bar = options.progress { hashed = { done in bar(done, toHash) } }
+        let sums = try Self.checksums(toCheck.map(\.path), tolerant: true, progress: hashed)
         for (k, item) in toCheck.enumerated() {
             guard let sum = sums[k] else {
                 problems.append("part \(item.part): \(item.path) is missing; rerun adapter merge --part \(item.part)")
@@ -273,7 +276,7 @@ extension MergePlan {
 
     /// Size and SHA-256 of each file, several at once. With `tolerant`, a missing file gives nil
     /// instead of an error.
-    static func checksums(_ paths: [String], tolerant: Bool = false) throws -> [(size: Int, digest: String)?] {
+    static func checksums(_ paths: [String], tolerant: Bool = false, progress: (@Sendable (Int) -> Void)? = nil) throws -> [(size: Int, digest: String)?] {
         let results = ChecksumResults(count: paths.count)
         // One read buffer per worker, reused from file to file.
         let workers = min(paths.count, max(1, ProcessInfo.processInfo.activeProcessorCount))
@@ -282,7 +285,9 @@ extension MergePlan {
             defer { buffer.deallocate() }
             while let k = results.claim() {
                 if tolerant && FileSystem.entryKind(paths[k]) != .file { continue }
-                results.set(k, Result { try SHA256.file(paths[k], buffer: buffer) })
+                let r = Result { try SHA256.file(paths[k], buffer: buffer) }
+                let done = results.set(k, r)
+                progress?(done)
             }
         }
         return try results.values.map { try $0?.get() }
@@ -305,8 +310,13 @@ private final class ChecksumResults: @unchecked Sendable {
         next += 1
         return next - 1
     }
-    func set(_ k: Int, _ r: Result<(size: Int, digest: String), Error>) {
-        lock.lock(); values[k] = r; lock.unlock()
+    private var bytes = 0
+    /// Records file k's result; returns the bytes hashed so far.
+    func set(_ k: Int, _ r: Result<(size: Int, digest: String), Error>) -> Int {
+        lock.lock(); defer { lock.unlock() }
+        values[k] = r
+        if case .success(let s) = r { bytes += s.size }
+        return bytes
     }
 }
 

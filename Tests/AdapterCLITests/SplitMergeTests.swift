@@ -97,6 +97,18 @@ struct SplitMergeTests {
         #expect(entries(dir.path) == ["base", "out", "whole"])
     }
 
+    @Test("on a file system without hard links the finish copies the staged shards: the same bytes")
+    func withoutHardLinks() throws {
+        let s = try Setup()
+        defer { s.dir.remove() }
+        let whole = try s.mergeWhole()
+        for i in 1...2 { #expect(try adapter("merge", s.base, s.ada, s.out, "--part", "\(i)/2", "--quiet").status == 0) }
+        let r = try adapter(["merge", s.base, s.ada, s.out, "--finish"], environment: ["ADAPTER_TEST_LINKS": "unsupported"])
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(snapshot(s.out) == snapshot(whole))
+        #expect(!FileManager.default.fileExists(atPath: staging(s.out)))
+    }
+
     @Test("each shard is written by exactly one part, and the parts' bytes are balanced")
     func everyShardOnce() throws {
         let dir = TempDir()

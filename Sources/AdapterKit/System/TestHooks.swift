@@ -13,6 +13,8 @@ import Foundation
 ///   send a signal or change the folder at exactly that point.
 /// - `ADAPTER_TEST_RENAMEAT2=unsupported`: behave as on a file system without `renameat2`, so the
 ///   tests reach the fallbacks.
+/// - `ADAPTER_TEST_LINKS=unsupported`: behave as on a file system without hard links (a split
+///   merge's finish then copies the staged shards).
 public enum TestHook {
     /// The phases of writing an output, in order. Not every run passes every phase: `exchanged`
     /// needs `--force` and an existing OUT on a file system with `renameat2(RENAME_EXCHANGE)`,
@@ -24,6 +26,8 @@ public enum TestHook {
 
     /// Whether to behave as if `renameat2` did not exist.
     static let renameat2Unsupported = environment["ADAPTER_TEST_RENAMEAT2"] == "unsupported"
+    /// Whether to behave as if hard links did not exist.
+    static let linksUnsupported = environment["ADAPTER_TEST_LINKS"] == "unsupported"
 
     static let delayPerTensorMS: Int =
         environment["ADAPTER_TEST_DELAY_PER_TENSOR_MS"].flatMap { Int($0) }.map { min(max($0, 0), 10_000) } ?? 0
@@ -49,6 +53,7 @@ public enum TestHook {
     }
 #else
     static let renameat2Unsupported = false
+    static let linksUnsupported = false
     @inline(__always) static func afterTensor() {}
     @inline(__always) static func phase(_ name: String) {}
 #endif

@@ -323,3 +323,42 @@ struct AdapterReportTests {
         #expect(r.warnings.contains { $0.contains("1 NaN and 1 infinite") })
     }
 }
+
+@Suite("LyCORIS files are named, not only refused")
+struct LyCORISRefusalTests {
+    private func file(_ dir: TempDir, _ name: String, _ keys: [(String, [Int])]) throws -> String {
+        try writeSafetensors(dir.file(name), keys.map { ($0.0, DType.f32, $0.1, floatBytes([Float](repeating: 0.5, count: $0.1.reduce(1, *)))) })
+    }
+
+    @Test("a LoHa file: no module understood, and the refusal says it is LyCORIS LoHa")
+    func loha() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let m = "lora_unet_down_blocks_0_attentions_0_proj_in"
+        let path = try file(dir, "loha.safetensors", [(m + ".hada_w1_a", [4, 2]), (m + ".hada_w1_b", [2, 4]), (m + ".hada_w2_a", [4, 2]),
+                                                      (m + ".hada_w2_b", [2, 4]), (m + ".alpha", [])])
+        #expect {
+            _ = try Adapter(path: path)
+        } throws: { error in
+            "\(error)".contains("no LoRA modules found") && "\(error)".contains("LyCORIS LoHa modules, which adapter does not read yet")
+        }
+    }
+
+    @Test("LoKr keys beside LoRA modules: the unknown keys are named LyCORIS LoKr")
+    func lokrBesideLoRA() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let lora = "lora_unet_down_blocks_0_attentions_0_proj_out", lokr = "lora_unet_down_blocks_0_attentions_0_proj_in"
+        let path = try file(dir, "mixed.safetensors", [(lora + ".lora_down.weight", [2, 4]), (lora + ".lora_up.weight", [4, 2]), (lora + ".alpha", []),
+                                                       (lokr + ".lokr_w1", [2, 2]), (lokr + ".lokr_w2", [2, 2]), (lokr + ".alpha", [])])
+        let a = try Adapter(path: path)
+        #expect(a.modules.count == 1)
+        #expect(a.warnings.contains { $0.contains("LyCORIS LoKr modules") }, "\(a.warnings)")
+    }
+
+    @Test("keys of no known kind get no LyCORIS note")
+    func plainUnknown() {
+        #expect(unreadKindsNote(["base_model.model.x.lora_A.weightx", "something.else"]) == nil)
+        #expect(unreadKindsNote(["m.lokr_w1_a", "n.hada_t1", "o.diff_b"]) == "these are LyCORIS LoHa, LoKr, full-weight diff modules, which adapter does not read yet")
+    }
+}

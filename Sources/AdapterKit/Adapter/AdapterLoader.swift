@@ -264,7 +264,7 @@ enum AdapterLoader {
         }
         guard problems.isEmpty else { throw ProblemList(subject: located.weights, problems: problems) }
         guard !modules.isEmpty || !replacements.isEmpty else {
-            throw InputError(located.weights, "no LoRA modules found (\(unknown.count) keys, none understood)")
+            throw InputError(located.weights, "no LoRA modules found (\(unknown.count) keys, none understood)" + (unreadKindsNote(unknown).map { ": " + $0 } ?? ""))
         }
 
         if !unknown.isEmpty {

@@ -94,7 +94,22 @@ func listed(_ items: [String], limit: Int = 3) -> String {
 /// "2 unknown keys (a, b)": keys of an adapter that are not LoRA factors, named in every message
 /// that mentions them.
 func unknownKeysPhrase(_ keys: [String]) -> String {
-    "\(plural(keys.count, "unknown key")) (\(listed(keys)))"
+    "\(plural(keys.count, "unknown key")) (\(listed(keys)))" + (unreadKindsNote(keys).map { "; " + $0 } ?? "")
+}
+
+/// Names the LyCORIS module kinds among keys no layout understood (`hada_*`, `lokr_*`, …), so that
+/// a refusal says what the file is instead of only that its keys are unknown.
+func unreadKindsNote(_ keys: [String]) -> String? {
+    let kinds: [(name: String, suffixes: [String])] = [
+        ("LoHa", [".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".hada_t1", ".hada_t2"]),
+        ("LoKr", [".lokr_w1", ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2", ".lokr_w2_a", ".lokr_w2_b", ".lokr_t2"]),
+        ("OFT", [".oft_blocks", ".oft_diag"]),
+        ("DoRA (dora_scale)", [".dora_scale"]),
+        ("full-weight diff", [".diff", ".diff_b"]),
+    ]
+    let found = kinds.filter { kind in keys.contains { key in kind.suffixes.contains { key.hasSuffix($0) } } }.map(\.name)
+    guard !found.isEmpty else { return nil }
+    return "these are LyCORIS \(found.joined(separator: ", ")) modules, which adapter does not read yet"
 }
 
 extension StringProtocol {

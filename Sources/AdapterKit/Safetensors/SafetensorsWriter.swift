@@ -97,9 +97,8 @@ public final class SafetensorsWriter: TensorFileWriter {
     private var written = 0
     private var buffer: UnsafeMutableRawBufferPointer
     private var buffered = 0
-    /// With `hashing`: the SHA-256 of every byte written so far, and the buffer copies go through.
+    /// With `hashing`: the SHA-256 of every byte written so far.
     private var hash: SHA256?
-    private var copyBuffer: UnsafeMutableRawBufferPointer?
     /// With `hashing`, once `finish` returned: the file's SHA-256 (a split merge's manifest).
     public private(set) var sha256: String?
 
@@ -114,10 +113,7 @@ public final class SafetensorsWriter: TensorFileWriter {
         try layout.headerBytes.withUnsafeBytes { try append(raw: $0) }
     }
 
-    deinit {
-        buffer.deallocate()
-        copyBuffer?.deallocate()
-    }
+    deinit { buffer.deallocate() }
 
     private var dataWritten: Int { written - layout.headerBytes.count }
 
@@ -155,18 +151,7 @@ public final class SafetensorsWriter: TensorFileWriter {
         }
         try flush()
         if hash != nil {
-            let chunk = copyBuffer ?? .allocate(byteCount: 8 << 20, alignment: 64)
-            copyBuffer = chunk
-            var done = 0
-            while done < count {
-                let n = min(chunk.count, count - done)
-                let got = try source.read(into: UnsafeMutableRawBufferPointer(rebasing: chunk[0..<n]), at: offset + done)
-                guard got == n else { throw InputError(source.path, "the file shrank while being read") }
-                let piece = UnsafeRawBufferPointer(rebasing: chunk[0..<n])
-                hash!.update(piece)
-                try output.writeAll(piece)
-                done += n
-            }
+            try output.copyByReading(from: source, offset: offset, count: count) { self.hash!.update($0) }
         } else {
             try output.copy(from: source, offset: offset, count: count)
         }
@@ -188,9 +173,6 @@ public final class SafetensorsWriter: TensorFileWriter {
             sha256 = h.finish()
             hash = nil
         }
-        // The writer may be kept for its checksum: its copy buffer goes now.
-        copyBuffer?.deallocate()
-        copyBuffer = nil
     }
 }
 

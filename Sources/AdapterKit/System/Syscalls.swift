@@ -186,7 +186,10 @@ public final class FileDescriptor: @unchecked Sendable {
         }
     }
 
-    private func copyByReading(from source: FileDescriptor, offset: Int, count: Int) throws {
+    /// Copies through this process's memory, each block shown to `observe` (a checksum) before it
+    /// is written; also the fallback of `copy` where the kernel cannot copy.
+    func copyByReading(from source: FileDescriptor, offset: Int, count: Int,
+                       observe: ((UnsafeRawBufferPointer) -> Void)? = nil) throws {
         let chunk = 8 << 20
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: min(chunk, max(count, 1)), alignment: 64)
         defer { buffer.deallocate() }
@@ -195,7 +198,9 @@ public final class FileDescriptor: @unchecked Sendable {
             let want = min(buffer.count, count - done)
             let got = try source.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<want]), at: offset + done)
             if got < want { throw SystemError(path: source.path, operation: "read (file shrank)", code: EIO) }
-            try writeAll(UnsafeRawBufferPointer(rebasing: buffer[0..<want]))
+            let block = UnsafeRawBufferPointer(rebasing: buffer[0..<want])
+            observe?(block)
+            try writeAll(block)
             done += want
         }
     }

@@ -151,13 +151,10 @@ extension MergePlan {
             try out.commit()
             // The modules this part's tensors take updates from (an update placed on two shards counts in both parts).
             let partTensors = Set(shards.flatMap { base.files[$0].entries.map(\.name) })
-            summary.merge.modulesMerged = Set(changes.filter { partTensors.contains($0.key) }.flatMap { $0.value.moduleNames }).count
-            summary.merge.tensorsChanged = merged.tensorsChanged
-            summary.merge.tensorsCopied = merged.tensorsCopied
-            summary.merge.bytesWritten = merged.bytesWritten
-            summary.merge.seconds = merged.seconds
-            summary.merge.reports = merged.reports
-            summary.merge.notes += merged.notes
+            var partMerge = merged
+            partMerge.modulesMerged = Set(changes.filter { partTensors.contains($0.key) }.flatMap { $0.value.moduleNames }).count
+            partMerge.notes = summary.merge.notes + merged.notes
+            summary.merge = partMerge
         } catch {
             out.discard()
             throw error
@@ -181,14 +178,14 @@ extension MergePlan {
         guard FileSystem.entryKind(staging) == .directory else {
             throw PartsNotReady(lines: ["\(staging): no parts are staged for \(output); run adapter merge --part I/N with the same inputs first"])
         }
-        let count = try chooseParts(staging: staging, digest: digest)
+        let manifests = try chooseParts(staging: staging, digest: digest)
+        let count = manifests.count
         let assignment = shardAssignment(parts: count)
         var staged = [String](repeating: "", count: base.files.count)
         var problems: [String] = []
         var toCheck: [(part: MergePart, file: PartManifest.File, path: String)] = []
-        for index in 1...count {
-            let part = MergePart(index: index, count: count)!
-            let manifest = try PartManifest.read(joinPath(staging, part.manifestName))
+        for (manifest, index) in zip(manifests, 1...count) {
+            let part = manifest.part
             let expected = assignment[index - 1].map { base.isFolder ? OutputAssembly.outputName(base.fileNames[$0], base.files[$0]) : lastPathComponent(output) }
             guard manifest.files.map(\.name) == expected else {
                 problems.append("part \(part): its manifest lists \(manifest.files.map(\.name)) but this merge gives it \(expected); rerun adapter merge --part \(part)")
@@ -204,7 +201,7 @@ extension MergePlan {
         let toHash = toCheck.reduce(0) { $0 + $1.file.bytes }
         var hashed: (@Sendable (Int) -> Void)? = nil
         if let bar = options.progress { hashed = { done in bar(done, toHash) } }
-        let sums = try Self.checksums(toCheck.map(\.path), tolerant: true, progress: hashed)
+        let sums = try Self.checksums(toCheck.map(\.path), progress: hashed)
         for (k, item) in toCheck.enumerated() {
             guard let sum = sums[k] else {
                 problems.append("part \(item.part): \(item.path) is missing; rerun adapter merge --part \(item.part)")
@@ -223,10 +220,10 @@ extension MergePlan {
         return (summary, count)
     }
 
-    /// The part count of the complete set of this plan's manifests in `staging` (the smallest, if
-    /// several splits are complete: they hold the same bytes), or every reason there is none.
-    private func chooseParts(staging: String, digest: String) throws -> Int {
-        var matching: [Int: Set<Int>] = [:]
+    /// The complete set of this plan's manifests in `staging`, in part order (the split into the
+    /// fewest parts, if several are complete: they hold the same bytes), or every reason there is none.
+    private func chooseParts(staging: String, digest: String) throws -> [PartManifest] {
+        var matching: [Int: [Int: PartManifest]] = [:]
         var foreign: [String] = []
         for name in try FileSystem.contents(ofDirectory: staging).sorted() {
             guard let part = PartManifest.part(fromFileName: name) else { continue }
@@ -238,7 +235,7 @@ extension MergePlan {
                     continue
                 }
                 if manifest.digest == digest {
-                    matching[part.count, default: []].insert(part.index)
+                    matching[part.count, default: [:]][part.index] = manifest
                 } else {
                     foreign.append("part \(part): made from a different merge (another base, adapter, weight, option or version: its plan digest is \(manifest.digest.prefix(12))…, this merge's \(digest.prefix(12))…); rerun adapter merge --part \(part) with these inputs")
                 }
@@ -246,11 +243,13 @@ extension MergePlan {
                 foreign.append("\(path): not a part manifest (\(error)); rerun adapter merge --part \(part)")
             }
         }
-        if let complete = matching.keys.sorted().first(where: { matching[$0]!.count == $0 }) { return complete }
+        if let complete = matching.keys.sorted().first(where: { matching[$0]!.count == $0 }) {
+            return (1...complete).map { matching[complete]![$0]! }
+        }
         var lines = foreign
         // The split most parts were made for: its missing parts (those with a foreign manifest are named above).
         if let (count, present) = matching.max(by: { $0.value.count != $1.value.count ? $0.value.count < $1.value.count : $0.key > $1.key }) {
-            for i in 1...count where !present.contains(i) {
+            for i in 1...count where present[i] == nil {
                 let part = MergePart(index: i, count: count)!
                 if !foreign.contains(where: { $0.hasPrefix("part \(part):") }) {
                     lines.append("part \(part) is missing (no \(joinPath(staging, part.manifestName))); run adapter merge --part \(part)")
@@ -274,9 +273,8 @@ extension MergePlan {
         }
     }
 
-    /// Size and SHA-256 of each file, several at once. With `tolerant`, a missing file gives nil
-    /// instead of an error.
-    static func checksums(_ paths: [String], tolerant: Bool = false, progress: (@Sendable (Int) -> Void)? = nil) throws -> [(size: Int, digest: String)?] {
+    /// Size and SHA-256 of each file, several at once; nil for a file that is not there.
+    static func checksums(_ paths: [String], progress: (@Sendable (Int) -> Void)? = nil) throws -> [(size: Int, digest: String)?] {
         let results = ChecksumResults(count: paths.count)
         // One read buffer per worker, reused from file to file.
         let workers = min(paths.count, max(1, ProcessInfo.processInfo.activeProcessorCount))
@@ -284,7 +282,7 @@ extension MergePlan {
             let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 8 << 20, alignment: 64)
             defer { buffer.deallocate() }
             while let k = results.claim() {
-                if tolerant && FileSystem.entryKind(paths[k]) != .file { continue }
+                if FileSystem.entryKind(paths[k]) != .file { continue }
                 let r = Result { try SHA256.file(paths[k], buffer: buffer) }
                 let done = results.set(k, r)
                 progress?(done)
@@ -293,9 +291,6 @@ extension MergePlan {
         return try results.values.map { try $0?.get() }
     }
 
-    static func checksums(_ paths: [String]) throws -> [(size: Int, digest: String)] {
-        try checksums(paths, tolerant: false).map { $0! }
-    }
 }
 
 private final class ChecksumResults: @unchecked Sendable {
@@ -362,7 +357,7 @@ struct PartManifest {
 
     /// Files in `folder` that are missing or differ from this manifest (every byte is hashed).
     func problems(in folder: String) -> [String] {
-        let sums = (try? MergePlan.checksums(files.map { joinPath(folder, $0.name) }, tolerant: true)) ?? []
+        let sums = (try? MergePlan.checksums(files.map { joinPath(folder, $0.name) })) ?? []
         guard sums.count == files.count else { return ["unreadable"] }
         return zip(files, sums).compactMap { f, s in s.map { $0.size == f.bytes && $0.digest == f.sha256 } == true ? nil : f.name }
     }
@@ -388,7 +383,3 @@ struct PartManifest {
     }
 }
 
-/// The tool's version, recorded in split-merge manifests and digests.
-public enum AdapterVersion {
-    public static let string = "0.1.0"
-}

@@ -136,3 +136,8 @@ func firstSeen<T: Hashable>(_ values: some Sequence<T>) -> [T] {
     var seen = Set<T>()
     return values.filter { seen.insert($0).inserted }
 }
+
+/// The tool's version: `adapter --version`, and recorded in split-merge manifests and digests.
+public enum AdapterVersion {
+    public static let string = "0.1.0"
+}

@@ -277,6 +277,16 @@ struct SplitMergeTests {
         #expect(snapshot(out) == snapshot(whole))
     }
 
+    @Test("an unreadable manifest is one line, naming it, not also a missing part")
+    func unreadableManifest() throws {
+        let s = try Setup()
+        defer { s.dir.remove() }
+        #expect(try adapter("merge", s.base, s.ada, s.out, "--part", "1/2", "--quiet").status == 0)
+        _ = FileManager.default.createFile(atPath: staging(s.out) + "/part-2-of-2.json", contents: Data("{bad".utf8))
+        expectOneLineError(try adapter("merge", s.base, s.ada, s.out, "--finish"), containing: "part-2-of-2.json: not a part manifest")
+        #expect(!FileManager.default.fileExists(atPath: s.out))
+    }
+
     @Test("a one-file base splits too: one part holds the file, the others are empty")
     func fileBase() throws {
         let dir = TempDir()

@@ -2,7 +2,7 @@ import Dispatch
 import Foundation
 
 /// One part of a split merge: part `index` of `count`, counted from 1.
-public struct MergePart: Sendable, Equatable, CustomStringConvertible {
+public struct MergePart: Sendable, Hashable, CustomStringConvertible {
     public let index: Int
     public let count: Int
 
@@ -225,23 +225,24 @@ extension MergePlan {
     private func chooseParts(staging: String, digest: String) throws -> [PartManifest] {
         var matching: [Int: [Int: PartManifest]] = [:]
         var foreign: [String] = []
+        // Parts whose manifest is there but unusable: named once, by the line above, not again as missing.
+        var reported = Set<MergePart>()
         for name in try FileSystem.contents(ofDirectory: staging).sorted() {
             guard let part = PartManifest.part(fromFileName: name) else { continue }
             let path = joinPath(staging, name)
             do {
                 let manifest = try PartManifest.read(path)
-                guard manifest.part == part else {
-                    foreign.append("\(path): names part \(manifest.part), not \(part); rerun adapter merge --part \(part)")
+                if manifest.part == part && manifest.digest == digest {
+                    matching[part.count, default: [:]][part.index] = manifest
                     continue
                 }
-                if manifest.digest == digest {
-                    matching[part.count, default: [:]][part.index] = manifest
-                } else {
-                    foreign.append("part \(part): made from a different merge (another base, adapter, weight, option or version: its plan digest is \(manifest.digest.prefix(12))…, this merge's \(digest.prefix(12))…); rerun adapter merge --part \(part) with these inputs")
-                }
+                foreign.append(manifest.part != part
+                    ? "\(path): names part \(manifest.part), not \(part); rerun adapter merge --part \(part)"
+                    : "part \(part): made from a different merge (another base, adapter, weight, option or version: its plan digest is \(manifest.digest.prefix(12))…, this merge's \(digest.prefix(12))…); rerun adapter merge --part \(part) with these inputs")
             } catch {
                 foreign.append("\(path): not a part manifest (\(error)); rerun adapter merge --part \(part)")
             }
+            reported.insert(part)
         }
         if let complete = matching.keys.sorted().first(where: { matching[$0]!.count == $0 }) {
             return (1...complete).map { matching[complete]![$0]! }
@@ -251,7 +252,7 @@ extension MergePlan {
         if let (count, present) = matching.max(by: { $0.value.count != $1.value.count ? $0.value.count < $1.value.count : $0.key > $1.key }) {
             for i in 1...count where present[i] == nil {
                 let part = MergePart(index: i, count: count)!
-                if !foreign.contains(where: { $0.hasPrefix("part \(part):") }) {
+                if !reported.contains(part) {
                     lines.append("part \(part) is missing (no \(joinPath(staging, part.manifestName))); run adapter merge --part \(part)")
                 }
             }

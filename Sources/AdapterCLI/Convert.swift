@@ -94,7 +94,7 @@ struct Convert: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Rewrite an adapter exactly: add or fold MoSLoRA mixers, or change its layout.",
         discussion: "Every conversion keeps scale·B·M·A of every module (up to the output dtype's rounding).",
-        subcommands: [LoRAToMoSLoRA.self, MoSLoRAToLoRA.self, ToPEFT.self, ToMLX.self, ToKohya.self, ToGGUF.self, ToSafetensors.self]
+        subcommands: [LoRAToMoSLoRA.self, MoSLoRAToLoRA.self, ToPEFT.self, ToMLX.self, ToKohya.self, ToLoRA.self, ToGGUF.self, ToSafetensors.self]
     )
 }
 

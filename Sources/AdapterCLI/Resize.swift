@@ -47,3 +47,44 @@ func validateRankOrEnergy(rank: Int?, keepEnergy: Double?) throws {
     default: break
     }
 }
+
+struct ToLoRA: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "to-lora",
+        abstract: "Turn LyCORIS LoHa, LoKr and full-diff modules (and any other) into plain LoRA by the exact SVD of each update; print the energy kept per module.",
+        usage: "adapter convert to-lora (--rank <k> | --keep-energy <f>) <input> <output> [--layout kohya|peft] [--dtype <dtype>] [--base <base>] [--component <component>] [--drop-unknown] [--force] [--no-sync] [--quiet]",
+        discussion: """
+        For runtimes that load only LoRA (diffusers, vLLM, PEFT). Each module's update, as LyCORIS \
+        defines it, is written as A = diag(√σ)·Vᵀ, B = U·diag(√σ) of its truncated SVD, computed from \
+        its exact low-rank factors (LoHa: the Khatri–Rao products; LoKr: the Kronecker products); with \
+        --keep-energy 1 nothing is lost but rounding. --layout: kohya (the default for LyCORIS and kohya \
+        inputs) or peft. Standard output: module, rank of the update before, rank after, energy kept.
+        """
+    )
+
+    @OptionGroup var io: ConvertIO<ResizedOutput>
+
+    @Option(help: "Keep at most this many singular values per module (this or --keep-energy is required).")
+    var rank: Int?
+
+    @Option(help: "Keep the fewest singular values whose Σσ² reaches this fraction of the total (0 < F ≤ 1; this or --rank is required).")
+    var keepEnergy: Double?
+
+    @Option(help: "The LoRA layout to write: kohya (one .safetensors file) or peft (a folder); default: the input's.")
+    var layout: TargetLayout?
+
+    func validate() throws {
+        try validateRankOrEnergy(rank: rank, keepEnergy: keepEnergy)
+        if let layout, ![.kohya, .peft].contains(layout) { throw ValidationError("--layout must be kohya or peft") }
+    }
+
+    func run() throws {
+        let target: ResizeTarget = rank.map { .rank($0) } ?? .energy(keepEnergy ?? 1)
+        let summary = try AdapterConversion.toLoRA(input: io.input, output: io.output, target: target, layout: layout, options: io.options)
+        try writeOutput("module\trank_before\trank_after\tenergy_kept")
+        for e in summary.energies {
+            try writeOutput("\(e.module)\t\(e.rankBefore)\t\(e.rankAfter)\t\(formatFixed(e.energyKept, 6))")
+        }
+        io.finish(summary)
+    }
+}

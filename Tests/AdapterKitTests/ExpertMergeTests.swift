@@ -6,9 +6,9 @@ import Testing
 
 /// Every tensor of the reference `expected/moe/<reference>.safetensors` has the same values in
 /// `merged`, within `tolerance` × the tensor's largest magnitude (Float32 rounding of two merges).
-func expectMatches(_ merged: Checkpoint, reference: String, tolerance: Double = 0x1p-20, _ what: String = "",
+func expectMatches(_ merged: Checkpoint, reference: String, in folder: String = "moe", tolerance: Double = 0x1p-20, _ what: String = "",
                    sourceLocation: SourceLocation = #_sourceLocation) throws {
-    let expected = try SafetensorsFile(path: fixture("expected/moe/\(reference).safetensors"))
+    let expected = try SafetensorsFile(path: fixture("expected/\(folder)/\(reference).safetensors"))
     #expect(!expected.header.tensors.isEmpty, sourceLocation: sourceLocation)
     for t in expected.header.tensors {
         let want = try expected.doubles(t.name)

@@ -102,7 +102,7 @@ enum AdapterLoader {
     static func detectFormat<Keys: Collection<String>>(_ keys: Keys) -> AdapterFormat? {
         var found: [Bool] = Array(repeating: false, count: 7)
         for k in keys {
-            if k.hasPrefix("lora_unet_") || k.hasPrefix("lora_te") || k.hasPrefix("lora_transformer_") { return .kohya }
+            if k.hasPrefix("lora_unet_") || k.hasPrefix("lora_te") || k.hasPrefix("lora_transformer_") || k.hasPrefix("lycoris_") { return .kohya }
             if k.hasSuffix(".lora.down.weight") || k.hasSuffix(".lora.up.weight") || k.hasSuffix(".lora_linear_layer.down.weight") { found[1] = true }
             if k.hasSuffix(".lora_A.weight") && (k.hasPrefix("unet.") || k.hasPrefix("text_encoder") || k.hasPrefix("transformer.")) { found[2] = true }
             if k.hasSuffix(".weight_a") || k.hasSuffix(".weight_ab_mixer") { found[3] = true }
@@ -116,7 +116,11 @@ enum AdapterLoader {
 
     // MARK: - Key roles
 
-    enum Role: Sendable { case a, b, mixer, alpha, magnitude, biasB, embeddingA, embeddingB }
+    enum Role: Sendable, Hashable {
+        case a, b, mixer, alpha, magnitude, biasB, embeddingA, embeddingB
+        /// A LyCORIS tensor (LoHa, LoKr, full diff, `dora_scale`).
+        case lycoris(LyCORISRole)
+    }
 
     /// Exact key suffixes per layout. Matched as whole dotted suffixes, longest first, so that
     /// `lora_AB.weight` (a mixer) is never read as `lora_A`.
@@ -128,7 +132,9 @@ enum AdapterLoader {
                      (".lora_B.bias", .biasB), (".lora_magnitude_vector", .magnitude), (".lora_magnitude_vector.weight", .magnitude),
                      (".lora_embedding_A", .embeddingA), (".lora_embedding_B", .embeddingB)]
         case .kohya:
+            // LyCORIS writes its modules under kohya's names (`lycoris/kohya.py`).
             rules = [(".lora_down.weight", .a), (".lora_up.weight", .b), (".lora_mixer.weight", .mixer), (".alpha", .alpha)]
+                + LyCORISRole.allCases.map { ("." + $0.rawValue, .lycoris($0)) }
         case .diffusers:
             // `lora.down/up`: diffusers' old UNet attention names; `lora_linear_layer.down/up`: its old
             // text-encoder (CLIP q/k/v/out_proj) names; `lora_A/B`: PEFT's, which diffusers writes now.
@@ -204,6 +210,14 @@ enum AdapterLoader {
         var modules: [LoRAModule] = []
         for name in order {
             let p = parts[name]!
+            if LyCORISModules.holdsFactors(p.tensors) {
+                let (component, baseName) = settings.baseName(of: name)
+                switch LyCORISModules.build(name: name, baseName: baseName, component: component, tensors: p.tensors) {
+                case .success(let m): modules.append(m)
+                case .failure(let problem): problems.append(problem.text)
+                }
+                continue
+            }
             let isEmbedding = p.tensors[.embeddingA] != nil || p.tensors[.embeddingB] != nil
             let aRef = isEmbedding ? p.tensors[.embeddingA] : p.tensors[.a]
             let bRef = isEmbedding ? p.tensors[.embeddingB] : p.tensors[.b]
@@ -277,7 +291,9 @@ enum AdapterLoader {
         if settings.useMixerFlag == true && withMixer == 0 {
             warnings.append("the config enables a mixer but no module has one")
         }
-        if modules.contains(where: { $0.magnitude != nil }) || settings.useDoRA {
+        if modules.contains(where: { $0.doraRule != .peft }) {
+            warnings.append("LyCORIS DoRA: merging rescales the merged weight by dora_scale / (‖W + ΔW‖ + ε), per output row or input channel as each dora_scale is shaped")
+        } else if modules.contains(where: { $0.magnitude != nil }) || settings.useDoRA {
             warnings.append("DoRA: merging rescales each output row of the merged weight by the magnitude vector")
         }
         if format == .diffusers {

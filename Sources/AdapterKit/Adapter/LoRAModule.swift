@@ -34,6 +34,9 @@ public struct TensorRef: Sendable {
         indirect case slice(of: TensorRef, rows: StridedRange, columns: StridedRange)
         /// Expert e's columns j·E + e of a `target_parameters` B, from a split shared by all experts.
         case expertColumns(ExpertColumnSplit, expert: Int)
+        /// Values computed from other tensors when used: the exact low-rank factors of a LyCORIS
+        /// module (Khatri–Rao and Kronecker products of its stored factors).
+        case computed(ComputedTensor)
     }
 
     let storage: Storage
@@ -63,7 +66,16 @@ public struct TensorRef: Sendable {
         case .held: nil
         case .slice(let parent, _, _): parent.store
         case .expertColumns(let split, _): split.parent.store
+        case .computed(let c): c.sources.first?.store
         }
+    }
+
+    /// A tensor of `shape` whose values `compute` makes from the values of `sources` when they
+    /// are used; nothing is read before then, and the sources' pages are let go after.
+    init(name: String, computedFrom sources: [TensorRef], shape: [Int], dtype: DType, _ compute: @escaping @Sendable ([[Double]]) -> [Double]) {
+        let encoding = TensorEncoding.plain(dtype)
+        storage = .computed(ComputedTensor(sources: sources, compute: compute))
+        entry = TensorEntry(name: name, shape: shape, encoding: encoding, byteCount: encoding.byteCount(elements: shape.reduce(1, *)) ?? 0)
     }
 
     /// Expert `e`'s columns of this B (shape [out, r]), read through `split` (made once per factor).
@@ -102,7 +114,7 @@ public struct TensorRef: Sendable {
     private var isStoredOrHeld: Bool {
         switch storage {
         case .stored, .held: true
-        case .slice, .expertColumns: false
+        case .slice, .expertColumns, .computed: false
         }
     }
 
@@ -129,7 +141,7 @@ public struct TensorRef: Sendable {
         switch storage {
         case .stored(let s): try s.floats(entry.name)
         case .held(let v): v.map { Float($0) }
-        case .slice, .expertColumns: try doubles().map { Float($0) }
+        case .slice, .expertColumns, .computed: try doubles().map { Float($0) }
         }
     }
 
@@ -141,6 +153,10 @@ public struct TensorRef: Sendable {
             return try parent.doubles(rows: rows, columns: columns)
         case .expertColumns(let split, let e):
             return try split.block(e)
+        case .computed(let c):
+            let values = c.compute(try c.sources.map { try $0.doubles() })
+            precondition(values.count == entry.elementCount, "a computed tensor must fill its shape")
+            return values
         }
     }
 
@@ -176,7 +192,7 @@ public struct TensorRef: Sendable {
                     }
                 }
             }
-        case .slice, .expertColumns:
+        case .slice, .expertColumns, .computed:
             // A slice of a computed view: the view's values, then the rows and columns.
             let v = try doubles()
             for i in 0..<rows.count {
@@ -193,6 +209,7 @@ public struct TensorRef: Sendable {
         case .held: break
         case .slice(let parent, _, _): parent.release()
         case .expertColumns: break  // the split drops each expert's block once it has been read
+        case .computed(let c): for s in c.sources { s.release() }
         }
     }
 }
@@ -345,6 +362,31 @@ public struct LoRAModule: Sendable {
     public var parameter: ExpertParameter? = nil
     /// For a stored `target_parameters` B: the split its experts' columns are read through.
     var split: ExpertColumnSplit? = nil
+    /// What was stored: LoRA factors, or a LyCORIS module whose update `a`, `b` give exactly as
+    /// low-rank factors computed from its own.
+    public var algorithm: ModuleAlgorithm = .lora
+    /// The base weight's shape where the factors' shapes do not give it (a full diff of a 1-D
+    /// tensor, a LyCORIS convolution stored flattened).
+    var declaredShape: [Int]? = nil
+    /// A LyCORIS update stored as a matrix [out, in·k…] that may be a convolution's flattened
+    /// kernel (LyCORIS keeps conv factors 2-D): the base weight's shape tells which (`withKernel`).
+    var flattened = false
+    /// How `magnitude` rescales the merged weight: PEFT's DoRA, or LyCORIS's `dora_scale`.
+    public var doraRule: DoRARule = .peft
+
+    /// This flattened module as the convolution whose weight has `shape` [out, in, k…]; nil when
+    /// the shape's view is not [out, in·k…].
+    func withKernel(_ shape: [Int]) -> LoRAModule? {
+        guard flattened, shape.count >= 3, shape[0] == outFeatures, shape.dropFirst().reduce(1, *) == inFeatures else { return nil }
+        var m = self
+        let (a, b, r) = (self.a, self.b, rank)
+        m.a = TensorRef(name: a.name, computedFrom: [a], shape: [r] + shape.dropFirst(), dtype: a.dtype) { $0[0] }
+        m.b = TensorRef(name: b.name, computedFrom: [b], shape: [outFeatures, r] + Array(repeating: 1, count: shape.count - 2), dtype: b.dtype) { $0[0] }
+        m.kind = shape.count == 4 && shape[2] == 1 && shape[3] == 1 ? .conv1x1 : .convKxK
+        m.declaredShape = shape.count == 4 ? nil : shape
+        m.flattened = false
+        return m
+    }
 
     public var hasMixer: Bool { mixer != nil }
 
@@ -352,7 +394,9 @@ public struct LoRAModule: Sendable {
     public var targetName: String { parameter.map { baseName + "." + $0.name } ?? baseName }
 
     /// The layer kind, or "experts×E" for a `target_parameters` module.
-    public var kindDescription: String { parameter.map { "experts×\($0.experts)" } ?? kind.rawValue }
+    public var kindDescription: String {
+        parameter.map { "experts×\($0.experts)" } ?? (algorithm.isLyCORIS ? algorithm.name + " " + kind.rawValue : kind.rawValue)
+    }
 
     /// Rank of one update: r of each expert for a `target_parameters` module, else `rank`.
     public var updateRank: Int { parameter.map { rank / $0.experts } ?? rank }
@@ -395,7 +439,8 @@ public struct LoRAModule: Sendable {
 
     /// The shape the base weight must have for this module.
     public var expectedBaseShape: [Int] {
-        switch kind {
+        if let declaredShape { return declaredShape }
+        return switch kind {
         case .linear: [outFeatures, inFeatures]
         case .linearFanInFanOut, .embedding: [inFeatures, outFeatures]
         case .conv1x1: [outFeatures, inFeatures, 1, 1]
@@ -415,6 +460,16 @@ public struct LoRAModule: Sendable {
         guard let m = f.m else { return (f.a, f.b) }
         return (matmul(m, f.a, rows: rank, inner: rank, cols: inFeatures), f.b)
     }
+}
+
+/// How a DoRA magnitude rescales V = W + ΔW.
+public enum DoRARule: Sendable, Hashable {
+    /// PEFT: W' = m · V / ‖V‖ per output row.
+    case peft
+    /// LyCORIS `dora_scale` (`functional/general.py` `_weight_decompose`): V = W + s·ΔW, then
+    /// k = m / (‖V‖ + ε) over every axis but the output (`onOutput`) or the input one, ε the
+    /// machine epsilon of dora_scale's dtype; at adapter weight w, W' = V · (w·(k − 1) + 1).
+    case lycoris(onOutput: Bool, epsilon: Double)
 }
 
 /// The 3-D expert parameter a PEFT `target_parameters` module adapts.

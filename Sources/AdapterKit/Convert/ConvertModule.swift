@@ -188,6 +188,23 @@ struct WorkingAdapter {
             let skipped = adapter.modules.count - selected.count
             if skipped > 0 { notes.append("left out \(plural(skipped, "module")) of other components") }
         }
+        let lycorisDoRA = selected.filter { if case .lycoris = $0.doraRule { true } else { false } }
+        if !lycorisDoRA.isEmpty {
+            throw InputError.conversion(adapter.path, "\(plural(lycorisDoRA.count, "module")) (\(lycorisDoRA.prefix(3).map(\.name).joined(separator: ", "))) carry a LyCORIS dora_scale, whose rule (ε, per-input norms, the weight blend) no LoRA layout holds; merge it instead")
+        }
+        if selected.contains(where: \.flattened) {
+            // LyCORIS keeps convolution factors flattened: only the base tells a conv from a linear layer.
+            if let base = options.base {
+                let names = NameMap(base: try Checkpoint(path: base))
+                for i in selected.indices where selected[i].flattened {
+                    if let t = names.weightName(forModule: selected[i].baseName, format: adapter.format), let shape = names.base.tensor(t)?.entry.shape {
+                        selected[i] = selected[i].withKernel(shape) ?? selected[i]
+                    }
+                }
+            } else if selected.contains(where: { $0.flattened && $0.algorithm.isLyCORIS }) {
+                notes.append("LyCORIS stores convolution factors flattened; without --base every such module is written as an [out, in·k·k] matrix (ComfyUI and Forge reshape it, diffusers does not): pass --base MODEL to write convolutions with their kernel shape")
+            }
+        }
         modules = try selected.map { try Self.read($0) }
     }
 

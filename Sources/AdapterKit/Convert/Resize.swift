@@ -73,7 +73,15 @@ extension AdapterConversion {
     /// Every module keeps its scale: the new alpha is scale·k (PEFT: rank_pattern / alpha_pattern,
     /// or scale·√k under use_rslora; kohya: the alpha tensor); σ is not folded into the scale.
     /// The output layout is the input's for PEFT, kohya and mlx inputs, PEFT for the others.
-    public static func resize(input: String, output: String, target: ResizeTarget, form: ResizeForm = .lora,
+    /// `convert to-lora`: every module (LyCORIS LoHa, LoKr and full diffs among them) as plain LoRA
+    /// factors by the exact SVD of its update, truncated to `target`; written in `layout` (the
+    /// input's by default: kohya for LyCORIS files).
+    public static func toLoRA(input: String, output: String, target: ResizeTarget, layout: TargetLayout? = nil,
+                              options: ConvertOptions = ConvertOptions()) throws -> ConvertSummary {
+        try resize(input: input, output: output, target: target, form: .lora, layout: layout, options: options)
+    }
+
+    public static func resize(input: String, output: String, target: ResizeTarget, form: ResizeForm = .lora, layout chosen: TargetLayout? = nil,
                               options: ConvertOptions = ConvertOptions()) throws -> ConvertSummary {
         switch target {
         case .rank(let k) where k < 1:
@@ -83,12 +91,12 @@ extension AdapterConversion {
         default: break
         }
         let format = try AdapterLoader.locate(input).format
-        let layout: TargetLayout = format == .kohya ? .kohya : format == .mlx ? .mlx : .peft
+        let layout: TargetLayout = chosen ?? (format == .kohya ? .kohya : format == .mlx ? .mlx : .peft)
         if layout == .mlx && form == .moslora {
             throw InputError.conversion(input, "mlx-lm cannot hold a mixer, so --form moslora cannot be written; use --form lora or convert to-peft first")
         }
         var summary = ConvertSummary()
-        if ![.peft, .kohya, .mlx].contains(format) {
+        if chosen == nil && ![.peft, .kohya, .mlx].contains(format) {
             summary.notes.append("\(format.rawValue) adapters are written back as PEFT")
         }
         return try convert(input: input, output: output, layout: layout, style: .loraAB, options: options, summary: &summary) { w, summary in

@@ -91,7 +91,7 @@ public struct AdapterReport: Sendable {
             let mixers = ms.filter(\.hasMixer).count
             let g = Group(targets: [short], count: ms.count, ranks: Set(ms.map(\.rank)), scales: Set(ms.map(\.scale)),
                           mixer: mixers == 0 ? "no" : mixers == ms.count ? "yes" : "\(mixers)/\(ms.count)",
-                          kind: Set(ms.map(\.kind.rawValue)).sorted().joined(separator: "/"), component: ms[0].component)
+                          kind: Set(ms.map(\.kindDescription)).sorted().joined(separator: "/"), component: ms[0].component)
             if let i = groups.firstIndex(where: { $0.count == g.count && $0.ranks == g.ranks && $0.scales == g.scales && $0.mixer == g.mixer && $0.kind == g.kind && $0.component == g.component }) {
                 groups[i].targets.append(short)
             } else {
@@ -179,7 +179,11 @@ public struct AdapterReport: Sendable {
             let rs = adapter.format == .paddle ? c?["rslora"]?.boolValue == true : c?["use_rslora"]?.boolValue == true
             return rs ? "lora_alpha / √r (use_rslora)" : "lora_alpha / r"
         case .mytransformers: return c == nil ? "1 (no config)" : "lora_scaler / r"
-        case .kohya: return "alpha / r (alpha tensor per module; 1 without one)"
+        case .kohya:
+            if adapter.modules.contains(where: \.algorithm.isLyCORIS) {
+                return "LyCORIS: alpha / dim (LoHa: hada_w1_b's rows; LoKr: the factored half's rank, 1 when w1 and w2 are whole; full diffs: 1)"
+            }
+            return "alpha / r (alpha tensor per module; 1 without one)"
         case .diffusers:
             return metadata["lora_adapter_metadata"] != nil ? "lora_alpha / r from lora_adapter_metadata (per component)" : "alpha / r (alpha tensors; 1 without one)"
         case .mlx: return "lora_parameters.scale (used as it is)"
@@ -291,6 +295,10 @@ public struct AdapterReport: Sendable {
             let style = key.hasSuffix("lora_AB.weight") || key.hasSuffix("lora_AB") ? "lora_AB" : key.hasSuffix("weight_ab_mixer") ? "weight_ab_mixer"
                 : key.hasSuffix("lora.downB.weight") ? "lora.downB" : "lora_mixer"
             layout += ", MoSLoRA (\(style) mixers on \(mixerCount) of \(adapter.modules.count) modules)"
+        } else if adapter.modules.contains(where: \.algorithm.isLyCORIS) {
+            let kinds = firstSeen(adapter.modules.map(\.algorithm.name))
+            let counts = kinds.map { k in "\(k) on \(plural(adapter.modules.filter { $0.algorithm.name == k }.count, "module"))" }
+            layout += ", LyCORIS (" + counts.joined(separator: ", ") + "; r is the rank of each update as merged)"
         } else {
             layout += ", LoRA"
         }
@@ -402,7 +410,7 @@ public struct AdapterReport: Sendable {
         o["modules"] = .array(modules.map { line in
             let m = line.module
             var mo = JSONObject([
-                ("name", .string(m.name)), ("kind", .string(m.kind.rawValue)), ("rank", .integer(m.rank)),
+                ("name", .string(m.name)), ("kind", .string(m.kind.rawValue)), ("algorithm", .string(m.algorithm.name)), ("rank", .integer(m.rank)),
                 ("alpha", m.alpha.map { .real($0) } ?? .null),
                 ("scale", .real(m.scale)), ("mixer", .bool(m.hasMixer)), ("in", .integer(m.inFeatures)), ("out", .integer(m.outFeatures)),
                 ("target", .string(m.baseName)), ("dtype", .string(m.a.entry.dtype.rawValue)),

@@ -109,6 +109,10 @@ final class MergeExecutor {
             if let f = replacementValues { submit(try codec.encode(f, tensor: p.baseName), writer) }
             return
         }
+        if let d = p.dora, case .lycoris(let onOutput, let epsilon) = d.module.doraRule {
+            submit(try lycorisDoRA(p, term: d, onOutput: onOutput, epsilon: epsilon, store: store, codec: codec), writer)
+            return
+        }
         let magnitude = try p.dora.map { try $0.module.magnitude!.doubles() }
         var stats: UpdateStatistics? = options.report ? UpdateStatistics() : nil
 
@@ -251,6 +255,42 @@ final class MergeExecutor {
             pipeline.write(buffer, count: (end - row) * rowBytes, with: writer)
             row = end
         }
+    }
+
+    /// A LyCORIS DoRA module's weight, whole, in Float64 (its norms may run down columns):
+    /// V = W + s·ΔW, each output row's (or input channel's) norm, the `dora_scale` ratio blended
+    /// by the adapter weight, one rounding into the base dtype.
+    private func lycorisDoRA(_ p: TensorEdit, term: MergeTerm, onOutput: Bool, epsilon: Double, store: any TensorContainer, codec: RowCodec) throws -> [UInt8] {
+        let m = term.module
+        let weight = term.factor / m.scale
+        let rows = p.rows, cols = p.columns
+        var v = [Double](repeating: 0, count: rows * cols)
+        var stats: UpdateStatistics? = nil
+        let (l, r, k) = try UpdateCompiler.factors([MergeTerm(module: m, factor: m.scale)], rows: 0..<rows, viewRows: rows, cols: cols, tensor: p.baseName)
+        let dtype = p.base.dtype
+        let finite = try store.withBytes(of: p.baseName) { raw in
+            v.withUnsafeMutableBytes { dst in
+                MergeKernel.mergeRowsF64(source: raw.baseAddress ?? UnsafeRawPointer(bitPattern: 8)!, sourceType: dtype, destination: dst.baseAddress!,
+                                         rows: 0..<rows, cols: cols, l: l, r: r, k: k, magnitude: nil, statistics: &stats)
+            }
+        }
+        guard finite else { throw nonFinite(p) }
+        let scale = try m.magnitude!.doubles()
+        // Per output: each row; per input: channel c is the columns c·kernel ..< (c+1)·kernel of every row.
+        let kernel = onOutput ? cols : max(1, p.outputShape.dropFirst(2).reduce(1, *))
+        let groups = onOutput ? rows : cols / kernel
+        guard scale.count == groups else {
+            throw MergeError(tensor: p.baseName, problem: "module \(m.name): dora_scale has \(scale.count) values for \(groups) \(onOutput ? "outputs" : "input channels")")
+        }
+        var norms = [Double](repeating: 0, count: groups)
+        for i in 0..<rows {
+            for j in 0..<cols { norms[onOutput ? i : j / kernel] += v[i * cols + j] * v[i * cols + j] }
+        }
+        let ratio = (0..<groups).map { g in weight * (scale[g] / (norms[g].squareRoot() + epsilon) - 1) + 1 }
+        for i in 0..<rows {
+            for j in 0..<cols { v[i * cols + j] *= ratio[onOutput ? i : j / kernel] }
+        }
+        return try codec.encode(v, tensor: p.baseName)
     }
 
     private func nonFinite(_ p: TensorEdit) -> MergeError {

@@ -100,7 +100,9 @@ public struct NameMap: Sendable {
     public func placements(for module: LoRAModule, format: AdapterFormat) -> Result<[UpdatePlacement], PlacementProblem> {
         if let parameter = module.parameter { return parameterPlacements(module, parameter, format: format) }
         if let t = weightName(forModule: module.baseName, format: format) {
-            return .success([UpdatePlacement(module: module, target: UpdateTarget(tensor: t, rows: .all))])
+            // A LyCORIS convolution stored flattened takes its kernel shape from the base.
+            let placed = module.flattened ? module.withKernel(shape(t)) ?? module : module
+            return .success([UpdatePlacement(module: placed, target: UpdateTarget(tensor: t, rows: .all))])
         }
         if format != .kohya {
             if let expert = perExpertPlacement(module, format: format) { return expert }
@@ -198,9 +200,11 @@ public struct NameMap: Sendable {
 /// by underscores (which is why a base model is needed to get the dots back).
 enum KohyaNames {
     /// Read: stored prefix → component.
-    static let prefixes: [(String, String)] = [
+    static let prefixes: [(String, String?)] = [
         ("lora_unet_", "unet"), ("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2"), ("lora_te3_", "text_encoder_3"),
         ("lora_te_", "text_encoder"), ("lora_transformer_", "transformer"),
+        // LyCORIS's generic wrapper (`lycoris/wrapper.py`): any model, no component.
+        ("lycoris_", nil),
     ]
 
     /// Write: the prefix for a component. Modules of a single model (LLMs, PEFT and mlx inputs) get

@@ -97,19 +97,24 @@ func unknownKeysPhrase(_ keys: [String]) -> String {
     "\(plural(keys.count, "unknown key")) (\(listed(keys)))" + (unreadKindsNote(keys).map { "; " + $0 } ?? "")
 }
 
-/// Names the LyCORIS module kinds among keys no layout understood (`hada_*`, `lokr_*`, …), so that
-/// a refusal says what the file is instead of only that its keys are unknown.
+/// Names the LyCORIS module kinds among keys no layout understood, so that a refusal says what
+/// the file is instead of only that its keys are unknown: OFT is not read; LoHa, LoKr, DoRA and
+/// full diffs are, under kohya's names only (which is how LyCORIS saves them).
 func unreadKindsNote(_ keys: [String]) -> String? {
-    let kinds: [(name: String, suffixes: [String])] = [
-        ("LoHa", [".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".hada_t1", ".hada_t2"]),
-        ("LoKr", [".lokr_w1", ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2", ".lokr_w2_a", ".lokr_w2_b", ".lokr_t2"]),
-        ("OFT", [".oft_blocks", ".oft_diag"]),
+    func has(_ suffixes: [String]) -> Bool { keys.contains { key in suffixes.contains { key.hasSuffix($0) } } }
+    var notes: [String] = []
+    if has([".oft_blocks", ".oft_diag", ".oft_R"]) { notes.append("these are LyCORIS OFT modules, which adapter does not read yet") }
+    let read: [(name: String, suffixes: [String])] = [
+        ("LoHa", LyCORISRole.allCases.filter(\.isLoHa).map { "." + $0.rawValue }),
+        ("LoKr", LyCORISRole.allCases.filter(\.isLoKr).map { "." + $0.rawValue }),
         ("DoRA (dora_scale)", [".dora_scale"]),
         ("full-weight diff", [".diff", ".diff_b"]),
     ]
-    let found = kinds.filter { kind in keys.contains { key in kind.suffixes.contains { key.hasSuffix($0) } } }.map(\.name)
-    guard !found.isEmpty else { return nil }
-    return "these are LyCORIS \(found.joined(separator: ", ")) modules, which adapter does not read yet"
+    let found = read.filter { has($0.suffixes) }.map(\.name)
+    if !found.isEmpty {
+        notes.append("LyCORIS \(found.joined(separator: ", ")) keys are read under kohya's module names (lora_unet_…, lora_te…, lycoris_…), which these are not")
+    }
+    return notes.isEmpty ? nil : notes.joined(separator: "; ")
 }
 
 extension StringProtocol {

@@ -77,6 +77,10 @@ struct Merge: ParsableCommand {
             try mergeGGUF(inputs)
             return
         }
+        if PipelineMergePlan.isPipeline(base) {
+            try mergePipeline(inputs)
+            return
+        }
         let checkpoint = try Checkpoint(path: base)
         try OutputRules.check(out, kind: checkpoint.isFolder ? .folder : .file,
                                inputs: [base] + checkpoint.inputFiles + inputs.flatMap { [$0.adapter.path] + $0.adapter.inputFiles }, force: force)
@@ -114,6 +118,26 @@ struct Merge: ParsableCommand {
         let summary = try plan.write(to: out, options: options)
         progress.finish()
         try finish(summary, inputs: inputs, rounded: Set(plan.changedTensorDTypes).intersection([.bf16, .f16]))
+    }
+
+    /// A diffusers pipeline folder: every touched component merged, the rest copied.
+    private func mergePipeline(_ inputs: [MergeInput]) throws {
+        if part != nil || finish { throw ValidationError("--part and --finish split a model folder's shards; a pipeline folder is merged whole") }
+        if !skipFiles.isEmpty { throw ValidationError("--skip-file applies to a model folder; a pipeline folder's components are each merged or copied whole") }
+        try OutputRules.check(out, kind: .folder, inputs: [base] + inputs.flatMap { [$0.adapter.path] + $0.adapter.inputFiles }, force: force)
+        let plan = try PipelineMergePlan(path: base, inputs: inputs,
+                                         options: MergeOptions(dropUnknown: dropUnknown, components: components.isEmpty ? nil : components, dequantize: dtype?.dtype))
+        var options = MergeRunOptions()
+        options.force = force
+        options.report = report
+        options.sync = !noSync
+        if let threads { options.threads = threads }
+        for input in inputs where !quiet {
+            for w in input.adapter.warnings { writeError("adapter: warning: \(input.adapter.path): \(w)") }
+        }
+        let summary = try plan.write(to: out, options: options)
+        if !quiet { writeError("adapter: pipeline components merged: \(plan.plans.map(\.folder).joined(separator: ", "))") }
+        try finish(summary, inputs: inputs, rounded: Set(plan.plans.flatMap(\.plan.changedTensorDTypes)).intersection([.bf16, .f16]))
     }
 
     /// A part's report: what it merged and where it staged it, or that it was already there.

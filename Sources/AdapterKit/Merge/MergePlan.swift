@@ -104,7 +104,14 @@ public struct MergePlan: Sendable {
             }
             let components = adapter.components
             var selected = options.components
-            if selected == nil && components.count > 1 {
+            if selected == nil, components.count > 1, let d = names.diffusion {
+                // A single-file checkpoint holds its denoiser and text encoders together.
+                let missing = components.filter { d.modules[d.component($0)] == nil }
+                if !missing.isEmpty {
+                    problems.append("\(label)the adapter has modules for \(missing.joined(separator: ", ")), which this \(d.family.description) file does not hold; choose the parts it has with --component")
+                    continue
+                }
+            } else if selected == nil && components.count > 1 {
                 problems.append("\(label)the adapter has modules for \(components.joined(separator: ", ")); choose with --component (the base is one model)")
                 continue
             }

@@ -40,9 +40,25 @@ public struct MergeSummary: Sendable {
 
     /// "merged 64 modules into 64 tensors, copied 227 tensors, wrote 2.00 GiB in 3.1 s"
     public var line: String {
-        "merged \(plural(modulesMerged, "module"))\(updatesMerged > modulesMerged ? " (\(plural(updatesMerged, "update")), one per expert)" : "") into \(plural(tensorsChanged, "tensor")), copied \(plural(tensorsCopied, "tensor"))"
+        "merged \(plural(modulesMerged, "module"))\(updatesMerged > modulesMerged ? " (\(plural(updatesMerged, "update")): per expert, or per half of a swapped tensor)" : "") into \(plural(tensorsChanged, "tensor")), copied \(plural(tensorsCopied, "tensor"))"
             + (filesCopied > 0 ? " and \(plural(filesCopied, "other file"))" : "")
             + ", wrote \(formatBytes(bytesWritten, exact: false)) in \(formatFixed(seconds, 2)) s"
+    }
+}
+
+extension MergeSummary {
+    /// Adds a component's merge (a pipeline folder's): counts and bytes summed, notes and reports
+    /// named by the component.
+    mutating func add(_ other: MergeSummary, component: String) {
+        modulesMerged += other.modulesMerged
+        updatesMerged += other.updatesMerged
+        tensorsChanged += other.tensorsChanged
+        tensorsCopied += other.tensorsCopied
+        filesCopied += other.filesCopied
+        bytesWritten += other.bytesWritten
+        seconds += other.seconds
+        reports += other.reports.map { TensorReport(tensor: component + "/" + $0.tensor, modules: $0.modules, statistics: $0.statistics, kept: $0.kept) }
+        notes += other.notes.map { component + ": " + $0 }
     }
 }
 

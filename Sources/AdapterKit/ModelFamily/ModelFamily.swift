@@ -112,9 +112,14 @@ struct BaseLayout: Sendable {
     /// The multimodal prefix style: "hub (language_model.model.…)" or "transformers 5 (model.language_model.…)".
     let keyLayout: String?
 
+    /// The components a single-file diffusion checkpoint holds, in diffusers' names.
+    let components: [String]
+
     init(_ base: Checkpoint) {
         let family = ModelFamily.of(base)
-        self.family = family?.name
+        let diffusion = DiffusionLayout.detect(base)
+        self.family = diffusion.map { "\($0.family.rawValue) (\($0.family.description))" } ?? family?.name
+        components = diffusion.map { d in ["unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3"].filter { d.modules[$0] != nil } } ?? []
         var perExpert = Set<Int>(), layers = Set<String>(), fused = false, fusedExperts: Int?, mxfp4 = false
         var expert = 0, dense = 0
         var hub = false, memory = false, qwenDisk = false
@@ -152,7 +157,9 @@ struct BaseLayout: Sendable {
             expertStorage = nil
             expertsPerLayer = nil
         }
-        if hub {
+        if let diffusion {
+            keyLayout = diffusion.layout
+        } else if hub {
             keyLayout = "hub (language_model.model.…)"
         } else if memory {
             keyLayout = "transformers 5 (model.language_model.…)"
@@ -170,6 +177,7 @@ struct BaseLayout: Sendable {
             out.append("experts     \(expertsPerLayer) per layer in \(plural(expertLayers, "layer")), stored \(expertStorage); \(formatCount(expertParameters)) expert parameters, \(formatCount(denseParameters)) dense")
         }
         if let keyLayout { out.append("key layout  \(keyLayout)") }
+        if !components.isEmpty { out.append("components  \(components.joined(separator: ", ")) (adapter modules in diffusers' names are placed on these keys)") }
         return out
     }
 
@@ -182,6 +190,7 @@ struct BaseLayout: Sendable {
             ("expert_parameters", .integer(expertParameters)),
             ("dense_parameters", .integer(denseParameters)),
             ("key_layout", keyLayout.map { .string($0) } ?? .null),
+            ("components", .array(components.map { .string($0) })),
         ]))
     }
 }

@@ -67,6 +67,8 @@ public struct NameMap: Sendable {
     /// Base names by what follows their first component (`model.layers.0.q.weight` under
     /// `layers.0.q.weight`) → the name (nil when two share it).
     let byRest: [String: String?]
+    /// The base's single-file diffusion layout (Flux, SD3, SD 1/2/XL), when its keys are one.
+    let diffusion: DiffusionLayout?
 
     /// Indexes the base's weight names once: resolving every module then costs time linear in
     /// modules + base tensors.
@@ -87,6 +89,7 @@ public struct NameMap: Sendable {
         underscored = map
         byRest = rest
         family = ModelFamily.of(base)
+        diffusion = DiffusionLayout.detect(base)
     }
 
     /// The base tensor (and rows) a whole module's update lands on, or nil when no rule finds
@@ -99,6 +102,7 @@ public struct NameMap: Sendable {
     /// layouts, one placement per expert or per slice. Fails with the reason when nothing fits.
     public func placements(for module: LoRAModule, format: AdapterFormat) -> Result<[UpdatePlacement], PlacementProblem> {
         if let parameter = module.parameter { return parameterPlacements(module, parameter, format: format) }
+        if let d = diffusion, let slots = d.slots(for: module, format: format) { return diffusionPlacements(module, slots) }
         if let t = weightName(forModule: module.baseName, format: format) {
             // A LyCORIS convolution stored flattened takes its kernel shape from the base.
             let placed = module.flattened ? module.withKernel(shape(t)) ?? module : module
@@ -161,6 +165,24 @@ public struct NameMap: Sendable {
     }
 
     private func shape(_ tensor: String) -> [Int] { base.tensor(tensor)?.entry.shape ?? [] }
+
+    /// A module on a single-file diffusion base: each slot a placement, the module restricted to
+    /// the update rows a slot takes (Flux's swapped `norm_out` halves).
+    private func diffusionPlacements(_ module: LoRAModule, _ slots: [DiffusionLayout.Slot]) -> Result<[UpdatePlacement], PlacementProblem> {
+        var out: [UpdatePlacement] = []
+        for slot in slots {
+            var m = module.flattened ? module.withKernel(shape(slot.tensor)) ?? module : module
+            if let u = slot.updateRows {
+                guard m.orientation == .peft, m.b.shape.count == 2, u.upperBound <= m.outFeatures, m.bias == nil, m.magnitude == nil else {
+                    return .failure(PlacementProblem(text: "the halves of \(slot.tensor) are stored swapped; a \(m.kind.rawValue) update of \(m.outFeatures) rows\(m.bias != nil ? " with a bias" : m.magnitude != nil ? " with DoRA" : "") cannot be split onto them"))
+                }
+                m.b = m.b.slice(rows: StridedRange(u), columns: .all(m.rank), name: m.b.name + "[rows \(u.lowerBound)..<\(u.upperBound)]")
+                m.name += " (rows \(u.lowerBound)..<\(u.upperBound))"
+            }
+            out.append(UpdatePlacement(module: m, target: UpdateTarget(tensor: slot.tensor, rows: slot.rows.map { .range($0) } ?? .all)))
+        }
+        return .success(out)
+    }
 
     /// A kohya module name (underscores) as the dotted module path of this base, when exactly one fits.
     func dottedModule(forKohya name: String) -> String? {

@@ -1,0 +1,329 @@
+/// Diffusion checkpoints in their original single-file layouts (SD 1.x/2.x and SDXL ldm, Flux
+/// BFL, SD3 MMDiT), recognised by their keys, with the table that places diffusers module names
+/// (what diffusers, PEFT and kohya's SD1 LoRAs name) on the original tensors: whole tensors, row
+/// slices of fused ones (q/k/v in `qkv` and OpenCLIP's `in_proj_weight`, q/k/v/mlp in Flux's
+/// `linear1`), and Flux/SD3's `norm_out`, whose two halves are stored the other way round.
+///
+/// The table is built forward, from the base's own keys to diffusers names, by the rules
+/// diffusers' single-file converters apply (`loaders/single_file_utils.py`); the rules are in
+/// docs/formats.md §15. The original names themselves (kohya's SDXL and Flux LoRAs use them) map
+/// to their whole tensors.
+struct DiffusionLayout: Sendable {
+    enum Family: String, Sendable {
+        case sd1 = "sd1", sd2 = "sd2", sdxl = "sdxl", fluxDev = "flux-dev", fluxSchnell = "flux-schnell", sd3 = "sd3", sd35 = "sd3.5"
+
+        var description: String {
+            switch self {
+            case .sd1: "Stable Diffusion 1.x"
+            case .sd2: "Stable Diffusion 2.x"
+            case .sdxl: "Stable Diffusion XL"
+            case .fluxDev: "Flux.1 dev"
+            case .fluxSchnell: "Flux.1 schnell"
+            case .sd3: "Stable Diffusion 3"
+            case .sd35: "Stable Diffusion 3.5"
+            }
+        }
+    }
+
+    /// Where (part of) a module's update lands.
+    struct Slot: Sendable, Hashable {
+        let tensor: String
+        /// Rows of the tensor (nil: all).
+        var rows: Range<Int>? = nil
+        /// Rows of the update that land there (nil: all of them).
+        var updateRows: Range<Int>? = nil
+    }
+
+    let family: Family
+    /// How `inspect` names the layout.
+    let layout: String
+    /// Component → module name (diffusers names, and the original names) → slots.
+    private(set) var modules: [String: [String: [Slot]]] = [:]
+    /// Component → kohya name (dots as underscores) → module name; nil where two collide.
+    private(set) var kohya: [String: [String: String?]] = [:]
+
+    /// The denoiser's component name in diffusers (`unet` or `transformer`).
+    var denoiser: String { [.sd1, .sd2, .sdxl].contains(family) ? "unet" : "transformer" }
+
+    // MARK: - Recognising
+
+    /// The layout of a base, or nil when its keys are not one of these layouts.
+    static func detect(_ base: Checkpoint) -> DiffusionLayout? {
+        func has(_ k: String) -> Bool { base.tensor(k) != nil }
+        let prefixes = ["", "model.diffusion_model."]
+        if let p = prefixes.first(where: { has($0 + "double_blocks.0.img_attn.qkv.weight") }) {
+            let dev = has(p + "guidance_in.in_layer.weight")
+            var d = DiffusionLayout(family: dev ? .fluxDev : .fluxSchnell,
+                                    layout: "BFL single file" + (p.isEmpty ? "" : " under \(p) (ComfyUI)"))
+            d.index(base, prefixes: [(p, "transformer", DiffusionLayout.flux)])
+            return d
+        }
+        if let p = prefixes.first(where: { has($0 + "joint_blocks.0.x_block.attn.qkv.weight") }) {
+            let v35 = base.tensors.contains { $0.entry.name.contains(".ln_q.") }
+            var d = DiffusionLayout(family: v35 ? .sd35 : .sd3, layout: "MMDiT single file (joint_blocks.…)" + (p.isEmpty ? "" : " under \(p)"))
+            d.index(base, prefixes: [(p, "transformer", DiffusionLayout.mmdit),
+                                     ("text_encoders.clip_l.transformer.", "text_encoder", DiffusionLayout.clip),
+                                     ("text_encoders.clip_g.transformer.", "text_encoder_2", DiffusionLayout.clip),
+                                     ("text_encoders.t5xxl.transformer.", "text_encoder_3", DiffusionLayout.same)])
+            return d
+        }
+        guard base.tensors.contains(where: { $0.entry.name.hasPrefix("model.diffusion_model.input_blocks.") }) else { return nil }
+        let unet = ("model.diffusion_model.", "unet", ldmUNet(base))
+        if base.tensors.contains(where: { $0.entry.name.hasPrefix("conditioner.embedders.1.model.") }) {
+            var d = DiffusionLayout(family: .sdxl, layout: "ldm single file (model.diffusion_model.…, conditioner.embedders.0/1.…)")
+            d.index(base, prefixes: [unet, ("conditioner.embedders.0.transformer.", "text_encoder", DiffusionLayout.clip),
+                                     ("conditioner.embedders.1.model.", "text_encoder_2", DiffusionLayout.openCLIP)])
+            return d
+        }
+        if base.tensors.contains(where: { $0.entry.name.hasPrefix("cond_stage_model.model.") }) {
+            var d = DiffusionLayout(family: .sd2, layout: "ldm single file (model.diffusion_model.…, cond_stage_model.model.…)")
+            d.index(base, prefixes: [unet, ("cond_stage_model.model.", "text_encoder", DiffusionLayout.openCLIP)])
+            return d
+        }
+        var d = DiffusionLayout(family: .sd1, layout: "ldm single file (model.diffusion_model.…, cond_stage_model.transformer.…)")
+        d.index(base, prefixes: [unet, ("cond_stage_model.transformer.", "text_encoder", DiffusionLayout.clip)])
+        return d
+    }
+
+    private init(family: Family, layout: String) {
+        self.family = family
+        self.layout = layout
+    }
+
+    /// A rule: the module path of a weight after its component prefix (without `.weight`), and
+    /// its shape → the diffusers modules it holds.
+    typealias Rule = @Sendable (_ path: String, _ shape: [Int]) -> [(String, Slot)]
+
+    private mutating func index(_ base: Checkpoint, prefixes: [(prefix: String, component: String, rule: Rule)]) {
+        for (entry, _) in base.tensors {
+            let name = entry.name
+            // The longest prefix that fits (`model.diffusion_model.` before "").
+            guard let p = prefixes.filter({ name.hasPrefix($0.prefix) }).max(by: { $0.prefix.count < $1.prefix.count }) else { continue }
+            let rest = String(name.dropFirst(p.prefix.count))
+            let path: String
+            if rest.hasSuffix(".weight") { path = String(rest.dropLast(".weight".count)) } else if rest.hasSuffix("_weight") {
+                path = String(rest.dropLast("_weight".count))  // OpenCLIP's attn.in_proj_weight
+            } else { continue }
+            let shape = entry.shape
+            if rest.hasSuffix(".weight") { add(p.component, path, Slot(tensor: name)) }
+            for (module, slot) in p.rule(path, shape) {
+                let placed = Slot(tensor: name, rows: slot.rows, updateRows: slot.updateRows)
+                add(p.component, module, placed)
+                // transformers 5 saves CLIP without `text_model.`; adapters trained on it name modules so.
+                if module.hasPrefix("text_model.") { add(p.component, String(module.dropFirst("text_model.".count)), placed) }
+            }
+        }
+    }
+
+    private mutating func add(_ component: String, _ module: String, _ slot: Slot) {
+        if modules[component, default: [:]][module]?.contains(slot) == true { return }
+        modules[component, default: [:]][module, default: []].append(slot)
+        let key = KohyaNames.key(module)
+        if let existing = kohya[component]?[key], existing != module {
+            kohya[component]![key] = .some(nil)
+        } else {
+            kohya[component, default: [:]][key] = .some(module)
+        }
+    }
+
+    // MARK: - Looking up
+
+    /// The component of the base a module's component stands for: kohya's `lora_unet_` and a
+    /// single-model adapter (no component) are the denoiser of every family.
+    func component(_ c: String?) -> String {
+        switch c {
+        case nil, "unet", "transformer": denoiser
+        default: c!
+        }
+    }
+
+    /// Where a module lands: nil when the table has no such module (the ordinary rules are tried then).
+    func slots(for module: LoRAModule, format: AdapterFormat) -> [Slot]? {
+        let c = component(module.component)
+        var name = module.baseName
+        if format == .kohya {
+            guard let found = kohya[c]?[name] ?? nil else { return nil }
+            name = found
+        }
+        for candidate in [name] + Self.strippable.compactMap({ name.hasPrefix($0) ? String(name.dropFirst($0.count)) : nil }) {
+            if let s = modules[c]?[candidate] { return s }
+        }
+        return nil
+    }
+
+    /// Prefixes adapters put before module names that the table holds without them (ComfyUI
+    /// saves BFL names under `diffusion_model.`).
+    static let strippable = ["diffusion_model.", "model.diffusion_model.", "transformer.", "unet."]
+
+    // MARK: - Rules
+
+    static let same: Rule = { _, _ in [] }
+
+    /// Thirds of a fused [q; k; v] weight.
+    private static func thirds(_ shape: [Int], _ names: [String]) -> [(String, Slot)] {
+        guard let rows = shape.first, rows % 3 == 0 else { return [] }
+        let d = rows / 3
+        return names.enumerated().map { i, n in (n, Slot(tensor: "", rows: i * d..<(i + 1) * d)) }
+    }
+
+    /// [shift; scale] stored, [scale; shift] in diffusers: each half of the update lands on the other half.
+    private static func swapped(_ shape: [Int], _ name: String) -> [(String, Slot)] {
+        guard let rows = shape.first, rows % 2 == 0 else { return [] }
+        let d = rows / 2
+        return [(name, Slot(tensor: "", rows: d..<rows, updateRows: 0..<d)), (name, Slot(tensor: "", rows: 0..<d, updateRows: d..<rows))]
+    }
+
+    private static func whole(_ name: String) -> [(String, Slot)] { [(name, Slot(tensor: ""))] }
+
+    /// Flux.1 (BFL) → diffusers `FluxTransformer2DModel` (`convert_flux_transformer_checkpoint_to_diffusers`).
+    static let flux: Rule = { path, shape in
+            let parts = path.split(separator: ".", omittingEmptySubsequences: false).map(String.init)
+            if parts.count >= 3, parts[0] == "double_blocks" {
+                let b = "transformer_blocks.\(parts[1])."
+                switch parts.dropFirst(2).joined(separator: ".") {
+                case "img_attn.qkv": return DiffusionLayout.thirds(shape, [b + "attn.to_q", b + "attn.to_k", b + "attn.to_v"])
+                case "txt_attn.qkv": return DiffusionLayout.thirds(shape, [b + "attn.add_q_proj", b + "attn.add_k_proj", b + "attn.add_v_proj"])
+                case "img_attn.proj": return DiffusionLayout.whole(b + "attn.to_out.0")
+                case "txt_attn.proj": return DiffusionLayout.whole(b + "attn.to_add_out")
+                case "img_mlp.0": return DiffusionLayout.whole(b + "ff.net.0.proj")
+                case "img_mlp.2": return DiffusionLayout.whole(b + "ff.net.2")
+                case "txt_mlp.0": return DiffusionLayout.whole(b + "ff_context.net.0.proj")
+                case "txt_mlp.2": return DiffusionLayout.whole(b + "ff_context.net.2")
+                case "img_mod.lin": return DiffusionLayout.whole(b + "norm1.linear")
+                case "txt_mod.lin": return DiffusionLayout.whole(b + "norm1_context.linear")
+                default: return []
+                }
+            }
+            if parts.count >= 3, parts[0] == "single_blocks" {
+                let b = "single_transformer_blocks.\(parts[1])."
+                switch parts.dropFirst(2).joined(separator: ".") {
+                case "linear1":
+                    // [q; k; v; mlp]: q, k, v are the hidden size (the weight's inputs) each.
+                    guard shape.count == 2, shape[0] > 3 * shape[1] else { return [] }
+                    let d = shape[1]
+                    return [(b + "attn.to_q", Slot(tensor: "", rows: 0..<d)), (b + "attn.to_k", Slot(tensor: "", rows: d..<2 * d)),
+                            (b + "attn.to_v", Slot(tensor: "", rows: 2 * d..<3 * d)), (b + "proj_mlp", Slot(tensor: "", rows: 3 * d..<shape[0]))]
+                case "linear2": return DiffusionLayout.whole(b + "proj_out")
+                case "modulation.lin": return DiffusionLayout.whole(b + "norm.linear")
+                default: return []
+                }
+            }
+            let embedders = ["time_in": "timestep_embedder", "vector_in": "text_embedder", "guidance_in": "guidance_embedder"]
+            if parts.count == 2, let e = embedders[parts[0]] {
+                return DiffusionLayout.whole("time_text_embed.\(e)." + (parts[1] == "in_layer" ? "linear_1" : "linear_2"))
+            }
+            switch path {
+            case "img_in": return DiffusionLayout.whole("x_embedder")
+            case "txt_in": return DiffusionLayout.whole("context_embedder")
+            case "final_layer.linear": return DiffusionLayout.whole("proj_out")
+            case "final_layer.adaLN_modulation.1": return DiffusionLayout.swapped(shape, "norm_out.linear")
+            default: return []
+            }
+    }
+
+    /// SD3 / 3.5 (MMDiT) → diffusers `SD3Transformer2DModel` (`convert_sd3_transformer_checkpoint_to_diffusers`).
+    static let mmdit: Rule = { path, shape in
+            let parts = path.split(separator: ".", omittingEmptySubsequences: false).map(String.init)
+            if parts.count >= 4, parts[0] == "joint_blocks" {
+                let b = "transformer_blocks.\(parts[1])."
+                let context = parts[2] == "context_block"
+                switch (parts[2], parts.dropFirst(3).joined(separator: ".")) {
+                case ("x_block", "attn.qkv"): return DiffusionLayout.thirds(shape, [b + "attn.to_q", b + "attn.to_k", b + "attn.to_v"])
+                case ("context_block", "attn.qkv"): return DiffusionLayout.thirds(shape, [b + "attn.add_q_proj", b + "attn.add_k_proj", b + "attn.add_v_proj"])
+                case ("x_block", "attn2.qkv"): return DiffusionLayout.thirds(shape, [b + "attn2.to_q", b + "attn2.to_k", b + "attn2.to_v"])
+                case ("x_block", "attn.proj"): return DiffusionLayout.whole(b + "attn.to_out.0")
+                case ("context_block", "attn.proj"): return DiffusionLayout.whole(b + "attn.to_add_out")
+                case ("x_block", "attn2.proj"): return DiffusionLayout.whole(b + "attn2.to_out.0")
+                case (_, "mlp.fc1"): return DiffusionLayout.whole(b + (context ? "ff_context" : "ff") + ".net.0.proj")
+                case (_, "mlp.fc2"): return DiffusionLayout.whole(b + (context ? "ff_context" : "ff") + ".net.2")
+                case ("x_block", "adaLN_modulation.1"): return DiffusionLayout.whole(b + "norm1.linear")
+                case ("context_block", "adaLN_modulation.1"):
+                    // The last block's context branch (context_pre_only) holds [shift; scale] only.
+                    guard let rows = shape.first, let cols = shape.last else { return [] }
+                    return rows == 2 * cols ? DiffusionLayout.swapped(shape, b + "norm1_context.linear") : DiffusionLayout.whole(b + "norm1_context.linear")
+                default: return []
+                }
+            }
+            switch path {
+            case "x_embedder.proj": return DiffusionLayout.whole("pos_embed.proj")
+            case "t_embedder.mlp.0": return DiffusionLayout.whole("time_text_embed.timestep_embedder.linear_1")
+            case "t_embedder.mlp.2": return DiffusionLayout.whole("time_text_embed.timestep_embedder.linear_2")
+            case "y_embedder.mlp.0": return DiffusionLayout.whole("time_text_embed.text_embedder.linear_1")
+            case "y_embedder.mlp.2": return DiffusionLayout.whole("time_text_embed.text_embedder.linear_2")
+            case "final_layer.linear": return DiffusionLayout.whole("proj_out")
+            case "final_layer.adaLN_modulation.1": return DiffusionLayout.swapped(shape, "norm_out.linear")
+            default: return []
+            }
+    }
+
+    /// CLIP in Hugging Face names: the path is the diffusers name.
+    static let clip: Rule = { path, _ in whole(path) }
+
+    /// OpenCLIP (SDXL's second encoder, SD2's) → `CLIPTextModel(WithProjection)` names (`convert_open_clip_checkpoint`).
+    static let openCLIP: Rule = { path, shape in
+        let parts = path.split(separator: ".", omittingEmptySubsequences: false).map(String.init)
+        guard parts.count >= 5, parts[0] == "transformer", parts[1] == "resblocks" else { return [] }
+        let l = "text_model.encoder.layers.\(parts[2])."
+        switch parts.dropFirst(3).joined(separator: ".") {
+        case "attn.in_proj": return thirds(shape, [l + "self_attn.q_proj", l + "self_attn.k_proj", l + "self_attn.v_proj"])
+        case "attn.out_proj": return whole(l + "self_attn.out_proj")
+        case "mlp.c_fc": return whole(l + "mlp.fc1")
+        case "mlp.c_proj": return whole(l + "mlp.fc2")
+        default: return []
+        }
+    }
+
+    /// The ldm UNet → diffusers `UNet2DConditionModel` (`convert_ldm_unet_checkpoint`): L resnets
+    /// per down level (its downsampler is input block 1 + b(L+1) + L), L + 1 per up level.
+    static func ldmUNet(_ base: Checkpoint) -> Rule {
+        var inputs = Set<Int>(), downsamplers: [Int] = []
+        for (entry, _) in base.tensors {
+            let n = entry.name
+            guard n.hasPrefix("model.diffusion_model.input_blocks.") else { continue }
+            let parts = n.dropFirst("model.diffusion_model.input_blocks.".count).split(separator: ".")
+            guard let i = parts.first.flatMap({ Int($0) }) else { continue }
+            inputs.insert(i)
+            if parts.count >= 3, parts[1] == "0", parts[2] == "op" { downsamplers.append(i) }
+        }
+        let perLevel = (downsamplers.min().map { $0 - 1 } ?? max(1, (inputs.max() ?? 1))) + 1  // L + 1
+        let resnet: [String: String] = ["in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+                                        "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"]
+        let resnetName: @Sendable ([String]) -> String? = { resnet[$0.joined(separator: ".")] }
+        return { path, _ in
+            let parts = path.split(separator: ".", omittingEmptySubsequences: false).map(String.init)
+            switch parts.first {
+            case "input_blocks":
+                if path == "input_blocks.0.0" { return whole("conv_in") }
+                guard parts.count >= 4, let i = Int(parts[1]), i > 0 else { return [] }
+                let b = (i - 1) / perLevel, j = (i - 1) % perLevel
+                if j == perLevel - 1 { return parts[2] == "0" && parts[3] == "op" && parts.count == 4 ? whole("down_blocks.\(b).downsamplers.0.conv") : [] }
+                if parts[2] == "0" { return resnetName(Array(parts.dropFirst(3))).map { whole("down_blocks.\(b).resnets.\(j).\($0)") } ?? [] }
+                if parts[2] == "1" { return whole("down_blocks.\(b).attentions.\(j)." + parts.dropFirst(3).joined(separator: ".")) }
+                return []
+            case "middle_block":
+                guard parts.count >= 3 else { return [] }
+                switch parts[1] {
+                case "0": return resnetName(Array(parts.dropFirst(2))).map { whole("mid_block.resnets.0.\($0)") } ?? []
+                case "1": return whole("mid_block.attentions.0." + parts.dropFirst(2).joined(separator: "."))
+                case "2": return resnetName(Array(parts.dropFirst(2))).map { whole("mid_block.resnets.1.\($0)") } ?? []
+                default: return []
+                }
+            case "output_blocks":
+                guard parts.count >= 4, let i = Int(parts[1]) else { return [] }
+                let b = i / perLevel, j = i % perLevel
+                if parts[2] == "0" { return resnetName(Array(parts.dropFirst(3))).map { whole("up_blocks.\(b).resnets.\(j).\($0)") } ?? [] }
+                if parts[3] == "conv" && parts.count == 4 { return whole("up_blocks.\(b).upsamplers.0.conv") }
+                if parts[2] == "1" { return whole("up_blocks.\(b).attentions.\(j)." + parts.dropFirst(3).joined(separator: ".")) }
+                return []
+            case "time_embed":
+                return path == "time_embed.0" ? whole("time_embedding.linear_1") : path == "time_embed.2" ? whole("time_embedding.linear_2") : []
+            case "label_emb":
+                return path == "label_emb.0.0" ? whole("add_embedding.linear_1") : path == "label_emb.0.2" ? whole("add_embedding.linear_2") : []
+            case "out":
+                return path == "out.0" ? whole("conv_norm_out") : path == "out.2" ? whole("conv_out") : []
+            default:
+                return []
+            }
+        }
+    }
+}

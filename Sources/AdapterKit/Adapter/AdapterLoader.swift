@@ -103,6 +103,9 @@ enum AdapterLoader {
         var found: [Bool] = Array(repeating: false, count: 7)
         for k in keys {
             if k.hasPrefix("lora_unet_") || k.hasPrefix("lora_te") || k.hasPrefix("lora_transformer_") || k.hasPrefix("lycoris_") { return .kohya }
+            // ComfyUI's LoraSave: the model's own keys under diffusion_model. / text_encoders., kohya's suffixes.
+            if (k.hasPrefix("diffusion_model.") || k.hasPrefix("text_encoders.")),
+               k.hasSuffix(".lora_down.weight") || k.hasSuffix(".lora_up.weight") || k.hasSuffix(".diff") || k.hasSuffix(".diff_b") { return .kohya }
             if k.hasSuffix(".lora.down.weight") || k.hasSuffix(".lora.up.weight") || k.hasSuffix(".lora_linear_layer.down.weight") { found[1] = true }
             if k.hasSuffix(".lora_A.weight") && (k.hasPrefix("unet.") || k.hasPrefix("text_encoder") || k.hasPrefix("transformer.")) { found[2] = true }
             if k.hasSuffix(".weight_a") || k.hasSuffix(".weight_ab_mixer") { found[3] = true }
@@ -250,6 +253,19 @@ enum AdapterLoader {
                 } catch let e as InputError {
                     problems.append(e.problem)
                     continue
+                }
+            }
+            // ComfyUI saves a layer's bias difference beside its LoRA pair; LyCORIS LoCon a dora_scale.
+            if let diffB = p.tensors[.lycoris(.diffB)] {
+                if module.bias != nil { problems.append("module \(name) has both lora_B.bias and diff_b"); continue }
+                module.bias = diffB
+                module.biasScale = 1
+            }
+            if let d = p.tensors[.lycoris(.doraScale)] {
+                if module.magnitude != nil { problems.append("module \(name) has both a DoRA magnitude and a dora_scale"); continue }
+                switch LyCORISModules.doraRule(d, outputs: module.outFeatures) {
+                case .success(let rule): (module.magnitude, module.doraRule) = (d, rule)
+                case .failure(let p): problems.append("module \(name): \(p.text)"); continue
                 }
             }
             if let problem = shapeProblem(module) {

@@ -356,6 +356,8 @@ public struct LoRAModule: Sendable {
     public var magnitude: TensorRef?
     /// `lora_B.bias` (out,), added as scale · bias to the base bias.
     public var bias: TensorRef?
+    /// The factor of `bias` when it is not `scale`: 1 for a stored bias difference (`diff_b`).
+    public var biasScale: Double? = nil
     /// PEFT `target_parameters` (its `ParamWrapper`): the module adapts one 3-D parameter of
     /// `experts` experts, with A [r·E, in] (expert e in rows e·r..<(e+1)·r), B [out, r·E] (column
     /// j·E + e is rank j of expert e) and a mixer, when there is one, [r·E, r] in row blocks like A.

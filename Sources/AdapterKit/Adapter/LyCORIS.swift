@@ -160,9 +160,32 @@ enum LyCORISRole: String, Sendable, CaseIterable {
 enum LyCORISModules {
     typealias Tensors = [AdapterLoader.Role: TensorRef]
 
-    /// Whether a stored module holds LyCORIS factors (not only a `dora_scale` beside LoRA factors).
+    /// Whether a stored module holds LyCORIS factors: not only a `dora_scale` or a `diff_b` (a
+    /// bias difference, as ComfyUI saves beside each LoRA pair) beside LoRA factors.
     static func holdsFactors(_ tensors: Tensors) -> Bool {
-        tensors.keys.contains { if case .lycoris(let r) = $0 { return r != .doraScale } else { return false } }
+        let loraFactors = tensors[.a] != nil || tensors[.b] != nil
+        return tensors.keys.contains { key in
+            guard case .lycoris(let r) = key else { return false }
+            return !(loraFactors && (r == .doraScale || r == .diffB))
+        }
+    }
+
+    /// LyCORIS's DoRA rule for a `dora_scale` on a module of `outputs` rows.
+    static func doraRule(_ d: TensorRef, outputs: Int) -> Result<DoRARule, AdapterLoader.Problem> {
+        // (out, 1, …): per output; (1, in, …): per input channel.
+        let s = d.shape
+        guard s.count >= 2, s.dropFirst(2).allSatisfy({ $0 == 1 }), s[0] == 1 || s[1] == 1 else {
+            return .failure(.init(text: "dora_scale has shape \(s), expected (out, 1[, 1, 1]) or (1, in[, 1, 1])"))
+        }
+        let onOutput = s[1] == 1 && (s[0] != 1 || outputs == 1)
+        if onOutput && s[0] != outputs { return .failure(.init(text: "dora_scale has \(s[0]) outputs for \(outputs)")) }
+        let epsilon: Double = switch d.dtype {
+        case .f16: 0x1p-10
+        case .bf16: 0x1p-7
+        case .f64: 0x1p-52
+        default: 0x1p-23
+        }
+        return .success(.lycoris(onOutput: onOutput, epsilon: epsilon))
     }
 
     /// The module, or the one line that says why it cannot be read.
@@ -216,21 +239,10 @@ enum LyCORISModules {
         if shape.count != 2 && shape.count != 4 { m.declaredShape = shape }
         m.flattened = shape.count == 2 && algorithm != .full
         if let d = t(.doraScale) {
-            // (out, 1, …): per output; (1, in, …): per input channel.
-            let s = d.shape
-            guard s.count >= 2, s.dropFirst(2).allSatisfy({ $0 == 1 }), s[0] == 1 || s[1] == 1 else {
-                return fail("dora_scale has shape \(s), expected (out, 1[, 1, 1]) or (1, in[, 1, 1])")
+            switch doraRule(d, outputs: pair.rows) {
+            case .success(let rule): (m.magnitude, m.doraRule) = (d, rule)
+            case .failure(let p): return fail(p.text)
             }
-            let onOutput = s[1] == 1 && (s[0] != 1 || pair.rows == 1)
-            if onOutput && s[0] != pair.rows { return fail("dora_scale has \(s[0]) outputs for \(pair.rows)") }
-            let epsilon: Double = switch d.dtype {
-            case .f16: 0x1p-10
-            case .bf16: 0x1p-7
-            case .f64: 0x1p-52
-            default: 0x1p-23
-            }
-            m.magnitude = d
-            m.doraRule = .lycoris(onOutput: onOutput, epsilon: epsilon)
         }
         if let bias = t(.diffB), bias.entry.elementCount != pair.rows {
             return fail("diff_b has \(bias.entry.elementCount) elements for \(pair.rows) outputs")

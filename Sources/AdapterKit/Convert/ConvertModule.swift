@@ -221,7 +221,10 @@ struct WorkingAdapter {
         held.b = m.b.holding(f.b, shape: m.orientation == .peft ? m.b.shape : [out, r])
         held.mixer = f.m.map { m.mixer!.holding($0, shape: m.parameter == nil ? [r, r] : m.mixer!.shape) }
         held.magnitude = try m.magnitude.map { $0.holding(try $0.doubles(), shape: $0.shape) }
-        held.bias = try m.bias.map { $0.holding(try $0.doubles(), shape: $0.shape) }
+        // Held in PEFT's sense (added as scale · bias): a stored difference (diff_b) is divided by the scale.
+        let biasFactor = m.biasScale.map { $0 / m.scale } ?? 1
+        held.bias = try m.bias.map { $0.holding(try $0.doubles().map { $0 * biasFactor }, shape: $0.shape) }
+        held.biasScale = nil
         held.orientation = .peft
         held.split = nil  // experts are sliced from the held values from now on
         return held

@@ -335,7 +335,7 @@ extension MergePlan {
             guard bp.base.shape == [module.outFeatures], RowCodec(bp.base.encoding) != nil else {
                 return "module \(module.name): \(biasName) has shape \(bp.base.shape) \(bp.base.dtype.rawValue), expected [\(module.outFeatures)]"
             }
-            bp.biasTerms.append((bias, module.scale * weight, module.name))
+            bp.biasTerms.append((bias, (module.biasScale ?? module.scale) * weight, module.name))
             changes[biasName] = bp
         }
         return nil

@@ -67,6 +67,7 @@ struct DiffusionLayout: Sendable {
                                      ("text_encoders.t5xxl.transformer.", "text_encoder_3", DiffusionLayout.same)])
             return d
         }
+        if let d = detectDiffusers(base) { return d }
         guard base.tensors.contains(where: { $0.entry.name.hasPrefix("model.diffusion_model.input_blocks.") }) else { return nil }
         let unet = ("model.diffusion_model.", "unet", ldmUNet(base))
         if base.tensors.contains(where: { $0.entry.name.hasPrefix("conditioner.embedders.1.model.") }) {
@@ -83,6 +84,33 @@ struct DiffusionLayout: Sendable {
         var d = DiffusionLayout(family: .sd1, layout: "ldm single file (model.diffusion_model.…, cond_stage_model.transformer.…)")
         d.index(base, prefixes: [unet, ("cond_stage_model.transformer.", "text_encoder", DiffusionLayout.clip)])
         return d
+    }
+
+    /// A denoiser in diffusers' own names (a pipeline's `transformer/` or `unet/`, or such a file):
+    /// its names need no table, but adapters in the original names (kohya's SDXL and Flux LoRAs,
+    /// ComfyUI's) do, so the table maps those onto it, the other way round.
+    private static func detectDiffusers(_ base: Checkpoint) -> DiffusionLayout? {
+        func has(_ k: String) -> Bool { base.tensor(k) != nil }
+        func rows(_ k: String) -> Int? { base.tensor(k)?.entry.shape.first }
+        if has("single_transformer_blocks.0.proj_mlp.weight"), let d = rows("single_transformer_blocks.0.attn.to_q.weight") ?? rows("transformer_blocks.0.attn.to_q.weight") {
+            var l = DiffusionLayout(family: has("time_text_embed.guidance_embedder.linear_1.weight") ? .fluxDev : .fluxSchnell,
+                                    layout: "diffusers (FluxTransformer2DModel names; BFL names are mapped onto them)")
+            l.index(base, prefixes: [("", "transformer", fluxFromDiffusers(d))])
+            return l
+        }
+        if has("transformer_blocks.0.attn.add_q_proj.weight"), has("pos_embed.proj.weight") {
+            let v35 = base.tensors.contains { $0.entry.name.contains(".norm_q.") }
+            var l = DiffusionLayout(family: v35 ? .sd35 : .sd3, layout: "diffusers (SD3Transformer2DModel names; MMDiT names are mapped onto them)")
+            l.index(base, prefixes: [("", "transformer", mmditFromDiffusers)])
+            return l
+        }
+        if has("conv_in.weight"), has("down_blocks.0.resnets.0.conv1.weight"), has("up_blocks.0.resnets.0.conv1.weight") {
+            let family: Family = has("add_embedding.linear_1.weight") ? .sdxl : .sd1
+            var l = DiffusionLayout(family: family, layout: "diffusers (UNet2DConditionModel names; ldm names are mapped onto them)")
+            l.index(base, prefixes: [("", "unet", ldmFromDiffusers(base))])
+            return l
+        }
+        return nil
     }
 
     private init(family: Family, layout: String) {
@@ -103,9 +131,11 @@ struct DiffusionLayout: Sendable {
             let path: String
             if rest.hasSuffix(".weight") { path = String(rest.dropLast(".weight".count)) } else if rest.hasSuffix("_weight") {
                 path = String(rest.dropLast("_weight".count))  // OpenCLIP's attn.in_proj_weight
+            } else if rest.hasSuffix(".scale") {
+                path = String(rest.dropLast(".scale".count))  // BFL's RMSNorm weights (query_norm.scale)
             } else { continue }
             let shape = entry.shape
-            if rest.hasSuffix(".weight") { add(p.component, path, Slot(tensor: name)) }
+            if !rest.hasSuffix("_weight") { add(p.component, path, Slot(tensor: name)) }
             for (module, slot) in p.rule(path, shape) {
                 let placed = Slot(tensor: name, rows: slot.rows, updateRows: slot.updateRows)
                 add(p.component, module, placed)
@@ -142,7 +172,8 @@ struct DiffusionLayout: Sendable {
         let c = component(module.component)
         var name = module.baseName
         if format == .kohya {
-            guard let found = kohya[c]?[name] ?? nil else { return nil }
+            // kohya's names have underscores for dots; ComfyUI's keep the dots.
+            guard let found = kohya[c]?[KohyaNames.key(name)] ?? nil else { return nil }
             name = found
         }
         for candidate in [name] + Self.strippable.compactMap({ name.hasPrefix($0) ? String(name.dropFirst($0.count)) : nil }) {
@@ -191,6 +222,10 @@ struct DiffusionLayout: Sendable {
                 case "txt_mlp.2": return DiffusionLayout.whole(b + "ff_context.net.2")
                 case "img_mod.lin": return DiffusionLayout.whole(b + "norm1.linear")
                 case "txt_mod.lin": return DiffusionLayout.whole(b + "norm1_context.linear")
+                case "img_attn.norm.query_norm": return DiffusionLayout.whole(b + "attn.norm_q")
+                case "img_attn.norm.key_norm": return DiffusionLayout.whole(b + "attn.norm_k")
+                case "txt_attn.norm.query_norm": return DiffusionLayout.whole(b + "attn.norm_added_q")
+                case "txt_attn.norm.key_norm": return DiffusionLayout.whole(b + "attn.norm_added_k")
                 default: return []
                 }
             }
@@ -205,6 +240,8 @@ struct DiffusionLayout: Sendable {
                             (b + "attn.to_v", Slot(tensor: "", rows: 2 * d..<3 * d)), (b + "proj_mlp", Slot(tensor: "", rows: 3 * d..<shape[0]))]
                 case "linear2": return DiffusionLayout.whole(b + "proj_out")
                 case "modulation.lin": return DiffusionLayout.whole(b + "norm.linear")
+                case "norm.query_norm": return DiffusionLayout.whole(b + "attn.norm_q")
+                case "norm.key_norm": return DiffusionLayout.whole(b + "attn.norm_k")
                 default: return []
                 }
             }
@@ -323,6 +360,163 @@ struct DiffusionLayout: Sendable {
                 return path == "out.0" ? whole("conv_norm_out") : path == "out.2" ? whole("conv_out") : []
             default:
                 return []
+            }
+        }
+    }
+
+    // MARK: - The other way: original names onto a diffusers denoiser
+
+    /// Thirds of an original fused [q; k; v] update, each `d` rows, landing on q, k and v.
+    private static func third(_ module: String, _ i: Int, _ d: Int) -> [(String, Slot)] {
+        [(module, Slot(tensor: "", updateRows: i * d..<(i + 1) * d))]
+    }
+
+    /// [scale; shift] in diffusers, [shift; scale] in the original: the original update's first half lands on the second.
+    private static func unswapped(_ shape: [Int], _ module: String) -> [(String, Slot)] {
+        guard let rows = shape.first, rows % 2 == 0 else { return [] }
+        let d = rows / 2
+        return [(module, Slot(tensor: "", rows: d..<rows, updateRows: 0..<d)), (module, Slot(tensor: "", rows: 0..<d, updateRows: d..<rows))]
+    }
+
+    /// diffusers Flux names → the BFL module each is part of; `d` the hidden width (q's rows).
+    static func fluxFromDiffusers(_ d: Int) -> Rule {
+        { path, shape in
+            let parts = path.split(separator: ".", omittingEmptySubsequences: false).map(String.init)
+            if parts.count >= 3, parts[0] == "transformer_blocks" {
+                let b = "double_blocks.\(parts[1])."
+                switch parts.dropFirst(2).joined(separator: ".") {
+                case "attn.to_q": return third(b + "img_attn.qkv", 0, d)
+                case "attn.to_k": return third(b + "img_attn.qkv", 1, d)
+                case "attn.to_v": return third(b + "img_attn.qkv", 2, d)
+                case "attn.add_q_proj": return third(b + "txt_attn.qkv", 0, d)
+                case "attn.add_k_proj": return third(b + "txt_attn.qkv", 1, d)
+                case "attn.add_v_proj": return third(b + "txt_attn.qkv", 2, d)
+                case "attn.to_out.0": return whole(b + "img_attn.proj")
+                case "attn.to_add_out": return whole(b + "txt_attn.proj")
+                case "ff.net.0.proj": return whole(b + "img_mlp.0")
+                case "ff.net.2": return whole(b + "img_mlp.2")
+                case "ff_context.net.0.proj": return whole(b + "txt_mlp.0")
+                case "ff_context.net.2": return whole(b + "txt_mlp.2")
+                case "norm1.linear": return whole(b + "img_mod.lin")
+                case "norm1_context.linear": return whole(b + "txt_mod.lin")
+                case "attn.norm_q": return whole(b + "img_attn.norm.query_norm")
+                case "attn.norm_k": return whole(b + "img_attn.norm.key_norm")
+                case "attn.norm_added_q": return whole(b + "txt_attn.norm.query_norm")
+                case "attn.norm_added_k": return whole(b + "txt_attn.norm.key_norm")
+                default: return []
+                }
+            }
+            if parts.count >= 3, parts[0] == "single_transformer_blocks" {
+                let b = "single_blocks.\(parts[1])."
+                switch parts.dropFirst(2).joined(separator: ".") {
+                case "attn.to_q": return third(b + "linear1", 0, d)
+                case "attn.to_k": return third(b + "linear1", 1, d)
+                case "attn.to_v": return third(b + "linear1", 2, d)
+                case "proj_mlp": return [(b + "linear1", Slot(tensor: "", updateRows: 3 * d..<3 * d + (shape.first ?? 0)))]
+                case "proj_out": return whole(b + "linear2")
+                case "norm.linear": return whole(b + "modulation.lin")
+                case "attn.norm_q": return whole(b + "norm.query_norm")
+                case "attn.norm_k": return whole(b + "norm.key_norm")
+                default: return []
+                }
+            }
+            let embedders = ["timestep_embedder": "time_in", "text_embedder": "vector_in", "guidance_embedder": "guidance_in"]
+            if parts.count == 3, parts[0] == "time_text_embed", let e = embedders[parts[1]] {
+                return whole(e + (parts[2] == "linear_1" ? ".in_layer" : ".out_layer"))
+            }
+            switch path {
+            case "x_embedder": return whole("img_in")
+            case "context_embedder": return whole("txt_in")
+            case "proj_out": return whole("final_layer.linear")
+            case "norm_out.linear": return unswapped(shape, "final_layer.adaLN_modulation.1")
+            default: return []
+            }
+        }
+    }
+
+    /// diffusers SD3 names → the MMDiT module each is part of.
+    static let mmditFromDiffusers: Rule = { path, shape in
+        let parts = path.split(separator: ".", omittingEmptySubsequences: false).map(String.init)
+        let d = shape.first ?? 0
+        if parts.count >= 3, parts[0] == "transformer_blocks" {
+            let b = "joint_blocks.\(parts[1])."
+            switch parts.dropFirst(2).joined(separator: ".") {
+            case "attn.to_q": return third(b + "x_block.attn.qkv", 0, d)
+            case "attn.to_k": return third(b + "x_block.attn.qkv", 1, d)
+            case "attn.to_v": return third(b + "x_block.attn.qkv", 2, d)
+            case "attn.add_q_proj": return third(b + "context_block.attn.qkv", 0, d)
+            case "attn.add_k_proj": return third(b + "context_block.attn.qkv", 1, d)
+            case "attn.add_v_proj": return third(b + "context_block.attn.qkv", 2, d)
+            case "attn2.to_q": return third(b + "x_block.attn2.qkv", 0, d)
+            case "attn2.to_k": return third(b + "x_block.attn2.qkv", 1, d)
+            case "attn2.to_v": return third(b + "x_block.attn2.qkv", 2, d)
+            case "attn.to_out.0": return whole(b + "x_block.attn.proj")
+            case "attn.to_add_out": return whole(b + "context_block.attn.proj")
+            case "attn2.to_out.0": return whole(b + "x_block.attn2.proj")
+            case "ff.net.0.proj": return whole(b + "x_block.mlp.fc1")
+            case "ff.net.2": return whole(b + "x_block.mlp.fc2")
+            case "ff_context.net.0.proj": return whole(b + "context_block.mlp.fc1")
+            case "ff_context.net.2": return whole(b + "context_block.mlp.fc2")
+            case "norm1.linear": return whole(b + "x_block.adaLN_modulation.1")
+            case "norm1_context.linear":
+                guard let rows = shape.first, let cols = shape.last else { return [] }
+                return rows == 2 * cols ? unswapped(shape, b + "context_block.adaLN_modulation.1") : whole(b + "context_block.adaLN_modulation.1")
+            default: return []
+            }
+        }
+        switch path {
+        case "pos_embed.proj": return whole("x_embedder.proj")
+        case "time_text_embed.timestep_embedder.linear_1": return whole("t_embedder.mlp.0")
+        case "time_text_embed.timestep_embedder.linear_2": return whole("t_embedder.mlp.2")
+        case "time_text_embed.text_embedder.linear_1": return whole("y_embedder.mlp.0")
+        case "time_text_embed.text_embedder.linear_2": return whole("y_embedder.mlp.2")
+        case "proj_out": return whole("final_layer.linear")
+        case "norm_out.linear": return unswapped(shape, "final_layer.adaLN_modulation.1")
+        default: return []
+        }
+    }
+
+    /// diffusers UNet names → ldm names (the inverse of `ldmUNet`): L resnets per down level, read from the base.
+    static func ldmFromDiffusers(_ base: Checkpoint) -> Rule {
+        var resnets = Set<String>(), upAttention = Set<Int>()
+        for (entry, _) in base.tensors {
+            let parts = entry.name.split(separator: ".")
+            if parts.count > 3, parts[0] == "down_blocks", parts[1] == "0", parts[2] == "resnets" { resnets.insert(String(parts[3])) }
+            if parts.count > 2, parts[0] == "up_blocks", parts[2] == "attentions", let b = Int(parts[1]) { upAttention.insert(b) }
+        }
+        let perLevel = max(1, resnets.count) + 1  // L + 1
+        let withAttention = upAttention
+        let resnet: [String: String] = ["norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                                        "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"]
+        let inner: @Sendable ([String]) -> String? = { resnet[$0.joined(separator: ".")] }
+        return { path, _ in
+            let parts = path.split(separator: ".", omittingEmptySubsequences: false).map(String.init)
+            switch parts.first {
+            case "down_blocks", "up_blocks":
+                guard parts.count >= 4, let b = Int(parts[1]) else { return [] }
+                let down = parts[0] == "down_blocks"
+                if parts[2] == "downsamplers" || parts[2] == "upsamplers" {
+                    guard parts.count == 5, parts[3] == "0", parts[4] == "conv" else { return [] }
+                    return down ? whole("input_blocks.\(1 + b * perLevel + perLevel - 1).0.op")
+                        : whole("output_blocks.\(b * perLevel + perLevel - 1).\(withAttention.contains(b) ? 2 : 1).conv")
+                }
+                guard let j = Int(parts[3]) else { return [] }
+                let block = down ? "input_blocks.\(1 + b * perLevel + j)" : "output_blocks.\(b * perLevel + j)"
+                if parts[2] == "resnets" { return inner(Array(parts.dropFirst(4))).map { whole(block + ".0." + $0) } ?? [] }
+                if parts[2] == "attentions" { return whole(block + ".1." + parts.dropFirst(4).joined(separator: ".")) }
+                return []
+            case "mid_block":
+                guard parts.count >= 4 else { return [] }
+                switch (parts[1], parts[2]) {
+                case ("resnets", "0"): return inner(Array(parts.dropFirst(3))).map { whole("middle_block.0." + $0) } ?? []
+                case ("attentions", "0"): return whole("middle_block.1." + parts.dropFirst(3).joined(separator: "."))
+                case ("resnets", "1"): return inner(Array(parts.dropFirst(3))).map { whole("middle_block.2." + $0) } ?? []
+                default: return []
+                }
+            default:
+                let top = ["conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+                           "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"]
+                return top[path].map { whole($0) } ?? []
             }
         }
     }

@@ -227,6 +227,9 @@ enum KohyaNames {
         ("lora_te_", "text_encoder"), ("lora_transformer_", "transformer"),
         // LyCORIS's generic wrapper (`lycoris/wrapper.py`): any model, no component.
         ("lycoris_", nil),
+        // ComfyUI's LoraSave (`comfy_extras/nodes_lora_extract.py`): the model's own dotted keys.
+        ("diffusion_model.", "unet"), ("text_encoders.clip_l.transformer.", "text_encoder"), ("text_encoders.clip_g.transformer.", "text_encoder_2"),
+        ("text_encoders.t5xxl.transformer.", "text_encoder_3"),
     ]
 
     /// Write: the prefix for a component. Modules of a single model (LLMs, PEFT and mlx inputs) get

@@ -1,0 +1,416 @@
+"""Diffusion LoRAs merged into single-file checkpoints and into diffusers pipeline folders load in
+diffusers with the outputs of diffusers' own load_lora_weights + fuse_lora.
+
+The bases are the tiny models of Fixtures/make_diffusion_fixtures.py, each twice: a diffusers folder
+(Fixtures/models/tiny-<family>-diffusers: BF16 denoiser, F32 text encoders) and one file in the original
+layout (Fixtures/models/tiny-<family>.safetensors: BFL Flux, also under ComfyUI's
+`model.diffusion_model.` prefix; MMDiT SD3; ldm UNet + CLIP-L / OpenCLIP-G for SD1 and SDXL). The LoRAs
+are Fixtures/adapters/<case>-lora.safetensors (Fixtures/make_diffusion_lora_fixtures.py: PEFT saved by
+the pipelines' save_lora_weights, and kohya-ss/sd-scripts' own LoRANetwork).
+
+- Single file: `adapter merge tiny-<family>.safetensors LORA out.safetensors` keeps every key, dtype and
+  shape of the input (and the keys diffusers drops, `position_ids`, `logit_scale`, byte for byte);
+  diffusers reads the result with `from_single_file(out, config=<folder>)` (the denoiser) and
+  `create_diffusers_clip_model_from_ldm` (what the pipelines' from_single_file calls for each text
+  encoder), offline, every parameter loaded (none left on `meta`).
+- Pipeline folder: `adapter merge tiny-<family>-diffusers LORA outdir` writes the folder's files, no
+  more and no fewer; model_index.json, every config and every component the LoRA does not touch are
+  byte-identical copies; the merged components load with `from_pretrained`.
+
+Each loaded component is then compared with the folder's component after diffusers' own
+`load_lora_weights` + `fuse_lora` (the pipeline class with the folder's components): the denoiser's
+output on a fixed seeded input and each text encoder's (last hidden state, and text_embeds for
+CLIPTextModelWithProjection) agree within the dtype's tolerance, the LoRA visibly moves them, and every
+parameter agrees with diffusers' fused one (4 ulps of the tensor's largest magnitude: diffusers rounds
+the factors, the delta and the sum into BF16) and with the Float64 reference of
+Fixtures/expected/diffusion (≤ 1 BF16 ulp per element; F32 within 2⁻²⁰ of the tensor's largest
+magnitude); parameters the LoRA does not touch are bit-identical to the base.
+
+Two things diffusers 0.42.1 cannot do unaided, done here as in make_diffusion_lora_fixtures.py (and
+documented there): its Flux single-file converter and its kohya-Flux LoRA converter hard-code FLUX.1's
+widths (inner_dim 3072; linear1 split 3072/3072/3072/12288), so they run with those literals set to the
+tiny model's; and its kohya-Flux converter leaves the embedder modules (`lora_unet_img_in`, `_txt_in`,
+`_time_in_*`, `_vector_in_*`, `_guidance_in_*`) without the `transformer.` prefix, so load_lora_weights
+drops them without a word: the reference for flux-kohya is diffusers' own conversion with the prefix
+put back.
+
+All tests here need `adapter merge` of diffusion single files and pipeline folders; they carry the
+`diffusion_merge` marker (`-m diffusion_merge` runs only them, `-m "not diffusion_merge"` leaves them
+out) and fail, not skip, when the binary cannot do it.
+"""
+import inspect
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers as T
+from diffusers import (FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline,
+                       StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
+from diffusers.loaders import lora_conversion_utils, lora_pipeline, single_file_model, single_file_utils
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from interop import ADAPTERS, FIXTURES, MODELS, adapter, bf16_bits, ulp_distance
+
+pytestmark = pytest.mark.diffusion_merge
+
+EXPECTED = FIXTURES / "expected" / "diffusion"
+
+# case → family (folder tiny-<family>-diffusers), LoRA file stem, single files, components the LoRA touches
+CASES = {
+    "flux-diffusers": ("flux-dev", "flux-diffusers-lora", ["tiny-flux-dev.safetensors", "tiny-flux-dev-comfy.safetensors"],
+                       ["transformer"]),
+    "flux-diffusers@schnell": ("flux-schnell", "flux-diffusers-lora", ["tiny-flux-schnell.safetensors"], ["transformer"]),
+    "flux-kohya": ("flux-dev", "flux-kohya-lora", ["tiny-flux-dev.safetensors", "tiny-flux-dev-comfy.safetensors"],
+                   ["transformer"]),
+    "flux-kohya-split-qkv": ("flux-dev", "flux-kohya-split-qkv-lora", ["tiny-flux-dev.safetensors"], ["transformer"]),
+    "sdxl-diffusers": ("sdxl", "sdxl-diffusers-lora", ["tiny-sdxl.safetensors"], ["unet", "text_encoder", "text_encoder_2"]),
+    "sdxl-kohya": ("sdxl", "sdxl-kohya-lora", ["tiny-sdxl.safetensors"], ["unet", "text_encoder", "text_encoder_2"]),
+    "sd1-kohya": ("sd1", "sd1-kohya-lora", ["tiny-sd1.safetensors"], ["unet", "text_encoder"]),
+    "sd3-diffusers": ("sd3", "sd3-diffusers-lora", ["tiny-sd3.safetensors"], ["transformer"]),
+}
+SINGLE_FILE_CASES = [(case, f) for case, (_, _, files, _) in CASES.items() for f in files]
+
+PIPELINES = {"flux-dev": FluxPipeline, "flux-schnell": FluxPipeline, "sdxl": StableDiffusionXLPipeline,
+             "sd1": StableDiffusionPipeline, "sd3": StableDiffusion3Pipeline}
+ENCODER_CLASSES = {"text_encoder": T.CLIPTextModel, "text_encoder_2": T.CLIPTextModelWithProjection}
+EPS = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, torch.float32: 2.0 ** -24}  # ulp of 1
+
+
+def folder(family):
+    return MODELS / f"tiny-{family}-diffusers"
+
+
+def lora_file(case):
+    return ADAPTERS / f"{CASES[case][1]}.safetensors"
+
+
+def index(path):
+    return json.loads((Path(path) / "model_index.json").read_text())
+
+
+def component_class(family, component):
+    lib, name = index(folder(family))[component]
+    import diffusers
+    return getattr(diffusers if lib == "diffusers" else T, name)
+
+
+def saved_dtype(path, component):
+    (weights,) = (Path(path) / component).glob("*.safetensors")
+    with safe_open(weights, "pt") as f:
+        return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[
+            f.get_slice(next(iter(f.keys()))).get_dtype()]
+
+
+def from_pretrained(path, component, family):
+    """A component of a diffusers folder, in the dtype it is saved in, every weight found and used."""
+    cls = component_class(family, component)
+    dtype = saved_dtype(path, component)
+    if issubclass(cls, T.PreTrainedModel):
+        m, info = cls.from_pretrained(str(path), subfolder=component, dtype=dtype, output_loading_info=True,
+                                      local_files_only=True)
+    else:
+        m, info = cls.from_pretrained(str(path), subfolder=component, torch_dtype=dtype, output_loading_info=True,
+                                      local_files_only=True)
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
+        assert not info.get(kind), f"{path}/{component}: from_pretrained reports {kind}: {sorted(info[kind])[:6]}"
+    return m.eval()
+
+
+# ---------------------------------------------------------------- diffusers with the tiny widths
+
+def flux_single_file_converter_with_config_width():
+    """diffusers' Flux single-file converter with its one hard-coded size (`inner_dim = 3072`) read from the config."""
+    fn = single_file_utils.convert_flux_transformer_checkpoint_to_diffusers
+    src = inspect.getsource(fn)
+    old = "    inner_dim = 3072\n"
+    assert src.count(old) == 1
+    src = src.replace(old, '    inner_dim = kwargs["config"]["num_attention_heads"] * kwargs["config"]["attention_head_dim"]\n')
+    scope = dict(vars(single_file_utils))
+    exec(compile(src, single_file_utils.__file__, "exec"), scope)
+    return scope[fn.__name__]
+
+
+def kohya_flux_converter_with_tiny_dims(dims):
+    """diffusers' kohya-Flux LoRA converter with its split of linear1 (3072, 3072, 3072, 12288) set to `dims`."""
+    fn = lora_conversion_utils._convert_kohya_flux_lora_to_diffusers
+    src = inspect.getsource(fn)
+    old = "dims=[3072, 3072, 3072, 12288],"
+    assert src.count(old) == 1
+    src = src.replace(old, f"dims={list(dims)},")
+    scope = dict(vars(lora_conversion_utils))
+    exec(compile(src, lora_conversion_utils.__file__, "exec"), scope)
+    return scope[fn.__name__]
+
+
+def flux_width(family):
+    cfg = json.loads((folder(family) / "transformer" / "config.json").read_text())
+    return cfg["num_attention_heads"] * cfg["attention_head_dim"]
+
+
+def load_single_file(path, family, components):
+    """{component: model} read by diffusers from a single file, with the folder as config, offline."""
+    out = {}
+    cfg = str(folder(family))
+    for c in components:
+        if c in ("transformer", "unet"):
+            cls = component_class(family, c)
+            entry = single_file_model.SINGLE_FILE_LOADABLE_CLASSES[cls.__name__]
+            original = entry["checkpoint_mapping_fn"]
+            if family.startswith("flux"):
+                entry["checkpoint_mapping_fn"] = flux_single_file_converter_with_config_width()
+            try:
+                m = cls.from_single_file(str(path), config=cfg, subfolder=c, local_files_only=True,
+                                         torch_dtype=saved_dtype(cfg, c))
+            finally:
+                entry["checkpoint_mapping_fn"] = original
+        else:
+            ckpt = single_file_utils.load_single_file_checkpoint(str(path), local_files_only=True)
+            m = single_file_utils.create_diffusers_clip_model_from_ldm(
+                ENCODER_CLASSES[c], ckpt, subfolder=c, config=cfg, local_files_only=True, torch_dtype=torch.float32)
+        for k, v in m.state_dict().items():
+            assert v.device.type != "meta", f"{path}: diffusers left {c} {k} unloaded (on meta)"
+        out[c] = m.eval()
+    return out
+
+
+# ---------------------------------------------------------------- diffusers' own fuse (the reference)
+
+def diffusers_pipeline(family):
+    cls = PIPELINES[family]
+    kwargs = {p: None for p in inspect.signature(cls.__init__).parameters if p != "self"}
+    if "requires_safety_checker" in kwargs:
+        kwargs["requires_safety_checker"] = False
+    comps = [c for c in index(folder(family)) if not c.startswith("_")]
+    kwargs.update({c: from_pretrained(folder(family), c, family) for c in comps})
+    return cls(**kwargs), comps
+
+
+def diffusers_fused(case):
+    """The folder's components after diffusers' load_lora_weights + fuse_lora + unload_lora_weights; asserts
+    that diffusers wrapped a module for every module the LoRA has (the components the case names)."""
+    family, _, _, touched = CASES[case]
+    pipe, comps = diffusers_pipeline(family)
+    lora = str(lora_file(case))
+    restore = lora_pipeline._convert_kohya_flux_lora_to_diffusers
+    if case.startswith("flux-kohya"):
+        d = flux_width(family)
+        lora_pipeline._convert_kohya_flux_lora_to_diffusers = kohya_flux_converter_with_tiny_dims([d, d, d, 4 * d])
+    try:
+        if case == "flux-kohya":  # diffusers drops the embedder modules it leaves without `transformer.`
+            sd = FluxPipeline.lora_state_dict(lora)
+            lora = {k if k.startswith(("transformer.", "text_encoder.")) else "transformer." + k: v for k, v in sd.items()}
+        pipe.load_lora_weights(lora)
+    finally:
+        lora_pipeline._convert_kohya_flux_lora_to_diffusers = restore
+    wrapped = {c: sum(isinstance(m, BaseTunerLayer) for m in getattr(pipe, c).modules()) for c in comps}
+    assert {c for c, n in wrapped.items() if n} == set(touched), wrapped
+    pipe.fuse_lora(components=touched)
+    pipe.unload_lora_weights()
+    return {c: getattr(pipe, c).eval() for c in comps}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    cache = {}
+
+    def get(case):
+        if case not in cache:
+            cache[case] = diffusers_fused(case)
+        return cache[case]
+
+    return get
+
+
+# ---------------------------------------------------------------- inputs and outputs
+
+def denoiser_inputs(family, model):
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    c = model.config
+    if family.startswith("flux"):
+        img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij"), -1)
+        kw = dict(hidden_states=r(1, 16, c.in_channels), encoder_hidden_states=r(1, 8, c.joint_attention_dim),
+                  pooled_projections=r(1, c.pooled_projection_dim), timestep=torch.tensor([0.5]),
+                  img_ids=img_ids.reshape(-1, 3), txt_ids=torch.zeros(8, 3))
+        if c.guidance_embeds:
+            kw["guidance"] = torch.tensor([3.5])
+        return kw
+    if family == "sd3":
+        return dict(hidden_states=r(1, c.in_channels, c.sample_size, c.sample_size),
+                    encoder_hidden_states=r(1, 8, c.joint_attention_dim), pooled_projections=r(1, c.pooled_projection_dim),
+                    timestep=torch.tensor([500.0]))
+    kw = dict(sample=r(1, c.in_channels, c.sample_size, c.sample_size), timestep=torch.tensor([500.0]),
+              encoder_hidden_states=r(1, 8, c.cross_attention_dim))
+    if c.addition_embed_type == "text_time":
+        time_ids = 6
+        kw["added_cond_kwargs"] = {"text_embeds": r(1, c.projection_class_embeddings_input_dim - time_ids * c.addition_time_embed_dim),
+                                   "time_ids": r(1, time_ids)}
+    return kw
+
+
+def text_input_ids(model):
+    n, vocab = model.config.max_position_embeddings, model.config.vocab_size
+    return torch.stack([torch.arange(n) % vocab, torch.randperm(vocab, generator=torch.Generator().manual_seed(1))[:n]])
+
+
+def output(component, model, family):
+    """The component's output in float32 (a float32 copy of the weights: only the weights differ between runs)."""
+    m = {k: v.float() for k, v in model.state_dict().items()}
+    twin = type(model).from_config(model.config) if not isinstance(model, T.PreTrainedModel) else type(model)(model.config)
+    twin.load_state_dict(m)
+    twin = twin.float().eval()
+    with torch.no_grad():
+        if component.startswith("text_encoder"):
+            o = twin(input_ids=text_input_ids(twin))
+            parts = [o.last_hidden_state.flatten()] + ([o.text_embeds.flatten()] if hasattr(o, "text_embeds") else [])
+            return torch.cat(parts)
+        o = twin(**denoiser_inputs(family, twin))
+        return (o.sample if hasattr(o, "sample") else o[0]).float()
+
+
+def assert_outputs_match(got, want, base, dtype, what):
+    """|got − want| ≤ rtol·max|want| + update_rtol·max|want − base| with rtol one ulp of the weights' dtype;
+    diffusers' fuse rounds the LoRA factors and the delta into that dtype, so a part of the error is a
+    fraction of the update (update_rtol 3 % for BF16, observed ≤ 1 %). The LoRA must move the output by at
+    least 5× what is allowed, so the agreement is not that of two unchanged models."""
+    rtol, update_rtol = (EPS[dtype], 0.03) if dtype != torch.float32 else (1e-5, 0.0)
+    scale = float(want.abs().max())
+    effect = float((want - base).abs().max())
+    allowed = rtol * scale + update_rtol * effect
+    err = float((got - want).abs().max())
+    assert effect > 5 * allowed, f"{what}: the LoRA moves the output by only {effect:.3g} (scale {scale:.3g})"
+    assert err <= allowed, (f"{what}: max |Δoutput| = {err:.3g} > {allowed:.3g} (scale {scale:.3g}; the LoRA moves it "
+                            f"by {effect:.3g})")
+
+
+def assert_parameters_match(case, component, got, fused, base, what):
+    """Every parameter: untouched ones bit-equal to the base; touched ones within 4 ulps (of the tensor's largest
+    magnitude) of diffusers' fused value and, where the fixture has one, within the Float64 reference's bound."""
+    g, f, b = got.state_dict(), fused.state_dict(), base.state_dict()
+    assert set(g) == set(f) == set(b), sorted(set(g) ^ set(b))[:6]
+    changed = {k for k in b if not torch.equal(f[k], b[k])}
+    assert changed, f"{what}: diffusers' fuse changed nothing; the comparison would prove nothing"
+    ref_path = EXPECTED / f"{CASES[case][1]}.{component}.safetensors"
+    ref = load_file(ref_path) if CASES[case][0] in ref_path.read_text(errors="ignore")[:0] or ref_path.exists() else {}
+    if ref:
+        with safe_open(ref_path, "pt") as fh:
+            if fh.metadata()["base"] != folder(CASES[case][0]).name:
+                ref = {}  # the reference is for another base (flux-diffusers@schnell)
+    if ref:
+        assert set(ref) == changed, (f"{what}: the Float64 reference changes {sorted(set(ref) - changed)[:4]}, "
+                                     f"diffusers {sorted(changed - set(ref))[:4]}")
+    problems = []
+    for k in sorted(b):
+        if k not in changed:
+            if not torch.equal(g[k], b[k]):
+                problems.append(f"{k}: changed, but the LoRA does not touch it")
+            continue
+        assert g[k].dtype == b[k].dtype and g[k].shape == b[k].shape, (k, g[k].dtype, b[k].dtype)
+        wd, wf = g[k].to(torch.float64), f[k].to(torch.float64)
+        top = max(float(wf.abs().max()), float(b[k].double().abs().max()), float((wf - b[k].double()).abs().max()))
+        err = float((wd - wf).abs().max())
+        if err > 4 * EPS[g[k].dtype] * top:
+            problems.append(f"{k}: |ours − diffusers' fuse| {err:.3g} > 4 ulps of {top:.3g}")
+        if ref:
+            if g[k].dtype == torch.bfloat16:
+                d = ulp_distance(bf16_bits(g[k]), bf16_bits(ref[k]))
+            elif g[k].dtype == torch.float16:
+                d = ulp_distance(g[k].numpy(), ref[k].numpy())
+            else:
+                d = None
+            if d is not None and d.max() > 1:
+                problems.append(f"{k}: {int((d > 1).sum())} elements > 1 ulp from the Float64 reference (max {int(d.max())})")
+            if d is None:
+                e = float((wd - ref[k].double()).abs().max())
+                if e > 2.0 ** -20 * float(ref[k].double().abs().max()):
+                    problems.append(f"{k}: |ours − Float64 reference| {e:.3g} > 2^-20 of the tensor's largest magnitude")
+    assert not problems, f"{what}: {len(problems)} tensors:\n  " + "\n  ".join(problems[:8])
+
+
+def compare(case, got, reference, what):
+    family, _, _, touched = CASES[case]
+    fused = reference(case)
+    for c in touched:
+        base = from_pretrained(folder(family), c, family)
+        dtype = next(iter(base.state_dict().values())).dtype
+        assert_parameters_match(case, c, got[c], fused[c], base, f"{what} {c}")
+        assert_outputs_match(output(c, got[c], family), output(c, fused[c], family), output(c, base, family), dtype,
+                             f"{what} {c}")
+
+
+# ---------------------------------------------------------------- tests
+
+@pytest.mark.parametrize("case,single", SINGLE_FILE_CASES, ids=[f"{c}-{s.removesuffix('.safetensors')}" for c, s in SINGLE_FILE_CASES])
+def test_single_file_merge_loads_in_diffusers_like_its_fuse(case, single, reference, tmp_path):
+    family, _, _, touched = CASES[case]
+    base = MODELS / single
+    out = tmp_path / "merged.safetensors"
+    adapter("merge", "--quiet", base, lora_file(case), out)
+    with safe_open(base, "pt") as a, safe_open(out, "pt") as b:
+        assert sorted(a.keys()) == sorted(b.keys()), sorted(set(a.keys()) ^ set(b.keys()))[:6]
+        for k in a.keys():
+            sa, sb = a.get_slice(k), b.get_slice(k)
+            assert (sa.get_dtype(), sa.get_shape()) == (sb.get_dtype(), sb.get_shape()), k
+            if "position_ids" in k or "logit_scale" in k:  # keys diffusers drops: copied as they are
+                assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
+    got = load_single_file(out, family, touched)
+    compare(case, got, reference, f"{case} merged into {single}")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_pipeline_folder_merge_loads_in_diffusers_like_its_fuse(case, reference, tmp_path):
+    family, _, _, touched = CASES[case]
+    src, out = folder(family), tmp_path / "merged"
+    adapter("merge", "--quiet", src, lora_file(case), out)
+    files = sorted(p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file())
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == files
+    for rel in files:
+        component = rel.split("/")[0] if "/" in rel else None
+        if component not in touched or not rel.endswith(".safetensors"):
+            assert (src / rel).read_bytes() == (out / rel).read_bytes(), f"{rel} is not a byte-identical copy"
+    got = {c: from_pretrained(out, c, family) for c in touched}
+    compare(case, got, reference, f"{case} merged into {src.name}/")
+
+
+def with_extra_module(case, tmp_path):
+    """The case's LoRA plus one module the model does not have (a sibling of a real one, `to_qq`)."""
+    t = load_file(lora_file(case))
+    with safe_open(lora_file(case), "pt") as f:
+        meta = f.metadata()
+    if "kohya" in case:
+        module = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_qq"
+        real = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+        for s in (".lora_down.weight", ".lora_up.weight", ".alpha"):
+            t[module + s] = t[real + s].clone()
+    else:
+        module = "transformer.transformer_blocks.0.attn.to_qq"
+        real = "transformer.transformer_blocks.0.attn.to_q"
+        for s in (".lora_A.weight", ".lora_B.weight"):
+            t[module + s] = t[real + s].clone()
+    path = tmp_path / "extra.safetensors"
+    save_file(t, path, metadata=meta)
+    return path, module.rsplit(".", 1)[-1].rsplit("_", 1)[-1] if "kohya" in case else "to_qq"
+
+
+@pytest.mark.parametrize("into", ["single-file", "pipeline-folder"])
+@pytest.mark.parametrize("case", ["flux-diffusers", "sdxl-kohya"])
+def test_merge_refuses_a_module_the_model_does_not_have(case, into, tmp_path):
+    family, _, singles, _ = CASES[case]
+    lora, name = with_extra_module(case, tmp_path)
+    base = MODELS / singles[0] if into == "single-file" else folder(family)
+    out = tmp_path / ("out.safetensors" if into == "single-file" else "out")
+    r = adapter("merge", "--quiet", base, lora, out, expect=None)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode != 0, f"`adapter merge` accepted a LoRA with a module {base.name} does not have:\n{r.stderr}"
+    assert len(lines) == 1 and name in lines[0], f"expected one line naming the unknown module ({name}), got:\n{r.stderr}"
+    assert not out.exists() and not any(p.name.startswith(out.name) for p in tmp_path.iterdir() if p != lora), \
+        f"a refused merge left output behind: {sorted(p.name for p in tmp_path.iterdir())}"

@@ -240,6 +240,38 @@ struct ComfyLoRATests {
     }
 }
 
+@Suite("diffusion: XLabs Flux LoRAs (processor.qkv_lora1/2, proj_lora1/2, single qkv_lora/proj_lora)")
+struct XLabsLoRATests {
+    @Test("each processor layer lands on its BFL tensor; a single block's qkv_lora on linear1's q/k/v rows only; the same on the diffusers folder")
+    func xlabs() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        var g = SeededGenerator(seed: 5)
+        func r(_ n: Int) -> [UInt8] { floatBytes((0..<n).map { _ in Float(g.gaussian() * 0.1) }) }
+        let lora = try writeSafetensors(dir.file("xlabs.safetensors"), [
+            ("double_blocks.0.processor.qkv_lora1.down.weight", .f32, [2, 32], r(64)), ("double_blocks.0.processor.qkv_lora1.up.weight", .f32, [96, 2], r(192)),
+            ("double_blocks.0.processor.proj_lora2.down.weight", .f32, [2, 32], r(64)), ("double_blocks.0.processor.proj_lora2.up.weight", .f32, [32, 2], r(64)),
+            ("single_blocks.0.processor.qkv_lora.down.weight", .f32, [2, 32], r(64)), ("single_blocks.0.processor.qkv_lora.up.weight", .f32, [96, 2], r(192)),
+            ("single_blocks.0.processor.proj_lora.down.weight", .f32, [2, 160], r(320)), ("single_blocks.0.processor.proj_lora.up.weight", .f32, [32, 2], r(64)),
+        ])
+        let a = try Adapter(path: lora)
+        #expect(a.format == .diffusers && a.modules.count == 4 && a.unknownKeys.isEmpty)
+        let (s, _) = try merge(base: modelPath("tiny-flux-dev"), adapters: [(lora, 1)], out: dir.file("s.safetensors"))
+        let (f, _) = try merge(base: fixture("models/tiny-flux-dev-diffusers/transformer"), adapters: [(lora, 1)], out: dir.file("f"))
+        let base = try Checkpoint(path: modelPath("tiny-flux-dev"))
+        let d = 32
+        let linear1 = try values(s, "single_blocks.0.linear1.weight")
+        #expect(rowsOf(linear1, 3 * d..<7 * d, cols: d) == rowsOf(try values(base, "single_blocks.0.linear1.weight"), 3 * d..<7 * d, cols: d), "the MLP rows are untouched")
+        for (i, n) in ["to_q", "to_k", "to_v"].enumerated() {
+            #expect(rowsOf(linear1, i * d..<(i + 1) * d, cols: d) == (try values(f, "single_transformer_blocks.0.attn.\(n).weight")))
+            #expect(rowsOf(try values(s, "double_blocks.0.img_attn.qkv.weight"), i * d..<(i + 1) * d, cols: d) == (try values(f, "transformer_blocks.0.attn.\(n).weight")))
+        }
+        #expect(try values(s, "double_blocks.0.txt_attn.proj.weight") == (try values(f, "transformer_blocks.0.attn.to_add_out.weight")))
+        #expect(try values(s, "single_blocks.0.linear2.weight") == (try values(f, "single_transformer_blocks.0.proj_out.weight")))
+        #expect(try values(s, "double_blocks.0.txt_attn.proj.weight") != (try values(base, "double_blocks.0.txt_attn.proj.weight")))
+    }
+}
+
 @Suite("diffusion: pipeline folders merged whole")
 struct PipelineMergeTests {
     @Test("every touched component merged, everything else copied byte for byte, OUT appears complete")

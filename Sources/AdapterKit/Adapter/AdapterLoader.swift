@@ -107,6 +107,7 @@ enum AdapterLoader {
             if (k.hasPrefix("diffusion_model.") || k.hasPrefix("text_encoders.")),
                k.hasSuffix(".lora_down.weight") || k.hasSuffix(".lora_up.weight") || k.hasSuffix(".diff") || k.hasSuffix(".diff_b") { return .kohya }
             if k.hasSuffix(".lora.down.weight") || k.hasSuffix(".lora.up.weight") || k.hasSuffix(".lora_linear_layer.down.weight") { found[1] = true }
+            if k.contains(".processor.qkv_lora") || k.contains(".processor.proj_lora") { found[1] = true }  // XLabs Flux
             if k.hasSuffix(".lora_A.weight") && (k.hasPrefix("unet.") || k.hasPrefix("text_encoder") || k.hasPrefix("transformer.")) { found[2] = true }
             if k.hasSuffix(".weight_a") || k.hasSuffix(".weight_ab_mixer") { found[3] = true }
             if k.hasSuffix(".lora_a") || k.hasSuffix(".lora_b") { found[4] = true }
@@ -144,7 +145,9 @@ enum AdapterLoader {
             rules = [(".lora.down.weight", .a), (".lora.up.weight", .b), (".lora.downB.weight", .mixer),
                      (".lora_linear_layer.down.weight", .a), (".lora_linear_layer.up.weight", .b), (".lora_linear_layer.downB.weight", .mixer),
                      (".lora_A.weight", .a), (".lora_B.weight", .b), (".lora_AB.weight", .mixer), (".lora_mixer.weight", .mixer),
-                     (".lora_magnitude_vector", .magnitude), (".alpha", .alpha)]
+                     (".lora_magnitude_vector", .magnitude), (".alpha", .alpha),
+                     // XLabs Flux processors: `<block>.processor.qkv_lora1.down.weight`.
+                     (".down.weight", .a), (".up.weight", .b)]
         case .mlx:
             rules = [(".lora_a", .a), (".lora_b", .b), (".m", .magnitude)]
         case .paddle:

@@ -182,6 +182,9 @@ struct DiffusionLayout: Sendable {
         return nil
     }
 
+    /// The module name of a Flux single block's q, k and v rows of `linear1` together (XLabs' `qkv_lora`).
+    static let singleQKV = "linear1.qkv"
+
     /// Prefixes adapters put before module names that the table holds without them (ComfyUI
     /// saves BFL names under `diffusion_model.`).
     static let strippable = ["diffusion_model.", "model.diffusion_model.", "transformer.", "unet."]
@@ -237,7 +240,8 @@ struct DiffusionLayout: Sendable {
                     guard shape.count == 2, shape[0] > 3 * shape[1] else { return [] }
                     let d = shape[1]
                     return [(b + "attn.to_q", Slot(tensor: "", rows: 0..<d)), (b + "attn.to_k", Slot(tensor: "", rows: d..<2 * d)),
-                            (b + "attn.to_v", Slot(tensor: "", rows: 2 * d..<3 * d)), (b + "proj_mlp", Slot(tensor: "", rows: 3 * d..<shape[0]))]
+                            (b + "attn.to_v", Slot(tensor: "", rows: 2 * d..<3 * d)), (b + "proj_mlp", Slot(tensor: "", rows: 3 * d..<shape[0])),
+                            ("single_blocks.\(parts[1]).\(DiffusionLayout.singleQKV)", Slot(tensor: "", rows: 0..<3 * d))]
                 case "linear2": return DiffusionLayout.whole(b + "proj_out")
                 case "modulation.lin": return DiffusionLayout.whole(b + "norm.linear")
                 case "norm.query_norm": return DiffusionLayout.whole(b + "attn.norm_q")
@@ -409,9 +413,9 @@ struct DiffusionLayout: Sendable {
             if parts.count >= 3, parts[0] == "single_transformer_blocks" {
                 let b = "single_blocks.\(parts[1])."
                 switch parts.dropFirst(2).joined(separator: ".") {
-                case "attn.to_q": return third(b + "linear1", 0, d)
-                case "attn.to_k": return third(b + "linear1", 1, d)
-                case "attn.to_v": return third(b + "linear1", 2, d)
+                case "attn.to_q": return third(b + "linear1", 0, d) + third(b + singleQKV, 0, d)
+                case "attn.to_k": return third(b + "linear1", 1, d) + third(b + singleQKV, 1, d)
+                case "attn.to_v": return third(b + "linear1", 2, d) + third(b + singleQKV, 2, d)
                 case "proj_mlp": return [(b + "linear1", Slot(tensor: "", updateRows: 3 * d..<3 * d + (shape.first ?? 0)))]
                 case "proj_out": return whole(b + "linear2")
                 case "norm.linear": return whole(b + "modulation.lin")

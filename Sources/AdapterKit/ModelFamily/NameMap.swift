@@ -202,6 +202,7 @@ public struct NameMap: Sendable {
             }
             return (nil, module)
         case .diffusers:
+            if let bfl = XLabsNames.bfl(module) { return ("transformer", bfl) }
             for (prefix, component) in diffusersPrefixes where module.hasPrefix(prefix) {
                 return (component, String(module.dropFirst(prefix.count)))
             }
@@ -247,5 +248,28 @@ enum KohyaNames {
     /// A dotted module path as kohya writes it.
     static func key(_ dotted: String) -> String {
         String(dotted.map { $0 == "." ? "_" : $0 })
+    }
+}
+
+/// XLabs' Flux LoRAs (x-flux): attention processors' LoRA layers under the BFL blocks, read as the
+/// BFL modules they adapt (diffusers' `_convert_xlabs_flux_lora_to_diffusers` reads them the same
+/// way). A single block's `qkv_lora` adapts q, k and v only: the first three quarters of
+/// `linear1`'s q/k/v/mlp rows, a module of its own in the diffusion layout table.
+enum XLabsNames {
+    static func bfl(_ module: String) -> String? {
+        var name = module
+        if name.hasPrefix("diffusion_model.") { name.removeFirst("diffusion_model.".count) }
+        let parts = name.split(separator: ".", omittingEmptySubsequences: false).map(String.init)
+        guard parts.count == 4, parts[2] == "processor", Int(parts[1]) != nil else { return nil }
+        let block = parts[0] + "." + parts[1] + "."
+        switch (parts[0], parts[3]) {
+        case ("double_blocks", "qkv_lora1"): return block + "img_attn.qkv"
+        case ("double_blocks", "qkv_lora2"): return block + "txt_attn.qkv"
+        case ("double_blocks", "proj_lora1"): return block + "img_attn.proj"
+        case ("double_blocks", "proj_lora2"): return block + "txt_attn.proj"
+        case ("single_blocks", "qkv_lora"): return block + DiffusionLayout.singleQKV
+        case ("single_blocks", "proj_lora"): return block + "linear2"
+        default: return nil
+        }
     }
 }

@@ -39,6 +39,10 @@ enum GGUFFileOutput: OutputKind {
     static var outputHelp: String { "The llama.cpp LoRA .gguf file to write; it must not exist unless --force." }
 }
 
+enum DiffusersFileOutput: OutputKind {
+    static var outputHelp: String { "The .safetensors file to write; it must not exist unless --force." }
+}
+
 enum ResizedOutput: OutputKind {
     static var outputHelp: String { "Where to write, in the input's layout: a folder for PEFT and mlx inputs, a .safetensors file for kohya ones; it must not exist unless --force." }
 }
@@ -94,7 +98,7 @@ struct Convert: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Rewrite an adapter exactly: add or fold MoSLoRA mixers, or change its layout.",
         discussion: "Every conversion keeps scale·B·M·A of every module (up to the output dtype's rounding).",
-        subcommands: [LoRAToMoSLoRA.self, MoSLoRAToLoRA.self, ToPEFT.self, ToMLX.self, ToKohya.self, ToLoRA.self, ToGGUF.self, ToSafetensors.self]
+        subcommands: [LoRAToMoSLoRA.self, MoSLoRAToLoRA.self, ToPEFT.self, ToMLX.self, ToKohya.self, ToDiffusers.self, ToLoRA.self, ToGGUF.self, ToSafetensors.self]
     )
 }
 
@@ -216,12 +220,38 @@ struct ToGGUF: ParsableCommand {
     }
 }
 
+struct ToDiffusers: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "to-diffusers",
+        abstract: "Write the adapter as one diffusers LoRA file (unet./transformer./text_encoder… prefixes, lora_A/lora_B) for the --base it is for.",
+        discussion: """
+        --base (a single-file checkpoint, a diffusers pipeline folder or its denoiser) gives the module \
+        names: modules in the original names (kohya's SDXL and Flux LoRAs, ComfyUI's) are renamed, and a \
+        fused one (qkv, linear1) is split by rows of B over to_q/to_k/to_v (and proj_mlp), each part \
+        keeping A and the scale. The scale is folded into lora_B, since diffusers reads a file without \
+        metadata as alpha = r. Mixers are folded into A unless --keep-mixer (lora_AB keys, which diffusers skips).
+        """
+    )
+
+    @OptionGroup var io: ConvertIO<DiffusersFileOutput>
+
+    @Flag(help: "Keep the mixers as lora_AB.weight (only the MoSLoRA code applies them).")
+    var keepMixer = false
+
+    func run() throws {
+        io.finish(try AdapterConversion.convertLayout(input: io.input, output: io.output, to: .diffusers, keepMixer: keepMixer, options: io.options))
+    }
+}
+
 struct ToKohya: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "to-kohya",
         abstract: "Write the adapter as one kohya .safetensors file (lora_unet_ for single-model adapters, lora_te_ for text encoders).",
         discussion: """
-        alpha = scale·r per module, stored in F32. Mixers are folded into lora_down (A' = M·A) so that \
+        alpha = scale·r per module, stored in F32. With --base a diffusion model, modules get that \
+        family's kohya names: the original keys for SDXL, Flux and SD3 (to_q/to_k/to_v fused into qkv, \
+        Flux's q/k/v/proj_mlp into linear1: A stacked, B block-diagonal, exact), diffusers' for SD 1/2. \
+        Mixers are folded into lora_down (A' = M·A) so that \
         ComfyUI, Forge and diffusers, which skip unknown keys, apply the whole update; --keep-mixer writes \
         them as lora_mixer.weight with metadata ss_adapter_algorithm=moslora instead.
         """

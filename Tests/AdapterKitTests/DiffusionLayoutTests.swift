@@ -315,3 +315,79 @@ struct PipelineMergeTests {
         #expect(!FileManager.default.fileExists(atPath: dir.file("out")))
     }
 }
+
+@Suite("diffusion: convert between the diffusers and the original naming dialects")
+struct DiffusionDialectTests {
+    private func options(_ base: String) -> ConvertOptions {
+        var o = ConvertOptions()
+        o.base = base
+        o.sync = false
+        o.dtype = .f64
+        return o
+    }
+
+    private func sameMerge(_ a: String, _ b: String, base: String, _ dir: TempDir) throws {
+        let (x, _) = try merge(base: base, adapters: [(a, 1)], out: dir.file("x-" + UUID().uuidString))
+        let (y, _) = try merge(base: base, adapters: [(b, 1)], out: dir.file("y-" + UUID().uuidString))
+        for t in y.tensorNames where y.tensor(t)?.entry.dtype.isReadableAsFloat == true {
+            let p = try values(x, t), q = try values(y, t)
+            #expect(zip(p, q).allSatisfy { ulpDistance($0, $1, .bf16) <= 1 }, "\(t)")
+        }
+    }
+
+    @Test("Flux: diffusers names → kohya's BFL names (q/k/v and q/k/v/mlp fused, rank Σr), and back; every merge the same")
+    func flux() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let folder = try Checkpoint(path: fixture("models/tiny-flux-dev-diffusers/transformer"))
+        let names = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_v", "single_transformer_blocks.0.attn.to_k",
+                     "single_transformer_blocks.0.proj_mlp", "norm_out.linear", "transformer_blocks.0.ff.net.2"]
+        let lora = try randomLoRA(dir.file("d.safetensors"), try names.map { n in let (o, i) = try dims(folder, n + ".weight"); return ("transformer." + n, o, i) }, kohya: false)
+        _ = try AdapterConversion.convertLayout(input: lora, output: dir.file("k.safetensors"), to: .kohya, options: options(modelPath("tiny-flux-dev")))
+        let k = try Adapter(path: dir.file("k.safetensors"))
+        let byName = Dictionary(uniqueKeysWithValues: k.modules.map { ($0.name, $0) })
+        #expect(Set(byName.keys) == ["lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_0_linear1", "lora_unet_final_layer_adaLN_modulation_1",
+                                      "lora_unet_double_blocks_0_img_mlp_2"])
+        #expect(byName["lora_unet_double_blocks_0_img_attn_qkv"]?.rank == 4 && byName["lora_unet_single_blocks_0_linear1"]?.rank == 4)
+        try sameMerge(lora, dir.file("k.safetensors"), base: modelPath("tiny-flux-dev"), dir)
+        // And back onto diffusers names, with a pipeline folder as the base.
+        _ = try AdapterConversion.convertLayout(input: dir.file("k.safetensors"), output: dir.file("d2.safetensors"), to: .diffusers,
+                                                options: options(fixture("models/tiny-flux-dev-diffusers")))
+        let back = try Adapter(path: dir.file("d2.safetensors"))
+        #expect(back.format == .diffusers && back.modules.allSatisfy { $0.component == "transformer" })
+        #expect(back.modules.contains { $0.baseName == "single_transformer_blocks.0.attn.to_q" }, "a fused module is split over every row block")
+        try sameMerge(lora, dir.file("d2.safetensors"), base: fixture("models/tiny-flux-dev-diffusers/transformer"), dir)
+    }
+
+    @Test("SDXL: diffusers names → kohya's ldm UNet names, CLIP-L as lora_te1_, the second encoder as lora_te2_ in Hugging Face names")
+    func sdxl() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let unet = try Checkpoint(path: fixture("models/tiny-sdxl-diffusers/unet")), te2 = try Checkpoint(path: fixture("models/tiny-sdxl-diffusers/text_encoder_2"))
+        var modules = try ["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", "up_blocks.0.resnets.2.conv1"].map { n in
+            let (o, i) = try dims(unet, n + ".weight"); return ("unet." + n, o, i)
+        }
+        let (o2, i2) = try dims(te2, "text_model.encoder.layers.1.self_attn.v_proj.weight")
+        modules.append(("text_encoder_2.text_model.encoder.layers.1.self_attn.v_proj", o2, i2))
+        let lora = try randomLoRA(dir.file("d.safetensors"), modules, kohya: false)
+        _ = try AdapterConversion.convertLayout(input: lora, output: dir.file("k.safetensors"), to: .kohya, options: options(modelPath("tiny-sdxl")))
+        let names = Set(try Adapter(path: dir.file("k.safetensors")).modules.map(\.name))
+        #expect(names == ["lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q", "lora_unet_output_blocks_2_0_in_layers_2",
+                          "lora_te2_text_model_encoder_layers_1_self_attn_v_proj"])
+        try sameMerge(lora, dir.file("k.safetensors"), base: modelPath("tiny-sdxl"), dir)
+    }
+
+    @Test("to-diffusers needs a base; a module the base does not have is refused by name")
+    func refusals() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let lora = try randomLoRA(dir.file("k.safetensors"), [("lora_unet_double_blocks_7_img_attn_qkv", 96, [32])], kohya: true)
+        #expect {
+            _ = try AdapterConversion.convertLayout(input: lora, output: dir.file("a.safetensors"), to: .diffusers)
+        } throws: { "\($0)".contains("to-diffusers needs --base") }
+        #expect {
+            _ = try AdapterConversion.convertLayout(input: lora, output: dir.file("b.safetensors"), to: .diffusers, options: options(modelPath("tiny-flux-dev")))
+        } throws: { "\($0)".contains("lora_unet_double_blocks_7_img_attn_qkv is not a module of this Flux.1 dev model") }
+        #expect(!FileManager.default.fileExists(atPath: dir.file("a.safetensors")) && !FileManager.default.fileExists(atPath: dir.file("b.safetensors")))
+    }
+}

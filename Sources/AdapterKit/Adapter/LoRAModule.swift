@@ -342,7 +342,7 @@ public struct LoRAModule: Sendable {
     /// The module path in base-model terms (prefixes such as `base_model.model.` removed).
     public var baseName: String
     /// Which part of a multi-model adapter this belongs to (`unet`, `text_encoder`, …), nil for one model.
-    public let component: String?
+    public var component: String?
     public var kind: LayerKind
     public var a: TensorRef
     public var mixer: TensorRef?

@@ -293,7 +293,7 @@ enum AdapterWriter {
             }
             if m.magnitude != nil { throw InputError.conversion(w.source.path, "module \(m.name) is DoRA, which kohya's LoRA layout cannot hold") }
             if m.bias != nil { throw InputError.conversion(w.source.path, "module \(m.name) has a lora_B.bias, which kohya cannot hold") }
-            let name = w.source.format == .kohya ? m.name : KohyaNames.prefix(for: m.component, components: components) + KohyaNames.key(m.baseName)
+            let name = w.source.format == .kohya && !w.renamed ? m.name : KohyaNames.prefix(for: m.component, components: components) + KohyaNames.key(m.baseName)
             guard seen.insert(name).inserted else {
                 throw InputError.conversion(w.source.path, "two modules share the kohya name \(name) once dots become underscores")
             }
@@ -329,6 +329,35 @@ enum AdapterWriter {
         }
         meta.sort { $0.key.precedesInBytes($1.key) }
         try writeFile(file.path, tensors, metadata: meta, sync: sync, descriptor: file)
+        return []
+    }
+
+    /// diffusers' LoRA file: `<component>.<module>.lora_A.weight` / `lora_B.weight` with the scale
+    /// folded into B (diffusers reads a file without metadata as alpha = r), mixers as `lora_AB`
+    /// when kept (the MoSLoRA code's names; diffusers skips them).
+    static func writeDiffusers(_ w: WorkingAdapter, file: FileDescriptor, dtype: DType?, sync: Bool) throws -> [String] {
+        try refuseReplacements(w, .diffusers)
+        var tensors: [OutputTensor] = []
+        var seen = Set<String>()
+        for m in w.modules {
+            guard m.kind != .embedding, m.kind != .linearFanInFanOut else {
+                throw InputError.conversion(w.source.path, "module \(m.name) is a \(m.kind.rawValue) layer, which diffusers LoRAs do not hold")
+            }
+            if m.magnitude != nil { throw InputError.conversion(w.source.path, "module \(m.name) is DoRA, which this diffusers writer does not write") }
+            if m.bias != nil { throw InputError.conversion(w.source.path, "module \(m.name) has a bias update, which this diffusers writer does not write") }
+            guard let component = m.component else {
+                throw InputError.conversion(w.source.path, "module \(m.name) has no component (unet, transformer, text_encoder, …); diffusers names every module by one")
+            }
+            let name = component + "." + m.baseName
+            guard seen.insert(name).inserted else { throw InputError.conversion(w.source.path, "two modules are both \(name)") }
+            tensors.append(try OutputTensor(name: name + ".lora_A.weight", dtype: try outputType(m.aType, dtype, tensor: name), holding: m.a))
+            let scaled = m.b.holding(m.heldB.map { $0 * m.scale }, shape: m.b.shape)
+            tensors.append(try OutputTensor(name: name + ".lora_B.weight", dtype: try outputType(m.bType, dtype, tensor: name), holding: scaled))
+            if let mixer = m.mixer {
+                tensors.append(try OutputTensor(name: name + ".lora_AB.weight", dtype: try outputType(m.mixerType ?? m.aType, dtype, tensor: name), holding: mixer))
+            }
+        }
+        try writeFile(file.path, tensors, metadata: [("format", "pt")], sync: sync, descriptor: file)
         return []
     }
 

@@ -193,7 +193,7 @@ public enum AdapterConversion {
                 folded += 1
             }
             if folded > 0 {
-                let who = [TargetLayout.peft: "stock PEFT", .gguf: "llama.cpp"][layout] ?? "kohya-style loaders"
+                let who = [TargetLayout.peft: "stock PEFT", .gguf: "llama.cpp", .diffusers: "diffusers"][layout] ?? "kohya-style loaders"
                 summary.notes.append("folded the mixer into A (A' = M·A, rounded once into A's dtype) in \(folded) module\(folded == 1 ? "" : "s"), so \(who) apply the whole update" + (layout == .gguf ? "" : "; --keep-mixer keeps the MoSLoRA layout instead"))
             }
         }
@@ -215,13 +215,20 @@ public enum AdapterConversion {
             throw InputError.conversion(output, "--dtype \(d.rawValue) is not one of F32, F16, BF16, F64")
         }
         let adapter = try Adapter(path: input)
-        let baseFiles = try options.base.map { GGUFFile.looksLikeGGUF($0) ? [$0] : [$0] + (try Checkpoint(path: $0).inputFiles) } ?? []
+        let baseFiles = try options.base.map { GGUFFile.looksLikeGGUF($0) || PipelineMergePlan.isPipeline($0) ? [$0] : [$0] + (try Checkpoint(path: $0).inputFiles) } ?? []
         try OutputRules.check(output, kind: layout.isFile ? .file : .folder, inputs: [input] + adapter.inputFiles + baseFiles,
                                force: options.force)
         var w = try WorkingAdapter(adapter, options: options)
         summary.notes += w.notes
         guard !w.modules.isEmpty || !w.replacements.isEmpty else { throw InputError.conversion(input, "no modules to convert") }
-        if layout != .kohya {
+        // A diffusion base: kohya writes its family's dialect (original names for SDXL, Flux, SD3;
+        // diffusers names for SD 1/2), diffusers its own names.
+        if layout == .kohya || layout == .diffusers, let path = options.base, let (d, textNames) = try WorkingAdapter.diffusionBase(path) {
+            let dialect: DiffusionDialect = layout == .kohya && [.sdxl, .fluxDev, .fluxSchnell, .sd3, .sd35].contains(d.family) ? .original : .diffusers
+            summary.notes += try w.rewrite(into: dialect, layout: d, textNames: textNames)
+        } else if layout == .diffusers {
+            throw InputError.conversion(input, "to-diffusers needs --base (the model, a single file or a diffusers folder): module names and fused tensors come from it")
+        } else if layout != .kohya {
             try w.requireSingleComponent(layout)
             try w.mapKohyaNames(base: options.base)
         }
@@ -257,6 +264,7 @@ public enum AdapterConversion {
             switch layout {
             case .peft: notes += try AdapterWriter.writePEFT(w, folder: out.temporaryPath, style: style, dtype: options.dtype, sync: options.sync)
             case .kohya: notes += try AdapterWriter.writeKohya(w, file: out.file!, dtype: options.dtype, sync: options.sync)
+            case .diffusers: notes += try AdapterWriter.writeDiffusers(w, file: out.file!, dtype: options.dtype, sync: options.sync)
             case .mlx: notes += try AdapterWriter.writeMLX(w, folder: out.temporaryPath, dtype: options.dtype, base: options.base, sync: options.sync)
             case .gguf:
                 guard let base = options.base else { throw InputError.conversion(input(w), "to-gguf needs --base (a GGUF file or the Hugging Face model): the architecture and tensor names come from it") }

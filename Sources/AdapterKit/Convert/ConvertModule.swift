@@ -77,6 +77,10 @@ public struct ConvertSummary: Sendable {
             return "lora_mixer keys: only MoSLoRA-aware kohya loaders apply them; ComfyUI, Forge and diffusers skip them and give another model: convert without --keep-mixer for those"
         case (.mlx, _):
             return "loaded as written by mlx-lm (mlx_lm.generate --adapter-path, mlx_lm.fuse)"
+        case (.diffusers, false):
+            return "loaded as written by diffusers' load_lora_weights (scale folded into lora_B, so its alpha = r reading is exact)"
+        case (.diffusers, true):
+            return "lora_AB keys: only the MoSLoRA code applies them; diffusers skips them: convert without --keep-mixer for diffusers"
         case (.gguf, _):
             return "loaded as written by llama.cpp (llama-cli --lora, llama-server, llama-cpp-python lora_path) onto the base it names"
         }
@@ -92,10 +96,10 @@ extension InputError {
 
 /// The layouts the converter can write.
 public enum TargetLayout: String, Sendable, CaseIterable {
-    case peft, kohya, mlx, gguf
+    case peft, kohya, mlx, gguf, diffusers
 
     /// Written as one file (the others are folders).
-    var isFile: Bool { self == .kohya || self == .gguf }
+    var isFile: Bool { self == .kohya || self == .gguf || self == .diffusers }
 }
 
 /// Conversions hold every module in memory, in PEFT orientation, as Float64 (`TensorRef`s with held
@@ -156,6 +160,8 @@ struct WorkingAdapter {
     var notes: [String] = []
     /// Set by resize: ranks changed, so rank-stating metadata (kohya `ss_network_args`) is rewritten.
     var resized = false
+    /// Set by a diffusion dialect rewrite: module names are the base names, not the stored ones.
+    var renamed = false
     /// Set by `--experts`: target_parameters and target_modules are written from the modules.
     var expertsConverted = false
 

@@ -42,6 +42,20 @@ struct DiffusionLayout: Sendable {
     /// Component → kohya name (dots as underscores) → module name; nil where two collide.
     private(set) var kohya: [String: [String: String?]] = [:]
 
+    /// Rows of a diffusers module and of an original module that are the same weights: what
+    /// conversions between the two naming dialects move factors by. Both row ranges are resolved
+    /// (never "all"); `originalRows` / `diffusersRows` totals are each module's full height.
+    struct NamePair: Sendable, Hashable {
+        let component: String
+        let diffusers: String
+        let diffusersRows: Range<Int>
+        let original: String
+        let originalRows: Range<Int>
+    }
+    private(set) var pairs: [NamePair] = []
+    /// Rows of every module named in `pairs`, per component and name (diffusers and original names).
+    private(set) var heights: [String: [String: Int]] = [:]
+
     /// The denoiser's component name in diffusers (`unet` or `transformer`).
     var denoiser: String { [.sd1, .sd2, .sdxl].contains(family) ? "unet" : "transformer" }
 
@@ -95,19 +109,19 @@ struct DiffusionLayout: Sendable {
         if has("single_transformer_blocks.0.proj_mlp.weight"), let d = rows("single_transformer_blocks.0.attn.to_q.weight") ?? rows("transformer_blocks.0.attn.to_q.weight") {
             var l = DiffusionLayout(family: has("time_text_embed.guidance_embedder.linear_1.weight") ? .fluxDev : .fluxSchnell,
                                     layout: "diffusers (FluxTransformer2DModel names; BFL names are mapped onto them)")
-            l.index(base, prefixes: [("", "transformer", fluxFromDiffusers(d))])
+            l.index(base, prefixes: [("", "transformer", fluxFromDiffusers(d))], forward: false)
             return l
         }
         if has("transformer_blocks.0.attn.add_q_proj.weight"), has("pos_embed.proj.weight") {
             let v35 = base.tensors.contains { $0.entry.name.contains(".norm_q.") }
             var l = DiffusionLayout(family: v35 ? .sd35 : .sd3, layout: "diffusers (SD3Transformer2DModel names; MMDiT names are mapped onto them)")
-            l.index(base, prefixes: [("", "transformer", mmditFromDiffusers)])
+            l.index(base, prefixes: [("", "transformer", mmditFromDiffusers)], forward: false)
             return l
         }
         if has("conv_in.weight"), has("down_blocks.0.resnets.0.conv1.weight"), has("up_blocks.0.resnets.0.conv1.weight") {
             let family: Family = has("add_embedding.linear_1.weight") ? .sdxl : .sd1
             var l = DiffusionLayout(family: family, layout: "diffusers (UNet2DConditionModel names; ldm names are mapped onto them)")
-            l.index(base, prefixes: [("", "unet", ldmFromDiffusers(base))])
+            l.index(base, prefixes: [("", "unet", ldmFromDiffusers(base))], forward: false)
             return l
         }
         return nil
@@ -122,7 +136,7 @@ struct DiffusionLayout: Sendable {
     /// its shape → the diffusers modules it holds.
     typealias Rule = @Sendable (_ path: String, _ shape: [Int]) -> [(String, Slot)]
 
-    private mutating func index(_ base: Checkpoint, prefixes: [(prefix: String, component: String, rule: Rule)]) {
+    private mutating func index(_ base: Checkpoint, prefixes: [(prefix: String, component: String, rule: Rule)], forward: Bool = true) {
         for (entry, _) in base.tensors {
             let name = entry.name
             // The longest prefix that fits (`model.diffusion_model.` before "").
@@ -136,9 +150,21 @@ struct DiffusionLayout: Sendable {
             } else { continue }
             let shape = entry.shape
             if !rest.hasSuffix("_weight") { add(p.component, path, Slot(tensor: name)) }
+            let height = shape.first ?? 1
             for (module, slot) in p.rule(path, shape) {
                 let placed = Slot(tensor: name, rows: slot.rows, updateRows: slot.updateRows)
                 add(p.component, module, placed)
+                // forward: `module` is a diffusers name whose update rows `updateRows` are rows `rows` of
+                // this original tensor; otherwise `module` is an original name whose update rows
+                // `updateRows` are rows `rows` of this diffusers tensor.
+                let tensorRows = slot.rows ?? 0..<height
+                let moduleRows = slot.updateRows ?? 0..<tensorRows.count
+                pairs.append(forward
+                    ? NamePair(component: p.component, diffusers: module, diffusersRows: moduleRows, original: path, originalRows: tensorRows)
+                    : NamePair(component: p.component, diffusers: path, diffusersRows: tensorRows, original: module, originalRows: moduleRows))
+                let (d, o) = forward ? (module, path) : (path, module)
+                heights[p.component, default: [:]][forward ? o : d] = height
+                heights[p.component, default: [:]][forward ? d : o] = max(heights[p.component]?[forward ? d : o] ?? 0, moduleRows.upperBound)
                 // transformers 5 saves CLIP without `text_model.`; adapters trained on it name modules so.
                 if module.hasPrefix("text_model.") { add(p.component, String(module.dropFirst("text_model.".count)), placed) }
             }

@@ -55,7 +55,10 @@ public struct NameMap: Sendable {
     static func rules(_ format: AdapterFormat) -> [Rule] {
         switch format {
         case .kohya: [.underscored]
-        case .peft, .diffusers, .mlx, .paddle, .mytransformers: [.exact, .adding("model."), .removing("model."), .anyFirstComponent]
+        // CLIP text encoders: transformers 5 saves them without `text_model.`, adapters trained on
+        // transformers 4 name modules with it (and the other way round).
+        case .peft, .diffusers, .mlx, .paddle, .mytransformers:
+            [.exact, .adding("model."), .removing("model."), .removing("text_model."), .adding("text_model."), .anyFirstComponent]
         }
     }
 
@@ -159,6 +162,9 @@ public struct NameMap: Sendable {
                 if let found = byRest[String(name[name.index(after: dot)...]) + suffix] { return found }
             case .underscored:
                 if let found = underscored[name] { return found }
+                // kohya's `lora_te_text_model_…` onto a CLIP saved without `text_model.` (transformers 5), and back.
+                let alias = name.hasPrefix("text_model_") ? String(name.dropFirst("text_model_".count)) : "text_model_" + name
+                if let found = underscored[alias] ?? nil { return found }
             }
         }
         return nil
@@ -186,7 +192,7 @@ public struct NameMap: Sendable {
 
     /// A kohya module name (underscores) as the dotted module path of this base, when exactly one fits.
     func dottedModule(forKohya name: String) -> String? {
-        (underscored[name] ?? nil).map { String($0.dropLast(".weight".count)) }
+        lookup(name, suffix: ".weight", format: .kohya).map { String($0.dropLast(".weight".count)) }
     }
 
     // MARK: - The adapter side

@@ -210,3 +210,48 @@ int adapter_merge_rows(int st, const void *src, int dt, void *dst, size_t rows, 
     }
     return ok;
 }
+
+/* Float64 → BF16, one rounding: round to odd into Float32 (truncate toward zero, set the lowest
+ * bit when inexact), then round to nearest even at bit 16. Written branch-light so the compiler
+ * vectorises it. */
+void adapter_f64_to_bf16(const double *src, uint16_t *dst, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        double d = src[i];
+        float f = (float)d;
+        uint32_t u;
+        memcpy(&u, &f, 4);
+        if (d != d) {
+            /* The canonical quiet NaN with the sign, as ElementConversion.doubleToBF16 gives. */
+            dst[i] = (uint16_t)(0x7FC0u | ((u >> 16) & 0x8000u));
+            continue;
+        }
+        double back = (double)f;
+        int inexact = back != d && (u & 0x7F800000u) != 0x7F800000u;
+        /* |f| > |d|: the nearest rounding went up in magnitude; step back one unit toward zero. */
+        int over = inexact && fabs(back) > fabs(d);
+        u = (u - (uint32_t)over) | (uint32_t)inexact;
+        dst[i] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    }
+}
+
+#if defined(__x86_64__)
+AVX2 static void to_double_avx2(int type, const void *src, double *dst, size_t n) {
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = load8(type, src, i);
+        _mm256_storeu_pd(dst + i, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+        _mm256_storeu_pd(dst + i + 4, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+    }
+    for (; i < n; i++) dst[i] = (double)load_elem(type, src, i);
+}
+#endif
+
+void adapter_to_double(int src_type, const void *src, double *dst, size_t n) {
+#if defined(__x86_64__)
+    if (adapter_merge_kernel_is_vectorised()) {
+        to_double_avx2(src_type, src, dst, n);
+        return;
+    }
+#endif
+    for (size_t i = 0; i < n; i++) dst[i] = (double)load_elem(src_type, src, i);
+}

@@ -100,6 +100,33 @@ struct ConversionTests {
         }
     }
 
+    @Test("the vectorised Float64 → BF16 loop (fromDouble) equals the scalar definition on every kind of value")
+    func doubleToBF16Vector() {
+        var values: [Double] = [0, -0.0, 1, -1, 1 + 0x1p-8, 1 + 0x1p-8 + 0x1p-30, 1 + 0x1p-8 - 0x1p-40, 0x1p-130, -0x1p-149, 0x1p-160, -0x1p-160,
+                                Double(Float.greatestFiniteMagnitude), 0x1p128, -0x1p200, .infinity, -.infinity, .nan, -.nan,
+                                Double(Float.leastNormalMagnitude), Double(Float.leastNonzeroMagnitude) * 1.5, 3.3895313892515355e38]
+        var rng = SystemRandomNumberGenerator()
+        for _ in 0..<200_000 { values.append(Double(bitPattern: rng.next() as UInt64)) }
+        var out = [UInt16](repeating: 0, count: values.count)
+        values.withUnsafeBufferPointer { v in out.withUnsafeMutableBytes { ElementConversion.fromDouble(.bf16, v.baseAddress!, $0.baseAddress!, count: v.count) } }
+        for (i, d) in values.enumerated() {
+            #expect(out[i] == ElementConversion.doubleToBF16(d), "\(d): \(out[i]) against \(ElementConversion.doubleToBF16(d))")
+        }
+    }
+
+    @Test("the vectorised widening to Float64 (toDouble) equals the scalar definitions on all 65,536 BF16 and F16 patterns")
+    func toDoubleVector() {
+        let patterns = (0...UInt16.max).map { $0 }
+        for (dtype, scalar) in [(DType.bf16, ElementConversion.bf16ToFloat), (.f16, ElementConversion.f16ToFloat)] {
+            var out = [Double](repeating: 0, count: patterns.count)
+            patterns.withUnsafeBytes { p in out.withUnsafeMutableBufferPointer { ElementConversion.toDouble(dtype, p.baseAddress! + 0, $0.baseAddress!, count: patterns.count) } }
+            for (i, h) in patterns.enumerated() {
+                let want = Double(scalar(h))
+                #expect(out[i] == want || (out[i].isNaN && want.isNaN && out[i].sign == want.sign), "\(dtype.rawValue) \(h): \(out[i]) against \(want)")
+            }
+        }
+    }
+
     @Test("BF16 → Float32 is a shift; unaligned sources are read correctly")
     func bf16Unaligned() {
         let bytes: [UInt8] = [0xAA] + (0..<20).flatMap { i -> [UInt8] in

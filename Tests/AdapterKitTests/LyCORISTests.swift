@@ -224,3 +224,51 @@ struct LyCORISScaleTests {
         #expect(matmul(hb, ha, rows: 2, inner: noAlpha.rank, cols: 2) == [2, 0, 0, 2])  // I ⊙ 2I
     }
 }
+
+@Suite("LyCORIS: the dense-rows path agrees with the exact factors")
+struct LyCORISDensePathTests {
+    @Test("a LoHa of dim 8 (rank 64 as factors, 16 products per element as rows) merges to W + s·(w1a·w1b)⊙(w2a·w2b) either way", arguments: [DenseRowsPolicy.always, .never])
+    func loha(_ policy: DenseRowsPolicy) throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        var g = SeededGenerator(seed: 11)
+        func r(_ n: Int) -> [Float] { (0..<n).map { _ in Float(g.gaussian() * 0.3) } }
+        let m = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k"
+        let (w1a, w1b, w2a, w2b) = (r(8 * 8), r(8 * 8), r(8 * 8), r(8 * 8))
+        let path = try writeSafetensors(dir.file("loha.safetensors"), [
+            (m + ".hada_w1_a", .f32, [8, 8], floatBytes(w1a)), (m + ".hada_w1_b", .f32, [8, 8], floatBytes(w1b)),
+            (m + ".hada_w2_a", .f32, [8, 8], floatBytes(w2a)), (m + ".hada_w2_b", .f32, [8, 8], floatBytes(w2b)),
+            (m + ".alpha", .f32, [], floatBytes([4])),
+        ])
+        let module = try #require(try Adapter(path: path).modules.first)
+        #expect(module.rank == 64 && module.dense?.update.costPerElement == 16)
+        let (merged, _) = try merge(base: modelPath("tiny-unet"), adapters: [(path, 1)], out: dir.file("out.safetensors"), denseRows: policy)
+        let name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k.weight"
+        let w = try Checkpoint(path: modelPath("tiny-unet")).files[0].doubles(name)
+        let got = try merged.files[0].doubles(name)
+        for i in 0..<8 {
+            for j in 0..<8 {
+                var x = 0.0, y = 0.0
+                for t in 0..<8 {
+                    x += Double(w1a[i * 8 + t]) * Double(w1b[t * 8 + j])
+                    y += Double(w2a[i * 8 + t]) * Double(w2b[t * 8 + j])
+                }
+                let want = w[i * 8 + j] + 0.5 * x * y
+                #expect(ulpDistance(got[i * 8 + j], want, .f16) <= 0.5 + 1e-9, "[\(i), \(j)]")
+            }
+        }
+    }
+
+    @Test("every LyCORIS fixture: the dense rows and the exact factors give the same values up to one unit", arguments: ["loha", "loha-tucker", "lokr", "lokr-full", "lokr-decomposed-w1", "lokr-tucker", "full"])
+    func sameEitherWay(_ name: String) throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let (rows, _) = try merge(base: modelPath("tiny-unet"), adapters: [(adapterPath("lycoris-" + name), 1)], out: dir.file("a.safetensors"), denseRows: .always)
+        let (factors, _) = try merge(base: modelPath("tiny-unet"), adapters: [(adapterPath("lycoris-" + name), 1)], out: dir.file("b.safetensors"), denseRows: .never)
+        try expectMatches(rows, reference: name, in: "lycoris")
+        for t in rows.tensorNames {
+            let x = try rows.files[0].doubles(t), y = try factors.files[0].doubles(t)
+            #expect(zip(x, y).allSatisfy { ulpDistance($0, $1, .f16) <= 1 }, "\(t)")
+        }
+    }
+}

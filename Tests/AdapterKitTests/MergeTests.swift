@@ -22,18 +22,19 @@ func adapterPath(_ name: String) -> String {
 /// Merges with the library into `out` and returns the output checkpoint.
 @discardableResult
 func merge(base: String, adapters: [(String, Double)], out: String, components: [String]? = nil, report: Bool = false,
-           allowUnknown: Bool = false, dequantize: DType? = nil) throws -> (Checkpoint, MergeSummary) {
+           allowUnknown: Bool = false, dequantize: DType? = nil, denseRows: DenseRowsPolicy = .whenCheaper) throws -> (Checkpoint, MergeSummary) {
     let inputs = try adapters.map { MergeInput(adapter: try Adapter(path: $0.0), weight: $0.1) }
     let plan = try MergePlan(base: try Checkpoint(path: base), inputs: inputs,
                              options: MergeOptions(dropUnknown: allowUnknown, components: components, dequantize: dequantize))
-    return try write(plan, to: out, report: report)
+    return try write(plan, to: out, report: report, denseRows: denseRows)
 }
 
 /// Writes a plan without fsync and returns the output checkpoint.
 @discardableResult
-func write(_ plan: MergePlan, to out: String, report: Bool = false) throws -> (Checkpoint, MergeSummary) {
+func write(_ plan: MergePlan, to out: String, report: Bool = false, denseRows: DenseRowsPolicy = .whenCheaper) throws -> (Checkpoint, MergeSummary) {
     var options = MergeRunOptions()
     options.report = report
+    options.denseRows = denseRows
     options.sync = false
     let summary = try plan.write(to: out, options: options)
     return (try Checkpoint(path: out), summary)

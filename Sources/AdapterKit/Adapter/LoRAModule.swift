@@ -373,6 +373,9 @@ public struct LoRAModule: Sendable {
     /// A LyCORIS update stored as a matrix [out, in·k…] that may be a convolution's flattened
     /// kernel (LyCORIS keeps conv factors 2-D): the base weight's shape tells which (`withKernel`).
     var flattened = false
+    /// The update row by row (LyCORIS modules): what the merge uses instead of `a`, `b` where
+    /// their rank makes the factors dearer. It must stand for the same update as `a`, `b`.
+    var dense: DenseRows? = nil
     /// How `magnitude` rescales the merged weight: PEFT's DoRA, or LyCORIS's `dora_scale`.
     public var doraRule: DoRARule = .peft
 

@@ -1,3 +1,5 @@
+import Foundation
+
 /// LyCORIS modules (KohakuBlueleaf/LyCORIS) read as exact low-rank factors.
 ///
 /// Every LyCORIS update this tool reads is a product of low-rank pieces, so each is rewritten as
@@ -102,6 +104,8 @@ struct FactorPair {
     let u: TensorRef
     /// V (rank × cols).
     let v: TensorRef
+    /// The matrix itself when the pair is I·w or w·I (read directly instead of multiplied out).
+    var whole: TensorRef? = nil
     var rows: Int { u.shape[0] }
     var rank: Int { v.shape[0] }
     var cols: Int { v.shape.dropFirst().reduce(1, *) }
@@ -114,10 +118,10 @@ extension FactorPair {
         let rows = w.shape.first ?? 1, cols = w.shape.dropFirst().reduce(1, *)
         if rows <= cols {
             return FactorPair(u: TensorRef(name: w.name + "[I]", computedFrom: [], shape: [rows, rows], dtype: dtype) { _ in FactorAlgebra.identity(rows) },
-                              v: TensorRef(name: w.name, computedFrom: [w], shape: [rows, cols], dtype: dtype) { $0[0] })
+                              v: TensorRef(name: w.name, computedFrom: [w], shape: [rows, cols], dtype: dtype) { $0[0] }, whole: w)
         }
         return FactorPair(u: TensorRef(name: w.name, computedFrom: [w], shape: [rows, cols], dtype: dtype) { $0[0] },
-                          v: TensorRef(name: w.name + "[I]", computedFrom: [], shape: [cols, cols], dtype: dtype) { _ in FactorAlgebra.identity(cols) })
+                          v: TensorRef(name: w.name + "[I]", computedFrom: [], shape: [cols, cols], dtype: dtype) { _ in FactorAlgebra.identity(cols) }, whole: w)
     }
 
     /// Hadamard product: (U₁V₁) ⊙ (U₂V₂).
@@ -210,7 +214,7 @@ enum LyCORISModules {
             guard a.entry.elementCount == 1, let v = try? a.doubles().first, v.isFinite else { return fail("alpha is not one finite number") }
             alpha = v
         }
-        let built: Result<(FactorPair, [Int], ModuleAlgorithm, Double, Double?), AdapterLoader.Problem>
+        let built: Built
         if loha {
             built = buildLoHa(t, alpha: alpha, dtype: dtype).mapError { .init(text: "module \(name): \($0.text)") }
         } else if lokr {
@@ -218,12 +222,12 @@ enum LyCORISModules {
         } else {
             guard let d = t(.diff) else { return fail("has diff_b but no diff; a bias-only full module is not read") }
             guard d.shape.count >= 1, d.entry.elementCount > 0 else { return fail("diff has shape \(d.shape)") }
-            built = .success((FactorPair.whole(d, dtype: dtype), d.shape, .full, 1, nil))
+            built = .success((FactorPair.whole(d, dtype: dtype), d.shape, .full, 1, nil, .stored(d)))
         }
-        let (pair, shape, algorithm, scale, usedAlpha): (FactorPair, [Int], ModuleAlgorithm, Double, Double?)
+        let (pair, shape, algorithm, scale, usedAlpha, form): (FactorPair, [Int], ModuleAlgorithm, Double, Double?, DenseUpdate.Form)
         switch built {
         case .failure(let p): return .failure(p)
-        case .success(let v): (pair, shape, algorithm, scale, usedAlpha) = v
+        case .success(let v): (pair, shape, algorithm, scale, usedAlpha, form) = v
         }
         let kind: LayerKind = shape.count == 4 ? (shape[2] == 1 && shape[3] == 1 ? .conv1x1 : .convKxK) : .linear
         // A as (rank, in, k, k) for a convolution, so every writer sees a LoCon-shaped factor.
@@ -236,6 +240,7 @@ enum LyCORISModules {
         var m = LoRAModule(name: name, baseName: baseName, component: component, kind: kind, a: a, mixer: nil, b: b, orientation: .peft,
                            scale: scale, alpha: usedAlpha, magnitude: nil, bias: t(.diffB))
         m.algorithm = algorithm
+        m.dense = DenseRows(update: DenseUpdate(form, rows: pair.rows, cols: pair.cols), rows: 0..<pair.rows)
         if shape.count != 2 && shape.count != 4 { m.declaredShape = shape }
         m.flattened = shape.count == 2 && algorithm != .full
         if let d = t(.doraScale) {
@@ -250,7 +255,7 @@ enum LyCORISModules {
         return .success(m)
     }
 
-    typealias Built = Result<(FactorPair, [Int], ModuleAlgorithm, Double, Double?), AdapterLoader.Problem>
+    typealias Built = Result<(FactorPair, [Int], ModuleAlgorithm, Double, Double?, DenseUpdate.Form), AdapterLoader.Problem>
 
     private static func problem(_ text: String) -> Built { .failure(.init(text: text)) }
 
@@ -283,7 +288,7 @@ enum LyCORISModules {
         }
         let dim = w1b.shape[0]
         let (scale, used) = scaleRule(alpha: alpha, dim: dim)
-        return .success((FactorPair.hadamard(p1, p2, dtype: dtype), shape, .loha(dim: dim, tucker: tucker), scale, used))
+        return .success((FactorPair.hadamard(p1, p2, dtype: dtype), shape, .loha(dim: dim, tucker: tucker), scale, used, .hadamard(p1, p2)))
     }
 
     /// LoKr: ΔW = kron(w1, w2); w1 whole or w1_a·w1_b, w2 whole, w2_a·w2_b, or a Tucker core.
@@ -327,7 +332,8 @@ enum LyCORISModules {
         let factored = (w1: t(.lokrW1) == nil, w2: t(.lokrW2) == nil)
         // Both halves whole: LyCORIS ignores alpha (scale 1).
         let (scale, used) = dim.map { scaleRule(alpha: alpha, dim: $0) } ?? (1, nil)
-        return .success((FactorPair.kronecker(w1, w2, dtype: dtype), shape, .lokr(w1Factored: factored.w1, w2Factored: factored.w2, tucker: t(.lokrT2) != nil), scale, used))
+        return .success((FactorPair.kronecker(w1, w2, dtype: dtype), shape, .lokr(w1Factored: factored.w1, w2Factored: factored.w2, tucker: t(.lokrT2) != nil), scale, used,
+                         .kronecker(w1, w2)))
     }
 
     /// scale = alpha / dim; no alpha (or 0) is alpha = dim.
@@ -366,5 +372,146 @@ enum LyCORISModules {
             return v
         }
         return .success((FactorPair(u: u, v: v), [out, inputs] + c.dropFirst(2)))
+    }
+}
+
+/// A LyCORIS update computed row by row, for the merge's dense path: a Kronecker row is one
+/// product per element and a Hadamard row r₁ + r₂, where the exact factors cost their rank (r₁·r₂,
+/// k₁·k₂, or full) per element. The small pieces (each side's factors, or w1 and w2 whole) are
+/// formed once and kept until `release`.
+final class DenseUpdate: @unchecked Sendable {
+    enum Form {
+        case hadamard(FactorPair, FactorPair)
+        case kronecker(FactorPair, FactorPair)
+        case stored(TensorRef)
+    }
+
+    let form: Form
+    /// Rows × columns of the update (columns: inputs, kernels flattened).
+    let rows: Int
+    let cols: Int
+    private let lock = NSLock()
+    private var pieces: [[Double]]? = nil
+
+    init(_ form: Form, rows: Int, cols: Int) {
+        self.form = form
+        self.rows = rows
+        self.cols = cols
+    }
+
+    /// Multiply-adds per element of a row.
+    var costPerElement: Int {
+        switch form {
+        case .hadamard(let x, let y): x.rank + y.rank
+        case .kronecker, .stored: 1
+        }
+    }
+
+    /// Rows `range` of ΔW (unscaled), row-major [range.count × cols], in Float64.
+    func values(_ range: Range<Int>) throws -> [Double] {
+        var out = [Double](repeating: 0, count: range.count * cols)
+        try out.withUnsafeMutableBufferPointer { try add(range, times: 1, into: $0.baseAddress!) }
+        return out
+    }
+
+    /// Adds `factor` · rows `range` of ΔW into `destination` (row-major [range.count × cols]).
+    /// Safe to call from several threads on disjoint rows.
+    func add(_ range: Range<Int>, times factor: Double, into destination: UnsafeMutablePointer<Double>) throws {
+        precondition(range.lowerBound >= 0 && range.upperBound <= rows)
+        let cols = self.cols
+        switch form {
+        case .stored(let d):
+            let v = try d.slice(rows: StridedRange(range), columns: .all(cols), name: d.name).doubles()
+            v.withUnsafeBufferPointer { src in
+                let s = src.baseAddress!
+                for i in 0..<(range.count * cols) { destination[i] += factor * s[i] }
+            }
+        case .hadamard(let x, let y):
+            let p = try formed()
+            let (r1, r2) = (x.rank, y.rank)
+            let left = UnsafeMutablePointer<Double>.allocate(capacity: max(1, cols)), right = UnsafeMutablePointer<Double>.allocate(capacity: max(1, cols))
+            defer { left.deallocate(); right.deallocate() }
+            p[0].withUnsafeBufferPointer { u1 in p[1].withUnsafeBufferPointer { v1 in p[2].withUnsafeBufferPointer { u2 in p[3].withUnsafeBufferPointer { v2 in
+                for (o, i) in range.enumerated() {
+                    left.initialize(repeating: 0, count: cols)
+                    right.initialize(repeating: 0, count: cols)
+                    for t in 0..<r1 {
+                        let a = u1[i * r1 + t], row = v1.baseAddress! + t * cols
+                        if a != 0 { for j in 0..<cols { left[j] += a * row[j] } }
+                    }
+                    for t in 0..<r2 {
+                        let a = u2[i * r2 + t], row = v2.baseAddress! + t * cols
+                        if a != 0 { for j in 0..<cols { right[j] += a * row[j] } }
+                    }
+                    let dst = destination + o * cols
+                    for j in 0..<cols { dst[j] += factor * left[j] * right[j] }
+                }
+            } } } }
+        case .kronecker(let x, let y):
+            let p = try formed()
+            let (b, c, dk) = (x.cols, y.rows, y.cols)
+            p[0].withUnsafeBufferPointer { w1 in p[1].withUnsafeBufferPointer { w2 in
+                for (o, i) in range.enumerated() {
+                    let (i1, i2) = (i / c, i % c)
+                    let second = w2.baseAddress! + i2 * dk
+                    for j1 in 0..<b {
+                        let v = factor * w1[i1 * b + j1]
+                        let dst = destination + o * cols + j1 * dk
+                        for j2 in 0..<dk { dst[j2] += v * second[j2] }
+                    }
+                }
+            } }
+        }
+    }
+
+    /// The small pieces, formed on first use: U₁, V₁, U₂, V₂ (Hadamard) or w1, w2 whole (Kronecker).
+    private func formed() throws -> [[Double]] {
+        lock.lock()
+        defer { lock.unlock() }
+        if let pieces { return pieces }
+        let made: [[Double]]
+        switch form {
+        case .hadamard(let x, let y):
+            made = [try x.u.doubles(), try x.v.doubles(), try y.u.doubles(), try y.v.doubles()]
+        case .kronecker(let x, let y):
+            func formed(_ p: FactorPair) throws -> [Double] {
+                try p.whole?.doubles() ?? matmul(try p.u.doubles(), try p.v.doubles(), rows: p.rows, inner: p.rank, cols: p.cols)
+            }
+            made = [try formed(x), try formed(y)]
+        case .stored:
+            made = []
+        }
+        for v in made.joined() where !v.isFinite { throw InputError("<computed>", "a LyCORIS factor holds NaN or infinity") }
+        pieces = made
+        return made
+    }
+
+    /// Drops the formed pieces and the stored tensors' pages.
+    func release() {
+        lock.lock()
+        pieces = nil
+        lock.unlock()
+        switch form {
+        case .hadamard(let x, let y), .kronecker(let x, let y): for t in [x.u, x.v, y.u, y.v] { t.release() }
+        case .stored(let d): d.release()
+        }
+    }
+}
+
+/// Rows of a `DenseUpdate` a module stands for (all of them, or the half of a swapped tensor).
+struct DenseRows: Sendable {
+    let update: DenseUpdate
+    let rows: Range<Int>
+
+    func values(_ range: Range<Int>) throws -> [Double] {
+        try update.values((rows.lowerBound + range.lowerBound)..<(rows.lowerBound + range.upperBound))
+    }
+
+    func add(_ range: Range<Int>, times factor: Double, into destination: UnsafeMutablePointer<Double>) throws {
+        try update.add((rows.lowerBound + range.lowerBound)..<(rows.lowerBound + range.upperBound), times: factor, into: destination)
+    }
+
+    func rows(_ sub: Range<Int>) -> DenseRows {
+        DenseRows(update: update, rows: (rows.lowerBound + sub.lowerBound)..<(rows.lowerBound + sub.upperBound))
     }
 }

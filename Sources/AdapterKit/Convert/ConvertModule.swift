@@ -231,6 +231,7 @@ struct WorkingAdapter {
         let biasFactor = m.biasScale.map { $0 / m.scale } ?? 1
         held.bias = try m.bias.map { $0.holding(try $0.doubles().map { $0 * biasFactor }, shape: $0.shape) }
         held.biasScale = nil
+        held.dense = nil  // held factors are the module from now on (a conversion may change them)
         held.orientation = .peft
         held.split = nil  // experts are sliced from the held values from now on
         return held

@@ -197,11 +197,19 @@ final class MergeExecutor {
         let cols = p.columns
         let rowBytes = cols * dtype.byteSize
         let sourceRowBytes = cols * sourceType.byteSize
-        let factors: UpdateFactorStorage? = try terms.isEmpty ? nil : {
-            let (l, r, k) = try UpdateCompiler.factors(terms, rows: rows, viewRows: p.rows, cols: cols, tensor: p.baseName)
+        // LyCORIS updates whose exact factors are dearer than their rows (a Kronecker row is one
+        // product per element, the factors' rank k·k₂ products) are added row by row in Float64;
+        // `--report` and DoRA keep the factor path, which they measure.
+        let useRows = { (t: MergeTerm) in Self.rowsAreCheaper(t, policy: self.options.denseRows) }
+        let dense = statistics == nil && magnitude == nil ? terms.filter(useRows) : []
+        let lowRank = dense.isEmpty ? terms : terms.filter { !useRows($0) }
+        defer { for t in dense { t.module.dense?.update.release() } }
+        let factors: UpdateFactorStorage? = try lowRank.isEmpty ? nil : {
+            let (l, r, k) = try UpdateCompiler.factors(lowRank, rows: rows, viewRows: p.rows, cols: cols, tensor: p.baseName)
             return UpdateFactorStorage(l: l, r: r, rows: rows.count, cols: cols, k: k, magnitude: magnitude.map { Array($0[rows]) })
         }()
         let blockRows = max(1, min(rows.count, pipeline.blockBytes / max(1, rowBytes)))
+        var sum: [Double] = [], narrowed: [Float] = []
         var row = rows.lowerBound
         while row < rows.upperBound {
             let end = min(rows.upperBound, row + blockRows)
@@ -225,7 +233,64 @@ final class MergeExecutor {
                 }
                 src = UnsafeRawPointer(inputBuffer.baseAddress!)
             }
-            if let factors {
+            if !dense.isEmpty {
+                // W + Σ factor·ΔW rows in Float64; then one rounding into the base dtype, or, with
+                // low-rank terms as well, into Float32 for the kernel to add them and round once more.
+                let n = (end - row) * cols
+                if sum.count < n { sum = [Double](repeating: 0, count: n) }
+                if factors != nil && narrowed.count < n { narrowed = [Float](repeating: 0, count: n) }
+                guard let codec = RowCodec(p.base.encoding) else { preconditionFailure("plain float rows") }
+                // Row chunks in parallel: decode, add every dense term, and (dense terms only) encode.
+                let blockStart = row, lowRankToo = factors != nil
+                let chunks = max(1, min(end - row, options.threads * 2))
+                let failure = LockedValue<Error?>(nil), nonFiniteSeen = LockedValue(false)
+                let out = UncheckedPointer(raw: UnsafeRawPointer(buffer.baseAddress!)), input = UncheckedPointer(raw: src)
+                sum.withUnsafeMutableBufferPointer { sp in
+                    narrowed.withUnsafeMutableBufferPointer { np in
+                        let sums = UncheckedPointer(raw: UnsafeRawPointer(sp.baseAddress!)), narrow = UncheckedPointer(raw: np.baseAddress.map { UnsafeRawPointer($0) } ?? UnsafeRawPointer(sp.baseAddress!))
+                        DispatchQueue.concurrentPerform(iterations: chunks) { c in
+                            let lo = blockStart + (end - blockStart) * c / chunks, hi = blockStart + (end - blockStart) * (c + 1) / chunks
+                            guard hi > lo else { return }
+                            let first = (lo - blockStart) * cols, count = (hi - lo) * cols
+                            let s = UnsafeMutableRawPointer(mutating: sums.raw).assumingMemoryBound(to: Double.self) + first
+                            ElementConversion.toDouble(sourceType, input.raw + first * sourceType.byteSize, s, count: count)
+                            do {
+                                for t in dense {
+                                    let placed = t.rows.rows(of: p.rows)
+                                    try t.module.dense!.add((lo - placed.lowerBound)..<(hi - placed.lowerBound), times: t.factor, into: s)
+                                }
+                            } catch {
+                                failure.set(error)
+                                return
+                            }
+                            if lowRankToo {
+                                let f = UnsafeMutableRawPointer(mutating: narrow.raw).assumingMemoryBound(to: Float.self) + first
+                                for i in 0..<count { f[i] = Float(s[i]) }
+                            } else if !codec.encode(UnsafePointer(s), count: count, into: UnsafeMutableRawPointer(mutating: out.raw) + first * dtype.byteSize) {
+                                nonFiniteSeen.set(true)
+                            }
+                        }
+                    }
+                }
+                if let e = failure.value {
+                    pipeline.giveBack(buffer)
+                    throw e
+                }
+                var finite = !nonFiniteSeen.value
+                if let factors {
+                    finite = withExtendedLifetime(factors) {
+                        narrowed.withUnsafeBytes { f in
+                            MergeKernel.merge(source: f.baseAddress!, sourceType: .f32, destination: buffer.baseAddress!, destinationType: dtype,
+                                              rows: 0..<(end - row), factors: factors.rows(from: row - rows.lowerBound), wantStatistics: false,
+                                              threads: options.threads).finite
+                        }
+                    }
+                }
+                guard finite else {
+                    pipeline.giveBack(buffer)
+                    throw nonFinite(p)
+                }
+            } else if let factors {
                 // The kernel indexes rows from the block's start: the factors seen from its first row.
                 let result = withExtendedLifetime(factors) {
                     MergeKernel.merge(source: src, sourceType: sourceType, destination: buffer.baseAddress!, destinationType: dtype,
@@ -293,6 +358,15 @@ final class MergeExecutor {
         return try codec.encode(v, tensor: p.baseName)
     }
 
+    /// Whether a term is cheaper as dense rows than as its exact factors. The fused kernel does a
+    /// rank-k element in about k/50 ns on this class of machine; the rows path costs a few ns per
+    /// element whatever the rank, plus its products (measured with Benchmarks/lycoris.sh): rows win
+    /// from rank 256 up, and for a Hadamard row of r₁ + r₂ products from rank 12·(r₁ + r₂).
+    private static func rowsAreCheaper(_ t: MergeTerm, policy: DenseRowsPolicy) -> Bool {
+        guard let d = t.module.dense, !t.holdsTranspose, t.columns == nil, policy != .never else { return false }
+        return policy == .always || t.module.rank > max(256, 12 * d.update.costPerElement)
+    }
+
     private func nonFinite(_ p: TensorEdit) -> MergeError {
         MergeError(tensor: p.baseName, problem: "the merged values hold NaN or infinity (or overflow \(p.base.dtype.rawValue)); modules: \(p.moduleNames.joined(separator: ", "))")
     }
@@ -308,5 +382,22 @@ final class MergeExecutor {
         }
         guard let codec = RowCodec(p.base.encoding) else { preconditionFailure("the plan admits only encodings with a codec") }
         submit(try codec.encode(values, tensor: p.baseName), writer)
+    }
+}
+
+/// A value several workers may set, read once they are done.
+final class LockedValue<T>: @unchecked Sendable {
+    private let lock = NSLock()
+    private var stored: T
+    init(_ value: T) { stored = value }
+    var value: T {
+        lock.lock()
+        defer { lock.unlock() }
+        return stored
+    }
+    func set(_ v: T) {
+        lock.lock()
+        stored = v
+        lock.unlock()
     }
 }

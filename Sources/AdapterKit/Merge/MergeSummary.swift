@@ -13,8 +13,16 @@ public struct MergeRunOptions: Sendable {
     public var sync = true
     /// Called with (bytes written, total bytes) as the merge progresses.
     public var progress: (@Sendable (Int, Int) -> Void)? = nil
+    /// When a LyCORIS update is added row by row instead of through its exact factors (the tests
+    /// force each way; results agree up to one rounding).
+    var denseRows: DenseRowsPolicy = .whenCheaper
 
     public init() {}
+}
+
+/// When the merge adds a LyCORIS update from its rows (`DenseUpdate`) rather than its factors.
+enum DenseRowsPolicy: Sendable {
+    case whenCheaper, always, never
 }
 
 /// What a merge did.

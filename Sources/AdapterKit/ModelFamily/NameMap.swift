@@ -183,6 +183,7 @@ public struct NameMap: Sendable {
                     return .failure(PlacementProblem(text: "the halves of \(slot.tensor) are stored swapped; a \(m.kind.rawValue) update of \(m.outFeatures) rows\(m.bias != nil ? " with a bias" : m.magnitude != nil ? " with DoRA" : "") cannot be split onto them"))
                 }
                 m.b = m.b.slice(rows: StridedRange(u), columns: .all(m.rank), name: m.b.name + "[rows \(u.lowerBound)..<\(u.upperBound)]")
+                m.dense = m.dense?.rows(u)
                 m.name += " (rows \(u.lowerBound)..<\(u.upperBound))"
             }
             out.append(UpdatePlacement(module: m, target: UpdateTarget(tensor: slot.tensor, rows: slot.rows.map { .range($0) } ?? .all)))

@@ -1,3 +1,4 @@
+import CMergeKernel
 #if _endian(big)
 #error("safetensors data is little endian; this code reads it in host order")
 #endif
@@ -150,6 +151,17 @@ public enum ElementConversion {
             UnsafeMutableRawPointer(destination).copyMemory(from: source, byteCount: count * 8)
             return
         }
+        // The C loop (AVX2 + F16C where the CPU has them) for the kernel's element types.
+        let element: Int32? = switch dtype {
+        case .f32: Int32(ADAPTER_F32.rawValue)
+        case .bf16: Int32(ADAPTER_BF16.rawValue)
+        case .f16: Int32(ADAPTER_F16.rawValue)
+        default: nil
+        }
+        if let element {
+            adapter_to_double(element, source, destination, count)
+            return
+        }
         let chunk = 4096
         withUnsafeTemporaryAllocation(of: Float.self, capacity: chunk) { tmp in
             var i = 0
@@ -170,7 +182,8 @@ public enum ElementConversion {
         case .f32:
             for i in 0..<count { destination.storeBytes(of: Float(source[i]), toByteOffset: i * 4, as: Float.self) }
         case .bf16:
-            for i in 0..<count { destination.storeBytes(of: doubleToBF16(source[i]), toByteOffset: i * 2, as: UInt16.self) }
+            // The C loop (vectorised); doubleToBF16 is its scalar definition, tested against it.
+            adapter_f64_to_bf16(source, destination.assumingMemoryBound(to: UInt16.self), count)
         case .f16:
             for i in 0..<count { destination.storeBytes(of: Float16(source[i]).bitPattern, toByteOffset: i * 2, as: UInt16.self) }
         default:

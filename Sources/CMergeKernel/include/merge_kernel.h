@@ -22,6 +22,14 @@ int adapter_merge_rows(int src_type, const void *src, int dst_type, void *dst,
 /// (the merge kernel's own scalar conversions).
 void adapter_convert_elements(int src_type, const void *src, int dst_type, void *dst, size_t n);
 
+/// n Float64 values to BF16 in one rounding (nearest, ties to even): rounded to Float32 by
+/// truncation with a sticky bit (round to odd), then to BF16, which is exact for every double.
+/// NaN stays NaN (quiet, sign kept). The scalar definition is ElementConversion.doubleToBF16.
+void adapter_f64_to_bf16(const double *src, uint16_t *dst, size_t n);
+
+/// n F32, BF16 or F16 values (adapter_element) widened to Float64, exactly.
+void adapter_to_double(int src_type, const void *src, double *dst, size_t n);
+
 /// Whether the AVX2 + FMA + F16C path is used on this machine.
 int adapter_merge_kernel_is_vectorised(void);
 

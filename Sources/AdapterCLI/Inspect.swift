@@ -40,6 +40,11 @@ struct Inspect: ParsableCommand {
             }
             return
         }
+        if PipelineMergePlan.isPipeline(path) {
+            let report = try PipelineReport(path: path, files: files)
+            try writeOutput(json ? JSONWriter.compact(report.json()) : report.text(tensors: tensors))
+            return
+        }
         let checkpoint = try Checkpoint(path: path, files: files)
         for w in checkpoint.warnings { writeError("adapter: warning: \(path): \(w)") }
         let report = CheckpointReport(checkpoint)

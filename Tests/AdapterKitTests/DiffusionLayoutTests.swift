@@ -300,6 +300,33 @@ struct PipelineMergeTests {
             == (try values(single, "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight")))
     }
 
+    @Test("inspect of a pipeline folder: the pipeline class, each component with weights (the denoiser's family and layout), the others by name")
+    func inspect() throws {
+        let r = try PipelineReport(path: fixture("models/tiny-sdxl-diffusers"))
+        #expect(r.pipelineClass == "StableDiffusionXLPipeline")
+        #expect(r.components.map(\.folder) == ["text_encoder", "text_encoder_2", "unet"])
+        let text = r.text(tensors: false)
+        #expect(text.contains("unet/ (UNet2DConditionModel)") && text.contains("family      sdxl (Stable Diffusion XL)"), "\(text)")
+    }
+
+    @Test("diffusers-named diff_b beside a pair adds to the bias unscaled")
+    func diffusersDiffB() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        var g = SeededGenerator(seed: 8)
+        func r(_ n: Int) -> [Float] { (0..<n).map { _ in Float(g.gaussian() * 0.1) } }
+        let bias = r(32)
+        let lora = try writeSafetensors(dir.file("d.safetensors"), [
+            ("transformer.transformer_blocks.0.attn.to_out.0.lora_A.weight", .f32, [2, 32], floatBytes(r(64))),
+            ("transformer.transformer_blocks.0.attn.to_out.0.lora_B.weight", .f32, [32, 2], floatBytes(r(64))),
+            ("transformer.transformer_blocks.0.attn.to_out.0.diff_b", .f32, [32], floatBytes(bias)),
+        ])
+        let (s, _) = try merge(base: modelPath("tiny-flux-dev"), adapters: [(lora, 1)], out: dir.file("s.safetensors"))
+        let base = try Checkpoint(path: modelPath("tiny-flux-dev"))
+        let want = zip(try values(base, "double_blocks.0.img_attn.proj.bias"), bias).map { Double(ElementConversion.bf16ToFloat(ElementConversion.doubleToBF16($0 + Double($1)))) }
+        #expect(try values(s, "double_blocks.0.img_attn.proj.bias") == want)
+    }
+
     @Test("a component the pipeline lacks, or a key no component has, refuses the whole merge and writes nothing")
     func refusals() throws {
         let dir = TempDir()

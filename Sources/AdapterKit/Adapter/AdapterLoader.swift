@@ -147,7 +147,9 @@ enum AdapterLoader {
                      (".lora_A.weight", .a), (".lora_B.weight", .b), (".lora_AB.weight", .mixer), (".lora_mixer.weight", .mixer),
                      (".lora_magnitude_vector", .magnitude), (".alpha", .alpha),
                      // XLabs Flux processors: `<block>.processor.qkv_lora1.down.weight`.
-                     (".down.weight", .a), (".up.weight", .b)]
+                     (".down.weight", .a), (".up.weight", .b),
+                     // Weight and bias differences beside (or instead of) a pair, as kohya and ComfyUI write them.
+                     (".diff", .lycoris(.diff)), (".diff_b", .lycoris(.diffB))]
         case .mlx:
             rules = [(".lora_a", .a), (".lora_b", .b), (".m", .magnitude)]
         case .paddle:

@@ -54,7 +54,8 @@ public struct ModelConfig: Sendable, Equatable {
         }
         let expertKeys = ["num_experts", "num_local_experts", "n_routed_experts"]
         modelType = root["model_type"]?.stringValue
-        architectures = root["architectures"]?.arrayValue?.compactMap(\.stringValue) ?? []
+        // diffusers' configs name the class in `_class_name` instead.
+        architectures = root["architectures"]?.arrayValue?.compactMap(\.stringValue) ?? root["_class_name"]?.stringValue.map { [$0] } ?? []
         experts = count(root, expertKeys) ?? count(text, expertKeys)
         expertsPerToken = count(root, ["num_experts_per_tok"]) ?? count(text, ["num_experts_per_tok"])
         sharedExperts = count(root, ["n_shared_experts"]) ?? count(text, ["n_shared_experts"])
@@ -96,7 +97,7 @@ public struct ModelConfig: Sendable, Equatable {
 
     /// "qwen3_moe (Qwen3MoeForCausalLM), 128 experts per layer, 8 per token".
     public var summary: String {
-        var s = modelType ?? "unknown model_type"
+        var s = modelType ?? (architectures.isEmpty ? "unknown model_type" : "diffusers")
         if !architectures.isEmpty { s += " (\(architectures.joined(separator: ", ")))" }
         if let experts, experts > 1 {
             s += ", \(experts) experts per layer"

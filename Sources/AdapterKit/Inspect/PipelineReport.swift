@@ -1,0 +1,52 @@
+/// What `adapter inspect` shows of a diffusers pipeline folder: the pipeline class, then each
+/// component that holds weights, as a model folder (its family and key layout when recognised),
+/// and the components without weights (scheduler, tokenizers) by name.
+public struct PipelineReport {
+    public let path: String
+    public let pipelineClass: String?
+    /// (folder, library class, report) of each component that holds weights.
+    public let components: [(folder: String, className: String?, report: CheckpointReport)]
+    /// Components without tensor files.
+    public let others: [(folder: String, className: String?)]
+
+    public init(path: String, files: TensorFiles = TensorFiles()) throws {
+        self.path = path
+        guard let index = try readJSONFile(joinPath(path, "model_index.json")).objectValue else {
+            throw InputError(joinPath(path, "model_index.json"), "not a JSON object")
+        }
+        pipelineClass = index["_class_name"]?.stringValue
+        var components: [(String, String?, CheckpointReport)] = [], others: [(String, String?)] = []
+        for key in index.keys.sorted() where !key.hasPrefix("_") {
+            guard let entry = index[key]?.arrayValue, entry.count == 2 else { continue }
+            let className = entry[1].stringValue
+            let folder = joinPath(path, key)
+            guard FileSystem.kind(folder) == .directory, let checkpoint = try? Checkpoint(path: folder, files: files) else {
+                others.append((key, className))
+                continue
+            }
+            components.append((key, className, CheckpointReport(checkpoint)))
+        }
+        self.components = components
+        self.others = others
+    }
+
+    public func text(tensors: Bool) -> String {
+        var lines = ["\(path)", "  pipeline    \(pipelineClass ?? "unknown (model_index.json has no _class_name)")"]
+        lines.append("  components  \(components.map(\.folder).joined(separator: ", "))" + (others.isEmpty ? "" : "; without weights: \(others.map(\.folder).joined(separator: ", "))"))
+        for c in components {
+            lines.append("")
+            lines.append("\(c.folder)/ (\(c.className ?? "unknown class"))")
+            lines.append(c.report.text(tensors: tensors).split(separator: "\n", omittingEmptySubsequences: false).dropFirst().joined(separator: "\n"))
+        }
+        return lines.joined(separator: "\n")
+    }
+
+    public func json() -> JSONValue {
+        .object(JSONObject([
+            ("path", .string(path)),
+            ("pipeline", pipelineClass.map { .string($0) } ?? .null),
+            ("components", .object(JSONObject(components.map { ($0.folder, $0.report.json()) }))),
+            ("without_weights", .array(others.map { .string($0.folder) })),
+        ]))
+    }
+}

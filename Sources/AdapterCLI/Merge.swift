@@ -87,19 +87,13 @@ struct Merge: ParsableCommand {
         let plan = try MergePlan(base: checkpoint, inputs: inputs,
                                  options: MergeOptions(dropUnknown: dropUnknown, components: components.isEmpty ? nil : components,
                                                        skipFiles: skipFiles, dequantize: dtype?.dtype))
-        var options = MergeRunOptions()
-        options.force = force
-        options.report = report
-        options.sync = !noSync
-        if let threads { options.threads = threads }
+        var options = runOptions()
         let progress = ProgressBar(enabled: !quiet && FileSystem.isTerminal(2))
         if progress.enabled {
             options.progress = { done, total in progress.update(done, total) }
         }
         for w in checkpoint.warnings where !quiet { writeError("adapter: warning: \(base): \(w)") }
-        for input in inputs where !quiet {
-            for w in input.adapter.warnings { writeError("adapter: warning: \(input.adapter.path): \(w)") }
-        }
+        printWarnings(inputs)
         if let part {
             let result = try plan.writePart(part, output: out, options: options)
             progress.finish()
@@ -120,6 +114,22 @@ struct Merge: ParsableCommand {
         try finish(summary, inputs: inputs, rounded: Set(plan.changedTensorDTypes).intersection([.bf16, .f16]))
     }
 
+    /// The run options every kind of base shares.
+    private func runOptions() -> MergeRunOptions {
+        var options = MergeRunOptions()
+        options.force = force
+        options.report = report
+        options.sync = !noSync
+        if let threads { options.threads = threads }
+        return options
+    }
+
+    private func printWarnings(_ inputs: [MergeInput]) {
+        for input in inputs where !quiet {
+            for w in input.adapter.warnings { writeError("adapter: warning: \(input.adapter.path): \(w)") }
+        }
+    }
+
     /// A diffusers pipeline folder: every touched component merged, the rest copied.
     private func mergePipeline(_ inputs: [MergeInput]) throws {
         if part != nil || finish { throw ValidationError("--part and --finish split a model folder's shards; a pipeline folder is merged whole") }
@@ -127,15 +137,8 @@ struct Merge: ParsableCommand {
         try OutputRules.check(out, kind: .folder, inputs: [base] + inputs.flatMap { [$0.adapter.path] + $0.adapter.inputFiles }, force: force)
         let plan = try PipelineMergePlan(path: base, inputs: inputs,
                                          options: MergeOptions(dropUnknown: dropUnknown, components: components.isEmpty ? nil : components, dequantize: dtype?.dtype))
-        var options = MergeRunOptions()
-        options.force = force
-        options.report = report
-        options.sync = !noSync
-        if let threads { options.threads = threads }
-        for input in inputs where !quiet {
-            for w in input.adapter.warnings { writeError("adapter: warning: \(input.adapter.path): \(w)") }
-        }
-        let summary = try plan.write(to: out, options: options)
+        printWarnings(inputs)
+        let summary = try plan.write(to: out, options: runOptions())
         if !quiet { writeError("adapter: pipeline components merged: \(plan.plans.map(\.folder).joined(separator: ", "))") }
         try finish(summary, inputs: inputs, rounded: Set(plan.plans.flatMap(\.plan.changedTensorDTypes)).intersection([.bf16, .f16]))
     }
@@ -158,15 +161,8 @@ struct Merge: ParsableCommand {
         if part != nil || finish { throw ValidationError("--part and --finish split a safetensors merge by its shards; a GGUF base is one file, merged in one process") }
         try OutputRules.check(out, kind: .file, inputs: [base] + inputs.flatMap { [$0.adapter.path] + $0.adapter.inputFiles }, force: force)
         let plan = try GGUFMergePlan(base: base, inputs: inputs, dropUnknown: dropUnknown, dequantize: dtype?.dtype)
-        var options = MergeRunOptions()
-        options.force = force
-        options.report = report
-        options.sync = !noSync
-        if let threads { options.threads = threads }
-        for input in inputs where !quiet {
-            for w in input.adapter.warnings { writeError("adapter: warning: \(input.adapter.path): \(w)") }
-        }
-        let summary = try plan.write(to: out, options: options)
+        printWarnings(inputs)
+        let summary = try plan.write(to: out, options: runOptions())
         try finish(summary, inputs: inputs, rounded: [])
     }
 

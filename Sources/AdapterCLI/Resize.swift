@@ -16,25 +16,36 @@ struct Resize: ParsableCommand {
 
     @OptionGroup var io: ConvertIO<ResizedOutput>
 
+    @OptionGroup var keep: KeptRank
+
+    @Option(help: "lora: √σ in both factors; moslora: orthonormal factors and σ in a diagonal mixer.")
+    var form: ResizeForm = .lora
+
+    func run() throws {
+        let summary = try AdapterConversion.resize(input: io.input, output: io.output, target: keep.target, form: form, options: io.options)
+        try printEnergies(summary)
+        io.finish(summary)
+    }
+}
+
+/// `--rank K` or `--keep-energy F` for the commands that truncate an SVD (resize, to-lora).
+struct KeptRank: ParsableArguments {
     @Option(help: "Keep at most this many singular values per module (this or --keep-energy is required).")
     var rank: Int?
 
     @Option(help: "Keep the fewest singular values whose Σσ² reaches this fraction of the total (0 < F ≤ 1; this or --rank is required).")
     var keepEnergy: Double?
 
-    @Option(help: "lora: √σ in both factors; moslora: orthonormal factors and σ in a diagonal mixer.")
-    var form: ResizeForm = .lora
-
     func validate() throws { try validateRankOrEnergy(rank: rank, keepEnergy: keepEnergy) }
 
-    func run() throws {
-        let target: ResizeTarget = rank.map { .rank($0) } ?? .energy(keepEnergy ?? 1)
-        let summary = try AdapterConversion.resize(input: io.input, output: io.output, target: target, form: form, options: io.options)
-        try writeOutput("module\trank_before\trank_after\tenergy_kept")
-        for e in summary.energies {
-            try writeOutput("\(e.module)\t\(e.rankBefore)\t\(e.rankAfter)\t\(formatFixed(e.energyKept, 6))")
-        }
-        io.finish(summary)
+    var target: ResizeTarget { rank.map { .rank($0) } ?? .energy(keepEnergy ?? 1) }
+}
+
+/// Standard output of an SVD truncation: module, rank before, rank after, energy kept.
+func printEnergies(_ summary: ConvertSummary) throws {
+    try writeOutput("module\trank_before\trank_after\tenergy_kept")
+    for e in summary.energies {
+        try writeOutput("\(e.module)\t\(e.rankBefore)\t\(e.rankAfter)\t\(formatFixed(e.energyKept, 6))")
     }
 }
 
@@ -64,27 +75,18 @@ struct ToLoRA: ParsableCommand {
 
     @OptionGroup var io: ConvertIO<ResizedOutput>
 
-    @Option(help: "Keep at most this many singular values per module (this or --keep-energy is required).")
-    var rank: Int?
-
-    @Option(help: "Keep the fewest singular values whose Σσ² reaches this fraction of the total (0 < F ≤ 1; this or --rank is required).")
-    var keepEnergy: Double?
+    @OptionGroup var keep: KeptRank
 
     @Option(help: "The LoRA layout to write: kohya (one .safetensors file) or peft (a folder); default: the input's.")
     var layout: TargetLayout?
 
     func validate() throws {
-        try validateRankOrEnergy(rank: rank, keepEnergy: keepEnergy)
         if let layout, ![.kohya, .peft].contains(layout) { throw ValidationError("--layout must be kohya or peft") }
     }
 
     func run() throws {
-        let target: ResizeTarget = rank.map { .rank($0) } ?? .energy(keepEnergy ?? 1)
-        let summary = try AdapterConversion.toLoRA(input: io.input, output: io.output, target: target, layout: layout, options: io.options)
-        try writeOutput("module\trank_before\trank_after\tenergy_kept")
-        for e in summary.energies {
-            try writeOutput("\(e.module)\t\(e.rankBefore)\t\(e.rankAfter)\t\(formatFixed(e.energyKept, 6))")
-        }
+        let summary = try AdapterConversion.toLoRA(input: io.input, output: io.output, target: keep.target, layout: layout, options: io.options)
+        try printEnergies(summary)
         io.finish(summary)
     }
 }

@@ -2,7 +2,7 @@
 """Diffusion base models in both layouts: a diffusers folder and the original single file.
 
     pip install torch==2.* diffusers==0.42.* transformers==5.24.* safetensors   # only to regenerate
-    python3 Fixtures/make_diffusion_fixtures.py
+    python3 Fixtures/make_diffusion_fixtures.py [family …]   # flux-dev flux-schnell sd3 sd3.5 sd1 sdxl sd2; default all
 
 For each family a tiny random model is built with the real diffusers / transformers classes
 (test-sized configs like diffusers' own tests; every parameter redrawn from a seeded generator so
@@ -19,14 +19,23 @@ no two tensors are equal and a wrong row slice or swap cannot go unnoticed) and 
   `model.diffusion_model.*` (ldm UNet) + `cond_stage_model.transformer.*` (CLIP-L); SDXL
   `model.diffusion_model.*` + `conditioner.embedders.0.transformer.*` (CLIP-L) +
   `conditioner.embedders.1.model.*` (OpenCLIP-G: fused `in_proj_weight`, (width, proj)
-  `text_projection`); SD3 / SD3.5 `model.diffusion_model.joint_blocks.*` (MMDiT). The keys real
-  files carry and diffusers drops are written too (`…position_ids`, `…logit_scale`).
+  `text_projection`); SD2.x `model.diffusion_model.*` (linear proj_in/out) + `cond_stage_model.model.*`
+  (OpenCLIP-H names); SD3 / SD3.5 `model.diffusion_model.joint_blocks.*` (MMDiT). The keys real
+  files carry and diffusers drops are written too (`…position_ids`, `…logit_scale`, and for SD2 the
+  whole 24th OpenCLIP layer `transformer.resblocks.23.*` and `text_projection`: SD2 conditions on the
+  penultimate layer, so its diffusers text_encoder is a 23-layer CLIPTextModel, and diffusers' converter
+  drops exactly those keys by name (`SD_2_TEXT_ENCODER_KEYS_TO_IGNORE`), which is why the tiny OpenCLIP-H
+  has 24 layers).
 
 Each single file is then loaded back by diffusers itself, offline, with the folder as config:
 `<Model>.from_single_file(path, config=folder, subfolder=...)` for the denoiser, diffusers'
 `create_diffusers_clip_model_from_ldm` (what the pipelines' from_single_file calls) for each text
-encoder, and `StableDiffusion(XL)Pipeline.from_single_file` for the whole SD1/SDXL file; every
-parameter must equal the folder's model bit for bit. Flux cannot pass unmodified: diffusers'
+encoder, and `StableDiffusion(XL)Pipeline.from_single_file` for the whole SD1/SD2/SDXL file; every
+parameter must equal the folder's model bit for bit (for SD2 also: diffusers' OpenCLIP converter gives
+exactly the text_encoder's keys, nothing left over). diffusers recognises SD2 only by a 1024-wide
+context (`…input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight`.shape[-1]), i.e. a real
+OpenCLIP-H width, so the tiny SD2 file is inferred as `v1` and, like every tiny file, is loaded with
+`config=` (no family detection). Flux cannot pass unmodified: diffusers'
 converter hard-codes `inner_dim = 3072` for splitting `linear1`; the script shows that failure and
 then runs diffusers' converter with only that line changed to read the config.
 """
@@ -35,6 +44,7 @@ import json
 import math
 import os
 import shutil
+import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # everything must work without the hub
 os.environ["DIFFUSERS_VERBOSITY"] = "error"
@@ -86,6 +96,23 @@ def open_clip_g(seed):
     return randomize(T.CLIPTextModelWithProjection(c), seed)
 
 
+def open_clip_h(seed):
+    """OpenCLIP-H stand-in (SD2): gelu, a square projection (OpenCLIP-H's width and embed_dim are both 1024) and 24
+    layers, because diffusers' SD2 converter hard-codes the 24th (`SD_2_TEXT_ENCODER_KEYS_TO_IGNORE` is
+    `resblocks.23.*` + `text_projection`). Returns the whole text tower (what the single file holds) and SD2's
+    `text_encoder`: a 23-layer CLIPTextModel with the tower's first 23 layers and its ln_final (SD2 conditions on the
+    penultimate layer, ln_final applied)."""
+    torch.manual_seed(seed)
+    kw = dict(hidden_size=16, intermediate_size=48, num_attention_heads=2, vocab_size=64, max_position_embeddings=16,
+              bos_token_id=0, eos_token_id=2, pad_token_id=1, hidden_act="gelu", projection_dim=16)
+    tower = randomize(T.CLIPTextModelWithProjection(T.CLIPTextConfig(num_hidden_layers=24, **kw)), seed)
+    te = T.CLIPTextModel(T.CLIPTextConfig(num_hidden_layers=23, **kw)).eval()
+    sd = {k.removeprefix("text_model."): v for k, v in tower.state_dict().items()
+          if not k.startswith(("text_projection.", "text_model.encoder.layers.23."))}
+    te.load_state_dict(sd, strict=True)
+    return tower, te
+
+
 def flux(seed, guidance):
     torch.manual_seed(seed)
     m = D.FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=2, attention_head_dim=16,
@@ -123,6 +150,18 @@ def unet_sdxl(seed, context, pooled):
                                use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
                                transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=6 * 8 + pooled,
                                cross_attention_dim=context, norm_num_groups=4)
+    return randomize(m, seed).to(torch.bfloat16)
+
+
+def unet_sd2(seed, context):
+    """SD2-like: attention in the first level, plain last level, linear proj_in/out (`use_linear_in_transformer`),
+    attention_head_dim per level as SD2's [5, 10, 20, 20] (diffusers reads it as heads per level; the mid block
+    takes the last), cross-attention to the OpenCLIP-H width."""
+    torch.manual_seed(seed)
+    m = D.UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=2,
+                               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=context,
+                               attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=4)
     return randomize(m, seed).to(torch.bfloat16)
 
 
@@ -450,6 +489,32 @@ def make_sdxl(seed):
                             dict(vae=None, tokenizer=None, tokenizer_2=None, scheduler=None))
 
 
+def make_sd2(seed):
+    tower, te = open_clip_h(seed + 1)
+    unet = unet_sd2(seed, context=te.config.hidden_size)
+    folder = save_folder("sd2", {"unet": unet, "text_encoder": te}, "StableDiffusionPipeline")
+    prefix = "cond_stage_model.model."
+    ckpt = {UNET + k: v for k, v in unet_to_ldm(unet.state_dict(), unet.config).items()}
+    ckpt.update(openclip_to_ldm(tower.state_dict(), prefix, tower.config.num_hidden_layers))
+    path = save_single("sd2", ckpt)
+    v2 = single_file_utils.CHECKPOINT_KEY_NAMES["v2"]
+    print(f"sd2: {len(ckpt)} tensors; diffusers infers {model_type(path)!r} ({v2.removeprefix(UNET)} is "
+          f"{list(ckpt[v2].shape)}: SD2 is recognised only by a context width of 1024, so config= is passed)")
+    # What diffusers' OpenCLIP converter makes of the file is exactly SD2's text_encoder: resblocks.23,
+    # text_projection (SD_2_TEXT_ENCODER_KEYS_TO_IGNORE) and logit_scale are dropped, nothing else is left over
+    # (load_model_dict_into_meta would skip a leftover key without a word).
+    converted = single_file_utils.convert_open_clip_checkpoint(te, load_ckpt(path), prefix=prefix)
+    converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
+    assert set(converted) == set(te.state_dict()), sorted(set(converted) ^ set(te.state_dict()))[:6]
+    dropped = sorted(k.removeprefix(prefix) for k in ckpt if k.startswith(prefix) and
+                     (".resblocks.23." in k or k.endswith(("text_projection", "logit_scale"))))
+    print(f"  convert_open_clip_checkpoint: {len(converted)} tensors = text_encoder's keys; drops {len(dropped)}: "
+          f"transformer.resblocks.23.* ({len(dropped) - 2}), text_projection, logit_scale")
+    prove_unet_and_pipeline("sd2", path, folder, D.StableDiffusionPipeline, {"text_encoder": T.CLIPTextModel},
+                            dict(vae=None, tokenizer=None, scheduler=None, safety_checker=None, feature_extractor=None,
+                                 requires_safety_checker=False))
+
+
 def prove_unet_and_pipeline(name, path, folder, pipeline, encoders, nones):
     ref = D.UNet2DConditionModel.from_pretrained(folder, torch_dtype=torch.bfloat16, subfolder="unet")
     got = D.UNet2DConditionModel.from_single_file(path, config=folder, subfolder="unet", local_files_only=True,
@@ -465,22 +530,34 @@ def prove_unet_and_pipeline(name, path, folder, pipeline, encoders, nones):
         same(f"  … {sub}", getattr(pipe, sub), cls.from_pretrained(folder, subfolder=sub))
 
 
-def main():
+FAMILIES = {
+    # family (the files' tiny-<family>… names): maker
+    "flux-dev": lambda: make_flux("flux-dev", guidance=True, seed=31),
+    "flux-schnell": lambda: make_flux("flux-schnell", guidance=False, seed=32),
+    "sd3": lambda: make_sd3("sd3", v35=False, seed=33),
+    "sd3.5": lambda: make_sd3("sd3.5", v35=True, seed=34),
+    "sd1": lambda: make_sd1(seed=35),
+    "sdxl": lambda: make_sdxl(seed=37),
+    "sd2": lambda: make_sd2(seed=40),
+}
+
+
+def main(only):
     os.makedirs(MODELS, exist_ok=True)
-    make_flux("flux-dev", guidance=True, seed=31)
-    make_flux("flux-schnell", guidance=False, seed=32)
-    make_sd3("sd3", v35=False, seed=33)
-    make_sd3("sd3.5", v35=True, seed=34)
-    make_sd1(seed=35)
-    make_sdxl(seed=37)
+    unknown = set(only) - set(FAMILIES)
+    if unknown:
+        raise SystemExit(f"unknown families {sorted(unknown)}; known: {', '.join(FAMILIES)}")
+    for family in only or FAMILIES:
+        FAMILIES[family]()
     print("files:")
     for root, _, files in sorted(os.walk(MODELS)):
         for f in sorted(files):
             p = os.path.join(root, f)
             rel = os.path.relpath(p, MODELS)
-            if rel.startswith(("tiny-flux", "tiny-sd1", "tiny-sdxl", "tiny-sd3")):
+            top = rel.split(os.sep)[0].removesuffix(".safetensors").removesuffix("-diffusers").removesuffix("-comfy")
+            if top.removeprefix("tiny-") in (only or FAMILIES):
                 print(f"  {os.path.getsize(p):>8}  models/{rel}")
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])  # optional family names: make only those

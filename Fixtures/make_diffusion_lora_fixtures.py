@@ -17,7 +17,7 @@ writes it, into Fixtures/adapters/<case>-lora.safetensors:
   CLIPTextModel has no `text_model.` level, `text_encoder.encoder.layers.N…` (but
   `text_encoder_2.text_model.encoder…` for CLIPTextModelWithProjection). Factors: F32 (flux, sdxl; made on
   a float32 copy of the model), BF16 (sd3; made on the BF16 model).
-- kohya LoRAs (flux-kohya, flux-kohya-split-qkv, sdxl-kohya, sd1-kohya): kohya-ss/sd-scripts' own
+- kohya LoRAs (flux-kohya, flux-kohya-split-qkv, sdxl-kohya, sd1-kohya, sd2-kohya): kohya-ss/sd-scripts' own
   `networks/lora_flux.py` / `networks/lora.py` `LoRANetwork` (checked at commit 48d368fa, 2026-02-16;
   only its networks/ and library/ folders are needed), whose `save_weights` writes the file
   (`lora_down.weight` / `lora_up.weight` / `alpha`, the save dtype applied to every tensor, `sshs_*`
@@ -32,7 +32,13 @@ writes it, into Fixtures/adapters/<case>-lora.safetensors:
       Fixtures/models/tiny-sdxl.safetensors, with the block classes sd-scripts looks for
       (ResnetBlock2D, Transformer2DModel, Downsample2D, Upsample2D) and the base weights loaded, so the
       names are `lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`, `…_in_layers_2`, ….
-    SD1: sd-scripts trains a UNet with diffusers' module names; the diffusers UNet itself is wrapped.
+    SD1 / SD2: sd-scripts trains a UNet with diffusers' module names; the diffusers UNet itself is wrapped.
+      SD2's proj_in / proj_out are Linear there, as sd-scripts builds them from a diffusers SD2 folder
+      (`use_linear_projection` from its config). From an SD2 single file train_network.py builds them as 1×1
+      convolutions instead (`load_target_model(…, unet_use_linear_projection_in_v2=False)` →
+      `linear_transformer_to_conv`), so such LoRAs have (r, C, 1, 1) / (C, r, 1, 1) factors on those modules;
+      diffusers 0.42.1's load_lora_weights refuses them (size mismatch against its Linear proj_in), so that
+      variant has no fixture here.
     Text encoders: the HF CLIP models, under a `text_model` attribute as transformers 4 (which sd-scripts
       pins) has it, so the names are `lora_te_text_model_encoder_layers_0_self_attn_q_proj`
       (`lora_te1_` / `lora_te2_` for SDXL's two).
@@ -451,6 +457,25 @@ def make_sd1_kohya(seed):
     return save_kohya(net, name, torch.float32, kohya_metadata(name, "networks.lora", dim, alpha, {}, "sd_v1"))
 
 
+def make_sd2_kohya(seed):
+    """As sd1-kohya on the SD2 folder: the diffusers UNet (linear proj_in/proj_out, as sd-scripts builds it from a
+    diffusers SD2 folder: its `use_linear_projection` comes from the folder's config) and the 23-layer CLIPTextModel
+    under `text_model`, so `lora_te_text_model_encoder_layers_0…22_…`."""
+    lora, _, _ = sd_scripts()
+    unet = load_component("sd2", "unet")
+    te = TextModel(load_component("sd2", "text_encoder"))
+    dim, alpha = 4, 3.0
+    fresh_lora_targets(lora)
+    torch.manual_seed(seed)
+    net = lora.LoRANetwork(te, unet, lora_dim=dim, alpha=alpha)
+    net.apply_to(te, unet, apply_text_encoder=True, apply_unet=True)
+    randomize_lora_up(net, seed)
+    name = "sd2-kohya-lora"
+    meta = kohya_metadata(name, "networks.lora", dim, alpha, {}, "sd_v2")
+    meta["ss_v2"] = "True"  # train_network.py writes str(args.v2)
+    return save_kohya(net, name, torch.float16, meta)
+
+
 # ---------------------------------------------------------------------------------------------
 # Mapping LoRA modules onto the diffusers folder's weights (this script's own rules)
 
@@ -711,6 +736,7 @@ def diffusers_log():
 PIPELINES = {"flux-dev": (D.FluxPipeline, ["transformer"]),
              "sdxl": (D.StableDiffusionXLPipeline, ["unet", "text_encoder", "text_encoder_2"]),
              "sd1": (D.StableDiffusionPipeline, ["unet", "text_encoder"]),
+             "sd2": (D.StableDiffusionPipeline, ["unet", "text_encoder"]),
              "sd3": (D.StableDiffusion3Pipeline, ["transformer"])}
 
 
@@ -818,6 +844,7 @@ CASES = {
     "sdxl-kohya": ("sdxl", make_sdxl_kohya, 205, "kohya"),
     "sd1-kohya": ("sd1", make_sd1_kohya, 206, "kohya"),
     "sd3-diffusers": ("sd3", make_sd3_diffusers, 207, "peft"),
+    "sd2-kohya": ("sd2", make_sd2_kohya, 208, "kohya"),
 }
 
 

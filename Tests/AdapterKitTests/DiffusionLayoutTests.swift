@@ -418,3 +418,32 @@ struct DiffusionDialectTests {
         #expect(!FileManager.default.fileExists(atPath: dir.file("a.safetensors")) && !FileManager.default.fileExists(atPath: dir.file("b.safetensors")))
     }
 }
+
+@Suite("diffusion: 1×1 convolution factors on linear weights and back")
+struct UnitKernelTests {
+    @Test("an SD2 kohya LoRA with 1×1 conv factors for proj_in/proj_out (trained from a single file) merges like the linear one, into the file and the folder")
+    func sd2ConvFactors() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let source = try SafetensorsFile(path: adapterPath("sd2-kohya-lora"))
+        var reshaped = 0
+        let tensors = try source.header.tensors.map { t -> (name: String, dtype: DType, shape: [Int], bytes: [UInt8]) in
+            let bytes = try source.withBytes(of: t.name) { Array($0) }
+            let proj = t.name.contains("_proj_in.") || t.name.contains("_proj_out.")
+            guard proj, t.shape.count == 2 else { return (t.name, t.dtype, t.shape, bytes) }
+            reshaped += 1
+            return (t.name, t.dtype, t.shape + [1, 1], bytes)
+        }
+        #expect(reshaped > 0)
+        let conv = try writeSafetensors(dir.file("conv.safetensors"), tensors, metadata: nil)
+        #expect(try Adapter(path: conv).modules.contains { $0.kind == .conv1x1 })
+        for base in [modelPath("tiny-sd2"), fixture("models/tiny-sd2-diffusers/unet")] {
+            let components = base.hasSuffix("unet") ? ["unet"] : nil
+            let (a, _) = try merge(base: base, adapters: [(conv, 1)], out: dir.file("a-" + UUID().uuidString), components: components)
+            let (b, _) = try merge(base: base, adapters: [(adapterPath("sd2-kohya-lora"), 1)], out: dir.file("b-" + UUID().uuidString), components: components)
+            for t in b.tensorNames where b.tensor(t)?.entry.dtype.isReadableAsFloat == true {
+                #expect(try values(a, t) == (try values(b, t)), "\(t)")
+            }
+        }
+    }
+}

@@ -4,7 +4,8 @@ diffusers with the outputs of diffusers' own load_lora_weights + fuse_lora.
 The bases are the tiny models of Fixtures/make_diffusion_fixtures.py, each twice: a diffusers folder
 (Fixtures/models/tiny-<family>-diffusers: BF16 denoiser, F32 text encoders) and one file in the original
 layout (Fixtures/models/tiny-<family>.safetensors: BFL Flux, also under ComfyUI's
-`model.diffusion_model.` prefix; MMDiT SD3; ldm UNet + CLIP-L / OpenCLIP-G for SD1 and SDXL). The LoRAs
+`model.diffusion_model.` prefix; MMDiT SD3; ldm UNet + CLIP-L / OpenCLIP-G for SD1 and SDXL, + OpenCLIP-H
+`cond_stage_model.model.` for SD2, whose 24th layer and text_projection diffusers drops). The LoRAs
 are Fixtures/adapters/<case>-lora.safetensors (Fixtures/make_diffusion_lora_fixtures.py: PEFT saved by
 the pipelines' save_lora_weights, and kohya-ss/sd-scripts' own LoRANetwork).
 
@@ -70,12 +71,13 @@ CASES = {
     "sdxl-diffusers": ("sdxl", "sdxl-diffusers-lora", ["tiny-sdxl.safetensors"], ["unet", "text_encoder", "text_encoder_2"]),
     "sdxl-kohya": ("sdxl", "sdxl-kohya-lora", ["tiny-sdxl.safetensors"], ["unet", "text_encoder", "text_encoder_2"]),
     "sd1-kohya": ("sd1", "sd1-kohya-lora", ["tiny-sd1.safetensors"], ["unet", "text_encoder"]),
+    "sd2-kohya": ("sd2", "sd2-kohya-lora", ["tiny-sd2.safetensors"], ["unet", "text_encoder"]),
     "sd3-diffusers": ("sd3", "sd3-diffusers-lora", ["tiny-sd3.safetensors"], ["transformer"]),
 }
 SINGLE_FILE_CASES = [(case, f) for case, (_, _, files, _) in CASES.items() for f in files]
 
 PIPELINES = {"flux-dev": FluxPipeline, "flux-schnell": FluxPipeline, "sdxl": StableDiffusionXLPipeline,
-             "sd1": StableDiffusionPipeline, "sd3": StableDiffusion3Pipeline}
+             "sd1": StableDiffusionPipeline, "sd2": StableDiffusionPipeline, "sd3": StableDiffusion3Pipeline}
 ENCODER_CLASSES = {"text_encoder": T.CLIPTextModel, "text_encoder_2": T.CLIPTextModelWithProjection}
 EPS = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, torch.float32: 2.0 ** -24}  # ulp of 1
 

@@ -264,7 +264,11 @@ extension MergePlan {
         switch placed.rows {
         case .all:
             let actual = p.valueShape
-            if expected != actual || placed.transposed || placed.columns != nil {
+            // A 1×1 convolution and a linear layer are the same [out, in] weight: kohya's SD2 LoRAs
+            // trained from single files carry 1×1 conv factors for proj_in/proj_out, which SD2
+            // stores as linear (and SD1's the other way round).
+            let unitKernel = [.linear, .conv1x1].contains(module.kind) && Self.withoutUnitKernel(expected) == Self.withoutUnitKernel(actual)
+            if (expected != actual && !unitKernel) || placed.transposed || placed.columns != nil {
                 return "module \(module.name): update has shape \(expected) (\(module.kind.rawValue)) but \(target) has shape \(actual)"
             }
         case .range(let rows):
@@ -339,6 +343,13 @@ extension MergePlan {
             changes[biasName] = bp
         }
         return nil
+    }
+
+    /// A shape without trailing 1×1 kernel dimensions ([out, in, 1, 1] → [out, in]).
+    static func withoutUnitKernel(_ shape: [Int]) -> [Int] {
+        var s = shape
+        while s.count > 2 && s.last == 1 { s.removeLast() }
+        return s
     }
 
     /// A folder base's other files, found before a byte is written so that what cannot be copied (a

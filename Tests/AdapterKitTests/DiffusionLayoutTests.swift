@@ -177,7 +177,8 @@ struct DiffusionLayoutTests {
         #expect(rowsOf(m, 0..<d, cols: d) == rowsOf(n, d..<2 * d, cols: d) && rowsOf(m, d..<2 * d, cols: d) == rowsOf(n, 0..<d, cols: d))
     }
 
-    @Test("a module the layout does not have refuses the merge, naming it, on each layout", arguments: ["tiny-flux-dev", "tiny-sdxl", "tiny-sd3", "tiny-sd1"])
+    @Test("a module the layout does not have refuses the merge, naming it, on each layout",
+          arguments: ["tiny-flux-dev", "tiny-flux-dev-comfy", "tiny-sdxl", "tiny-sd3", "tiny-sd3.5", "tiny-sd1", "tiny-sd2"])
     func unmapped(_ model: String) throws {
         let dir = TempDir()
         defer { dir.remove() }
@@ -187,6 +188,27 @@ struct DiffusionLayoutTests {
             try merge(base: modelPath(model), adapters: [(lora, 1)], out: dir.file("out.safetensors"))
         } throws: { "\($0)".contains("transformer_blocks.99.attn.to_q") }
         #expect(!FileManager.default.fileExists(atPath: dir.file("out.safetensors")))
+    }
+
+    @Test("SD3: kohya's MMDiT names (lora_unet_joint_blocks_0_x_block_attn_qkv) land on the diffusers folder's q/k/v, like the single file")
+    func sd3KohyaNames() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let single = try Checkpoint(path: modelPath("tiny-sd3"))
+        let p = single.tensorNames.contains { $0.hasPrefix("model.diffusion_model.") } ? "model.diffusion_model." : ""
+        let names = ["joint_blocks.0.x_block.attn.qkv", "joint_blocks.0.context_block.mlp.fc1", "final_layer.adaLN_modulation.1"]
+        let lora = try randomLoRA(dir.file("k.safetensors"), try names.map { n in let (o, i) = try dims(single, p + n + ".weight"); return ("lora_unet_" + KohyaNames.key(n), o, i) }, kohya: true)
+        let (s, _) = try merge(base: modelPath("tiny-sd3"), adapters: [(lora, 1)], out: dir.file("s.safetensors"))
+        let (f, _) = try merge(base: fixture("models/tiny-sd3-diffusers/transformer"), adapters: [(lora, 1)], out: dir.file("f"))
+        let folder = try Checkpoint(path: fixture("models/tiny-sd3-diffusers/transformer"))
+        let (d, _) = try dims(folder, "transformer_blocks.0.attn.to_q.weight")
+        let qkv = try values(s, p + "joint_blocks.0.x_block.attn.qkv.weight")
+        for (i, n) in ["to_q", "to_k", "to_v"].enumerated() {
+            #expect(rowsOf(qkv, i * d..<(i + 1) * d, cols: d) == (try values(f, "transformer_blocks.0.attn.\(n).weight")))
+        }
+        #expect(try values(s, p + "joint_blocks.0.context_block.mlp.fc1.weight") == (try values(f, "transformer_blocks.0.ff_context.net.0.proj.weight")))
+        let m = try values(s, p + "final_layer.adaLN_modulation.1.weight"), n = try values(f, "norm_out.linear.weight")
+        #expect(rowsOf(m, 0..<d, cols: d) == rowsOf(n, d..<2 * d, cols: d) && rowsOf(m, d..<2 * d, cols: d) == rowsOf(n, 0..<d, cols: d))
     }
 
     @Test("a text-encoder module on a Flux file, which holds none, is refused by component")

@@ -101,7 +101,7 @@ def component_class(family, component):
 
 
 def saved_dtype(path, component):
-    (weights,) = (Path(path) / component).glob("*.safetensors")
+    weights = sorted((Path(path) / component).glob("*.safetensors"))[0]  # one file, or the first shard
     with safe_open(weights, "pt") as f:
         return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[
             f.get_slice(next(iter(f.keys()))).get_dtype()]
@@ -456,3 +456,23 @@ def test_converted_lora_loads_in_diffusers_and_fuses_like_the_original(case, com
         assert_outputs_match(output(c, got[c], family), output(c, fused[c], family), output(c, base_model, family), dtype,
                              f"{case} {command} {c}")
 
+
+
+def test_sharded_component_of_a_pipeline_folder_merges_and_loads(reference, tmp_path):
+    """A pipeline whose transformer diffusers saved in shards (diffusion_pytorch_model-0000N-of-…
+    with its index): the merge keeps the shard names and the index, and the merged transformer loads
+    with from_pretrained and equals diffusers' own fuse of the LoRA."""
+    import shutil
+    family, case = "flux-dev", "flux-diffusers"
+    src = tmp_path / "sharded"
+    shutil.copytree(folder(family), src)
+    model = from_pretrained(src, "transformer", family)
+    shutil.rmtree(src / "transformer")
+    model.save_pretrained(src / "transformer", max_shard_size="64KB")
+    shards = sorted(p.name for p in (src / "transformer").glob("*.safetensors"))
+    assert len(shards) > 1 and (src / "transformer" / "diffusion_pytorch_model.safetensors.index.json").exists()
+    out = tmp_path / "merged"
+    adapter("merge", "--quiet", src, lora_file(case), out)
+    assert sorted(p.name for p in (out / "transformer").glob("*.safetensors")) == shards
+    got = {"transformer": from_pretrained(out, "transformer", family)}
+    compare(case, got, reference, "flux-diffusers merged into a sharded transformer/")

@@ -469,3 +469,113 @@ struct UnitKernelTests {
         }
     }
 }
+
+/// The hostile inputs of the review of this code: each gives one line, never a trap or a silent result.
+@Suite("diffusion and LyCORIS: hostile inputs")
+struct DiffusionHostileInputTests {
+    private func f32(_ shape: [Int], _ seed: UInt64 = 1) -> [UInt8] {
+        var g = SeededGenerator(seed: seed)
+        return floatBytes((0..<shape.reduce(1, *)).map { _ in Float(g.gaussian() * 0.1) })
+    }
+
+    @Test("an ldm base whose downsampler is input block 0 (no division by zero); block indices past 2^20 are no blocks")
+    func ldmIndices() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let base = try writeSafetensors(dir.file("b.safetensors"), [
+            ("model.diffusion_model.input_blocks.0.0.op.weight", .f32, [4, 4, 3, 3], f32([4, 4, 3, 3])),
+            ("model.diffusion_model.input_blocks.1.0.in_layers.2.weight", .f32, [4, 4, 3, 3], f32([4, 4, 3, 3])),
+            ("model.diffusion_model.output_blocks.9223372036854775807.0.in_layers.2.weight", .f32, [4, 4, 3, 3], f32([4, 4, 3, 3])),
+        ])
+        let d = try #require(DiffusionLayout.detect(try Checkpoint(path: base)))
+        #expect(d.family == .sd1)
+        #expect(d.modules["unet"]?.keys.contains { $0.hasPrefix("up_blocks") } == false)
+    }
+
+    @Test("LyCORIS tensors of zero or absurd dimensions are refused before any arithmetic")
+    func absurdShapes() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let m = "lora_unet_down_blocks_0_attentions_0_proj_in"
+        let path = try writeSafetensors(dir.file("a.safetensors"), [(m + ".lokr_w1", .f32, [2, 0], []), (m + ".lokr_w2", .f32, [4, 4], f32([4, 4]))])
+        #expect { _ = try Adapter(path: path) } throws: { "\($0)".contains("lokr_w1 has shape [2, 0]") }
+        let both = try writeSafetensors(dir.file("b.safetensors"), [(m + ".lokr_w1", .f32, [2, 2], f32([2, 2])), (m + ".lokr_w1_a", .f32, [2, 1], f32([2, 1])),
+                                                                    (m + ".lokr_w1_b", .f32, [1, 2], f32([1, 2])), (m + ".lokr_w2", .f32, [4, 4], f32([4, 4]))])
+        #expect { _ = try Adapter(path: both) } throws: { "\($0)".contains("has both lokr_w1 and lokr_w1_a/lokr_w1_b") }
+    }
+
+    @Test("an original-named update taller than the tensors it is split over is refused, not truncated")
+    func oversizedSplit() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let m = "lora_unet_double_blocks_0_img_attn_qkv"
+        let lora = try writeSafetensors(dir.file("k.safetensors"), [(m + ".lora_down.weight", .f32, [2, 32], f32([2, 32])), (m + ".lora_up.weight", .f32, [100, 2], f32([100, 2], 2))])
+        #expect {
+            try merge(base: fixture("models/tiny-flux-dev-diffusers/transformer"), adapters: [(lora, 1)], out: dir.file("o"))
+        } throws: { "\($0)".contains("the update has 100 rows, but the parts it lands on") }
+    }
+
+    @Test("XLabs' single-block qkv converts: to kohya as linear1 (MLP rows zero), to diffusers as to_q/k/v; a wrong height is refused")
+    func xlabsConversions() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        var o = ConvertOptions()
+        o.sync = false
+        o.dtype = .f64
+        let x = "single_blocks.0.processor.qkv_lora"
+        let lora = try writeSafetensors(dir.file("x.safetensors"), [(x + ".down.weight", .f32, [2, 32], f32([2, 32])), (x + ".up.weight", .f32, [96, 2], f32([96, 2], 2))])
+        o.base = fixture("models/tiny-flux-dev-diffusers")
+        _ = try AdapterConversion.convertLayout(input: lora, output: dir.file("k.safetensors"), to: .kohya, options: o)
+        #expect(try Adapter(path: dir.file("k.safetensors")).modules.map(\.name) == ["lora_unet_single_blocks_0_linear1"])
+        o.base = modelPath("tiny-flux-dev")
+        _ = try AdapterConversion.convertLayout(input: lora, output: dir.file("d.safetensors"), to: .diffusers, options: o)
+        #expect(Set(try Adapter(path: dir.file("d.safetensors")).modules.map(\.baseName)) == ["single_transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.attn.to_k", "single_transformer_blocks.0.attn.to_v"])
+        for converted in ["k.safetensors", "d.safetensors"] {
+            let (a, _) = try merge(base: modelPath("tiny-flux-dev"), adapters: [(lora, 1)], out: dir.file("a-" + converted))
+            let (b, _) = try merge(base: modelPath("tiny-flux-dev"), adapters: [(dir.file(converted), 1)], out: dir.file("b-" + converted))
+            let x = try values(a, "single_blocks.0.linear1.weight"), y = try values(b, "single_blocks.0.linear1.weight")
+            #expect(zip(x, y).allSatisfy { ulpDistance($0, $1, .bf16) <= 1 }, "\(converted)")
+        }
+        let short = try writeSafetensors(dir.file("s.safetensors"), [(x + ".down.weight", .f32, [2, 32], f32([2, 32])), (x + ".up.weight", .f32, [64, 2], f32([64, 2]))])
+        #expect {
+            _ = try AdapterConversion.convertLayout(input: short, output: dir.file("z.safetensors"), to: .kohya, options: o)
+        } throws: { "\($0)".contains("the q/k/v rows of single_blocks.0.linear1") }
+    }
+
+    @Test("the same adapter given twice (--add) is applied twice on a pipeline folder, as on a model")
+    func addTwice() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let m = "lora_unet_single_blocks_0_linear1"
+        let lora = try writeSafetensors(dir.file("k.safetensors"), [(m + ".lora_down.weight", .f32, [2, 32], f32([2, 32])), (m + ".lora_up.weight", .f32, [224, 2], f32([224, 2], 2))])
+        let adapter = try Adapter(path: lora)
+        var run = MergeRunOptions()
+        run.sync = false
+        _ = try PipelineMergePlan(path: fixture("models/tiny-flux-dev-diffusers"), inputs: [MergeInput(adapter: adapter, weight: 1), MergeInput(adapter: adapter, weight: 1)]).write(to: dir.file("twice"), options: run)
+        _ = try PipelineMergePlan(path: fixture("models/tiny-flux-dev-diffusers"), inputs: [MergeInput(adapter: adapter, weight: 2)]).write(to: dir.file("double"), options: run)
+        let a = try Checkpoint(path: dir.file("twice/transformer")), b = try Checkpoint(path: dir.file("double/transformer"))
+        #expect(try values(a, "single_transformer_blocks.0.proj_mlp.weight") == (try values(b, "single_transformer_blocks.0.proj_mlp.weight")))
+    }
+
+    @Test("a LoCon with a per-input dora_scale merges (its length is the inputs')")
+    func loconPerInputDoRA() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let c = "lora_unet_down_blocks_0_resnets_0_conv1"
+        let lora = try writeSafetensors(dir.file("l.safetensors"), [(c + ".lora_down.weight", .f32, [2, 4, 3, 3], f32([2, 4, 3, 3])), (c + ".lora_up.weight", .f32, [8, 2, 1, 1], f32([8, 2, 1, 1])),
+                                                                   (c + ".dora_scale", .f32, [1, 4, 1, 1], floatBytes([1, 1.1, 0.9, 1.2]))])
+        let (merged, _) = try merge(base: modelPath("tiny-unet"), adapters: [(lora, 1)], out: dir.file("o.safetensors"))
+        #expect(try merged.files[0].doubles("down_blocks.0.resnets.0.conv1.weight") != (try Checkpoint(path: modelPath("tiny-unet")).files[0].doubles("down_blocks.0.resnets.0.conv1.weight")))
+    }
+
+    @Test("--report writes the same bytes as without it on the dense-rows path")
+    func reportSameBytes() throws {
+        let dir = TempDir()
+        defer { dir.remove() }
+        let (a, _) = try merge(base: modelPath("tiny-unet"), adapters: [(adapterPath("lycoris-lokr-full"), 1)], out: dir.file("a.safetensors"), denseRows: .always)
+        let (b, s) = try merge(base: modelPath("tiny-unet"), adapters: [(adapterPath("lycoris-lokr-full"), 1)], out: dir.file("b.safetensors"), report: true, denseRows: .always)
+        _ = (a, b)
+        #expect(FileManager.default.contentsEqual(atPath: dir.file("a.safetensors"), andPath: dir.file("b.safetensors")))
+        #expect(!s.reports.isEmpty && s.reports.allSatisfy { $0.statistics.updateSquared > 0 })
+    }
+}

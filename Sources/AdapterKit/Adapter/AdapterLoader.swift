@@ -435,7 +435,7 @@ enum AdapterLoader {
         } else if let mixer = m.mixer, mixer.shape != [r, r] {
             return "module \(m.name): mixer has shape \(mixer.shape), expected (\(r), \(r))"
         }
-        if let mag = m.magnitude, mag.entry.elementCount != m.outFeatures {
+        if let mag = m.magnitude, !m.doraRule.isPerInput, mag.entry.elementCount != m.outFeatures {
             return "module \(m.name): DoRA magnitude has \(mag.entry.elementCount) elements for \(m.outFeatures) outputs"
         }
         if let bias = m.bias, bias.entry.elementCount != m.outFeatures {

@@ -475,6 +475,12 @@ public enum DoRARule: Sendable, Hashable {
     /// k = m / (‖V‖ + ε) over every axis but the output (`onOutput`) or the input one, ε the
     /// machine epsilon of dora_scale's dtype; at adapter weight w, W' = V · (w·(k − 1) + 1).
     case lycoris(onOutput: Bool, epsilon: Double)
+
+    /// A `dora_scale` per input channel (its length is the inputs', checked at the merge).
+    var isPerInput: Bool {
+        if case .lycoris(let onOutput, _) = self { return !onOutput }
+        return false
+    }
 }
 
 /// The 3-D expert parameter a PEFT `target_parameters` module adapts.

@@ -199,16 +199,32 @@ enum LyCORISModules {
         let roles = Set(tensors.keys.compactMap { if case .lycoris(let r) = $0 { r } else { nil } })
         let loha = roles.contains { $0.isLoHa }, lokr = roles.contains { $0.isLoKr }
         let full = roles.contains(.diff) || roles.contains(.diffB)
-        guard [loha, lokr, full].filter({ $0 }).count == 1 else {
+        let kinds = [loha, lokr, full].filter { $0 }.count
+        if kinds == 0 { return fail("has a \(roles.map(\.rawValue).sorted().joined(separator: ", ")) but no factors (LoRA, LoHa, LoKr or diff)") }
+        guard kinds == 1 else {
             return fail("holds tensors of more than one LyCORIS kind (\(roles.map(\.rawValue).sorted().joined(separator: ", ")))")
         }
+        // Every dimension positive and sane, so that no product of them overflows (a file of
+        // zero-element tensors with huge dimensions is not a module).
+        for (role, ref) in tensors where role != .alpha {
+            guard !ref.shape.isEmpty, ref.shape.allSatisfy({ $0 > 0 && $0 < 1 << 24 }), ref.entry.elementCount < 1 << 36 else {
+                return fail("tensor \(ref.name) has shape \(ref.shape)")
+            }
+        }
+        if t(.lokrW1) != nil && (t(.lokrW1A) != nil || t(.lokrW1B) != nil) { return fail("has both lokr_w1 and lokr_w1_a/lokr_w1_b; one of the two forms") }
+        if t(.lokrW2) != nil && (t(.lokrW2A) != nil || t(.lokrW2B) != nil || t(.lokrT2) != nil) {
+            return fail("has both lokr_w2 and lokr_w2_a/lokr_w2_b/lokr_t2; one of the two forms")
+        }
+        if t(.lokrT2) != nil && (t(.lokrW2A) == nil || t(.lokrW2B) == nil) { return fail("has lokr_t2 without lokr_w2_a and lokr_w2_b") }
+        if let b = t(.diffB), b.shape.count != 1 { return fail("diff_b has shape \(b.shape), expected (out,)") }
         if let other = tensors.keys.first(where: { if case .lycoris = $0 { false } else { $0 != .alpha } }) {
             return fail("mixes LyCORIS tensors with LoRA ones (\(other))")
         }
         for (_, ref) in tensors where !ref.entry.dtype.isReadableAsFloat {
             return fail("tensor \(ref.name) has dtype \(ref.entry.dtype.rawValue), not a float type")
         }
-        let dtype = tensors.values.first { $0.entry.dtype != .f64 }?.dtype ?? .f32
+        // The dtype conversions write the factors in: the module's first stored factor's.
+        let dtype = [LyCORISRole.hadaW1A, .lokrW1, .lokrW1A, .lokrW2, .lokrW2A, .diff].lazy.compactMap { t($0)?.dtype }.first ?? .f32
         var alpha: Double?
         if let a = tensors[.alpha] {
             guard a.entry.elementCount == 1, let v = try? a.doubles().first, v.isFinite else { return fail("alpha is not one finite number") }
@@ -228,6 +244,10 @@ enum LyCORISModules {
         switch built {
         case .failure(let p): return .failure(p)
         case .success(let v): (pair, shape, algorithm, scale, usedAlpha, form) = v
+        }
+        // The factors as merged: rank r₁·r₂ (LoHa) or k₁·k₂ (LoKr) must stay a matrix one can hold.
+        guard pair.rank <= 1 << 16, pair.rank.multipliedReportingOverflow(by: pair.rows + pair.cols).partialValue < 1 << 36 else {
+            return fail("its update as exact factors has rank \(pair.rank) on [\(pair.rows), \(pair.cols)], more than adapter holds")
         }
         let kind: LayerKind = shape.count == 4 ? (shape[2] == 1 && shape[3] == 1 ? .conv1x1 : .convKxK) : .linear
         // A as (rank, in, k, k) for a convolution, so every writer sees a LoCon-shaped factor.
@@ -287,6 +307,7 @@ enum LyCORISModules {
             shape = w1b.shape.count == 4 ? [p1.rows] + w1b.shape.dropFirst() : [p1.rows, p1.cols]
         }
         let dim = w1b.shape[0]
+        guard p1.rank * p2.rank <= 1 << 16 else { return problem("LoHa dims \(p1.rank) and \(p2.rank) give an update of rank \(p1.rank * p2.rank), more than adapter holds") }
         let (scale, used) = scaleRule(alpha: alpha, dim: dim)
         return .success((FactorPair.hadamard(p1, p2, dtype: dtype), shape, .loha(dim: dim, tucker: tucker), scale, used, .hadamard(p1, p2)))
     }
@@ -327,6 +348,9 @@ enum LyCORISModules {
             dim = b.shape[0]
         } else {
             return problem("LoKr lacks lokr_w2 (or lokr_w2_a and lokr_w2_b)")
+        }
+        guard w1.rank * w2.rank <= 1 << 16, (w1.rows * w2.rows) * (w1.cols * w2.cols) < 1 << 40 else {
+            return problem("LoKr halves [\(w1.rows), \(w1.cols)] and [\(w2.rows), \(w2.cols)] give an update larger than adapter holds")
         }
         let shape = [w1.rows * w2Shape[0], w1.cols * w2Shape[1]] + w2Shape.dropFirst(2)
         let factored = (w1: t(.lokrW1) == nil, w2: t(.lokrW2) == nil)
@@ -481,7 +505,7 @@ final class DenseUpdate: @unchecked Sendable {
         case .stored:
             made = []
         }
-        for v in made.joined() where !v.isFinite { throw InputError("<computed>", "a LyCORIS factor holds NaN or infinity") }
+        for v in made.joined() where !v.isFinite { throw NonFiniteFactors() }
         pieces = made
         return made
     }
@@ -497,6 +521,9 @@ final class DenseUpdate: @unchecked Sendable {
         }
     }
 }
+
+/// A factor of a dense update holds NaN or infinity (the merge names the module and tensor).
+struct NonFiniteFactors: Error {}
 
 /// Rows of a `DenseUpdate` a module stands for (all of them, or the half of a swapped tensor).
 struct DenseRows: Sendable {

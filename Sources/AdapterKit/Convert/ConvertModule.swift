@@ -198,13 +198,26 @@ struct WorkingAdapter {
         if !lycorisDoRA.isEmpty {
             throw InputError.conversion(adapter.path, "\(plural(lycorisDoRA.count, "module")) (\(lycorisDoRA.prefix(3).map(\.name).joined(separator: ", "))) carry a LyCORIS dora_scale, whose rule (ε, per-input norms, the weight blend) no LoRA layout holds; merge it instead")
         }
+        if let m = selected.first(where: { $0.declaredShape.map { $0.count != 2 && $0.count != 4 } ?? false }) {
+            throw InputError.conversion(adapter.path, "module \(m.name) is a difference of a \(m.declaredShape!.count)-D tensor \(m.declaredShape!), which LoRA layouts cannot hold; merge it instead")
+        }
         if selected.contains(where: \.flattened) {
             // LyCORIS keeps convolution factors flattened: only the base tells a conv from a linear layer.
             if let base = options.base {
-                let names = NameMap(base: try Checkpoint(path: base))
+                // A pipeline folder: its denoiser holds the convolutions.
+                var path = base
+                if PipelineMergePlan.isPipeline(base) {
+                    guard let d = ["unet", "transformer"].map({ joinPath(base, $0) }).first(where: { FileSystem.kind($0) == .directory }) else {
+                        throw InputError.conversion(base, "the pipeline folder has no unet/ or transformer/ to take module shapes from")
+                    }
+                    path = d
+                }
+                let names = NameMap(base: try Checkpoint(path: path))
                 for i in selected.indices where selected[i].flattened {
-                    if let t = names.weightName(forModule: selected[i].baseName, format: adapter.format), let shape = names.base.tensor(t)?.entry.shape {
-                        selected[i] = selected[i].withKernel(shape) ?? selected[i]
+                    let m = selected[i]
+                    let t = names.diffusion?.slots(for: m, format: adapter.format)?.first?.tensor ?? names.weightName(forModule: m.baseName, format: adapter.format)
+                    if let t, let shape = names.base.tensor(t)?.entry.shape {
+                        selected[i] = m.withKernel(shape) ?? m
                     }
                 }
             } else if selected.contains(where: { $0.flattened && $0.algorithm.isLyCORIS }) {

@@ -19,9 +19,12 @@ extension WorkingAdapter {
         var fused: [String: [(module: LoRAModule, pairs: [DiffusionLayout.NamePair])]] = [:]
         var fusedOrder: [String] = []
         let denoiser = d.denoiser
-        let pairs = d.pairs.filter { $0.component == denoiser && !$0.original.hasSuffix("." + DiffusionLayout.singleQKV) }
+        // XLabs' single-block qkv (linear1's first rows) is a name of its own in the table, on either
+        // side of a pair; conversions treat such a module as the top rows of linear1 instead.
+        let synthetic = "." + DiffusionLayout.singleQKV
+        let pairs = d.pairs.filter { $0.component == denoiser && !$0.original.hasSuffix(synthetic) && !$0.diffusers.hasSuffix(synthetic) }
         let byDiffusers = Dictionary(grouping: pairs, by: \.diffusers), byOriginal = Dictionary(grouping: pairs, by: \.original)
-        let xlabs = d.pairs.filter { $0.component == denoiser && $0.original.hasSuffix("." + DiffusionLayout.singleQKV) }
+        let heights = d.heights[denoiser] ?? [:], widths = d.widths[denoiser] ?? [:]
         var split = 0
         for m in modules {
             let c = d.component(m.component)
@@ -43,12 +46,29 @@ extension WorkingAdapter {
             for p in DiffusionLayout.strippable where name.hasPrefix(p) && byDiffusers[name] == nil && byOriginal[name] == nil {
                 name.removeFirst(p.count)
             }
-            let asDiffusers = byDiffusers[name], asOriginal = byOriginal[name] ?? (xlabs.contains { $0.original == name } ? xlabs.filter { $0.original == name } : nil)
+            if name.hasSuffix(synthetic) { name.removeLast(".qkv".count) }  // XLabs: linear1's q/k/v rows
+            let asDiffusers = byDiffusers[name], asOriginal = byOriginal[name]
+            // The module must be the shape the table says (its top rows, for XLabs' qkv).
+            let partial = asOriginal != nil && m.baseName.hasSuffix(synthetic)
+            if let height = heights[name], let width = widths[name] {
+                // XLabs' qkv is q, k and v: three times the hidden width (linear1's inputs).
+                let expected = partial ? 3 * width : height
+                guard m.outFeatures == expected, m.inFeatures == width else {
+                    throw InputError.conversion(source.path, "module \(m.name) is [\(m.outFeatures), \(m.inFeatures)], but \(partial ? "the q/k/v rows of " : "")\(name) of this \(d.family.description) model are [\(expected), \(width)]")
+                }
+            }
             switch dialect {
             case .original:
                 if asOriginal != nil {
                     var o = m
                     o.baseName = name
+                    if partial, let height = heights[name] {
+                        // linear1's q/k/v rows: B padded with zero rows for the MLP's (exact: they add nothing).
+                        var b = [Double](repeating: 0, count: height * m.rank)
+                        let hb = m.heldB
+                        for i in 0..<m.outFeatures { for t in 0..<m.rank { b[i * m.rank + t] = hb[i * m.rank + t] } }
+                        o.b = m.b.holding(b, shape: [height, m.rank])
+                    }
                     out.append(o)
                 } else if let ps = asDiffusers {
                     let target = ps[0].original
@@ -65,8 +85,9 @@ extension WorkingAdapter {
                     var o = m
                     o.baseName = name
                     out.append(o)
-                } else if let ps = asOriginal {
-                    let parts = try splitting(m, pairs: ps, heights: d.heights[c] ?? [:])
+                } else if var ps = asOriginal {
+                    if partial { ps = ps.filter { $0.originalRows.upperBound <= m.outFeatures } }
+                    let parts = try splitting(m, pairs: ps, heights: heights)
                     if parts.count > 1 { split += 1 }
                     out += parts
                 } else {
@@ -77,7 +98,7 @@ extension WorkingAdapter {
         var fusedCount = 0
         for target in fusedOrder {
             let parts = fused[target]!
-            let height = d.heights[denoiser]?[target] ?? 0
+            let height = heights[target] ?? 0
             // One module covering the whole tensor by itself is a rename: it keeps DoRA, bias and mixer.
             if parts.count == 1, let p = parts[0].pairs.first, parts[0].pairs.count == 1, p.originalRows == 0..<height,
                p.diffusersRows == 0..<parts[0].module.outFeatures {
@@ -180,8 +201,12 @@ extension WorkingAdapter {
     /// how kohya's underscored text-encoder names get their dots back.
     static func diffusionBase(_ path: String) throws -> (DiffusionLayout, (String, String) -> String?)? {
         if PipelineMergePlan.isPipeline(path) {
-            let denoiser = ["unet", "transformer"].first { FileSystem.kind(joinPath(path, $0)) == .directory }
-            guard let denoiser, let d = DiffusionLayout.detect(try Checkpoint(path: joinPath(path, denoiser))) else { return nil }
+            guard let denoiser = ["unet", "transformer"].first(where: { FileSystem.kind(joinPath(path, $0)) == .directory }) else {
+                throw InputError.conversion(path, "the pipeline folder has no unet/ or transformer/ to take module names from")
+            }
+            guard let d = DiffusionLayout.detect(try Checkpoint(path: joinPath(path, denoiser))) else {
+                throw InputError.conversion(path, "\(denoiser)/ is not a denoiser whose layout adapter knows (UNet2DConditionModel, FluxTransformer2DModel, SD3Transformer2DModel)")
+            }
             var maps: [String: NameMap] = [:]
             for c in ["text_encoder", "text_encoder_2", "text_encoder_3"] where FileSystem.kind(joinPath(path, c)) == .directory {
                 maps[c] = NameMap(base: try Checkpoint(path: joinPath(path, c)))

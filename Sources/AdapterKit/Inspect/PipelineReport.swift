@@ -1,3 +1,5 @@
+import Foundation
+
 /// What `adapter inspect` shows of a diffusers pipeline folder: the pipeline class, then each
 /// component that holds weights, as a model folder (its family and key layout when recognised),
 /// and the components without weights (scheduler, tokenizers) by name.
@@ -20,11 +22,16 @@ public struct PipelineReport {
             guard let entry = index[key]?.arrayValue, entry.count == 2 else { continue }
             let className = entry[1].stringValue
             let folder = joinPath(path, key)
-            guard FileSystem.kind(folder) == .directory, let checkpoint = try? Checkpoint(path: folder, files: files) else {
+            // A folder with tensor files is read (its errors are the command's); one without is listed by name.
+            let holdsTensors = FileSystem.kind(folder) == .directory
+                && ((try? FileManager.default.contentsOfDirectory(atPath: folder)) ?? []).contains { name in
+                    FolderCopy.tensorFileExtensions.contains { name.lowercased().hasSuffix($0) } || name.hasSuffix(".index.json")
+                }
+            guard holdsTensors else {
                 others.append((key, className))
                 continue
             }
-            components.append((key, className, CheckpointReport(checkpoint)))
+            components.append((key, className, CheckpointReport(try Checkpoint(path: folder, files: files))))
         }
         self.components = components
         self.others = others

@@ -201,7 +201,10 @@ final class MergeExecutor {
         // product per element, the factors' rank k·k₂ products) are added row by row in Float64;
         // `--report` and DoRA keep the factor path, which they measure.
         let useRows = { (t: MergeTerm) in Self.rowsAreCheaper(t, policy: self.options.denseRows) }
-        let dense = statistics == nil && magnitude == nil ? terms.filter(useRows) : []
+        // `--report` measures on the same path (so it never changes a byte) where every term is
+        // dense; mixed with low-rank terms, the kernel measures and the factors are used.
+        let candidates = magnitude == nil ? terms.filter(useRows) : []
+        let dense = statistics == nil || candidates.count == terms.count ? candidates : []
         let lowRank = dense.isEmpty ? terms : terms.filter { !useRows($0) }
         defer { for t in dense { t.module.dense?.update.release() } }
         let factors: UpdateFactorStorage? = try lowRank.isEmpty ? nil : {
@@ -254,14 +257,17 @@ final class MergeExecutor {
                             let first = (lo - blockStart) * cols, count = (hi - lo) * cols
                             let s = UnsafeMutableRawPointer(mutating: sums.raw).assumingMemoryBound(to: Double.self) + first
                             ElementConversion.toDouble(sourceType, input.raw + first * sourceType.byteSize, s, count: count)
-                            do {
-                                for t in dense {
-                                    let placed = t.rows.rows(of: p.rows)
+                            for t in dense {
+                                let placed = t.rows.rows(of: p.rows)
+                                do {
                                     try t.module.dense!.add((lo - placed.lowerBound)..<(hi - placed.lowerBound), times: t.factor, into: s)
+                                } catch is NonFiniteFactors {
+                                    failure.set(MergeError(tensor: p.baseName, problem: "module \(t.module.name) has NaN or infinite factors"))
+                                    return
+                                } catch {
+                                    failure.set(error)
+                                    return
                                 }
-                            } catch {
-                                failure.set(error)
-                                return
                             }
                             if lowRankToo {
                                 let f = UnsafeMutableRawPointer(mutating: narrow.raw).assumingMemoryBound(to: Float.self) + first
@@ -277,6 +283,20 @@ final class MergeExecutor {
                     throw e
                 }
                 var finite = !nonFiniteSeen.value
+                if statistics != nil && factors == nil && finite {
+                    // Δ = the Float64 sum − W before rounding; W' − W after it.
+                    var block = UpdateStatistics()
+                    var w = [Double](repeating: 0, count: n), merged = [Double](repeating: 0, count: n)
+                    w.withUnsafeMutableBufferPointer { ElementConversion.toDouble(sourceType, src, $0.baseAddress!, count: n) }
+                    merged.withUnsafeMutableBufferPointer { ElementConversion.toDouble(dtype, UnsafeRawPointer(buffer.baseAddress!), $0.baseAddress!, count: n) }
+                    for i in 0..<n {
+                        let d = sum[i] - w[i], a = merged[i] - w[i]
+                        block.maxAbsUpdate = max(block.maxAbsUpdate, abs(d))
+                        block.updateSquared += d * d
+                        block.appliedSquared += a * a
+                    }
+                    statistics!.add(block)
+                }
                 if let factors {
                     finite = withExtendedLifetime(factors) {
                         narrowed.withUnsafeBytes { f in

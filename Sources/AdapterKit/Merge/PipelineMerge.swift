@@ -31,8 +31,9 @@ public struct PipelineMergePlan: Sendable {
             }
         }
         var problems: [String] = []
-        var byFolder: [String: [(MergeInput, [String]?)]] = [:]
-        for input in inputs {
+        // Per folder, the inputs that land there (by position: the same file twice is two inputs).
+        var byFolder: [String: [(index: Int, input: MergeInput, components: [String]?)]] = [:]
+        for (n, input) in inputs.enumerated() {
             let components: [String?] = input.adapter.components.isEmpty ? [nil] : input.adapter.components
             var chosen = components
             if let only = options.components { chosen = components.filter { c in c.map { only.contains($0) } ?? true } }
@@ -41,10 +42,10 @@ public struct PipelineMergePlan: Sendable {
                     problems.append("\(input.adapter.path): modules for \(c ?? "the denoiser"), which the pipeline has no folder for (it has \(folders.joined(separator: ", ")))")
                     continue
                 }
-                if let i = byFolder[f]?.firstIndex(where: { $0.0.adapter.path == input.adapter.path && $0.0.weight == input.weight }) {
-                    if let c { byFolder[f]![i].1 = (byFolder[f]![i].1 ?? []) + [c] }
+                if let i = byFolder[f]?.firstIndex(where: { $0.index == n }) {
+                    if let c { byFolder[f]![i].components = (byFolder[f]![i].components ?? []) + [c] }
                 } else {
-                    byFolder[f, default: []].append((input, c.map { [$0] }))
+                    byFolder[f, default: []].append((n, input, c.map { [$0] }))
                 }
             }
         }
@@ -52,10 +53,10 @@ public struct PipelineMergePlan: Sendable {
         for f in byFolder.keys.sorted() {
             let entries = byFolder[f]!
             // One plan per component folder; its inputs restricted to the components that land there.
-            let components = entries.compactMap(\.1).flatMap { $0 }
+            let components = entries.compactMap(\.components).flatMap { $0 }
             do {
                 let base = try Checkpoint(path: joinPath(path, f))
-                let plan = try MergePlan(base: base, inputs: entries.map(\.0),
+                let plan = try MergePlan(base: base, inputs: entries.map(\.input),
                                          options: MergeOptions(dropUnknown: options.dropUnknown, components: components.isEmpty ? nil : components,
                                                                dequantize: options.dequantize))
                 plans.append((f, plan))

@@ -55,6 +55,8 @@ struct DiffusionLayout: Sendable {
     private(set) var pairs: [NamePair] = []
     /// Rows of every module named in `pairs`, per component and name (diffusers and original names).
     private(set) var heights: [String: [String: Int]] = [:]
+    /// Inputs (columns of the 2-D view) of every module named in `pairs`; the two sides of a pair share them.
+    private(set) var widths: [String: [String: Int]] = [:]
 
     /// The denoiser's component name in diffusers (`unet` or `transformer`).
     var denoiser: String { [.sd1, .sd2, .sdxl].contains(family) ? "unet" : "transformer" }
@@ -106,7 +108,8 @@ struct DiffusionLayout: Sendable {
     private static func detectDiffusers(_ base: Checkpoint) -> DiffusionLayout? {
         func has(_ k: String) -> Bool { base.tensor(k) != nil }
         func rows(_ k: String) -> Int? { base.tensor(k)?.entry.shape.first }
-        if has("single_transformer_blocks.0.proj_mlp.weight"), let d = rows("single_transformer_blocks.0.attn.to_q.weight") ?? rows("transformer_blocks.0.attn.to_q.weight") {
+        if has("single_transformer_blocks.0.proj_mlp.weight"), let d = rows("single_transformer_blocks.0.attn.to_q.weight") ?? rows("transformer_blocks.0.attn.to_q.weight"),
+           d > 0, d < 1 << 31 {
             var l = DiffusionLayout(family: has("time_text_embed.guidance_embedder.linear_1.weight") ? .fluxDev : .fluxSchnell,
                                     layout: "diffusers (FluxTransformer2DModel names; BFL names are mapped onto them)")
             l.index(base, prefixes: [("", "transformer", fluxFromDiffusers(d))], forward: false)
@@ -149,6 +152,9 @@ struct DiffusionLayout: Sendable {
                 path = String(rest.dropLast(".scale".count))  // BFL's RMSNorm weights (query_norm.scale)
             } else { continue }
             let shape = entry.shape
+            // A weight of no elements or of absurd dimensions is no module of these layouts (and
+            // would overflow the row arithmetic): left out of the table, so nothing lands on it.
+            guard !shape.isEmpty, shape.allSatisfy({ $0 > 0 && $0 < 1 << 31 }) else { continue }
             if !rest.hasSuffix("_weight") { add(p.component, path, Slot(tensor: name)) }
             let height = shape.first ?? 1
             for (module, slot) in p.rule(path, shape) {
@@ -165,6 +171,9 @@ struct DiffusionLayout: Sendable {
                 let (d, o) = forward ? (module, path) : (path, module)
                 heights[p.component, default: [:]][forward ? o : d] = height
                 heights[p.component, default: [:]][forward ? d : o] = max(heights[p.component]?[forward ? d : o] ?? 0, moduleRows.upperBound)
+                let width = shape.dropFirst().reduce(1, *)
+                widths[p.component, default: [:]][d] = width
+                widths[p.component, default: [:]][o] = width
                 // transformers 5 saves CLIP without `text_model.`; adapters trained on it name modules so.
                 if module.hasPrefix("text_model.") { add(p.component, String(module.dropFirst("text_model.".count)), placed) }
             }
@@ -218,6 +227,12 @@ struct DiffusionLayout: Sendable {
     // MARK: - Rules
 
     static let same: Rule = { _, _ in [] }
+
+    /// A block index small enough for the index arithmetic (nil otherwise).
+    static func blockIndex(_ s: String) -> Int? {
+        guard let i = Int(s), i >= 0, i < 1 << 20 else { return nil }
+        return i
+    }
 
     /// Thirds of a fused [q; k; v] weight.
     private static func thirds(_ shape: [Int], _ names: [String]) -> [(String, Slot)] {
@@ -348,11 +363,12 @@ struct DiffusionLayout: Sendable {
             let n = entry.name
             guard n.hasPrefix("model.diffusion_model.input_blocks.") else { continue }
             let parts = n.dropFirst("model.diffusion_model.input_blocks.".count).split(separator: ".")
-            guard let i = parts.first.flatMap({ Int($0) }) else { continue }
+            guard let i = parts.first.flatMap({ blockIndex(String($0)) }) else { continue }
             inputs.insert(i)
             if parts.count >= 3, parts[1] == "0", parts[2] == "op" { downsamplers.append(i) }
         }
-        let perLevel = (downsamplers.min().map { $0 - 1 } ?? max(1, (inputs.max() ?? 1))) + 1  // L + 1
+        // L + 1 (L ≥ 1: a downsampler at input block 0 or 1 is no layout these rules know).
+        let perLevel = max(2, (downsamplers.min().map { $0 - 1 } ?? max(1, inputs.max() ?? 1)) + 1)
         let resnet: [String: String] = ["in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
                                         "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"]
         let resnetName: @Sendable ([String]) -> String? = { resnet[$0.joined(separator: ".")] }
@@ -361,7 +377,7 @@ struct DiffusionLayout: Sendable {
             switch parts.first {
             case "input_blocks":
                 if path == "input_blocks.0.0" { return whole("conv_in") }
-                guard parts.count >= 4, let i = Int(parts[1]), i > 0 else { return [] }
+                guard parts.count >= 4, let i = blockIndex(parts[1]), i > 0 else { return [] }
                 let b = (i - 1) / perLevel, j = (i - 1) % perLevel
                 if j == perLevel - 1 { return parts[2] == "0" && parts[3] == "op" && parts.count == 4 ? whole("down_blocks.\(b).downsamplers.0.conv") : [] }
                 if parts[2] == "0" { return resnetName(Array(parts.dropFirst(3))).map { whole("down_blocks.\(b).resnets.\(j).\($0)") } ?? [] }
@@ -376,7 +392,7 @@ struct DiffusionLayout: Sendable {
                 default: return []
                 }
             case "output_blocks":
-                guard parts.count >= 4, let i = Int(parts[1]) else { return [] }
+                guard parts.count >= 4, let i = blockIndex(parts[1]) else { return [] }
                 let b = i / perLevel, j = i % perLevel
                 if parts[2] == "0" { return resnetName(Array(parts.dropFirst(3))).map { whole("up_blocks.\(b).resnets.\(j).\($0)") } ?? [] }
                 if parts[3] == "conv" && parts.count == 4 { return whole("up_blocks.\(b).upsamplers.0.conv") }
@@ -512,7 +528,7 @@ struct DiffusionLayout: Sendable {
         for (entry, _) in base.tensors {
             let parts = entry.name.split(separator: ".")
             if parts.count > 3, parts[0] == "down_blocks", parts[1] == "0", parts[2] == "resnets" { resnets.insert(String(parts[3])) }
-            if parts.count > 2, parts[0] == "up_blocks", parts[2] == "attentions", let b = Int(parts[1]) { upAttention.insert(b) }
+            if parts.count > 2, parts[0] == "up_blocks", parts[2] == "attentions", let b = blockIndex(String(parts[1])) { upAttention.insert(b) }
         }
         let perLevel = max(1, resnets.count) + 1  // L + 1
         let withAttention = upAttention
@@ -523,14 +539,14 @@ struct DiffusionLayout: Sendable {
             let parts = path.split(separator: ".", omittingEmptySubsequences: false).map(String.init)
             switch parts.first {
             case "down_blocks", "up_blocks":
-                guard parts.count >= 4, let b = Int(parts[1]) else { return [] }
+                guard parts.count >= 4, let b = blockIndex(parts[1]) else { return [] }
                 let down = parts[0] == "down_blocks"
                 if parts[2] == "downsamplers" || parts[2] == "upsamplers" {
                     guard parts.count == 5, parts[3] == "0", parts[4] == "conv" else { return [] }
                     return down ? whole("input_blocks.\(1 + b * perLevel + perLevel - 1).0.op")
                         : whole("output_blocks.\(b * perLevel + perLevel - 1).\(withAttention.contains(b) ? 2 : 1).conv")
                 }
-                guard let j = Int(parts[3]) else { return [] }
+                guard let j = blockIndex(parts[3]) else { return [] }
                 let block = down ? "input_blocks.\(1 + b * perLevel + j)" : "output_blocks.\(b * perLevel + j)"
                 if parts[2] == "resnets" { return inner(Array(parts.dropFirst(4))).map { whole(block + ".0." + $0) } ?? [] }
                 if parts[2] == "attentions" { return whole(block + ".1." + parts.dropFirst(4).joined(separator: ".")) }

@@ -161,6 +161,7 @@ public struct NameMap: Sendable {
                 guard suffix == ".weight", let dot = name.firstIndex(of: ".") else { continue }
                 if let found = byRest[String(name[name.index(after: dot)...]) + suffix] { return found }
             case .underscored:
+                let name = KohyaNames.key(name)  // ComfyUI keeps the dots of kohya-suffixed names
                 if let found = underscored[name] { return found }
                 // kohya's `lora_te_text_model_…` onto a CLIP saved without `text_model.` (transformers 5), and back.
                 let alias = name.hasPrefix("text_model_") ? String(name.dropFirst("text_model_".count)) : "text_model_" + name
@@ -176,12 +177,22 @@ public struct NameMap: Sendable {
     /// the update rows a slot takes (Flux's swapped `norm_out` halves).
     private func diffusionPlacements(_ module: LoRAModule, _ slots: [DiffusionLayout.Slot]) -> Result<[UpdatePlacement], PlacementProblem> {
         var out: [UpdatePlacement] = []
+        // An update split over several tensors (or halves) must be exactly as tall as its parts.
+        let split = slots.compactMap(\.updateRows)
+        if !split.isEmpty {
+            let rows = split.reduce(0) { $0 + $1.count }
+            let targets = firstSeen(slots.map(\.tensor)).joined(separator: ", ")
+            guard rows == module.outFeatures, split.allSatisfy({ $0.upperBound <= module.outFeatures }) else {
+                return .failure(PlacementProblem(text: "the update has \(module.outFeatures) rows, but the parts it lands on (\(targets)) take \(rows)"))
+            }
+            guard module.orientation == .peft, module.b.shape.count == 2, module.bias == nil, module.magnitude == nil else {
+                let what = module.bias != nil ? "a bias" : module.magnitude != nil ? "DoRA" : "a \(module.kind.rawValue) layer"
+                return .failure(PlacementProblem(text: "its rows land on several tensors or halves (\(targets)), and \(what) cannot be split"))
+            }
+        }
         for slot in slots {
             var m = module.flattened ? module.withKernel(shape(slot.tensor)) ?? module : module
             if let u = slot.updateRows {
-                guard m.orientation == .peft, m.b.shape.count == 2, u.upperBound <= m.outFeatures, m.bias == nil, m.magnitude == nil else {
-                    return .failure(PlacementProblem(text: "the halves of \(slot.tensor) are stored swapped; a \(m.kind.rawValue) update of \(m.outFeatures) rows\(m.bias != nil ? " with a bias" : m.magnitude != nil ? " with DoRA" : "") cannot be split onto them"))
-                }
                 m.b = m.b.slice(rows: StridedRange(u), columns: .all(m.rank), name: m.b.name + "[rows \(u.lowerBound)..<\(u.upperBound)]")
                 m.dense = m.dense?.rows(u)
                 m.name += " (rows \(u.lowerBound)..<\(u.upperBound))"

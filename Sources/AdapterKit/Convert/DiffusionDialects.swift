@@ -46,10 +46,11 @@ extension WorkingAdapter {
             for p in DiffusionLayout.strippable where name.hasPrefix(p) && byDiffusers[name] == nil && byOriginal[name] == nil {
                 name.removeFirst(p.count)
             }
-            if name.hasSuffix(synthetic) { name.removeLast(".qkv".count) }  // XLabs: linear1's q/k/v rows
+            let xlabsQKV = name.hasSuffix(synthetic)
+            if xlabsQKV { name.removeLast(".qkv".count) }  // XLabs: linear1's q/k/v rows
             let asDiffusers = byDiffusers[name], asOriginal = byOriginal[name]
             // The module must be the shape the table says (its top rows, for XLabs' qkv).
-            let partial = asOriginal != nil && m.baseName.hasSuffix(synthetic)
+            let partial = asOriginal != nil && xlabsQKV
             if let height = heights[name], let width = widths[name] {
                 // XLabs' qkv is q, k and v: three times the hidden width (linear1's inputs).
                 let expected = partial ? 3 * width : height

@@ -84,18 +84,6 @@ enum FactorAlgebra {
         }
         return out
     }
-
-    static func identity(_ n: Int) -> [Double] {
-        var out = [Double](repeating: 0, count: n * n)
-        for i in 0..<n { out[i * n + i] = 1 }
-        return out
-    }
-
-    static func transpose(_ x: [Double], rows: Int, cols: Int) -> [Double] {
-        var out = [Double](repeating: 0, count: rows * cols)
-        for i in 0..<rows { for j in 0..<cols { out[j * rows + i] = x[i * cols + j] } }
-        return out
-    }
 }
 
 /// A matrix as U·V, the form every LyCORIS piece is turned into before it is combined.
@@ -117,11 +105,11 @@ extension FactorPair {
     static func whole(_ w: TensorRef, dtype: DType) -> FactorPair {
         let rows = w.shape.first ?? 1, cols = w.shape.dropFirst().reduce(1, *)
         if rows <= cols {
-            return FactorPair(u: TensorRef(name: w.name + "[I]", computedFrom: [], shape: [rows, rows], dtype: dtype) { _ in FactorAlgebra.identity(rows) },
+            return FactorPair(u: TensorRef(name: w.name + "[I]", computedFrom: [], shape: [rows, rows], dtype: dtype) { _ in identityMatrix(rows) },
                               v: TensorRef(name: w.name, computedFrom: [w], shape: [rows, cols], dtype: dtype) { $0[0] }, whole: w)
         }
         return FactorPair(u: TensorRef(name: w.name, computedFrom: [w], shape: [rows, cols], dtype: dtype) { $0[0] },
-                          v: TensorRef(name: w.name + "[I]", computedFrom: [], shape: [cols, cols], dtype: dtype) { _ in FactorAlgebra.identity(cols) }, whole: w)
+                          v: TensorRef(name: w.name + "[I]", computedFrom: [], shape: [cols, cols], dtype: dtype) { _ in identityMatrix(cols) }, whole: w)
     }
 
     /// Hadamard product: (U₁V₁) ⊙ (U₂V₂).
@@ -237,7 +225,6 @@ enum LyCORISModules {
             built = buildLoKr(t, alpha: alpha, dtype: dtype).mapError { .init(text: "module \(name): \($0.text)") }
         } else {
             guard let d = t(.diff) else { return fail("has diff_b but no diff; a bias-only full module is not read") }
-            guard d.shape.count >= 1, d.entry.elementCount > 0 else { return fail("diff has shape \(d.shape)") }
             built = .success((FactorPair.whole(d, dtype: dtype), d.shape, .full, 1, nil, .stored(d)))
         }
         let (pair, shape, algorithm, scale, usedAlpha, form): (FactorPair, [Int], ModuleAlgorithm, Double, Double?, DenseUpdate.Form)
@@ -380,7 +367,7 @@ enum LyCORISModules {
             return .failure(.init(text: "Tucker core \(core.name) \(c) does not fit \(a.name) \(a.shape) and \(b.name) \(b.shape)"))
         }
         let r1 = c[0], r2 = c[1], out = a.shape[1], inputs = b.shape[1], k = c.dropFirst(2).reduce(1, *)
-        let u = TensorRef(name: a.name + "ᵀ", computedFrom: [a], shape: [out, r1], dtype: dtype) { FactorAlgebra.transpose($0[0], rows: r1, cols: out) }
+        let u = TensorRef(name: a.name + "ᵀ", computedFrom: [a], shape: [out, r1], dtype: dtype) { transpose($0[0], rows: r1, cols: out) }
         let v = TensorRef(name: "\(core.name)×\(b.name)", computedFrom: [core, b], shape: [r1, inputs * k], dtype: dtype) { x in
             let (t, w) = (x[0], x[1])
             var v = [Double](repeating: 0, count: r1 * inputs * k)
@@ -429,13 +416,6 @@ final class DenseUpdate: @unchecked Sendable {
         case .hadamard(let x, let y): x.rank + y.rank
         case .kronecker, .stored: 1
         }
-    }
-
-    /// Rows `range` of ΔW (unscaled), row-major [range.count × cols], in Float64.
-    func values(_ range: Range<Int>) throws -> [Double] {
-        var out = [Double](repeating: 0, count: range.count * cols)
-        try out.withUnsafeMutableBufferPointer { try add(range, times: 1, into: $0.baseAddress!) }
-        return out
     }
 
     /// Adds `factor` · rows `range` of ΔW into `destination` (row-major [range.count × cols]).
@@ -529,10 +509,6 @@ struct NonFiniteFactors: Error {}
 struct DenseRows: Sendable {
     let update: DenseUpdate
     let rows: Range<Int>
-
-    func values(_ range: Range<Int>) throws -> [Double] {
-        try update.values((rows.lowerBound + range.lowerBound)..<(rows.lowerBound + range.upperBound))
-    }
 
     func add(_ range: Range<Int>, times factor: Double, into destination: UnsafeMutablePointer<Double>) throws {
         try update.add((rows.lowerBound + range.lowerBound)..<(rows.lowerBound + range.upperBound), times: factor, into: destination)

@@ -98,7 +98,7 @@ public enum AdapterConversion {
                 var g = SeededGenerator.forModule(m.baseName, seed: seed)
                 switch mixer {
                 case .identity:
-                    m.heldMixer = (0..<(r * r)).map { $0 / r == $0 % r ? 1 : 0 }
+                    m.heldMixer = identityMatrix(r)
                 case .orthogonal:
                     let q = MixerFactory.orthogonal(rank: r, generator: &g)
                     m.heldA = matmul(transpose(q, rows: r, cols: r), m.heldA, rows: r, inner: r, cols: m.inFeatures)

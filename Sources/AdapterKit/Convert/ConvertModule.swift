@@ -207,10 +207,10 @@ struct WorkingAdapter {
                 // A pipeline folder: its denoiser holds the convolutions.
                 var path = base
                 if PipelineMergePlan.isPipeline(base) {
-                    guard let d = ["unet", "transformer"].map({ joinPath(base, $0) }).first(where: { FileSystem.kind($0) == .directory }) else {
+                    guard let d = PipelineMergePlan.denoiserFolder(of: base) else {
                         throw InputError.conversion(base, "the pipeline folder has no unet/ or transformer/ to take module shapes from")
                     }
-                    path = d
+                    path = joinPath(base, d)
                 }
                 let names = NameMap(base: try Checkpoint(path: path))
                 for i in selected.indices where selected[i].flattened {

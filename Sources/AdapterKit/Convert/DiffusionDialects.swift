@@ -202,7 +202,7 @@ extension WorkingAdapter {
     /// how kohya's underscored text-encoder names get their dots back.
     static func diffusionBase(_ path: String) throws -> (DiffusionLayout, (String, String) -> String?)? {
         if PipelineMergePlan.isPipeline(path) {
-            guard let denoiser = ["unet", "transformer"].first(where: { FileSystem.kind(joinPath(path, $0)) == .directory }) else {
+            guard let denoiser = PipelineMergePlan.denoiserFolder(of: path) else {
                 throw InputError.conversion(path, "the pipeline folder has no unet/ or transformer/ to take module names from")
             }
             guard let d = DiffusionLayout.detect(try Checkpoint(path: joinPath(path, denoiser))) else {

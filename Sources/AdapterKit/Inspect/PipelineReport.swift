@@ -13,14 +13,10 @@ public struct PipelineReport {
 
     public init(path: String, files: TensorFiles = TensorFiles()) throws {
         self.path = path
-        guard let index = try readJSONFile(joinPath(path, "model_index.json")).objectValue else {
-            throw InputError(joinPath(path, "model_index.json"), "not a JSON object")
-        }
-        pipelineClass = index["_class_name"]?.stringValue
+        let index = try PipelineMergePlan.components(of: path)
+        pipelineClass = index.className
         var components: [(String, String?, CheckpointReport)] = [], others: [(String, String?)] = []
-        for key in index.keys.sorted() where !key.hasPrefix("_") {
-            guard let entry = index[key]?.arrayValue, entry.count == 2 else { continue }
-            let className = entry[1].stringValue
+        for (key, className) in index.components {
             let folder = joinPath(path, key)
             // A folder with tensor files is read (its errors are the command's); one without is listed by name.
             let holdsTensors = FileSystem.kind(folder) == .directory

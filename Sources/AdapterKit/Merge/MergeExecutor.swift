@@ -242,47 +242,18 @@ final class MergeExecutor {
                 let n = (end - row) * cols
                 if sum.count < n { sum = [Double](repeating: 0, count: n) }
                 if factors != nil && narrowed.count < n { narrowed = [Float](repeating: 0, count: n) }
-                guard let codec = RowCodec(p.base.encoding) else { preconditionFailure("plain float rows") }
-                // Row chunks in parallel: decode, add every dense term, and (dense terms only) encode.
-                let blockStart = row, lowRankToo = factors != nil
-                let chunks = max(1, min(end - row, options.threads * 2))
-                let failure = LockedValue<Error?>(nil), nonFiniteSeen = LockedValue(false)
-                let out = UncheckedPointer(raw: UnsafeRawPointer(buffer.baseAddress!)), input = UncheckedPointer(raw: src)
-                sum.withUnsafeMutableBufferPointer { sp in
-                    narrowed.withUnsafeMutableBufferPointer { np in
-                        let sums = UncheckedPointer(raw: UnsafeRawPointer(sp.baseAddress!)), narrow = UncheckedPointer(raw: np.baseAddress.map { UnsafeRawPointer($0) } ?? UnsafeRawPointer(sp.baseAddress!))
-                        DispatchQueue.concurrentPerform(iterations: chunks) { c in
-                            let lo = blockStart + (end - blockStart) * c / chunks, hi = blockStart + (end - blockStart) * (c + 1) / chunks
-                            guard hi > lo else { return }
-                            let first = (lo - blockStart) * cols, count = (hi - lo) * cols
-                            let s = UnsafeMutableRawPointer(mutating: sums.raw).assumingMemoryBound(to: Double.self) + first
-                            ElementConversion.toDouble(sourceType, input.raw + first * sourceType.byteSize, s, count: count)
-                            for t in dense {
-                                let placed = t.rows.rows(of: p.rows)
-                                do {
-                                    try t.module.dense!.add((lo - placed.lowerBound)..<(hi - placed.lowerBound), times: t.factor, into: s)
-                                } catch is NonFiniteFactors {
-                                    failure.set(MergeError(tensor: p.baseName, problem: "module \(t.module.name) has NaN or infinite factors"))
-                                    return
-                                } catch {
-                                    failure.set(error)
-                                    return
-                                }
-                            }
-                            if lowRankToo {
-                                let f = UnsafeMutableRawPointer(mutating: narrow.raw).assumingMemoryBound(to: Float.self) + first
-                                for i in 0..<count { f[i] = Float(s[i]) }
-                            } else if !codec.encode(UnsafePointer(s), count: count, into: UnsafeMutableRawPointer(mutating: out.raw) + first * dtype.byteSize) {
-                                nonFiniteSeen.set(true)
-                            }
+                var finite: Bool
+                do {
+                    finite = try sum.withUnsafeMutableBufferPointer { sp in
+                        try narrowed.withUnsafeMutableBufferPointer { np in
+                            try addDenseRows(p, rows: row..<end, terms: dense, source: src, sourceType: sourceType, sum: sp.baseAddress!,
+                                             narrowTo: factors == nil ? nil : np.baseAddress!, out: buffer.baseAddress!)
                         }
                     }
-                }
-                if let e = failure.value {
+                } catch {
                     pipeline.giveBack(buffer)
-                    throw e
+                    throw error
                 }
-                var finite = !nonFiniteSeen.value
                 if statistics != nil && factors == nil && finite {
                     // Δ = the Float64 sum − W before rounding; W' − W after it.
                     var block = UpdateStatistics()
@@ -340,6 +311,46 @@ final class MergeExecutor {
             pipeline.write(buffer, count: (end - row) * rowBytes, with: writer)
             row = end
         }
+    }
+
+    /// Rows `rows` of a tensor's view (the block at `source`): W + Σ factor·ΔW of the dense terms in
+    /// Float64 into `sum`, on all cores; then Float32 rows into `narrowTo` for the kernel, or, without
+    /// it, each value rounded once into `out`. Returns whether every value written to `out` is finite.
+    private func addDenseRows(_ p: TensorEdit, rows: Range<Int>, terms: [MergeTerm], source: UnsafeRawPointer, sourceType: DType,
+                              sum: UnsafeMutablePointer<Double>, narrowTo: UnsafeMutablePointer<Float>?, out: UnsafeMutableRawPointer) throws -> Bool {
+        guard let codec = RowCodec(p.base.encoding) else { preconditionFailure("plain float rows") }
+        let cols = p.columns, dtype = p.base.dtype
+        let chunks = max(1, min(rows.count, options.threads * 2))
+        let failure = LockedValue<Error?>(nil), nonFinite = LockedValue(false)
+        let sums = UncheckedPointer(raw: UnsafeRawPointer(sum)), input = UncheckedPointer(raw: source), output = UncheckedPointer(raw: UnsafeRawPointer(out))
+        let narrow = narrowTo.map { UncheckedPointer(raw: UnsafeRawPointer($0)) }
+        DispatchQueue.concurrentPerform(iterations: chunks) { c in
+            let lo = rows.lowerBound + rows.count * c / chunks, hi = rows.lowerBound + rows.count * (c + 1) / chunks
+            guard hi > lo else { return }
+            let first = (lo - rows.lowerBound) * cols, count = (hi - lo) * cols
+            let s = UnsafeMutableRawPointer(mutating: sums.raw).assumingMemoryBound(to: Double.self) + first
+            ElementConversion.toDouble(sourceType, input.raw + first * sourceType.byteSize, s, count: count)
+            for t in terms {
+                let placed = t.rows.rows(of: p.rows)
+                do {
+                    try t.module.dense!.add((lo - placed.lowerBound)..<(hi - placed.lowerBound), times: t.factor, into: s)
+                } catch is NonFiniteFactors {
+                    failure.set(MergeError(tensor: p.baseName, problem: "module \(t.module.name) has NaN or infinite factors"))
+                    return
+                } catch {
+                    failure.set(error)
+                    return
+                }
+            }
+            if let narrow {
+                let f = UnsafeMutableRawPointer(mutating: narrow.raw).assumingMemoryBound(to: Float.self) + first
+                for i in 0..<count { f[i] = Float(s[i]) }
+            } else if !codec.encode(UnsafePointer(s), count: count, into: UnsafeMutableRawPointer(mutating: output.raw) + first * dtype.byteSize) {
+                nonFinite.set(true)
+            }
+        }
+        if let e = failure.value { throw e }
+        return !nonFinite.value
     }
 
     /// A LyCORIS DoRA module's weight, whole, in Float64 (its norms may run down columns):

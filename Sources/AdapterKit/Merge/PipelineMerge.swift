@@ -12,15 +12,27 @@ public struct PipelineMergePlan: Sendable {
         FileSystem.kind(path) == .directory && FileSystem.kind(joinPath(path, "model_index.json")) == .file
     }
 
-    public init(path: String, inputs: [MergeInput], options: MergeOptions = MergeOptions()) throws {
-        self.path = path
+    /// model_index.json's components: the entries naming a [library, class] (sorted), and the class.
+    static func components(of path: String) throws -> (className: String?, components: [(folder: String, className: String?)]) {
         guard let index = try readJSONFile(joinPath(path, "model_index.json")).objectValue else {
             throw InputError(joinPath(path, "model_index.json"), "not a JSON object")
         }
+        let components = index.keys.sorted().filter { !$0.hasPrefix("_") }.compactMap { key -> (String, String?)? in
+            guard let entry = index[key]?.arrayValue, entry.count == 2 else { return nil }
+            return (key, entry[1].stringValue)
+        }
+        return (index["_class_name"]?.stringValue, components)
+    }
+
+    /// The denoiser's folder of a pipeline (`unet/`, else `transformer/`), nil when it has neither.
+    static func denoiserFolder(of path: String) -> String? {
+        ["unet", "transformer"].first { FileSystem.kind(joinPath(path, $0)) == .directory }
+    }
+
+    public init(path: String, inputs: [MergeInput], options: MergeOptions = MergeOptions()) throws {
+        self.path = path
         // Components are the entries naming a [library, class] whose folder exists.
-        let folders = index.keys.filter { key in
-            !key.hasPrefix("_") && index[key]?.arrayValue?.count == 2 && FileSystem.kind(joinPath(path, key)) == .directory
-        }.sorted()
+        let folders = try Self.components(of: path).components.map(\.folder).filter { FileSystem.kind(joinPath(path, $0)) == .directory }
         let denoiser = folders.contains("unet") ? "unet" : folders.contains("transformer") ? "transformer" : nil
         /// The folder an adapter component lands in: kohya's `lora_unet_` and single-model adapters
         /// are the denoiser, whichever it is.

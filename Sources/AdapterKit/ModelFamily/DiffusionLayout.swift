@@ -168,12 +168,12 @@ struct DiffusionLayout: Sendable {
                 pairs.append(forward
                     ? NamePair(component: p.component, diffusers: module, diffusersRows: moduleRows, original: path, originalRows: tensorRows)
                     : NamePair(component: p.component, diffusers: path, diffusersRows: tensorRows, original: module, originalRows: moduleRows))
-                let (d, o) = forward ? (module, path) : (path, module)
-                heights[p.component, default: [:]][forward ? o : d] = height
-                heights[p.component, default: [:]][forward ? d : o] = max(heights[p.component]?[forward ? d : o] ?? 0, moduleRows.upperBound)
+                // The tensor's own name is as tall as the tensor; a module as tall as its rows reach.
+                heights[p.component, default: [:]][path] = height
+                heights[p.component, default: [:]][module] = max(heights[p.component]?[module] ?? 0, moduleRows.upperBound)
                 let width = shape.dropFirst().reduce(1, *)
-                widths[p.component, default: [:]][d] = width
-                widths[p.component, default: [:]][o] = width
+                widths[p.component, default: [:]][path] = width
+                widths[p.component, default: [:]][module] = width
                 // transformers 5 saves CLIP without `text_model.`; adapters trained on it name modules so.
                 if module.hasPrefix("text_model.") { add(p.component, String(module.dropFirst("text_model.".count)), placed) }
             }

@@ -159,6 +159,13 @@ public struct MixerDiagnostics: Sendable {
     }
 }
 
+/// The n × n identity, row-major.
+func identityMatrix(_ n: Int) -> [Double] {
+    var out = [Double](repeating: 0, count: n * n)
+    for i in 0..<n { out[i * n + i] = 1 }
+    return out
+}
+
 /// The transpose of a row-major (rows × cols) matrix.
 func transpose(_ x: [Double], rows: Int, cols: Int) -> [Double] {
     var out = [Double](repeating: 0, count: x.count)

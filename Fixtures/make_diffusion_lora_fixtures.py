@@ -68,7 +68,7 @@ LoRA: W + scale·(B·A) (convolutions: B·A of the flattened kernels), scale = l
 `lora_adapter_metadata` for PEFT files (diffusers' rule: no metadata → scale 1) and alpha / (rows of
 lora_down) for kohya files (no `.alpha` → 1), rounded once (to nearest even, on the Float64 value) into
 the component's dtype; metadata {"base", "component", "note"}. kohya names are mapped onto the diffusers
-modules by this script's own rules (the layouts of /work/notes/single-file-layouts.md): BFL fused qkv /
+modules by this script's own rules (the layouts of docs/formats.md §15): BFL fused qkv /
 linear1 are split into row blocks [q; k; v(; mlp)], ldm UNet blocks are renumbered.
 
 Each reference is then checked against diffusers itself: the pipeline class (FluxPipeline,

@@ -476,3 +476,42 @@ def test_sharded_component_of_a_pipeline_folder_merges_and_loads(reference, tmp_
     assert sorted(p.name for p in (out / "transformer").glob("*.safetensors")) == shards
     got = {"transformer": from_pretrained(out, "transformer", family)}
     compare(case, got, reference, "flux-diffusers merged into a sharded transformer/")
+
+
+def test_to_lora_of_a_lycoris_lokr_loads_in_diffusers_with_the_lokr_update(tmp_path):
+    """`convert to-lora --keep-energy 1` of a LyCORIS LoKr (kohya SD1 names, w1 and w2 whole, alpha
+    ignored as LyCORIS ignores it) on the SD1 UNet: diffusers loads the LoRA and, fused, its weights are
+    W + kron(w1, w2), computed here in numpy Float64."""
+    import numpy as np
+    family = "sd1"
+    unet = from_pretrained(folder(family), "unet", family)
+    names = ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+             "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v",
+             "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2"]
+    g = np.random.default_rng(5)
+    tensors, deltas = {}, {}
+    for n in names:
+        out, inp = unet.state_dict()[n + ".weight"].shape
+        w1 = g.standard_normal((2, 2)).astype(np.float32) * 0.3
+        w2 = g.standard_normal((out // 2, inp // 2)).astype(np.float32) * 0.3
+        key = "lora_unet_" + n.replace(".", "_")
+        tensors[key + ".lokr_w1"], tensors[key + ".lokr_w2"] = torch.from_numpy(w1), torch.from_numpy(w2)
+        tensors[key + ".alpha"] = torch.tensor(1.0)
+        deltas[n] = np.kron(w1.astype(np.float64), w2.astype(np.float64))
+    lokr, lora = tmp_path / "lokr.safetensors", tmp_path / "lora.safetensors"
+    save_file(tensors, str(lokr))
+    adapter("convert", "to-lora", "--quiet", "--keep-energy", "1", "--dtype", "F32", lokr, lora, "--base", folder(family))
+    pipe, _ = diffusers_pipeline(family)
+    pipe.load_lora_weights(str(lora))
+    wrapped = sum(isinstance(m, BaseTunerLayer) for m in pipe.unet.modules())
+    assert wrapped == len(names), wrapped
+    pipe.fuse_lora(components=["unet"])
+    pipe.unload_lora_weights()
+    fused = pipe.unet.state_dict()
+    for n in names:
+        base = unet.state_dict()[n + ".weight"].double().numpy()
+        want = base + deltas[n]
+        got = fused[n + ".weight"].double().numpy()
+        scale = np.abs(want).max()
+        assert np.abs(got - want).max() <= 8 * EPS[torch.bfloat16] * scale, n
+        assert np.abs(got - base).max() > 0.01 * np.abs(deltas[n]).max(), f"{n}: the update did not land"
